@@ -1,0 +1,18 @@
+# Every target bootstraps .venv on first use (tools/bootstrap.sh; quick when done).
+PY := .venv/bin/python
+OUT ?= output/demo
+
+.PHONY: env demo test bench clean
+
+env:
+	@tools/bootstrap.sh
+
+# A shapes 10+10 class-incremental run on the CPU, with per-stage AP.
+demo: env
+	$(PY) tools/train_incremental.py --stages 10+10 --method finetune --output-dir $(OUT)
+
+test: env
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf output .pytest_cache

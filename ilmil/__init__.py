@@ -1,0 +1,10 @@
+"""ilmil: class-incremental object detection on detectron2.
+
+``ilmil.compat`` is imported first: it adjusts detectron2 0.6 to this stack before
+any detectron2 module that needs the adjustment is loaded.
+"""
+from . import compat  # noqa: F401  (must precede every other detectron2 import)
+from .config import add_ilmil_config
+
+__version__ = "0.1.0"
+__all__ = ["add_ilmil_config", "__version__"]

@@ -1,0 +1,34 @@
+"""The adjustments detectron2 0.6 needs on today's stack, in one place.
+
+Imported by ``ilmil/__init__.py`` before any other detectron2 module. Each
+adjustment first checks that it is needed, so on a detectron2 build that does not
+need it (an official build with its C++ ops, an older Pillow) it does nothing.
+Anything else that detectron2 0.6 lacks here is worked around where it is used
+and documented there (our VOC AP, ``COCOeval`` directly, torchrun launching).
+"""
+import importlib.util
+import sys
+import types
+
+from PIL import Image
+
+import detectron2
+
+__all__ = ["HAS_DETECTRON2_OPS"]
+
+# The PyPI sdist ships no C++ sources, so ``detectron2._C`` is absent, yet
+# layers/deform_conv.py imports it at module level. A placeholder lets every model
+# whose ops come from torchvision (ROIAlign, NMS: Faster R-CNN) import and run;
+# deformable conv and rotated boxes stay unavailable.
+HAS_DETECTRON2_OPS = importlib.util.find_spec("detectron2._C") is not None
+if not HAS_DETECTRON2_OPS:
+    _placeholder = types.ModuleType(
+        "detectron2._C", "Placeholder: this detectron2 was installed without its C++ ops."
+    )
+    sys.modules["detectron2._C"] = _placeholder
+    detectron2._C = _placeholder
+
+# Pillow 10 removed the ``Image.LINEAR`` alias (same value as BILINEAR), which
+# data/transforms/transform.py uses as a default argument at import time.
+if not hasattr(Image, "LINEAR"):
+    Image.LINEAR = Image.BILINEAR
