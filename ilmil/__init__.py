@@ -4,7 +4,7 @@
 any detectron2 module that needs the adjustment is loaded.
 """
 from . import compat  # noqa: F401  (must precede every other detectron2 import)
-from .config import add_ilmil_config
+from .config import add_ilmil_config, get_ilmil_cfg
 
 __version__ = "0.1.0"
-__all__ = ["add_ilmil_config", "__version__"]
+__all__ = ["add_ilmil_config", "get_ilmil_cfg", "__version__"]

@@ -9,6 +9,7 @@ and documented there (our VOC AP, ``COCOeval`` directly, torchrun launching).
 import importlib.util
 import sys
 import types
+import warnings
 
 from PIL import Image
 
@@ -25,6 +26,10 @@ if not HAS_DETECTRON2_OPS:
     _placeholder = types.ModuleType(
         "detectron2._C", "Placeholder: this detectron2 was installed without its C++ ops."
     )
+    # collect_env_info() (logged by default_setup) asks the extension how it was built.
+    _placeholder.get_compiler_version = lambda: "none (detectron2 installed without C++ ops)"
+    _placeholder.get_cuda_version = lambda: "none"
+    _placeholder.has_cuda = lambda: False
     sys.modules["detectron2._C"] = _placeholder
     detectron2._C = _placeholder
 
@@ -32,3 +37,8 @@ if not HAS_DETECTRON2_OPS:
 # data/transforms/transform.py uses as a default argument at import time.
 if not hasattr(Image, "LINEAR"):
     Image.LINEAR = Image.BILINEAR
+
+# detectron2 0.6 calls torch.jit.script at import and torch.meshgrid without
+# ``indexing``; today's torch warns on each, which buries the training log.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)

@@ -1,7 +1,10 @@
 """Config keys of ilmil, added to a detectron2 config by :func:`add_ilmil_config`."""
-from detectron2.config import CfgNode as CN
+import os
 
-__all__ = ["add_ilmil_config"]
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_ilmil_config", "get_ilmil_cfg", "DEFAULT_CONFIG"]
 
 
 def add_ilmil_config(cfg):
@@ -41,3 +44,17 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DATA.TEST_IMAGES = ""
     # Drop malformed annotations (reported and counted) instead of stopping the run.
     cfg.ILMIL.DATA.SKIP_BAD_ANNOTATIONS = False
+
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "shapes", "faster_rcnn_R18_FPN_cpu.yaml")
+
+
+def get_ilmil_cfg(config_file=None, opts=()):
+    """detectron2's defaults + the ILMIL keys, merged with a config file (default:
+    the shapes CPU config) and ``KEY VALUE`` overrides."""
+    cfg = get_cfg()
+    add_ilmil_config(cfg)
+    cfg.merge_from_file(config_file or DEFAULT_CONFIG)
+    cfg.merge_from_list(list(opts))
+    return cfg

@@ -1,0 +1,326 @@
+"""Datasets: VOC-XML and COCO-json loaders, built-in names, validation, registration.
+
+Loaders return detectron2 dataset dicts whose annotations carry ``category_name``
+(the stage protocol assigns contiguous ``category_id`` later, see ``stages.py``)
+and whose records name the annotation file they came from, so every problem can
+be reported with its file and field. Built-in names resolve under the datasets
+root, ``$ILMIL_DATASETS`` (default ``./datasets``); ``datasets/README.md`` gives
+the layouts.
+"""
+import json
+import logging
+import math
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+
+from .shapes import generate_shapes_dataset
+from .stages import parse_stage_spec, stage_test_dicts, stage_train_dicts
+
+__all__ = [
+    "VOC_CLASSES",
+    "BUILTIN_DATASETS",
+    "DatasetError",
+    "DatasetSource",
+    "datasets_root",
+    "load_voc_split",
+    "load_coco_json",
+    "load_dataset_source",
+    "register_stage_datasets",
+]
+
+logger = logging.getLogger(__name__)
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+
+BUILTIN_DATASETS = ("shapes", "voc_2007", "voc_2012", "voc_07_12", "coco_2017", "voc_folder", "coco_json")
+
+# Problems listed in an error message; the rest are counted.
+_MAX_LISTED_PROBLEMS = 20
+
+
+class DatasetError(ValueError):
+    """Missing or malformed dataset files; the message names the file and the fix."""
+
+
+@dataclass
+class DatasetSource:
+    """A dataset's class names (canonical order) and its train and test records."""
+
+    name: str
+    class_names: tuple
+    train: list
+    test: list
+    is_voc: bool  # VOC-format ground truth: VOC AP is reported besides COCO AP
+
+
+def datasets_root():
+    return os.environ.get("ILMIL_DATASETS", "datasets")
+
+
+def _require(path, what, hint):
+    if not os.path.exists(path):
+        raise DatasetError(f"{what} not found: {path}\n  fix: {hint}")
+    return path
+
+
+def _xml_text(node, tag, xml_file):
+    child = node.find(tag)
+    if child is None or child.text is None:
+        raise DatasetError(f"{xml_file}: missing field <{tag}>")
+    return child.text.strip()
+
+
+def load_voc_split(voc_dir, split):
+    """Records of ``ImageSets/Main/{split}.txt`` of a Pascal-VOC-layout folder."""
+    layout_hint = "a VOC folder holds Annotations/, JPEGImages/ and ImageSets/Main/ (datasets/README.md)"
+    split_file = _require(os.path.join(voc_dir, "ImageSets", "Main", f"{split}.txt"), "VOC split file", layout_hint)
+    _require(os.path.join(voc_dir, "JPEGImages"), "VOC image folder", layout_hint)
+    with open(split_file) as f:
+        file_ids = [line.split()[0] for line in f if line.strip()]
+    records = []
+    for file_id in file_ids:
+        xml_file = os.path.join(voc_dir, "Annotations", f"{file_id}.xml")
+        if not os.path.isfile(xml_file):
+            raise DatasetError(f"annotation file not found: {xml_file} (listed in {split_file})")
+        try:
+            tree = ET.parse(xml_file).getroot()
+        except ET.ParseError as e:
+            raise DatasetError(f"{xml_file}: not valid XML ({e})") from None
+        size = tree.find("size")
+        if size is None:
+            raise DatasetError(f"{xml_file}: missing field <size>")
+        annotations = []
+        for obj in tree.findall("object"):
+            bndbox = obj.find("bndbox")
+            if bndbox is None:
+                raise DatasetError(f"{xml_file}: an <object> has no <bndbox>")
+            # VOC pixel indices are 1-based and inclusive; detectron2 boxes are 0-based.
+            x0, y0, x1, y1 = (float(_xml_text(bndbox, t, xml_file)) for t in ("xmin", "ymin", "xmax", "ymax"))
+            difficult = obj.find("difficult")
+            annotations.append(
+                {
+                    "category_name": _xml_text(obj, "name", xml_file),
+                    "bbox": [x0 - 1.0, y0 - 1.0, x1, y1],
+                    "bbox_mode": BoxMode.XYXY_ABS,
+                    "difficult": int(difficult.text) if difficult is not None and difficult.text else 0,
+                }
+            )
+        records.append(
+            {
+                "file_name": os.path.join(voc_dir, "JPEGImages", f"{file_id}.jpg"),
+                "image_id": file_id,
+                "height": int(_xml_text(size, "height", xml_file)),
+                "width": int(_xml_text(size, "width", xml_file)),
+                "annotations": annotations,
+                "annotation_file": xml_file,
+            }
+        )
+    return records
+
+
+def load_coco_json(json_file, image_root):
+    """Records and category names (in category-id order) of a COCO-format json."""
+    _require(json_file, "COCO annotation file", "give the path of an instances json (datasets/README.md)")
+    _require(image_root, "COCO image folder", "give the folder that the json's file_name entries are relative to")
+    with open(json_file) as f:
+        data = json.load(f)
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise DatasetError(f"{json_file}: missing top-level field {key!r}; is this a COCO instances json?")
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    id_to_name = {c["id"]: c["name"] for c in categories}
+    records, by_image = [], {}
+    for image in data["images"]:
+        record = {
+            "file_name": os.path.join(image_root, image["file_name"]),
+            "image_id": image["id"],
+            "height": image["height"],
+            "width": image["width"],
+            "annotations": [],
+            "annotation_file": json_file,
+        }
+        records.append(record)
+        by_image[image["id"]] = record
+    for ann in data["annotations"]:
+        record = by_image.get(ann["image_id"])
+        if record is None:
+            raise DatasetError(f"{json_file}: annotation id {ann.get('id')} refers to unknown image_id {ann['image_id']}")
+        x, y, w, h = ann["bbox"]
+        record["annotations"].append(
+            {
+                "category_name": id_to_name.get(ann["category_id"], f"<unknown category_id {ann['category_id']}>"),
+                "bbox": [x, y, x + w, y + h],
+                "bbox_mode": BoxMode.XYXY_ABS,
+                "iscrowd": ann.get("iscrowd", 0),
+                "annotation_id": ann.get("id"),
+            }
+        )
+    return records, tuple(id_to_name.values())
+
+
+def _annotation_problem(record, ann, class_names):
+    """Why ``ann`` is malformed, or None."""
+    where = f"{record['annotation_file']}"
+    if "annotation_id" in ann:
+        where += f" annotation id {ann['annotation_id']}"
+    else:
+        where += f" object {ann['category_name']!r}"
+    if ann["category_name"] not in class_names:
+        return f"{where}: field 'name': unknown class {ann['category_name']!r} (known: {', '.join(class_names)})"
+    x0, y0, x1, y1 = ann["bbox"]
+    if not all(math.isfinite(v) for v in ann["bbox"]):
+        return f"{where}: field 'bbox' {ann['bbox']} is not finite"
+    if x1 <= x0 or y1 <= y0:
+        return f"{where}: field 'bbox' {[x0, y0, x1, y1]} (x0, y0, x1, y1) has zero or negative area"
+    if x0 < 0 or y0 < 0 or x1 > record["width"] or y1 > record["height"]:
+        return (
+            f"{where}: field 'bbox' {[x0, y0, x1, y1]} (x0, y0, x1, y1) lies outside the "
+            f"{record['width']}x{record['height']} image"
+        )
+    return None
+
+
+def validate_records(records, class_names, skip_bad, split_desc):
+    """Check image files and every annotation; all problems are reported at once.
+
+    Raises :class:`DatasetError` listing them, unless ``skip_bad``: then the bad
+    annotations (and images whose file is missing) are dropped and counted.
+    """
+    known = set(class_names)
+    problems, kept = [], []
+    for record in records:
+        if not os.path.isfile(record["file_name"]):
+            problems.append(f"{record['annotation_file']}: image file missing: {record['file_name']}")
+            continue
+        good = []
+        for ann in record["annotations"]:
+            problem = _annotation_problem(record, ann, known)
+            if problem is None:
+                good.append(ann)
+            else:
+                problems.append(problem)
+        kept.append(dict(record, annotations=good) if len(good) != len(record["annotations"]) else record)
+    if problems and not skip_bad:
+        listed = "\n  ".join(problems[:_MAX_LISTED_PROBLEMS])
+        more = len(problems) - _MAX_LISTED_PROBLEMS
+        raise DatasetError(
+            f"{len(problems)} malformed annotation(s) in the {split_desc} data:\n  {listed}"
+            + (f"\n  ... and {more} more" if more > 0 else "")
+            + "\n  fix: correct the files, or set ILMIL.DATA.SKIP_BAD_ANNOTATIONS True to skip them"
+        )
+    if problems:
+        logger.warning("Skipped %d malformed annotation(s) or missing image(s) in the %s data", len(problems), split_desc)
+    return kept
+
+
+def _shapes_source(cfg):
+    shapes = cfg.ILMIL.SHAPES
+    num_classes = shapes.NUM_CLASSES or max(20, sum(parse_stage_spec(cfg.ILMIL.STAGES)))
+    root = generate_shapes_dataset(
+        os.path.join(datasets_root(), "shapes"),
+        num_classes=num_classes,
+        num_train=shapes.NUM_TRAIN,
+        num_test=shapes.NUM_TEST,
+        image_size=shapes.IMAGE_SIZE,
+        seed=shapes.SEED,
+    )
+    images = os.path.join(root, "JPEGImages")
+    train, class_names = load_coco_json(os.path.join(root, "annotations", "instances_train.json"), images)
+    test, _ = load_coco_json(os.path.join(root, "annotations", "instances_test.json"), images)
+    return class_names, train, test, False
+
+
+def _voc_source(train_parts, test_part):
+    root = datasets_root()
+    train = [r for year, split in train_parts for r in load_voc_split(os.path.join(root, f"VOC{year}"), split)]
+    year, split = test_part
+    return VOC_CLASSES, train, load_voc_split(os.path.join(root, f"VOC{year}"), split), True
+
+
+def _coco_pair(train_json, train_images, test_json, test_images):
+    train, class_names = load_coco_json(train_json, train_images)
+    test, test_classes = load_coco_json(test_json, test_images)
+    if test_classes != class_names:
+        raise DatasetError(f"{test_json}: categories differ from those of {train_json}")
+    return class_names, train, test, False
+
+
+def _required_key(cfg, key):
+    value = cfg.ILMIL.DATA.get(key)
+    if not value:
+        raise DatasetError(f"ILMIL.DATASET {cfg.ILMIL.DATASET} needs ILMIL.DATA.{key} (see README, custom datasets)")
+    return value
+
+
+def load_dataset_source(cfg):
+    """Load (and validate) the train and test records named by ``cfg.ILMIL.DATASET``."""
+    name = cfg.ILMIL.DATASET
+    root = datasets_root()
+    if name == "shapes":
+        class_names, train, test, is_voc = _shapes_source(cfg)
+    elif name == "voc_2007":
+        class_names, train, test, is_voc = _voc_source([("2007", "trainval")], ("2007", "test"))
+    elif name == "voc_2012":
+        # VOC2012 test annotations are not public: val is the test split.
+        class_names, train, test, is_voc = _voc_source([("2012", "train")], ("2012", "val"))
+    elif name == "voc_07_12":
+        class_names, train, test, is_voc = _voc_source([("2007", "trainval"), ("2012", "trainval")], ("2007", "test"))
+    elif name == "coco_2017":
+        coco = os.path.join(root, "coco")
+        class_names, train, test, is_voc = _coco_pair(
+            os.path.join(coco, "annotations", "instances_train2017.json"),
+            os.path.join(coco, "train2017"),
+            os.path.join(coco, "annotations", "instances_val2017.json"),
+            os.path.join(coco, "val2017"),
+        )
+    elif name == "voc_folder":
+        voc_dir = _required_key(cfg, "ROOT")
+        train = load_voc_split(voc_dir, cfg.ILMIL.DATA.TRAIN_SPLIT)
+        test = load_voc_split(voc_dir, cfg.ILMIL.DATA.TEST_SPLIT)
+        # A custom VOC folder has its own classes: first-appearance order in the training files.
+        names = {a["category_name"]: None for r in train for a in r["annotations"]}
+        class_names, is_voc = tuple(names), True
+    elif name == "coco_json":
+        class_names, train, test, is_voc = _coco_pair(*(_required_key(cfg, k) for k in ("TRAIN_JSON", "TRAIN_IMAGES", "TEST_JSON", "TEST_IMAGES")))
+    else:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(BUILTIN_DATASETS)}")
+    skip = cfg.ILMIL.DATA.SKIP_BAD_ANNOTATIONS
+    train = validate_records(train, class_names, skip, f"{name} train")
+    test = validate_records(test, class_names, skip, f"{name} test")
+    return DatasetSource(name, tuple(class_names), train, test, is_voc)
+
+
+def register_stage_datasets(prefix, source, stage):
+    """Register ``{prefix}_stage{k}_train`` / ``_test`` in detectron2's catalogs.
+
+    Returns the two names. Re-registering a name replaces it, so several runs can
+    share one process.
+    """
+    names = {}
+    for split, records, select in (
+        ("train", source.train, stage_train_dicts),
+        ("test", source.test, stage_test_dicts),
+    ):
+        name = f"{prefix}_stage{stage.index}_{split}"
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        dicts = select(records, stage)
+        DatasetCatalog.register(name, lambda dicts=dicts: dicts)
+        MetadataCatalog.get(name).set(
+            thing_classes=list(stage.seen_classes),
+            old_classes=list(stage.old_classes),
+            new_classes=list(stage.new_classes),
+            is_voc=source.is_voc,
+            evaluator_type="ilmil",
+        )
+        names[split] = name
+    return names["train"], names["test"]

@@ -1,0 +1,30 @@
+"""The trainer of one incremental stage: detectron2's ``DefaultTrainer`` with our evaluator."""
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.evaluation import inference_on_dataset
+
+from ..evaluation import IncrementalEvaluator
+
+__all__ = ["IncrementalTrainer"]
+
+
+class IncrementalTrainer(DefaultTrainer):
+    """Trains one stage. The stage runner evaluates after training, so the
+    periodic evaluation hook is left out (it would evaluate the final model twice)."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return IncrementalEvaluator(dataset_name)
+
+    def build_hooks(self):
+        return [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
+
+    @classmethod
+    def evaluate(cls, cfg, model):
+        """Old/new/per-class AP of ``model`` on the stage's test set (``DATASETS.TEST[0]``).
+
+        Unlike ``DefaultTrainer.test`` the result keeps per-class dicts, which
+        detectron2's flat-metric printing cannot take.
+        """
+        dataset_name = cfg.DATASETS.TEST[0]
+        loader = cls.build_test_loader(cfg, dataset_name)
+        return inference_on_dataset(model, loader, cls.build_evaluator(cfg, dataset_name))["bbox"]

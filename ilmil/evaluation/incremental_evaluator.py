@@ -1,0 +1,135 @@
+"""Per-class COCO AP of a stage's test set, split into old and new classes.
+
+pycocotools' ``COCOeval`` computes the numbers (detectron2's ``COCOEvaluator``
+reports per-class AP but not per-class AP50, and its fast path needs the C++ ops).
+The ground truth is the stage's test records: every seen class, with VOC
+"difficult" and COCO crowd boxes as ignore regions.
+"""
+import contextlib
+import io
+import logging
+import math
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.structures import BoxMode
+from detectron2.utils import comm
+
+__all__ = ["IncrementalEvaluator", "coco_ground_truth", "per_class_coco_ap", "summarize_old_new"]
+
+logger = logging.getLogger(__name__)
+
+
+def coco_ground_truth(records, class_names):
+    """A pycocotools ``COCO`` index of detectron2 records (``category_id`` contiguous)."""
+    images, annotations = [], []
+    for image_index, record in enumerate(records):
+        images.append({"id": image_index, "width": record["width"], "height": record["height"]})
+        for ann in record["annotations"]:
+            x0, y0, x1, y1 = BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_index,
+                    "category_id": ann["category_id"],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": int(bool(ann.get("iscrowd", 0) or ann.get("difficult", 0))),
+                }
+            )
+    coco = COCO()
+    coco.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": name} for i, name in enumerate(class_names)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def per_class_coco_ap(coco_gt, detections, num_classes):
+    """``{class index: (AP, AP50)}`` in percent; NaN for a class without ground truth.
+
+    ``detections`` are COCO-format dicts whose ``image_id`` indexes the records.
+    """
+    if not detections:
+        return {c: (0.0 if coco_gt.getAnnIds(catIds=[c]) else math.nan,) * 2 for c in range(num_classes)}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(detections)
+        coco_eval = COCOeval(coco_gt, coco_dt, "bbox")
+        coco_eval.params.catIds = list(range(num_classes))
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    # precision: [IoU thresholds, recall points, classes, area ranges, max dets];
+    # area "all" and 100 detections per image; -1 marks "no ground truth".
+    precision = coco_eval.eval["precision"][:, :, :, 0, -1]
+    result = {}
+    for c in range(num_classes):
+        p = precision[:, :, c]
+        ap = float(np.mean(p[p > -1])) * 100 if np.any(p > -1) else math.nan
+        p50 = precision[0, :, c]
+        ap50 = float(np.mean(p50[p50 > -1])) * 100 if np.any(p50 > -1) else math.nan
+        result[c] = (ap, ap50)
+    return result
+
+
+def _nanmean(values):
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def summarize_old_new(per_class, old_classes, new_classes):
+    """AP / AP50 over all seen, old and new classes, plus ``per_class`` by name."""
+    summary = {}
+    for suffix, names in (("", old_classes + new_classes), ("_old", old_classes), ("_new", new_classes)):
+        for metric in ("AP", "AP50"):
+            summary[metric + suffix] = _nanmean([per_class[n][metric] for n in names])
+    summary["per_class"] = {n: per_class[n] for n in old_classes + new_classes}
+    return summary
+
+
+class IncrementalEvaluator(DatasetEvaluator):
+    """Evaluates a model on a registered stage test set (see ``register_stage_datasets``)."""
+
+    def __init__(self, dataset_name):
+        self._dataset_name = dataset_name
+        meta = MetadataCatalog.get(dataset_name)
+        self._class_names = list(meta.thing_classes)
+        self._old = list(meta.old_classes)
+        self._new = list(meta.new_classes)
+        self._records = DatasetCatalog.get(dataset_name)
+        self._index_of = {r["image_id"]: i for i, r in enumerate(self._records)}
+        self._detections = []
+
+    def reset(self):
+        self._detections = []
+
+    def process(self, inputs, outputs):
+        for inp, out in zip(inputs, outputs):
+            instances = out["instances"].to("cpu")
+            self._detections.extend(instances_to_coco_json(instances, self._index_of[inp["image_id"]]))
+
+    def evaluate(self):
+        detections = comm.gather(self._detections, dst=0)
+        if not comm.is_main_process():
+            return {}
+        detections = [d for part in detections for d in part]
+        coco_gt = coco_ground_truth(self._records, self._class_names)
+        per_index = per_class_coco_ap(coco_gt, detections, len(self._class_names))
+        per_class = {
+            name: {"AP": per_index[i][0], "AP50": per_index[i][1]} for i, name in enumerate(self._class_names)
+        }
+        summary = summarize_old_new(per_class, self._old, self._new)
+        summary["num_detections"] = len(detections)
+        summary["num_images"] = len(self._records)
+        logger.info(
+            "%s: AP50 %.1f (old %.1f, new %.1f), AP %.1f",
+            self._dataset_name, summary["AP50"], summary["AP50_old"], summary["AP50_new"], summary["AP"],
+        )
+        return {"bbox": summary}

@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Class-incremental training: every stage of a schedule in order, evaluated after each.
+
+    python tools/train_incremental.py --stages 10+10 --method finetune --output-dir OUT
+    python tools/train_incremental.py --dataset voc_07_12 --stages 15+1x5 \\
+        --config-file configs/voc/faster_rcnn_R50_FPN.yaml --output-dir OUT SOLVER.MAX_ITER 9000
+
+Flags set the ILMIL config keys; trailing ``KEY VALUE`` pairs override any key.
+"""
+import argparse
+import sys
+
+import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
+from detectron2.engine import default_setup
+from detectron2.utils.logger import setup_logger
+
+from ilmil.config import get_ilmil_cfg
+from ilmil.engine import run_incremental
+from ilmil.evaluation import format_results_table
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", default="", help="yaml config (default: the shapes CPU config)")
+    parser.add_argument("--dataset", help="shapes | voc_2007 | voc_2012 | voc_07_12 | coco_2017 | voc_folder | coco_json")
+    parser.add_argument("--stages", help="classes per stage, e.g. 10+10, 15+5, 19+1, 10+5+5, 15+1x5, 40+40")
+    parser.add_argument("--method", help="finetune | joint")
+    parser.add_argument("--class-order", help="comma-separated class names (default: the dataset's order)")
+    parser.add_argument("--output-dir", required=True, help="run folder; a re-run skips finished stages")
+    parser.add_argument("--seed", type=int, help="training seed (default: the config's SEED)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return parser.parse_args(argv)
+
+
+def setup(args):
+    cfg = get_ilmil_cfg(args.config_file or None, args.opts)
+    flags = {
+        "ILMIL.DATASET": args.dataset,
+        "ILMIL.STAGES": args.stages,
+        "ILMIL.METHOD": args.method,
+        "ILMIL.CLASS_ORDER": args.class_order.split(",") if args.class_order else None,
+        "OUTPUT_DIR": args.output_dir,
+        "SEED": args.seed,
+    }
+    cfg.merge_from_list([x for key, value in flags.items() if value is not None for x in (key, value)])
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, name="ilmil", abbrev_name="ilmil")
+    return cfg
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = setup(args)
+    results = run_incremental(cfg)
+    print(format_results_table(results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
