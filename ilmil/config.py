@@ -4,7 +4,7 @@ import os
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["add_ilmil_config", "get_ilmil_cfg", "DEFAULT_CONFIG"]
+__all__ = ["add_ilmil_config", "get_ilmil_cfg", "DEFAULT_CONFIG", "METHOD_PRESETS"]
 
 
 def add_ilmil_config(cfg):
@@ -16,8 +16,56 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.STAGES = "10+10"
     # Class order (names); empty = the dataset's canonical order (VOC order, COCO id order).
     cfg.ILMIL.CLASS_ORDER = []
-    # finetune | joint (the upper bound); the distillation methods add to this list.
+    # finetune | joint | pseudo | faster-ilod | ilmil; sets the defaults of the terms below
+    # (METHOD_PRESETS); keys in a config file or on the command line override them.
     cfg.ILMIL.METHOD = "finetune"
+
+    # Stages after the first keep the BatchNorm statistics of the model they start from:
+    # batch statistics would make the student differ from its teacher before any update.
+    cfg.ILMIL.FREEZE_BN_STATS = True
+
+    # The old-class model of a stage; the stage runner sets it to the previous stage's model.
+    cfg.ILMIL.TEACHER = CN()
+    cfg.ILMIL.TEACHER.WEIGHTS = ""
+
+    # Teacher detections added as ground truth of old classes.
+    cfg.ILMIL.PSEUDO_LABELS = CN()
+    cfg.ILMIL.PSEUDO_LABELS.ENABLED = False
+    cfg.ILMIL.PSEUDO_LABELS.SCORE_THRESH = 0.5
+    # Per-class NMS among the teacher's detections.
+    cfg.ILMIL.PSEUDO_LABELS.NMS_THRESH = 0.3
+    # Dropped where IoU with a new-class GT box reaches this.
+    cfg.ILMIL.PSEUDO_LABELS.NEW_GT_IOU_THRESH = 0.7
+
+    cfg.ILMIL.DISTILL = CN()
+    # Multi-layer feature-map distillation.
+    cfg.ILMIL.DISTILL.FEAT = CN()
+    cfg.ILMIL.DISTILL.FEAT.ENABLED = False
+    cfg.ILMIL.DISTILL.FEAT.WEIGHT = 1.0
+    # Backbone stages (res2..res5) and/or FPN levels (p2..p6).
+    cfg.ILMIL.DISTILL.FEAT.LAYERS = ["res2", "res3", "res4", "res5", "p2", "p3", "p4", "p5", "p6"]
+    # l2 | normalized (PKD) | filtered_l1 (Faster ILOD)
+    cfg.ILMIL.DISTILL.FEAT.DISTANCE = "normalized"
+    # uniform | adaptive (EMA of each layer's distance, weights clipped to WEIGHT_RANGE)
+    cfg.ILMIL.DISTILL.FEAT.LAYER_WEIGHTING = "adaptive"
+    cfg.ILMIL.DISTILL.FEAT.EMA_MOMENTUM = 0.9
+    cfg.ILMIL.DISTILL.FEAT.WEIGHT_RANGE = (0.5, 2.0)
+    # RPN objectness and box deltas.
+    cfg.ILMIL.DISTILL.RPN = CN()
+    cfg.ILMIL.DISTILL.RPN.ENABLED = False
+    cfg.ILMIL.DISTILL.RPN.WEIGHT = 1.0
+    # Deltas are distilled on anchors where teacher objectness exceeds the student's by this.
+    cfg.ILMIL.DISTILL.RPN.DELTA_MARGIN = 0.1
+    # Box-head (RCN) logits of old classes + background, and old-class deltas.
+    cfg.ILMIL.DISTILL.RCN = CN()
+    cfg.ILMIL.DISTILL.RCN.ENABLED = False
+    cfg.ILMIL.DISTILL.RCN.WEIGHT = 1.0
+    # l2 (mean-centred, Faster ILOD) | kl (softened with TEMPERATURE)
+    cfg.ILMIL.DISTILL.RCN.LOGITS = "l2"
+    cfg.ILMIL.DISTILL.RCN.TEMPERATURE = 2.0
+    # Teacher proposals kept by objectness per image, and how many of them are sampled.
+    cfg.ILMIL.DISTILL.RCN.TOPK = 128
+    cfg.ILMIL.DISTILL.RCN.NUM_SAMPLES = 64
 
     # The embedded dataset, generated on first use under $ILMIL_DATASETS/shapes/.
     cfg.ILMIL.SHAPES = CN()
@@ -46,15 +94,56 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DATA.SKIP_BAD_ANNOTATIONS = False
 
 
+# What each --method switches on; every key can still be overridden.
+METHOD_PRESETS = {
+    "finetune": {},
+    "joint": {},
+    "pseudo": {"ILMIL.PSEUDO_LABELS.ENABLED": True},
+    "faster-ilod": {
+        "ILMIL.DISTILL.FEAT.ENABLED": True,
+        "ILMIL.DISTILL.FEAT.LAYERS": ["p2", "p3", "p4", "p5", "p6"],
+        "ILMIL.DISTILL.FEAT.DISTANCE": "filtered_l1",
+        "ILMIL.DISTILL.FEAT.LAYER_WEIGHTING": "uniform",
+        "ILMIL.DISTILL.RPN.ENABLED": True,
+        "ILMIL.DISTILL.RCN.ENABLED": True,
+        "ILMIL.DISTILL.RCN.LOGITS": "l2",
+    },
+    "ilmil": {
+        "ILMIL.PSEUDO_LABELS.ENABLED": True,
+        "ILMIL.DISTILL.FEAT.ENABLED": True,
+        "ILMIL.DISTILL.RPN.ENABLED": True,
+        "ILMIL.DISTILL.RCN.ENABLED": True,
+    },
+}
+
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "shapes", "faster_rcnn_R18_FPN_cpu.yaml")
 
 
-def get_ilmil_cfg(config_file=None, opts=()):
-    """detectron2's defaults + the ILMIL keys, merged with a config file (default:
-    the shapes CPU config) and ``KEY VALUE`` overrides."""
+def _base_cfg():
     cfg = get_cfg()
     add_ilmil_config(cfg)
-    cfg.merge_from_file(config_file or DEFAULT_CONFIG)
-    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def get_ilmil_cfg(config_file=None, opts=(), method=None):
+    """detectron2's defaults + the ILMIL keys, then the method's preset, then a
+    config file (default: the shapes CPU config), then ``KEY VALUE`` overrides.
+
+    ``method`` (``--method``) wins over an ``ILMIL.METHOD`` in the file or opts.
+    """
+    config_file = config_file or DEFAULT_CONFIG
+    opts = list(opts)
+    if method is None:
+        probe = _base_cfg()
+        probe.merge_from_file(config_file)
+        probe.merge_from_list(opts)
+        method = probe.ILMIL.METHOD
+    if method not in METHOD_PRESETS:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHOD_PRESETS)}")
+    cfg = _base_cfg()
+    cfg.merge_from_list([x for key, value in METHOD_PRESETS[method].items() for x in (key, value)])
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    cfg.ILMIL.METHOD = method
     return cfg

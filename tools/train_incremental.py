@@ -26,20 +26,21 @@ def parse_args(argv=None):
     parser.add_argument("--config-file", default="", help="yaml config (default: the shapes CPU config)")
     parser.add_argument("--dataset", help="shapes | voc_2007 | voc_2012 | voc_07_12 | coco_2017 | voc_folder | coco_json")
     parser.add_argument("--stages", help="classes per stage, e.g. 10+10, 15+5, 19+1, 10+5+5, 15+1x5, 40+40")
-    parser.add_argument("--method", help="finetune | joint")
+    parser.add_argument("--method", help="finetune | joint | pseudo | faster-ilod | ilmil (default: finetune)")
     parser.add_argument("--class-order", help="comma-separated class names (default: the dataset's order)")
     parser.add_argument("--output-dir", required=True, help="run folder; a re-run skips finished stages")
+    parser.add_argument("--teacher-weights", help="model of the classes before --start-stage (your own base detector)")
+    parser.add_argument("--start-stage", type=int, default=0, help="first stage to train (needs --teacher-weights)")
     parser.add_argument("--seed", type=int, help="training seed (default: the config's SEED)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser.parse_args(argv)
 
 
 def setup(args):
-    cfg = get_ilmil_cfg(args.config_file or None, args.opts)
+    cfg = get_ilmil_cfg(args.config_file or None, args.opts, method=args.method)
     flags = {
         "ILMIL.DATASET": args.dataset,
         "ILMIL.STAGES": args.stages,
-        "ILMIL.METHOD": args.method,
         "ILMIL.CLASS_ORDER": args.class_order.split(",") if args.class_order else None,
         "OUTPUT_DIR": args.output_dir,
         "SEED": args.seed,
@@ -54,7 +55,7 @@ def setup(args):
 def main(argv=None):
     args = parse_args(argv)
     cfg = setup(args)
-    results = run_incremental(cfg)
+    results = run_incremental(cfg, args.start_stage, args.teacher_weights)
     print(format_results_table(results))
 
 

@@ -23,16 +23,21 @@ import yaml
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
+from ..config import METHOD_PRESETS
 from ..data import build_schedule, load_dataset_source, parse_stage_spec, register_stage_datasets
 from ..data.stages import Stage, StageSpecError
-from ..modeling import load_expanded
+from ..modeling import IncrementalRCNN, load_expanded
 from .trainer import IncrementalTrainer
 
 __all__ = ["IncrementalRun", "run_incremental", "resolve_class_order"]
 
 logger = logging.getLogger("ilmil")
 
-METHODS = ("finetune", "joint")
+
+def uses_teacher(cfg):
+    """Whether any term of the config needs the previous stage's model as teacher."""
+    d = cfg.ILMIL.DISTILL
+    return cfg.ILMIL.PSEUDO_LABELS.ENABLED or d.FEAT.ENABLED or d.RPN.ENABLED or d.RCN.ENABLED
 
 
 def resolve_class_order(custom_order, dataset_classes):
@@ -79,12 +84,26 @@ def _read_json(path):
 class IncrementalRun:
     """One class-incremental run: a config, its schedule and its output folder."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, start_stage=0, teacher_weights=None):
+        """
+        Args:
+            cfg: a config from ``get_ilmil_cfg``; ``OUTPUT_DIR`` is the run folder.
+            start_stage, teacher_weights: begin at stage ``start_stage`` > 0 from a
+                user-given model of the earlier stages' classes instead of training them.
+        """
         self.cfg = cfg
         self.output_dir = cfg.OUTPUT_DIR
         self.method = cfg.ILMIL.METHOD
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.method not in METHOD_PRESETS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHOD_PRESETS)}")
+        from detectron2.modeling import META_ARCH_REGISTRY
+
+        meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        if uses_teacher(cfg) and not issubclass(meta_arch, IncrementalRCNN):
+            raise ValueError(
+                f"method {self.method} needs MODEL.META_ARCHITECTURE IncrementalRCNN (or a subclass), "
+                f"got {cfg.MODEL.META_ARCHITECTURE}"
+            )
         self.source = load_dataset_source(cfg)
         class_order = resolve_class_order(list(cfg.ILMIL.CLASS_ORDER), self.source.class_names)
         counts = parse_stage_spec(cfg.ILMIL.STAGES, len(class_order))
@@ -95,13 +114,20 @@ class IncrementalRun:
         else:
             self.schedule = build_schedule(class_order, counts)
             self.iter_scale = 1
+        if not 0 <= start_stage < len(self.schedule):
+            raise StageSpecError(f"--start-stage {start_stage}: the schedule has stages 0..{len(self.schedule) - 1}")
+        if start_stage > 0 and not teacher_weights:
+            raise ValueError(f"--start-stage {start_stage} needs --teacher-weights: the model of stages 0..{start_stage - 1}")
+        self.start_stage = start_stage
+        self.teacher_weights = teacher_weights
         self.dataset_prefix = f"ilmil_{self.source.name}_{cfg.ILMIL.STAGES}_{self.method}"
         self.registered = [register_stage_datasets(self.dataset_prefix, self.source, s) for s in self.schedule]
 
     def stage_dir(self, stage):
         return os.path.join(self.output_dir, f"stage_{stage.index}")
 
-    def stage_cfg(self, stage):
+    def stage_cfg(self, stage, teacher_weights=""):
+        """The config of one stage; ``teacher_weights`` is given for training only."""
         train_name, test_name = self.registered[stage.index]
         cfg = self.cfg.clone()
         cfg.defrost()
@@ -113,6 +139,7 @@ class IncrementalRun:
         cfg.SOLVER.STEPS = tuple(s * self.iter_scale for s in self.cfg.SOLVER.STEPS)
         if stage.index > 0:
             cfg.MODEL.WEIGHTS = ""  # the previous stage's model is loaded (expanded) instead
+        cfg.ILMIL.TEACHER.WEIGHTS = teacher_weights if uses_teacher(cfg) else ""
         cfg.freeze()
         return cfg
 
@@ -136,14 +163,17 @@ class IncrementalRun:
         return stages
 
     def train_stage(self, stage, previous_weights):
-        cfg = self.stage_cfg(stage)
+        cfg = self.stage_cfg(stage, teacher_weights=previous_weights or "")
         seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + stage.index)
         trainer = IncrementalTrainer(cfg)
         if previous_weights is None:
             trainer.resume_or_load(resume=False)
         else:
-            old_state = torch.load(previous_weights, map_location="cpu", weights_only=True)["model"]
-            load_expanded(trainer.model, old_state, len(stage.old_classes))
+            old = torch.load(previous_weights, map_location="cpu", weights_only=True)
+            model = getattr(trainer.model, "module", trainer.model)  # unwrap DistributedDataParallel
+            load_expanded(model, old.get("model", old), len(stage.old_classes))
+            if cfg.ILMIL.FREEZE_BN_STATS and isinstance(model, IncrementalRCNN):
+                model.freeze_bn_stats()
         trainer.train()
         return trainer.model
 
@@ -162,9 +192,11 @@ class IncrementalRun:
             "config": yaml.safe_load(self.cfg.dump()),
             "stages": [],
         }
-        previous_weights = None
+        previous_weights = self.teacher_weights
         run_start = time.perf_counter()
         for stage, info in zip(self.schedule, stages_info):
+            if stage.index < self.start_stage:
+                continue
             stage_dir = self.stage_dir(stage)
             final_weights = os.path.join(stage_dir, "model_final.pth")
             metrics_path = os.path.join(stage_dir, "metrics_eval.json")
@@ -216,6 +248,6 @@ def _fmt(value):
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
 
 
-def run_incremental(cfg):
+def run_incremental(cfg, start_stage=0, teacher_weights=None):
     """Run every stage of ``cfg``'s schedule; returns the results dict (results.json)."""
-    return IncrementalRun(cfg).run()
+    return IncrementalRun(cfg, start_stage, teacher_weights).run()

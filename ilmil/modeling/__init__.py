@@ -1,3 +1,33 @@
+"""Modeling: head expansion, distillation losses, pseudo-labels and the incremental
+meta-architecture (imported here so that it registers itself)."""
+from .distillation import (
+    DISTILL_LOSS_REGISTRY,
+    FEATURE_DISTANCES,
+    FeatureDistillation,
+    RCNDistillation,
+    RPNDistillation,
+    build_distill_loss,
+    old_class_logits,
+)
 from .expansion import expand_predictor_state_dict, load_expanded
+from .incremental_rcnn import IncrementalRCNN, TeacherMismatchError, build_teacher, checkpoint_class_names
+from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 
-__all__ = ["expand_predictor_state_dict", "load_expanded"]
+__all__ = [
+    "DISTILL_LOSS_REGISTRY",
+    "FEATURE_DISTANCES",
+    "FeatureDistillation",
+    "IncrementalRCNN",
+    "RCNDistillation",
+    "RPNDistillation",
+    "TeacherMismatchError",
+    "add_pseudo_labels",
+    "build_distill_loss",
+    "build_teacher",
+    "checkpoint_class_names",
+    "drop_boxes_on_new_gt",
+    "expand_predictor_state_dict",
+    "load_expanded",
+    "old_class_logits",
+    "teacher_detections",
+]

@@ -1,0 +1,289 @@
+"""``IncrementalRCNN``: a Faster R-CNN student that learns from a frozen teacher.
+
+Without a teacher (stage 0, ``finetune``) it is detectron2's ``GeneralizedRCNN``.
+With one, each training step runs the teacher (eval mode, no grad) on the same
+augmented batch and adds, as configured:
+
+- pseudo-labels: the teacher's confident old-class detections as extra GT;
+- ``loss_distill_feat``: multi-layer feature distillation (backbone res2..res5, FPN p2..p6);
+- ``loss_distill_rpn``: RPN objectness and deltas;
+- ``loss_distill_rcn``: box-head logits and deltas on the teacher's top proposals.
+
+The teacher is held outside the module tree: it is not in the student's
+``state_dict``, not in its optimizer and never wrapped by DistributedDataParallel.
+"""
+import logging
+
+import torch
+from torch import nn
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_model
+from detectron2.structures import Boxes
+from detectron2.utils.events import get_event_storage
+
+from .distillation import build_distill_loss
+from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
+
+__all__ = ["IncrementalRCNN", "TeacherMismatchError", "build_teacher", "checkpoint_class_names"]
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherMismatchError(ValueError):
+    """The teacher checkpoint does not hold the classes the schedule expects."""
+
+
+class _OutputRecorder:
+    """Keeps the latest output of a module (a forward hook), so intermediate
+    results (backbone stages, RPN head outputs) are read without re-running them."""
+
+    def __init__(self, module):
+        self.output = None
+        module.register_forward_hook(self._record)
+
+    def _record(self, module, inputs, output):
+        self.output = output
+
+    def pop(self):
+        output, self.output = self.output, None
+        return output
+
+
+class _Frozen:
+    """Holds a module without registering it as a submodule."""
+
+    def __init__(self, module):
+        self.module = module
+
+
+def checkpoint_class_names(checkpoint):
+    """Class names recorded in an ilmil checkpoint, or None (a plain detectron2 one)."""
+    return checkpoint.get("ilmil", {}).get("class_names")
+
+
+def build_teacher(cfg, weights, expected_classes=None):
+    """The frozen teacher: a ``GeneralizedRCNN`` with ``weights``' class count.
+
+    Refuses a checkpoint whose class count (or recorded class names) differs
+    from ``expected_classes``, naming both.
+    """
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    state = checkpoint.get("model", checkpoint)
+    num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
+    if expected_classes is not None:
+        names = checkpoint_class_names(checkpoint)
+        if num_classes != len(expected_classes) or (names is not None and list(names) != list(expected_classes)):
+            found = list(names) if names is not None else f"{num_classes} unnamed classes"
+            raise TeacherMismatchError(
+                f"teacher checkpoint {weights} holds {found}, but the schedule expects the "
+                f"{len(expected_classes)} old classes {list(expected_classes)}: give the checkpoint "
+                "of the previous stage, or fix --stages / --class-order"
+            )
+    teacher_cfg = cfg.clone()
+    teacher_cfg.defrost()
+    teacher_cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    teacher_cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+    teacher_cfg.MODEL.WEIGHTS = ""
+    teacher = build_model(teacher_cfg)
+    DetectionCheckpointer(teacher).load(weights)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@META_ARCH_REGISTRY.register()
+class IncrementalRCNN(GeneralizedRCNN):
+    @configurable
+    def __init__(
+        self,
+        *,
+        teacher=None,
+        feature_loss=None,
+        rpn_loss=None,
+        rcn_loss=None,
+        loss_weights=None,
+        pseudo_labels=None,
+        rcn_topk=128,
+        rcn_num_samples=64,
+        **kwargs,
+    ):
+        """
+        Args:
+            teacher: frozen old-class ``GeneralizedRCNN`` or None (no distillation).
+            feature_loss, rpn_loss, rcn_loss: distillation loss modules, or None (term off).
+            loss_weights: {"feat": w, "rpn": w, "rcn": w}.
+            pseudo_labels: None (off) or {"score_thresh", "nms_thresh", "iou_thresh"}.
+            rcn_topk, rcn_num_samples: teacher proposals kept by objectness, then sampled.
+            kwargs: arguments of ``GeneralizedRCNN``.
+        """
+        super().__init__(**kwargs)
+        self._teacher = _Frozen(teacher) if teacher is not None else None
+        self.feature_loss = feature_loss
+        self.rpn_loss = rpn_loss
+        self.rcn_loss = rcn_loss
+        self.loss_weights = dict(loss_weights or {})
+        self.pseudo_labels = pseudo_labels
+        self.rcn_topk = rcn_topk
+        self.rcn_num_samples = rcn_num_samples
+        self.bn_stats_frozen = False
+        self._recorders = self._attach_recorders(self)
+        if teacher is not None:
+            teacher.to(self.device)
+            self._teacher_recorders = self._attach_recorders(teacher)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ilmil = cfg.ILMIL
+        if not ilmil.TEACHER.WEIGHTS:
+            return ret
+        expected = None
+        if cfg.DATASETS.TRAIN:
+            expected = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("old_classes")
+        ret["teacher"] = build_teacher(cfg, ilmil.TEACHER.WEIGHTS, expected)
+        distill = ilmil.DISTILL
+        if distill.FEAT.ENABLED:
+            ret["feature_loss"] = build_distill_loss("FeatureDistillation", cfg)
+        if distill.RPN.ENABLED:
+            ret["rpn_loss"] = build_distill_loss("RPNDistillation", cfg)
+        if distill.RCN.ENABLED:
+            ret["rcn_loss"] = build_distill_loss("RCNDistillation", cfg)
+        ret["loss_weights"] = {"feat": distill.FEAT.WEIGHT, "rpn": distill.RPN.WEIGHT, "rcn": distill.RCN.WEIGHT}
+        pseudo = ilmil.PSEUDO_LABELS
+        if pseudo.ENABLED:
+            ret["pseudo_labels"] = {
+                "score_thresh": pseudo.SCORE_THRESH,
+                "nms_thresh": pseudo.NMS_THRESH,
+                "iou_thresh": pseudo.NEW_GT_IOU_THRESH,
+            }
+        ret["rcn_topk"] = distill.RCN.TOPK
+        ret["rcn_num_samples"] = distill.RCN.NUM_SAMPLES
+        return ret
+
+    @property
+    def teacher(self):
+        return self._teacher.module if self._teacher is not None else None
+
+    @staticmethod
+    def _attach_recorders(model):
+        recorders = {"rpn_head": _OutputRecorder(model.proposal_generator.rpn_head)}
+        if hasattr(model.backbone, "bottom_up"):  # FPN: record the ResNet stages too
+            recorders["bottom_up"] = _OutputRecorder(model.backbone.bottom_up)
+        return recorders
+
+    @staticmethod
+    def _all_features(features, recorders):
+        """Backbone outputs (p2..p6 with FPN) plus the recorded bottom-up stages (res2..res5)."""
+        bottom_up = recorders.get("bottom_up")
+        recorded = bottom_up.pop() if bottom_up is not None else None
+        return {**(recorded or {}), **features}
+
+    def _box_outputs(self, model, features, boxes):
+        heads = model.roi_heads
+        pooled = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
+        return heads.box_predictor(heads.box_head(pooled))
+
+    def forward(self, batched_inputs):
+        if not self.training or self.teacher is None:
+            return super().forward(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        teacher = self.run_teacher(images)
+
+        if self.pseudo_labels is not None:
+            gt_instances = self.add_pseudo_labels(teacher, gt_instances)
+
+        features = self.backbone(images.tensor)
+        all_features = self._all_features(features, self._recorders)
+        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
+        rpn_logits, rpn_deltas = self._recorders["rpn_head"].pop()
+        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+
+        losses = {**detector_losses, **proposal_losses}
+        if self.feature_loss is not None:
+            losses["loss_distill_feat"] = self.loss_weights["feat"] * self.feature_loss(
+                all_features, teacher["features"]
+            )
+        if self.rpn_loss is not None:
+            losses["loss_distill_rpn"] = self.loss_weights["rpn"] * self.rpn_loss(
+                rpn_logits, rpn_deltas, *teacher["rpn"]
+            )
+        if self.rcn_loss is not None:
+            s_scores, s_deltas = self._box_outputs(self, features, teacher["rcn_boxes"])
+            losses["loss_distill_rcn"] = self.loss_weights["rcn"] * self.rcn_loss(
+                s_scores, s_deltas, *teacher["rcn_outputs"]
+            )
+        return losses
+
+    @torch.no_grad()
+    def run_teacher(self, images):
+        """One teacher pass: features, RPN outputs, proposals at test settings and
+        box-head outputs on them (shared by pseudo-labels and the RCN term)."""
+        teacher = self.teacher
+        features = teacher.backbone(images.tensor)
+        out = {"features": self._all_features(features, self._teacher_recorders)}
+        proposals, _ = teacher.proposal_generator(images, features, None)
+        out["rpn"] = self._teacher_recorders["rpn_head"].pop()
+        out["proposals"] = proposals
+        out["box_outputs"] = self._box_outputs(teacher, features, [p.proposal_boxes for p in proposals])
+        if self.rcn_loss is not None:
+            out["rcn_boxes"], out["rcn_outputs"] = self._sample_rcn_proposals(proposals, out["box_outputs"])
+        return out
+
+    def _sample_rcn_proposals(self, proposals, box_outputs):
+        """Top ``rcn_topk`` teacher proposals per image (they come sorted by
+        objectness), ``rcn_num_samples`` of them drawn at random."""
+        scores, deltas = box_outputs
+        boxes, rows, start = [], [], 0
+        for p in proposals:
+            top = min(len(p), self.rcn_topk)
+            pick = torch.randperm(top, device=scores.device)[: self.rcn_num_samples]
+            boxes.append(Boxes(p.proposal_boxes.tensor[pick]))
+            rows.append(start + pick)
+            start += len(p)
+        rows = torch.cat(rows)
+        return boxes, (scores[rows], deltas[rows])
+
+    def add_pseudo_labels(self, teacher, gt_instances):
+        cfg = self.pseudo_labels
+        detections = teacher_detections(
+            self.teacher.roi_heads.box_predictor,
+            teacher["box_outputs"],
+            teacher["proposals"],
+            cfg["score_thresh"],
+            cfg["nms_thresh"],
+        )
+        merged, count = [], 0
+        for gt, det in zip(gt_instances, detections):
+            det = drop_boxes_on_new_gt(det, gt, cfg["iou_thresh"])
+            count += len(det)
+            merged.append(add_pseudo_labels(gt, det))
+        get_event_storage().put_scalar("pseudo_boxes_per_image", count / max(len(gt_instances), 1))
+        return merged
+
+    def freeze_bn_stats(self):
+        """Use (and keep) the BatchNorm running statistics in training too; the
+        affine parameters still learn."""
+        self.bn_stats_frozen = True
+        return self.train(self.training)
+
+    def train(self, mode=True):
+        """The teacher stays in eval mode whatever the student's mode."""
+        super().train(mode)
+        if self.bn_stats_frozen:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        """Moving the student (``.to(device)``) moves the teacher too."""
+        super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_teacher", None) is not None:
+            self._teacher.module._apply(fn, *args, **kwargs)
+        return self

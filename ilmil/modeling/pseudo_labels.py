@@ -1,0 +1,39 @@
+"""Pseudo-labels: the teacher's confident old-class detections become ground truth.
+
+New-stage images hold old-class objects that nobody labelled; trained as
+background they are forgotten fastest. The teacher's detections with score >=
+0.5 after per-class NMS at 0.3 are added as ground truth of their old classes,
+except where they overlap a new-class GT box at IoU >= 0.7 (the box is then
+already labelled, with a new class).
+"""
+import torch
+
+from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+from detectron2.structures import Instances, pairwise_iou
+
+__all__ = ["teacher_detections", "drop_boxes_on_new_gt", "add_pseudo_labels"]
+
+
+def teacher_detections(box_predictor, predictions, proposals, score_thresh, nms_thresh, max_per_image=100):
+    """Final detections of the teacher's box predictor, at pseudo-label thresholds."""
+    boxes = box_predictor.predict_boxes(predictions, proposals)
+    scores = box_predictor.predict_probs(predictions, proposals)
+    image_shapes = [p.image_size for p in proposals]
+    detections, _ = fast_rcnn_inference(boxes, scores, image_shapes, score_thresh, nms_thresh, max_per_image)
+    return detections
+
+
+def drop_boxes_on_new_gt(detections, gt_instances, iou_thresh):
+    """Keep the detections whose IoU with every GT box is below ``iou_thresh``."""
+    if len(detections) == 0 or len(gt_instances) == 0:
+        return detections
+    max_iou = pairwise_iou(detections.pred_boxes, gt_instances.gt_boxes).max(dim=1).values
+    return detections[max_iou < iou_thresh]
+
+
+def add_pseudo_labels(gt_instances, detections):
+    """GT instances extended with ``detections`` as boxes of their (old) classes."""
+    pseudo = Instances(gt_instances.image_size)
+    pseudo.gt_boxes = detections.pred_boxes
+    pseudo.gt_classes = detections.pred_classes.to(torch.int64)
+    return Instances.cat([gt_instances, pseudo])
