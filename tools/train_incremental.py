@@ -38,14 +38,16 @@ def parse_args(argv=None):
 
 def setup(args):
     cfg = get_ilmil_cfg(args.config_file or None, args.opts, method=args.method)
-    flags = {
-        "ILMIL.DATASET": args.dataset,
-        "ILMIL.STAGES": args.stages,
-        "ILMIL.CLASS_ORDER": args.class_order.split(",") if args.class_order else None,
-        "OUTPUT_DIR": args.output_dir,
-        "SEED": args.seed,
-    }
-    cfg.merge_from_list([x for key, value in flags.items() if value is not None for x in (key, value)])
+    # Set directly: yacs would parse a spec such as "20" as an int.
+    if args.dataset is not None:
+        cfg.ILMIL.DATASET = args.dataset
+    if args.stages is not None:
+        cfg.ILMIL.STAGES = args.stages
+    if args.class_order:
+        cfg.ILMIL.CLASS_ORDER = args.class_order.split(",")
+    if args.seed is not None:
+        cfg.SEED = args.seed
+    cfg.OUTPUT_DIR = args.output_dir
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, name="ilmil", abbrev_name="ilmil")

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from .shapes import MAX_CLASSES as MAX_SHAPE_CLASSES
 from .shapes import generate_shapes_dataset
-from .stages import parse_stage_spec, stage_test_dicts, stage_train_dicts
+from .stages import StageSpecError, parse_stage_spec, stage_test_dicts, stage_train_dicts
 
 __all__ = [
     "VOC_CLASSES",
@@ -41,6 +42,8 @@ VOC_CLASSES = (
 )  # fmt: skip
 
 BUILTIN_DATASETS = ("shapes", "voc_2007", "voc_2012", "voc_07_12", "coco_2017", "voc_folder", "coco_json")
+
+
 
 # Problems listed in an error message; the rest are counted.
 _MAX_LISTED_PROBLEMS = 20
@@ -174,7 +177,8 @@ def _annotation_problem(record, ann, class_names):
     else:
         where += f" object {ann['category_name']!r}"
     if ann["category_name"] not in class_names:
-        return f"{where}: field 'name': unknown class {ann['category_name']!r} (known: {', '.join(class_names)})"
+        field = "category_id" if "annotation_id" in ann else "name"
+        return f"{where}: field '{field}': unknown class {ann['category_name']!r} (known: {', '.join(class_names)})"
     x0, y0, x1, y1 = ann["bbox"]
     if not all(math.isfinite(v) for v in ann["bbox"]):
         return f"{where}: field 'bbox' {ann['bbox']} is not finite"
@@ -224,6 +228,11 @@ def validate_records(records, class_names, skip_bad, split_desc):
 def _shapes_source(cfg):
     shapes = cfg.ILMIL.SHAPES
     num_classes = shapes.NUM_CLASSES or max(20, sum(parse_stage_spec(cfg.ILMIL.STAGES)))
+    if num_classes > MAX_SHAPE_CLASSES:
+        raise StageSpecError(
+            f"ILMIL.STAGES {cfg.ILMIL.STAGES!r} needs {num_classes} classes; the shapes dataset has at most "
+            f"{MAX_SHAPE_CLASSES}: lower the counts"
+        )
     root = generate_shapes_dataset(
         os.path.join(datasets_root(), "shapes"),
         num_classes=num_classes,

@@ -201,8 +201,8 @@ class IncrementalRun:
             final_weights = os.path.join(stage_dir, "model_final.pth")
             metrics_path = os.path.join(stage_dir, "metrics_eval.json")
             logger.info(
-                "Stage %d/%d: %d old + %d new classes, %d train images (elapsed %.0f s)",
-                stage.index + 1, len(self.schedule), len(stage.old_classes), len(stage.new_classes),
+                "Stage %d (of 0..%d): %d old + %d new classes, %d train images (elapsed %.0f s)",
+                stage.index, len(self.schedule) - 1, len(stage.old_classes), len(stage.new_classes),
                 info["num_train_images"], time.perf_counter() - run_start,
             )
             stage_start = time.perf_counter()
@@ -223,16 +223,17 @@ class IncrementalRun:
                 metrics["train_time_s"] = train_time
                 if comm.is_main_process():
                     _write_json(metrics_path, metrics)
+            previous_weights = final_weights
+            if not comm.is_main_process():
+                continue
             entry = {"stage": stage.index, **info, **metrics}
             results["stages"].append(entry)
-            if comm.is_main_process():
-                _write_json(results_path, results)
+            _write_json(results_path, results)
             logger.info(
                 "Stage %d done: AP50_old %s, AP50_new %s, AP50 %s (stage %.0f s, elapsed %.0f s)",
                 stage.index, _fmt(entry["AP50_old"]), _fmt(entry["AP50_new"]), _fmt(entry["AP50"]),
                 time.perf_counter() - stage_start, time.perf_counter() - run_start,
             )
-            previous_weights = final_weights
         return results
 
     def _load_stage_model(self, stage, weights):

@@ -51,4 +51,5 @@ class IncrementalTrainer(DefaultTrainer):
         """
         dataset_name = cfg.DATASETS.TEST[0]
         loader = cls.build_test_loader(cfg, dataset_name)
-        return inference_on_dataset(model, loader, cls.build_evaluator(cfg, dataset_name))["bbox"]
+        # Only the main process gets the gathered numbers; the others an empty dict.
+        return inference_on_dataset(model, loader, cls.build_evaluator(cfg, dataset_name)).get("bbox", {})

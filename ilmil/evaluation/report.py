@@ -21,4 +21,4 @@ def format_results_table(results):
         )
     headers = ["stage", "classes", "AP50_old", "AP50_new", "AP50", "AP_old", "AP_new", "AP"]
     title = f"{results['method']} on {results['dataset']} {results['stages_spec']}"
-    return title + "\n" + tabulate(rows, headers=headers, tablefmt="github")
+    return title + "\n" + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)

@@ -1,0 +1,54 @@
+"""Every shipped config loads with the ILMIL keys and builds its model (on the CPU,
+without running it)."""
+import glob
+import os
+
+import pytest
+
+from detectron2.modeling import build_model
+
+from ilmil.config import CONFIGS_DIR, DEFAULT_CONFIG, METHOD_PRESETS, get_ilmil_cfg
+from ilmil.data import BUILTIN_DATASETS, parse_stage_spec
+
+CONFIGS = sorted(
+    path for path in glob.glob(os.path.join(CONFIGS_DIR, "**", "*.yaml"), recursive=True)
+    if not os.path.basename(path).startswith("Base-")
+)
+
+
+def test_configs_are_found():
+    names = {os.path.relpath(p, CONFIGS_DIR) for p in CONFIGS}
+    assert os.path.relpath(DEFAULT_CONFIG, CONFIGS_DIR) in names
+    assert len(names) >= 3
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, CONFIGS_DIR))
+def test_config_loads_and_builds_its_model(path):
+    cfg = get_ilmil_cfg(path, ["MODEL.DEVICE", "cpu"])
+    assert cfg.ILMIL.DATASET in BUILTIN_DATASETS
+    assert cfg.ILMIL.METHOD in METHOD_PRESETS
+    counts = parse_stage_spec(cfg.ILMIL.STAGES)
+    # The model's class count is set per stage; the config's is the whole schedule.
+    assert sum(counts) <= cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    model = build_model(cfg)
+    assert model.roi_heads.box_predictor.cls_score.out_features == cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1
+    assert next(model.parameters()).device.type == "cpu"
+
+
+def test_default_config_is_the_shapes_cpu_config():
+    cfg = get_ilmil_cfg()
+    assert cfg.ILMIL.DATASET == "shapes"
+    assert cfg.MODEL.DEVICE == "cpu"
+    assert cfg.MODEL.RESNETS.DEPTH == 18
+
+
+def test_overrides_are_applied_after_the_file():
+    cfg = get_ilmil_cfg(None, ["ILMIL.STAGES", "15+1x5", "SOLVER.MAX_ITER", 7])
+    assert cfg.ILMIL.STAGES == "15+1x5" and cfg.SOLVER.MAX_ITER == 7
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_PRESETS))
+def test_every_method_preset_loads_with_every_config(method):
+    for path in CONFIGS:
+        cfg = get_ilmil_cfg(path, ["MODEL.DEVICE", "cpu"], method=method)
+        assert cfg.ILMIL.METHOD == method

@@ -1,0 +1,487 @@
+"""VOC-XML and COCO-json loading, built-in dataset names, validation and stage
+registration, on small real folders written into tmp_path."""
+import os
+
+import pytest
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+
+from ilmil.config import get_ilmil_cfg
+from ilmil.data import (
+    BUILTIN_DATASETS,
+    VOC_CLASSES,
+    DatasetError,
+    DatasetSource,
+    build_schedule,
+    load_coco_json,
+    load_dataset_source,
+    load_voc_split,
+    register_stage_datasets,
+    shape_class_names,
+    stage_test_dicts,
+    stage_train_dicts,
+)
+from voc_coco_files import write_coco_json, write_voc_folder
+
+# Three images, in VOC form (1-based inclusive boxes) ...
+VOC_IMAGES = {
+    "000001": (64, 48, [{"name": "dog", "box": (11, 21, 50, 40), "difficult": 0},
+                        {"name": "cat", "box": (1, 1, 64, 48), "difficult": 1}]),
+    "000002": (80, 60, [{"name": "person", "box": (5, 6, 30, 40)}]),  # no <difficult> tag
+    "000003": (50, 50, [{"name": "dog", "box": (10, 10, 20, 20)},
+                        {"name": "person", "box": (30, 31, 45, 50)}]),
+}
+VOC_SPLITS = {"trainval": ["000002", "000001"], "test": ["000003"]}
+# ... the same boxes in 0-based (x0, y0, x1, y1): xmin 11 -> x0 10.0, xmax stays.
+EXPECTED_BOXES = {
+    "000001": [("dog", [10.0, 20.0, 50.0, 40.0]), ("cat", [0.0, 0.0, 64.0, 48.0])],
+    "000002": [("person", [4.0, 5.0, 30.0, 40.0])],
+    "000003": [("dog", [9.0, 9.0, 20.0, 20.0]), ("person", [29.0, 30.0, 45.0, 50.0])],
+}
+# ... and in COCO form (x, y, w, h), category ids deliberately not in name order.
+COCO_CATEGORIES = {7: "person", 2: "dog", 5: "cat"}
+COCO_IDS = {name: i for i, name in COCO_CATEGORIES.items()}
+
+
+def _coco_images(file_ids):
+    images = []
+    for n, file_id in enumerate(file_ids, start=1):
+        width, height, _ = VOC_IMAGES[file_id]
+        anns = [{"category_id": COCO_IDS[name], "bbox": [x0, y0, x1 - x0, y1 - y0]}
+                for name, (x0, y0, x1, y1) in EXPECTED_BOXES[file_id]]
+        images.append((100 + n, f"{file_id}.jpg", width, height, anns))
+    return images
+
+
+@pytest.fixture
+def voc_dir(tmp_path):
+    return write_voc_folder(tmp_path / "voc", VOC_IMAGES, VOC_SPLITS)
+
+
+@pytest.fixture
+def coco_files(tmp_path):
+    """(train json, test json, image folder) of the same images as ``voc_dir``."""
+    images = tmp_path / "coco_images"
+    train = write_coco_json(str(tmp_path / "ann" / "train.json"), str(images), _coco_images(["000002", "000001"]),
+                            COCO_CATEGORIES)
+    test = write_coco_json(str(tmp_path / "ann" / "test.json"), str(images), _coco_images(["000003"]),
+                           COCO_CATEGORIES)
+    return train, test, str(images)
+
+
+def _voc_cfg(root, *opts):
+    return get_ilmil_cfg(None, ["ILMIL.DATASET", "voc_folder", "ILMIL.DATA.ROOT", str(root), *opts])
+
+
+def _coco_cfg(train_json, test_json, images, *opts):
+    return get_ilmil_cfg(None, [
+        "ILMIL.DATASET", "coco_json",
+        "ILMIL.DATA.TRAIN_JSON", train_json, "ILMIL.DATA.TRAIN_IMAGES", images,
+        "ILMIL.DATA.TEST_JSON", test_json, "ILMIL.DATA.TEST_IMAGES", images, *opts])
+
+
+def _boxes(records):
+    return {str(r["file_name"]).rsplit("/", 1)[-1][:-4]: [(a["category_name"], list(a["bbox"])) for a in r["annotations"]]
+            for r in records}
+
+
+# ----------------------------------------------------------------------- loaders
+
+
+def test_voc_boxes_are_converted_from_1_based_to_0_based(voc_dir):
+    records = load_voc_split(voc_dir, "trainval")
+    assert _boxes(records) == {k: EXPECTED_BOXES[k] for k in ("000001", "000002")}
+    dog = records[1]["annotations"][0]
+    assert dog["bbox"][0] == 10.0 and isinstance(dog["bbox"][0], float)  # xmin 11 -> x0 10.0
+    assert all(a["bbox_mode"] == BoxMode.XYXY_ABS for r in records for a in r["annotations"])
+
+
+def test_voc_records_follow_the_split_file(voc_dir):
+    records = load_voc_split(voc_dir, "trainval")
+    assert [r["image_id"] for r in records] == ["000002", "000001"]
+    first = records[0]
+    assert first["file_name"] == os.path.join(voc_dir, "JPEGImages", "000002.jpg")
+    assert first["annotation_file"] == os.path.join(voc_dir, "Annotations", "000002.xml")
+    assert (first["width"], first["height"]) == (80, 60)
+    assert (records[1]["width"], records[1]["height"]) == (64, 48)
+    assert [r["image_id"] for r in load_voc_split(voc_dir, "test")] == ["000003"]
+
+
+def test_voc_difficult_flag_is_read_and_defaults_to_zero(voc_dir):
+    by_id = {r["image_id"]: r for r in load_voc_split(voc_dir, "trainval")}
+    assert [a["difficult"] for a in by_id["000001"]["annotations"]] == [0, 1]
+    assert [a["difficult"] for a in by_id["000002"]["annotations"]] == [0]
+
+
+def test_coco_boxes_become_xyxy_and_classes_follow_category_ids(coco_files):
+    train_json, _, images = coco_files
+    records, class_names = load_coco_json(train_json, images)
+    assert class_names == ("dog", "cat", "person")  # sorted by id: 2, 5, 7
+    assert _boxes(records) == {k: EXPECTED_BOXES[k] for k in ("000001", "000002")}
+    first = records[0]
+    assert first["image_id"] == 101
+    assert first["file_name"] == os.path.join(images, "000002.jpg")
+    assert (first["width"], first["height"]) == (80, 60)
+    assert first["annotation_file"] == train_json
+    assert all(a["bbox_mode"] == BoxMode.XYXY_ABS and a["iscrowd"] == 0 for r in records for a in r["annotations"])
+
+
+def test_voc_and_coco_loaders_give_the_same_boxes(voc_dir, coco_files):
+    _, test_json, images = coco_files
+    voc = load_voc_split(voc_dir, "test")
+    coco, _ = load_coco_json(test_json, images)
+    assert _boxes(voc) == _boxes(coco) == {"000003": EXPECTED_BOXES["000003"]}
+    assert [(r["width"], r["height"]) for r in voc] == [(r["width"], r["height"]) for r in coco]
+
+
+def test_shapes_dataset_reads_the_same_from_its_voc_and_coco_files(tiny_shapes_dir):
+    voc = load_voc_split(tiny_shapes_dir, "test")
+    coco, class_names = load_coco_json(os.path.join(tiny_shapes_dir, "annotations", "instances_test.json"),
+                                       os.path.join(tiny_shapes_dir, "JPEGImages"))
+    assert class_names == tuple(shape_class_names(20))
+    assert len(voc) == len(coco) == 8
+    for v, c in zip(voc, coco):
+        assert v["file_name"] == c["file_name"] and os.path.isfile(v["file_name"])
+        assert (v["width"], v["height"]) == (c["width"], c["height"]) == (128, 128)
+        assert [(a["category_name"], a["bbox"]) for a in v["annotations"]] == \
+            [(a["category_name"], a["bbox"]) for a in c["annotations"]]
+
+
+# ----------------------------------------------------------- load_dataset_source
+
+
+def test_voc_folder_loads_with_first_appearance_class_order(voc_dir):
+    source = load_dataset_source(_voc_cfg(voc_dir))
+    assert isinstance(source, DatasetSource)
+    assert source.class_names == ("person", "dog", "cat")  # 000002 is listed first
+    assert [r["image_id"] for r in source.train] == ["000002", "000001"]
+    assert [r["image_id"] for r in source.test] == ["000003"]
+    assert source.is_voc is True
+
+
+def test_coco_json_loads(coco_files):
+    source = load_dataset_source(_coco_cfg(*coco_files))
+    assert source.class_names == ("dog", "cat", "person")
+    assert len(source.train) == 2 and len(source.test) == 1
+    assert source.is_voc is False
+
+
+def _bad_voc(tmp_path, problem):
+    """The VOC folder with one bad annotation (or image) in 000001 (trainval)."""
+    images = {k: (w, h, [dict(o) for o in objs]) for k, (w, h, objs) in VOC_IMAGES.items()}
+    objects = images["000001"][2]
+    if problem == "outside":
+        objects[0]["box"] = (11, 21, 70, 40)  # the image is 64 wide
+    elif problem == "zero_area":
+        objects[0]["box"] = (11, 21, 10, 40)  # x0 10, x1 10
+    elif problem == "unknown_class":
+        images["000003"][2][0]["name"] = "dgo"  # test split: a class no training file has
+    root = write_voc_folder(tmp_path / problem, images, VOC_SPLITS)
+    if problem == "missing_image":
+        os.remove(os.path.join(root, "JPEGImages", "000001.jpg"))
+    return root
+
+
+@pytest.mark.parametrize(
+    "problem, bad_file, detail",
+    [
+        ("outside", "000001.xml", "outside the 64x48 image"),
+        ("zero_area", "000001.xml", "zero or negative area"),
+        ("unknown_class", "000003.xml", "unknown class 'dgo'"),
+        ("missing_image", "000001.xml", "image file missing"),
+    ],
+)
+def test_malformed_voc_data_names_the_file_and_the_fix(tmp_path, problem, bad_file, detail):
+    root = _bad_voc(tmp_path, problem)
+    with pytest.raises(DatasetError) as info:
+        load_dataset_source(_voc_cfg(root))
+    message = str(info.value)
+    assert os.path.join(root, "Annotations", bad_file) in message
+    assert detail in message
+    assert "ILMIL.DATA.SKIP_BAD_ANNOTATIONS True" in message
+    if problem == "missing_image":
+        assert os.path.join(root, "JPEGImages", "000001.jpg") in message
+
+
+def test_all_problems_are_reported_in_one_error(tmp_path):
+    images = {k: (w, h, [dict(o) for o in objs]) for k, (w, h, objs) in VOC_IMAGES.items()}
+    images["000001"][2][0]["box"] = (11, 21, 70, 40)  # outside
+    images["000002"][2][0]["box"] = (5, 6, 4, 40)  # zero area
+    images["000003"][2][1]["name"] = "persn"  # unknown (test split)
+    root = write_voc_folder(tmp_path / "voc", images, VOC_SPLITS)
+    with pytest.raises(DatasetError) as info:
+        load_dataset_source(_voc_cfg(root))
+    message = str(info.value)
+    # Train problems are all listed (the test split is checked after the train split).
+    assert "2 malformed annotation(s)" in message
+    assert "000001.xml" in message and "000002.xml" in message
+    assert "outside" in message and "zero or negative area" in message
+
+
+def test_skip_bad_annotations_drops_the_bad_and_keeps_the_good(tmp_path):
+    images = {k: (w, h, [dict(o) for o in objs]) for k, (w, h, objs) in VOC_IMAGES.items()}
+    images["000001"][2][0]["box"] = (11, 21, 70, 40)  # outside: dropped
+    images["000003"][2][1]["name"] = "persn"  # unknown: dropped
+    root = write_voc_folder(tmp_path / "voc", images, VOC_SPLITS)
+    os.remove(os.path.join(root, "JPEGImages", "000002.jpg"))  # image dropped
+    source = load_dataset_source(_voc_cfg(root, "ILMIL.DATA.SKIP_BAD_ANNOTATIONS", True))
+    assert [r["image_id"] for r in source.train] == ["000001"]
+    assert _boxes(source.train) == {"000001": [("cat", [0.0, 0.0, 64.0, 48.0])]}
+    assert _boxes(source.test) == {"000003": [("dog", [9.0, 9.0, 20.0, 20.0])]}
+
+
+def _bad_coco(tmp_path, problem):
+    images = _coco_images(["000002", "000001"])
+    first_ann = images[1][4][0]
+    if problem == "outside":
+        first_ann["bbox"] = [10.0, 20.0, 60.0, 20.0]  # x1 70 > width 64
+    elif problem == "zero_area":
+        first_ann["bbox"] = [10.0, 20.0, 0.0, 20.0]
+    elif problem == "unknown_category":
+        first_ann["category_id"] = 99
+    image_root = str(tmp_path / problem / "images")
+    train = write_coco_json(str(tmp_path / problem / "train.json"), image_root, images, COCO_CATEGORIES)
+    test = write_coco_json(str(tmp_path / problem / "test.json"), image_root, _coco_images(["000003"]),
+                           COCO_CATEGORIES)
+    if problem == "missing_image":
+        os.remove(os.path.join(image_root, "000001.jpg"))
+    return train, test, image_root
+
+
+@pytest.mark.parametrize(
+    "problem, detail",
+    [
+        ("outside", "outside the 64x48 image"),
+        ("zero_area", "zero or negative area"),
+        ("unknown_category", "99"),
+        ("missing_image", "image file missing"),
+    ],
+)
+def test_malformed_coco_data_names_the_file_and_the_fix(tmp_path, problem, detail):
+    train, test, images = _bad_coco(tmp_path, problem)
+    with pytest.raises(DatasetError) as info:
+        load_dataset_source(_coco_cfg(train, test, images))
+    message = str(info.value)
+    assert train in message and detail in message
+    assert "ILMIL.DATA.SKIP_BAD_ANNOTATIONS True" in message
+    if problem != "missing_image":
+        assert "annotation id 2" in message  # the second annotation of the json
+
+
+def test_coco_skip_bad_annotations_keeps_the_good_ones(tmp_path):
+    train, test, images = _bad_coco(tmp_path, "unknown_category")
+    source = load_dataset_source(_coco_cfg(train, test, images, "ILMIL.DATA.SKIP_BAD_ANNOTATIONS", True))
+    assert _boxes(source.train) == {"000002": EXPECTED_BOXES["000002"], "000001": [EXPECTED_BOXES["000001"][1]]}
+
+
+def test_coco_test_categories_must_match_train(tmp_path, coco_files):
+    train, _, images = coco_files
+    other = write_coco_json(str(tmp_path / "other.json"), images, _coco_images(["000003"]),
+                            {2: "dog", 5: "cat", 7: "person", 8: "horse"}, write_images=False)
+    with pytest.raises(DatasetError, match="categories differ"):
+        load_dataset_source(_coco_cfg(train, other, images))
+
+
+def test_unknown_dataset_name_lists_the_valid_names():
+    with pytest.raises(DatasetError) as info:
+        load_dataset_source(get_ilmil_cfg(None, ["ILMIL.DATASET", "voc2007"]))
+    message = str(info.value)
+    assert "'voc2007'" in message
+    for name in BUILTIN_DATASETS:
+        assert name in message
+
+
+@pytest.mark.parametrize("dataset, key", [("voc_folder", "ROOT"), ("coco_json", "TRAIN_JSON")])
+def test_custom_dataset_without_its_path_key_names_the_key(dataset, key):
+    with pytest.raises(DatasetError, match=f"ILMIL.DATA.{key}"):
+        load_dataset_source(get_ilmil_cfg(None, ["ILMIL.DATASET", dataset]))
+
+
+def test_missing_split_file_is_named(voc_dir):
+    with pytest.raises(DatasetError) as info:
+        load_dataset_source(_voc_cfg(voc_dir, "ILMIL.DATA.TRAIN_SPLIT", "train"))
+    assert os.path.join(voc_dir, "ImageSets", "Main", "train.txt") in str(info.value)
+
+
+def test_missing_voc_image_folder_is_named(voc_dir):
+    os.rename(os.path.join(voc_dir, "JPEGImages"), os.path.join(voc_dir, "images"))
+    with pytest.raises(DatasetError) as info:
+        load_voc_split(voc_dir, "trainval")
+    assert os.path.join(voc_dir, "JPEGImages") in str(info.value)
+
+
+def test_missing_voc_annotation_file_is_named(voc_dir):
+    os.remove(os.path.join(voc_dir, "Annotations", "000001.xml"))
+    with pytest.raises(DatasetError) as info:
+        load_voc_split(voc_dir, "trainval")
+    assert os.path.join(voc_dir, "Annotations", "000001.xml") in str(info.value)
+
+
+def test_missing_voc_root_is_named(tmp_path):
+    with pytest.raises(DatasetError) as info:
+        load_dataset_source(_voc_cfg(tmp_path / "no_such_voc"))
+    assert str(tmp_path / "no_such_voc") in str(info.value)
+
+
+def test_missing_coco_json_and_image_folder_are_named(tmp_path, coco_files):
+    train, test, images = coco_files
+    missing_json = str(tmp_path / "ann" / "nope.json")
+    with pytest.raises(DatasetError) as info:
+        load_dataset_source(_coco_cfg(missing_json, test, images))
+    assert missing_json in str(info.value)
+    missing_images = str(tmp_path / "no_images")
+    with pytest.raises(DatasetError) as info:
+        load_coco_json(train, missing_images)
+    assert missing_images in str(info.value)
+
+
+def test_invalid_voc_xml_is_named(voc_dir):
+    xml_file = os.path.join(voc_dir, "Annotations", "000002.xml")
+    with open(xml_file, "w") as f:
+        f.write("<annotation><size>")
+    with pytest.raises(DatasetError, match="not valid XML") as info:
+        load_voc_split(voc_dir, "trainval")
+    assert xml_file in str(info.value)
+
+
+# ----------------------------------------------------------------- built-in names
+
+
+def _voc_year(root, year, names_by_split, class_name="dog"):
+    images, splits = {}, {}
+    for split, ids in names_by_split.items():
+        splits[split] = ids
+        for file_id in ids:
+            images[file_id] = (40, 30, [{"name": class_name, "box": (3, 4, 20, 25)}])
+    return write_voc_folder(os.path.join(root, f"VOC{year}"), images, splits)
+
+
+@pytest.fixture
+def voc_datasets_root(tmp_path, monkeypatch):
+    """$ILMIL_DATASETS with tiny VOC2007 and VOC2012 folders."""
+    root = tmp_path / "datasets"
+    _voc_year(root, 2007, {"trainval": ["000005", "000007"], "test": ["000001"]})
+    _voc_year(root, 2012, {"train": ["2008_000002"], "val": ["2008_000008"],
+                           "trainval": ["2008_000002", "2008_000008"]})
+    monkeypatch.setenv("ILMIL_DATASETS", str(root))
+    return root
+
+
+def test_voc_2007_resolves_under_the_datasets_root(voc_datasets_root):
+    source = load_dataset_source(get_ilmil_cfg(None, ["ILMIL.DATASET", "voc_2007"]))
+    assert source.class_names == VOC_CLASSES
+    assert [r["image_id"] for r in source.train] == ["000005", "000007"]
+    assert [r["image_id"] for r in source.test] == ["000001"]
+    assert source.train[0]["file_name"] == os.path.join(str(voc_datasets_root), "VOC2007", "JPEGImages",
+                                                        "000005.jpg")
+    assert source.is_voc is True
+
+
+def test_voc_2012_tests_on_val(voc_datasets_root):
+    source = load_dataset_source(get_ilmil_cfg(None, ["ILMIL.DATASET", "voc_2012"]))
+    assert [r["image_id"] for r in source.train] == ["2008_000002"]
+    assert [r["image_id"] for r in source.test] == ["2008_000008"]
+
+
+def test_voc_07_12_trains_on_both_trainvals_and_tests_on_2007(voc_datasets_root):
+    source = load_dataset_source(get_ilmil_cfg(None, ["ILMIL.DATASET", "voc_07_12"]))
+    assert [r["image_id"] for r in source.train] == ["000005", "000007", "2008_000002", "2008_000008"]
+    assert [r["image_id"] for r in source.test] == ["000001"]
+
+
+def test_builtin_voc_rejects_a_non_voc_class_name(tmp_path, monkeypatch):
+    root = tmp_path / "datasets"
+    voc = _voc_year(root, 2007, {"trainval": ["000005"], "test": ["000001"]}, class_name="doggo")
+    monkeypatch.setenv("ILMIL_DATASETS", str(root))
+    with pytest.raises(DatasetError) as info:
+        load_dataset_source(get_ilmil_cfg(None, ["ILMIL.DATASET", "voc_2007"]))
+    message = str(info.value)
+    assert "unknown class 'doggo'" in message
+    assert os.path.join(voc, "Annotations", "000005.xml") in message
+
+
+def test_missing_builtin_voc_folder_names_the_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("ILMIL_DATASETS", str(tmp_path / "empty"))
+    with pytest.raises(DatasetError) as info:
+        load_dataset_source(get_ilmil_cfg(None, ["ILMIL.DATASET", "voc_2007"]))
+    assert os.path.join(str(tmp_path / "empty"), "VOC2007") in str(info.value)
+
+
+def test_coco_2017_resolves_under_the_datasets_root(tmp_path, monkeypatch):
+    coco = tmp_path / "datasets" / "coco"
+    write_coco_json(str(coco / "annotations" / "instances_train2017.json"), str(coco / "train2017"),
+                    _coco_images(["000001", "000002"]), COCO_CATEGORIES)
+    write_coco_json(str(coco / "annotations" / "instances_val2017.json"), str(coco / "val2017"),
+                    _coco_images(["000003"]), COCO_CATEGORIES)
+    monkeypatch.setenv("ILMIL_DATASETS", str(tmp_path / "datasets"))
+    source = load_dataset_source(get_ilmil_cfg(None, ["ILMIL.DATASET", "coco_2017"]))
+    assert source.class_names == ("dog", "cat", "person")
+    assert len(source.train) == 2 and len(source.test) == 1
+    assert source.test[0]["file_name"] == str(coco / "val2017" / "000003.jpg")
+
+
+def test_shapes_resolves_to_the_cached_set_under_the_datasets_root(tiny_datasets_root, tiny_shapes_dir,
+                                                                   monkeypatch):
+    monkeypatch.setenv("ILMIL_DATASETS", str(tiny_datasets_root))
+    cfg = get_ilmil_cfg(None, ["ILMIL.SHAPES.NUM_CLASSES", 20, "ILMIL.SHAPES.NUM_TRAIN", 24,
+                               "ILMIL.SHAPES.NUM_TEST", 8, "ILMIL.SHAPES.IMAGE_SIZE", 128, "ILMIL.SHAPES.SEED", 7])
+    before = os.path.getmtime(os.path.join(tiny_shapes_dir, "meta.json"))
+    source = load_dataset_source(cfg)
+    assert os.path.getmtime(os.path.join(tiny_shapes_dir, "meta.json")) == before  # not regenerated
+    assert source.class_names == tuple(shape_class_names(20))
+    assert len(source.train) == 24 and len(source.test) == 8
+    assert all(r["file_name"].startswith(tiny_shapes_dir) for r in source.train)
+
+
+# ------------------------------------------------------------------- registration
+
+
+@pytest.fixture
+def registered_names():
+    names = []
+    yield names
+    for name in names:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+
+def test_registered_stage_datasets_carry_the_seen_classes(voc_dir, registered_names):
+    source = load_dataset_source(_voc_cfg(voc_dir))  # classes: person, dog, cat
+    schedule = build_schedule(source.class_names, [1, 2])
+    for stage in schedule:
+        train_name, test_name = register_stage_datasets("test_reg", source, stage)
+        registered_names += [train_name, test_name]
+        assert (train_name, test_name) == (f"test_reg_stage{stage.index}_train", f"test_reg_stage{stage.index}_test")
+        for name in (train_name, test_name):
+            meta = MetadataCatalog.get(name)
+            assert meta.thing_classes == list(stage.seen_classes)
+            assert meta.old_classes == list(stage.old_classes)
+            assert meta.new_classes == list(stage.new_classes)
+            assert meta.is_voc is True
+        assert DatasetCatalog.get(train_name) == stage_train_dicts(source.train, stage)
+        assert DatasetCatalog.get(test_name) == stage_test_dicts(source.test, stage)
+    assert MetadataCatalog.get("test_reg_stage1_train").thing_classes == ["person", "dog", "cat"]
+    # stage 1 (dog, cat) trains on 000001 only: 000002 holds only a person
+    assert [r["image_id"] for r in DatasetCatalog.get("test_reg_stage1_train")] == ["000001"]
+
+
+def test_registering_again_replaces_the_stage_datasets(voc_dir, coco_files, registered_names):
+    voc = load_dataset_source(_voc_cfg(voc_dir))
+    coco = load_dataset_source(_coco_cfg(*coco_files))
+    train_name, test_name = register_stage_datasets("test_rereg", voc, build_schedule(voc.class_names, [3])[0])
+    registered_names += [train_name, test_name]
+    stage = build_schedule(coco.class_names, [2])[0]
+    assert register_stage_datasets("test_rereg", coco, stage) == (train_name, test_name)
+    assert MetadataCatalog.get(train_name).thing_classes == ["dog", "cat"]
+    assert MetadataCatalog.get(test_name).is_voc is False
+    assert DatasetCatalog.get(train_name) == stage_train_dicts(coco.train, stage)
+
+
+
+def test_the_layout_readme_that_errors_point_to_exists():
+    # Loader errors tell the user to read datasets/README.md for the layouts.
+    from conftest import REPO_ROOT
+
+    assert os.path.isfile(os.path.join(REPO_ROOT, "datasets", "README.md"))

@@ -1,0 +1,40 @@
+"""The per-stage results table printed at the end of a run."""
+from ilmil.evaluation import format_results_table
+
+RESULTS = {
+    "method": "finetune",
+    "dataset": "shapes",
+    "stages_spec": "1+1",
+    "stages": [
+        {"stage": 0, "old_classes": [], "new_classes": ["a"], "AP50_old": None, "AP50_new": 12.0,
+         "AP50": 12.0, "AP_old": None, "AP_new": 5.0, "AP": 5.0},
+        {"stage": 1, "old_classes": ["a"], "new_classes": ["b"], "AP50_old": 3.0, "AP50_new": 40.0,
+         "AP50": 21.5, "AP_old": 1.0, "AP_new": 20.0, "AP": 10.5},
+    ],
+}
+
+
+def _rows(table):
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_table_has_a_title_and_one_row_per_stage():
+    table = format_results_table(RESULTS)
+    assert table.splitlines()[0] == "finetune on shapes 1+1"
+    header = [cell.strip() for cell in table.splitlines()[1].strip("|").split("|")]
+    assert header == ["stage", "classes", "AP50_old", "AP50_new", "AP50", "AP_old", "AP_new", "AP"]
+    assert [row[:2] for row in _rows(table)] == [["0", "0+1"], ["1", "1+1"]]
+
+
+def test_missing_values_show_as_a_dash():
+    first = _rows(format_results_table(RESULTS))[0]
+    assert first[2] == "-" and first[5] == "-"
+
+
+def test_every_ap_is_shown_with_one_decimal():
+    # AP50_new 12.0 and 40.0 must read "12.0" / "40.0" as AP50_old's "3.0" does,
+    # not "12" / "40" (tabulate re-parses the formatted strings as numbers).
+    rows = _rows(format_results_table(RESULTS))
+    assert rows[0][2:] == ["-", "12.0", "12.0", "-", "5.0", "5.0"]
+    assert rows[1][2:] == ["3.0", "40.0", "21.5", "1.0", "20.0", "10.5"]
