@@ -14,5 +14,10 @@ demo: env
 test: env
 	$(PY) -m pytest -q tests
 
+# A benchmark suite (accuracy | speed), appended to BENCHMARKS.md; BENCH_ARGS=--quick for the short one.
+SUITE ?= accuracy
+bench: env
+	$(PY) benchmarks/run.py --suite $(SUITE) $(BENCH_ARGS)
+
 clean:
 	rm -rf output .pytest_cache

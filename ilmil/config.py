@@ -4,7 +4,7 @@ import os
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["add_ilmil_config", "get_ilmil_cfg", "DEFAULT_CONFIG", "METHOD_PRESETS"]
+__all__ = ["add_ilmil_config", "get_ilmil_cfg", "uses_teacher", "DEFAULT_CONFIG", "METHOD_PRESETS"]
 
 
 def add_ilmil_config(cfg):
@@ -118,6 +118,12 @@ METHOD_PRESETS = {
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "shapes", "faster_rcnn_R18_FPN_cpu.yaml")
+
+
+def uses_teacher(cfg):
+    """Whether any term of the config needs the previous stage's model as teacher."""
+    d = cfg.ILMIL.DISTILL
+    return bool(cfg.ILMIL.PSEUDO_LABELS.ENABLED or d.FEAT.ENABLED or d.RPN.ENABLED or d.RCN.ENABLED)
 
 
 def _base_cfg():

@@ -15,10 +15,10 @@ torch.set_num_threads(1)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The tiny shapes set of the end-to-end runs. Seed 7 is chosen so that each of
+# The tiny shapes set of the end-to-end runs. Seed 0 (generator v2) is chosen so that each of
 # the first 4 classes (the classes of a 2+2 schedule) has objects in both the 24
 # training and the 8 test images: every old/new AP is then a number, not n/a.
-TINY_SHAPES = dict(num_classes=20, num_train=24, num_test=8, image_size=128, seed=7)
+TINY_SHAPES = dict(num_classes=20, num_train=24, num_test=8, image_size=128, seed=0)
 
 
 @pytest.fixture(scope="session")

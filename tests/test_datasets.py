@@ -22,6 +22,7 @@ from ilmil.data import (
     stage_test_dicts,
     stage_train_dicts,
 )
+from conftest import TINY_SHAPES
 from voc_coco_files import write_coco_json, write_voc_folder
 
 # Three images, in VOC form (1-based inclusive boxes) ...
@@ -425,7 +426,7 @@ def test_shapes_resolves_to_the_cached_set_under_the_datasets_root(tiny_datasets
                                                                    monkeypatch):
     monkeypatch.setenv("ILMIL_DATASETS", str(tiny_datasets_root))
     cfg = get_ilmil_cfg(None, ["ILMIL.SHAPES.NUM_CLASSES", 20, "ILMIL.SHAPES.NUM_TRAIN", 24,
-                               "ILMIL.SHAPES.NUM_TEST", 8, "ILMIL.SHAPES.IMAGE_SIZE", 128, "ILMIL.SHAPES.SEED", 7])
+                               "ILMIL.SHAPES.NUM_TEST", 8, "ILMIL.SHAPES.IMAGE_SIZE", 128, "ILMIL.SHAPES.SEED", TINY_SHAPES["seed"]])
     before = os.path.getmtime(os.path.join(tiny_shapes_dir, "meta.json"))
     source = load_dataset_source(cfg)
     assert os.path.getmtime(os.path.join(tiny_shapes_dir, "meta.json")) == before  # not regenerated

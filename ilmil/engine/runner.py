@@ -5,8 +5,10 @@ Output layout (``OUT``)::
 
     stages.json            the schedule: per stage its classes and image counts
     config.yaml            the resolved config
-    results.json           per stage: AP, AP50, AP_old, AP50_old, AP_new, AP50_new, per_class
-    stage_K/model_final.pth, stage_K/metrics.json, stage_K/log.txt, ...
+    results.json           per stage: AP, AP50, AP_old, AP50_old, AP_new, AP50_new, per_class,
+                           forgetting; written after every stage
+    stage_K/model_final.pth, metrics.json (event log), metrics_eval.json, detections.json
+    per_class_ap*.csv, *.png, report.md    at the end (ilmil/evaluation/run_outputs.py)
 
 A stage whose ``model_final.pth`` exists is not retrained on a re-run into the
 same folder, and one whose evaluation is saved is not re-evaluated.
@@ -17,27 +19,22 @@ import math
 import os
 import time
 
-import torch
 import yaml
 
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
-from ..config import METHOD_PRESETS
+from ..config import METHOD_PRESETS, uses_teacher
 from ..data import build_schedule, load_dataset_source, parse_stage_spec, register_stage_datasets
 from ..data.stages import Stage, StageSpecError
-from ..modeling import IncrementalRCNN, load_expanded
+from ..evaluation import evaluate_model, finalize_run
+from ..evaluation.run_outputs import write_json
+from ..modeling import IncrementalRCNN, load_checked_checkpoint, load_expanded
 from .trainer import IncrementalTrainer
 
 __all__ = ["IncrementalRun", "run_incremental", "resolve_class_order"]
 
 logger = logging.getLogger("ilmil")
-
-
-def uses_teacher(cfg):
-    """Whether any term of the config needs the previous stage's model as teacher."""
-    d = cfg.ILMIL.DISTILL
-    return cfg.ILMIL.PSEUDO_LABELS.ENABLED or d.FEAT.ENABLED or d.RPN.ENABLED or d.RCN.ENABLED
 
 
 def resolve_class_order(custom_order, dataset_classes):
@@ -53,32 +50,6 @@ def resolve_class_order(custom_order, dataset_classes):
     if len(set(custom_order)) != len(custom_order):
         raise StageSpecError("ILMIL.CLASS_ORDER lists a class twice")
     return tuple(custom_order)
-
-
-def _json_safe(value):
-    """NaN (AP of a class without test objects) becomes null: strict JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _write_json(path, data):
-    """Write atomically, so a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(data), f, indent=2, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 class IncrementalRun:
@@ -118,6 +89,8 @@ class IncrementalRun:
             raise StageSpecError(f"--start-stage {start_stage}: the schedule has stages 0..{len(self.schedule) - 1}")
         if start_stage > 0 and not teacher_weights:
             raise ValueError(f"--start-stage {start_stage} needs --teacher-weights: the model of stages 0..{start_stage - 1}")
+        if teacher_weights:  # refuse a wrong start model before any work
+            load_checked_checkpoint(teacher_weights, self.schedule[start_stage].old_classes)
         self.start_stage = start_stage
         self.teacher_weights = teacher_weights
         self.dataset_prefix = f"ilmil_{self.source.name}_{cfg.ILMIL.STAGES}_{self.method}"
@@ -157,7 +130,7 @@ class IncrementalRun:
                     "num_test_images": len(DatasetCatalog.get(test_name)),
                 }
             )
-        _write_json(os.path.join(self.output_dir, "stages.json"), {"method": self.method, "stages": stages})
+        write_json(os.path.join(self.output_dir, "stages.json"), {"method": self.method, "stages": stages})
         with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
             f.write(self.cfg.dump())
         return stages
@@ -169,16 +142,16 @@ class IncrementalRun:
         if previous_weights is None:
             trainer.resume_or_load(resume=False)
         else:
-            old = torch.load(previous_weights, map_location="cpu", weights_only=True)
+            old_state, _ = load_checked_checkpoint(previous_weights, stage.old_classes)
             model = getattr(trainer.model, "module", trainer.model)  # unwrap DistributedDataParallel
-            load_expanded(model, old.get("model", old), len(stage.old_classes))
+            load_expanded(model, old_state, len(stage.old_classes))
             if cfg.ILMIL.FREEZE_BN_STATS and isinstance(model, IncrementalRCNN):
                 model.freeze_bn_stats()
         trainer.train()
         return trainer.model
 
     def evaluate_stage(self, stage, model):
-        return IncrementalTrainer.evaluate(self.stage_cfg(stage), model)
+        return evaluate_model(self.stage_cfg(stage), model, output_dir=self.stage_dir(stage))
 
     def run(self):
         os.makedirs(self.output_dir, exist_ok=True)
@@ -213,7 +186,8 @@ class IncrementalRun:
                 model = self.train_stage(stage, previous_weights)
             train_time = time.perf_counter() - stage_start
             if os.path.isfile(metrics_path):
-                metrics = _read_json(metrics_path)
+                with open(metrics_path) as f:
+                    metrics = json.load(f)
             else:
                 if model is None:
                     model = self._load_stage_model(stage, final_weights)
@@ -222,18 +196,20 @@ class IncrementalRun:
                 metrics["eval_time_s"] = time.perf_counter() - eval_start
                 metrics["train_time_s"] = train_time
                 if comm.is_main_process():
-                    _write_json(metrics_path, metrics)
+                    write_json(metrics_path, metrics)
             previous_weights = final_weights
             if not comm.is_main_process():
                 continue
             entry = {"stage": stage.index, **info, **metrics}
             results["stages"].append(entry)
-            _write_json(results_path, results)
+            write_json(results_path, results)
             logger.info(
                 "Stage %d done: AP50_old %s, AP50_new %s, AP50 %s (stage %.0f s, elapsed %.0f s)",
                 stage.index, _fmt(entry["AP50_old"]), _fmt(entry["AP50_new"]), _fmt(entry["AP50"]),
                 time.perf_counter() - stage_start, time.perf_counter() - run_start,
             )
+        if comm.is_main_process():
+            results = finalize_run(self.output_dir)
         return results
 
     def _load_stage_model(self, stage, weights):

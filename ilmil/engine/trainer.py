@@ -1,8 +1,11 @@
 """The trainer of one incremental stage: detectron2's ``DefaultTrainer`` with our
 evaluator and checkpoints that record the classes they were trained on."""
+import json
+import os
+
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, hooks
-from detectron2.evaluation import inference_on_dataset
+from detectron2.utils import comm
 
 from ..evaluation import IncrementalEvaluator
 
@@ -26,6 +29,17 @@ class _ClassNames:
             )
 
 
+class _IterationTimesWriter(hooks.HookBase):
+    """Saves every iteration's step time (``iteration_times.json``): the event log
+    keeps only 20-iteration medians, benchmarks want the distribution."""
+
+    def after_train(self):
+        if comm.is_main_process() and "time" in self.trainer.storage.histories():
+            times = [t for t, _ in self.trainer.storage.history("time").values()]
+            with open(os.path.join(self.trainer.cfg.OUTPUT_DIR, "iteration_times.json"), "w") as f:
+                json.dump({"start_iter": self.trainer.start_iter, "seconds": times}, f)
+
+
 class IncrementalTrainer(DefaultTrainer):
     """Trains one stage. The stage runner evaluates after training, so the
     periodic evaluation hook is left out (it would evaluate the final model twice)."""
@@ -40,16 +54,5 @@ class IncrementalTrainer(DefaultTrainer):
         return IncrementalEvaluator(dataset_name)
 
     def build_hooks(self):
-        return [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
-
-    @classmethod
-    def evaluate(cls, cfg, model):
-        """Old/new/per-class AP of ``model`` on the stage's test set (``DATASETS.TEST[0]``).
-
-        Unlike ``DefaultTrainer.test`` the result keeps per-class dicts, which
-        detectron2's flat-metric printing cannot take.
-        """
-        dataset_name = cfg.DATASETS.TEST[0]
-        loader = cls.build_test_loader(cfg, dataset_name)
-        # Only the main process gets the gathered numbers; the others an empty dict.
-        return inference_on_dataset(model, loader, cls.build_evaluator(cfg, dataset_name)).get("bbox", {})
+        kept = [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
+        return kept + [_IterationTimesWriter()]

@@ -1,14 +1,29 @@
-"""Per-class COCO AP of a stage's test set, split into old and new classes.
+"""Per-class AP of a stage's test set, split into old and new classes.
 
-pycocotools' ``COCOeval`` computes the numbers (detectron2's ``COCOEvaluator``
-reports per-class AP but not per-class AP50, and its fast path needs the C++ ops).
-The ground truth is the stage's test records: every seen class, with VOC
-"difficult" and COCO crowd boxes as ignore regions.
+pycocotools' ``COCOeval`` computes COCO AP@[.5:.95] and AP50 (detectron2's
+``COCOEvaluator`` reports per-class AP but not per-class AP50, and its fast path
+needs the C++ ops); on VOC-format datasets (metadata ``is_voc``) ``voc_ap.py`` adds
+the VOC07 11-point and VOC2010+ area AP50. The ground truth is the stage's test
+records: every seen class, with VOC "difficult" and COCO crowd boxes as ignore regions.
+
+For the classes of a stage (``old`` = learned in earlier stages, ``new`` = this
+stage's), every metric M gets::
+
+    M_old = mean_{c in old} M_c      M_new = mean_{c in new} M_c      M = mean_{c in old + new} M_c
+
+skipping classes without test objects (M_c NaN). ``detections.json`` (written when
+the evaluator has an ``output_dir``) lists the stage's detections in COCO result
+format: ``image_id`` is the test record's ``image_id`` (the dataset's own id: the
+COCO image id, the VOC file id), ``category_id`` the class index in the stage's
+class order (``category_name`` names it), ``bbox`` [x, y, width, height] in pixels
+of the original image, and ``score``.
 """
 import contextlib
 import io
+import json
 import logging
 import math
+import os
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -19,6 +34,8 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
+
+from .voc_ap import voc_per_class_ap
 
 __all__ = ["IncrementalEvaluator", "coco_ground_truth", "per_class_coco_ap", "summarize_old_new"]
 
@@ -85,24 +102,29 @@ def _nanmean(values):
 
 
 def summarize_old_new(per_class, old_classes, new_classes):
-    """AP / AP50 over all seen, old and new classes, plus ``per_class`` by name."""
+    """Every per-class metric (AP, AP50, VOC ones) averaged over all seen, old and
+    new classes, plus ``per_class`` by name."""
+    metrics = list(next(iter(per_class.values()))) if per_class else []
     summary = {}
     for suffix, names in (("", old_classes + new_classes), ("_old", old_classes), ("_new", new_classes)):
-        for metric in ("AP", "AP50"):
+        for metric in metrics:
             summary[metric + suffix] = _nanmean([per_class[n][metric] for n in names])
     summary["per_class"] = {n: per_class[n] for n in old_classes + new_classes}
     return summary
 
 
 class IncrementalEvaluator(DatasetEvaluator):
-    """Evaluates a model on a registered stage test set (see ``register_stage_datasets``)."""
+    """Evaluates a model on a registered stage test set (see ``register_stage_datasets``);
+    with ``output_dir``, also saves the detections there (``detections.json``)."""
 
-    def __init__(self, dataset_name):
+    def __init__(self, dataset_name, output_dir=None):
         self._dataset_name = dataset_name
+        self._output_dir = output_dir
         meta = MetadataCatalog.get(dataset_name)
         self._class_names = list(meta.thing_classes)
         self._old = list(meta.old_classes)
         self._new = list(meta.new_classes)
+        self._is_voc = bool(meta.get("is_voc", False))
         self._records = DatasetCatalog.get(dataset_name)
         self._index_of = {r["image_id"]: i for i, r in enumerate(self._records)}
         self._detections = []
@@ -125,6 +147,11 @@ class IncrementalEvaluator(DatasetEvaluator):
         per_class = {
             name: {"AP": per_index[i][0], "AP50": per_index[i][1]} for i, name in enumerate(self._class_names)
         }
+        if self._is_voc:
+            for i, voc in voc_per_class_ap(self._records, detections, len(self._class_names)).items():
+                per_class[self._class_names[i]].update(voc)
+        if self._output_dir:
+            self._save_detections(detections)
         summary = summarize_old_new(per_class, self._old, self._new)
         summary["num_detections"] = len(detections)
         summary["num_images"] = len(self._records)
@@ -133,3 +160,14 @@ class IncrementalEvaluator(DatasetEvaluator):
             self._dataset_name, summary["AP50"], summary["AP50_old"], summary["AP50_new"], summary["AP"],
         )
         return {"bbox": summary}
+
+    def _save_detections(self, detections):
+        # image_id: the record's own id (it indexed the records for pycocotools)
+        saved = [
+            dict(det, image_id=self._records[det["image_id"]]["image_id"],
+                 category_name=self._class_names[det["category_id"]])
+            for det in detections
+        ]
+        os.makedirs(self._output_dir, exist_ok=True)
+        with open(os.path.join(self._output_dir, "detections.json"), "w") as f:
+            json.dump(saved, f)

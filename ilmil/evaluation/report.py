@@ -1,7 +1,12 @@
-"""Human-readable summaries of a run's results."""
+"""Human-readable summaries of a run's results: the per-stage table printed at the
+end of a run, and ``report.md`` (schedule, AP tables, forgetting, time, plots)."""
+import os
+
 from tabulate import tabulate
 
-__all__ = ["format_results_table"]
+from .forgetting import per_class_metrics
+
+__all__ = ["format_report", "format_results_table"]
 
 
 def _cell(value):
@@ -22,3 +27,98 @@ def format_results_table(results):
     headers = ["stage", "classes", "AP50_old", "AP50_new", "AP50", "AP_old", "AP_new", "AP"]
     title = f"{results['method']} on {results['dataset']} {results['stages_spec']}"
     return title + "\n" + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def _markdown_table(headers, rows):
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def _ratio(value):
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _seconds(value):
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def _schedule_section(results):
+    rows = [
+        [
+            e["stage"],
+            len(e["old_classes"]),
+            f"{len(e['new_classes'])}: {', '.join(e['new_classes'])}",
+            e.get("num_train_images", "-"),
+            e.get("num_test_images", e.get("num_images", "-")),
+        ]
+        for e in results["stages"]
+    ]
+    return _markdown_table(["stage", "old classes", "new classes", "train images", "test images"], rows)
+
+
+def _ap_section(results, metrics):
+    headers = ["stage", "classes"] + [m + suffix for m in metrics for suffix in ("_old", "_new", "")]
+    rows = [
+        [e["stage"], f"{len(e['old_classes'])}+{len(e['new_classes'])}"]
+        + [_cell(e.get(m + suffix)) for m in metrics for suffix in ("_old", "_new", "")]
+        for e in results["stages"]
+    ]
+    return _markdown_table(headers, rows)
+
+
+def _forgetting_section(results, metrics):
+    headers = ["stage"] + [f"{kind} {m}" for m in metrics for kind in ("forgetting", "retention")]
+    formats = (("forgetting", _cell), ("retention", _ratio))
+    rows = [[e["stage"]] + [f(e.get(f"{kind}_{m}")) for m in metrics for kind, f in formats] for e in results["stages"]]
+    summary = results.get("summary", {})
+    lines = [_markdown_table(headers, rows), ""]
+    for m in metrics:
+        lines.append(
+            f"- {m}: average incremental {_cell(summary.get(f'average_incremental_{m}'))}, "
+            f"final {_cell(summary.get(f'final_{m}'))} (old {_cell(summary.get(f'final_{m}_old'))}, "
+            f"new {_cell(summary.get(f'final_{m}_new'))}), "
+            f"final forgetting {_cell(summary.get(f'final_forgetting_{m}'))}, "
+            f"final retention {_ratio(summary.get(f'final_retention_{m}'))}"
+        )
+    return "\n".join(lines)
+
+
+def _time_section(results):
+    keys = ("train_time_s", "eval_time_s")
+    rows = [[e["stage"]] + [_seconds(e.get(key)) for key in keys] for e in results["stages"]]
+    totals = [sum(e[key] for e in results["stages"] if e.get(key) is not None) for key in keys]
+    rows.append(["total"] + [_seconds(t) for t in totals])
+    return _markdown_table(["stage", "training (s)", "evaluation (s)"], rows)
+
+
+def format_report(results, output_dir, plot_paths=(), data_files=()):
+    """``report.md`` of a run whose results carry the forgetting keys (``add_forgetting``).
+
+    ``plot_paths`` and ``data_files`` are embedded / listed relative to ``output_dir``.
+    """
+    metrics = sorted(per_class_metrics(results), key=lambda m: m != "AP50")  # the primary metric first
+    parts = [
+        f"# {results['method']} on {results['dataset']} {results['stages_spec']}",
+        f"{len(results['stages'])} stage(s), seed {results.get('seed', '-')}. AP values in %, "
+        "AP = COCO AP@[.5:.95]; _old / _new = mean over the classes of earlier stages / of the stage.",
+        "## Schedule",
+        _schedule_section(results),
+        "## AP after each stage",
+        _ap_section(results, metrics),
+        "## Forgetting",
+        "Forgetting of a class: its best AP at an earlier stage minus its AP now (points), averaged over the "
+        "old classes. Retention: AP of the old classes now / their AP at the previous stage (the teacher).",
+        _forgetting_section(results, metrics),
+        "## Time per stage",
+        _time_section(results),
+    ]
+    if plot_paths:
+        parts.append("## Plots")
+        for path in plot_paths:
+            name = os.path.splitext(os.path.basename(path))[0].replace("_", " ")
+            parts.append(f"![{name}]({os.path.relpath(path, output_dir)})")
+    if data_files:
+        parts.append("## Files")
+        parts.append("\n".join(f"- `{os.path.relpath(p, output_dir)}`" for p in data_files))
+    return "\n\n".join(parts) + "\n"

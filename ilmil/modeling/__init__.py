@@ -10,7 +10,13 @@ from .distillation import (
     old_class_logits,
 )
 from .expansion import expand_predictor_state_dict, load_expanded
-from .incremental_rcnn import IncrementalRCNN, TeacherMismatchError, build_teacher, checkpoint_class_names
+from .incremental_rcnn import (
+    IncrementalRCNN,
+    TeacherMismatchError,
+    build_teacher,
+    checkpoint_class_names,
+    load_checked_checkpoint,
+)
 from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 
 __all__ = [
@@ -27,6 +33,7 @@ __all__ = [
     "checkpoint_class_names",
     "drop_boxes_on_new_gt",
     "expand_predictor_state_dict",
+    "load_checked_checkpoint",
     "load_expanded",
     "old_class_logits",
     "teacher_detections",

@@ -183,6 +183,8 @@ class RCNDistillation(nn.Module):
         return {"logits": rcn.LOGITS, "temperature": rcn.TEMPERATURE}
 
     def forward(self, student_scores, student_deltas, teacher_scores, teacher_deltas):
+        if len(teacher_scores) == 0:  # the teacher kept no proposal in this batch
+            return (student_scores.sum() + student_deltas.sum()) * 0.0
         num_old = teacher_scores.shape[1] - 1
         z_s = old_class_logits(student_scores, num_old)
         z_t = teacher_scores.detach()

@@ -24,10 +24,17 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_model
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
+from ..config import uses_teacher
 from .distillation import build_distill_loss
 from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 
-__all__ = ["IncrementalRCNN", "TeacherMismatchError", "build_teacher", "checkpoint_class_names"]
+__all__ = [
+    "IncrementalRCNN",
+    "TeacherMismatchError",
+    "build_teacher",
+    "checkpoint_class_names",
+    "load_checked_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +71,9 @@ def checkpoint_class_names(checkpoint):
     return checkpoint.get("ilmil", {}).get("class_names")
 
 
-def build_teacher(cfg, weights, expected_classes=None):
-    """The frozen teacher: a ``GeneralizedRCNN`` with ``weights``' class count.
-
-    Refuses a checkpoint whose class count (or recorded class names) differs
-    from ``expected_classes``, naming both.
-    """
+def load_checked_checkpoint(weights, expected_classes=None):
+    """The state dict and class count of a detector checkpoint, refused (naming
+    both) when its class count or recorded class names differ from ``expected_classes``."""
     checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     state = checkpoint.get("model", checkpoint)
     num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
@@ -78,10 +82,20 @@ def build_teacher(cfg, weights, expected_classes=None):
         if num_classes != len(expected_classes) or (names is not None and list(names) != list(expected_classes)):
             found = list(names) if names is not None else f"{num_classes} unnamed classes"
             raise TeacherMismatchError(
-                f"teacher checkpoint {weights} holds {found}, but the schedule expects the "
+                f"checkpoint {weights} holds {found}, but the schedule expects the "
                 f"{len(expected_classes)} old classes {list(expected_classes)}: give the checkpoint "
                 "of the previous stage, or fix --stages / --class-order"
             )
+    return state, num_classes
+
+
+def build_teacher(cfg, weights, expected_classes=None):
+    """The frozen teacher: a ``GeneralizedRCNN`` with ``weights``' class count.
+
+    Refuses a checkpoint whose class count (or recorded class names) differs
+    from ``expected_classes``, naming both.
+    """
+    _, num_classes = load_checked_checkpoint(weights, expected_classes)
     teacher_cfg = cfg.clone()
     teacher_cfg.defrost()
     teacher_cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
@@ -138,7 +152,7 @@ class IncrementalRCNN(GeneralizedRCNN):
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ilmil = cfg.ILMIL
-        if not ilmil.TEACHER.WEIGHTS:
+        if not ilmil.TEACHER.WEIGHTS or not uses_teacher(cfg):
             return ret
         expected = None
         if cfg.DATASETS.TRAIN:

@@ -6,6 +6,8 @@ background they are forgotten fastest. The teacher's detections with score >=
 except where they overlap a new-class GT box at IoU >= 0.7 (the box is then
 already labelled, with a new class).
 """
+import math
+
 import torch
 
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
@@ -19,7 +21,9 @@ def teacher_detections(box_predictor, predictions, proposals, score_thresh, nms_
     boxes = box_predictor.predict_boxes(predictions, proposals)
     scores = box_predictor.predict_probs(predictions, proposals)
     image_shapes = [p.image_size for p in proposals]
-    detections, _ = fast_rcnn_inference(boxes, scores, image_shapes, score_thresh, nms_thresh, max_per_image)
+    # fast_rcnn_inference keeps scores strictly above its threshold; the rule is ">=".
+    inclusive = torch.nextafter(torch.tensor(float(score_thresh)), torch.tensor(-math.inf)).item()
+    detections, _ = fast_rcnn_inference(boxes, scores, image_shapes, inclusive, nms_thresh, max_per_image)
     return detections
 
 

@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""Benchmark suites: accuracy of the incremental methods, and speed / memory.
+
+    python benchmarks/run.py --suite accuracy [--quick] [--seeds 0 1]
+    python benchmarks/run.py --suite speed [--quick]
+
+Each run is a real ``tools/train_incremental.py`` process under
+``benchmarks/runs/SUITE/`` (resumable: a finished run is reused, a stage whose
+model exists is not retrained). Every teacher method of a spec starts from the
+same stage-0 model as ``finetune`` (stage 0 has no teacher, so its training is
+the same; it is trained once and copied). Records go to
+``benchmarks/results/SUITE.json`` and a table is appended to ``BENCHMARKS.md``.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
+from ilmil.data import generate_shapes_dataset, parse_stage_spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "tools", "train_incremental.py")
+
+# The CPU protocol: shapes at 256 px, R18-FPN, batch 4, a fixed budget per stage.
+ACCURACY = {
+    "full": {"specs": ["10+10", "15+5", "19+1", "10+5+5"], "iters": 1000, "num_train": 2000, "num_test": 500},
+    "quick": {"specs": ["10+10"], "iters": 120, "num_train": 400, "num_test": 100},
+}
+METHODS = ["finetune", "faster-ilod", "ilmil", "joint"]
+BATCH = 4
+SPEED = {"full": {"iters": 80, "warmup": 20}, "quick": {"iters": 30, "warmup": 10}}
+
+
+def log(message):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def machine():
+    cpu = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    import detectron2
+    import torch
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "detectron2": detectron2.__version__,
+    }
+
+
+def run_training(out_dir, spec, method, seed, iters, data, extra=()):
+    """One tools/train_incremental.py process; returns its wall time and peak RSS (MiB)."""
+    cmd = [
+        sys.executable, TRAIN, "--stages", spec, "--method", method, "--seed", str(seed), "--output-dir", out_dir,
+        "ILMIL.SHAPES.NUM_TRAIN", str(data["num_train"]), "ILMIL.SHAPES.NUM_TEST", str(data["num_test"]),
+        "SOLVER.IMS_PER_BATCH", str(BATCH), "SOLVER.MAX_ITER", str(iters),
+        "SOLVER.STEPS", f"({int(iters * 0.8)},)", "SOLVER.WARMUP_ITERS", str(min(100, iters // 5)),
+        *extra,
+    ]
+    os.makedirs(out_dir, exist_ok=True)
+    start = time.perf_counter()
+    with open(os.path.join(out_dir, "bench_stdout.log"), "a") as logfile:
+        proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"run failed: {' '.join(cmd)}\n  see {out_dir}/bench_stdout.log")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024, " ".join(cmd[1:])
+
+
+def step_times(stage_dir):
+    with open(os.path.join(stage_dir, "iteration_times.json")) as f:
+        return json.load(f)["seconds"]
+
+
+def finished(out_dir, num_stages):
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    return results if len(results["stages"]) == num_stages else None
+
+
+def seed_stage0(base_dir, out_dir):
+    """Copy the shared stage-0 model and evaluation of ``base_dir`` into ``out_dir``."""
+    src, dst = os.path.join(base_dir, "stage_0"), os.path.join(out_dir, "stage_0")
+    if not os.path.exists(os.path.join(dst, "model_final.pth")):
+        os.makedirs(dst, exist_ok=True)
+        for name in ("model_final.pth", "metrics_eval.json", "iteration_times.json"):
+            if os.path.exists(os.path.join(src, name)):
+                shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+def accuracy_suite(setting, seeds, runs_dir, extra):
+    records = []
+    base_runs = {}  # (first stage size, seed) -> finetune run folder with that stage 0
+    plan = [(spec, method, seed) for seed in seeds for spec in setting["specs"] for method in METHODS]
+    for index, (spec, method, seed) in enumerate(plan, 1):
+        out_dir = os.path.join(runs_dir, f"{spec}_{method}_seed{seed}")
+        num_stages = 1 if method == "joint" else len(parse_stage_spec(spec))
+        results = finished(out_dir, num_stages)
+        first = (spec.split("+")[0], seed)
+        wall = rss = command = None
+        if results is None:
+            if method not in ("finetune", "joint") and first in base_runs:
+                seed_stage0(base_runs[first], out_dir)
+            log(f"[{index}/{len(plan)}] {spec} {method} seed {seed}: training")
+            wall, rss, command = run_training(out_dir, spec, method, seed, setting["iters"], setting, extra)
+            results = finished(out_dir, num_stages)
+        else:
+            log(f"[{index}/{len(plan)}] {spec} {method} seed {seed}: reusing {out_dir}")
+        if method == "finetune":
+            base_runs.setdefault(first, out_dir)
+        last = results["stages"][-1]
+        times = step_times(os.path.join(out_dir, f"stage_{last['stage']}"))
+        records.append(
+            {
+                "suite": "accuracy",
+                "spec": spec,
+                "method": method,
+                "seed": seed,
+                "iterations_per_stage": setting["iters"] * (len(parse_stage_spec(spec)) if method == "joint" else 1),
+                "last_stage": {k: v for k, v in last.items() if k not in ("per_class", "forgetting_per_class")},
+                "summary": results.get("summary", {}),
+                "step_time_s": statistics.median(times) if times else None,
+                "peak_rss_mib": rss,
+                "wall_s": wall,
+                "command": command,
+            }
+        )
+    return records
+
+
+def _fmt(value, digits=1):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _mean_spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {(max(values) - min(values)) / 2:.1f}"
+
+
+def accuracy_table(records):
+    by_key = {}
+    for r in records:
+        by_key.setdefault((r["spec"], r["method"]), []).append(r)
+    lines = [
+        "| spec | method | AP50_old | AP50_new | AP50_all | AP_all | forgetting AP50 | AP50_all / joint |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (spec, method), runs in by_key.items():
+        joint = {r["seed"]: r["last_stage"]["AP50"] for r in by_key.get((spec, "joint"), [])}
+        ratios = [r["last_stage"]["AP50"] / joint[r["seed"]] for r in runs if joint.get(r["seed"])]
+        cells = [
+            _mean_spread([r["last_stage"].get(k) for r in runs]) for k in ("AP50_old", "AP50_new", "AP50", "AP")
+        ]
+        forgetting = _mean_spread([r["last_stage"].get("forgetting_AP50") for r in runs])
+        ratio = _mean_spread([100 * x for x in ratios])
+        lines.append(f"| {spec} | {method} | {' | '.join(cells)} | {forgetting} | {ratio} % |")
+    return "\n".join(lines)
+
+
+def speed_suite(variant, runs_dir, data, extra):
+    """Step time, peak memory of finetune vs ilmil on stage 1 of shapes 10+10, from
+    one shared stage-0 model; inference and evaluation speed; generation speed."""
+    setting = SPEED[variant]
+    base = os.path.join(runs_dir, "stage0")
+    if finished(base, 1) is None:
+        log("speed: training a short stage-0 model to start stage 1 from")
+        run_training(base, "10", "finetune", 0, 100, data, extra)
+    teacher = os.path.join(base, "stage_0", "model_final.pth")
+    measured = {}
+    for method in ("finetune", "ilmil"):
+        out_dir = os.path.join(runs_dir, method)
+        shutil.rmtree(out_dir, ignore_errors=True)  # timings are always fresh
+        log(f"speed: {method}, {setting['iters']} iterations of stage 1")
+        wall, rss, command = run_training(
+            out_dir, "10+10", method, 0, setting["iters"], data,
+            extra=["--start-stage", "1", "--teacher-weights", teacher, *extra],
+        )
+        times = step_times(os.path.join(out_dir, "stage_1"))[setting["warmup"]:]
+        with open(os.path.join(out_dir, "stage_1", "metrics_eval.json")) as f:
+            evaluation = json.load(f)
+        measured[method] = {
+            "step_time_median_s": statistics.median(times),
+            "steps_timed": len(times),
+            "peak_rss_mib": rss,
+            "eval_s_per_100_images": 100 * evaluation["eval_time_s"] / evaluation["num_images"],
+            "command": command,
+        }
+    count = 200 if variant == "quick" else 500
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        generate_shapes_dataset(tmp, num_train=count, num_test=0, seed=123, progress=False)
+        generation = count / (time.perf_counter() - start)
+    f, i = measured["finetune"], measured["ilmil"]
+    return [
+        {
+            "suite": "speed",
+            "variant": variant,
+            "finetune": f,
+            "ilmil": i,
+            "step_time_ratio": i["step_time_median_s"] / f["step_time_median_s"],
+            "peak_memory_ratio": i["peak_rss_mib"] / f["peak_rss_mib"],
+            "inference_images_per_s": 100 / i["eval_s_per_100_images"],
+            "shapes_generation_images_per_s": generation,
+        }
+    ]
+
+
+def speed_table(record):
+    f, i = record["finetune"], record["ilmil"]
+    return "\n".join(
+        [
+            "| measure | finetune | ilmil | ratio |",
+            "|---|---|---|---|",
+            f"| training step, median over {i['steps_timed']} it (s) | {f['step_time_median_s']:.3f} | "
+            f"{i['step_time_median_s']:.3f} | {record['step_time_ratio']:.2f} |",
+            f"| peak resident memory (MiB) | {f['peak_rss_mib']:.0f} | {i['peak_rss_mib']:.0f} | "
+            f"{record['peak_memory_ratio']:.2f} |",
+            f"| evaluation time per 100 images (s) | {f['eval_s_per_100_images']:.1f} | "
+            f"{i['eval_s_per_100_images']:.1f} | |",
+            f"| inference + evaluation (images/s) | | {record['inference_images_per_s']:.1f} | |",
+            f"| shapes generation (images/s) | | {record['shapes_generation_images_per_s']:.0f} | |",
+        ]
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["accuracy", "speed"], required=True)
+    parser.add_argument("--quick", action="store_true", help="the < 10 minute variant")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--runs-dir", default=os.path.join(ROOT, "benchmarks", "runs"))
+    parser.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--markdown", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    parser.add_argument("--specs", nargs="+", help="override the suite's stage specs")
+    parser.add_argument("--iters", type=int, help="override the iterations per stage")
+    parser.add_argument("--num-train", type=int, help="override the shapes train images")
+    parser.add_argument("--num-test", type=int, help="override the shapes test images")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every run")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("ILMIL_DATASETS", os.path.join(ROOT, "datasets"))
+    variant = "quick" if args.quick else "full"
+    suite_name = f"{args.suite}_{variant}"
+    runs_dir = os.path.join(args.runs_dir, suite_name)
+    start = time.perf_counter()
+    setting = dict(ACCURACY[variant])
+    for key in ("specs", "iters", "num_train", "num_test"):
+        if getattr(args, key) is not None:
+            setting[key] = getattr(args, key)
+    if args.suite == "accuracy":
+        records = accuracy_suite(setting, args.seeds, runs_dir, args.opts)
+        table = accuracy_table(records)
+        protocol = (
+            f"shapes ({setting['num_train']} train / {setting['num_test']} test, 256 px), "
+            f"configs/shapes/faster_rcnn_R18_FPN_cpu.yaml, batch {BATCH}, {setting['iters']} iterations per stage "
+            f"(joint: the sum), seeds {' '.join(map(str, args.seeds))}"
+        )
+    else:
+        records = speed_suite(variant, runs_dir, setting, args.opts)
+        table = speed_table(records[0])
+        protocol = f"stage 1 of shapes 10+10, batch {BATCH}, {SPEED[variant]['iters']} iterations"
+    os.makedirs(args.results_dir, exist_ok=True)
+    env = machine()
+    with open(os.path.join(args.results_dir, f"{suite_name}.json"), "w") as f:
+        json.dump({"machine": env, "records": records}, f, indent=2)
+    command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    section = (
+        f"\n## {suite_name} — {time.strftime('%Y-%m-%d %H:%M')}\n\n"
+        f"- machine: {env['cpu']}, {env['cores']} cores; Python {env['python']}, torch {env['torch']}, "
+        f"detectron2 {env['detectron2']}\n- command: `{command}`\n- protocol: {protocol}\n"
+        f"- suite wall time: {(time.perf_counter() - start) / 60:.1f} min\n\n{table}\n"
+    )
+    with open(args.markdown, "a") as f:
+        f.write(section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Running models over stage test sets: the stage runner's evaluation after each
+stage, and re-evaluation of a finished run or of one checkpoint (tools/eval_incremental.py).
+
+Both go through :func:`evaluate_model` (detectron2's test loader and
+``inference_on_dataset`` with :class:`IncrementalEvaluator`), so a re-evaluation of
+a run's saved models reproduces the numbers of its results.json.
+
+Re-evaluating a run rebuilds each stage from the run folder: the config from
+``config.yaml``, the stage's classes from ``stages.json``, its weights from
+``stage_K/model_final.pth``, and its test set (all test images, ground truth of
+the classes seen so far) from the dataset the config names.
+"""
+import json
+import logging
+import os
+import time
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import build_detection_test_loader
+from detectron2.evaluation import inference_on_dataset
+from detectron2.modeling import build_model
+
+from ..config import get_ilmil_cfg
+from ..data import load_dataset_source, register_stage_datasets
+from ..data.stages import Stage
+from ..modeling import checkpoint_class_names
+from .forgetting import add_forgetting
+from .incremental_evaluator import IncrementalEvaluator
+from .run_outputs import write_run_outputs
+
+__all__ = ["CheckpointClassesError", "evaluate_checkpoint", "evaluate_model", "evaluate_run"]
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointClassesError(ValueError):
+    """A checkpoint whose classes differ from the ones it is evaluated on."""
+
+
+def evaluate_model(cfg, model, output_dir=None, progress=False):
+    """Old/new/per-class AP of ``model`` on ``cfg.DATASETS.TEST[0]`` (a registered stage test set).
+
+    With ``output_dir`` the detections are saved there (``detections.json``); with
+    ``progress`` a tqdm bar counts the images. Only the main process gets the
+    numbers, the others an empty dict.
+    """
+    dataset_name = cfg.DATASETS.TEST[0]
+    loader = build_detection_test_loader(cfg, dataset_name)
+    if progress:
+        loader = tqdm(loader, desc=f"evaluating {dataset_name}", unit="image", dynamic_ncols=True)
+    return inference_on_dataset(model, loader, IncrementalEvaluator(dataset_name, output_dir)).get("bbox", {})
+
+
+def _checkpoint(weights):
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"checkpoint not found: {weights}")
+    return torch.load(weights, map_location="cpu", weights_only=True)
+
+
+def _num_classes(checkpoint):
+    state = checkpoint.get("model", checkpoint)
+    return state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
+
+
+def _load_model(cfg, weights, class_names):
+    """The detector of ``cfg`` with ``weights``, refusing a checkpoint of other classes
+    (detectron2 would only warn and leave the mismatched head random)."""
+    checkpoint = _checkpoint(weights)
+    recorded = checkpoint_class_names(checkpoint)
+    if _num_classes(checkpoint) != len(class_names) or (recorded is not None and list(recorded) != list(class_names)):
+        found = list(recorded) if recorded is not None else f"{_num_classes(checkpoint)} unnamed classes"
+        raise CheckpointClassesError(
+            f"checkpoint {weights} holds {found}, but it is evaluated on the {len(class_names)} classes "
+            f"{list(class_names)}: fix --classes (order matters) or give the matching checkpoint"
+        )
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(weights)
+    return model
+
+
+def _evaluate_stage(cfg, source, stage, weights, output_dir, progress):
+    """Metrics of one stage's model on its test set (``register_stage_datasets``)."""
+    _, test_name = register_stage_datasets(f"ilmil_eval_{source.name}", source, stage)
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(stage.seen_classes)
+    cfg.DATASETS.TEST = (test_name,)
+    cfg.MODEL.WEIGHTS = ""  # loaded by _load_model, after its class check
+    cfg.ILMIL.TEACHER.WEIGHTS = ""  # evaluation needs no teacher
+    cfg.freeze()
+    model = _load_model(cfg, weights, stage.seen_classes)
+    start = time.perf_counter()
+    metrics = evaluate_model(cfg, model, output_dir, progress)
+    metrics["eval_time_s"] = time.perf_counter() - start
+    return metrics
+
+
+def _results(cfg, entries, **extra):
+    """A results.json dict, with the keys the stage runner writes."""
+    return {
+        "dataset": cfg.ILMIL.DATASET,
+        "stages_spec": cfg.ILMIL.STAGES,
+        "method": cfg.ILMIL.METHOD,
+        "seed": cfg.SEED,
+        "config": yaml.safe_load(cfg.dump()),
+        **extra,
+        "stages": entries,
+    }
+
+
+def _finish(results, output_dir):
+    """Forgetting keys added; with ``output_dir``, all run outputs written there."""
+    if output_dir:
+        return write_run_outputs(results, output_dir)
+    return add_forgetting(results)
+
+
+def _stage_output_dir(output_dir, index):
+    return os.path.join(output_dir, f"stage_{index}") if output_dir else None
+
+
+def evaluate_run(run_dir, output_dir=None, stages=None, opts=(), progress=True):
+    """Re-evaluate the saved stage models of the run folder ``run_dir``.
+
+    Args:
+        output_dir: where to write results.json, per-stage detections, CSVs, plots
+            and report.md (as a run folder has them); None writes nothing.
+        stages: stage indices to evaluate; default every stage with a ``model_final.pth``.
+        opts: ``KEY VALUE`` config overrides (e.g. ``MODEL.DEVICE cuda``).
+
+    Returns the results dict (results.json format, with forgetting keys).
+    """
+    cfg = get_ilmil_cfg(os.path.join(run_dir, "config.yaml"), opts)
+    with open(os.path.join(run_dir, "stages.json")) as f:
+        schedule = json.load(f)["stages"]
+    weights = {info["index"]: os.path.join(run_dir, f"stage_{info['index']}", "model_final.pth") for info in schedule}
+    if stages is None:
+        stages = [k for k in weights if os.path.isfile(weights[k])]
+        if not stages:
+            raise FileNotFoundError(f"no stage of {run_dir} has a model_final.pth yet")
+    unknown = [k for k in stages if k not in weights]
+    if unknown:
+        raise ValueError(f"{run_dir} has stages {sorted(weights)}, not {unknown}")
+    source = load_dataset_source(cfg)
+    entries = []
+    for info in schedule:
+        if info["index"] not in stages:
+            continue
+        stage = Stage(info["index"], tuple(info["old_classes"]), tuple(info["new_classes"]))
+        metrics = _evaluate_stage(cfg, source, stage, weights[stage.index],
+                                  _stage_output_dir(output_dir, stage.index), progress)
+        entries.append({"stage": stage.index, **info, **metrics})
+    return _finish(_results(cfg, entries, evaluated_run=os.path.abspath(run_dir)), output_dir)
+
+
+def evaluate_checkpoint(cfg, weights, classes=None, num_old=0, output_dir=None, progress=True):
+    """Evaluate one checkpoint on the test set of ``cfg``'s dataset, ground truth of ``classes``.
+
+    Args:
+        classes: class names in the model's logit order; default the names the
+            checkpoint records (ilmil checkpoints do).
+        num_old: the first ``num_old`` classes count as old (AP_old), the rest as new.
+        output_dir: as for :func:`evaluate_run` (its ``stage_0/`` gets the detections).
+    """
+    if classes is None:
+        classes = checkpoint_class_names(_checkpoint(weights))
+        if classes is None:
+            raise CheckpointClassesError(f"{weights} does not record its classes: give them (--classes a,b,c)")
+    source = load_dataset_source(cfg)
+    unknown = [c for c in classes if c not in source.class_names]
+    if unknown:
+        raise ValueError(f"classes not in {source.name}: {', '.join(unknown)}; it has: {', '.join(source.class_names)}")
+    if not 0 <= num_old <= len(classes):
+        raise ValueError(f"--num-old {num_old}: there are {len(classes)} classes")
+    stage = Stage(0, tuple(classes[:num_old]), tuple(classes[num_old:]))
+    metrics = _evaluate_stage(cfg, source, stage, weights, _stage_output_dir(output_dir, 0), progress)
+    info = {"index": 0, "old_classes": list(stage.old_classes), "new_classes": list(stage.new_classes),
+            "num_test_images": len(source.test)}
+    results = _results(cfg, [{"stage": 0, **info, **metrics}], weights=os.path.abspath(weights))
+    results["stages_spec"] = f"{num_old}+{len(classes) - num_old}" if num_old else str(len(classes))
+    return _finish(results, output_dir)

@@ -1,0 +1,101 @@
+"""The files of a finished run beyond its per-stage results: written from results.json.
+
+``finalize_run(OUT)`` (called by the stage runner at the end of every run, and by
+``tools/eval_incremental.py``) adds to ``OUT``::
+
+    results.json                forgetting keys per stage and a run-level "summary" (forgetting.py)
+    per_class_ap.csv            per-class AP50: rows = classes in class order, columns = stages,
+                                empty before a class is learned (or when it has no test objects)
+    per_class_ap_50_95.csv      the same for COCO AP@[.5:.95]
+    per_class_voc07_ap50.csv, per_class_voc_area_ap50.csv   the same for VOC AP50 (VOC datasets)
+    forgetting_curve.png, per_class_heatmap.png, per_class_first_vs_final.png   (ilmil.visualization)
+    report.md                   schedule, AP tables, forgetting, time per stage, the plots
+
+Each stage's detections are in ``OUT/stage_K/detections.json`` (see incremental_evaluator.py).
+"""
+import csv
+import json
+import math
+import os
+
+from ..visualization import plot_runs
+from .forgetting import add_forgetting, per_class_metrics
+from .report import format_report
+
+__all__ = ["PER_CLASS_CSV", "finalize_run", "read_results", "write_json", "write_per_class_csv", "write_run_outputs"]
+
+# The per-class CSV of each metric; AP50 (the primary metric) gets the plain name.
+PER_CLASS_CSV = {
+    "AP50": "per_class_ap.csv",
+    "AP": "per_class_ap_50_95.csv",
+    "VOC07_AP50": "per_class_voc07_ap50.csv",
+    "VOC_AREA_AP50": "per_class_voc_area_ap50.csv",
+}
+
+
+def _json_safe(value):
+    """NaN (AP of a class without test objects) becomes null: strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path, data):
+    """Write atomically (a crash never leaves a half-written results.json), NaN as null."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_json_safe(data), f, indent=2, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_results(run_dir):
+    with open(os.path.join(run_dir, "results.json")) as f:
+        return json.load(f)
+
+
+def write_per_class_csv(results, path, metric="AP50"):
+    """Per-class ``metric``: a row per class (class order), a column per stage."""
+    classes = list(dict.fromkeys(c for e in results["stages"] for c in e["old_classes"] + e["new_classes"]))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class"] + [f"stage_{e['stage']}" for e in results["stages"]])
+        for name in classes:
+            cells = []
+            for entry in results["stages"]:
+                value = entry["per_class"].get(name, {}).get(metric)
+                cells.append("" if value is None or math.isnan(value) else f"{value:.4f}")
+            writer.writerow([name] + cells)
+    return path
+
+
+def write_run_outputs(results, output_dir):
+    """Forgetting keys into ``results``, then results.json, the CSVs, the plots and report.md
+    in ``output_dir``; returns the extended results."""
+    results = add_forgetting(results)
+    write_json(os.path.join(output_dir, "results.json"), results)
+    metrics = per_class_metrics(results)
+    data_files = [
+        write_per_class_csv(results, os.path.join(output_dir, name), metric)
+        for metric, name in PER_CLASS_CSV.items()
+        if metric in metrics
+    ]
+    data_files += [
+        path
+        for path in (os.path.join(output_dir, f"stage_{e['stage']}", "detections.json") for e in results["stages"])
+        if os.path.isfile(path)
+    ]
+    plots = plot_runs([results], output_dir) if results["stages"] else []
+    with open(os.path.join(output_dir, "report.md"), "w") as f:
+        f.write(format_report(results, output_dir, plots, data_files))
+    return results
+
+
+def finalize_run(output_dir):
+    """Complete the run folder ``output_dir`` from its results.json (see the module docstring)."""
+    return write_run_outputs(read_results(output_dir), output_dir)

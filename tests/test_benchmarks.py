@@ -1,0 +1,47 @@
+"""The benchmark harness runs a tiny accuracy suite end to end and writes parseable results."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO_ROOT, TINY_SHAPES
+
+TINY_OPTS = [
+    "ILMIL.SHAPES.NUM_CLASSES", str(TINY_SHAPES["num_classes"]),
+    "ILMIL.SHAPES.IMAGE_SIZE", str(TINY_SHAPES["image_size"]),
+    "ILMIL.SHAPES.SEED", str(TINY_SHAPES["seed"]),
+    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
+    "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+
+
+def test_accuracy_harness_writes_records_and_a_markdown_table(tiny_datasets_root, tmp_path):
+    markdown = tmp_path / "BENCHMARKS.md"
+    cmd = [
+        sys.executable, os.path.join(REPO_ROOT, "benchmarks", "run.py"), "--suite", "accuracy", "--quick",
+        "--specs", "2+2", "--iters", "4",
+        "--num-train", str(TINY_SHAPES["num_train"]), "--num-test", str(TINY_SHAPES["num_test"]),
+        "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"),
+        "--markdown", str(markdown), *TINY_OPTS,
+    ]  # fmt: skip
+    env = dict(os.environ, ILMIL_DATASETS=str(tiny_datasets_root), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    with open(tmp_path / "results" / "accuracy_quick.json") as f:
+        data = json.load(f)
+    assert data["machine"]["cores"] == os.cpu_count()
+    records = {r["method"]: r for r in data["records"]}
+    assert set(records) == {"finetune", "faster-ilod", "ilmil", "joint"}
+    assert records["joint"]["iterations_per_stage"] == 8
+    for record in records.values():
+        assert 0.0 <= record["last_stage"]["AP50"] <= 100.0
+        assert record["step_time_s"] > 0
+    # Teacher methods start from finetune's stage-0 model, copied, not retrained.
+    stage0 = [tmp_path / "runs" / "accuracy_quick" / f"2+2_{m}_seed0" / "stage_0" / "model_final.pth" for m in ("finetune", "ilmil")]
+    assert stage0[0].read_bytes() == stage0[1].read_bytes()
+
+    table = [line for line in markdown.read_text().splitlines() if line.startswith("| 2+2 |")]
+    assert [line.split("|")[2].strip() for line in table] == ["finetune", "faster-ilod", "ilmil", "joint"]
+    assert "python benchmarks/run.py --suite accuracy --quick" in markdown.read_text()

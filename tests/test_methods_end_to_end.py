@@ -1,0 +1,211 @@
+"""End to end through ``tools/train_incremental.py`` (a real subprocess) for the
+distillation methods: a three-stage ``2+1+1`` schedule on a tiny shapes set
+(24 train / 8 test images of 128 px, batch 2, 3 iterations per stage), starting
+from a user-given teacher, and refusing a teacher of other classes."""
+import json
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import REPO_ROOT, TINY_SHAPES
+from ilmil.data import shape_class_names
+from ilmil.data.shapes import generate_shapes_dataset
+
+TOOL = os.path.join(REPO_ROOT, "tools", "train_incremental.py")
+CLASSES = shape_class_names(TINY_SHAPES["num_classes"])[:4]
+DISTILL_KEYS = ("loss_distill_feat", "loss_distill_rpn", "loss_distill_rcn")
+# GroupNorm instead of the config's BatchNorm: after 3 iterations from scratch the
+# BN running statistics are mostly their initial values, so the eval-mode network
+# (every teacher, and the student with frozen BN statistics) has activations of
+# ~1e14; the teacher's RPN then yields no proposals and the l2 RCN term diverges.
+# GroupNorm behaves the same in train and eval mode. These runs test the plumbing.
+TRAIN_OPTS = [
+    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3", "SOLVER.STEPS", "(2,)", "SOLVER.WARMUP_ITERS", "1",
+    "MODEL.RESNETS.NORM", "GN", "DATALOADER.NUM_WORKERS", "0",
+]
+
+
+def _has_objects_of_the_first_classes(folder):
+    for split in ("train", "test"):
+        with open(os.path.join(folder, "annotations", f"instances_{split}.json")) as f:
+            data = json.load(f)
+        names = {c["id"]: c["name"] for c in data["categories"]}
+        if not set(CLASSES) <= {names[a["category_id"]] for a in data["annotations"]}:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def shapes_opts(tiny_datasets_root):
+    """The tiny set's options, with a seed whose train and test images both hold
+    objects of each of the 4 classes of the schedules (every AP is then a number);
+    the conftest seed first, so the session's cached set is reused when it fits."""
+    for seed in (TINY_SHAPES["seed"], *range(50)):
+        params = {**TINY_SHAPES, "seed": seed}
+        folder = generate_shapes_dataset(str(tiny_datasets_root / "shapes"), progress=False, **params)
+        if _has_objects_of_the_first_classes(folder):
+            return [
+                "ILMIL.SHAPES.NUM_CLASSES", str(params["num_classes"]),
+                "ILMIL.SHAPES.NUM_TRAIN", str(params["num_train"]),
+                "ILMIL.SHAPES.NUM_TEST", str(params["num_test"]),
+                "ILMIL.SHAPES.IMAGE_SIZE", str(params["image_size"]),
+                "ILMIL.SHAPES.SEED", str(seed),
+            ]
+    pytest.fail(f"no tiny shapes seed < 50 has objects of {CLASSES} in both splits")
+
+
+def _run(args, datasets_root, timeout=120):
+    # One OpenMP thread: the machine's 2 cores are shared with other jobs.
+    env = dict(os.environ, ILMIL_DATASETS=str(datasets_root), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, TOOL, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    proc.log = proc.stdout + proc.stderr
+    return proc
+
+
+def _tail(proc, n=3000):
+    return f"rc {proc.returncode}, output tail:\n{proc.log[-n:]}"
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _metrics_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _keys(lines):
+    return set().union(*(line.keys() for line in lines))
+
+
+def _is_percent(value):
+    return isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 100.0
+
+
+def _method_run(method, tiny_datasets_root, shapes_opts, tmp_path_factory):
+    out = tmp_path_factory.mktemp(method) / "run"
+    proc = _run(["--stages", "2+1+1", "--method", method, "--output-dir", str(out), *shapes_opts, *TRAIN_OPTS],
+                tiny_datasets_root)
+    assert proc.returncode == 0, _tail(proc)
+    return SimpleNamespace(out=out, proc=proc, results=_read_json(out / "results.json"),
+                           metrics=[_metrics_lines(out / f"stage_{k}" / "metrics.json") for k in range(3)])
+
+
+@pytest.fixture(scope="module")
+def ilmil_run(tiny_datasets_root, shapes_opts, tmp_path_factory):
+    return _method_run("ilmil", tiny_datasets_root, shapes_opts, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def faster_ilod_run(tiny_datasets_root, shapes_opts, tmp_path_factory):
+    return _method_run("faster-ilod", tiny_datasets_root, shapes_opts, tmp_path_factory)
+
+
+@pytest.fixture(params=["ilmil", "faster-ilod"])
+def method_run(request):
+    return request.param, request.getfixturevalue(request.param.replace("-", "_") + "_run")
+
+
+def test_three_stage_results_hold_finite_old_and_new_ap(method_run):
+    method, run = method_run
+    results = run.results
+    assert results["method"] == method and results["stages_spec"] == "2+1+1"
+    assert [s["stage"] for s in results["stages"]] == [0, 1, 2]
+    expected = [([], CLASSES[:2]), (CLASSES[:2], CLASSES[2:3]), (CLASSES[:3], CLASSES[3:])]
+    for entry, (old, new) in zip(results["stages"], expected):
+        assert (entry["old_classes"], entry["new_classes"]) == (old, new)
+        assert list(entry["per_class"]) == old + new
+        for key in ("AP", "AP50", "AP_new", "AP50_new"):
+            assert _is_percent(entry[key]), (entry["stage"], key, entry[key])
+    assert results["stages"][0]["AP_old"] is None and results["stages"][0]["AP50_old"] is None
+    for entry in results["stages"][1:]:
+        assert _is_percent(entry["AP_old"]) and _is_percent(entry["AP50_old"]), entry
+    for k in range(3):
+        assert (run.out / f"stage_{k}" / "model_final.pth").is_file()
+
+
+def test_each_later_stage_starts_from_the_expanded_previous_model(method_run):
+    _, run = method_run
+    assert "initialised from a 2-class model" in run.proc.log
+    assert "initialised from a 3-class model" in run.proc.log
+
+
+def test_distill_losses_are_logged_from_the_second_stage_on(method_run):
+    _, run = method_run
+    assert not any(key in _keys(run.metrics[0]) for key in DISTILL_KEYS)  # stage 0 has no teacher
+    for stage in (1, 2):
+        last = run.metrics[stage][-1]
+        assert last["iteration"] == 2
+        for key in DISTILL_KEYS:
+            assert key in last, (stage, sorted(last))
+            assert math.isfinite(last[key]) and last[key] >= 0
+
+
+def test_ilmil_logs_the_pseudo_boxes_per_image(ilmil_run):
+    last = ilmil_run.metrics[2][-1]
+    assert "pseudo_boxes_per_image" in last, sorted(last)
+    assert math.isfinite(last["pseudo_boxes_per_image"]) and last["pseudo_boxes_per_image"] >= 0
+    assert "pseudo_boxes_per_image" not in _keys(ilmil_run.metrics[0])
+
+
+def test_faster_ilod_adds_no_pseudo_labels(faster_ilod_run):
+    for stage in range(3):
+        assert "pseudo_boxes_per_image" not in _keys(faster_ilod_run.metrics[stage])
+
+
+def test_start_stage_trains_only_the_later_stages_from_the_given_teacher(ilmil_run, tiny_datasets_root, shapes_opts,
+                                                                         tmp_path):
+    out = tmp_path / "from_stage_1"
+    teacher = ilmil_run.out / "stage_0" / "model_final.pth"
+    proc = _run(["--stages", "2+1+1", "--method", "ilmil", "--start-stage", "1", "--teacher-weights", str(teacher),
+                 "--output-dir", str(out), *shapes_opts, *TRAIN_OPTS], tiny_datasets_root)
+    assert proc.returncode == 0, _tail(proc)
+    results = _read_json(out / "results.json")
+    assert [s["stage"] for s in results["stages"]] == [1, 2]
+    assert not (out / "stage_0").exists()
+    for k in (1, 2):
+        assert (out / f"stage_{k}" / "model_final.pth").is_file()
+        assert set(DISTILL_KEYS) <= set(_metrics_lines(out / f"stage_{k}" / "metrics.json")[-1])
+    assert proc.log.count("Starting training") == 2
+    assert "initialised from a 2-class model" in proc.log and "initialised from a 3-class model" in proc.log
+    assert all(_is_percent(s["AP_old"]) and _is_percent(s["AP_new"]) for s in results["stages"])
+
+
+def _refused(proc, out, expected_old, teacher_classes):
+    assert proc.returncode != 0, _tail(proc)
+    assert "Starting training" not in proc.log, _tail(proc)
+    assert not (out / "stage_1" / "model_final.pth").exists()
+    assert str(teacher_classes) in proc.log and str(expected_old) in proc.log, _tail(proc)
+
+
+def test_teacher_of_other_classes_is_refused_naming_both_class_lists(ilmil_run, tiny_datasets_root, shapes_opts,
+                                                                      tmp_path):
+    out = tmp_path / "wrong_teacher"
+    teacher = ilmil_run.out / "stage_0" / "model_final.pth"  # classes 0, 1; the schedule wants 0, 1, 2
+    proc = _run(["--stages", "3+1", "--method", "ilmil", "--start-stage", "1", "--teacher-weights", str(teacher),
+                 "--output-dir", str(out), *shapes_opts, *TRAIN_OPTS], tiny_datasets_root, timeout=60)
+    _refused(proc, out, CLASSES[:3], CLASSES[:2])
+    assert "TeacherMismatchError" in proc.log
+
+
+def test_finetune_start_model_of_other_classes_is_refused_too(ilmil_run, tiny_datasets_root, shapes_opts, tmp_path):
+    """finetune builds no teacher, but --teacher-weights is still the model the
+    student starts from: one of the same count but other classes (here the first
+    two in the other order) must not be silently taken as the old classes."""
+    out = tmp_path / "wrong_start"
+    teacher = ilmil_run.out / "stage_0" / "model_final.pth"
+    order = [CLASSES[1], CLASSES[0], CLASSES[2]]
+    proc = _run(["--stages", "2+1", "--class-order", ",".join(order), "--method", "finetune", "--start-stage", "1",
+                 "--teacher-weights", str(teacher), "--output-dir", str(out), *shapes_opts, *TRAIN_OPTS],
+                tiny_datasets_root, timeout=60)
+    _refused(proc, out, order[:2], CLASSES[:2])

@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Evaluate a class-incremental run's saved models, or one checkpoint, and print the per-stage table.
+
+    # every stage of a run (its config.yaml, stages.json and stage_K/model_final.pth)
+    python tools/eval_incremental.py --run-dir OUT [--stages 0,1] [--output-dir EVAL]
+    # one checkpoint on a class subset of the config's dataset (first --num-old classes are "old")
+    python tools/eval_incremental.py --weights W.pth --classes a,b,c [--num-old 2] \\
+        [--config-file CFG] [--dataset NAME] [--output-dir EVAL]
+
+With --output-dir, EVAL gets what a run folder has: results.json (with forgetting),
+stage_K/detections.json, per_class_ap*.csv, the plots and report.md. Trailing
+``KEY VALUE`` pairs override config keys (e.g. MODEL.DEVICE cuda).
+"""
+import argparse
+import sys
+
+import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
+from ilmil.config import get_ilmil_cfg
+from ilmil.evaluation import evaluate_checkpoint, evaluate_run, format_results_table
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run-dir", help="run folder of tools/train_incremental.py: evaluate its stages")
+    target.add_argument("--weights", help="one checkpoint to evaluate")
+    parser.add_argument("--stages", help="with --run-dir: comma-separated stage indices (default: every trained stage)")
+    parser.add_argument("--classes", help="with --weights: comma-separated classes in the model's order "
+                                          "(default: those the checkpoint records)")
+    parser.add_argument("--num-old", type=int, default=0, help="with --weights: how many of the classes are old")
+    parser.add_argument("--config-file", default="", help="with --weights: yaml config, e.g. a run's config.yaml "
+                                                          "(default: the shapes CPU config)")
+    parser.add_argument("--dataset", help="with --weights: dataset name (default: the config's ILMIL.DATASET)")
+    parser.add_argument("--output-dir", help="write results.json, detections, CSVs, plots and report.md here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    run_only = {"--stages": args.stages}
+    checkpoint_only = {"--classes": args.classes, "--config-file": args.config_file, "--dataset": args.dataset,
+                       "--num-old": args.num_old or None}
+    misplaced = [flag for flag, value in (run_only if args.weights else checkpoint_only).items() if value]
+    if misplaced:
+        parser.error(f"{', '.join(misplaced)} cannot be used with {'--weights' if args.weights else '--run-dir'}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    progress = not args.quiet
+    if args.run_dir:
+        stages = [int(k) for k in args.stages.split(",")] if args.stages else None
+        results = evaluate_run(args.run_dir, args.output_dir, stages, args.opts, progress)
+    else:
+        cfg = get_ilmil_cfg(args.config_file or None, args.opts)
+        if args.dataset:
+            cfg.ILMIL.DATASET = args.dataset
+        classes = args.classes.split(",") if args.classes else None
+        results = evaluate_checkpoint(cfg, args.weights, classes, args.num_old, args.output_dir, progress)
+    print(format_results_table(results))
+    if args.output_dir:
+        print(f"results, detections, plots and report.md written to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

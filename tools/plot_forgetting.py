@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Plot class-incremental runs from their results.json: forgetting curves of all runs
+on one chart, and per run a per-class AP50 heat map and a when-learned vs final bar chart.
+
+    python tools/plot_forgetting.py OUT_finetune OUT_ilmil OUT_joint --out plots/
+
+Each RUN is a run folder (holding results.json) or a results.json file. Runs are
+labelled by their method, with the folder name where two share a method. Every
+training run also writes its own plots into its folder (ilmil.evaluation.finalize_run).
+"""
+import argparse
+import json
+import os
+import sys
+
+from ilmil.visualization import plot_runs
+
+
+def _load(run):
+    path = os.path.join(run, "results.json") if os.path.isdir(run) else run
+    with open(path) as f:
+        return json.load(f)
+
+
+def _name(run):
+    run = os.path.abspath(run)
+    return os.path.basename(os.path.dirname(run) if os.path.isfile(run) else run)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder or results.json")
+    parser.add_argument("--out", required=True, help="folder for the PNGs")
+    args = parser.parse_args(argv)
+    for path in plot_runs([_load(run) for run in args.runs], args.out, [_name(run) for run in args.runs]):
+        print(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
