@@ -9,7 +9,7 @@ env:
 
 # A shapes 10+10 class-incremental run on the CPU, with per-stage AP.
 demo: env
-	$(PY) tools/train_incremental.py --stages 10+10 --method finetune --output-dir $(OUT)
+	$(PY) tools/train_incremental.py --stages 10+10 --method ilmil --output-dir $(OUT)
 
 test: env
 	$(PY) -m pytest -q tests
