@@ -30,7 +30,7 @@ TRAIN = os.path.join(ROOT, "tools", "train_incremental.py")
 
 # The CPU protocol: shapes at 256 px, R18-FPN, batch 4, a fixed budget per stage.
 ACCURACY = {
-    "full": {"specs": ["10+10", "15+5", "19+1", "10+5+5"], "iters": 1000, "num_train": 2000, "num_test": 500},
+    "full": {"specs": ["10+10", "15+5", "19+1", "10+5+5"], "iters": 800, "num_train": 2000, "num_test": 500},
     "quick": {"specs": ["10+10"], "iters": 120, "num_train": 400, "num_test": 100},
 }
 METHODS = ["finetune", "faster-ilod", "ilmil", "joint"]
@@ -59,14 +59,16 @@ def machine():
     }
 
 
-def run_training(out_dir, spec, method, seed, iters, data, extra=()):
-    """One tools/train_incremental.py process; returns its wall time and peak RSS (MiB)."""
+def run_training(out_dir, spec, method, seed, iters, data, opts=(), flags=()):
+    """One tools/train_incremental.py process (``flags`` are CLI flags, ``opts``
+    KEY VALUE overrides); returns its wall time, peak RSS (MiB) and command."""
     cmd = [
         sys.executable, TRAIN, "--stages", spec, "--method", method, "--seed", str(seed), "--output-dir", out_dir,
+        *flags,
         "ILMIL.SHAPES.NUM_TRAIN", str(data["num_train"]), "ILMIL.SHAPES.NUM_TEST", str(data["num_test"]),
         "SOLVER.IMS_PER_BATCH", str(BATCH), "SOLVER.MAX_ITER", str(iters),
         "SOLVER.STEPS", f"({int(iters * 0.8)},)", "SOLVER.WARMUP_ITERS", str(min(100, iters // 5)),
-        *extra,
+        *opts,
     ]
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
@@ -107,8 +109,12 @@ def accuracy_suite(setting, seeds, runs_dir, extra):
     base_runs = {}  # (first stage size, seed) -> finetune run folder with that stage 0
     plan = [(spec, method, seed) for seed in seeds for spec in setting["specs"] for method in METHODS]
     for index, (spec, method, seed) in enumerate(plan, 1):
-        out_dir = os.path.join(runs_dir, f"{spec}_{method}_seed{seed}")
-        num_stages = 1 if method == "joint" else len(parse_stage_spec(spec))
+        counts = parse_stage_spec(spec)
+        if method == "joint":  # one stage of all classes for the summed budget: shared by e.g. 10+10 and 15+5
+            out_dir = os.path.join(runs_dir, f"joint_{sum(counts)}classes_{len(counts)}x{setting['iters']}it_seed{seed}")
+        else:
+            out_dir = os.path.join(runs_dir, f"{spec}_{method}_seed{seed}")
+        num_stages = 1 if method == "joint" else len(counts)
         results = finished(out_dir, num_stages)
         first = (spec.split("+")[0], seed)
         wall = rss = command = None
@@ -130,7 +136,7 @@ def accuracy_suite(setting, seeds, runs_dir, extra):
                 "spec": spec,
                 "method": method,
                 "seed": seed,
-                "iterations_per_stage": setting["iters"] * (len(parse_stage_spec(spec)) if method == "joint" else 1),
+                "iterations_per_stage": setting["iters"] * (len(counts) if method == "joint" else 1),
                 "last_stage": {k: v for k, v in last.items() if k not in ("per_class", "forgetting_per_class")},
                 "summary": results.get("summary", {}),
                 "step_time_s": statistics.median(times) if times else None,
@@ -191,7 +197,7 @@ def speed_suite(variant, runs_dir, data, extra):
         log(f"speed: {method}, {setting['iters']} iterations of stage 1")
         wall, rss, command = run_training(
             out_dir, "10+10", method, 0, setting["iters"], data,
-            extra=["--start-stage", "1", "--teacher-weights", teacher, *extra],
+            opts=extra, flags=["--start-stage", "1", "--teacher-weights", teacher],
         )
         times = step_times(os.path.join(out_dir, "stage_1"))[setting["warmup"]:]
         with open(os.path.join(out_dir, "stage_1", "metrics_eval.json")) as f:
