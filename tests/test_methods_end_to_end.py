@@ -5,17 +5,15 @@ from a user-given teacher, and refusing a teacher of other classes."""
 import json
 import math
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO_ROOT, TINY_SHAPES
+from conftest import TINY_SHAPES
+from tool_runs import metrics_lines, read_json, run_tool, tail
 from ilmil.data import shape_class_names
 from ilmil.data.shapes import generate_shapes_dataset
 
-TOOL = os.path.join(REPO_ROOT, "tools", "train_incremental.py")
 CLASSES = shape_class_names(TINY_SHAPES["num_classes"])[:4]
 DISTILL_KEYS = ("loss_distill_feat", "loss_distill_rpn", "loss_distill_rcn")
 # GroupNorm instead of the config's BatchNorm: after 3 iterations from scratch the
@@ -61,27 +59,7 @@ def shapes_opts(tiny_datasets_root):
 
 
 def _run(args, datasets_root, timeout=120):
-    # One OpenMP thread: the machine's 2 cores are shared with other jobs.
-    env = dict(os.environ, ILMIL_DATASETS=str(datasets_root), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, TOOL, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    proc.log = proc.stdout + proc.stderr
-    return proc
-
-
-def _tail(proc, n=3000):
-    return f"rc {proc.returncode}, output tail:\n{proc.log[-n:]}"
-
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _metrics_lines(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return run_tool("train_incremental.py", args, datasets_root, timeout)
 
 
 def _keys(lines):
@@ -96,9 +74,9 @@ def _method_run(method, tiny_datasets_root, shapes_opts, tmp_path_factory):
     out = tmp_path_factory.mktemp(method) / "run"
     proc = _run(["--stages", "2+1+1", "--method", method, "--output-dir", str(out), *shapes_opts, *TRAIN_OPTS],
                 tiny_datasets_root)
-    assert proc.returncode == 0, _tail(proc)
-    return SimpleNamespace(out=out, proc=proc, results=_read_json(out / "results.json"),
-                           metrics=[_metrics_lines(out / f"stage_{k}" / "metrics.json") for k in range(3)])
+    assert proc.returncode == 0, tail(proc)
+    return SimpleNamespace(out=out, proc=proc, results=read_json(out / "results.json"),
+                           metrics=[metrics_lines(out / f"stage_{k}" / "metrics.json") for k in range(3)])
 
 
 @pytest.fixture(scope="module")
@@ -169,23 +147,23 @@ def test_start_stage_trains_only_the_later_stages_from_the_given_teacher(ilmil_r
     teacher = ilmil_run.out / "stage_0" / "model_final.pth"
     proc = _run(["--stages", "2+1+1", "--method", "ilmil", "--start-stage", "1", "--teacher-weights", str(teacher),
                  "--output-dir", str(out), *shapes_opts, *TRAIN_OPTS], tiny_datasets_root)
-    assert proc.returncode == 0, _tail(proc)
-    results = _read_json(out / "results.json")
+    assert proc.returncode == 0, tail(proc)
+    results = read_json(out / "results.json")
     assert [s["stage"] for s in results["stages"]] == [1, 2]
     assert not (out / "stage_0").exists()
     for k in (1, 2):
         assert (out / f"stage_{k}" / "model_final.pth").is_file()
-        assert set(DISTILL_KEYS) <= set(_metrics_lines(out / f"stage_{k}" / "metrics.json")[-1])
+        assert set(DISTILL_KEYS) <= set(metrics_lines(out / f"stage_{k}" / "metrics.json")[-1])
     assert proc.log.count("Starting training") == 2
     assert "initialised from a 2-class model" in proc.log and "initialised from a 3-class model" in proc.log
     assert all(_is_percent(s["AP_old"]) and _is_percent(s["AP_new"]) for s in results["stages"])
 
 
 def _refused(proc, out, expected_old, teacher_classes):
-    assert proc.returncode != 0, _tail(proc)
-    assert "Starting training" not in proc.log, _tail(proc)
+    assert proc.returncode != 0, tail(proc)
+    assert "Starting training" not in proc.log, tail(proc)
     assert not (out / "stage_1" / "model_final.pth").exists()
-    assert str(teacher_classes) in proc.log and str(expected_old) in proc.log, _tail(proc)
+    assert str(teacher_classes) in proc.log and str(expected_old) in proc.log, tail(proc)
 
 
 def test_teacher_of_other_classes_is_refused_naming_both_class_lists(ilmil_run, tiny_datasets_root, shapes_opts,

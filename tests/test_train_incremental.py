@@ -1,20 +1,16 @@
 """End to end: ``tools/train_incremental.py`` as a real subprocess on a tiny shapes
 set (24 train / 8 test images of 128 px, 6 iterations per stage)."""
-import json
 import math
 import os
 import re
-import subprocess
-import sys
-import time
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO_ROOT, TINY_SHAPES
+from conftest import TINY_SHAPES
+from tool_runs import metrics_lines, read_json, run_tool, tail
 from ilmil.data import build_schedule, load_coco_json, shape_class_names, stage_train_dicts
 
-TOOL = os.path.join(REPO_ROOT, "tools", "train_incremental.py")
 SHAPES_OPTS = [
     "ILMIL.SHAPES.NUM_CLASSES", str(TINY_SHAPES["num_classes"]),
     "ILMIL.SHAPES.NUM_TRAIN", str(TINY_SHAPES["num_train"]),
@@ -32,30 +28,7 @@ CLASSES = shape_class_names(20)[:4]
 
 
 def _run(args, datasets_root, timeout=120):
-    # One thread: the tiny model gains nothing from more, and on the shared 2-core
-    # machine a second process with 2 threads makes OpenMP spin (10x slower runs).
-    env = dict(os.environ, ILMIL_DATASETS=str(datasets_root), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, TOOL, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    proc.wall = time.perf_counter() - start
-    proc.log = proc.stdout + proc.stderr
-    return proc
-
-
-def _tail(proc, n=3000):
-    return f"rc {proc.returncode}, output tail:\n{proc.log[-n:]}"
-
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _metrics_lines(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return run_tool("train_incremental.py", args, datasets_root, timeout)
 
 
 def _finetune_args(out):
@@ -67,12 +40,12 @@ def finetune_run(tiny_datasets_root, tiny_shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("finetune") / "run"
     meta_mtime = os.path.getmtime(os.path.join(tiny_shapes_dir, "meta.json"))
     proc = _run(_finetune_args(out), tiny_datasets_root)
-    assert proc.returncode == 0, _tail(proc)
+    assert proc.returncode == 0, tail(proc)
     weights = [out / f"stage_{k}" / "model_final.pth" for k in (0, 1)]
     return SimpleNamespace(
         out=out, proc=proc, weights=weights,
         mtimes=[os.path.getmtime(w) if w.exists() else None for w in weights],
-        results=_read_json(out / "results.json"), stages=_read_json(out / "stages.json"),
+        results=read_json(out / "results.json"), stages=read_json(out / "stages.json"),
         dataset_reused=os.path.getmtime(os.path.join(tiny_shapes_dir, "meta.json")) == meta_mtime,
     )
 
@@ -133,7 +106,7 @@ def test_each_stage_saves_its_final_model(finetune_run):
     for weights in finetune_run.weights:
         assert weights.is_file()
     for k in (0, 1):
-        assert _metrics_lines(finetune_run.out / f"stage_{k}" / "metrics.json")[-1]["iteration"] == 5
+        assert metrics_lines(finetune_run.out / f"stage_{k}" / "metrics.json")[-1]["iteration"] == 5
 
 
 def test_second_stage_starts_from_the_expanded_first_model(finetune_run):
@@ -153,13 +126,13 @@ def test_stdout_prints_the_per_stage_table(finetune_run):
 
 def test_rerun_skips_finished_stages(finetune_run, tiny_datasets_root):
     proc = _run(_finetune_args(finetune_run.out), tiny_datasets_root)
-    assert proc.returncode == 0, _tail(proc)
+    assert proc.returncode == 0, tail(proc)
     for k in (0, 1):
-        assert re.search(rf"Stage {k}: .*stage_{k}/model_final\.pth exists, not retraining", proc.log), _tail(proc)
+        assert re.search(rf"Stage {k}: .*stage_{k}/model_final\.pth exists, not retraining", proc.log), tail(proc)
     assert "Starting training" not in proc.log
     assert [os.path.getmtime(w) for w in finetune_run.weights] == finetune_run.mtimes
     assert proc.wall < finetune_run.proc.wall, (proc.wall, finetune_run.proc.wall)
-    rerun = _read_json(finetune_run.out / "results.json")
+    rerun = read_json(finetune_run.out / "results.json")
     assert [s["AP50"] for s in rerun["stages"]] == [s["AP50"] for s in finetune_run.results["stages"]]
 
 
@@ -167,26 +140,26 @@ def test_joint_trains_all_classes_at_once_with_the_summed_budget(tiny_datasets_r
     out = tmp_path / "joint"
     proc = _run(["--stages", "2+2", "--method", "joint", "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS],
                 tiny_datasets_root)
-    assert proc.returncode == 0, _tail(proc)
-    results = _read_json(out / "results.json")
+    assert proc.returncode == 0, tail(proc)
+    results = read_json(out / "results.json")
     assert results["method"] == "joint"
     assert len(results["stages"]) == 1
     (entry,) = results["stages"]
     assert entry["old_classes"] == [] and entry["new_classes"] == CLASSES
     assert list(entry["per_class"]) == CLASSES
     assert entry["AP_old"] is None and _is_percent(entry["AP50"])
-    stages = _read_json(out / "stages.json")["stages"]
+    stages = read_json(out / "stages.json")["stages"]
     assert len(stages) == 1 and stages[0]["num_train_images"] > 0
     assert (out / "stage_0" / "model_final.pth").is_file()
     assert not (out / "stage_1").exists()
     # MAX_ITER 6 per stage x 2 stages: iterations 0..11
-    assert _metrics_lines(out / "stage_0" / "metrics.json")[-1]["iteration"] == 11
+    assert metrics_lines(out / "stage_0" / "metrics.json")[-1]["iteration"] == 11
 
 
 def _bad_run(tmp_path, tiny_datasets_root, *args):
     out = tmp_path / "bad"
     proc = _run([*args, "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS], tiny_datasets_root, timeout=60)
-    assert proc.returncode != 0, _tail(proc)
+    assert proc.returncode != 0, tail(proc)
     assert "Starting training" not in proc.log
     assert not (out / "stage_0").exists()
     return proc
@@ -194,18 +167,18 @@ def _bad_run(tmp_path, tiny_datasets_root, *args):
 
 def test_stage_spec_larger_than_the_dataset_fails_before_training(tmp_path, tiny_datasets_root):
     proc = _bad_run(tmp_path, tiny_datasets_root, "--stages", "30+30")
-    assert re.search(r"needs 60 classes but the dataset has 20", proc.log), _tail(proc)
+    assert re.search(r"needs 60 classes but the dataset has 20", proc.log), tail(proc)
 
 
 def test_single_number_stage_spec_is_read_as_a_spec(tmp_path, tiny_datasets_root):
     # "30" must reach the spec check (yacs would parse it as an int).
     proc = _bad_run(tmp_path, tiny_datasets_root, "--stages", "30")
-    assert re.search(r"needs 30 classes but the dataset has 20", proc.log), _tail(proc)
+    assert re.search(r"needs 30 classes but the dataset has 20", proc.log), tail(proc)
 
 
 def test_unknown_dataset_lists_the_valid_names(tmp_path, tiny_datasets_root):
     proc = _bad_run(tmp_path, tiny_datasets_root, "--dataset", "nope", "--stages", "2+2")
-    assert "unknown dataset 'nope'" in proc.log, _tail(proc)
+    assert "unknown dataset 'nope'" in proc.log, tail(proc)
     message = proc.log[proc.log.index("unknown dataset 'nope'"):].splitlines()[0]
     for name in ("shapes", "voc_2007", "voc_2012", "voc_07_12", "coco_2017", "voc_folder", "coco_json"):
         assert name in message
@@ -219,8 +192,8 @@ def test_voc_folder_run_reads_the_voc_xml_files(tiny_datasets_root, tiny_shapes_
                  "ILMIL.DATA.ROOT", tiny_shapes_dir, "ILMIL.DATA.TRAIN_SPLIT", "train",
                  "ILMIL.DATA.TEST_SPLIT", "test", *TRAIN_OPTS, "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)",
                  "SOLVER.WARMUP_ITERS", "1"], tiny_datasets_root)
-    assert proc.returncode == 0, _tail(proc)
-    results = _read_json(out / "results.json")
+    assert proc.returncode == 0, tail(proc)
+    results = read_json(out / "results.json")
     assert results["dataset"] == "voc_folder"
     assert [len(s["per_class"]) for s in results["stages"]] == [2, 4]
     assert all(set(s["per_class"]) <= set(shape_class_names(20)) for s in results["stages"])
