@@ -21,6 +21,9 @@ import time
 
 import yaml
 
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
@@ -67,8 +70,6 @@ class IncrementalRun:
         self.method = cfg.ILMIL.METHOD
         if self.method not in METHOD_PRESETS:
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHOD_PRESETS)}")
-        from detectron2.modeling import META_ARCH_REGISTRY
-
         meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
         if uses_teacher(cfg) and not issubclass(meta_arch, IncrementalRCNN):
             raise ValueError(
@@ -117,8 +118,6 @@ class IncrementalRun:
         return cfg
 
     def write_schedule(self):
-        from detectron2.data import DatasetCatalog
-
         stages = []
         for stage, (train_name, test_name) in zip(self.schedule, self.registered):
             stages.append(
@@ -213,8 +212,6 @@ class IncrementalRun:
         return results
 
     def _load_stage_model(self, stage, weights):
-        from detectron2.checkpoint import DetectionCheckpointer
-
         cfg = self.stage_cfg(stage)
         model = IncrementalTrainer.build_model(cfg)
         DetectionCheckpointer(model).load(weights)
