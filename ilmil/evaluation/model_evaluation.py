@@ -27,7 +27,7 @@ from detectron2.modeling import build_model
 from ..config import get_ilmil_cfg
 from ..data import load_dataset_source, register_stage_datasets
 from ..data.stages import Stage
-from ..modeling import checkpoint_class_names
+from ..modeling import CheckpointClassesError, checkpoint_class_names, load_checked_checkpoint
 from .forgetting import add_forgetting
 from .incremental_evaluator import IncrementalEvaluator
 from .run_outputs import write_run_outputs
@@ -35,10 +35,6 @@ from .run_outputs import write_run_outputs
 __all__ = ["CheckpointClassesError", "evaluate_checkpoint", "evaluate_model", "evaluate_run"]
 
 logger = logging.getLogger(__name__)
-
-
-class CheckpointClassesError(ValueError):
-    """A checkpoint whose classes differ from the ones it is evaluated on."""
 
 
 def evaluate_model(cfg, model, output_dir=None, progress=False):
@@ -55,28 +51,26 @@ def evaluate_model(cfg, model, output_dir=None, progress=False):
     return inference_on_dataset(model, loader, IncrementalEvaluator(dataset_name, output_dir)).get("bbox", {})
 
 
-def _checkpoint(weights):
+def _require_file(weights):
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"checkpoint not found: {weights}")
-    return torch.load(weights, map_location="cpu", weights_only=True)
+    return weights
 
 
-def _num_classes(checkpoint):
-    state = checkpoint.get("model", checkpoint)
-    return state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
+def _checkpoint(weights):
+    return torch.load(_require_file(weights), map_location="cpu", weights_only=True)
 
 
 def _load_model(cfg, weights, class_names):
     """The detector of ``cfg`` with ``weights``, refusing a checkpoint of other classes
     (detectron2 would only warn and leave the mismatched head random)."""
-    checkpoint = _checkpoint(weights)
-    recorded = checkpoint_class_names(checkpoint)
-    if _num_classes(checkpoint) != len(class_names) or (recorded is not None and list(recorded) != list(class_names)):
-        found = list(recorded) if recorded is not None else f"{_num_classes(checkpoint)} unnamed classes"
-        raise CheckpointClassesError(
-            f"checkpoint {weights} holds {found}, but it is evaluated on the {len(class_names)} classes "
-            f"{list(class_names)}: fix --classes (order matters) or give the matching checkpoint"
-        )
+    load_checked_checkpoint(
+        _require_file(weights),
+        class_names,
+        error=CheckpointClassesError,
+        use="it is evaluated on the {n} classes",
+        fix="fix --classes (order matters) or give the matching checkpoint",
+    )
     model = build_model(cfg)
     DetectionCheckpointer(model).load(weights)
     return model

@@ -11,6 +11,7 @@ from .distillation import (
 )
 from .expansion import expand_predictor_state_dict, load_expanded
 from .incremental_rcnn import (
+    CheckpointClassesError,
     IncrementalRCNN,
     TeacherMismatchError,
     build_teacher,
@@ -20,6 +21,7 @@ from .incremental_rcnn import (
 from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 
 __all__ = [
+    "CheckpointClassesError",
     "DISTILL_LOSS_REGISTRY",
     "FEATURE_DISTANCES",
     "FeatureDistillation",

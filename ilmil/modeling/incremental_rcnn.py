@@ -29,6 +29,7 @@ from .distillation import build_distill_loss
 from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 
 __all__ = [
+    "CheckpointClassesError",
     "IncrementalRCNN",
     "TeacherMismatchError",
     "build_teacher",
@@ -39,7 +40,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class TeacherMismatchError(ValueError):
+class CheckpointClassesError(ValueError):
+    """A checkpoint does not hold the classes it is used for."""
+
+
+class TeacherMismatchError(CheckpointClassesError):
     """The teacher checkpoint does not hold the classes the schedule expects."""
 
 
@@ -71,9 +76,16 @@ def checkpoint_class_names(checkpoint):
     return checkpoint.get("ilmil", {}).get("class_names")
 
 
-def load_checked_checkpoint(weights, expected_classes=None):
-    """The state dict and class count of a detector checkpoint, refused (naming
-    both) when its class count or recorded class names differ from ``expected_classes``."""
+def load_checked_checkpoint(
+    weights,
+    expected_classes=None,
+    error=TeacherMismatchError,
+    use="the schedule expects the {n} old classes",
+    fix="give the checkpoint of the previous stage, or fix --stages / --class-order",
+):
+    """The state dict and class count of a detector checkpoint, refused with
+    ``error`` (naming both lists) when its class count or recorded class names
+    differ from ``expected_classes``; ``use`` and ``fix`` word the message."""
     checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     state = checkpoint.get("model", checkpoint)
     num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
@@ -81,11 +93,8 @@ def load_checked_checkpoint(weights, expected_classes=None):
         names = checkpoint_class_names(checkpoint)
         if num_classes != len(expected_classes) or (names is not None and list(names) != list(expected_classes)):
             found = list(names) if names is not None else f"{num_classes} unnamed classes"
-            raise TeacherMismatchError(
-                f"checkpoint {weights} holds {found}, but the schedule expects the "
-                f"{len(expected_classes)} old classes {list(expected_classes)}: give the checkpoint "
-                "of the previous stage, or fix --stages / --class-order"
-            )
+            expected = use.format(n=len(expected_classes))
+            raise error(f"checkpoint {weights} holds {found}, but {expected} {list(expected_classes)}: {fix}")
     return state, num_classes
 
 
