@@ -3,6 +3,7 @@
 
     python benchmarks/run.py --suite accuracy [--quick] [--seeds 0 1]
     python benchmarks/run.py --suite speed [--quick]
+    python benchmarks/run.py --suite pruning [--quick]
 
 Each run is a real ``tools/train_incremental.py`` process under
 ``benchmarks/runs/SUITE/`` (resumable: a finished run is reused, a stage whose
@@ -36,6 +37,7 @@ ACCURACY = {
 METHODS = ["finetune", "faster-ilod", "ilmil", "joint"]
 BATCH = 4
 SPEED = {"full": {"iters": 80, "warmup": 20}, "quick": {"iters": 30, "warmup": 10}}
+PRUNE_RATIOS = {"full": [0.0, 0.3, 0.5], "quick": [0.0, 0.5]}
 
 
 def log(message):
@@ -229,6 +231,71 @@ def speed_suite(variant, runs_dir, data, extra):
     ]
 
 
+def pruning_suite(variant, setting, runs_dir, extra):
+    """shapes 10+10 ilmil, unpruned and with the stage-0 model pruned at each ratio
+    (one shared stage 0); the final model's size, speed and AP50_all."""
+    records = []
+    base = None
+    for ratio in PRUNE_RATIOS[variant]:
+        out_dir = os.path.join(runs_dir, f"10+10_ilmil_prune{ratio}")
+        if finished(out_dir, 2) is None:
+            if base is not None:
+                seed_stage0(base, out_dir)
+            log(f"pruning: 10+10 ilmil, ratio {ratio}: training")
+            run_training(out_dir, "10+10", "ilmil", 0, setting["iters"], setting, extra,
+                         flags=["--prune", str(ratio)] if ratio else [])
+        else:
+            log(f"pruning: ratio {ratio}: reusing {out_dir}")
+        base = base or out_dir
+        results = finished(out_dir, 2)
+        last = results["stages"][-1]
+        records.append({"suite": "pruning", "spec": "10+10", "method": "ilmil", "ratio": ratio,
+                        "iterations_per_stage": setting["iters"], "AP50_all": last["AP50"], "AP_all": last["AP"],
+                        "AP50_old": last["AP50_old"], "AP50_new": last["AP50_new"],
+                        **measure_final_model(out_dir, last["stage"])})
+    return records
+
+
+def measure_final_model(run_dir, stage):
+    """Parameters, GFLOPs and CPU latency of a run's stage model on its first test image."""
+    import torch
+    from detectron2.data import detection_utils
+
+    from ilmil.checkpoint import IncrementalCheckpointer, safe_load
+    from ilmil.config import get_ilmil_cfg
+    from ilmil.modeling import build_detector, checkpoint_class_names, with_checkpoint_layout
+    from ilmil.pruning import measure_model
+
+    weights = os.path.join(run_dir, f"stage_{stage}", "model_final.pth")
+    checkpoint = safe_load(weights)
+    cfg = get_ilmil_cfg(os.path.join(run_dir, "config.yaml"))
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(checkpoint_class_names(checkpoint))
+    cfg.ILMIL.TEACHER.WEIGHTS = ""
+    model = build_detector(with_checkpoint_layout(cfg, checkpoint))
+    IncrementalCheckpointer(model).load(weights)
+    shapes = cfg.ILMIL.SHAPES
+    folder = generate_shapes_dataset(os.path.join(os.environ["ILMIL_DATASETS"], "shapes"), 20, shapes.NUM_TRAIN,
+                                     shapes.NUM_TEST, shapes.IMAGE_SIZE, shapes.SEED, progress=False)
+    with open(os.path.join(folder, "ImageSets", "Main", "test.txt")) as f:
+        first_image = os.path.join(folder, "JPEGImages", f"{f.readline().strip()}.jpg")
+    image = detection_utils.read_image(first_image, format=cfg.INPUT.FORMAT)
+    return measure_model(model, torch.as_tensor(image.transpose(2, 0, 1).copy()))
+
+
+def pruning_table(records):
+    base = records[0]
+    lines = ["| pruned | parameters (M) | GFLOPs (detector) | GFLOPs (backbone+FPN) | CPU latency (ms) | "
+             "AP50_all | AP50_old | AP50_new | vs unpruned |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        change = (f"params {100 * (r['params'] / base['params'] - 1):+.0f} %, GFLOPs "
+                  f"{100 * (r['gflops'] / base['gflops'] - 1):+.0f} %, AP50 {r['AP50_all'] - base['AP50_all']:+.1f}")
+        lines.append(f"| {r['ratio']:.0%} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {r['gflops_backbone']:.2f} | "
+                     f"{r['latency_ms']:.0f} | {_fmt(r['AP50_all'])} | {_fmt(r['AP50_old'])} | "
+                     f"{_fmt(r['AP50_new'])} | {change if r is not base else ''} |")
+    return "\n".join(lines)
+
+
 def speed_table(record):
     f, i = record["finetune"], record["ilmil"]
     return "\n".join(
@@ -249,7 +316,7 @@ def speed_table(record):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["accuracy", "speed"], required=True)
+    parser.add_argument("--suite", choices=["accuracy", "speed", "pruning"], required=True)
     parser.add_argument("--quick", action="store_true", help="the < 10 minute variant")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "benchmarks", "runs"))
@@ -278,6 +345,15 @@ def main(argv=None):
             f"shapes ({setting['num_train']} train / {setting['num_test']} test, 256 px), "
             f"configs/shapes/faster_rcnn_R18_FPN_cpu.yaml, batch {BATCH}, {setting['iters']} iterations per stage "
             f"(joint: the sum), seeds {' '.join(map(str, args.seeds))}"
+        )
+    elif args.suite == "pruning":
+        records = pruning_suite(variant, setting, runs_dir, args.opts)
+        table = pruning_table(records)
+        protocol = (
+            f"shapes 10+10 ilmil ({setting['num_train']} train / {setting['num_test']} test, 256 px), "
+            f"batch {BATCH}, {setting['iters']} iterations per stage; the stage-0 model pruned (L1, residual-block "
+            "inner channels) before stage 1, teacher unpruned; final (stage-1) model measured on one test image, "
+            "latency = median of 20 CPU passes"
         )
     else:
         records = speed_suite(variant, runs_dir, setting, args.opts)

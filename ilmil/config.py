@@ -23,6 +23,26 @@ def add_ilmil_config(cfg):
     # Stages after the first keep the BatchNorm statistics of the model they start from:
     # batch statistics would make the student differ from its teacher before any update.
     cfg.ILMIL.FREEZE_BN_STATS = True
+    # Structured L1-norm pruning of the student at one stage boundary (README, Pruning).
+    cfg.ILMIL.PRUNING = CN()
+    # Fraction of the residual blocks' inner channels removed (0 = no pruning).
+    cfg.ILMIL.PRUNING.RATIO = 0.0
+    # Per ResNet stage (res2, res3, res4, res5); overrides RATIO when given.
+    cfg.ILMIL.PRUNING.STAGE_RATIOS = []
+    # Fraction of the fully connected box head's hidden units removed.
+    cfg.ILMIL.PRUNING.BOX_HEAD_RATIO = 0.0
+    # The model of this stage is pruned; the next stage's student starts from it
+    # while its teacher is the unpruned model.
+    cfg.ILMIL.PRUNING.AFTER_STAGE = 0
+    # Fine-tuning iterations of the pruned model on its own stage's data (0 = none).
+    cfg.ILMIL.PRUNING.FINETUNE_ITERS = 0
+    # The model's channel layout, [[layer name, width], ...]: set from the checkpoint a
+    # model is built for (ilmil.pruning), empty = the unpruned widths of the config.
+    cfg.ILMIL.PRUNING.CHANNELS = []
+
+    # Iterations whose loss is NaN / infinite that may be skipped (no update) before the
+    # stage stops; 0 stops at the first one, naming the loss term and the iteration.
+    cfg.ILMIL.SKIP_NONFINITE_ITERS = 0
 
     # The old-class model of a stage; the stage runner sets it to the previous stage's model.
     cfg.ILMIL.TEACHER = CN()
@@ -92,6 +112,11 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DATA.TEST_IMAGES = ""
     # Drop malformed annotations (reported and counted) instead of stopping the run.
     cfg.ILMIL.DATA.SKIP_BAD_ANNOTATIONS = False
+    # Clip boxes that stick out of their image to its border instead of reporting them.
+    cfg.ILMIL.DATA.CLIP_BOXES = False
+    # Before training, decode every image once (a progress bar for large datasets):
+    # a truncated file then stops the run at the start, not hours into it.
+    cfg.ILMIL.DATA.CHECK_IMAGES = True
 
 
 # What each --method switches on; every key can still be overridden.

@@ -214,10 +214,10 @@ def test_all_problems_are_reported_in_one_error(tmp_path):
     with pytest.raises(DatasetError) as info:
         load_dataset_source(_voc_cfg(root))
     message = str(info.value)
-    # Train problems are all listed (the test split is checked after the train split).
-    assert "2 malformed annotation(s)" in message
-    assert "000001.xml" in message and "000002.xml" in message
-    assert "outside" in message and "zero or negative area" in message
+    # Both splits are checked before anything is reported.
+    assert "3 malformed annotation(s) or image(s)" in message
+    assert "000001.xml" in message and "000002.xml" in message and "000003.xml" in message
+    assert "outside" in message and "zero or negative area" in message and "'persn'" in message
 
 
 def test_skip_bad_annotations_drops_the_bad_and_keeps_the_good(tmp_path):

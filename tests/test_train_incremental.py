@@ -7,23 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import TINY_SHAPES
-from tool_runs import metrics_lines, read_json, run_tool, tail
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, metrics_lines, read_json, run_tool, tail
 from ilmil.data import build_schedule, load_coco_json, shape_class_names, stage_train_dicts
 
-SHAPES_OPTS = [
-    "ILMIL.SHAPES.NUM_CLASSES", str(TINY_SHAPES["num_classes"]),
-    "ILMIL.SHAPES.NUM_TRAIN", str(TINY_SHAPES["num_train"]),
-    "ILMIL.SHAPES.NUM_TEST", str(TINY_SHAPES["num_test"]),
-    "ILMIL.SHAPES.IMAGE_SIZE", str(TINY_SHAPES["image_size"]),
-    "ILMIL.SHAPES.SEED", str(TINY_SHAPES["seed"]),
-]
-TRAIN_OPTS = [
-    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
-    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "6", "SOLVER.STEPS", "(4,)", "SOLVER.WARMUP_ITERS", "2",
-    "DATALOADER.NUM_WORKERS", "0",
-]
 CLASSES = shape_class_names(20)[:4]
 
 

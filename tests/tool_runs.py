@@ -5,7 +5,22 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, TINY_SHAPES
+
+# Overrides that point the CLI at the tiny shapes set and train a few 128 px iterations.
+SHAPES_OPTS = [
+    "ILMIL.SHAPES.NUM_CLASSES", str(TINY_SHAPES["num_classes"]),
+    "ILMIL.SHAPES.NUM_TRAIN", str(TINY_SHAPES["num_train"]),
+    "ILMIL.SHAPES.NUM_TEST", str(TINY_SHAPES["num_test"]),
+    "ILMIL.SHAPES.IMAGE_SIZE", str(TINY_SHAPES["image_size"]),
+    "ILMIL.SHAPES.SEED", str(TINY_SHAPES["seed"]),
+]
+TRAIN_OPTS = [
+    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "6", "SOLVER.STEPS", "(4,)", "SOLVER.WARMUP_ITERS", "2",
+    "DATALOADER.NUM_WORKERS", "0",
+]
 
 
 def run_tool(tool, args, datasets_root, timeout=120):
@@ -14,14 +29,29 @@ def run_tool(tool, args, datasets_root, timeout=120):
     One OpenMP thread: tiny models gain nothing from more, and on a shared 2-core
     machine a second process with 2 threads makes OpenMP spin (10x slower runs).
     """
-    env = dict(os.environ, ILMIL_DATASETS=str(datasets_root), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", tool), *args], cwd=REPO_ROOT, env=env,
+    proc = subprocess.run(_command(tool, args), cwd=REPO_ROOT, env=_env(datasets_root),
                           capture_output=True, text=True, timeout=timeout)
     proc.wall = time.perf_counter() - start
     proc.log = proc.stdout + proc.stderr
     return proc
+
+
+def start_tool(tool, args, datasets_root, log_file):
+    """``tools/<tool>`` started in the background (a ``Popen``), output to ``log_file``."""
+    with open(log_file, "w") as log:
+        return subprocess.Popen(_command(tool, args), cwd=REPO_ROOT, env=_env(datasets_root),
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def _command(tool, args):
+    return [sys.executable, os.path.join(REPO_ROOT, "tools", tool), *args]
+
+
+def _env(datasets_root):
+    env = dict(os.environ, ILMIL_DATASETS=str(datasets_root), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    return env
 
 
 def tail(proc, n=3000):

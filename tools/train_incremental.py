@@ -15,7 +15,8 @@ from detectron2.engine import default_setup
 from detectron2.utils.logger import setup_logger
 
 from ilmil.config import get_ilmil_cfg
-from ilmil.engine import run_incremental
+from ilmil.engine import RUN_ERRORS, run_incremental
+from ilmil.pruning import PruningError
 from ilmil.evaluation import format_results_table
 
 
@@ -29,9 +30,16 @@ def parse_args(argv=None):
     parser.add_argument("--method", help="finetune | joint | pseudo | faster-ilod | ilmil (default: finetune)")
     parser.add_argument("--class-order", help="comma-separated class names (default: the dataset's order)")
     parser.add_argument("--output-dir", required=True, help="run folder; a re-run skips finished stages")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the stage in progress from its last checkpoint (after a crash or a kill)")
+    parser.add_argument("--force", action="store_true",
+                        help="start over in a folder that holds another run (removes that run's outputs)")
     parser.add_argument("--teacher-weights", help="model of the classes before --start-stage (your own base detector)")
     parser.add_argument("--start-stage", type=int, default=0, help="first stage to train (needs --teacher-weights)")
     parser.add_argument("--seed", type=int, help="training seed (default: the config's SEED)")
+    parser.add_argument("--prune", type=float, metavar="RATIO",
+                        help="prune this fraction of the residual blocks' inner channels after stage "
+                             "ILMIL.PRUNING.AFTER_STAGE (0); the next student starts pruned, its teacher does not")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser.parse_args(argv)
 
@@ -47,6 +55,8 @@ def setup(args):
         cfg.ILMIL.CLASS_ORDER = args.class_order.split(",")
     if args.seed is not None:
         cfg.SEED = args.seed
+    if args.prune is not None:
+        cfg.ILMIL.PRUNING.RATIO = args.prune
     cfg.OUTPUT_DIR = args.output_dir
     cfg.freeze()
     default_setup(cfg, args)
@@ -57,7 +67,11 @@ def setup(args):
 def main(argv=None):
     args = parse_args(argv)
     cfg = setup(args)
-    results = run_incremental(cfg, args.start_stage, args.teacher_weights)
+    try:
+        results = run_incremental(cfg, args.start_stage, args.teacher_weights, args.resume, args.force)
+    except (*RUN_ERRORS, PruningError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(format_results_table(results))
 
 

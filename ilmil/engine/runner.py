@@ -11,7 +11,9 @@ Output layout (``OUT``)::
     per_class_ap*.csv, *.png, report.md    at the end (ilmil/evaluation/run_outputs.py)
 
 A stage whose ``model_final.pth`` exists is not retrained on a re-run into the
-same folder, and one whose evaluation is saved is not re-evaluated.
+same folder, and one whose evaluation is saved is not re-evaluated; with
+``resume`` the stage in progress continues from its newest readable checkpoint.
+``run.json`` (run_dir.py) keeps another run's re-run out of the folder.
 """
 import json
 import logging
@@ -21,23 +23,37 @@ import time
 
 import yaml
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
+from ..checkpoint import CheckpointError, IncrementalCheckpointer, safe_load
 from ..config import METHOD_PRESETS, uses_teacher
-from ..data import build_schedule, load_dataset_source, parse_stage_spec, register_stage_datasets
+from ..data import DatasetError, build_schedule, load_dataset_source, parse_stage_spec, register_stage_datasets
 from ..data.stages import Stage, StageSpecError
 from ..evaluation import evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
-from ..modeling import IncrementalRCNN, load_checked_checkpoint, load_expanded
-from .trainer import IncrementalTrainer
+from ..modeling import (
+    CheckpointClassesError,
+    IncrementalRCNN,
+    build_detector,
+    load_checked_checkpoint,
+    load_expanded,
+    with_checkpoint_layout,
+)
+from ..pruning.workflow import PRUNED_NAME, prune_checkpoint, pruning_enabled
+from .run_dir import RunDirError, RunValidationError, claim_run_dir, dataset_fingerprint, output_dir_problem
+from .trainer import IncrementalTrainer, NonFiniteLossError
 
-__all__ = ["IncrementalRun", "run_incremental", "resolve_class_order"]
+__all__ = ["RUN_ERRORS", "IncrementalRun", "run_incremental", "resolve_class_order"]
 
 logger = logging.getLogger("ilmil")
+
+# Errors whose message is the whole story (what is wrong, where, the fix): the CLI
+# prints them without a traceback.
+RUN_ERRORS = (DatasetError, StageSpecError, CheckpointClassesError, CheckpointError, RunDirError,
+              RunValidationError, NonFiniteLossError)
 
 
 def resolve_class_order(custom_order, dataset_classes):
@@ -58,12 +74,18 @@ def resolve_class_order(custom_order, dataset_classes):
 class IncrementalRun:
     """One class-incremental run: a config, its schedule and its output folder."""
 
-    def __init__(self, cfg, start_stage=0, teacher_weights=None):
+    def __init__(self, cfg, start_stage=0, teacher_weights=None, resume=False, force=False):
         """
         Args:
             cfg: a config from ``get_ilmil_cfg``; ``OUTPUT_DIR`` is the run folder.
             start_stage, teacher_weights: begin at stage ``start_stage`` > 0 from a
                 user-given model of the earlier stages' classes instead of training them.
+            resume: continue the stage in progress from its last checkpoint
+                (finished stages are always reused).
+            force: start over in a folder that holds another run (its outputs are removed).
+
+        Everything that can be checked before training is checked here, and all
+        problems found are raised together in one :class:`RunValidationError`.
         """
         self.cfg = cfg
         self.output_dir = cfg.OUTPUT_DIR
@@ -76,7 +98,9 @@ class IncrementalRun:
                 f"method {self.method} needs MODEL.META_ARCHITECTURE IncrementalRCNN (or a subclass), "
                 f"got {cfg.MODEL.META_ARCHITECTURE}"
             )
-        self.source = load_dataset_source(cfg)
+        self.resume, self.force = resume, force
+        problems = []
+        self.source = load_dataset_source(cfg, problems)
         class_order = resolve_class_order(list(cfg.ILMIL.CLASS_ORDER), self.source.class_names)
         counts = parse_stage_spec(cfg.ILMIL.STAGES, len(class_order))
         if self.method == "joint":
@@ -91,17 +115,62 @@ class IncrementalRun:
         if start_stage > 0 and not teacher_weights:
             raise ValueError(f"--start-stage {start_stage} needs --teacher-weights: the model of stages 0..{start_stage - 1}")
         if teacher_weights:  # refuse a wrong start model before any work
-            load_checked_checkpoint(teacher_weights, self.schedule[start_stage].old_classes)
+            try:
+                load_checked_checkpoint(teacher_weights, self.schedule[start_stage].old_classes)
+            except (CheckpointClassesError, CheckpointError, FileNotFoundError) as e:
+                problems.append(f"--teacher-weights: {e}")
         self.start_stage = start_stage
         self.teacher_weights = teacher_weights
+        self.class_order = class_order
         self.dataset_prefix = f"ilmil_{self.source.name}_{cfg.ILMIL.STAGES}_{self.method}"
         self.registered = [register_stage_datasets(self.dataset_prefix, self.source, s) for s in self.schedule]
+        problems += self._schedule_problems()
+        problems.append(output_dir_problem(self.output_dir))
+        problems = [p for p in problems if p]
+        if problems:
+            raise RunValidationError(problems)
+
+    def _schedule_problems(self):
+        """Stages that no training image can teach; classes without a training box are logged."""
+        problems = []
+        for stage, (train_name, _) in zip(self.schedule, self.registered):
+            if stage.index < self.start_stage:
+                continue
+            dicts = DatasetCatalog.get(train_name)
+            counts = dict.fromkeys(stage.new_classes, 0)
+            for record in dicts:
+                for ann in record["annotations"]:
+                    name = stage.seen_classes[ann["category_id"]]
+                    if name in counts:
+                        counts[name] += 1
+            missing = [c for c, n in counts.items() if n == 0]
+            if not dicts:
+                problems.append(
+                    f"stage {stage.index} ({', '.join(stage.new_classes)}): no image of the {self.source.name} "
+                    "train data holds these classes: fix: check --stages / ILMIL.CLASS_ORDER against the dataset"
+                )
+            elif missing:
+                logger.warning("Stage %d: no training box of class(es) %s; the model cannot learn them",
+                               stage.index, ", ".join(missing))
+        return problems
+
+    def identity(self):
+        """What a folder's finished stages were trained on; see ``claim_run_dir``."""
+        return {
+            "dataset": self.source.name,
+            "dataset_fingerprint": dataset_fingerprint(self.source),
+            "stages": self.cfg.ILMIL.STAGES,
+            "class_order": list(self.class_order),
+            "method": self.method,
+            "seed": self.cfg.SEED,
+        }
 
     def stage_dir(self, stage):
         return os.path.join(self.output_dir, f"stage_{stage.index}")
 
-    def stage_cfg(self, stage, teacher_weights=""):
-        """The config of one stage; ``teacher_weights`` is given for training only."""
+    def stage_cfg(self, stage, teacher_weights="", layout_checkpoint=None):
+        """The config of one stage; ``teacher_weights`` is given for training only,
+        ``layout_checkpoint`` for a student in that checkpoint's (pruned) channel layout."""
         train_name, test_name = self.registered[stage.index]
         cfg = self.cfg.clone()
         cfg.defrost()
@@ -115,7 +184,7 @@ class IncrementalRun:
             cfg.MODEL.WEIGHTS = ""  # the previous stage's model is loaded (expanded) instead
         cfg.ILMIL.TEACHER.WEIGHTS = teacher_weights if uses_teacher(cfg) else ""
         cfg.freeze()
-        return cfg
+        return with_checkpoint_layout(cfg, layout_checkpoint) if layout_checkpoint is not None else cfg
 
     def write_schedule(self):
         stages = []
@@ -134,18 +203,33 @@ class IncrementalRun:
             f.write(self.cfg.dump())
         return stages
 
-    def train_stage(self, stage, previous_weights):
-        cfg = self.stage_cfg(stage, teacher_weights=previous_weights or "")
+    def train_stage(self, stage, previous_weights, student_weights=None):
+        """Train ``stage``: its teacher is ``previous_weights`` (the model of the earlier
+        stages), its student starts from ``student_weights`` (default: the same model;
+        the pruned one after a pruning boundary), head expanded."""
+        student_weights = student_weights or previous_weights
+        start = None
+        if student_weights is not None:
+            start, _ = load_checked_checkpoint(student_weights, stage.old_classes)
+        cfg = self.stage_cfg(stage, teacher_weights=previous_weights or "", layout_checkpoint=start)
         seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + stage.index)
-        trainer = IncrementalTrainer(cfg)
-        if previous_weights is None:
-            trainer.resume_or_load(resume=False)
+        schedule = {"stage": stage.index, "stages": self.cfg.ILMIL.STAGES, "method": self.method}
+        trainer = IncrementalTrainer(cfg, schedule)
+        model = getattr(trainer.model, "module", trainer.model)  # unwrap DistributedDataParallel
+        start_iter = trainer.resume_stage() if self.resume else None
+        if start_iter is not None:
+            logger.info("Stage %d: resuming at iteration %d of %d", stage.index, start_iter, cfg.SOLVER.MAX_ITER)
         else:
-            old_state, _ = load_checked_checkpoint(previous_weights, stage.old_classes)
-            model = getattr(trainer.model, "module", trainer.model)  # unwrap DistributedDataParallel
-            load_expanded(model, old_state, len(stage.old_classes))
-            if cfg.ILMIL.FREEZE_BN_STATS and isinstance(model, IncrementalRCNN):
-                model.freeze_bn_stats()
+            interrupted = IncrementalCheckpointer(model, cfg.OUTPUT_DIR).resume_candidates()
+            if interrupted:
+                logger.info("Stage %d: training from its start (%s of an interrupted run is there; "
+                            "--resume continues from it)", stage.index, os.path.basename(interrupted[0]))
+            if start is None:
+                trainer.resume_or_load(resume=False)
+            else:
+                load_expanded(model, start["model"], len(stage.old_classes))
+        if previous_weights is not None and cfg.ILMIL.FREEZE_BN_STATS and isinstance(model, IncrementalRCNN):
+            model.freeze_bn_stats()
         trainer.train()
         return trainer.model
 
@@ -153,7 +237,9 @@ class IncrementalRun:
         return evaluate_model(self.stage_cfg(stage), model, output_dir=self.stage_dir(stage))
 
     def run(self):
-        os.makedirs(self.output_dir, exist_ok=True)
+        if comm.is_main_process():
+            claim_run_dir(self.output_dir, self.identity(), self.cfg.SEED, self.force, logger)
+        comm.synchronize()
         stages_info = self.write_schedule()
         results_path = os.path.join(self.output_dir, "results.json")
         results = {
@@ -164,7 +250,7 @@ class IncrementalRun:
             "config": yaml.safe_load(self.cfg.dump()),
             "stages": [],
         }
-        previous_weights = self.teacher_weights
+        previous_weights, student_weights = self.teacher_weights, None
         run_start = time.perf_counter()
         for stage, info in zip(self.schedule, stages_info):
             if stage.index < self.start_stage:
@@ -182,7 +268,7 @@ class IncrementalRun:
             if os.path.isfile(final_weights):
                 logger.info("Stage %d: %s exists, not retraining", stage.index, final_weights)
             else:
-                model = self.train_stage(stage, previous_weights)
+                model = self.train_stage(stage, previous_weights, student_weights)
             train_time = time.perf_counter() - stage_start
             if os.path.isfile(metrics_path):
                 with open(metrics_path) as f:
@@ -196,9 +282,16 @@ class IncrementalRun:
                 metrics["train_time_s"] = train_time
                 if comm.is_main_process():
                     write_json(metrics_path, metrics)
-            previous_weights = final_weights
+            previous_weights, student_weights = final_weights, None
+            pruning = self.prune_stage_model(stage, final_weights) if comm.is_main_process() else None
+            comm.synchronize()
+            if (pruning_enabled(self.cfg) and stage.index == self.cfg.ILMIL.PRUNING.AFTER_STAGE
+                    and stage.index < len(self.schedule) - 1):
+                student_weights = os.path.join(self.stage_dir(stage), "pruned", f"{PRUNED_NAME}.pth")
             if not comm.is_main_process():
                 continue
+            if pruning:
+                results["pruning"] = {"after_stage": stage.index, **pruning}
             entry = {"stage": stage.index, **info, **metrics}
             results["stages"].append(entry)
             write_json(results_path, results)
@@ -212,16 +305,31 @@ class IncrementalRun:
         return results
 
     def _load_stage_model(self, stage, weights):
-        cfg = self.stage_cfg(stage)
-        model = IncrementalTrainer.build_model(cfg)
-        DetectionCheckpointer(model).load(weights)
+        model = build_detector(self.stage_cfg(stage, layout_checkpoint=safe_load(weights)))
+        IncrementalCheckpointer(model).load(weights)
         return model
+
+    def prune_stage_model(self, stage, weights):
+        """The pruned model of ``stage`` (``stage_K/pruned/``), made once; None
+        when this boundary does not prune."""
+        if not pruning_enabled(self.cfg) or stage.index != self.cfg.ILMIL.PRUNING.AFTER_STAGE:
+            return None
+        if stage.index == len(self.schedule) - 1:
+            return None  # no later stage to start from it
+        folder = os.path.join(self.stage_dir(stage), "pruned")
+        summary_path = os.path.join(folder, "pruning.json")
+        if not os.path.isfile(summary_path):
+            train_name, test_name = self.registered[stage.index]
+            cfg = self.stage_cfg(stage, layout_checkpoint=safe_load(weights))
+            prune_checkpoint(cfg, weights, folder, stage.seen_classes, train_name, test_name)
+        with open(summary_path) as f:
+            return json.load(f)
 
 
 def _fmt(value):
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
 
 
-def run_incremental(cfg, start_stage=0, teacher_weights=None):
+def run_incremental(cfg, start_stage=0, teacher_weights=None, resume=False, force=False):
     """Run every stage of ``cfg``'s schedule; returns the results dict (results.json)."""
-    return IncrementalRun(cfg, start_stage, teacher_weights).run()
+    return IncrementalRun(cfg, start_stage, teacher_weights, resume, force).run()

@@ -1,26 +1,44 @@
 """The trainer of one incremental stage: detectron2's ``DefaultTrainer`` with our
-evaluator and checkpoints that record the classes they were trained on."""
+evaluator, crash-safe checkpoints that record the stage they belong to, and a
+guard that stops (or skips) an iteration whose loss is not finite."""
 import json
+import logging
 import os
+import weakref
+
+import torch
+import torch.distributed as dist
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 
+from ..checkpoint import IncrementalCheckpointer, RNGStates
 from ..evaluation import IncrementalEvaluator
+from ..modeling import build_detector
+from ..pruning import channel_layout
 
-__all__ = ["IncrementalTrainer"]
+__all__ = ["IncrementalTrainer", "NonFiniteLossError"]
+
+logger = logging.getLogger("ilmil")
 
 
-class _ClassNames:
-    """Checkpointable record of the model's classes (in logit order), saved under
-    the ``ilmil`` key so the next stage can check its teacher."""
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; the message names it, the iteration and the fix."""
 
-    def __init__(self, class_names):
+
+class StageRecord:
+    """Checkpointable record of the model's classes (in logit order), its channel
+    layout and the schedule, saved under the ``ilmil`` key: the next stage checks
+    its teacher against it, and every loader rebuilds a pruned model's shapes from it."""
+
+    def __init__(self, model, class_names, schedule):
+        self.model = model
         self.class_names = list(class_names)
+        self.schedule = dict(schedule)
 
     def state_dict(self):
-        return {"class_names": self.class_names}
+        return {"class_names": self.class_names, "channel_layout": channel_layout(self.model), **self.schedule}
 
     def load_state_dict(self, state):
         if list(state["class_names"]) != self.class_names:
@@ -42,17 +60,93 @@ class _IterationTimesWriter(hooks.HookBase):
 
 class IncrementalTrainer(DefaultTrainer):
     """Trains one stage. The stage runner evaluates after training, so the
-    periodic evaluation hook is left out (it would evaluate the final model twice)."""
+    periodic evaluation hook is left out (it would evaluate the final model twice).
 
-    def __init__(self, cfg):
+    Args:
+        cfg: the stage's config.
+        schedule: what the checkpoints record besides the classes (stage index,
+            stage spec, method), so a checkpoint says where it belongs.
+    """
+
+    def __init__(self, cfg, schedule=None):
+        self._schedule = schedule or {}
+        self._skipped_iterations = 0
+        self._last_losses = {}
         super().__init__(cfg)
-        class_names = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes
-        self.checkpointer.add_checkpointable("ilmil", _ClassNames(class_names))
+        self._trainer.model.register_forward_hook(self._check_losses_finite)
+
+    @classmethod
+    def build_model(cls, cfg):
+        """The detector in the channel layout of ``cfg.ILMIL.PRUNING.CHANNELS``."""
+        model = build_detector(cfg)
+        logger.info("Model:\n%s", model)
+        return model
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return IncrementalEvaluator(dataset_name)
 
     def build_hooks(self):
+        # Replaces DefaultTrainer's checkpointer before its PeriodicCheckpointer hook takes it.
+        class_names = MetadataCatalog.get(self.cfg.DATASETS.TRAIN[0]).thing_classes
+        self.checkpointer = IncrementalCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+            ilmil=StageRecord(self._trainer.model, class_names, self._schedule), rng=RNGStates(),
+        )
         kept = [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
         return kept + [_IterationTimesWriter()]
+
+    def resume_stage(self):
+        """Continue from the newest readable checkpoint in the stage folder (model,
+        optimizer, scheduler, iteration, random states). Returns the iteration
+        training continues at, or None when there is nothing to resume from."""
+        extra = self.checkpointer.resume_or_load("", resume=True)
+        if "iteration" not in extra:
+            return None
+        self.start_iter = extra["iteration"] + 1
+        return self.start_iter
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            if not isinstance(e, NonFiniteLossError):
+                # detectron2's own check (non-finite proposals): the weights have already
+                # diverged, so name the terms of the last iteration that had finite losses.
+                last = ", ".join(f"{k} = {v:.3g}" for k, v in sorted(self._last_losses.items(), key=lambda kv: -kv[1]))
+                e = NonFiniteLossError(f"iteration {self.iter}: {e} (losses of the iteration before, largest first: {last})")
+            self._skipped_iterations += 1
+            allowed = self.cfg.ILMIL.SKIP_NONFINITE_ITERS
+            if self._skipped_iterations > allowed:
+                raise NonFiniteLossError(self._stop_message(e, allowed)) from None
+            # Raised in the forward pass: no gradient was computed, no weight changed.
+            logger.warning("%s; iteration skipped (%d of ILMIL.SKIP_NONFINITE_ITERS %d)",
+                           e, self._skipped_iterations, allowed)
+
+    def _check_losses_finite(self, model, inputs, losses):
+        if not model.training:
+            return
+        bad = {name: float(value.detach()) for name, value in losses.items() if not torch.isfinite(value).all()}
+        if comm.get_world_size() > 1:
+            # Every rank must skip or stop together, or the others wait in DDP's all-reduce forever.
+            flag = torch.tensor([float(bool(bad))], device=next(iter(losses.values())).device)
+            dist.all_reduce(flag)
+            if flag.item() and not bad:
+                raise NonFiniteLossError(f"iteration {self.iter}: a loss term is not finite on another process")
+        if bad:
+            terms = ", ".join(f"{name} = {value}" for name, value in sorted(bad.items()))
+            raise NonFiniteLossError(f"iteration {self.iter}: loss not finite: {terms}")
+        self._last_losses = {name: float(value.detach()) for name, value in losses.items()}
+
+    def _stop_message(self, error, allowed):
+        saved = self.checkpointer.resume_candidates()
+        kept = (f"the last checkpoint, {saved[0]}, is kept: --resume continues from it"
+                if saved else "no checkpoint of this stage was saved yet")
+        return (
+            f"stage {self._schedule.get('stage', '?')} stopped at {error}"
+            + (f" (after skipping {allowed} such iteration(s))" if allowed else "")
+            + f"; {kept}.\n  fix: lower SOLVER.BASE_LR (now {self.cfg.SOLVER.BASE_LR:g}) or lengthen "
+            f"SOLVER.WARMUP_ITERS (now {self.cfg.SOLVER.WARMUP_ITERS}); clip gradients with "
+            "SOLVER.CLIP_GRADIENTS.ENABLED True; or let up to K bad iterations be skipped "
+            "with ILMIL.SKIP_NONFINITE_ITERS K"
+        )

@@ -15,19 +15,23 @@ import logging
 import os
 import time
 
-import torch
 import yaml
 from tqdm import tqdm
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
-from detectron2.modeling import build_model
 
+from ..checkpoint import IncrementalCheckpointer, safe_load
 from ..config import get_ilmil_cfg
 from ..data import load_dataset_source, register_stage_datasets
 from ..data.stages import Stage
-from ..modeling import CheckpointClassesError, checkpoint_class_names, load_checked_checkpoint
+from ..modeling import (
+    CheckpointClassesError,
+    build_detector,
+    checkpoint_class_names,
+    load_checked_checkpoint,
+    with_checkpoint_layout,
+)
 from .forgetting import add_forgetting
 from .incremental_evaluator import IncrementalEvaluator
 from .run_outputs import write_run_outputs
@@ -58,21 +62,21 @@ def _require_file(weights):
 
 
 def _checkpoint(weights):
-    return torch.load(_require_file(weights), map_location="cpu", weights_only=True)
+    return safe_load(_require_file(weights))
 
 
 def _load_model(cfg, weights, class_names):
     """The detector of ``cfg`` with ``weights``, refusing a checkpoint of other classes
     (detectron2 would only warn and leave the mismatched head random)."""
-    load_checked_checkpoint(
+    checkpoint, _ = load_checked_checkpoint(
         _require_file(weights),
         class_names,
         error=CheckpointClassesError,
         use="it is evaluated on the {n} classes",
         fix="fix --classes (order matters) or give the matching checkpoint",
     )
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
+    model = build_detector(with_checkpoint_layout(cfg, checkpoint))
+    IncrementalCheckpointer(model).load(weights)
     return model
 
 

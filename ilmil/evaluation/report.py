@@ -4,6 +4,7 @@ import os
 
 from tabulate import tabulate
 
+from ..pruning.measure import format_pruning_table
 from .forgetting import per_class_metrics
 
 __all__ = ["format_report", "format_results_table"]
@@ -113,6 +114,14 @@ def format_report(results, output_dir, plot_paths=(), data_files=()):
         "## Time per stage",
         _time_section(results),
     ]
+    if results.get("pruning"):
+        p = results["pruning"]
+        parts += ["## Pruning",
+                  f"The model of stage {p['after_stage']} was pruned (ratio {p['ratio']}, stage ratios "
+                  f"{p['stage_ratios'] or '-'}, box head {p['box_head_ratio']}; {p['finetune_iters']} fine-tuning "
+                  f"iterations) and the next stage's student started from it; measured at "
+                  f"{p['image_size'][1]}x{p['image_size'][0]} px on that stage's test data:",
+                  format_pruning_table(p)]
     if plot_paths:
         parts.append("## Plots")
         for path in plot_paths:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 
+from ..checkpoint import atomic_write
 from ..visualization import plot_runs
 from .forgetting import add_forgetting, per_class_metrics
 from .report import format_report
@@ -46,12 +47,8 @@ def _json_safe(value):
 
 def write_json(path, data):
     """Write atomically (a crash never leaves a half-written results.json), NaN as null."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(data), f, indent=2, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(_json_safe(data), indent=2, allow_nan=False)
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def read_results(run_dir):

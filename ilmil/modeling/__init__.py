@@ -1,5 +1,6 @@
 """Modeling: head expansion, distillation losses, pseudo-labels and the incremental
 meta-architecture (imported here so that it registers itself)."""
+from .build import build_detector, with_checkpoint_layout
 from .distillation import (
     DISTILL_LOSS_REGISTRY,
     FEATURE_DISTANCES,
@@ -21,6 +22,8 @@ from .incremental_rcnn import (
 from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 
 __all__ = [
+    "build_detector",
+    "with_checkpoint_layout",
     "CheckpointClassesError",
     "DISTILL_LOSS_REGISTRY",
     "FEATURE_DISTANCES",

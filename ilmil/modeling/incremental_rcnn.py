@@ -17,14 +17,15 @@ import logging
 import torch
 from torch import nn
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
-from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_model
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
+from ..checkpoint import IncrementalCheckpointer, safe_load
 from ..config import uses_teacher
+from .build import build_detector, with_checkpoint_layout
 from .distillation import build_distill_loss
 from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 
@@ -83,11 +84,13 @@ def load_checked_checkpoint(
     use="the schedule expects the {n} old classes",
     fix="give the checkpoint of the previous stage, or fix --stages / --class-order",
 ):
-    """The state dict and class count of a detector checkpoint, refused with
-    ``error`` (naming both lists) when its class count or recorded class names
-    differ from ``expected_classes``; ``use`` and ``fix`` word the message."""
-    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-    state = checkpoint.get("model", checkpoint)
+    """A detector checkpoint (``{"model": state dict, ...}``) and its class count,
+    refused with ``error`` (naming both lists) when its class count or recorded
+    class names differ from ``expected_classes``; ``use`` and ``fix`` word the message."""
+    checkpoint = safe_load(weights)
+    if "model" not in checkpoint:
+        checkpoint = {"model": checkpoint}
+    state = checkpoint["model"]
     num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
     if expected_classes is not None:
         names = checkpoint_class_names(checkpoint)
@@ -95,7 +98,7 @@ def load_checked_checkpoint(
             found = list(names) if names is not None else f"{num_classes} unnamed classes"
             expected = use.format(n=len(expected_classes))
             raise error(f"checkpoint {weights} holds {found}, but {expected} {list(expected_classes)}: {fix}")
-    return state, num_classes
+    return checkpoint, num_classes
 
 
 def build_teacher(cfg, weights, expected_classes=None):
@@ -104,14 +107,14 @@ def build_teacher(cfg, weights, expected_classes=None):
     Refuses a checkpoint whose class count (or recorded class names) differs
     from ``expected_classes``, naming both.
     """
-    _, num_classes = load_checked_checkpoint(weights, expected_classes)
-    teacher_cfg = cfg.clone()
+    checkpoint, num_classes = load_checked_checkpoint(weights, expected_classes)
+    teacher_cfg = with_checkpoint_layout(cfg, checkpoint)  # a pruned teacher keeps its widths
     teacher_cfg.defrost()
     teacher_cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     teacher_cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     teacher_cfg.MODEL.WEIGHTS = ""
-    teacher = build_model(teacher_cfg)
-    DetectionCheckpointer(teacher).load(weights)
+    teacher = build_detector(teacher_cfg)
+    IncrementalCheckpointer(teacher).load(weights)  # skips the student's distillation state
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher

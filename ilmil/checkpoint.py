@@ -1,0 +1,205 @@
+"""Checkpoint files: atomic writes, loads that never run code, fallback past a corrupt file.
+
+``IncrementalCheckpointer`` is detectron2's ``DetectionCheckpointer`` with three
+differences, each needed for long incremental runs:
+
+* every file (checkpoint, ``last_checkpoint`` tag) is written to a temporary file
+  in the same folder, fsynced and renamed over the target, so a crash or a kill
+  leaves either the old file or the new one, never half of one;
+* loading never executes code from the file: ``.pth`` through
+  ``torch.load(weights_only=True)``, detectron2 / Caffe2 model-zoo ``.pkl``
+  through an unpickler that only builds containers and numpy arrays;
+* ``resume_or_load(resume=True)`` resumes from the newest checkpoint that loads;
+  a truncated or corrupt one is skipped with a warning naming both files.
+"""
+import logging
+import os
+import pickle
+import random
+import re
+
+import numpy as np
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+
+from .pruning import channel_layout, checkpoint_channel_layout
+
+__all__ = ["CheckpointError", "IncrementalCheckpointer", "RNGStates", "atomic_write", "safe_load"]
+
+logger = logging.getLogger(__name__)
+
+_PERIODIC_NAME = re.compile(r"model_(\d+)\.pth$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, corrupt, or not a checkpoint)."""
+
+
+def atomic_write(path, write, mode="wb"):
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, rename it to ``path``."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    # The rename itself is durable only once the folder entry is on disk.
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, numbers, strings and numpy arrays; refuses every other
+    global, so a crafted ``.pkl`` cannot run code (``pickle.load`` would)."""
+
+    _ALLOWED = {
+        ("collections", "OrderedDict"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only arrays are allowed in a weights file")
+        return super().find_class(module, name)
+
+
+def safe_load(path):
+    """The contents of a checkpoint file, loaded without executing code from it.
+
+    Raises :class:`CheckpointError` naming the file when it cannot be read.
+    """
+    try:
+        if path.endswith(".pkl"):
+            with open(path, "rb") as f:
+                return _ArraysOnlyUnpickler(f, encoding="latin1").load()
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / ... on bad files
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+class RNGStates:
+    """Checkpointable Python / numpy / torch random states, so a resumed stage
+    continues the random streams instead of restarting them."""
+
+    def state_dict(self):
+        _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+        version, python_state, gauss_next = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            # As tensors and plain numbers: ``weights_only`` loading refuses numpy objects.
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
+            "python": {"version": version, "state": list(python_state), "gauss_next": gauss_next},
+        }
+
+    def load_state_dict(self, state):
+        torch.set_rng_state(state["torch"])
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached_gaussian"]))
+        p = state["python"]
+        random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+class IncrementalCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` with atomic saves, safe loads and corrupt-file fallback."""
+
+    def save(self, name, **extra):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(extra)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", path)
+        atomic_write(path, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename), mode="w")
+
+    def _load_file(self, filename):
+        self._loading = filename
+        data = safe_load(filename)
+        if filename.endswith(".pkl"):
+            # Model-zoo layouts, as detectron2 reads them: {"model": ..., "__author__": ...}
+            # for its own zoo, a bare (or "blobs") dict of arrays from Caffe2 / Detectron1.
+            if "model" in data and "__author__" in data:
+                return data
+            data = data.get("blobs", data)
+            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+        return data if "model" in data else {"model": data}
+
+    def _load_model(self, checkpoint):
+        # Without this, detectron2 would skip every pruned layer's weights with a
+        # shape warning and leave them random.
+        recorded = checkpoint_channel_layout(checkpoint)
+        current = channel_layout(self.model)
+        differing = [name for name, width in recorded.items() if current.get(name) != width]
+        if differing:
+            name = differing[0]
+            raise CheckpointError(
+                f"checkpoint {self._loading} is pruned: {len(differing)} layer(s) differ in width from this model's "
+                f"(e.g. {name}: {recorded[name]} in the checkpoint, {current.get(name)} in the model). Build the "
+                "model in the checkpoint's layout: ilmil.modeling.build_detector(with_checkpoint_layout(cfg, "
+                "checkpoint)); the toolkit's tools do this by themselves"
+            )
+        return super()._load_model(checkpoint)
+
+    def resume_candidates(self):
+        """Checkpoints to resume from, newest first: the tagged one, then the
+        periodic ``model_NNNNNNN.pth`` files by iteration."""
+        tagged = self.get_checkpoint_file() if self.has_checkpoint() else ""
+        periodic = []
+        if self.save_dir and os.path.isdir(self.save_dir):
+            for name in os.listdir(self.save_dir):
+                match = _PERIODIC_NAME.fullmatch(name)
+                if match:
+                    periodic.append((int(match.group(1)), os.path.join(self.save_dir, name)))
+        ordered = [tagged] if tagged and os.path.isfile(tagged) else []
+        ordered += [path for _, path in sorted(periodic, reverse=True) if path not in ordered]
+        return ordered
+
+    def resume_or_load(self, path, *, resume=True):
+        """Resume from the newest readable checkpoint of ``save_dir`` (all states),
+        else load only the model weights of ``path``."""
+        if resume:
+            skipped = []
+            for candidate in self.resume_candidates():
+                try:
+                    checkpoint = self._load_file(candidate)
+                    if "iteration" not in checkpoint:
+                        raise CheckpointError(f"checkpoint {candidate} has no training iteration: not a resumable checkpoint")
+                except CheckpointError as e:
+                    skipped.append(candidate)
+                    logger.warning("%s", e)
+                    continue
+                if skipped:
+                    logger.warning(
+                        "Skipped unreadable checkpoint(s) %s; resuming from the previous good one, %s",
+                        ", ".join(skipped), candidate,
+                    )
+                # Read again by ``load``, which also syncs the ranks of a distributed run.
+                return self.load(candidate)
+            if skipped:
+                logger.warning("No readable checkpoint in %s (unreadable: %s); starting the stage over",
+                               self.save_dir, ", ".join(skipped))
+        return self.load(path, checkpointables=[])
+

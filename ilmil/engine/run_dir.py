@@ -1,0 +1,113 @@
+"""A run folder's identity (``run.json``) and the checks made before any training.
+
+``run.json`` records the toolkit version, the command line, the seed and what
+the run trains on (dataset, schedule, method). A finished stage is reused on a
+re-run into the same folder, so a re-run that asks for something else is
+refused (its stages would be silently mixed with the old ones) unless
+``--force``, which first removes this toolkit's outputs from the folder.
+"""
+import datetime
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+from .. import __version__
+from ..evaluation.run_outputs import write_json
+
+__all__ = ["RUN_FILE", "RunDirError", "RunValidationError", "claim_run_dir", "dataset_fingerprint",
+           "output_dir_problem"]
+
+RUN_FILE = "run.json"
+# What the toolkit writes into a run folder; --force removes these and nothing else.
+_RUN_OUTPUTS = ("stage_*", "results.json", "stages.json", "config.yaml", "report.md", "per_class_*.csv",
+                "forgetting_curve.png", "per_class_heatmap.png", "per_class_first_vs_final.png", RUN_FILE)
+
+
+class RunDirError(ValueError):
+    """The output folder holds a different run."""
+
+
+class RunValidationError(ValueError):
+    """Problems found before training; the message lists all of them."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        listed = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) found before training; nothing was trained:\n{listed}")
+
+
+def dataset_fingerprint(source):
+    """A hash of the images and annotations a run trains and tests on."""
+    digest = hashlib.sha1()
+    for split in (source.train, source.test):
+        for record in split:
+            boxes = sorted((a["category_name"], *(round(v, 2) for v in a["bbox"])) for a in record["annotations"])
+            digest.update(json.dumps([os.path.basename(record["file_name"]), boxes]).encode())
+        digest.update(b"|")
+    return digest.hexdigest()[:16]
+
+
+def output_dir_problem(output_dir):
+    """Why ``output_dir`` cannot hold the run, or None (it is created if missing)."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        return f"--output-dir {output_dir} is not writable ({e.strerror}): fix: choose a folder you can write to"
+    return None
+
+
+def _remove_run_outputs(output_dir):
+    removed = []
+    for pattern in _RUN_OUTPUTS:
+        for path in sorted(glob.glob(os.path.join(output_dir, pattern))):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            removed.append(os.path.basename(path))
+    return removed
+
+
+def claim_run_dir(output_dir, identity, seed, force=False, logger=None):
+    """Record this run in ``output_dir/run.json``, refusing a folder of another run.
+
+    Args:
+        identity (dict): what must match for the folder's finished stages to be
+            reused (dataset and its fingerprint, schedule, method, seed).
+        force: remove the folder's previous outputs and start over instead.
+    """
+    path = os.path.join(output_dir, RUN_FILE)
+    recorded = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            recorded = json.load(f)
+    if force:
+        removed = _remove_run_outputs(output_dir)
+        if removed and logger:
+            logger.info("--force: removed the previous run's outputs from %s: %s", output_dir, ", ".join(removed))
+        recorded = None
+    elif recorded is not None:
+        before = recorded.get("identity", {})
+        changed = [key for key in identity if before.get(key) != identity[key]]
+        if changed:
+            listed = "; ".join(f"{key}: {before.get(key)!r} there, {identity[key]!r} now" for key in changed)
+            raise RunDirError(
+                f"{path}: this folder holds another run ({listed}), whose finished stages would be "
+                f"mixed into this one.\n  fix: choose another --output-dir, or add --force to remove "
+                f"that run's outputs and start over"
+            )
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    record = {
+        "ilmil_version": __version__,
+        "command": " ".join(sys.argv),
+        "seed": seed,
+        "identity": identity,
+        "created": recorded["created"] if recorded else now,
+        "last_started": now,
+    }
+    write_json(path, record)
+    return record

@@ -1,0 +1,117 @@
+"""Pruning a trained stage model: L1 prune, optional fine-tuning, before/after report.
+
+Used by the stage runner at the boundary after ``ILMIL.PRUNING.AFTER_STAGE`` (the
+next stage's student starts from the pruned model, its teacher is the unpruned
+one) and by ``tools/prune.py``. Writes, in its output folder::
+
+    model_pruned.pth   the pruned (and fine-tuned) model; its channel layout is recorded
+    pruning.json       ratios, and before / after: params, GFLOPs, latency, AP50
+    finetune/          the fine-tuning stage's log and checkpoints (if any)
+"""
+import logging
+import os
+import re
+
+from detectron2.data import build_detection_test_loader
+
+from ..checkpoint import IncrementalCheckpointer
+from ..engine.trainer import IncrementalTrainer, StageRecord
+from ..evaluation import evaluate_model
+from ..evaluation.run_outputs import write_json
+from ..modeling import build_detector, load_checked_checkpoint, with_checkpoint_layout
+from .channels import prune_l1
+from .measure import format_pruning_table, measure_model
+
+__all__ = ["PRUNED_NAME", "pruning_enabled", "pruning_ratios", "prune_checkpoint"]
+
+logger = logging.getLogger("ilmil")
+
+PRUNED_NAME = "model_pruned"
+_RESNET_STAGE = re.compile(r"\.res([2-5])\.")
+
+
+def pruning_enabled(cfg):
+    p = cfg.ILMIL.PRUNING
+    return p.RATIO > 0 or any(r > 0 for r in p.STAGE_RATIOS) or p.BOX_HEAD_RATIO > 0
+
+
+def pruning_ratios(cfg):
+    """``layer name -> fraction removed`` from the ``ILMIL.PRUNING`` keys."""
+    p = cfg.ILMIL.PRUNING
+    stage_ratios = [float(r) for r in p.STAGE_RATIOS]
+    if stage_ratios and len(stage_ratios) != 4:
+        raise ValueError(f"ILMIL.PRUNING.STAGE_RATIOS needs 4 values (res2..res5), got {stage_ratios}")
+
+    def ratio_of(name):
+        if ".box_head." in name:
+            return p.BOX_HEAD_RATIO
+        match = _RESNET_STAGE.search(name)
+        if match and stage_ratios:
+            return stage_ratios[int(match.group(1)) - 2]
+        return p.RATIO
+
+    return ratio_of
+
+
+def prune_checkpoint(cfg, weights, output_dir, class_names, train_dataset, test_dataset):
+    """Prune ``weights`` per ``cfg.ILMIL.PRUNING``, fine-tune, measure; returns the summary.
+
+    Args:
+        cfg: the config ``weights`` was trained with (its ``NUM_CLASSES``).
+        class_names: the checkpoint's classes (checked against its record).
+        train_dataset, test_dataset: registered names of its training data (for
+            fine-tuning) and test data (AP50 and a real image for GFLOPs / latency).
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    checkpoint, _ = load_checked_checkpoint(weights, class_names, use="it is pruned as a model of the {n} classes",
+                                            fix="give the model of those classes")
+    cfg = with_checkpoint_layout(cfg, checkpoint)
+    cfg.defrost()
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train_dataset,), (test_dataset,)
+    cfg.ILMIL.TEACHER.WEIGHTS = ""  # pruning and fine-tuning need no teacher
+    cfg.freeze()
+    model = build_detector(cfg)
+    IncrementalCheckpointer(model).load(weights)
+    image = next(iter(build_detection_test_loader(cfg, test_dataset)))[0]["image"]
+
+    logger.info("Pruning %s: measuring the model before", weights)
+    before = {**measure_model(model, image), "AP50": evaluate_model(cfg, model).get("AP50")}
+    layout = prune_l1(model, pruning_ratios(cfg))
+    pruned_cfg = cfg.clone()
+    pruned_cfg.defrost()
+    pruned_cfg.ILMIL.PRUNING.CHANNELS = [[name, width] for name, width in layout.items()]
+    pruned_cfg.freeze()
+    iters = cfg.ILMIL.PRUNING.FINETUNE_ITERS
+    if iters > 0:
+        model = _finetune(pruned_cfg, model, iters, os.path.join(output_dir, "finetune"), class_names)
+    IncrementalCheckpointer(model, output_dir, ilmil=StageRecord(model, class_names, {"pruned_from": weights})).save(
+        PRUNED_NAME)
+    after = {**measure_model(model, image), "AP50": evaluate_model(pruned_cfg, model).get("AP50")}
+    p = cfg.ILMIL.PRUNING
+    summary = {
+        "weights": weights,
+        "pruned_weights": os.path.join(output_dir, f"{PRUNED_NAME}.pth"),
+        "ratio": p.RATIO, "stage_ratios": list(p.STAGE_RATIOS), "box_head_ratio": p.BOX_HEAD_RATIO,
+        "finetune_iters": iters,
+        "image_size": list(image.shape[1:]),
+        "before": before,
+        "after": after,
+    }
+    write_json(os.path.join(output_dir, "pruning.json"), summary)
+    logger.info("Pruning result:\n%s", format_pruning_table(summary))
+    return summary
+
+
+def _finetune(cfg, model, iters, output_dir, class_names):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = output_dir
+    cfg.SOLVER.MAX_ITER = iters
+    cfg.SOLVER.STEPS = ()
+    cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, iters // 5)
+    cfg.freeze()
+    trainer = IncrementalTrainer(cfg, {"pruned_finetune": True})
+    trainer.model.load_state_dict(model.state_dict())
+    logger.info("Fine-tuning the pruned model for %d iterations", iters)
+    trainer.train()
+    return trainer.model

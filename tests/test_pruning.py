@@ -1,0 +1,179 @@
+"""Structured L1 pruning of the shapes CPU detector (ResNet-18 FPN): the requested
+fraction of the targeted channels goes, the model still runs with the unpruned
+output shapes, checkpoints rebuild it exactly, and the tools report the savings."""
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, read_json, run_tool, tail
+from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, safe_load
+from ilmil.config import get_ilmil_cfg
+from ilmil.engine.trainer import StageRecord
+from ilmil.modeling import build_detector, with_checkpoint_layout
+from ilmil.pruning import PruningError, channel_layout, measure_model, prunable_layers, prune_l1
+
+IMAGE = (3, 64, 96)
+
+
+def _cfg(*opts):
+    return get_ilmil_cfg(None, ["MODEL.ROI_HEADS.NUM_CLASSES", 3, *opts])
+
+
+def _model(*opts):
+    torch.manual_seed(0)
+    return build_model(_cfg(*opts))
+
+
+def _inputs():
+    torch.manual_seed(1)
+    image = torch.randint(0, 255, IMAGE, dtype=torch.uint8)
+    instances = Instances(IMAGE[1:])
+    instances.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 40.0, 50.0], [50.0, 10.0, 90.0, 30.0]]))
+    instances.gt_classes = torch.tensor([0, 2])
+    return [{"image": image, "height": IMAGE[1], "width": IMAGE[2], "instances": instances}]
+
+
+def _ratios(backbone, box_head=0.0):
+    return lambda name: box_head if ".box_head." in name else backbone
+
+
+def test_pruning_removes_the_requested_fraction_of_the_targeted_channels():
+    model = _model()
+    before = channel_layout(model)
+    after = prune_l1(model, _ratios(0.3, box_head=0.5))
+    blocks = [n for n in before if ".bottom_up." in n]
+    assert len(blocks) == 8  # ResNet-18: 2 basic blocks per stage, one inner conv each
+    for name in blocks:
+        assert after[name] == round(before[name] * 0.7)
+    assert after["roi_heads.box_head.fc1"] == 128 and after["roi_heads.box_head.fc2"] == 128
+    layers = prunable_layers(model)
+    conv1, (conv2,) = layers["backbone.bottom_up.res3.0.conv1"]
+    assert conv1.weight.shape[0] == conv1.norm.num_features == conv1.norm.running_mean.numel() == 90
+    assert conv2.weight.shape[1] == 90
+    assert model.roi_heads.box_predictor.cls_score.weight.shape == (4, 128)
+
+
+def test_the_filters_of_smallest_l1_norm_go():
+    model = _model()
+    conv1, _ = prunable_layers(model)["backbone.bottom_up.res2.0.conv1"]
+    with torch.no_grad():
+        conv1.weight.copy_(torch.arange(64, dtype=torch.float32).roll(7).view(64, 1, 1, 1).expand_as(conv1.weight))
+    kept_norms = sorted(range(64), key=lambda i: (i - 7) % 64)[-32:]  # the 32 largest, in channel order
+    expected = conv1.weight[sorted(kept_norms)].clone()
+    prune_l1(model, lambda name: 0.5 if name == "backbone.bottom_up.res2.0.conv1" else 0.0)
+    assert torch.equal(conv1.weight, expected)
+
+
+def test_pruned_model_runs_in_train_and_eval_with_unpruned_output_shapes():
+    unpruned, pruned = _model(), _model()
+    prune_l1(pruned, _ratios(0.5, box_head=0.5))
+    with EventStorage():
+        losses = pruned.train()(_inputs())
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    pruned.eval(), unpruned.eval()
+    with torch.no_grad():
+        image = pruned.preprocess_image(_inputs()).tensor
+        features, reference = pruned.backbone(image), unpruned.backbone(image)
+        assert {k: v.shape for k, v in features.items()} == {k: v.shape for k, v in reference.items()}
+        instances = pruned(_inputs())[0]["instances"]
+    assert instances.pred_boxes.tensor.shape[1] == 4 and instances.image_size == IMAGE[1:]
+
+
+def test_a_zero_ratio_changes_nothing():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prune_l1(model, _ratios(0.0))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _save_pruned(tmp_path):
+    model = _model()
+    prune_l1(model, _ratios(0.3, box_head=0.25))
+    model.eval()
+    record = StageRecord(model, ["a", "b", "c"], {})
+    IncrementalCheckpointer(model, str(tmp_path), ilmil=record).save("model_pruned")
+    return model, str(tmp_path / "model_pruned.pth")
+
+
+def test_a_pruned_checkpoint_rebuilds_the_same_model_bit_for_bit(tmp_path):
+    model, path = _save_pruned(tmp_path)
+    checkpoint = safe_load(path)
+    rebuilt = build_detector(with_checkpoint_layout(_cfg(), checkpoint))
+    IncrementalCheckpointer(rebuilt).load(path)
+    rebuilt.eval()
+    with torch.no_grad():
+        expected, got = model(_inputs())[0]["instances"], rebuilt(_inputs())[0]["instances"]
+    assert len(expected) > 0
+    assert torch.equal(expected.pred_boxes.tensor, got.pred_boxes.tensor)
+    assert torch.equal(expected.scores, got.scores)
+
+
+def test_loading_a_pruned_checkpoint_into_an_unpruned_model_is_refused(tmp_path):
+    _, path = _save_pruned(tmp_path)
+    with pytest.raises(CheckpointError, match=r"is pruned: 10 layer\(s\) differ.*with_checkpoint_layout"):
+        IncrementalCheckpointer(_model()).load(path)
+
+
+def test_groupnorm_blocks_are_refused_with_the_fix():
+    model = _model("MODEL.RESNETS.NORM", "GN")
+    with pytest.raises(PruningError, match="MODEL.RESNETS.NORM to BN"):
+        prune_l1(model, _ratios(0.3))
+
+
+def test_pruning_makes_the_model_smaller_and_cheaper():
+    model = _model()
+    image = torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8)
+    before = measure_model(model, image, latency_repeats=3)
+    prune_l1(model, _ratios(0.5))
+    after = measure_model(model, image, latency_repeats=3)
+    assert after["params"] < 0.8 * before["params"]
+    assert 0 < after["gflops_backbone"] < 0.8 * before["gflops_backbone"]
+    assert after["gflops"] > after["gflops_backbone"] and after["latency_ms"] > 0
+
+
+# ------------------------------------------------------------------ the tools
+
+
+def test_train_incremental_prunes_at_the_stage_boundary(tiny_datasets_root, tmp_path):
+    out = tmp_path / "run"
+    proc = run_tool("train_incremental.py", [
+        "--stages", "2+2", "--method", "ilmil", "--prune", "0.5", "--output-dir", str(out), *SHAPES_OPTS,
+        *TRAIN_OPTS, "ILMIL.PRUNING.BOX_HEAD_RATIO", "0.5", "ILMIL.PRUNING.FINETUNE_ITERS", "2"], tiny_datasets_root)
+    assert proc.returncode == 0, tail(proc)
+    summary = read_json(out / "stage_0" / "pruned" / "pruning.json")
+    assert summary["after"]["params"] < 0.8 * summary["before"]["params"]
+    assert summary["after"]["gflops_backbone"] < summary["before"]["gflops_backbone"]
+    assert all(0 <= summary[k]["AP50"] <= 100 for k in ("before", "after"))
+    assert safe_load(str(out / "stage_0" / "pruned" / "finetune" / "model_final.pth"))["iteration"] == 1
+    # The teacher stays unpruned; the student of stage 1 and its checkpoint keep the pruned widths.
+    teacher_layout = safe_load(str(out / "stage_0" / "model_final.pth"))["ilmil"]["channel_layout"]
+    student_layout = safe_load(str(out / "stage_1" / "model_final.pth"))["ilmil"]["channel_layout"]
+    assert student_layout["backbone.bottom_up.res4.1.conv1"] == teacher_layout["backbone.bottom_up.res4.1.conv1"] // 2
+    assert student_layout == safe_load(summary["pruned_weights"])["ilmil"]["channel_layout"]
+    results = read_json(out / "results.json")
+    assert results["pruning"]["after_stage"] == 0 and len(results["stages"]) == 2
+    assert "## Pruning" in (out / "report.md").read_text()
+    # The evaluation tool rebuilds the pruned model from its checkpoint alone.
+    proc = run_tool("eval_incremental.py", ["--run-dir", str(out), "--output-dir", str(tmp_path / "eval"),
+                                            *SHAPES_OPTS, *TRAIN_OPTS], tiny_datasets_root)
+    assert proc.returncode == 0, tail(proc)
+
+
+def test_prune_tool_reports_before_and_after(tiny_datasets_root, tmp_path):
+    out = tmp_path / "base"
+    proc = run_tool("train_incremental.py", ["--stages", "2+2", "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS],
+                    tiny_datasets_root)
+    assert proc.returncode == 0, tail(proc)
+    weights = str(out / "stage_0" / "model_final.pth")
+    proc = run_tool("prune.py", ["--weights", weights, "--ratio", "0.3", "--output-dir", str(tmp_path / "pruned"),
+                                 *SHAPES_OPTS, *TRAIN_OPTS], tiny_datasets_root)
+    assert proc.returncode == 0, tail(proc)
+    summary = read_json(tmp_path / "pruned" / "pruning.json")
+    assert summary["ratio"] == 0.3 and summary["finetune_iters"] == 0
+    assert summary["after"]["params"] < summary["before"]["params"]
+    assert "| parameters (M) |" in proc.stdout and "AP50 (all classes)" in proc.stdout

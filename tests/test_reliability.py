@@ -1,0 +1,367 @@
+"""Crash safety: atomic checkpoints, safe loading, corrupt-file fallback, resume after
+SIGKILL, non-finite loss stop, pre-flight validation and the run folder's identity."""
+import json
+import logging
+import os
+import pickle
+import random
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, read_json, run_tool, start_tool, tail
+from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, RNGStates, atomic_write, safe_load
+from ilmil.config import get_ilmil_cfg
+from ilmil.data.shapes import shape_class_names
+from ilmil.engine import IncrementalRun, RunDirError, RunValidationError
+from ilmil.engine.run_dir import claim_run_dir
+
+# --------------------------------------------------------------- checkpoint files
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("old")
+
+    def fail_halfway(f):
+        f.write(b"new, half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(str(path), fail_halfway)
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+
+
+class _Counter:
+    """A checkpointable with state, standing in for the trainer's."""
+
+    def __init__(self):
+        self.value = 0
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def _save_periodic(folder, iterations):
+    model, counter = nn.Linear(3, 2), _Counter()
+    checkpointer = IncrementalCheckpointer(model, str(folder), counter=counter)
+    for it in iterations:
+        with torch.no_grad():
+            model.weight.fill_(float(it))
+        counter.value = it
+        checkpointer.save(f"model_{it:07d}", iteration=it)
+    return checkpointer
+
+
+def test_checkpoints_are_written_whole_and_tagged(tmp_path):
+    _save_periodic(tmp_path, [4, 9])
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000004.pth", "model_0000009.pth"]
+    assert safe_load(str(tmp_path / "model_0000009.pth"))["iteration"] == 9
+
+
+def test_resume_skips_a_truncated_checkpoint_and_names_both_files(tmp_path, caplog):
+    _save_periodic(tmp_path, [4, 9])
+    newest = tmp_path / "model_0000009.pth"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a crash mid-copy, a full disk
+    model, counter = nn.Linear(3, 2), _Counter()
+    checkpointer = IncrementalCheckpointer(model, str(tmp_path), counter=counter)
+    with caplog.at_level(logging.WARNING, logger="ilmil.checkpoint"):
+        extra = checkpointer.resume_or_load("", resume=True)
+    assert extra["iteration"] == 4 and counter.value == 4
+    assert torch.all(model.weight == 4.0)
+    warning = "\n".join(r.getMessage() for r in caplog.records)
+    assert str(newest) in warning and str(tmp_path / "model_0000004.pth") in warning
+
+
+def test_resume_with_only_corrupt_checkpoints_starts_over(tmp_path, caplog):
+    _save_periodic(tmp_path, [4])
+    (tmp_path / "model_0000004.pth").write_bytes(b"not a checkpoint")
+    checkpointer = IncrementalCheckpointer(nn.Linear(3, 2), str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="ilmil.checkpoint"):
+        assert "iteration" not in checkpointer.resume_or_load("", resume=True)
+    assert "starting the stage over" in caplog.text
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path, monkeypatch, suffix):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / f"evil{suffix}"
+    if suffix == ".pth":
+        torch.save({"model": {}, "payload": _RunsCode()}, path)
+    else:
+        path.write_bytes(pickle.dumps({"model": {}, "payload": _RunsCode()}))
+    with pytest.raises(CheckpointError, match=str(path)):
+        safe_load(str(path))
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_model_zoo_pkl_weights_still_load(tmp_path):
+    weights = {"conv1.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    path = tmp_path / "R-zoo.pkl"
+    path.write_bytes(pickle.dumps({"model": weights, "__author__": "someone"}))
+    loaded = safe_load(str(path))
+    np.testing.assert_array_equal(loaded["model"]["conv1.weight"], weights["conv1.weight"])
+
+
+def test_rng_states_survive_a_checkpoint_round_trip(tmp_path):
+    states = RNGStates()
+    torch.save({"rng": states.state_dict()}, tmp_path / "rng.pth")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(5), random.random()  # the streams move on
+    states.load_state_dict(safe_load(str(tmp_path / "rng.pth"))["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    np.testing.assert_array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+
+
+# -------------------------------------------------------------- killed and resumed
+
+
+def _checkpoint_iteration(stage_dir):
+    tagged = (stage_dir / "last_checkpoint").read_text().strip()
+    return safe_load(str(stage_dir / tagged))["iteration"]
+
+
+def test_a_run_killed_mid_stage_resumes_from_its_checkpoint(tiny_datasets_root, tmp_path):
+    out = tmp_path / "run"
+    args = ["--stages", "2+2", "--method", "finetune", "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS,
+            "SOLVER.MAX_ITER", "60", "SOLVER.STEPS", "(50,)", "SOLVER.CHECKPOINT_PERIOD", "10"]
+    proc = start_tool("train_incremental.py", args, tiny_datasets_root, tmp_path / "first.log")
+    stage1 = out / "stage_1"
+    deadline = time.monotonic() + 240
+    while not (stage1 / "last_checkpoint").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first_log = (tmp_path / "first.log").read_text()
+    assert proc.returncode == -signal.SIGKILL, first_log[-3000:]
+    assert not (stage1 / "model_final.pth").exists(), "the kill came too late: stage 1 had finished"
+    stage0_weights = out / "stage_0" / "model_final.pth"
+    stage0_mtime = stage0_weights.stat().st_mtime
+    killed_at = _checkpoint_iteration(stage1)
+
+    resumed = run_tool("train_incremental.py", [*args[:6], "--resume", *args[6:]], tiny_datasets_root, timeout=240)
+    assert resumed.returncode == 0, tail(resumed)
+    assert "Stage 0: " in resumed.log and "exists, not retraining" in resumed.log
+    assert stage0_weights.stat().st_mtime == stage0_mtime
+    assert f"Stage 1: resuming at iteration {killed_at + 1} of 60" in resumed.log
+    assert read_json(stage1 / "iteration_times.json")["start_iter"] == killed_at + 1
+    assert safe_load(str(stage1 / "model_final.pth"))["iteration"] == 59
+    assert [s["stage"] for s in read_json(out / "results.json")["stages"]] == [0, 1]
+
+
+# ---------------------------------------------------------------- non-finite loss
+
+
+# An infinite loss weight makes the RPN losses infinite from the first iteration on.
+INFINITE_LOSS = ["MODEL.RPN.LOSS_WEIGHT", "1e400"]
+
+
+def test_a_non_finite_loss_stops_the_stage_naming_the_term_and_the_fix(tiny_datasets_root, tmp_path):
+    out = tmp_path / "run"
+    proc = run_tool("train_incremental.py", [
+        "--stages", "2+2", "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS, *INFINITE_LOSS], tiny_datasets_root)
+    assert proc.returncode == 1, tail(proc)
+    error = proc.stderr[proc.stderr.rindex("error: "):]
+    assert "stage 0 stopped at iteration 0: loss not finite: loss_rpn_cls = inf, loss_rpn_loc = inf" in error
+    assert "no checkpoint of this stage was saved yet" in error
+    assert "SOLVER.BASE_LR (now 0.01)" in error and "SOLVER.CLIP_GRADIENTS.ENABLED True" in error
+    assert "ILMIL.SKIP_NONFINITE_ITERS" in error
+    assert not (out / "stage_0" / "model_final.pth").exists()
+
+
+def test_bad_iterations_can_be_skipped_up_to_a_limit(tiny_datasets_root, tmp_path):
+    proc = run_tool("train_incremental.py", [
+        "--stages", "2+2", "--output-dir", str(tmp_path / "run"), *SHAPES_OPTS, *TRAIN_OPTS, *INFINITE_LOSS,
+        "ILMIL.SKIP_NONFINITE_ITERS", "2"], tiny_datasets_root)
+    assert proc.returncode == 1, tail(proc)
+    assert "iteration 0: loss not finite" in proc.log and "iteration 1: loss not finite" in proc.log
+    assert "iteration skipped (2 of ILMIL.SKIP_NONFINITE_ITERS 2)" in proc.log
+    assert "stage 0 stopped at iteration 2: loss not finite" in proc.stderr
+    assert "(after skipping 2 such iteration(s))" in proc.stderr
+
+
+def test_diverged_weights_stop_the_stage_naming_the_last_losses(tiny_datasets_root, tmp_path):
+    # A huge learning rate: the losses stay finite for an iteration or two, then the
+    # weights overflow and detectron2's RPN finds non-finite proposals.
+    proc = run_tool("train_incremental.py", [
+        "--stages", "2+2", "--output-dir", str(tmp_path / "run"), *SHAPES_OPTS, *TRAIN_OPTS,
+        "SOLVER.BASE_LR", "1e6", "SOLVER.WARMUP_ITERS", "0"], tiny_datasets_root)
+    assert proc.returncode == 1, tail(proc)
+    error = proc.stderr[proc.stderr.rindex("error: "):]
+    assert "stage 0 stopped at iteration" in error and "SOLVER.BASE_LR (now 1e+06)" in error
+    assert "loss_cls = " in error or "loss not finite" in error
+
+
+# ------------------------------------------------------------- pre-flight checks
+
+
+def _write_coco(folder, images, annotations, classes=("cat", "dog")):
+    """A coco_json dataset: ``images`` maps file name -> (width, height, image bytes or None)."""
+    os.makedirs(folder / "images", exist_ok=True)
+    entries = []
+    for image_id, (name, (width, height, data)) in enumerate(images.items(), start=1):
+        entries.append({"id": image_id, "file_name": name, "width": width, "height": height})
+        if data is not None:
+            (folder / "images" / name).write_bytes(data)
+    anns = [{"id": i, "image_id": image_id, "category_id": cat, "bbox": bbox, "iscrowd": 0}
+            for i, (image_id, cat, bbox) in enumerate(annotations, start=1)]
+    data = {"images": entries, "annotations": anns,
+            "categories": [{"id": i, "name": n} for i, n in enumerate(classes, start=1)]}
+    path = folder / "instances.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _jpeg(width, height):
+    import io
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(
+        buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _coco_cfg(json_path, output_dir, *opts, test_json=None):
+    test_json = test_json or json_path
+    return get_ilmil_cfg(opts=[
+        "ILMIL.DATASET", "coco_json", "ILMIL.STAGES", "1+1",
+        "ILMIL.DATA.TRAIN_JSON", str(json_path),
+        "ILMIL.DATA.TRAIN_IMAGES", os.path.join(os.path.dirname(json_path), "images"),
+        "ILMIL.DATA.TEST_JSON", str(test_json),
+        "ILMIL.DATA.TEST_IMAGES", os.path.join(os.path.dirname(test_json), "images"),
+        "OUTPUT_DIR", str(output_dir), *opts])
+
+
+GOOD = [(1, 1, [2.0, 2.0, 20.0, 20.0]), (2, 2, [4.0, 4.0, 30.0, 20.0])]
+
+
+def _good_images():
+    return {"a.jpg": (64, 48, _jpeg(64, 48)), "b.jpg": (64, 48, _jpeg(64, 48))}
+
+
+@pytest.mark.parametrize("problem, detail", [
+    ("truncated", "does not decode"),
+    ("wrong_size", "fields 'width', 'height' say 64x48, but image file"),
+    ("missing", "image file missing"),
+    ("not_finite", "is not finite"),
+    ("outside", "lies outside the 64x48 image (ILMIL.DATA.CLIP_BOXES True clips such boxes)"),
+    ("zero_area", "zero or negative area"),
+    ("unknown_category", "unknown class"),
+])
+def test_each_bad_input_is_reported_with_its_file_and_the_fix(tmp_path, problem, detail):
+    images, annotations = _good_images(), list(GOOD)
+    if problem == "truncated":
+        data = images["b.jpg"][2]
+        images["b.jpg"] = (64, 48, data[: len(data) // 2])
+    elif problem == "wrong_size":
+        images["b.jpg"] = (64, 48, _jpeg(32, 32))
+    elif problem == "missing":
+        images["b.jpg"] = (64, 48, None)
+    elif problem == "not_finite":
+        annotations[1] = (2, 2, [4.0, float("nan"), 30.0, 20.0])
+    elif problem == "outside":
+        annotations[1] = (2, 2, [40.0, 4.0, 30.0, 20.0])  # x1 = 70 > 64
+    elif problem == "zero_area":
+        annotations[1] = (2, 2, [4.0, 4.0, 0.0, 20.0])
+    elif problem == "unknown_category":
+        annotations[1] = (2, 7, [4.0, 4.0, 30.0, 20.0])
+    json_path = _write_coco(tmp_path, images, annotations)
+    with pytest.raises(RunValidationError) as info:
+        IncrementalRun(_coco_cfg(json_path, tmp_path / "out"))
+    message = str(info.value)
+    assert str(json_path) in message and detail in message
+    if problem in ("truncated", "wrong_size", "missing"):
+        assert str(tmp_path / "images" / "b.jpg") in message
+    assert "fix:" in message or "ILMIL.DATA.CLIP_BOXES True" in message
+
+
+def test_clip_boxes_keeps_a_box_that_sticks_out(tmp_path):
+    annotations = [GOOD[0], (2, 2, [40.0, 4.0, 30.0, 20.0])]
+    json_path = _write_coco(tmp_path, _good_images(), annotations)
+    run = IncrementalRun(_coco_cfg(json_path, tmp_path / "out", "ILMIL.DATA.CLIP_BOXES", True))
+    assert [a["bbox"] for a in run.source.train[1]["annotations"]] == [[40.0, 4.0, 64.0, 24.0]]
+
+
+def test_all_problems_come_in_one_report(tmp_path):
+    images, annotations = _good_images(), [GOOD[0], (2, 2, [4.0, 4.0, 0.0, 20.0])]
+    images["a.jpg"] = (64, 48, None)
+    json_path = _write_coco(tmp_path / "train", images, annotations)
+    test_json = _write_coco(tmp_path / "test", _good_images(), GOOD)
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    teacher = tmp_path / "teacher.pth"
+    teacher.write_bytes(b"truncated")
+    cfg = _coco_cfg(json_path, not_a_folder / "out", test_json=test_json)
+    with pytest.raises(RunValidationError) as info:
+        IncrementalRun(cfg, start_stage=1, teacher_weights=str(teacher))
+    message = str(info.value)
+    assert message.startswith("5 problem(s) found before training; nothing was trained")
+    assert "image file missing" in message and "zero or negative area" in message
+    assert "stage 1 (dog): no image of the coco_json train data" in message  # its only box was the bad one
+    assert f"--output-dir {not_a_folder / 'out'} is not writable" in message
+    assert f"--teacher-weights: cannot read checkpoint {teacher}" in message
+
+
+def test_a_stage_without_training_images_is_refused(tmp_path):
+    # Only "cat" has boxes: stage 1 ("dog") has nothing to learn from.
+    json_path = _write_coco(tmp_path, _good_images(), [GOOD[0]])
+    with pytest.raises(RunValidationError, match=r"stage 1 \(dog\): no image of the coco_json train data"):
+        IncrementalRun(_coco_cfg(json_path, tmp_path / "out"))
+
+
+# ------------------------------------------------------------------ run folder
+
+
+IDENTITY = {"dataset": "shapes", "dataset_fingerprint": "0123", "stages": "2+2", "class_order": ["a", "b"],
+            "method": "finetune", "seed": 0}
+
+
+def test_a_folder_of_another_run_is_refused_unless_forced(tmp_path):
+    claim_run_dir(str(tmp_path), IDENTITY, seed=0)
+    (tmp_path / "stage_0").mkdir()
+    (tmp_path / "stage_0" / "model_final.pth").write_bytes(b"weights")
+    (tmp_path / "notes.txt").write_text("mine")
+    claim_run_dir(str(tmp_path), IDENTITY, seed=0)  # the same run: accepted, outputs kept
+    assert (tmp_path / "stage_0" / "model_final.pth").exists()
+    other = dict(IDENTITY, stages="3+1", method="ilmil")
+    with pytest.raises(RunDirError) as info:
+        claim_run_dir(str(tmp_path), other, seed=0)
+    message = str(info.value)
+    assert str(tmp_path / "run.json") in message
+    assert "stages: '2+2' there, '3+1' now" in message and "method: 'finetune' there, 'ilmil' now" in message
+    assert "--force" in message
+    record = claim_run_dir(str(tmp_path), other, seed=0, force=True)
+    assert not (tmp_path / "stage_0").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+    assert read_json(tmp_path / "run.json")["identity"] == other == record["identity"]
+
+
+def test_the_cli_refuses_another_run_and_records_its_own(tiny_datasets_root, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    claim_run_dir(str(out), IDENTITY, seed=0)
+    args = ["--stages", "2+2", "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS]
+    proc = run_tool("train_incremental.py", args, tiny_datasets_root)
+    assert proc.returncode == 1, tail(proc)
+    assert "error: " in proc.stderr and "Traceback" not in proc.stderr
+    assert "dataset_fingerprint" in proc.stderr and not (out / "stage_0").exists()
+    proc = run_tool("train_incremental.py", ["--force", *args], tiny_datasets_root)
+    assert proc.returncode == 0, tail(proc)
+    record = read_json(out / "run.json")
+    assert record["identity"]["stages"] == "2+2" and record["identity"]["class_order"] == shape_class_names(20)
+    assert record["seed"] == 0 and "--force" in record["command"] and record["ilmil_version"]
