@@ -4,7 +4,9 @@ Imported by ``ilmil/__init__.py`` before any other detectron2 module. Each
 adjustment first checks that it is needed, so on a detectron2 build that does not
 need it (an official build with its C++ ops, an older Pillow) it does nothing.
 Anything else that detectron2 0.6 lacks here is worked around where it is used
-and documented there (our VOC AP, ``COCOeval`` directly, torchrun launching).
+and documented there (our VOC AP, ``COCOeval`` directly). Two adjustments for
+torchrun-launched runs (``ilmil/engine/launch.py``) are here too:
+``use_local_process_group`` and the CPU case of ``create_ddp_model``.
 """
 import importlib.util
 import sys
@@ -15,7 +17,7 @@ from PIL import Image
 
 import detectron2
 
-__all__ = ["HAS_DETECTRON2_OPS"]
+__all__ = ["HAS_DETECTRON2_OPS", "use_local_process_group"]
 
 # The PyPI sdist ships no C++ sources, so ``detectron2._C`` is absent, yet
 # layers/deform_conv.py imports it at module level. A placeholder lets every model
@@ -42,3 +44,34 @@ if not hasattr(Image, "LINEAR"):
 # ``indexing``; today's torch warns on each, which buries the training log.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
+
+
+def use_local_process_group(group):
+    """Make detectron2's ``comm.get_local_rank()`` / ``get_local_size()`` use ``group``
+    (this machine's processes). detectron2 0.6 keeps it in a module global that only
+    its own ``launch()`` sets, and that launcher asserts CUDA and hard-codes NCCL."""
+    from detectron2.utils import comm
+
+    comm._LOCAL_PROCESS_GROUP = group
+
+
+def _create_ddp_model_on_cpu_too():
+    """detectron2 0.6's ``create_ddp_model`` (called inside ``DefaultTrainer``) always
+    passes ``device_ids=[local rank]``, which DistributedDataParallel rejects for a CPU
+    module: training with gloo on CPUs needs ``device_ids=None``."""
+    from detectron2.engine import defaults
+
+    create = defaults.create_ddp_model
+    if getattr(create, "handles_cpu_modules", False):
+        return
+
+    def create_ddp_model(model, **kwargs):
+        if next(model.parameters()).device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return create(model, **kwargs)
+
+    create_ddp_model.handles_cpu_modules = True
+    defaults.create_ddp_model = create_ddp_model
+
+
+_create_ddp_model_on_cpu_too()

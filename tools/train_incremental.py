@@ -12,10 +12,11 @@ import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from detectron2.engine import default_setup
+from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ilmil.config import get_ilmil_cfg
-from ilmil.engine import RUN_ERRORS, run_incremental
+from ilmil.engine import RUN_ERRORS, init_distributed, run_incremental
 from ilmil.pruning import PruningError
 from ilmil.evaluation import format_results_table
 
@@ -59,8 +60,9 @@ def setup(args):
         cfg.ILMIL.PRUNING.RATIO = args.prune
     cfg.OUTPUT_DIR = args.output_dir
     cfg.freeze()
+    init_distributed(cfg.MODEL.DEVICE)  # under torchrun: join its process group
     default_setup(cfg, args)
-    setup_logger(cfg.OUTPUT_DIR, name="ilmil", abbrev_name="ilmil")
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ilmil", abbrev_name="ilmil")
     return cfg
 
 

@@ -1,3 +1,4 @@
+from .launch import init_distributed, main_process_first
 from .run_dir import RunDirError, RunValidationError
 from .runner import RUN_ERRORS, IncrementalRun, resolve_class_order, run_incremental
 from .trainer import IncrementalTrainer, NonFiniteLossError
@@ -6,6 +7,8 @@ __all__ = [
     "RUN_ERRORS",
     "IncrementalRun",
     "IncrementalTrainer",
+    "init_distributed",
+    "main_process_first",
     "NonFiniteLossError",
     "RunDirError",
     "RunValidationError",

@@ -15,6 +15,7 @@ same folder, and one whose evaluation is saved is not re-evaluated; with
 ``resume`` the stage in progress continues from its newest readable checkpoint.
 ``run.json`` (run_dir.py) keeps another run's re-run out of the folder.
 """
+import hashlib
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ from ..modeling import (
     with_checkpoint_layout,
 )
 from ..pruning.workflow import PRUNED_NAME, prune_checkpoint, pruning_enabled
+from .launch import main_process_first
 from .run_dir import RunDirError, RunValidationError, claim_run_dir, dataset_fingerprint, output_dir_problem
 from .trainer import IncrementalTrainer, NonFiniteLossError
 
@@ -100,7 +102,7 @@ class IncrementalRun:
             )
         self.resume, self.force = resume, force
         problems = []
-        self.source = load_dataset_source(cfg, problems)
+        self.source = main_process_first(lambda: load_dataset_source(cfg, problems))
         class_order = resolve_class_order(list(cfg.ILMIL.CLASS_ORDER), self.source.class_names)
         counts = parse_stage_spec(cfg.ILMIL.STAGES, len(class_order))
         if self.method == "joint":
@@ -187,6 +189,7 @@ class IncrementalRun:
         return with_checkpoint_layout(cfg, layout_checkpoint) if layout_checkpoint is not None else cfg
 
     def write_schedule(self):
+        """stages.json and config.yaml (by the main process); returns the stages' info."""
         stages = []
         for stage, (train_name, test_name) in zip(self.schedule, self.registered):
             stages.append(
@@ -198,9 +201,10 @@ class IncrementalRun:
                     "num_test_images": len(DatasetCatalog.get(test_name)),
                 }
             )
-        write_json(os.path.join(self.output_dir, "stages.json"), {"method": self.method, "stages": stages})
-        with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
-            f.write(self.cfg.dump())
+        if comm.is_main_process():
+            write_json(os.path.join(self.output_dir, "stages.json"), {"method": self.method, "stages": stages})
+            with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
+                f.write(self.cfg.dump())
         return stages
 
     def train_stage(self, stage, previous_weights, student_weights=None):
@@ -231,6 +235,8 @@ class IncrementalRun:
         if previous_weights is not None and cfg.ILMIL.FREEZE_BN_STATS and isinstance(model, IncrementalRCNN):
             model.freeze_bn_stats()
         trainer.train()
+        # Per process: in a distributed run every rank logs the same digest (DDP kept them in sync).
+        logger.info("Stage %d: weights digest %s (rank %d)", stage.index, weights_digest(model), comm.get_rank())
         return trainer.model
 
     def evaluate_stage(self, stage, model):
@@ -283,8 +289,7 @@ class IncrementalRun:
                 if comm.is_main_process():
                     write_json(metrics_path, metrics)
             previous_weights, student_weights = final_weights, None
-            pruning = self.prune_stage_model(stage, final_weights) if comm.is_main_process() else None
-            comm.synchronize()
+            pruning = self.prune_stage_model(stage, final_weights)
             if (pruning_enabled(self.cfg) and stage.index == self.cfg.ILMIL.PRUNING.AFTER_STAGE
                     and stage.index < len(self.schedule) - 1):
                 student_weights = os.path.join(self.stage_dir(stage), "pruned", f"{PRUNED_NAME}.pth")
@@ -318,12 +323,23 @@ class IncrementalRun:
             return None  # no later stage to start from it
         folder = os.path.join(self.stage_dir(stage), "pruned")
         summary_path = os.path.join(folder, "pruning.json")
-        if not os.path.isfile(summary_path):
-            train_name, test_name = self.registered[stage.index]
-            cfg = self.stage_cfg(stage, layout_checkpoint=safe_load(weights))
-            prune_checkpoint(cfg, weights, folder, stage.seen_classes, train_name, test_name)
-        with open(summary_path) as f:
-            return json.load(f)
+        if os.path.isfile(summary_path):
+            with open(summary_path) as f:
+                return json.load(f)
+        # Every process takes part: evaluation and fine-tuning are distributed too.
+        train_name, test_name = self.registered[stage.index]
+        cfg = self.stage_cfg(stage, layout_checkpoint=safe_load(weights))
+        return prune_checkpoint(cfg, weights, folder, stage.seen_classes, train_name, test_name)
+
+
+def weights_digest(model):
+    """A short hash of a model's parameters (not its BatchNorm statistics, which
+    are per process in a distributed run), to compare processes or runs."""
+    digest = hashlib.sha1()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 def _fmt(value):

@@ -33,7 +33,7 @@ class StageRecord:
     its teacher against it, and every loader rebuilds a pruned model's shapes from it."""
 
     def __init__(self, model, class_names, schedule):
-        self.model = model
+        self.model = getattr(model, "module", model)  # unwrap DistributedDataParallel
         self.class_names = list(class_names)
         self.schedule = dict(schedule)
 

@@ -131,17 +131,21 @@ class IncrementalEvaluator(DatasetEvaluator):
 
     def reset(self):
         self._detections = []
+        self._evaluated = []
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
+            self._evaluated.append(inp["image_id"])
             instances = out["instances"].to("cpu")
             self._detections.extend(instances_to_coco_json(instances, self._index_of[inp["image_id"]]))
 
     def evaluate(self):
         detections = comm.gather(self._detections, dst=0)
+        evaluated = comm.gather(self._evaluated, dst=0)
         if not comm.is_main_process():
             return {}
         detections = [d for part in detections for d in part]
+        evaluated = [image_id for part in evaluated for image_id in part]
         coco_gt = coco_ground_truth(self._records, self._class_names)
         per_index = per_class_coco_ap(coco_gt, detections, len(self._class_names))
         per_class = {
@@ -155,6 +159,11 @@ class IncrementalEvaluator(DatasetEvaluator):
         summary = summarize_old_new(per_class, self._old, self._new)
         summary["num_detections"] = len(detections)
         summary["num_images"] = len(self._records)
+        # Images the model saw, over all processes; each exactly once when it equals num_images.
+        summary["num_images_evaluated"] = len(evaluated)
+        if sorted(map(str, evaluated)) != sorted(str(r["image_id"]) for r in self._records):
+            logger.warning("%s: %d of %d test images were evaluated (a sharding problem?)",
+                           self._dataset_name, len(set(map(str, evaluated))), len(self._records))
         logger.info(
             "%s: AP50 %.1f (old %.1f, new %.1f), AP %.1f",
             self._dataset_name, summary["AP50"], summary["AP50_old"], summary["AP50_new"], summary["AP"],

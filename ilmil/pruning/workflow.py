@@ -13,6 +13,7 @@ import os
 import re
 
 from detectron2.data import build_detection_test_loader
+from detectron2.utils import comm
 
 from ..checkpoint import IncrementalCheckpointer
 from ..engine.trainer import IncrementalTrainer, StageRecord
@@ -97,7 +98,8 @@ def prune_checkpoint(cfg, weights, output_dir, class_names, train_dataset, test_
         "before": before,
         "after": after,
     }
-    write_json(os.path.join(output_dir, "pruning.json"), summary)
+    if comm.is_main_process():
+        write_json(os.path.join(output_dir, "pruning.json"), summary)
     logger.info("Pruning result:\n%s", format_pruning_table(summary))
     return summary
 

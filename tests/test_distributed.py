@@ -1,0 +1,51 @@
+"""Distributed training: two CPU processes with gloo, launched by torchrun, on a
+tiny shapes 10+10 ilmil run."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _env, read_json
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tiny_datasets_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO_ROOT, "tools", "train_incremental.py"),
+           "--stages", "10+10", "--method", "ilmil", "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(tiny_datasets_root), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return out
+
+
+def _digests(log_file):
+    with open(log_file) as f:
+        return re.findall(r"Stage (\d): weights digest (\w+) \(rank (\d)\)", f.read())
+
+
+def test_both_ranks_end_every_stage_with_the_same_weights(torchrun_run):
+    rank0, rank1 = _digests(torchrun_run / "log.txt"), _digests(torchrun_run / "log.txt.rank1")
+    assert [(s, r) for s, _, r in rank0] == [("0", "0"), ("1", "0")]
+    assert [(s, r) for s, _, r in rank1] == [("0", "1"), ("1", "1")]
+    assert [d for _, d, _ in rank0] == [d for _, d, _ in rank1]
+
+
+def test_only_rank_0_writes_the_results(torchrun_run):
+    results = read_json(torchrun_run / "results.json")
+    assert [s["stage"] for s in results["stages"]] == [0, 1]
+    with open(torchrun_run / "log.txt") as f:
+        assert f.read().count("Stage 1 done:") == 1
+    with open(torchrun_run / "log.txt.rank1") as f:
+        assert "Stage 1 done:" not in f.read()  # logged where results.json is written
+    assert (torchrun_run / "stage_1" / "model_final.pth").exists()
+
+
+def test_evaluation_counts_every_test_image_once(torchrun_run):
+    stages = read_json(torchrun_run / "stages.json")["stages"]
+    for info, entry in zip(stages, read_json(torchrun_run / "results.json")["stages"]):
+        assert entry["num_images_evaluated"] == entry["num_images"] == info["num_test_images"] > 1
