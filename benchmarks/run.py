@@ -66,6 +66,7 @@ def run_training(out_dir, spec, method, seed, iters, data, opts=(), flags=()):
     KEY VALUE overrides); returns its wall time, peak RSS (MiB) and command."""
     cmd = [
         sys.executable, TRAIN, "--stages", spec, "--method", method, "--seed", str(seed), "--output-dir", out_dir,
+        "--resume",  # a suite killed mid-stage continues that stage from its last checkpoint
         *flags,
         "ILMIL.SHAPES.NUM_TRAIN", str(data["num_train"]), "ILMIL.SHAPES.NUM_TEST", str(data["num_test"]),
         "SOLVER.IMS_PER_BATCH", str(BATCH), "SOLVER.MAX_ITER", str(iters),

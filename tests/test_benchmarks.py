@@ -45,3 +45,21 @@ def test_accuracy_harness_writes_records_and_a_markdown_table(tiny_datasets_root
     table = [line for line in markdown.read_text().splitlines() if line.startswith("| 2+2 |")]
     assert [line.split("|")[2].strip() for line in table] == ["finetune", "faster-ilod", "ilmil", "joint"]
     assert "python benchmarks/run.py --suite accuracy --quick" in markdown.read_text()
+
+
+def test_pruning_harness_measures_each_ratio(tiny_datasets_root, tmp_path):
+    cmd = [
+        sys.executable, os.path.join(REPO_ROOT, "benchmarks", "run.py"), "--suite", "pruning", "--quick",
+        "--iters", "4", "--num-train", str(TINY_SHAPES["num_train"]), "--num-test", str(TINY_SHAPES["num_test"]),
+        "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"),
+        "--markdown", str(tmp_path / "BENCHMARKS.md"), *TINY_OPTS,
+    ]  # fmt: skip
+    env = dict(os.environ, ILMIL_DATASETS=str(tiny_datasets_root), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "results" / "pruning_quick.json") as f:
+        unpruned, pruned = json.load(f)["records"]
+    assert (unpruned["ratio"], pruned["ratio"]) == (0.0, 0.5)
+    assert pruned["params"] < 0.8 * unpruned["params"] and pruned["gflops"] < unpruned["gflops"]
+    assert 0.0 <= pruned["AP50_all"] <= 100.0 and pruned["latency_ms"] > 0
+    assert "| 50% |" in (tmp_path / "BENCHMARKS.md").read_text()
