@@ -262,9 +262,9 @@ def measure_final_model(run_dir, stage):
     import torch
     from detectron2.data import detection_utils
 
-    from ilmil.checkpoint import IncrementalCheckpointer, safe_load
+    from ilmil.checkpoint import safe_load
     from ilmil.config import get_ilmil_cfg
-    from ilmil.modeling import build_detector, checkpoint_class_names, with_checkpoint_layout
+    from ilmil.modeling import checkpoint_class_names, load_detector
     from ilmil.pruning import measure_model
 
     weights = os.path.join(run_dir, f"stage_{stage}", "model_final.pth")
@@ -272,8 +272,7 @@ def measure_final_model(run_dir, stage):
     cfg = get_ilmil_cfg(os.path.join(run_dir, "config.yaml"))
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(checkpoint_class_names(checkpoint))
     cfg.ILMIL.TEACHER.WEIGHTS = ""
-    model = build_detector(with_checkpoint_layout(cfg, checkpoint))
-    IncrementalCheckpointer(model).load(weights)
+    model = load_detector(cfg, weights, checkpoint)
     shapes = cfg.ILMIL.SHAPES
     folder = generate_shapes_dataset(os.path.join(os.environ["ILMIL_DATASETS"], "shapes"), 20, shapes.NUM_TRAIN,
                                      shapes.NUM_TEST, shapes.IMAGE_SIZE, shapes.SEED, progress=False)

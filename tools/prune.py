@@ -23,7 +23,7 @@ from ilmil.data import DatasetError, load_dataset_source, register_stage_dataset
 from ilmil.data.stages import Stage
 from ilmil.engine import RUN_ERRORS
 from ilmil.modeling import checkpoint_class_names
-from ilmil.pruning import PruningError, format_pruning_table
+from ilmil.pruning import format_pruning_table
 from ilmil.pruning.workflow import prune_checkpoint
 
 
@@ -66,7 +66,7 @@ def main(argv=None):
         cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(classes)
         cfg.freeze()
         summary = prune_checkpoint(cfg, args.weights, args.output_dir, classes, train_name, test_name)
-    except (*RUN_ERRORS, PruningError, FileNotFoundError) as e:
+    except (*RUN_ERRORS, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_pruning_table(summary))

@@ -17,7 +17,6 @@ from detectron2.utils.logger import setup_logger
 
 from ilmil.config import get_ilmil_cfg
 from ilmil.engine import RUN_ERRORS, init_distributed, run_incremental
-from ilmil.pruning import PruningError
 from ilmil.evaluation import format_results_table
 
 
@@ -71,7 +70,7 @@ def main(argv=None):
     cfg = setup(args)
     try:
         results = run_incremental(cfg, args.start_stage, args.teacher_weights, args.resume, args.force)
-    except (*RUN_ERRORS, PruningError) as e:
+    except RUN_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_results_table(results))

@@ -1,6 +1,7 @@
 from .datasets import (
     BUILTIN_DATASETS,
     VOC_CLASSES,
+    DATA_PROBLEMS_FIX,
     DatasetError,
     DatasetSource,
     datasets_root,
@@ -15,6 +16,7 @@ from .stages import Stage, StageSpecError, build_schedule, parse_stage_spec, sta
 __all__ = [
     "BUILTIN_DATASETS",
     "VOC_CLASSES",
+    "DATA_PROBLEMS_FIX",
     "DatasetError",
     "DatasetSource",
     "Stage",

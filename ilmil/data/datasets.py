@@ -27,6 +27,7 @@ from .stages import StageSpecError, parse_stage_spec, stage_test_dicts, stage_tr
 __all__ = [
     "VOC_CLASSES",
     "BUILTIN_DATASETS",
+    "DATA_PROBLEMS_FIX",
     "DatasetError",
     "DatasetSource",
     "dataset_problems_error",
@@ -52,6 +53,7 @@ BUILTIN_DATASETS = ("shapes", "voc_2007", "voc_2012", "voc_07_12", "coco_2017", 
 # Problems listed in an error message; the rest are counted.
 _MAX_LISTED_PROBLEMS = 20
 _PROGRESS_MIN_IMAGES = 1000  # smaller splits are checked without a progress bar
+DATA_PROBLEMS_FIX = "correct the files, or set ILMIL.DATA.SKIP_BAD_ANNOTATIONS True to skip them"
 
 
 class DatasetError(ValueError):
@@ -204,11 +206,14 @@ def _annotation_problem(record, ann, class_names, clip_boxes):
     return None
 
 
-def _image_problem(record):
-    """Why the image file of ``record`` cannot be used, or None."""
+def _image_problem(record, decode):
+    """Why the image file of ``record`` cannot be used, or None; ``decode``: also
+    check that it decodes and has the size the annotation says."""
     path, where = record["file_name"], record["annotation_file"]
     if not os.path.isfile(path):
         return f"{where}: image file missing: {path}"
+    if not decode:
+        return None
     try:
         with Image.open(path) as image:
             size = image.size
@@ -233,9 +238,7 @@ def validate_records(records, class_names, split_desc, clip_boxes=False, check_i
     problems, kept = [], []
     desc = f"checking {split_desc} images"
     for record in tqdm(records, desc=desc, disable=not check_images or len(records) < _PROGRESS_MIN_IMAGES):
-        problem = _image_problem(record) if check_images else None
-        if problem is None and not check_images and not os.path.isfile(record["file_name"]):
-            problem = f"{record['annotation_file']}: image file missing: {record['file_name']}"
+        problem = _image_problem(record, decode=check_images)
         if problem is not None:
             problems.append(problem)
             continue
@@ -258,7 +261,7 @@ def dataset_problems_error(problems, what):
     return DatasetError(
         f"{len(problems)} malformed annotation(s) or image(s) in {what}:\n  {listed}"
         + (f"\n  ... and {more} more" if more > 0 else "")
-        + "\n  fix: correct the files, or set ILMIL.DATA.SKIP_BAD_ANNOTATIONS True to skip them"
+        + f"\n  fix: {DATA_PROBLEMS_FIX}"
     )
 
 

@@ -33,9 +33,9 @@ class RunDirError(ValueError):
 class RunValidationError(ValueError):
     """Problems found before training; the message lists all of them."""
 
-    def __init__(self, problems):
+    def __init__(self, problems, fixes=()):
         self.problems = list(problems)
-        listed = "\n".join(f"  - {p}" for p in self.problems)
+        listed = "\n".join([f"  - {p}" for p in self.problems] + [f"  fix: {f}" for f in fixes])
         super().__init__(f"{len(self.problems)} problem(s) found before training; nothing was trained:\n{listed}")
 
 

@@ -29,21 +29,22 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
-from ..checkpoint import CheckpointError, IncrementalCheckpointer, safe_load
+from ..checkpoint import CheckpointError
 from ..config import METHOD_PRESETS, uses_teacher
-from ..data import DatasetError, build_schedule, load_dataset_source, parse_stage_spec, register_stage_datasets
+from ..data import DATA_PROBLEMS_FIX, DatasetError, build_schedule, load_dataset_source, parse_stage_spec, register_stage_datasets
 from ..data.stages import Stage, StageSpecError
 from ..evaluation import evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
 from ..modeling import (
     CheckpointClassesError,
     IncrementalRCNN,
-    build_detector,
     load_checked_checkpoint,
+    load_detector,
     load_expanded,
     with_checkpoint_layout,
 )
-from ..pruning.workflow import PRUNED_NAME, prune_checkpoint, pruning_enabled
+from ..pruning import PruningError
+from ..pruning.workflow import prune_checkpoint, pruning_enabled
 from .launch import main_process_first
 from .run_dir import RunDirError, RunValidationError, claim_run_dir, dataset_fingerprint, output_dir_problem
 from .trainer import IncrementalTrainer, NonFiniteLossError
@@ -55,7 +56,7 @@ logger = logging.getLogger("ilmil")
 # Errors whose message is the whole story (what is wrong, where, the fix): the CLI
 # prints them without a traceback.
 RUN_ERRORS = (DatasetError, StageSpecError, CheckpointClassesError, CheckpointError, RunDirError,
-              RunValidationError, NonFiniteLossError)
+              RunValidationError, NonFiniteLossError, PruningError)
 
 
 def resolve_class_order(custom_order, dataset_classes):
@@ -103,6 +104,8 @@ class IncrementalRun:
         self.resume, self.force = resume, force
         problems = []
         self.source = main_process_first(lambda: load_dataset_source(cfg, problems))
+        # The data problems share one fix (the other checks word their own).
+        fixes = [DATA_PROBLEMS_FIX] if problems else []
         class_order = resolve_class_order(list(cfg.ILMIL.CLASS_ORDER), self.source.class_names)
         counts = parse_stage_spec(cfg.ILMIL.STAGES, len(class_order))
         if self.method == "joint":
@@ -130,7 +133,7 @@ class IncrementalRun:
         problems.append(output_dir_problem(self.output_dir))
         problems = [p for p in problems if p]
         if problems:
-            raise RunValidationError(problems)
+            raise RunValidationError(problems, fixes)
 
     def _schedule_problems(self):
         """Stages that no training image can teach; classes without a training box are logged."""
@@ -224,7 +227,7 @@ class IncrementalRun:
         if start_iter is not None:
             logger.info("Stage %d: resuming at iteration %d of %d", stage.index, start_iter, cfg.SOLVER.MAX_ITER)
         else:
-            interrupted = IncrementalCheckpointer(model, cfg.OUTPUT_DIR).resume_candidates()
+            interrupted = trainer.checkpointer.resume_candidates()
             if interrupted:
                 logger.info("Stage %d: training from its start (%s of an interrupted run is there; "
                             "--resume continues from it)", stage.index, os.path.basename(interrupted[0]))
@@ -290,9 +293,8 @@ class IncrementalRun:
                     write_json(metrics_path, metrics)
             previous_weights, student_weights = final_weights, None
             pruning = self.prune_stage_model(stage, final_weights)
-            if (pruning_enabled(self.cfg) and stage.index == self.cfg.ILMIL.PRUNING.AFTER_STAGE
-                    and stage.index < len(self.schedule) - 1):
-                student_weights = os.path.join(self.stage_dir(stage), "pruned", f"{PRUNED_NAME}.pth")
+            if pruning:
+                student_weights = pruning["pruned_weights"]
             if not comm.is_main_process():
                 continue
             if pruning:
@@ -310,9 +312,7 @@ class IncrementalRun:
         return results
 
     def _load_stage_model(self, stage, weights):
-        model = build_detector(self.stage_cfg(stage, layout_checkpoint=safe_load(weights)))
-        IncrementalCheckpointer(model).load(weights)
-        return model
+        return load_detector(self.stage_cfg(stage), weights)
 
     def prune_stage_model(self, stage, weights):
         """The pruned model of ``stage`` (``stage_K/pruned/``), made once; None
@@ -326,10 +326,10 @@ class IncrementalRun:
         if os.path.isfile(summary_path):
             with open(summary_path) as f:
                 return json.load(f)
-        # Every process takes part: evaluation and fine-tuning are distributed too.
+        # Every process takes part (evaluation and fine-tuning are distributed too) and
+        # gets the summary; prune_checkpoint builds the model in the checkpoint's layout.
         train_name, test_name = self.registered[stage.index]
-        cfg = self.stage_cfg(stage, layout_checkpoint=safe_load(weights))
-        return prune_checkpoint(cfg, weights, folder, stage.seen_classes, train_name, test_name)
+        return prune_checkpoint(self.stage_cfg(stage), weights, folder, stage.seen_classes, train_name, test_name)
 
 
 def weights_digest(model):

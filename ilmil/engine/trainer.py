@@ -113,7 +113,8 @@ class IncrementalTrainer(DefaultTrainer):
             if not isinstance(e, NonFiniteLossError):
                 # detectron2's own check (non-finite proposals): the weights have already
                 # diverged, so name the terms of the last iteration that had finite losses.
-                last = ", ".join(f"{k} = {v:.3g}" for k, v in sorted(self._last_losses.items(), key=lambda kv: -kv[1]))
+                last = {name: float(value) for name, value in self._last_losses.items()}
+                last = ", ".join(f"{k} = {v:.3g}" for k, v in sorted(last.items(), key=lambda kv: -kv[1]))
                 e = NonFiniteLossError(f"iteration {self.iter}: {e} (losses of the iteration before, largest first: {last})")
             self._skipped_iterations += 1
             allowed = self.cfg.ILMIL.SKIP_NONFINITE_ITERS
@@ -126,7 +127,10 @@ class IncrementalTrainer(DefaultTrainer):
     def _check_losses_finite(self, model, inputs, losses):
         if not model.training:
             return
-        bad = {name: float(value.detach()) for name, value in losses.items() if not torch.isfinite(value).all()}
+        # One check (one device sync) for all terms; the values are read only for a message.
+        values = {name: value.detach() for name, value in losses.items()}
+        finite = torch.isfinite(torch.stack([v.reshape(()) for v in values.values()]))
+        bad = {} if finite.all() else {name: float(values[name]) for name, ok in zip(values, finite) if not ok}
         if comm.get_world_size() > 1:
             # Every rank must skip or stop together, or the others wait in DDP's all-reduce forever.
             flag = torch.tensor([float(bool(bad))], device=next(iter(losses.values())).device)
@@ -136,7 +140,7 @@ class IncrementalTrainer(DefaultTrainer):
         if bad:
             terms = ", ".join(f"{name} = {value}" for name, value in sorted(bad.items()))
             raise NonFiniteLossError(f"iteration {self.iter}: loss not finite: {terms}")
-        self._last_losses = {name: float(value.detach()) for name, value in losses.items()}
+        self._last_losses = values
 
     def _stop_message(self, error, allowed):
         saved = self.checkpointer.resume_candidates()

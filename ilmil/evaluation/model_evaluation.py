@@ -21,16 +21,15 @@ from tqdm import tqdm
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
 
-from ..checkpoint import IncrementalCheckpointer, safe_load
+from ..checkpoint import safe_load
 from ..config import get_ilmil_cfg
 from ..data import load_dataset_source, register_stage_datasets
 from ..data.stages import Stage
 from ..modeling import (
     CheckpointClassesError,
-    build_detector,
     checkpoint_class_names,
     load_checked_checkpoint,
-    with_checkpoint_layout,
+    load_detector,
 )
 from .forgetting import add_forgetting
 from .incremental_evaluator import IncrementalEvaluator
@@ -75,9 +74,7 @@ def _load_model(cfg, weights, class_names):
         use="it is evaluated on the {n} classes",
         fix="fix --classes (order matters) or give the matching checkpoint",
     )
-    model = build_detector(with_checkpoint_layout(cfg, checkpoint))
-    IncrementalCheckpointer(model).load(weights)
-    return model
+    return load_detector(cfg, weights, checkpoint)
 
 
 def _evaluate_stage(cfg, source, stage, weights, output_dir, progress):

@@ -1,6 +1,6 @@
 """Modeling: head expansion, distillation losses, pseudo-labels and the incremental
 meta-architecture (imported here so that it registers itself)."""
-from .build import build_detector, with_checkpoint_layout
+from .build import build_detector, load_detector, with_checkpoint_layout
 from .distillation import (
     DISTILL_LOSS_REGISTRY,
     FEATURE_DISTANCES,
@@ -23,6 +23,7 @@ from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_dete
 
 __all__ = [
     "build_detector",
+    "load_detector",
     "with_checkpoint_layout",
     "CheckpointClassesError",
     "DISTILL_LOSS_REGISTRY",

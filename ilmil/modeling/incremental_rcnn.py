@@ -23,9 +23,9 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
-from ..checkpoint import IncrementalCheckpointer, safe_load
+from ..checkpoint import safe_load
 from ..config import uses_teacher
-from .build import build_detector, with_checkpoint_layout
+from .build import load_detector
 from .distillation import build_distill_loss
 from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 
@@ -108,13 +108,12 @@ def build_teacher(cfg, weights, expected_classes=None):
     from ``expected_classes``, naming both.
     """
     checkpoint, num_classes = load_checked_checkpoint(weights, expected_classes)
-    teacher_cfg = with_checkpoint_layout(cfg, checkpoint)  # a pruned teacher keeps its widths
+    teacher_cfg = cfg.clone()
     teacher_cfg.defrost()
     teacher_cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     teacher_cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     teacher_cfg.MODEL.WEIGHTS = ""
-    teacher = build_detector(teacher_cfg)
-    IncrementalCheckpointer(teacher).load(weights)  # skips the student's distillation state
+    teacher = load_detector(teacher_cfg, weights, checkpoint)  # a pruned teacher keeps its widths
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher

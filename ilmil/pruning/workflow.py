@@ -19,7 +19,7 @@ from ..checkpoint import IncrementalCheckpointer
 from ..engine.trainer import IncrementalTrainer, StageRecord
 from ..evaluation import evaluate_model
 from ..evaluation.run_outputs import write_json
-from ..modeling import build_detector, load_checked_checkpoint, with_checkpoint_layout
+from ..modeling import load_checked_checkpoint, load_detector
 from .channels import prune_l1
 from .measure import format_pruning_table, measure_model
 
@@ -66,13 +66,12 @@ def prune_checkpoint(cfg, weights, output_dir, class_names, train_dataset, test_
     os.makedirs(output_dir, exist_ok=True)
     checkpoint, _ = load_checked_checkpoint(weights, class_names, use="it is pruned as a model of the {n} classes",
                                             fix="give the model of those classes")
-    cfg = with_checkpoint_layout(cfg, checkpoint)
+    cfg = cfg.clone()
     cfg.defrost()
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train_dataset,), (test_dataset,)
     cfg.ILMIL.TEACHER.WEIGHTS = ""  # pruning and fine-tuning need no teacher
     cfg.freeze()
-    model = build_detector(cfg)
-    IncrementalCheckpointer(model).load(weights)
+    model = load_detector(cfg, weights, checkpoint)
     image = next(iter(build_detection_test_loader(cfg, test_dataset)))[0]["image"]
 
     logger.info("Pruning %s: measuring the model before", weights)
