@@ -197,6 +197,37 @@ def test_full_loss_backward_leaves_the_teacher_untouched(teacher_path, teacher_m
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics included
 
 
+def test_shared_box_pass_equals_separate_detection_and_rcn_passes(student):
+    """The detection losses and the RCN outputs come from one pooler + box-head
+    pass; they must equal what detectron2's ROI heads and a second pass give."""
+    batch = _batch(seed=2)
+    with EventStorage(), torch.no_grad():
+        images = student.preprocess_image(batch)
+        gt = [x["instances"] for x in batch]
+        teacher = student.run_teacher(images)
+        features = student.backbone(images.tensor)
+        proposals, _ = student.proposal_generator(images, features, gt)
+        torch.manual_seed(5)  # the ROI sampling draws at random: same draw for both
+        shared_losses, (scores, deltas) = student._box_losses_and_rcn_outputs(
+            features, proposals, gt, teacher["rcn_boxes"]
+        )
+        torch.manual_seed(5)
+        _, separate_losses = student.roi_heads(images, features, proposals, gt)
+        separate_scores, separate_deltas = student._box_outputs(student, features, teacher["rcn_boxes"])
+    assert shared_losses.keys() == separate_losses.keys()
+    for key in shared_losses:
+        torch.testing.assert_close(shared_losses[key], separate_losses[key], rtol=1e-5, atol=1e-6)
+    assert scores.shape[0] == sum(len(b) for b in teacher["rcn_boxes"]) > 0
+    torch.testing.assert_close(scores, separate_scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(deltas, separate_deltas, rtol=1e-5, atol=1e-5)
+
+
+def test_rcn_distillation_with_a_mask_head_is_refused(teacher_path):
+    cfg = _cfg(NUM_ALL, "ILMIL.TEACHER.WEIGHTS", teacher_path, "MODEL.MASK_ON", True)
+    with pytest.raises(ValueError, match="ILMIL.DISTILL.RCN.ENABLED needs box-only ROI heads"):
+        build_model(cfg)
+
+
 def test_pseudo_labels_are_the_teacher_detections_away_from_new_gt(student):
     batch = _batch()
     images = student.preprocess_image(batch)

@@ -175,6 +175,12 @@ class IncrementalRCNN(GeneralizedRCNN):
         if distill.RPN.ENABLED:
             ret["rpn_loss"] = build_distill_loss("RPNDistillation", cfg)
         if distill.RCN.ENABLED:
+            if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON or cfg.MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES:
+                # the RCN term shares the box branch's pass (forward) and has no mask/keypoint variant
+                raise ValueError(
+                    "ILMIL.DISTILL.RCN.ENABLED needs box-only ROI heads: set MODEL.MASK_ON, MODEL.KEYPOINT_ON "
+                    "and MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES to False, or ILMIL.DISTILL.RCN.ENABLED False"
+                )
             ret["rcn_loss"] = build_distill_loss("RCNDistillation", cfg)
         ret["loss_weights"] = {"feat": distill.FEAT.WEIGHT, "rpn": distill.RPN.WEIGHT, "rcn": distill.RCN.WEIGHT}
         pseudo = ilmil.PSEUDO_LABELS
@@ -225,7 +231,13 @@ class IncrementalRCNN(GeneralizedRCNN):
         all_features = self._all_features(features, self._recorders)
         proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
         rpn_logits, rpn_deltas = self._recorders["rpn_head"].pop()
-        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        if self.rcn_loss is None:
+            _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+            rcn_outputs = None
+        else:
+            detector_losses, rcn_outputs = self._box_losses_and_rcn_outputs(
+                features, proposals, gt_instances, teacher["rcn_boxes"]
+            )
 
         losses = {**detector_losses, **proposal_losses}
         if self.feature_loss is not None:
@@ -237,11 +249,27 @@ class IncrementalRCNN(GeneralizedRCNN):
                 rpn_logits, rpn_deltas, *teacher["rpn"]
             )
         if self.rcn_loss is not None:
-            s_scores, s_deltas = self._box_outputs(self, features, teacher["rcn_boxes"])
             losses["loss_distill_rcn"] = self.loss_weights["rcn"] * self.rcn_loss(
-                s_scores, s_deltas, *teacher["rcn_outputs"]
+                *rcn_outputs, *teacher["rcn_outputs"]
             )
         return losses
+
+    def _box_losses_and_rcn_outputs(self, features, proposals, gt_instances, rcn_boxes):
+        """The box head's detection losses on the sampled proposals, and its outputs
+        on the teacher's RCN boxes, from one ROIAlign + box-head pass over both
+        sets: pooling is a large part of the backward pass on CPU, and two pooler
+        calls would pay for it twice. (The box head is per-ROI, so sharing the
+        batch changes nothing.)"""
+        heads = self.roi_heads
+        proposals = heads.label_and_sample_proposals(proposals, gt_instances)
+        boxes, is_rcn = [], []
+        for sampled, extra in zip(proposals, rcn_boxes):
+            boxes.append(Boxes.cat([sampled.proposal_boxes, extra]))
+            is_rcn += [False] * len(sampled) + [True] * len(extra)
+        scores, deltas = self._box_outputs(self, features, boxes)
+        is_rcn = torch.tensor(is_rcn, device=scores.device)
+        losses = heads.box_predictor.losses((scores[~is_rcn], deltas[~is_rcn]), proposals)
+        return losses, (scores[is_rcn], deltas[is_rcn])
 
     @torch.no_grad()
     def run_teacher(self, images):
