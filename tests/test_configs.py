@@ -52,3 +52,25 @@ def test_every_method_preset_loads_with_every_config(method):
     for path in CONFIGS:
         cfg = get_ilmil_cfg(path, ["MODEL.DEVICE", "cpu"], method=method)
         assert cfg.ILMIL.METHOD == method
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_solver_optimizer_builds_that_optimizer_with_detectron2s_parameter_groups(name):
+    from ilmil.engine import IncrementalTrainer
+
+    cfg = get_ilmil_cfg(None, ["SOLVER.OPTIMIZER", name, "SOLVER.WEIGHT_DECAY", 0.05, "SOLVER.BASE_LR", 3e-4])
+    model = build_model(cfg)
+    optimizer = IncrementalTrainer.build_optimizer(cfg, model)
+    assert type(optimizer).__name__ == name
+    groups = optimizer.param_groups
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    # Norm layers are not decayed (SOLVER.WEIGHT_DECAY_NORM 0), the other weights are.
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.05}
+    assert all(g["lr"] == 3e-4 for g in groups)
+
+
+def test_unknown_optimizer_is_refused_with_the_choices():
+    from ilmil.config import ConfigError, check_optimizer
+
+    with pytest.raises(ConfigError, match="SOLVER.OPTIMIZER 'Adam': choose one of SGD, AdamW"):
+        check_optimizer(get_ilmil_cfg(None, ["SOLVER.OPTIMIZER", "Adam"]))

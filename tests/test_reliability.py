@@ -179,7 +179,7 @@ def test_a_non_finite_loss_stops_the_stage_naming_the_term_and_the_fix(tiny_data
     error = proc.stderr[proc.stderr.rindex("error: "):]
     assert "stage 0 stopped at iteration 0: loss not finite: loss_rpn_cls = inf, loss_rpn_loc = inf" in error
     assert "no checkpoint of this stage was saved yet" in error
-    assert "SOLVER.BASE_LR (now 0.01)" in error and "SOLVER.CLIP_GRADIENTS.ENABLED True" in error
+    assert "SOLVER.BASE_LR (now 0.001)" in error and "SOLVER.CLIP_GRADIENTS.ENABLED True" in error
     assert "ILMIL.SKIP_NONFINITE_ITERS" in error
     assert not (out / "stage_0" / "model_final.pth").exists()
 

@@ -30,7 +30,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from ..checkpoint import CheckpointError
-from ..config import METHOD_PRESETS, uses_teacher
+from ..config import METHOD_PRESETS, ConfigError, check_optimizer, uses_teacher
 from ..data import DATA_PROBLEMS_FIX, DatasetError, build_schedule, load_dataset_source, parse_stage_spec, register_stage_datasets
 from ..data.stages import Stage, StageSpecError
 from ..evaluation import evaluate_model, finalize_run
@@ -55,7 +55,7 @@ logger = logging.getLogger("ilmil")
 
 # Errors whose message is the whole story (what is wrong, where, the fix): the CLI
 # prints them without a traceback.
-RUN_ERRORS = (DatasetError, StageSpecError, CheckpointClassesError, CheckpointError, RunDirError,
+RUN_ERRORS = (ConfigError, DatasetError, StageSpecError, CheckpointClassesError, CheckpointError, RunDirError,
               RunValidationError, NonFiniteLossError, PruningError)
 
 
@@ -95,6 +95,7 @@ class IncrementalRun:
         self.method = cfg.ILMIL.METHOD
         if self.method not in METHOD_PRESETS:
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHOD_PRESETS)}")
+        check_optimizer(cfg)
         meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
         if uses_teacher(cfg) and not issubclass(meta_arch, IncrementalRCNN):
             raise ValueError(

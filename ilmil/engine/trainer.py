@@ -11,9 +11,11 @@ import torch.distributed as dist
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, hooks
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
 from ..checkpoint import IncrementalCheckpointer, RNGStates
+from ..config import check_optimizer
 from ..evaluation import IncrementalEvaluator
 from ..modeling import build_detector
 from ..pruning import channel_layout
@@ -81,6 +83,22 @@ class IncrementalTrainer(DefaultTrainer):
         model = build_detector(cfg)
         logger.info("Model:\n%s", model)
         return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's SGD, or AdamW over the same parameter groups (``SOLVER.OPTIMIZER``)."""
+        if check_optimizer(cfg) == "SGD":
+            return super().build_optimizer(cfg, model)
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
+            params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
