@@ -319,6 +319,29 @@ def test_all_problems_come_in_one_report(tmp_path):
     assert f"--teacher-weights: cannot read checkpoint {teacher}" in message
 
 
+def test_a_long_problem_list_is_shortened_and_written_out_in_full(tmp_path):
+    # 30 zero-area boxes: the message shows 20, the report file holds all 31 problems
+    # (the 30 boxes and stage 1, whose boxes are all bad).
+    bad = [(1 + i % 2, 2, [4.0, 4.0, 0.0, 20.0]) for i in range(30)]
+    json_path = _write_coco(tmp_path / "train", _good_images(), [GOOD[0], *bad])
+    test_json = _write_coco(tmp_path / "test", _good_images(), GOOD)
+    out = tmp_path / "out"
+    with pytest.raises(RunValidationError) as info:
+        IncrementalRun(_coco_cfg(json_path, out, test_json=test_json))
+    message = str(info.value)
+    report = out / "preflight_problems.txt"
+    assert message.startswith("31 problem(s) found before training")
+    assert message.count("zero or negative area") == 20
+    assert f"... and 11 more: all of them are in {report}" in message
+    lines = report.read_text().splitlines()
+    assert len(lines) == 31 and sum("zero or negative area" in line for line in lines) == 30
+
+    # Fixed data: the stale report goes, training may start.
+    fixed = _write_coco(tmp_path / "train", _good_images(), GOOD)
+    IncrementalRun(_coco_cfg(fixed, out, test_json=test_json))
+    assert not report.exists()
+
+
 def test_a_stage_without_training_images_is_refused(tmp_path):
     # Only "cat" has boxes: stage 1 ("dog") has nothing to learn from.
     json_path = _write_coco(tmp_path, _good_images(), [GOOD[0]])

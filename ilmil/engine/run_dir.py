@@ -18,12 +18,13 @@ from .. import __version__
 from ..evaluation.run_outputs import write_json
 
 __all__ = ["RUN_FILE", "RunDirError", "RunValidationError", "claim_run_dir", "dataset_fingerprint",
-           "output_dir_problem"]
+           "output_dir_problem", "write_problem_report"]
 
 RUN_FILE = "run.json"
+PREFLIGHT_FILE = "preflight_problems.txt"
 # What the toolkit writes into a run folder; --force removes these and nothing else.
 _RUN_OUTPUTS = ("stage_*", "results.json", "stages.json", "config.yaml", "report.md", "per_class_*.csv",
-                "forgetting_curve.png", "per_class_heatmap.png", "per_class_first_vs_final.png", RUN_FILE)
+                "forgetting_curve.png", "per_class_heatmap.png", "per_class_first_vs_final.png", PREFLIGHT_FILE, RUN_FILE)
 
 
 class RunDirError(ValueError):
@@ -31,12 +32,34 @@ class RunDirError(ValueError):
 
 
 class RunValidationError(ValueError):
-    """Problems found before training; the message lists all of them."""
+    """Problems found before training. The message lists the first ``SHOWN`` of
+    them (a broken dataset can have thousands); ``report``, when given, is the
+    file that holds all of them."""
 
-    def __init__(self, problems, fixes=()):
+    SHOWN = 20
+
+    def __init__(self, problems, fixes=(), report=None):
         self.problems = list(problems)
-        listed = "\n".join([f"  - {p}" for p in self.problems] + [f"  fix: {f}" for f in fixes])
+        lines = [f"  - {p}" for p in self.problems[: self.SHOWN]]
+        if len(self.problems) > self.SHOWN:
+            where = f": all of them are in {report}" if report else ""
+            lines.append(f"  ... and {len(self.problems) - self.SHOWN} more{where}")
+        lines += [f"  fix: {f}" for f in fixes]
+        listed = "\n".join(lines)
         super().__init__(f"{len(self.problems)} problem(s) found before training; nothing was trained:\n{listed}")
+
+
+def write_problem_report(output_dir, problems):
+    """All of ``problems`` in ``output_dir/PREFLIGHT_FILE`` and its path, or, with
+    no problems, None and no such file (a report of an earlier attempt would mislead)."""
+    path = os.path.join(output_dir, PREFLIGHT_FILE)
+    if not problems:
+        if os.path.exists(path):
+            os.remove(path)
+        return None
+    with open(path, "w") as f:
+        f.write("".join(f"{p}\n" for p in problems))
+    return path
 
 
 def dataset_fingerprint(source):

@@ -46,7 +46,14 @@ from ..modeling import (
 from ..pruning import PruningError
 from ..pruning.workflow import prune_checkpoint, pruning_enabled
 from .launch import main_process_first
-from .run_dir import RunDirError, RunValidationError, claim_run_dir, dataset_fingerprint, output_dir_problem
+from .run_dir import (
+    RunDirError,
+    RunValidationError,
+    claim_run_dir,
+    dataset_fingerprint,
+    output_dir_problem,
+    write_problem_report,
+)
 from .trainer import IncrementalTrainer, NonFiniteLossError
 
 __all__ = ["RUN_ERRORS", "IncrementalRun", "run_incremental", "resolve_class_order"]
@@ -131,10 +138,14 @@ class IncrementalRun:
         self.dataset_prefix = f"ilmil_{self.source.name}_{cfg.ILMIL.STAGES}_{self.method}"
         self.registered = [register_stage_datasets(self.dataset_prefix, self.source, s) for s in self.schedule]
         problems += self._schedule_problems()
-        problems.append(output_dir_problem(self.output_dir))
-        problems = [p for p in problems if p]
+        folder_problem = output_dir_problem(self.output_dir)
+        problems = [p for p in problems + [folder_problem] if p]
+        report = None
+        if folder_problem is None and comm.is_main_process():
+            long_list = problems if len(problems) > RunValidationError.SHOWN else []
+            report = write_problem_report(self.output_dir, long_list)
         if problems:
-            raise RunValidationError(problems, fixes)
+            raise RunValidationError(problems, fixes, report)
 
     def _schedule_problems(self):
         """Stages that no training image can teach; classes without a training box are logged."""
