@@ -4,6 +4,7 @@
     python benchmarks/run.py --suite accuracy [--quick] [--seeds 0 1]
     python benchmarks/run.py --suite speed [--quick]
     python benchmarks/run.py --suite pruning [--quick]
+    python benchmarks/run.py --suite ablation [--quick]
 
 Each run is a real ``tools/train_incremental.py`` process under
 ``benchmarks/runs/SUITE/`` (resumable: a finished run is reused, a stage whose
@@ -38,6 +39,14 @@ METHODS = ["finetune", "faster-ilod", "ilmil", "joint"]
 BATCH = 4
 SPEED = {"full": {"iters": 80, "warmup": 20}, "quick": {"iters": 30, "warmup": 10}}
 PRUNE_RATIOS = {"full": [0.0, 0.3, 0.5], "quick": [0.0, 0.5]}
+# ilmil with one term switched off at a time (the config keys of that term).
+ABLATIONS = {
+    "ilmil (all terms)": [],
+    "without pseudo-labels": ["ILMIL.PSEUDO_LABELS.ENABLED", "False"],
+    "without feature term": ["ILMIL.DISTILL.FEAT.ENABLED", "False"],
+    "without RPN term": ["ILMIL.DISTILL.RPN.ENABLED", "False"],
+    "without RCN term": ["ILMIL.DISTILL.RCN.ENABLED", "False"],
+}
 
 
 def log(message):
@@ -149,6 +158,44 @@ def accuracy_suite(setting, seeds, runs_dir, extra):
             }
         )
     return records
+
+
+def ablation_suite(setting, seed, runs_dir, extra):
+    """The first spec of the suite (10+10) with ``finetune`` and ``ilmil`` minus
+    each term in turn, every variant starting from finetune's stage-0 model."""
+    spec = setting["specs"][0]
+    num_stages = len(parse_stage_spec(spec))
+    variants = {"finetune": ("finetune", []), **{name: ("ilmil", opts) for name, opts in ABLATIONS.items()}}
+    records, base = [], None
+    for index, (name, (method, opts)) in enumerate(variants.items(), 1):
+        slug = name.replace(" ", "_").replace("(", "").replace(")", "")
+        out_dir = os.path.join(runs_dir, f"{spec}_{slug}_seed{seed}")
+        if finished(out_dir, num_stages) is None:
+            if base is not None:
+                seed_stage0(base, out_dir)
+            log(f"[{index}/{len(variants)}] {spec} {name}: training")
+            run_training(out_dir, spec, method, seed, setting["iters"], setting, [*extra, *opts])
+        else:
+            log(f"[{index}/{len(variants)}] {spec} {name}: reusing {out_dir}")
+        base = base or out_dir
+        last = finished(out_dir, num_stages)["stages"][-1]
+        records.append({"suite": "ablation", "spec": spec, "variant": name, "method": method, "opts": opts,
+                        "seed": seed, "iterations_per_stage": setting["iters"],
+                        "last_stage": {k: v for k, v in last.items() if k not in ("per_class", "forgetting_per_class")}})
+    return records
+
+
+def ablation_table(records):
+    full = next(r["last_stage"] for r in records if r["variant"] == "ilmil (all terms)")
+    lines = ["| variant | switched off | AP50_old | AP50_new | AP50_all | AP_all | AP50_old vs ilmil |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        last = r["last_stage"]
+        off = f"`{' '.join(r['opts'])}`" if r["opts"] else ("every term (no teacher)" if r["method"] == "finetune" else "")
+        change = "" if last is full else f"{last['AP50_old'] - full['AP50_old']:+.1f}"
+        lines.append(f"| {r['variant']} | {off} | {_fmt(last['AP50_old'])} | {_fmt(last['AP50_new'])} | "
+                     f"{_fmt(last['AP50'])} | {_fmt(last['AP'])} | {change} |")
+    return "\n".join(lines)
 
 
 def _fmt(value, digits=1):
@@ -316,7 +363,7 @@ def speed_table(record):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["accuracy", "speed", "pruning"], required=True)
+    parser.add_argument("--suite", choices=["accuracy", "speed", "pruning", "ablation"], required=True)
     parser.add_argument("--quick", action="store_true", help="the < 10 minute variant")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "benchmarks", "runs"))
@@ -345,6 +392,14 @@ def main(argv=None):
             f"shapes ({setting['num_train']} train / {setting['num_test']} test, 256 px), "
             f"configs/shapes/faster_rcnn_R18_FPN_cpu.yaml, batch {BATCH}, {setting['iters']} iterations per stage "
             f"(joint: the sum), seeds {' '.join(map(str, args.seeds))}"
+        )
+    elif args.suite == "ablation":
+        records = ablation_suite(setting, args.seeds[0], runs_dir, args.opts)
+        table = ablation_table(records)
+        protocol = (
+            f"shapes {setting['specs'][0]} ({setting['num_train']} train / {setting['num_test']} test, 256 px), "
+            f"batch {BATCH}, {setting['iters']} iterations per stage, seed {args.seeds[0]}; ilmil with one term "
+            "switched off at a time, every variant from the same stage-0 model"
         )
     elif args.suite == "pruning":
         records = pruning_suite(variant, setting, runs_dir, args.opts)
