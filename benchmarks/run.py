@@ -40,12 +40,13 @@ BATCH = 4
 SPEED = {"full": {"iters": 80, "warmup": 20}, "quick": {"iters": 30, "warmup": 10}}
 PRUNE_RATIOS = {"full": [0.0, 0.3, 0.5], "quick": [0.0, 0.5]}
 # ilmil with one term switched off at a time (the config keys of that term).
+# The full method runs last: the accuracy suite's run is reused when it has finished meanwhile.
 ABLATIONS = {
-    "ilmil (all terms)": [],
     "without pseudo-labels": ["ILMIL.PSEUDO_LABELS.ENABLED", "False"],
     "without feature term": ["ILMIL.DISTILL.FEAT.ENABLED", "False"],
     "without RPN term": ["ILMIL.DISTILL.RPN.ENABLED", "False"],
     "without RCN term": ["ILMIL.DISTILL.RCN.ENABLED", "False"],
+    "ilmil (all terms)": [],
 }
 
 
@@ -160,9 +161,11 @@ def accuracy_suite(setting, seeds, runs_dir, extra):
     return records
 
 
-def ablation_suite(setting, seed, runs_dir, extra):
+def ablation_suite(setting, seed, runs_dir, accuracy_dir, extra):
     """The first spec of the suite (10+10) with ``finetune`` and ``ilmil`` minus
-    each term in turn, every variant starting from finetune's stage-0 model."""
+    each term in turn, every variant starting from finetune's stage-0 model. The
+    finetune and full ilmil runs of the accuracy suite (``accuracy_dir``, same
+    protocol) are reused when they are finished."""
     spec = setting["specs"][0]
     num_stages = len(parse_stage_spec(spec))
     variants = {"finetune": ("finetune", []), **{name: ("ilmil", opts) for name, opts in ABLATIONS.items()}}
@@ -170,6 +173,9 @@ def ablation_suite(setting, seed, runs_dir, extra):
     for index, (name, (method, opts)) in enumerate(variants.items(), 1):
         slug = name.replace(" ", "_").replace("(", "").replace(")", "")
         out_dir = os.path.join(runs_dir, f"{spec}_{slug}_seed{seed}")
+        accuracy_run = os.path.join(accuracy_dir, f"{spec}_{method}_seed{seed}")
+        if not opts and finished(accuracy_run, num_stages) is not None:
+            out_dir = accuracy_run
         if finished(out_dir, num_stages) is None:
             if base is not None:
                 seed_stage0(base, out_dir)
@@ -189,7 +195,7 @@ def ablation_table(records):
     full = next(r["last_stage"] for r in records if r["variant"] == "ilmil (all terms)")
     lines = ["| variant | switched off | AP50_old | AP50_new | AP50_all | AP_all | AP50_old vs ilmil |",
              "|---|---|---|---|---|---|---|"]
-    for r in records:
+    for r in sorted(records, key=lambda r: r["last_stage"] is not full and r["method"] != "finetune"):
         last = r["last_stage"]
         off = f"`{' '.join(r['opts'])}`" if r["opts"] else ("every term (no teacher)" if r["method"] == "finetune" else "")
         change = "" if last is full else f"{last['AP50_old'] - full['AP50_old']:+.1f}"
@@ -394,7 +400,8 @@ def main(argv=None):
             f"(joint: the sum), seeds {' '.join(map(str, args.seeds))}"
         )
     elif args.suite == "ablation":
-        records = ablation_suite(setting, args.seeds[0], runs_dir, args.opts)
+        accuracy_dir = os.path.join(args.runs_dir, f"accuracy_{variant}")
+        records = ablation_suite(setting, args.seeds[0], runs_dir, accuracy_dir, args.opts)
         table = ablation_table(records)
         protocol = (
             f"shapes {setting['specs'][0]} ({setting['num_train']} train / {setting['num_test']} test, 256 px), "
