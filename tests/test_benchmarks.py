@@ -16,18 +16,23 @@ TINY_OPTS = [
 ]  # fmt: skip
 
 
-def test_accuracy_harness_writes_records_and_a_markdown_table(tiny_datasets_root, tmp_path):
-    markdown = tmp_path / "BENCHMARKS.md"
+def _run_harness(suite, datasets_root, tmp_path, *args):
+    """``benchmarks/run.py --suite SUITE --quick ARGS`` on the tiny shapes set, with
+    its runs, results and ``BENCHMARKS.md`` under ``tmp_path``; asserts it succeeds."""
     cmd = [
-        sys.executable, os.path.join(REPO_ROOT, "benchmarks", "run.py"), "--suite", "accuracy", "--quick",
-        "--specs", "2+2", "--iters", "4",
+        sys.executable, os.path.join(REPO_ROOT, "benchmarks", "run.py"), "--suite", suite, "--quick", *args,
         "--num-train", str(TINY_SHAPES["num_train"]), "--num-test", str(TINY_SHAPES["num_test"]),
         "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"),
-        "--markdown", str(markdown), *TINY_OPTS,
+        "--markdown", str(tmp_path / "BENCHMARKS.md"), *TINY_OPTS,
     ]  # fmt: skip
-    env = dict(os.environ, ILMIL_DATASETS=str(tiny_datasets_root), OMP_NUM_THREADS="1")
+    env = dict(os.environ, ILMIL_DATASETS=str(datasets_root), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_accuracy_harness_writes_records_and_a_markdown_table(tiny_datasets_root, tmp_path):
+    markdown = tmp_path / "BENCHMARKS.md"
+    _run_harness("accuracy", tiny_datasets_root, tmp_path, "--specs", "2+2", "--iters", "4")
 
     with open(tmp_path / "results" / "accuracy_quick.json") as f:
         data = json.load(f)
@@ -48,15 +53,7 @@ def test_accuracy_harness_writes_records_and_a_markdown_table(tiny_datasets_root
 
 
 def test_pruning_harness_measures_each_ratio(tiny_datasets_root, tmp_path):
-    cmd = [
-        sys.executable, os.path.join(REPO_ROOT, "benchmarks", "run.py"), "--suite", "pruning", "--quick",
-        "--iters", "4", "--num-train", str(TINY_SHAPES["num_train"]), "--num-test", str(TINY_SHAPES["num_test"]),
-        "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"),
-        "--markdown", str(tmp_path / "BENCHMARKS.md"), *TINY_OPTS,
-    ]  # fmt: skip
-    env = dict(os.environ, ILMIL_DATASETS=str(tiny_datasets_root), OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_harness("pruning", tiny_datasets_root, tmp_path, "--iters", "4")
     with open(tmp_path / "results" / "pruning_quick.json") as f:
         unpruned, pruned = json.load(f)["records"]
     assert (unpruned["ratio"], pruned["ratio"]) == (0.0, 0.5)
@@ -66,16 +63,7 @@ def test_pruning_harness_measures_each_ratio(tiny_datasets_root, tmp_path):
 
 
 def test_ablation_harness_switches_one_term_off_per_variant(tiny_datasets_root, tmp_path):
-    cmd = [
-        sys.executable, os.path.join(REPO_ROOT, "benchmarks", "run.py"), "--suite", "ablation", "--quick",
-        "--specs", "2+2", "--iters", "4",
-        "--num-train", str(TINY_SHAPES["num_train"]), "--num-test", str(TINY_SHAPES["num_test"]),
-        "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"),
-        "--markdown", str(tmp_path / "BENCHMARKS.md"), *TINY_OPTS,
-    ]  # fmt: skip
-    env = dict(os.environ, ILMIL_DATASETS=str(tiny_datasets_root), OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_harness("ablation", tiny_datasets_root, tmp_path, "--specs", "2+2", "--iters", "4")
     with open(tmp_path / "results" / "ablation_quick.json") as f:
         records = json.load(f)["records"]
     assert [r["variant"] for r in records] == [

@@ -28,6 +28,7 @@ __all__ = [
     "VOC_CLASSES",
     "BUILTIN_DATASETS",
     "DATA_PROBLEMS_FIX",
+    "MAX_LISTED_PROBLEMS",
     "DatasetError",
     "DatasetSource",
     "dataset_problems_error",
@@ -35,6 +36,7 @@ __all__ = [
     "load_voc_split",
     "load_coco_json",
     "load_dataset_source",
+    "problem_lines",
     "register_stage_datasets",
 ]
 
@@ -51,7 +53,7 @@ BUILTIN_DATASETS = ("shapes", "voc_2007", "voc_2012", "voc_07_12", "coco_2017", 
 
 
 # Problems listed in an error message; the rest are counted.
-_MAX_LISTED_PROBLEMS = 20
+MAX_LISTED_PROBLEMS = 20
 _PROGRESS_MIN_IMAGES = 1000  # smaller splits are checked without a progress bar
 DATA_PROBLEMS_FIX = "correct the files, or set ILMIL.DATA.SKIP_BAD_ANNOTATIONS True to skip them"
 
@@ -254,14 +256,21 @@ def validate_records(records, class_names, split_desc, clip_boxes=False, check_i
     return kept, problems
 
 
+def problem_lines(problems, bullet="", report=None):
+    """The first ``MAX_LISTED_PROBLEMS`` of ``problems`` as indented message lines,
+    then how many more there are (and ``report``, the file that holds them all)."""
+    lines = [f"  {bullet}{p}" for p in problems[:MAX_LISTED_PROBLEMS]]
+    more = len(problems) - MAX_LISTED_PROBLEMS
+    if more > 0:
+        lines.append(f"  ... and {more} more" + (f": all of them are in {report}" if report else ""))
+    return lines
+
+
 def dataset_problems_error(problems, what):
     """The error listing (up to a screenful of) ``problems`` found in ``what``."""
-    listed = "\n  ".join(problems[:_MAX_LISTED_PROBLEMS])
-    more = len(problems) - _MAX_LISTED_PROBLEMS
+    listed = "\n".join(problem_lines(problems))
     return DatasetError(
-        f"{len(problems)} malformed annotation(s) or image(s) in {what}:\n  {listed}"
-        + (f"\n  ... and {more} more" if more > 0 else "")
-        + f"\n  fix: {DATA_PROBLEMS_FIX}"
+        f"{len(problems)} malformed annotation(s) or image(s) in {what}:\n{listed}\n  fix: {DATA_PROBLEMS_FIX}"
     )
 
 

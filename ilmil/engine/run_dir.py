@@ -15,6 +15,8 @@ import shutil
 import sys
 
 from .. import __version__
+from ..checkpoint import atomic_write
+from ..data import problem_lines
 from ..evaluation.run_outputs import write_json
 
 __all__ = ["RUN_FILE", "RunDirError", "RunValidationError", "claim_run_dir", "dataset_fingerprint",
@@ -32,20 +34,13 @@ class RunDirError(ValueError):
 
 
 class RunValidationError(ValueError):
-    """Problems found before training. The message lists the first ``SHOWN`` of
-    them (a broken dataset can have thousands); ``report``, when given, is the
-    file that holds all of them."""
-
-    SHOWN = 20
+    """Problems found before training. The message lists the first
+    ``MAX_LISTED_PROBLEMS`` of them (a broken dataset can have thousands);
+    ``report``, when given, is the file that holds all of them."""
 
     def __init__(self, problems, fixes=(), report=None):
         self.problems = list(problems)
-        lines = [f"  - {p}" for p in self.problems[: self.SHOWN]]
-        if len(self.problems) > self.SHOWN:
-            where = f": all of them are in {report}" if report else ""
-            lines.append(f"  ... and {len(self.problems) - self.SHOWN} more{where}")
-        lines += [f"  fix: {f}" for f in fixes]
-        listed = "\n".join(lines)
+        listed = "\n".join(problem_lines(self.problems, "- ", report) + [f"  fix: {f}" for f in fixes])
         super().__init__(f"{len(self.problems)} problem(s) found before training; nothing was trained:\n{listed}")
 
 
@@ -57,8 +52,7 @@ def write_problem_report(output_dir, problems):
         if os.path.exists(path):
             os.remove(path)
         return None
-    with open(path, "w") as f:
-        f.write("".join(f"{p}\n" for p in problems))
+    atomic_write(path, lambda f: f.write("".join(f"{p}\n" for p in problems)), mode="w")
     return path
 
 

@@ -31,7 +31,15 @@ from detectron2.utils.env import seed_all_rng
 
 from ..checkpoint import CheckpointError
 from ..config import METHOD_PRESETS, ConfigError, check_optimizer, uses_teacher
-from ..data import DATA_PROBLEMS_FIX, DatasetError, build_schedule, load_dataset_source, parse_stage_spec, register_stage_datasets
+from ..data import (
+    DATA_PROBLEMS_FIX,
+    MAX_LISTED_PROBLEMS,
+    DatasetError,
+    build_schedule,
+    load_dataset_source,
+    parse_stage_spec,
+    register_stage_datasets,
+)
 from ..data.stages import Stage, StageSpecError
 from ..evaluation import evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
@@ -142,7 +150,7 @@ class IncrementalRun:
         problems = [p for p in problems + [folder_problem] if p]
         report = None
         if folder_problem is None and comm.is_main_process():
-            long_list = problems if len(problems) > RunValidationError.SHOWN else []
+            long_list = problems if len(problems) > MAX_LISTED_PROBLEMS else []
             report = write_problem_report(self.output_dir, long_list)
         if problems:
             raise RunValidationError(problems, fixes, report)
