@@ -65,6 +65,9 @@ def add_ilmil_config(cfg):
     # The old-class model of a stage; the stage runner sets it to the previous stage's model.
     cfg.ILMIL.TEACHER = CN()
     cfg.ILMIL.TEACHER.WEIGHTS = ""
+    # Teacher proposals per image (the top ones by objectness) run through its box head
+    # for pseudo-labels and the RCN term; 0 = all of MODEL.RPN.POST_NMS_TOPK_TEST.
+    cfg.ILMIL.TEACHER.NUM_PROPOSALS = 0
 
     # Teacher detections added as ground truth of old classes.
     cfg.ILMIL.PSEUDO_LABELS = CN()

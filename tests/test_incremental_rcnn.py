@@ -3,6 +3,8 @@ classes -> 5): the teacher stays outside the student's module tree, the
 distillation terms are zero before any update and give gradients to the student
 only, pseudo-labels are merged into the GT, and the method presets switch the
 terms on and off."""
+import copy
+
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from ilmil.modeling import (
     IncrementalRCNN,
     TeacherMismatchError,
     build_teacher,
+    fold_batchnorm,
     load_expanded,
     teacher_detections,
 )
@@ -222,6 +225,36 @@ def test_shared_box_pass_equals_separate_detection_and_rcn_passes(student):
     torch.testing.assert_close(deltas, separate_deltas, rtol=1e-5, atol=1e-5)
 
 
+def test_folding_the_teacher_batchnorm_keeps_its_outputs(teacher_model):
+    model = copy.deepcopy(teacher_model)
+    torch.manual_seed(3)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    for norm in norms:  # statistics far from the identity, as after training
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.2, 3)
+        norm.weight.data.uniform_(0.5, 1.5)
+    images = torch.rand(1, 3, *IMAGE_SIZE) * 255
+    with torch.no_grad():
+        expected = model.backbone(images)
+        folded = fold_batchnorm(model)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        for name, value in folded.backbone(images).items():
+            torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_box_head_sees_only_its_top_proposals(teacher_path, teacher_model, student):
+    capped = _student(teacher_path, teacher_model, "ILMIL.TEACHER.NUM_PROPOSALS", 7)
+    images = student.preprocess_image(_batch())
+    full, top = student.run_teacher(images), capped.run_teacher(images)
+    assert all(len(p) > 7 for p in full["proposals"])
+    assert [len(p) for p in top["proposals"]] == [7] * len(full["proposals"])
+    assert top["box_outputs"][0].shape[0] == 7 * len(full["proposals"])
+    for p_top, p_full in zip(top["proposals"], full["proposals"]):  # the 7 highest objectness
+        torch.testing.assert_close(p_top.objectness_logits, p_full.objectness_logits[:7])
+    assert all(len(b) <= 7 for b in top["rcn_boxes"])  # RCN samples from the capped set
+
+
 def test_rcn_distillation_with_a_mask_head_is_refused(teacher_path):
     cfg = _cfg(NUM_ALL, "ILMIL.TEACHER.WEIGHTS", teacher_path, "MODEL.MASK_ON", True)
     with pytest.raises(ValueError, match="ILMIL.DISTILL.RCN.ENABLED needs box-only ROI heads"):
@@ -273,8 +306,17 @@ def test_build_teacher_gives_a_frozen_model_of_the_checkpoint(teacher_path, teac
     assert type(teacher) is GeneralizedRCNN and not teacher.training
     assert teacher.roi_heads.box_predictor.cls_score.out_features == NUM_OLD + 1
     assert all(not p.requires_grad for p in teacher.parameters())
+    # Its BatchNorm is folded into the convolutions: the layers after the ResNet hold
+    # the checkpoint's tensors as they are, the ResNet gives the checkpoint's features.
     state = teacher.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in teacher_model.state_dict().items())
+    heads = {k: v for k, v in teacher_model.state_dict().items() if not k.startswith("backbone.bottom_up")}
+    assert heads and all(torch.equal(state[k], v) for k, v in heads.items())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+    images = torch.rand(2, 3, *IMAGE_SIZE) * 255
+    with torch.no_grad():
+        expected = teacher_model.backbone(images)
+        for name, value in teacher.backbone(images).items():
+            torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("expected", [["circle", "square"], ["circle", "square", "star"], ["square", "circle", "triangle"]],

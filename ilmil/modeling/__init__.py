@@ -17,6 +17,7 @@ from .incremental_rcnn import (
     TeacherMismatchError,
     build_teacher,
     checkpoint_class_names,
+    fold_batchnorm,
     load_checked_checkpoint,
 )
 from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
@@ -39,6 +40,7 @@ __all__ = [
     "checkpoint_class_names",
     "drop_boxes_on_new_gt",
     "expand_predictor_state_dict",
+    "fold_batchnorm",
     "load_checked_checkpoint",
     "load_expanded",
     "old_class_logits",
