@@ -42,7 +42,7 @@ def _listing(path):
 
 def test_layout(dataset):
     assert os.path.basename(dataset) == dataset_dirname(20, 12, 4, 128, 3)
-    assert os.path.basename(dataset) == "shapes_c20_train12_test4_s128_seed3_v4"
+    assert os.path.basename(dataset) == "shapes_c20_train12_test4_s128_seed3_v5"
     train = _read_ids(os.path.join(dataset, "ImageSets", "Main", "train.txt"))
     test = _read_ids(os.path.join(dataset, "ImageSets", "Main", "test.txt"))
     assert train == [f"{i:06d}" for i in range(12)]
@@ -54,7 +54,7 @@ def test_layout(dataset):
         assert os.path.isfile(os.path.join(dataset, "annotations", f"instances_{split}.json"))
     with open(os.path.join(dataset, "meta.json")) as f:
         meta = json.load(f)
-    assert meta == {"generator_version": 4, "num_classes": 20, "num_train": 12, "num_test": 4,
+    assert meta == {"generator_version": 5, "num_classes": 20, "num_train": 12, "num_test": 4,
                     "image_size": 128, "seed": 3, "class_names": shape_class_names(20)}
 
 
