@@ -9,8 +9,9 @@
 Each run is a real ``tools/train_incremental.py`` process under
 ``benchmarks/runs/SUITE/`` (resumable: a finished run is reused, a stage whose
 model exists is not retrained). Every teacher method of a spec starts from the
-same stage-0 model as ``finetune`` (stage 0 has no teacher, so its training is
-the same; it is trained once and copied). Records go to
+same stage-0 model (stage 0 has no teacher, so its training is the same for
+all; it is trained once, for ``--base-iters`` iterations, and copied); run
+folders name their budgets, so a changed budget never reuses a run. Records go to
 ``benchmarks/results/SUITE.json`` and a table is appended to ``BENCHMARKS.md``.
 """
 import argparse
@@ -117,30 +118,46 @@ def seed_stage0(base_dir, out_dir):
                 shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
+def base_run(runs_dir, first_stage, seed, setting, extra):
+    """The stage-0 model shared by every method of every spec that starts with
+    ``first_stage`` classes (stage 0 has no teacher, so it trains the same for all):
+    a one-stage run of ``setting["base_iters"]`` iterations, trained once."""
+    out_dir = os.path.join(runs_dir, f"base_{first_stage}classes_{setting['base_iters']}it_seed{seed}")
+    if finished(out_dir, 1) is None:
+        log(f"stage 0 ({first_stage} classes, seed {seed}, {setting['base_iters']} iterations): training")
+        run_training(out_dir, str(first_stage), "finetune", seed, setting["base_iters"], setting, extra)
+    return out_dir
+
+
+def method_run_dir(runs_dir, spec, method, seed, setting, variant=None):
+    budget = f"{setting['base_iters']}+{setting['iters']}it"
+    return os.path.join(runs_dir, f"{spec}_{variant or method}_{budget}_seed{seed}")
+
+
 def accuracy_suite(setting, seeds, runs_dir, extra):
     records = []
-    base_runs = {}  # (first stage size, seed) -> finetune run folder with that stage 0
     plan = [(spec, method, seed) for seed in seeds for spec in setting["specs"] for method in METHODS]
     for index, (spec, method, seed) in enumerate(plan, 1):
         counts = parse_stage_spec(spec)
-        if method == "joint":  # one stage of all classes for the summed budget: shared by e.g. 10+10 and 15+5
-            out_dir = os.path.join(runs_dir, f"joint_{sum(counts)}classes_{len(counts)}x{setting['iters']}it_seed{seed}")
+        if method == "joint":
+            # One stage of all classes for the whole budget (stage 0's plus the later
+            # stages'): shared by specs of the same sum and budget, e.g. 10+10 and 15+5.
+            run_spec, num_stages = str(sum(counts)), 1
+            iters = setting["base_iters"] + (len(counts) - 1) * setting["iters"]
+            out_dir = os.path.join(runs_dir, f"joint_{sum(counts)}classes_{iters}it_seed{seed}")
         else:
-            out_dir = os.path.join(runs_dir, f"{spec}_{method}_seed{seed}")
-        num_stages = 1 if method == "joint" else len(counts)
+            run_spec, num_stages, iters = spec, len(counts), setting["iters"]
+            out_dir = method_run_dir(runs_dir, spec, method, seed, setting)
         results = finished(out_dir, num_stages)
-        first = (spec.split("+")[0], seed)
         wall = rss = command = None
         if results is None:
-            if method not in ("finetune", "joint") and first in base_runs:
-                seed_stage0(base_runs[first], out_dir)
+            if method != "joint":
+                seed_stage0(base_run(runs_dir, counts[0], seed, setting, extra), out_dir)
             log(f"[{index}/{len(plan)}] {spec} {method} seed {seed}: training")
-            wall, rss, command = run_training(out_dir, spec, method, seed, setting["iters"], setting, extra)
+            wall, rss, command = run_training(out_dir, run_spec, method, seed, iters, setting, extra)
             results = finished(out_dir, num_stages)
         else:
             log(f"[{index}/{len(plan)}] {spec} {method} seed {seed}: reusing {out_dir}")
-        if method == "finetune":
-            base_runs.setdefault(first, out_dir)
         last = results["stages"][-1]
         times = step_times(os.path.join(out_dir, f"stage_{last['stage']}"))
         records.append(
@@ -149,7 +166,8 @@ def accuracy_suite(setting, seeds, runs_dir, extra):
                 "spec": spec,
                 "method": method,
                 "seed": seed,
-                "iterations_per_stage": setting["iters"] * (len(counts) if method == "joint" else 1),
+                "iterations_per_stage": iters,
+                "stage0_iterations": setting["base_iters"],
                 "last_stage": {k: v for k, v in last.items() if k not in ("per_class", "forgetting_per_class")},
                 "summary": results.get("summary", {}),
                 "step_time_s": statistics.median(times) if times else None,
@@ -163,30 +181,30 @@ def accuracy_suite(setting, seeds, runs_dir, extra):
 
 def ablation_suite(setting, seed, runs_dir, accuracy_dir, extra):
     """The first spec of the suite (10+10) with ``finetune`` and ``ilmil`` minus
-    each term in turn, every variant starting from finetune's stage-0 model. The
-    finetune and full ilmil runs of the accuracy suite (``accuracy_dir``, same
-    protocol) are reused when they are finished."""
+    each term in turn, every variant starting from the accuracy suite's stage-0
+    model (in ``accuracy_dir``, same protocol), whose finetune and full ilmil runs
+    are reused when they are finished."""
     spec = setting["specs"][0]
-    num_stages = len(parse_stage_spec(spec))
+    counts = parse_stage_spec(spec)
+    num_stages = len(counts)
     variants = {"finetune": ("finetune", []), **{name: ("ilmil", opts) for name, opts in ABLATIONS.items()}}
-    records, base = [], None
+    records = []
     for index, (name, (method, opts)) in enumerate(variants.items(), 1):
         slug = name.replace(" ", "_").replace("(", "").replace(")", "")
-        out_dir = os.path.join(runs_dir, f"{spec}_{slug}_seed{seed}")
-        accuracy_run = os.path.join(accuracy_dir, f"{spec}_{method}_seed{seed}")
+        out_dir = method_run_dir(runs_dir, spec, method, seed, setting, variant=slug)
+        accuracy_run = method_run_dir(accuracy_dir, spec, method, seed, setting)
         if not opts and finished(accuracy_run, num_stages) is not None:
             out_dir = accuracy_run
         if finished(out_dir, num_stages) is None:
-            if base is not None:
-                seed_stage0(base, out_dir)
+            seed_stage0(base_run(accuracy_dir, counts[0], seed, setting, extra), out_dir)
             log(f"[{index}/{len(variants)}] {spec} {name}: training")
             run_training(out_dir, spec, method, seed, setting["iters"], setting, [*extra, *opts])
         else:
             log(f"[{index}/{len(variants)}] {spec} {name}: reusing {out_dir}")
-        base = base or out_dir
         last = finished(out_dir, num_stages)["stages"][-1]
         records.append({"suite": "ablation", "spec": spec, "variant": name, "method": method, "opts": opts,
                         "seed": seed, "iterations_per_stage": setting["iters"],
+                        "stage0_iterations": setting["base_iters"],
                         "last_stage": {k: v for k, v in last.items() if k not in ("per_class", "forgetting_per_class")}})
     return records
 
@@ -377,6 +395,8 @@ def main(argv=None):
     parser.add_argument("--markdown", default=os.path.join(ROOT, "BENCHMARKS.md"))
     parser.add_argument("--specs", nargs="+", help="override the suite's stage specs")
     parser.add_argument("--iters", type=int, help="override the iterations per stage")
+    parser.add_argument("--base-iters", type=int,
+                        help="iterations of stage 0, shared by every method (default: the per-stage budget)")
     parser.add_argument("--num-train", type=int, help="override the shapes train images")
     parser.add_argument("--num-test", type=int, help="override the shapes test images")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every run")
@@ -391,12 +411,14 @@ def main(argv=None):
     for key in ("specs", "iters", "num_train", "num_test"):
         if getattr(args, key) is not None:
             setting[key] = getattr(args, key)
+    setting["base_iters"] = args.base_iters or setting["iters"]
     if args.suite == "accuracy":
         records = accuracy_suite(setting, args.seeds, runs_dir, args.opts)
         table = accuracy_table(records)
         protocol = (
             f"shapes ({setting['num_train']} train / {setting['num_test']} test, 256 px), "
-            f"configs/shapes/faster_rcnn_R18_FPN_cpu.yaml, batch {BATCH}, {setting['iters']} iterations per stage "
+            f"configs/shapes/faster_rcnn_R18_FPN_cpu.yaml, batch {BATCH}, {setting['base_iters']} iterations for "
+            f"stage 0 (one model shared by every method), {setting['iters']} for each later stage "
             f"(joint: the sum), seeds {' '.join(map(str, args.seeds))}"
         )
     elif args.suite == "ablation":
@@ -405,8 +427,9 @@ def main(argv=None):
         table = ablation_table(records)
         protocol = (
             f"shapes {setting['specs'][0]} ({setting['num_train']} train / {setting['num_test']} test, 256 px), "
-            f"batch {BATCH}, {setting['iters']} iterations per stage, seed {args.seeds[0]}; ilmil with one term "
-            "switched off at a time, every variant from the same stage-0 model"
+            f"batch {BATCH}, {setting['base_iters']} iterations for stage 0, {setting['iters']} for stage 1, "
+            f"seed {args.seeds[0]}; ilmil with one term switched off at a time, every variant from the same "
+            "stage-0 model"
         )
     elif args.suite == "pruning":
         records = pruning_suite(variant, setting, runs_dir, args.opts)

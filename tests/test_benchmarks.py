@@ -32,20 +32,31 @@ def _run_harness(suite, datasets_root, tmp_path, *args):
 
 def test_accuracy_harness_writes_records_and_a_markdown_table(tiny_datasets_root, tmp_path):
     markdown = tmp_path / "BENCHMARKS.md"
-    _run_harness("accuracy", tiny_datasets_root, tmp_path, "--specs", "2+2", "--iters", "4")
+    _run_harness("accuracy", tiny_datasets_root, tmp_path, "--specs", "2+2", "--iters", "4", "--base-iters", "6")
 
     with open(tmp_path / "results" / "accuracy_quick.json") as f:
         data = json.load(f)
     assert data["machine"]["cores"] == os.cpu_count()
     records = {r["method"]: r for r in data["records"]}
     assert set(records) == {"finetune", "faster-ilod", "ilmil", "joint"}
-    assert records["joint"]["iterations_per_stage"] == 8
+    assert records["joint"]["iterations_per_stage"] == 6 + 4  # stage 0's budget plus stage 1's
+    assert records["ilmil"]["iterations_per_stage"] == 4 and records["ilmil"]["stage0_iterations"] == 6
     for record in records.values():
         assert 0.0 <= record["last_stage"]["AP50"] <= 100.0
         assert record["step_time_s"] > 0
-    # Teacher methods start from finetune's stage-0 model, copied, not retrained.
-    stage0 = [tmp_path / "runs" / "accuracy_quick" / f"2+2_{m}_seed0" / "stage_0" / "model_final.pth" for m in ("finetune", "ilmil")]
-    assert stage0[0].read_bytes() == stage0[1].read_bytes()
+    # Every method starts from one stage-0 model of 6 iterations, copied, not retrained;
+    # stage 1 trains its own 4.
+    runs = tmp_path / "runs" / "accuracy_quick"
+    base = runs / "base_2classes_6it_seed0" / "stage_0"
+    assert _last_iteration(base) == 5
+    for method in ("finetune", "ilmil"):
+        run = runs / f"2+2_{method}_6+4it_seed0"
+        assert (run / "stage_0" / "model_final.pth").read_bytes() == (base / "model_final.pth").read_bytes()
+        assert not (run / "stage_0" / "metrics.json").exists() and _last_iteration(run / "stage_1") == 3
+
+
+def _last_iteration(stage_dir):
+    return json.loads((stage_dir / "metrics.json").read_text().splitlines()[-1])["iteration"]
 
     table = [line for line in markdown.read_text().splitlines() if line.startswith("| 2+2 |")]
     assert [line.split("|")[2].strip() for line in table] == ["finetune", "faster-ilod", "ilmil", "joint"]
@@ -71,9 +82,9 @@ def test_ablation_harness_switches_one_term_off_per_variant(tiny_datasets_root, 
         "ilmil (all terms)"]
     runs = tmp_path / "runs" / "ablation_quick"
     # Each variant's run really had its term off: its resolved config says so.
-    config = (runs / "2+2_without_RCN_term_seed0" / "config.yaml").read_text()
+    config = (runs / "2+2_without_RCN_term_4+4it_seed0" / "config.yaml").read_text()
     assert "RCN:" in config and config.split("RCN:")[1].split("ENABLED:")[1].split()[0] == "false"
-    stage0 = [runs / f"2+2_{name}_seed0" / "stage_0" / "model_final.pth" for name in ("finetune", "without_feature_term")]
+    stage0 = [runs / f"2+2_{name}_4+4it_seed0" / "stage_0" / "model_final.pth" for name in ("finetune", "without_feature_term")]
     assert stage0[0].read_bytes() == stage0[1].read_bytes()
     assert all(0.0 <= r["last_stage"]["AP50_old"] <= 100.0 for r in records)
     table = [line.split("|")[1].strip() for line in (tmp_path / "BENCHMARKS.md").read_text().splitlines()
