@@ -30,6 +30,10 @@ def _run_harness(suite, datasets_root, tmp_path, *args):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def _last_iteration(stage_dir):
+    return json.loads((stage_dir / "metrics.json").read_text().splitlines()[-1])["iteration"]
+
+
 def test_accuracy_harness_writes_records_and_a_markdown_table(tiny_datasets_root, tmp_path):
     markdown = tmp_path / "BENCHMARKS.md"
     _run_harness("accuracy", tiny_datasets_root, tmp_path, "--specs", "2+2", "--iters", "4", "--base-iters", "6")
@@ -53,10 +57,6 @@ def test_accuracy_harness_writes_records_and_a_markdown_table(tiny_datasets_root
         run = runs / f"2+2_{method}_6+4it_seed0"
         assert (run / "stage_0" / "model_final.pth").read_bytes() == (base / "model_final.pth").read_bytes()
         assert not (run / "stage_0" / "metrics.json").exists() and _last_iteration(run / "stage_1") == 3
-
-
-def _last_iteration(stage_dir):
-    return json.loads((stage_dir / "metrics.json").read_text().splitlines()[-1])["iteration"]
 
     table = [line for line in markdown.read_text().splitlines() if line.startswith("| 2+2 |")]
     assert [line.split("|")[2].strip() for line in table] == ["finetune", "faster-ilod", "ilmil", "joint"]
