@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.data import MetadataCatalog
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
