@@ -36,7 +36,9 @@ def _last_iteration(stage_dir):
 
 def test_accuracy_harness_writes_records_and_a_markdown_table(tiny_datasets_root, tmp_path):
     markdown = tmp_path / "BENCHMARKS.md"
-    _run_harness("accuracy", tiny_datasets_root, tmp_path, "--specs", "2+2", "--iters", "4", "--base-iters", "6")
+    # Two workers: the parallel path, whose stage 0 must still be trained once, before its users.
+    _run_harness("accuracy", tiny_datasets_root, tmp_path, "--specs", "2+2", "--iters", "4", "--base-iters", "6",
+                 "--jobs", "2")
 
     with open(tmp_path / "results" / "accuracy_quick.json") as f:
         data = json.load(f)
