@@ -74,3 +74,13 @@ def test_unknown_optimizer_is_refused_with_the_choices():
 
     with pytest.raises(ConfigError, match="SOLVER.OPTIMIZER 'Adam': choose one of SGD, AdamW"):
         check_optimizer(get_ilmil_cfg(None, ["SOLVER.OPTIMIZER", "Adam"]))
+
+
+def test_unknown_teacher_precision_is_refused_before_any_work(tmp_path):
+    from ilmil.config import ConfigError
+    from ilmil.engine.runner import IncrementalRun
+
+    cfg = get_ilmil_cfg(None, ["ILMIL.TEACHER.PRECISION", "half", "OUTPUT_DIR", str(tmp_path / "run")], method="ilmil")
+    with pytest.raises(ConfigError, match="ILMIL.TEACHER.PRECISION 'half': choose one of float32, bfloat16, float16"):
+        IncrementalRun(cfg)
+    assert not (tmp_path / "run").exists()

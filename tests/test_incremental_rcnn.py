@@ -255,6 +255,25 @@ def test_teacher_box_head_sees_only_its_top_proposals(teacher_path, teacher_mode
     assert all(len(b) <= 7 for b in top["rcn_boxes"])  # RCN samples from the capped set
 
 
+def test_bfloat16_teacher_pass_returns_float32_close_to_the_float32_pass(teacher_path, teacher_model, student):
+    half = _student(teacher_path, teacher_model, "ILMIL.TEACHER.PRECISION", "bfloat16")
+    images = student.preprocess_image(_batch())
+    full, low = student.run_teacher(images), half.run_teacher(images)
+    for name, value in full["features"].items():
+        assert low["features"][name].dtype == torch.float32
+        assert 0 < (low["features"][name] - value).norm() <= 0.05 * value.norm()  # bfloat16 really ran
+    for low_out, full_out in zip(low["box_outputs"], full["box_outputs"]):
+        assert low_out.dtype == torch.float32 and low_out.shape == full_out.shape
+    assert all(t.dtype == torch.float32 for level in low["rpn"] for t in level)
+    losses, _ = _train_step(half, _batch())  # the distillation terms take the float32 outputs
+    assert all(torch.isfinite(losses[k]) for k in DISTILL_KEYS)
+
+
+def test_unknown_teacher_precision_is_refused_with_the_choices(teacher_path, teacher_model):
+    with pytest.raises(ValueError, match="ILMIL.TEACHER.PRECISION 'fp8': choose one of float32, bfloat16, float16"):
+        _student(teacher_path, teacher_model, "ILMIL.TEACHER.PRECISION", "fp8")
+
+
 def test_rcn_distillation_with_a_mask_head_is_refused(teacher_path):
     cfg = _cfg(NUM_ALL, "ILMIL.TEACHER.WEIGHTS", teacher_path, "MODEL.MASK_ON", True)
     with pytest.raises(ValueError, match="ILMIL.DISTILL.RCN.ENABLED needs box-only ROI heads"):

@@ -30,7 +30,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from ..checkpoint import CheckpointError
-from ..config import METHOD_PRESETS, ConfigError, check_optimizer, uses_teacher
+from ..config import METHOD_PRESETS, ConfigError, check_choice, check_optimizer, uses_teacher
 from ..data import (
     DATA_PROBLEMS_FIX,
     MAX_LISTED_PROBLEMS,
@@ -44,6 +44,7 @@ from ..data.stages import Stage, StageSpecError
 from ..evaluation import evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
 from ..modeling import (
+    TEACHER_PRECISIONS,
     CheckpointClassesError,
     IncrementalRCNN,
     load_checked_checkpoint,
@@ -111,6 +112,7 @@ class IncrementalRun:
         if self.method not in METHOD_PRESETS:
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHOD_PRESETS)}")
         check_optimizer(cfg)
+        check_choice(cfg, "ILMIL.TEACHER.PRECISION", TEACHER_PRECISIONS)
         meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
         if uses_teacher(cfg) and not issubclass(meta_arch, IncrementalRCNN):
             raise ValueError(

@@ -14,6 +14,7 @@ from .expansion import expand_predictor_state_dict, load_expanded
 from .incremental_rcnn import (
     CheckpointClassesError,
     IncrementalRCNN,
+    TEACHER_PRECISIONS,
     TeacherMismatchError,
     build_teacher,
     checkpoint_class_names,
@@ -33,6 +34,7 @@ __all__ = [
     "IncrementalRCNN",
     "RCNDistillation",
     "RPNDistillation",
+    "TEACHER_PRECISIONS",
     "TeacherMismatchError",
     "add_pseudo_labels",
     "build_distill_loss",

@@ -34,6 +34,7 @@ from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_dete
 __all__ = [
     "CheckpointClassesError",
     "IncrementalRCNN",
+    "TEACHER_PRECISIONS",
     "TeacherMismatchError",
     "build_teacher",
     "checkpoint_class_names",
@@ -42,6 +43,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# ILMIL.TEACHER.PRECISION -> the autocast dtype of the teacher pass (None: no autocast).
+TEACHER_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CheckpointClassesError(ValueError):
@@ -73,6 +77,18 @@ class _Frozen:
 
     def __init__(self, module):
         self.module = module
+
+
+def _float32(outputs):
+    """``outputs`` (tensors in dicts, lists and tuples; other values as they are)
+    with every floating-point tensor in float32."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {key: _float32(value) for key, value in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_float32(value) for value in outputs)
+    return outputs
 
 
 def checkpoint_class_names(checkpoint):
@@ -155,6 +171,7 @@ class IncrementalRCNN(GeneralizedRCNN):
         rcn_topk=128,
         rcn_num_samples=64,
         teacher_num_proposals=0,
+        teacher_precision="float32",
         **kwargs,
     ):
         """
@@ -165,9 +182,15 @@ class IncrementalRCNN(GeneralizedRCNN):
             pseudo_labels: None (off) or {"score_thresh", "nms_thresh", "iou_thresh"}.
             rcn_topk, rcn_num_samples: teacher proposals kept by objectness, then sampled.
             teacher_num_proposals: teacher proposals per image through its box head (0 = all).
+            teacher_precision: a key of ``TEACHER_PRECISIONS``, the teacher pass's autocast dtype.
             kwargs: arguments of ``GeneralizedRCNN``.
         """
         super().__init__(**kwargs)
+        if teacher_precision not in TEACHER_PRECISIONS:
+            raise ValueError(
+                f"ILMIL.TEACHER.PRECISION {teacher_precision!r}: choose one of {', '.join(TEACHER_PRECISIONS)}"
+            )
+        self.teacher_dtype = TEACHER_PRECISIONS[teacher_precision]
         self._teacher = _Frozen(teacher) if teacher is not None else None
         self.feature_loss = feature_loss
         self.rpn_loss = rpn_loss
@@ -217,6 +240,7 @@ class IncrementalRCNN(GeneralizedRCNN):
         ret["rcn_topk"] = distill.RCN.TOPK
         ret["rcn_num_samples"] = distill.RCN.NUM_SAMPLES
         ret["teacher_num_proposals"] = ilmil.TEACHER.NUM_PROPOSALS
+        ret["teacher_precision"] = ilmil.TEACHER.PRECISION
         return ret
 
     @property
@@ -299,7 +323,15 @@ class IncrementalRCNN(GeneralizedRCNN):
     @torch.no_grad()
     def run_teacher(self, images):
         """One teacher pass: features, RPN outputs, proposals at test settings and
-        box-head outputs on them (shared by pseudo-labels and the RCN term)."""
+        box-head outputs on them (shared by pseudo-labels and the RCN term); under
+        autocast at ``teacher_dtype`` when set, its tensors returned in float32."""
+        if self.teacher_dtype is None:
+            return self._teacher_pass(images)
+        with torch.autocast(self.device.type, dtype=self.teacher_dtype):
+            out = self._teacher_pass(images)
+        return _float32(out)
+
+    def _teacher_pass(self, images):
         teacher = self.teacher
         features = teacher.backbone(images.tensor)
         out = {"features": self._all_features(features, self._teacher_recorders)}
