@@ -296,9 +296,18 @@ def accuracy_table(records):
     return "\n".join(lines)
 
 
+# The speed suite's runs: (record key, method, config overrides).
+SPEED_RUNS = [
+    ("finetune", "finetune", []),
+    ("ilmil", "ilmil", []),
+    ("ilmil_bfloat16_teacher", "ilmil", ["ILMIL.TEACHER.PRECISION", "bfloat16"]),
+]
+
+
 def speed_suite(variant, runs_dir, data, extra):
-    """Step time, peak memory of finetune vs ilmil on stage 1 of shapes 10+10, from
-    one shared stage-0 model; inference and evaluation speed; generation speed."""
+    """Step time, peak memory of finetune vs ilmil (teacher in float32 and in
+    bfloat16) on stage 1 of shapes 10+10, from one shared stage-0 model; inference
+    and evaluation speed; generation speed."""
     setting = SPEED[variant]
     base = os.path.join(runs_dir, "stage0")
     if finished(base, 1) is None:
@@ -306,18 +315,18 @@ def speed_suite(variant, runs_dir, data, extra):
         run_training(base, "10", "finetune", 0, 100, data, extra)
     teacher = os.path.join(base, "stage_0", "model_final.pth")
     measured = {}
-    for method in ("finetune", "ilmil"):
-        out_dir = os.path.join(runs_dir, method)
+    for key, method, opts in SPEED_RUNS:
+        out_dir = os.path.join(runs_dir, key)
         shutil.rmtree(out_dir, ignore_errors=True)  # timings are always fresh
-        log(f"speed: {method}, {setting['iters']} iterations of stage 1")
+        log(f"speed: {key}, {setting['iters']} iterations of stage 1")
         wall, rss, command = run_training(
             out_dir, "10+10", method, 0, setting["iters"], data,
-            opts=extra, flags=["--start-stage", "1", "--teacher-weights", teacher],
+            opts=[*extra, *opts], flags=["--start-stage", "1", "--teacher-weights", teacher],
         )
         times = step_times(os.path.join(out_dir, "stage_1"))[setting["warmup"]:]
         with open(os.path.join(out_dir, "stage_1", "metrics_eval.json")) as f:
             evaluation = json.load(f)
-        measured[method] = {
+        measured[key] = {
             "step_time_median_s": statistics.median(times),
             "steps_timed": len(times),
             "peak_rss_mib": rss,
@@ -329,16 +338,18 @@ def speed_suite(variant, runs_dir, data, extra):
         start = time.perf_counter()
         generate_shapes_dataset(tmp, num_train=count, num_test=0, seed=123, progress=False)
         generation = count / (time.perf_counter() - start)
-    f, i = measured["finetune"], measured["ilmil"]
+    f = measured["finetune"]
     return [
         {
             "suite": "speed",
             "variant": variant,
-            "finetune": f,
-            "ilmil": i,
-            "step_time_ratio": i["step_time_median_s"] / f["step_time_median_s"],
-            "peak_memory_ratio": i["peak_rss_mib"] / f["peak_rss_mib"],
-            "inference_images_per_s": 100 / i["eval_s_per_100_images"],
+            **measured,
+            "step_time_ratio": measured["ilmil"]["step_time_median_s"] / f["step_time_median_s"],
+            "step_time_ratio_bfloat16_teacher": (
+                measured["ilmil_bfloat16_teacher"]["step_time_median_s"] / f["step_time_median_s"]
+            ),
+            "peak_memory_ratio": measured["ilmil"]["peak_rss_mib"] / f["peak_rss_mib"],
+            "inference_images_per_s": 100 / measured["ilmil"]["eval_s_per_100_images"],
             "shapes_generation_images_per_s": generation,
         }
     ]
@@ -409,19 +420,20 @@ def pruning_table(records):
 
 
 def speed_table(record):
-    f, i = record["finetune"], record["ilmil"]
+    f, i, b = record["finetune"], record["ilmil"], record["ilmil_bfloat16_teacher"]
     return "\n".join(
         [
-            "| measure | finetune | ilmil | ratio |",
-            "|---|---|---|---|",
+            "| measure | finetune | ilmil | ratio | ilmil, bfloat16 teacher | ratio |",
+            "|---|---|---|---|---|---|",
             f"| training step, median over {i['steps_timed']} it (s) | {f['step_time_median_s']:.3f} | "
-            f"{i['step_time_median_s']:.3f} | {record['step_time_ratio']:.2f} |",
+            f"{i['step_time_median_s']:.3f} | {record['step_time_ratio']:.2f} | {b['step_time_median_s']:.3f} | "
+            f"{record['step_time_ratio_bfloat16_teacher']:.2f} |",
             f"| peak resident memory (MiB) | {f['peak_rss_mib']:.0f} | {i['peak_rss_mib']:.0f} | "
-            f"{record['peak_memory_ratio']:.2f} |",
+            f"{record['peak_memory_ratio']:.2f} | {b['peak_rss_mib']:.0f} | {b['peak_rss_mib'] / f['peak_rss_mib']:.2f} |",
             f"| evaluation time per 100 images (s) | {f['eval_s_per_100_images']:.1f} | "
-            f"{i['eval_s_per_100_images']:.1f} | |",
-            f"| inference + evaluation (images/s) | | {record['inference_images_per_s']:.1f} | |",
-            f"| shapes generation (images/s) | | {record['shapes_generation_images_per_s']:.0f} | |",
+            f"{i['eval_s_per_100_images']:.1f} | | | |",
+            f"| inference + evaluation (images/s) | | {record['inference_images_per_s']:.1f} | | | |",
+            f"| shapes generation (images/s) | | {record['shapes_generation_images_per_s']:.0f} | | | |",
         ]
     )
 
