@@ -119,6 +119,10 @@ def add_ilmil_config(cfg):
     # Teacher proposals kept by objectness per image, and how many of them are sampled.
     cfg.ILMIL.DISTILL.RCN.TOPK = 128
     cfg.ILMIL.DISTILL.RCN.NUM_SAMPLES = 64
+    # Teacher proposals whose IoU with a new-class GT box reaches this are not sampled:
+    # there the teacher's logits say "background" for a new object, which the student
+    # must unlearn (BENCHMARKS.md, ablation). 0 = sample from all (DESIGN.md's definition).
+    cfg.ILMIL.DISTILL.RCN.NEW_GT_IOU_THRESH = 0.0
 
     # The embedded dataset, generated on first use under $ILMIL_DATASETS/shapes/.
     cfg.ILMIL.SHAPES = CN()

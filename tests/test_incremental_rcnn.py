@@ -255,6 +255,23 @@ def test_teacher_box_head_sees_only_its_top_proposals(teacher_path, teacher_mode
     assert all(len(b) <= 7 for b in top["rcn_boxes"])  # RCN samples from the capped set
 
 
+def test_rcn_skips_teacher_proposals_on_new_gt_when_asked(teacher_path, teacher_model):
+    opts = ["ILMIL.DISTILL.RCN.TOPK", 16, "ILMIL.DISTILL.RCN.NUM_SAMPLES", 16]  # every top proposal sampled
+    keep_all = _student(teacher_path, teacher_model, *opts)
+    skip = _student(teacher_path, teacher_model, *opts, "ILMIL.DISTILL.RCN.NEW_GT_IOU_THRESH", 0.5)
+    images = keep_all.preprocess_image(_batch())
+    proposals = keep_all.run_teacher(images)["proposals"]
+    # New-class GT on three of each image's top proposals.
+    gt = [_instances(p.proposal_boxes.tensor[:3].tolist(), [4, 4, 4]) for p in proposals]
+    for model, expect_overlap in ((keep_all, True), (skip, False)):
+        out = model.run_teacher(images, gt)
+        for boxes, new_gt in zip(out["rcn_boxes"], gt):
+            overlaps = (pairwise_iou(boxes, new_gt.gt_boxes).max(dim=1).values >= 0.5).any().item()
+            assert overlaps == expect_overlap
+        assert out["rcn_outputs"][0].shape[0] == sum(len(b) for b in out["rcn_boxes"])
+    assert all(len(b) < 16 for b in skip.run_teacher(images, gt)["rcn_boxes"])
+
+
 def test_bfloat16_teacher_pass_returns_float32_close_to_the_float32_pass(teacher_path, teacher_model, student):
     half = _student(teacher_path, teacher_model, "ILMIL.TEACHER.PRECISION", "bfloat16")
     images = student.preprocess_image(_batch())

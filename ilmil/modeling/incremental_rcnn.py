@@ -22,7 +22,7 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
-from detectron2.structures import Boxes
+from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from ..checkpoint import safe_load
@@ -170,6 +170,7 @@ class IncrementalRCNN(GeneralizedRCNN):
         pseudo_labels=None,
         rcn_topk=128,
         rcn_num_samples=64,
+        rcn_new_gt_iou=0.0,
         teacher_num_proposals=0,
         teacher_precision="float32",
         **kwargs,
@@ -181,6 +182,7 @@ class IncrementalRCNN(GeneralizedRCNN):
             loss_weights: {"feat": w, "rpn": w, "rcn": w}.
             pseudo_labels: None (off) or {"score_thresh", "nms_thresh", "iou_thresh"}.
             rcn_topk, rcn_num_samples: teacher proposals kept by objectness, then sampled.
+            rcn_new_gt_iou: proposals at this IoU with a GT box are not sampled (0 = all are).
             teacher_num_proposals: teacher proposals per image through its box head (0 = all).
             teacher_precision: a key of ``TEACHER_PRECISIONS``, the teacher pass's autocast dtype.
             kwargs: arguments of ``GeneralizedRCNN``.
@@ -199,6 +201,7 @@ class IncrementalRCNN(GeneralizedRCNN):
         self.pseudo_labels = pseudo_labels
         self.rcn_topk = rcn_topk
         self.rcn_num_samples = rcn_num_samples
+        self.rcn_new_gt_iou = rcn_new_gt_iou
         self.teacher_num_proposals = teacher_num_proposals
         self.bn_stats_frozen = False
         self._recorders = self._attach_recorders(self)
@@ -239,6 +242,7 @@ class IncrementalRCNN(GeneralizedRCNN):
             }
         ret["rcn_topk"] = distill.RCN.TOPK
         ret["rcn_num_samples"] = distill.RCN.NUM_SAMPLES
+        ret["rcn_new_gt_iou"] = distill.RCN.NEW_GT_IOU_THRESH
         ret["teacher_num_proposals"] = ilmil.TEACHER.NUM_PROPOSALS
         ret["teacher_precision"] = ilmil.TEACHER.PRECISION
         return ret
@@ -271,7 +275,7 @@ class IncrementalRCNN(GeneralizedRCNN):
             return super().forward(batched_inputs)
         images = self.preprocess_image(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        teacher = self.run_teacher(images)
+        teacher = self.run_teacher(images, gt_instances)
 
         if self.pseudo_labels is not None:
             gt_instances = self.add_pseudo_labels(teacher, gt_instances)
@@ -321,15 +325,21 @@ class IncrementalRCNN(GeneralizedRCNN):
         return losses, (scores[is_rcn], deltas[is_rcn])
 
     @torch.no_grad()
-    def run_teacher(self, images):
+    def run_teacher(self, images, gt_instances=None):
         """One teacher pass: features, RPN outputs, proposals at test settings and
         box-head outputs on them (shared by pseudo-labels and the RCN term); under
-        autocast at ``teacher_dtype`` when set, its tensors returned in float32."""
+        autocast at ``teacher_dtype`` when set, its tensors returned in float32.
+        ``gt_instances`` (the stage's new-class GT) steer the RCN sampling."""
         if self.teacher_dtype is None:
-            return self._teacher_pass(images)
-        with torch.autocast(self.device.type, dtype=self.teacher_dtype):
             out = self._teacher_pass(images)
-        return _float32(out)
+        else:
+            with torch.autocast(self.device.type, dtype=self.teacher_dtype):
+                out = _float32(self._teacher_pass(images))
+        if self.rcn_loss is not None:
+            out["rcn_boxes"], out["rcn_outputs"] = self._sample_rcn_proposals(
+                out["proposals"], out["box_outputs"], gt_instances
+            )
+        return out
 
     def _teacher_pass(self, images):
         teacher = self.teacher
@@ -343,18 +353,21 @@ class IncrementalRCNN(GeneralizedRCNN):
             proposals = [p[: self.teacher_num_proposals] for p in proposals]
         out["proposals"] = proposals
         out["box_outputs"] = self._box_outputs(teacher, features, [p.proposal_boxes for p in proposals])
-        if self.rcn_loss is not None:
-            out["rcn_boxes"], out["rcn_outputs"] = self._sample_rcn_proposals(proposals, out["box_outputs"])
         return out
 
-    def _sample_rcn_proposals(self, proposals, box_outputs):
+    def _sample_rcn_proposals(self, proposals, box_outputs, gt_instances=None):
         """Top ``rcn_topk`` teacher proposals per image (they come sorted by
-        objectness), ``rcn_num_samples`` of them drawn at random."""
+        objectness), without those on a GT box when ``rcn_new_gt_iou`` > 0,
+        ``rcn_num_samples`` of them drawn at random."""
         scores, deltas = box_outputs
         boxes, rows, start = [], [], 0
-        for p in proposals:
+        for i, p in enumerate(proposals):
             top = min(len(p), self.rcn_topk)
-            pick = torch.randperm(top, device=scores.device)[: self.rcn_num_samples]
+            candidates = torch.arange(top, device=scores.device)
+            if self.rcn_new_gt_iou > 0 and gt_instances is not None and len(gt_instances[i]) > 0:
+                iou = pairwise_iou(p.proposal_boxes[:top], gt_instances[i].gt_boxes).max(dim=1).values
+                candidates = candidates[iou < self.rcn_new_gt_iou]
+            pick = candidates[torch.randperm(len(candidates), device=scores.device)[: self.rcn_num_samples]]
             boxes.append(Boxes(p.proposal_boxes.tensor[pick]))
             rows.append(start + pick)
             start += len(p)
