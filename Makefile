@@ -14,7 +14,8 @@ demo: env
 test: env
 	$(PY) -m pytest -q tests
 
-# A benchmark suite (accuracy | speed), appended to BENCHMARKS.md; BENCH_ARGS=--quick for the short one.
+# A benchmark suite (accuracy | ablation | speed | pruning), appended to BENCHMARKS.md;
+# BENCH_ARGS=--quick for the short one, BENCH_ARGS="--jobs 2" to train two accuracy/ablation runs at once.
 SUITE ?= accuracy
 bench: env
 	$(PY) benchmarks/run.py --suite $(SUITE) $(BENCH_ARGS)
