@@ -14,11 +14,8 @@ class ConfigError(ValueError):
     """A config value the toolkit cannot run with."""
 
 
-def check_choice(cfg, key, choices):
-    """The value of the dotted ``key`` of ``cfg``, refused with the choices when unknown."""
-    value = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
+def check_choice(key, value, choices):
+    """``value`` of config key ``key``, refused with the choices when unknown."""
     if value not in choices:
         raise ConfigError(f"{key} {value!r}: choose one of {', '.join(choices)}")
     return value
@@ -26,7 +23,7 @@ def check_choice(cfg, key, choices):
 
 def check_optimizer(cfg):
     """``cfg.SOLVER.OPTIMIZER``, refused with the choices when unknown."""
-    return check_choice(cfg, "SOLVER.OPTIMIZER", OPTIMIZERS)
+    return check_choice("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER, OPTIMIZERS)
 
 
 def add_ilmil_config(cfg):

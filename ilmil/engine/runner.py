@@ -112,7 +112,7 @@ class IncrementalRun:
         if self.method not in METHOD_PRESETS:
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHOD_PRESETS)}")
         check_optimizer(cfg)
-        check_choice(cfg, "ILMIL.TEACHER.PRECISION", TEACHER_PRECISIONS)
+        check_choice("ILMIL.TEACHER.PRECISION", cfg.ILMIL.TEACHER.PRECISION, TEACHER_PRECISIONS)
         meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
         if uses_teacher(cfg) and not issubclass(meta_arch, IncrementalRCNN):
             raise ValueError(

@@ -22,14 +22,14 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
-from detectron2.structures import Boxes, pairwise_iou
+from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
 from ..checkpoint import safe_load
-from ..config import uses_teacher
+from ..config import check_choice, uses_teacher
 from .build import load_detector
 from .distillation import build_distill_loss
-from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
+from .pseudo_labels import add_pseudo_labels, away_from_gt, drop_boxes_on_new_gt, teacher_detections
 
 __all__ = [
     "CheckpointClassesError",
@@ -188,10 +188,7 @@ class IncrementalRCNN(GeneralizedRCNN):
             kwargs: arguments of ``GeneralizedRCNN``.
         """
         super().__init__(**kwargs)
-        if teacher_precision not in TEACHER_PRECISIONS:
-            raise ValueError(
-                f"ILMIL.TEACHER.PRECISION {teacher_precision!r}: choose one of {', '.join(TEACHER_PRECISIONS)}"
-            )
+        check_choice("ILMIL.TEACHER.PRECISION", teacher_precision, TEACHER_PRECISIONS)
         self.teacher_dtype = TEACHER_PRECISIONS[teacher_precision]
         self._teacher = _Frozen(teacher) if teacher is not None else None
         self.feature_loss = feature_loss
@@ -364,9 +361,8 @@ class IncrementalRCNN(GeneralizedRCNN):
         for i, p in enumerate(proposals):
             top = min(len(p), self.rcn_topk)
             candidates = torch.arange(top, device=scores.device)
-            if self.rcn_new_gt_iou > 0 and gt_instances is not None and len(gt_instances[i]) > 0:
-                iou = pairwise_iou(p.proposal_boxes[:top], gt_instances[i].gt_boxes).max(dim=1).values
-                candidates = candidates[iou < self.rcn_new_gt_iou]
+            if self.rcn_new_gt_iou > 0 and gt_instances is not None:
+                candidates = candidates[away_from_gt(p.proposal_boxes[:top], gt_instances[i], self.rcn_new_gt_iou)]
             pick = candidates[torch.randperm(len(candidates), device=scores.device)[: self.rcn_num_samples]]
             boxes.append(Boxes(p.proposal_boxes.tensor[pick]))
             rows.append(start + pick)

@@ -13,7 +13,7 @@ import torch
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.structures import Instances, pairwise_iou
 
-__all__ = ["teacher_detections", "drop_boxes_on_new_gt", "add_pseudo_labels"]
+__all__ = ["teacher_detections", "away_from_gt", "drop_boxes_on_new_gt", "add_pseudo_labels"]
 
 
 def teacher_detections(box_predictor, predictions, proposals, score_thresh, nms_thresh, max_per_image=100):
@@ -27,12 +27,16 @@ def teacher_detections(box_predictor, predictions, proposals, score_thresh, nms_
     return detections
 
 
+def away_from_gt(boxes, gt_instances, iou_thresh):
+    """Mask of the ``boxes`` whose IoU with every GT box is below ``iou_thresh``."""
+    if len(boxes) == 0 or len(gt_instances) == 0:
+        return torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
+    return pairwise_iou(boxes, gt_instances.gt_boxes).max(dim=1).values < iou_thresh
+
+
 def drop_boxes_on_new_gt(detections, gt_instances, iou_thresh):
     """Keep the detections whose IoU with every GT box is below ``iou_thresh``."""
-    if len(detections) == 0 or len(gt_instances) == 0:
-        return detections
-    max_iou = pairwise_iou(detections.pred_boxes, gt_instances.gt_boxes).max(dim=1).values
-    return detections[max_iou < iou_thresh]
+    return detections[away_from_gt(detections.pred_boxes, gt_instances, iou_thresh)]
 
 
 def add_pseudo_labels(gt_instances, detections):
