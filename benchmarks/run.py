@@ -499,8 +499,7 @@ def main(argv=None):
             f"batch {BATCH}, {setting['base_iters']} iterations for stage 0, {setting['iters']} for stage 1, "
             f"seed {args.seeds[0]}; ilmil with one term switched off at a time, and with the RCN term kept off "
             "new-class GT boxes, at a quarter of its weight, with KL logits and with a bfloat16 teacher; every "
-            "variant from the "
-            "same stage-0 model"
+            "variant from the same stage-0 model"
         )
     elif args.suite == "pruning":
         records = pruning_suite(variant, setting, runs_dir, args.opts)
