@@ -45,7 +45,7 @@ METHODS = ["finetune", "faster-ilod", "ilmil", "joint"]
 BATCH = 4
 SPEED = {"full": {"iters": 80, "warmup": 20}, "quick": {"iters": 30, "warmup": 10}}
 PRUNE_RATIOS = {"full": [0.0, 0.3, 0.5], "quick": [0.0, 0.5]}
-# ilmil with one term switched off at a time (the config keys of that term), and four changes.
+# ilmil with one term switched off at a time (the config keys of that term), and changes marked below.
 # The full method runs last: the accuracy suite's run is reused when it has finished meanwhile.
 ABLATIONS = {
     "without pseudo-labels": ["ILMIL.PSEUDO_LABELS.ENABLED", "False"],
@@ -497,9 +497,8 @@ def main(argv=None):
         protocol = (
             f"shapes {setting['specs'][0]} ({setting['num_train']} train / {setting['num_test']} test, 256 px), "
             f"batch {BATCH}, {setting['base_iters']} iterations for stage 0, {setting['iters']} for stage 1, "
-            f"seed {args.seeds[0]}; ilmil with one term switched off at a time, and with the RCN term kept off "
-            "new-class GT boxes, at a quarter of its weight, with KL logits and with a bfloat16 teacher; every "
-            "variant from the same stage-0 model"
+            f"seed {args.seeds[0]}; ilmil variants: {', '.join(ABLATIONS)}; every variant from the same "
+            "stage-0 model"
         )
     elif args.suite == "pruning":
         records = pruning_suite(variant, setting, runs_dir, args.opts)
