@@ -54,8 +54,9 @@ ABLATIONS = {
     "without RCN term": ["ILMIL.DISTILL.RCN.ENABLED", "False"],
     # Not an ablation: the RCN term without the teacher's "background" on new objects.
     "RCN not on new-class GT": ["ILMIL.DISTILL.RCN.NEW_GT_IOU_THRESH", "0.5"],
-    # Not an ablation: the RCN term decides how AP splits between old and new classes.
-    "RCN weight 0.25": ["ILMIL.DISTILL.RCN.WEIGHT", "0.25"],
+    # Not an ablation: the RCN term decides how AP splits between old and new classes;
+    # DESIGN.md's weight, which ilmil used until its default became 0.25.
+    "RCN weight 1": ["ILMIL.DISTILL.RCN.WEIGHT", "1.0"],
     "RCN logits kl": ["ILMIL.DISTILL.RCN.LOGITS", "kl"],
     # Not an ablation: what the faster bfloat16 teacher pass (the speed suite) costs in AP.
     "bfloat16 teacher": ["ILMIL.TEACHER.PRECISION", "bfloat16"],
