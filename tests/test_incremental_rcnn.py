@@ -414,7 +414,7 @@ def test_pseudo_is_pseudo_labels_only():
     assert _enabled(get_ilmil_cfg(method="pseudo")) == {"pseudo": True, "feat": False, "rpn": False, "rcn": False}
 
 
-def test_ilmil_switches_all_four_terms_on_with_the_design_defaults():
+def test_ilmil_switches_all_four_terms_on_with_the_design_defaults_but_a_lighter_rcn_term():
     cfg = get_ilmil_cfg(method="ilmil")
     assert _enabled(cfg) == {"pseudo": True, "feat": True, "rpn": True, "rcn": True}
     feat, pseudo = cfg.ILMIL.DISTILL.FEAT, cfg.ILMIL.PSEUDO_LABELS
@@ -423,8 +423,9 @@ def test_ilmil_switches_all_four_terms_on_with_the_design_defaults():
     assert (pseudo.SCORE_THRESH, pseudo.NMS_THRESH, pseudo.NEW_GT_IOU_THRESH) == (0.5, 0.3, 0.7)
     assert cfg.ILMIL.DISTILL.RPN.DELTA_MARGIN == pytest.approx(0.1)
     assert (cfg.ILMIL.DISTILL.RCN.TOPK, cfg.ILMIL.DISTILL.RCN.NUM_SAMPLES) == (128, 64)
-    assert all(w == 1.0 for w in (cfg.ILMIL.DISTILL.FEAT.WEIGHT, cfg.ILMIL.DISTILL.RPN.WEIGHT,
-                                  cfg.ILMIL.DISTILL.RCN.WEIGHT))
+    assert (cfg.ILMIL.DISTILL.FEAT.WEIGHT, cfg.ILMIL.DISTILL.RPN.WEIGHT) == (1.0, 1.0)
+    # DESIGN.md has 1; 0.25 measured better on both seeds of shapes 10+10 (BENCHMARKS.md).
+    assert cfg.ILMIL.DISTILL.RCN.WEIGHT == 0.25
 
 
 def test_every_method_but_finetune_and_joint_uses_a_teacher():
