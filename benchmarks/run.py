@@ -15,6 +15,7 @@ folders name their budgets, so a changed budget never reuses a run. Records go t
 ``benchmarks/results/SUITE.json`` and a table is appended to ``BENCHMARKS.md``.
 """
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
+from ilmil.config import get_ilmil_cfg
 from ilmil.data import generate_shapes_dataset, parse_stage_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +45,7 @@ ACCURACY = {
 }
 METHODS = ["finetune", "faster-ilod", "ilmil", "joint"]
 BATCH = 4
+CONFIG_RECORD = "bench_config.json"  # the fingerprint of what a run folder was trained with
 SPEED = {"full": {"iters": 80, "warmup": 20}, "quick": {"iters": 30, "warmup": 10}}
 PRUNE_RATIOS = {"full": [0.0, 0.3, 0.5], "quick": [0.0, 0.5]}
 # ilmil with one term switched off at a time (the config keys of that term), and changes marked below.
@@ -85,19 +88,35 @@ def machine():
     }
 
 
+def overrides(iters, data, opts=()):
+    """The KEY VALUE config overrides of one run: data size, batch, budget, then ``opts``."""
+    return [
+        "ILMIL.SHAPES.NUM_TRAIN", str(data["num_train"]), "ILMIL.SHAPES.NUM_TEST", str(data["num_test"]),
+        "SOLVER.IMS_PER_BATCH", str(BATCH), "SOLVER.MAX_ITER", str(iters),
+        "SOLVER.STEPS", f"({int(iters * 0.8)},)", "SOLVER.WARMUP_ITERS", str(min(100, iters // 5)),
+        *opts,
+    ]
+
+
+def fingerprint(spec, method, seed, iters, data, opts=(), flags=()):
+    """What one run trains with: its schedule, CLI flags and resolved config (the
+    method's preset, the config file, the overrides); not the code."""
+    cfg = get_ilmil_cfg(None, overrides(iters, data, opts), method=method)
+    identity = json.dumps([spec, method, seed, list(flags)]) + cfg.dump()
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
 def run_training(out_dir, spec, method, seed, iters, data, opts=(), flags=()):
     """One tools/train_incremental.py process (``flags`` are CLI flags, ``opts``
     KEY VALUE overrides); returns its wall time, peak RSS (MiB) and command."""
     cmd = [
         sys.executable, TRAIN, "--stages", spec, "--method", method, "--seed", str(seed), "--output-dir", out_dir,
         "--resume",  # a suite killed mid-stage continues that stage from its last checkpoint
-        *flags,
-        "ILMIL.SHAPES.NUM_TRAIN", str(data["num_train"]), "ILMIL.SHAPES.NUM_TEST", str(data["num_test"]),
-        "SOLVER.IMS_PER_BATCH", str(BATCH), "SOLVER.MAX_ITER", str(iters),
-        "SOLVER.STEPS", f"({int(iters * 0.8)},)", "SOLVER.WARMUP_ITERS", str(min(100, iters // 5)),
-        *opts,
+        *flags, *overrides(iters, data, opts),
     ]
     os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, CONFIG_RECORD), "w") as f:
+        json.dump({"fingerprint": fingerprint(spec, method, seed, iters, data, opts, flags)}, f)
     start = time.perf_counter()
     with open(os.path.join(out_dir, "bench_stdout.log"), "a") as logfile:
         proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -112,7 +131,20 @@ def step_times(stage_dir):
         return json.load(f)["seconds"]
 
 
-def finished(out_dir, num_stages):
+def finished(out_dir, num_stages, expected=None):
+    """The run's results if all its stages are done, else None. Given the
+    ``expected`` fingerprint, a folder trained with another config (a method's
+    preset changed since, say) is set aside, never reused nor resumed: folders are
+    named by spec, method, budget and seed, not by config."""
+    record = os.path.join(out_dir, CONFIG_RECORD)
+    if expected is not None and os.path.exists(record):
+        with open(record) as f:
+            recorded = json.load(f)["fingerprint"]
+        if recorded != expected:
+            stale = f"{out_dir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(out_dir, stale)
+            log(f"{out_dir} was trained with another config: moved to {stale}, training anew")
+            return None
     path = os.path.join(out_dir, "results.json")
     if not os.path.exists(path):
         return None
@@ -136,7 +168,8 @@ def base_run(runs_dir, first_stage, seed, setting, extra):
     ``first_stage`` classes (stage 0 has no teacher, so it trains the same for all):
     a one-stage run of ``setting["base_iters"]`` iterations, trained once."""
     out_dir = os.path.join(runs_dir, f"base_{first_stage}classes_{setting['base_iters']}it_seed{seed}")
-    if finished(out_dir, 1) is None:
+    expected = fingerprint(str(first_stage), "finetune", seed, setting["base_iters"], setting, extra)
+    if finished(out_dir, 1, expected) is None:
         log(f"stage 0 ({first_stage} classes, seed {seed}, {setting['base_iters']} iterations): training")
         run_training(out_dir, str(first_stage), "finetune", seed, setting["base_iters"], setting, extra)
     return out_dir
@@ -167,8 +200,8 @@ def accuracy_suite(setting, seeds, runs_dir, extra, jobs=1):
     plan = [(spec, method, seed) for seed in seeds for spec in setting["specs"] for method in METHODS]
     to_train = {}  # out_dir -> (spec, method, seed); a joint run shared by several specs trains once
     for spec, method, seed in plan:
-        out_dir, _, num_stages, _ = accuracy_run(runs_dir, spec, method, seed, setting)
-        if finished(out_dir, num_stages) is None:
+        out_dir, run_spec, num_stages, iters = accuracy_run(runs_dir, spec, method, seed, setting)
+        if finished(out_dir, num_stages, fingerprint(run_spec, method, seed, iters, setting, extra)) is None:
             to_train.setdefault(out_dir, (spec, method, seed))
         else:
             log(f"{spec} {method} seed {seed}: reusing {out_dir}")
@@ -226,13 +259,14 @@ def ablation_suite(setting, seed, runs_dir, accuracy_dir, extra, jobs=1):
     counts = parse_stage_spec(spec)
     num_stages = len(counts)
     variants = {"finetune": ("finetune", []), **{name: ("ilmil", opts) for name, opts in ABLATIONS.items()}}
-    out_dirs = {}
+    out_dirs, expected = {}, {}
     for name, (method, opts) in variants.items():
         slug = name.replace(" ", "_").replace("(", "").replace(")", "")
         accuracy_run = method_run_dir(accuracy_dir, spec, method, seed, setting)
-        reuse = not opts and finished(accuracy_run, num_stages) is not None
+        expected[name] = fingerprint(spec, method, seed, setting["iters"], setting, [*extra, *opts])
+        reuse = not opts and finished(accuracy_run, num_stages, expected[name]) is not None
         out_dirs[name] = accuracy_run if reuse else method_run_dir(runs_dir, spec, method, seed, setting, variant=slug)
-    to_train = [name for name in variants if finished(out_dirs[name], num_stages) is None]
+    to_train = [name for name in variants if finished(out_dirs[name], num_stages, expected[name]) is None]
     for name in variants.keys() - set(to_train):
         log(f"{spec} {name}: reusing {out_dirs[name]}")
     log(f"{len(to_train)} runs to train, {jobs} at a time")
@@ -319,7 +353,7 @@ def speed_suite(variant, runs_dir, data, extra):
     and evaluation speed; generation speed."""
     setting = SPEED[variant]
     base = os.path.join(runs_dir, "stage0")
-    if finished(base, 1) is None:
+    if finished(base, 1, fingerprint("10", "finetune", 0, 100, data, extra)) is None:
         log("speed: training a short stage-0 model to start stage 1 from")
         run_training(base, "10", "finetune", 0, 100, data, extra)
     teacher = os.path.join(base, "stage_0", "model_final.pth")
@@ -371,12 +405,12 @@ def pruning_suite(variant, setting, runs_dir, extra):
     base = None
     for ratio in PRUNE_RATIOS[variant]:
         out_dir = os.path.join(runs_dir, f"10+10_ilmil_prune{ratio}")
-        if finished(out_dir, 2) is None:
+        flags = ["--prune", str(ratio)] if ratio else []
+        if finished(out_dir, 2, fingerprint("10+10", "ilmil", 0, setting["iters"], setting, extra, flags)) is None:
             if base is not None:
                 seed_stage0(base, out_dir)
             log(f"pruning: 10+10 ilmil, ratio {ratio}: training")
-            run_training(out_dir, "10+10", "ilmil", 0, setting["iters"], setting, extra,
-                         flags=["--prune", str(ratio)] if ratio else [])
+            run_training(out_dir, "10+10", "ilmil", 0, setting["iters"], setting, extra, flags=flags)
         else:
             log(f"pruning: ratio {ratio}: reusing {out_dir}")
         base = base or out_dir

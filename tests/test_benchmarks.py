@@ -1,4 +1,5 @@
 """The benchmark harness runs a tiny accuracy suite end to end and writes parseable results."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -59,10 +60,32 @@ def test_accuracy_harness_writes_records_and_a_markdown_table(tiny_datasets_root
         run = runs / f"2+2_{method}_6+4it_seed0"
         assert (run / "stage_0" / "model_final.pth").read_bytes() == (base / "model_final.pth").read_bytes()
         assert not (run / "stage_0" / "metrics.json").exists() and _last_iteration(run / "stage_1") == 3
+        assert json.loads((run / "bench_config.json").read_text())["fingerprint"]
 
     table = [line for line in markdown.read_text().splitlines() if line.startswith("| 2+2 |")]
     assert [line.split("|")[2].strip() for line in table] == ["finetune", "faster-ilod", "ilmil", "joint"]
     assert "python benchmarks/run.py --suite accuracy --quick" in markdown.read_text()
+
+
+def test_a_run_trained_with_another_config_is_set_aside_not_reused(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(REPO_ROOT, "benchmarks", "run.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = {"num_train": 8, "num_test": 4}
+    before = bench.fingerprint("2+2", "ilmil", 0, 4, data, ["ILMIL.DISTILL.FEAT.WEIGHT", "2.0"])
+    now = bench.fingerprint("2+2", "ilmil", 0, 4, data)
+    assert before != now and now == bench.fingerprint("2+2", "ilmil", 0, 4, data)
+    assert now != bench.fingerprint("2+2", "faster-ilod", 0, 4, data)
+    run = tmp_path / "2+2_ilmil_6+4it_seed0"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"stages": [{"stage": 0}, {"stage": 1}]}))
+    (run / bench.CONFIG_RECORD).write_text(json.dumps({"fingerprint": before}))
+
+    assert bench.finished(str(run), 2, before)["stages"][1] == {"stage": 1}  # same config: reused
+    assert bench.finished(str(run), 2, now) is None  # the config changed since: trained anew
+    assert not run.exists()
+    (stale,) = tmp_path.glob("2+2_ilmil_6+4it_seed0.stale-*")
+    assert json.loads((stale / bench.CONFIG_RECORD).read_text())["fingerprint"] == before
 
 
 def test_pruning_harness_measures_each_ratio(tiny_datasets_root, tmp_path):
