@@ -11,7 +11,8 @@ Each run is a real ``tools/train_incremental.py`` process under
 model exists is not retrained). Every teacher method of a spec starts from the
 same stage-0 model (stage 0 has no teacher, so its training is the same for
 all; it is trained once, for ``--base-iters`` iterations, and copied); run
-folders name their budgets, so a changed budget never reuses a run. Records go to
+folders name their budgets and record a fingerprint of their config, so neither
+a changed budget nor a changed config reuses a run. Records go to
 ``benchmarks/results/SUITE.json`` and a table is appended to ``BENCHMARKS.md``.
 """
 import argparse
