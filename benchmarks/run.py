@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.config import get_ilmil_cfg
@@ -89,41 +90,60 @@ def machine():
     }
 
 
-def overrides(iters, data, opts=()):
-    """The KEY VALUE config overrides of one run: data size, batch, budget, then ``opts``."""
-    return [
-        "ILMIL.SHAPES.NUM_TRAIN", str(data["num_train"]), "ILMIL.SHAPES.NUM_TEST", str(data["num_test"]),
-        "SOLVER.IMS_PER_BATCH", str(BATCH), "SOLVER.MAX_ITER", str(iters),
-        "SOLVER.STEPS", f"({int(iters * 0.8)},)", "SOLVER.WARMUP_ITERS", str(min(100, iters // 5)),
-        *opts,
-    ]
+@dataclass
+class Run:
+    """One tools/train_incremental.py process of a suite. The reuse check
+    (``finished``) and the training (``run_training``) both read it, so they cannot
+    disagree about which config a folder holds."""
+
+    out_dir: str
+    spec: str
+    method: str
+    seed: int
+    iters: int  # per stage
+    data: dict  # num_train, num_test
+    opts: tuple = ()  # KEY VALUE config overrides, after the protocol's
+    flags: tuple = ()  # CLI flags of tools/train_incremental.py
+
+    @property
+    def num_stages(self):
+        return len(parse_stage_spec(self.spec))
+
+    def overrides(self):
+        """The KEY VALUE config overrides: data size, batch, budget, then ``opts``."""
+        iters = self.iters
+        return [
+            "ILMIL.SHAPES.NUM_TRAIN", str(self.data["num_train"]), "ILMIL.SHAPES.NUM_TEST", str(self.data["num_test"]),
+            "SOLVER.IMS_PER_BATCH", str(BATCH), "SOLVER.MAX_ITER", str(iters),
+            "SOLVER.STEPS", f"({int(iters * 0.8)},)", "SOLVER.WARMUP_ITERS", str(min(100, iters // 5)),
+            *self.opts,
+        ]  # fmt: skip
+
+    def fingerprint(self):
+        """What the run trains with: its schedule, CLI flags and resolved config (the
+        method's preset, the config file, the overrides); not the code."""
+        cfg = get_ilmil_cfg(None, self.overrides(), method=self.method)
+        identity = json.dumps([self.spec, self.method, self.seed, list(self.flags)]) + cfg.dump()
+        return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
-def fingerprint(spec, method, seed, iters, data, opts=(), flags=()):
-    """What one run trains with: its schedule, CLI flags and resolved config (the
-    method's preset, the config file, the overrides); not the code."""
-    cfg = get_ilmil_cfg(None, overrides(iters, data, opts), method=method)
-    identity = json.dumps([spec, method, seed, list(flags)]) + cfg.dump()
-    return hashlib.sha256(identity.encode()).hexdigest()[:16]
-
-
-def run_training(out_dir, spec, method, seed, iters, data, opts=(), flags=()):
-    """One tools/train_incremental.py process (``flags`` are CLI flags, ``opts``
-    KEY VALUE overrides); returns its wall time, peak RSS (MiB) and command."""
+def run_training(run):
+    """Train ``run``; returns its wall time, peak RSS (MiB) and command."""
     cmd = [
-        sys.executable, TRAIN, "--stages", spec, "--method", method, "--seed", str(seed), "--output-dir", out_dir,
+        sys.executable, TRAIN, "--stages", run.spec, "--method", run.method, "--seed", str(run.seed),
+        "--output-dir", run.out_dir,
         "--resume",  # a suite killed mid-stage continues that stage from its last checkpoint
-        *flags, *overrides(iters, data, opts),
-    ]
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, CONFIG_RECORD), "w") as f:
-        json.dump({"fingerprint": fingerprint(spec, method, seed, iters, data, opts, flags)}, f)
+        *run.flags, *run.overrides(),
+    ]  # fmt: skip
+    os.makedirs(run.out_dir, exist_ok=True)
+    with open(os.path.join(run.out_dir, CONFIG_RECORD), "w") as f:
+        json.dump({"fingerprint": run.fingerprint()}, f)
     start = time.perf_counter()
-    with open(os.path.join(out_dir, "bench_stdout.log"), "a") as logfile:
+    with open(os.path.join(run.out_dir, "bench_stdout.log"), "a") as logfile:
         proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"run failed: {' '.join(cmd)}\n  see {out_dir}/bench_stdout.log")
+        raise RuntimeError(f"run failed: {' '.join(cmd)}\n  see {run.out_dir}/bench_stdout.log")
     return time.perf_counter() - start, usage.ru_maxrss / 1024, " ".join(cmd[1:])
 
 
@@ -132,26 +152,26 @@ def step_times(stage_dir):
         return json.load(f)["seconds"]
 
 
-def finished(out_dir, num_stages, expected=None):
-    """The run's results if all its stages are done, else None. Given the
-    ``expected`` fingerprint, a folder trained with another config (a method's
-    preset changed since, say) is set aside, never reused nor resumed: folders are
-    named by spec, method, budget and seed, not by config."""
-    record = os.path.join(out_dir, CONFIG_RECORD)
-    if expected is not None and os.path.exists(record):
+def finished(run):
+    """The run's results if all its stages are done, else None. A folder trained
+    with another config (a method's preset changed since, say) is set aside, never
+    reused nor resumed: folders are named by spec, method, budget and seed, not by
+    config. A folder without a fingerprint (older harness) is taken as is."""
+    record = os.path.join(run.out_dir, CONFIG_RECORD)
+    if os.path.exists(record):
         with open(record) as f:
             recorded = json.load(f)["fingerprint"]
-        if recorded != expected:
-            stale = f"{out_dir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.rename(out_dir, stale)
-            log(f"{out_dir} was trained with another config: moved to {stale}, training anew")
+        if recorded != run.fingerprint():
+            stale = f"{run.out_dir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(run.out_dir, stale)
+            log(f"{run.out_dir} was trained with another config: moved to {stale}, training anew")
             return None
-    path = os.path.join(out_dir, "results.json")
+    path = os.path.join(run.out_dir, "results.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         results = json.load(f)
-    return results if len(results["stages"]) == num_stages else None
+    return results if len(results["stages"]) == run.num_stages else None
 
 
 def seed_stage0(base_dir, out_dir):
@@ -169,10 +189,10 @@ def base_run(runs_dir, first_stage, seed, setting, extra):
     ``first_stage`` classes (stage 0 has no teacher, so it trains the same for all):
     a one-stage run of ``setting["base_iters"]`` iterations, trained once."""
     out_dir = os.path.join(runs_dir, f"base_{first_stage}classes_{setting['base_iters']}it_seed{seed}")
-    expected = fingerprint(str(first_stage), "finetune", seed, setting["base_iters"], setting, extra)
-    if finished(out_dir, 1, expected) is None:
+    run = Run(out_dir, str(first_stage), "finetune", seed, setting["base_iters"], setting, tuple(extra))
+    if finished(run) is None:
         log(f"stage 0 ({first_stage} classes, seed {seed}, {setting['base_iters']} iterations): training")
-        run_training(out_dir, str(first_stage), "finetune", seed, setting["base_iters"], setting, extra)
+        run_training(run)
     return out_dir
 
 
@@ -181,16 +201,17 @@ def method_run_dir(runs_dir, spec, method, seed, setting, variant=None):
     return os.path.join(runs_dir, f"{spec}_{variant or method}_{budget}_seed{seed}")
 
 
-def accuracy_run(runs_dir, spec, method, seed, setting):
-    """Where one (spec, method, seed) of the accuracy suite runs: its folder, the
-    spec it trains, its number of stages and its iterations per stage."""
+def accuracy_run(runs_dir, spec, method, seed, setting, extra):
+    """The run of one (spec, method, seed) of the accuracy suite."""
     counts = parse_stage_spec(spec)
     if method == "joint":
         # One stage of all classes for the whole budget (stage 0's plus the later
         # stages'): shared by specs of the same sum and budget, e.g. 10+10 and 15+5.
         iters = setting["base_iters"] + (len(counts) - 1) * setting["iters"]
-        return os.path.join(runs_dir, f"joint_{sum(counts)}classes_{iters}it_seed{seed}"), str(sum(counts)), 1, iters
-    return method_run_dir(runs_dir, spec, method, seed, setting), spec, len(counts), setting["iters"]
+        out_dir = os.path.join(runs_dir, f"joint_{sum(counts)}classes_{iters}it_seed{seed}")
+        return Run(out_dir, str(sum(counts)), method, seed, iters, setting, tuple(extra))
+    out_dir = method_run_dir(runs_dir, spec, method, seed, setting)
+    return Run(out_dir, spec, method, seed, setting["iters"], setting, tuple(extra))
 
 
 def accuracy_suite(setting, seeds, runs_dir, extra, jobs=1):
@@ -198,47 +219,45 @@ def accuracy_suite(setting, seeds, runs_dir, extra, jobs=1):
     shared stage-0 models are queued first, then the joint runs (which need none),
     then the runs that start from a stage-0 model, so no worker waits on a stage 0
     while another run could start."""
-    plan = [(spec, method, seed) for seed in seeds for spec in setting["specs"] for method in METHODS]
-    to_train = {}  # out_dir -> (spec, method, seed); a joint run shared by several specs trains once
-    for spec, method, seed in plan:
-        out_dir, run_spec, num_stages, iters = accuracy_run(runs_dir, spec, method, seed, setting)
-        if finished(out_dir, num_stages, fingerprint(run_spec, method, seed, iters, setting, extra)) is None:
-            to_train.setdefault(out_dir, (spec, method, seed))
+    plan = {(spec, method, seed): accuracy_run(runs_dir, spec, method, seed, setting, extra)
+            for seed in seeds for spec in setting["specs"] for method in METHODS}
+    to_train = {}  # out_dir -> (spec, run); a joint run shared by several specs trains once
+    for (spec, method, seed), run in plan.items():
+        if finished(run) is None:
+            to_train.setdefault(run.out_dir, (spec, run))
         else:
-            log(f"{spec} {method} seed {seed}: reusing {out_dir}")
+            log(f"{spec} {method} seed {seed}: reusing {run.out_dir}")
     log(f"{len(to_train)} runs to train, {jobs} at a time")
     with ThreadPoolExecutor(jobs) as pool:
         bases = {}
-        for spec, method, seed in to_train.values():
+        for spec, run in to_train.values():
             first = parse_stage_spec(spec)[0]
-            if method != "joint" and (first, seed) not in bases:
-                bases[first, seed] = pool.submit(base_run, runs_dir, first, seed, setting, extra)
+            if run.method != "joint" and (first, run.seed) not in bases:
+                bases[first, run.seed] = pool.submit(base_run, runs_dir, first, run.seed, setting, extra)
 
-        def train(out_dir, spec, method, seed):
-            _, run_spec, _, iters = accuracy_run(runs_dir, spec, method, seed, setting)
-            if method != "joint":
-                seed_stage0(bases[parse_stage_spec(spec)[0], seed].result(), out_dir)
-            log(f"{spec} {method} seed {seed}: training")
-            outcome = run_training(out_dir, run_spec, method, seed, iters, setting, extra)
-            log(f"{spec} {method} seed {seed}: finished in {outcome[0] / 60:.1f} min")
+        def train(spec, run):
+            if run.method != "joint":
+                seed_stage0(bases[parse_stage_spec(spec)[0], run.seed].result(), run.out_dir)
+            log(f"{spec} {run.method} seed {run.seed}: training")
+            outcome = run_training(run)
+            log(f"{spec} {run.method} seed {run.seed}: finished in {outcome[0] / 60:.1f} min")
             return outcome
 
-        trained = {out_dir: pool.submit(train, out_dir, *key)
-                   for out_dir, key in sorted(to_train.items(), key=lambda item: item[1][1] != "joint")}
+        joint_first = sorted(to_train.items(), key=lambda item: item[1][1].method != "joint")
+        trained = {out_dir: pool.submit(train, spec, run) for out_dir, (spec, run) in joint_first}
     records = []
-    for spec, method, seed in plan:
-        out_dir, _, num_stages, iters = accuracy_run(runs_dir, spec, method, seed, setting)
-        wall, rss, command = trained[out_dir].result() if out_dir in trained else (None, None, None)
-        results = finished(out_dir, num_stages)
+    for (spec, method, seed), run in plan.items():
+        wall, rss, command = trained[run.out_dir].result() if run.out_dir in trained else (None, None, None)
+        results = finished(run)
         last = results["stages"][-1]
-        times = step_times(os.path.join(out_dir, f"stage_{last['stage']}"))
+        times = step_times(os.path.join(run.out_dir, f"stage_{last['stage']}"))
         records.append(
             {
                 "suite": "accuracy",
                 "spec": spec,
                 "method": method,
                 "seed": seed,
-                "iterations_per_stage": iters,
+                "iterations_per_stage": run.iters,
                 "stage0_iterations": setting["base_iters"],
                 "last_stage": {k: v for k, v in last.items() if k not in ("per_class", "forgetting_per_class")},
                 "summary": results.get("summary", {}),
@@ -257,28 +276,26 @@ def ablation_suite(setting, seed, runs_dir, accuracy_dir, extra, jobs=1):
     accuracy suite's stage-0 model (in ``accuracy_dir``, same protocol), whose
     finetune and full ilmil runs are reused when they are finished."""
     spec = setting["specs"][0]
-    counts = parse_stage_spec(spec)
-    num_stages = len(counts)
     variants = {"finetune": ("finetune", []), **{name: ("ilmil", opts) for name, opts in ABLATIONS.items()}}
-    out_dirs, expected = {}, {}
+    runs = {}
     for name, (method, opts) in variants.items():
         slug = name.replace(" ", "_").replace("(", "").replace(")", "")
-        accuracy_run = method_run_dir(accuracy_dir, spec, method, seed, setting)
-        expected[name] = fingerprint(spec, method, seed, setting["iters"], setting, [*extra, *opts])
-        reuse = not opts and finished(accuracy_run, num_stages, expected[name]) is not None
-        out_dirs[name] = accuracy_run if reuse else method_run_dir(runs_dir, spec, method, seed, setting, variant=slug)
-    to_train = [name for name in variants if finished(out_dirs[name], num_stages, expected[name]) is None]
+        in_accuracy_suite = Run(method_run_dir(accuracy_dir, spec, method, seed, setting), spec, method, seed,
+                                setting["iters"], setting, (*extra, *opts))
+        reuse = not opts and finished(in_accuracy_suite) is not None
+        own_dir = method_run_dir(runs_dir, spec, method, seed, setting, variant=slug)
+        runs[name] = in_accuracy_suite if reuse else replace(in_accuracy_suite, out_dir=own_dir)
+    to_train = [name for name in variants if finished(runs[name]) is None]
     for name in variants.keys() - set(to_train):
-        log(f"{spec} {name}: reusing {out_dirs[name]}")
+        log(f"{spec} {name}: reusing {runs[name].out_dir}")
     log(f"{len(to_train)} runs to train, {jobs} at a time")
     if to_train:
-        base = base_run(accuracy_dir, counts[0], seed, setting, extra)
+        base = base_run(accuracy_dir, parse_stage_spec(spec)[0], seed, setting, extra)
 
     def train(name):
-        method, opts = variants[name]
-        seed_stage0(base, out_dirs[name])
+        seed_stage0(base, runs[name].out_dir)
         log(f"{spec} {name}: training")
-        run_training(out_dirs[name], spec, method, seed, setting["iters"], setting, [*extra, *opts])
+        run_training(runs[name])
         log(f"{spec} {name}: finished")
 
     with ThreadPoolExecutor(jobs) as pool:
@@ -286,7 +303,7 @@ def ablation_suite(setting, seed, runs_dir, accuracy_dir, extra, jobs=1):
             future.result()
     records = []
     for name, (method, opts) in variants.items():
-        last = finished(out_dirs[name], num_stages)["stages"][-1]
+        last = finished(runs[name])["stages"][-1]
         records.append({"suite": "ablation", "spec": spec, "variant": name, "method": method, "opts": opts,
                         "seed": seed, "iterations_per_stage": setting["iters"],
                         "stage0_iterations": setting["base_iters"],
@@ -353,22 +370,20 @@ def speed_suite(variant, runs_dir, data, extra):
     bfloat16) on stage 1 of shapes 10+10, from one shared stage-0 model; inference
     and evaluation speed; generation speed."""
     setting = SPEED[variant]
-    base = os.path.join(runs_dir, "stage0")
-    if finished(base, 1, fingerprint("10", "finetune", 0, 100, data, extra)) is None:
+    base = Run(os.path.join(runs_dir, "stage0"), "10", "finetune", 0, 100, data, tuple(extra))
+    if finished(base) is None:
         log("speed: training a short stage-0 model to start stage 1 from")
-        run_training(base, "10", "finetune", 0, 100, data, extra)
-    teacher = os.path.join(base, "stage_0", "model_final.pth")
+        run_training(base)
+    teacher = os.path.join(base.out_dir, "stage_0", "model_final.pth")
     measured = {}
     for key, method, opts in SPEED_RUNS:
-        out_dir = os.path.join(runs_dir, key)
-        shutil.rmtree(out_dir, ignore_errors=True)  # timings are always fresh
+        run = Run(os.path.join(runs_dir, key), "10+10", method, 0, setting["iters"], data, (*extra, *opts),
+                  flags=("--start-stage", "1", "--teacher-weights", teacher))
+        shutil.rmtree(run.out_dir, ignore_errors=True)  # timings are always fresh
         log(f"speed: {key}, {setting['iters']} iterations of stage 1")
-        wall, rss, command = run_training(
-            out_dir, "10+10", method, 0, setting["iters"], data,
-            opts=[*extra, *opts], flags=["--start-stage", "1", "--teacher-weights", teacher],
-        )
-        times = step_times(os.path.join(out_dir, "stage_1"))[setting["warmup"]:]
-        with open(os.path.join(out_dir, "stage_1", "metrics_eval.json")) as f:
+        wall, rss, command = run_training(run)
+        times = step_times(os.path.join(run.out_dir, "stage_1"))[setting["warmup"]:]
+        with open(os.path.join(run.out_dir, "stage_1", "metrics_eval.json")) as f:
             evaluation = json.load(f)
         measured[key] = {
             "step_time_median_s": statistics.median(times),
@@ -405,22 +420,21 @@ def pruning_suite(variant, setting, runs_dir, extra):
     records = []
     base = None
     for ratio in PRUNE_RATIOS[variant]:
-        out_dir = os.path.join(runs_dir, f"10+10_ilmil_prune{ratio}")
-        flags = ["--prune", str(ratio)] if ratio else []
-        if finished(out_dir, 2, fingerprint("10+10", "ilmil", 0, setting["iters"], setting, extra, flags)) is None:
+        run = Run(os.path.join(runs_dir, f"10+10_ilmil_prune{ratio}"), "10+10", "ilmil", 0, setting["iters"],
+                  setting, tuple(extra), flags=("--prune", str(ratio)) if ratio else ())
+        if finished(run) is None:
             if base is not None:
-                seed_stage0(base, out_dir)
+                seed_stage0(base, run.out_dir)
             log(f"pruning: 10+10 ilmil, ratio {ratio}: training")
-            run_training(out_dir, "10+10", "ilmil", 0, setting["iters"], setting, extra, flags=flags)
+            run_training(run)
         else:
-            log(f"pruning: ratio {ratio}: reusing {out_dir}")
-        base = base or out_dir
-        results = finished(out_dir, 2)
-        last = results["stages"][-1]
+            log(f"pruning: ratio {ratio}: reusing {run.out_dir}")
+        base = base or run.out_dir
+        last = finished(run)["stages"][-1]
         records.append({"suite": "pruning", "spec": "10+10", "method": "ilmil", "ratio": ratio,
                         "iterations_per_stage": setting["iters"], "AP50_all": last["AP50"], "AP_all": last["AP"],
                         "AP50_old": last["AP50_old"], "AP50_new": last["AP50_new"],
-                        **measure_final_model(out_dir, last["stage"])})
+                        **measure_final_model(run.out_dir, last["stage"])})
     return records
 
 

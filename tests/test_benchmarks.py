@@ -1,4 +1,5 @@
 """The benchmark harness runs a tiny accuracy suite end to end and writes parseable results."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -71,22 +72,20 @@ def test_a_run_trained_with_another_config_is_set_aside_not_reused(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_run", os.path.join(REPO_ROOT, "benchmarks", "run.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    data = {"num_train": 8, "num_test": 4}
-    before = bench.fingerprint("2+2", "ilmil", 0, 4, data, ["ILMIL.DISTILL.FEAT.WEIGHT", "2.0"])
-    now = bench.fingerprint("2+2", "ilmil", 0, 4, data)
-    assert before != now and now == bench.fingerprint("2+2", "ilmil", 0, 4, data)
-    assert now != bench.fingerprint("2+2", "faster-ilod", 0, 4, data)
     run = tmp_path / "2+2_ilmil_6+4it_seed0"
+    now = bench.Run(str(run), "2+2", "ilmil", 0, 4, {"num_train": 8, "num_test": 4})
+    before = dataclasses.replace(now, opts=("ILMIL.DISTILL.FEAT.WEIGHT", "2.0"))
+    assert before.fingerprint() != now.fingerprint() == dataclasses.replace(now).fingerprint()
+    assert now.fingerprint() != dataclasses.replace(now, method="faster-ilod").fingerprint()
     run.mkdir()
     (run / "results.json").write_text(json.dumps({"stages": [{"stage": 0}, {"stage": 1}]}))
-    (run / bench.CONFIG_RECORD).write_text(json.dumps({"fingerprint": before}))
+    (run / bench.CONFIG_RECORD).write_text(json.dumps({"fingerprint": before.fingerprint()}))
 
-    assert bench.finished(str(run), 2, before)["stages"][1] == {"stage": 1}  # same config: reused
-    assert bench.finished(str(run), 2, now) is None  # the config changed since: trained anew
+    assert bench.finished(before)["stages"][1] == {"stage": 1}  # same config: reused
+    assert bench.finished(now) is None  # the config changed since: trained anew
     assert not run.exists()
     (stale,) = tmp_path.glob("2+2_ilmil_6+4it_seed0.stale-*")
-    assert json.loads((stale / bench.CONFIG_RECORD).read_text())["fingerprint"] == before
-
+    assert json.loads((stale / bench.CONFIG_RECORD).read_text())["fingerprint"] == before.fingerprint()
 
 def test_pruning_harness_measures_each_ratio(tiny_datasets_root, tmp_path):
     _run_harness("pruning", tiny_datasets_root, tmp_path, "--iters", "4")
