@@ -375,6 +375,18 @@ def test_a_folder_of_another_run_is_refused_unless_forced(tmp_path):
     assert read_json(tmp_path / "run.json")["identity"] == other == record["identity"]
 
 
+def test_a_changed_config_is_named_key_by_key_and_an_older_record_is_not_held_to_it(tmp_path):
+    config = {"SOLVER.BASE_LR": 0.02, "ILMIL.DISTILL.RCN.WEIGHT": 1.0, "INPUT.MIN_SIZE_TEST": 256}
+    claim_run_dir(str(tmp_path), IDENTITY, seed=0)  # a record from before the config was part of it
+    claim_run_dir(str(tmp_path), dict(IDENTITY, config=config), seed=0)
+    changed = dict(config, **{"ILMIL.DISTILL.RCN.WEIGHT": 0.25, "INPUT.MIN_SIZE_TEST": 128})
+    with pytest.raises(RunDirError) as info:
+        claim_run_dir(str(tmp_path), dict(IDENTITY, config=changed), seed=0)
+    message = str(info.value)
+    assert "ILMIL.DISTILL.RCN.WEIGHT: 1.0 there, 0.25 now; INPUT.MIN_SIZE_TEST: 256 there, 128 now" in message
+    assert "SOLVER.BASE_LR" not in message
+
+
 def test_the_cli_refuses_another_run_and_records_its_own(tiny_datasets_root, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -389,3 +401,11 @@ def test_the_cli_refuses_another_run_and_records_its_own(tiny_datasets_root, tmp
     record = read_json(out / "run.json")
     assert record["identity"]["stages"] == "2+2" and record["identity"]["class_order"] == shape_class_names(20)
     assert record["seed"] == 0 and "--force" in record["command"] and record["ilmil_version"]
+    # Where it runs and how often it checkpoints may change; what the stages learn may not.
+    proc = run_tool("train_incremental.py", [*args, "SOLVER.CHECKPOINT_PERIOD", "2", "MODEL.DEVICE", "cpu"],
+                    tiny_datasets_root)
+    assert proc.returncode == 0 and "exists, not retraining" in proc.log, tail(proc)
+    base_lr = record["identity"]["config"]["SOLVER.BASE_LR"]
+    proc = run_tool("train_incremental.py", [*args, "SOLVER.BASE_LR", "0.005"], tiny_datasets_root)
+    assert proc.returncode == 1, tail(proc)
+    assert f"SOLVER.BASE_LR: {base_lr!r} there, 0.005 now" in proc.stderr

@@ -1,15 +1,16 @@
 """A run folder's identity (``run.json``) and the checks made before any training.
 
 ``run.json`` records the toolkit version, the command line, the seed and what
-the run trains on (dataset, schedule, method). A finished stage is reused on a
-re-run into the same folder, so a re-run that asks for something else is
-refused (its stages would be silently mixed with the old ones) unless
-``--force``, which first removes this toolkit's outputs from the folder.
+the run trains on (dataset, schedule, method, the resolved config). A finished
+stage is reused on a re-run into the same folder, so a re-run that asks for
+something else is refused (its stages would be silently mixed with the old
+ones) unless ``--force``, which first removes this toolkit's outputs from the folder.
 """
 import datetime
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -20,10 +21,19 @@ from ..data import problem_lines
 from ..evaluation.run_outputs import write_json
 
 __all__ = ["RUN_FILE", "RunDirError", "RunValidationError", "claim_run_dir", "dataset_fingerprint",
-           "output_dir_problem", "write_problem_report"]
+           "output_dir_problem", "training_config", "write_problem_report"]
 
 RUN_FILE = "run.json"
 PREFLIGHT_FILE = "preflight_problems.txt"
+# Config keys (and sections, ending in ".") a re-run may change: where and how the run
+# executes rather than what it trains (device, loader processes, how often it logs or
+# checkpoints, the non-finite-loss allowance), so a resume on another machine is
+# accepted; the per-stage datasets the runner sets; and what the rest of the identity
+# already holds (seed, dataset, schedule, method).
+_NOT_IN_IDENTITY = ("OUTPUT_DIR", "MODEL.DEVICE", "DATALOADER.NUM_WORKERS", "SOLVER.CHECKPOINT_PERIOD",
+                    "TEST.EVAL_PERIOD", "VIS_PERIOD", "CUDNN_BENCHMARK", "ILMIL.SKIP_NONFINITE_ITERS",
+                    "DATASETS.", "SEED", "ILMIL.DATASET", "ILMIL.DATA.", "ILMIL.SHAPES.", "ILMIL.STAGES",
+                    "ILMIL.CLASS_ORDER", "ILMIL.METHOD")
 # What the toolkit writes into a run folder; --force removes these and nothing else.
 _RUN_OUTPUTS = ("stage_*", "results.json", "stages.json", "config.yaml", "report.md", "per_class_*.csv",
                 "forgetting_curve.png", "per_class_heatmap.png", "per_class_first_vs_final.png", PREFLIGHT_FILE, RUN_FILE)
@@ -67,6 +77,34 @@ def dataset_fingerprint(source):
     return digest.hexdigest()[:16]
 
 
+def training_config(cfg):
+    """The resolved config as ``{"SECTION.KEY": value}`` (JSON values), minus the keys
+    that cannot change a stage's model or evaluation (``_NOT_IN_IDENTITY``)."""
+
+    def flatten(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    def kept(key):
+        return not any(key == skip or (skip.endswith(".") and key.startswith(skip)) for skip in _NOT_IN_IDENTITY)
+
+    def strict(value):  # run.json is strict JSON: an infinite loss weight, say, is kept as "inf"
+        return repr(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+    return json.loads(json.dumps({key: strict(value) for key, value in flatten(cfg) if kept(key)}))
+
+
+def _differences(key, before, now):
+    """``key``'s change between the recorded run and this one, one clause per value."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [f"{k}: {before.get(k)!r} there, {now.get(k)!r} now"
+                for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+    return [f"{key}: {before!r} there, {now!r} now"]
+
+
 def output_dir_problem(output_dir):
     """Why ``output_dir`` cannot hold the run, or None (it is created if missing)."""
     try:
@@ -94,7 +132,9 @@ def claim_run_dir(output_dir, identity, seed, force=False, logger=None):
 
     Args:
         identity (dict): what must match for the folder's finished stages to be
-            reused (dataset and its fingerprint, schedule, method, seed).
+            reused (dataset and its fingerprint, schedule, method, seed, config).
+            A key that the folder's record lacks (written by an older version)
+            is not compared.
         force: remove the folder's previous outputs and start over instead.
     """
     path = os.path.join(output_dir, RUN_FILE)
@@ -109,9 +149,9 @@ def claim_run_dir(output_dir, identity, seed, force=False, logger=None):
         recorded = None
     elif recorded is not None:
         before = recorded.get("identity", {})
-        changed = [key for key in identity if before.get(key) != identity[key]]
+        changed = [key for key in identity if key in before and before[key] != identity[key]]
         if changed:
-            listed = "; ".join(f"{key}: {before.get(key)!r} there, {identity[key]!r} now" for key in changed)
+            listed = "; ".join(clause for key in changed for clause in _differences(key, before[key], identity[key]))
             raise RunDirError(
                 f"{path}: this folder holds another run ({listed}), whose finished stages would be "
                 f"mixed into this one.\n  fix: choose another --output-dir, or add --force to remove "

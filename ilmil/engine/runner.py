@@ -61,6 +61,7 @@ from .run_dir import (
     claim_run_dir,
     dataset_fingerprint,
     output_dir_problem,
+    training_config,
     write_problem_report,
 )
 from .trainer import IncrementalTrainer, NonFiniteLossError
@@ -190,6 +191,7 @@ class IncrementalRun:
             "class_order": list(self.class_order),
             "method": self.method,
             "seed": self.cfg.SEED,
+            "config": training_config(self.cfg),
         }
 
     def stage_dir(self, stage):
