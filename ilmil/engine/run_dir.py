@@ -79,7 +79,7 @@ def dataset_fingerprint(source):
 
 def training_config(cfg):
     """The resolved config as ``{"SECTION.KEY": value}`` (JSON values), minus the keys
-    that cannot change a stage's model or evaluation (``_NOT_IN_IDENTITY``)."""
+    a re-run may change (``_NOT_IN_IDENTITY``)."""
 
     def flatten(node, prefix=""):
         for key, value in node.items():
