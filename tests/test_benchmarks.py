@@ -87,6 +87,7 @@ def test_a_run_trained_with_another_config_is_set_aside_not_reused(tmp_path):
     (stale,) = tmp_path.glob("2+2_ilmil_6+4it_seed0.stale-*")
     assert json.loads((stale / bench.CONFIG_RECORD).read_text())["fingerprint"] == before.fingerprint()
 
+
 def test_pruning_harness_measures_each_ratio(tiny_datasets_root, tmp_path):
     _run_harness("pruning", tiny_datasets_root, tmp_path, "--iters", "4")
     with open(tmp_path / "results" / "pruning_quick.json") as f:
