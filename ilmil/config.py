@@ -131,6 +131,9 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.SHAPES.IMAGE_SIZE = 256
     # Seed of the generator (independent of the training seed, cfg.SEED).
     cfg.ILMIL.SHAPES.SEED = 0
+    # hard (the benchmark set: clutter, occlusion, textures) | easy (the demo's set: 1-3
+    # larger objects on plain backgrounds, learned from scratch within minutes).
+    cfg.ILMIL.SHAPES.DIFFICULTY = "hard"
 
     # Where custom data lives, for ILMIL.DATASET = voc_folder / coco_json.
     cfg.ILMIL.DATA = CN()

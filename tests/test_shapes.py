@@ -54,8 +54,38 @@ def test_layout(dataset):
         assert os.path.isfile(os.path.join(dataset, "annotations", f"instances_{split}.json"))
     with open(os.path.join(dataset, "meta.json")) as f:
         meta = json.load(f)
+    assert meta.pop("knobs")["max_objects"] == 6
     assert meta == {"generator_version": 5, "num_classes": 20, "num_train": 12, "num_test": 4,
-                    "image_size": 128, "seed": 3, "class_names": shape_class_names(20)}
+                    "image_size": 128, "seed": 3, "difficulty": "hard", "class_names": shape_class_names(20)}
+
+
+def _boxes_per_image(folder):
+    with open(os.path.join(folder, "annotations", "instances_train.json")) as f:
+        coco = json.load(f)
+    counts = {img["id"]: 0 for img in coco["images"]}
+    for ann in coco["annotations"]:
+        counts[ann["image_id"]] += 1
+    sides = [max(a["bbox"][2:]) for a in coco["annotations"]]
+    return list(counts.values()), sides
+
+
+def test_easy_difficulty_is_its_own_cached_set_with_fewer_larger_objects(dataset, tmp_path):
+    easy = generate_shapes_dataset(str(tmp_path), num_train=40, num_test=4, image_size=128, seed=3,
+                                   difficulty="easy", progress=False)
+    assert os.path.basename(easy) == "shapes_c20_train40_test4_s128_seed3_easy_v5"
+    hard = generate_shapes_dataset(str(tmp_path), num_train=40, num_test=4, image_size=128, seed=3, progress=False)
+    easy_counts, easy_sides = _boxes_per_image(easy)
+    hard_counts, hard_sides = _boxes_per_image(hard)
+    assert max(easy_counts) <= 3 < max(hard_counts)
+    assert min(easy_counts) >= 1
+    assert min(easy_sides) > min(hard_sides)
+    again = generate_shapes_dataset(str(tmp_path / "again"), num_train=40, num_test=4, image_size=128, seed=3,
+                                    difficulty="easy", progress=False)
+    for rel in _listing(easy):
+        with open(os.path.join(easy, rel), "rb") as a, open(os.path.join(again, rel), "rb") as b:
+            assert a.read() == b.read(), rel
+    with pytest.raises(ValueError, match="difficulty must be one of hard, easy, got 'medium'"):
+        generate_shapes_dataset(str(tmp_path), difficulty="medium", progress=False)
 
 
 def test_voc_annotations(dataset):

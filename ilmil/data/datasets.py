@@ -20,8 +20,9 @@ from tqdm import tqdm
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from ..config import check_choice
 from .shapes import MAX_CLASSES as MAX_SHAPE_CLASSES
-from .shapes import generate_shapes_dataset
+from .shapes import DIFFICULTIES, generate_shapes_dataset
 from .stages import StageSpecError, parse_stage_spec, stage_test_dicts, stage_train_dicts
 
 __all__ = [
@@ -289,6 +290,7 @@ def _shapes_source(cfg):
         num_test=shapes.NUM_TEST,
         image_size=shapes.IMAGE_SIZE,
         seed=shapes.SEED,
+        difficulty=check_choice("ILMIL.SHAPES.DIFFICULTY", shapes.DIFFICULTY, tuple(DIFFICULTIES)),
     )
     images = os.path.join(root, "JPEGImages")
     train, class_names = load_coco_json(os.path.join(root, "annotations", "instances_train.json"), images)

@@ -25,6 +25,11 @@ Faster R-CNN, which leaves no room to see forgetting or its repair):
 * object colours independent of class, rarely of low contrast, per-image
   brightness / contrast jitter, occasional blur, pixel noise, JPEG compression.
 
+That is the "hard" difficulty, the benchmark set. The "easy" one (``DIFFICULTIES``)
+keeps the classes and formats but draws 1-3 larger, barely overlapping objects on
+plain noisy backgrounds without clutter or blur: a from-scratch detector learns it
+within minutes on a CPU, which is what ``make demo`` needs.
+
 Every image is rendered from its own random generator seeded by
 ``(seed, split, index within split)``, so the output is byte-identical for equal
 parameters and an image does not depend on how many others are generated.
@@ -34,6 +39,7 @@ import os
 import shutil
 import string
 import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import cv2
@@ -41,7 +47,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-__all__ = ["shape_class_names", "dataset_dirname", "generate_shapes_dataset"]
+__all__ = ["DIFFICULTIES", "shape_class_names", "dataset_dirname", "generate_shapes_dataset"]
 
 GENERATOR_VERSION = 5  # v5: at most 40 % occluded, less clutter and blur, more regular shapes
 
@@ -57,25 +63,46 @@ MAX_CLASSES = len(SHAPE_KINDS) * len(SHAPE_STYLES)
 
 JPEG_QUALITY = 90
 REFERENCE_SIZE = 256  # pixel sizes below are given for a 256 x 256 image
-MIN_OBJECT_SIZE, MAX_OBJECT_SIZE = 12, 96  # longer box side
-MAX_OBJECTS = 6
-MIN_VISIBLE_FRACTION = 0.6  # an object may be at most ~40 % hidden by later ones
 MIN_INSIDE_FRACTION = 0.5  # of the full box area, for objects cut by the border
 PLACEMENT_TRIES = 8
-# Difficulty knobs, calibrated so that joint training at the CPU benchmark budget
-# lands in the AP50 60-85 band (v1's 20 % low contrast, 4-14 clutter items and 1 px
-# outlines gave AP50 6 after 2000 iterations: too hard to tell methods apart).
-LOW_CONTRAST_FRACTION = 0.03
-CLUTTER_ITEMS = (0, 4)  # per image, [low, high)
-TEXTURE_PROBABILITY = 0.3  # stripes / checker over the background
-TEXTURE_ALPHA = (0.1, 0.3)
-BLOB_AMPLITUDE = (10, 35)  # low-frequency background noise
-BLUR_PROBABILITY = 0.05
 MIN_CONTRAST, MIN_CONTRAST_TRIES = 100.0, 10  # RGB distance to the local background
 ASPECT_RANGE = (0.85, 1.18)  # box aspect jitter; wider makes polygons look alike
-# v4 (this contrast floor, sizes uniform instead of log-uniform in 12-96 px): joint
-# AP50 21.6 -> 32.5 at the benchmark budget; v5 (the occlusion, clutter, blur and
-# aspect values above) with 128 sampled ROIs per image: 57.9 -> 63.7 (BENCHMARKS.md).
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """The generator's difficulty knobs (pixel sizes at ``REFERENCE_SIZE``)."""
+
+    object_size: tuple  # longer box side, [low, high)
+    max_objects: int
+    min_visible_fraction: float  # an object may be at most 1 - this hidden by later ones
+    low_contrast_fraction: float
+    clutter_items: tuple  # per image behind the objects, [low, high)
+    overlay_lines: tuple  # thin lines drawn over the objects, [low, high)
+    texture_probability: float  # stripes / checker over the background
+    texture_alpha: tuple
+    blob_amplitude: tuple  # low-frequency background noise
+    blur_probability: float
+
+
+DIFFICULTIES = {
+    # The benchmark set, calibrated so that joint training at the CPU benchmark budget
+    # lands in the AP50 60-85 band (v1's 20 % low contrast, 4-14 clutter items and 1 px
+    # outlines gave AP50 6 after 2000 iterations: too hard to tell methods apart).
+    # v4 (the contrast floor, sizes uniform instead of log-uniform in 12-96 px): joint
+    # AP50 21.6 -> 32.5 at the benchmark budget; v5 (the occlusion, clutter, blur and
+    # aspect values here) with 128 sampled ROIs per image: 57.9 -> 63.7 (BENCHMARKS.md).
+    "hard": Difficulty(object_size=(12, 96), max_objects=6, min_visible_fraction=0.6,
+                       low_contrast_fraction=0.03, clutter_items=(0, 4), overlay_lines=(0, 3),
+                       texture_probability=0.3, texture_alpha=(0.1, 0.3), blob_amplitude=(10, 35),
+                       blur_probability=0.05),
+    # The demo's set: larger, fewer, barely overlapping objects on plain noisy
+    # backgrounds, so a detector trained from scratch converges within minutes on a CPU.
+    "easy": Difficulty(object_size=(32, 96), max_objects=3, min_visible_fraction=0.9,
+                       low_contrast_fraction=0.0, clutter_items=(0, 1), overlay_lines=(0, 1),
+                       texture_probability=0.0, texture_alpha=(0.1, 0.3), blob_amplitude=(5, 15),
+                       blur_probability=0.0),
+}
 
 
 def shape_class_names(num_classes: int = 20) -> list[str]:
@@ -98,14 +125,16 @@ def shape_class_names(num_classes: int = 20) -> list[str]:
     return names[:num_classes]
 
 
-def dataset_dirname(num_classes, num_train, num_test, image_size, seed) -> str:
-    """Folder name that encodes every generation parameter (the cache key)."""
+def dataset_dirname(num_classes, num_train, num_test, image_size, seed, difficulty="hard") -> str:
+    """Folder name that encodes every generation parameter (the cache key); the
+    benchmark difficulty ("hard") is left out of it, so its folders keep their names."""
+    suffix = "" if difficulty == "hard" else f"_{difficulty}"
     return (f"shapes_c{num_classes}_train{num_train}_test{num_test}"
-            f"_s{image_size}_seed{seed}_v{GENERATOR_VERSION}")
+            f"_s{image_size}_seed{seed}{suffix}_v{GENERATOR_VERSION}")
 
 
 def generate_shapes_dataset(root: str, num_classes=20, num_train=2000, num_test=500,
-                            image_size=256, seed=0, progress=True) -> str:
+                            image_size=256, seed=0, difficulty="hard", progress=True) -> str:
     """Write the dataset under ``root`` (unless already there) and return its folder.
 
     Layout: ``JPEGImages/<id>.jpg``, ``Annotations/<id>.xml`` (VOC),
@@ -113,8 +142,12 @@ def generate_shapes_dataset(root: str, num_classes=20, num_train=2000, num_test=
     (COCO) and ``meta.json``. Train images get ids ``0..num_train-1``, test images
     the following ids. ``meta.json`` is written last and marks a complete folder; a
     folder without it is a leftover of an interrupted run and is regenerated.
+    ``difficulty`` names one of ``DIFFICULTIES``: "hard" (the benchmark set) or "easy".
     """
     class_names = shape_class_names(num_classes)
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
+    knobs = DIFFICULTIES[difficulty]
     for name, value in (("num_train", num_train), ("num_test", num_test),
                         ("image_size", image_size), ("seed", seed)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
@@ -126,7 +159,7 @@ def generate_shapes_dataset(root: str, num_classes=20, num_train=2000, num_test=
         int(v) for v in (num_classes, num_train, num_test, image_size, seed))
 
     out_dir = os.path.join(root, dataset_dirname(num_classes, num_train, num_test,
-                                                 image_size, seed))
+                                                 image_size, seed, difficulty))
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.isfile(meta_path):
         return out_dir
@@ -144,7 +177,7 @@ def generate_shapes_dataset(root: str, num_classes=20, num_train=2000, num_test=
                 image_id = first_id + index
                 stem = f"{image_id:06d}"
                 rng = np.random.default_rng([seed, split_code, index])
-                image, objects = _render_image(rng, image_size, num_classes)
+                image, objects = _render_image(rng, image_size, num_classes, knobs)
                 Image.fromarray(image).save(
                     os.path.join(out_dir, "JPEGImages", stem + ".jpg"),
                     format="JPEG", quality=JPEG_QUALITY)
@@ -176,7 +209,7 @@ def generate_shapes_dataset(root: str, num_classes=20, num_train=2000, num_test=
 
     meta = {"generator_version": GENERATOR_VERSION, "num_classes": num_classes,
             "num_train": num_train, "num_test": num_test, "image_size": image_size,
-            "seed": seed, "class_names": class_names}
+            "seed": seed, "difficulty": difficulty, "knobs": asdict(knobs), "class_names": class_names}
     tmp_path = meta_path + ".tmp"
     with open(tmp_path, "w") as f:
         json.dump(meta, f, indent=2)
@@ -322,15 +355,15 @@ def _contrasting(rng, base):
     return other
 
 
-def _object_colour(rng, background, center, style):
-    """Object colour, unrelated to the class; rarely (``LOW_CONTRAST_FRACTION``) close
+def _object_colour(rng, background, center, style, low_contrast_fraction):
+    """Object colour, unrelated to the class; rarely (``low_contrast_fraction``) close
     to the local background, otherwise at least ``MIN_CONTRAST`` away from it.
 
     Not for outlines: a 1 px low-contrast outline vanishes under the pixel noise.
     """
     size = background.shape[0]
     cx, cy = (int(np.clip(v, 0, size - 1)) for v in center)
-    if rng.random() < LOW_CONTRAST_FRACTION and style != "outline":
+    if rng.random() < low_contrast_fraction and style != "outline":
         pixel = background[cy, cx]
         delta = rng.normal(size=3)
         delta *= rng.uniform(35, 60) / (np.linalg.norm(delta) + 1e-6)
@@ -385,15 +418,15 @@ def _render_object(rng, kind, style, size, center, image_size):
     return origin, mask.astype(bool), painted, (lo, hi)
 
 
-def _sample_objects(rng, num_classes, image_size):
+def _sample_objects(rng, num_classes, image_size, knobs):
     """Choose and place the objects of one image.
 
     Each object is re-placed (a few tries) until it lies mostly inside the image
-    and leaves every earlier object at least ``MIN_VISIBLE_FRACTION`` visible;
+    and leaves every earlier object at least ``knobs.min_visible_fraction`` visible;
     objects that cannot be placed are dropped, so everything drawn is labelled.
     """
     scale = image_size / REFERENCE_SIZE
-    count = int(rng.integers(1, MAX_OBJECTS + 1))
+    count = int(rng.integers(1, knobs.max_objects + 1))
     # Classes drawn from the whole list: images of a later task also show objects
     # of earlier classes, which are unlabelled in that task.
     classes = rng.choice(num_classes, size=count, replace=count > num_classes)
@@ -402,7 +435,7 @@ def _sample_objects(rng, num_classes, image_size):
     for cls in classes:
         kind, style = names[cls].rsplit("_", 1)
         for _ in range(PLACEMENT_TRIES):
-            size = scale * rng.uniform(MIN_OBJECT_SIZE, MAX_OBJECT_SIZE)
+            size = scale * rng.uniform(*knobs.object_size)
             center = rng.uniform(0, image_size, 2)
             rendered = _render_object(rng, kind, style, size, center, image_size)
             if rendered is None:
@@ -415,7 +448,7 @@ def _sample_objects(rng, num_classes, image_size):
             h, w = painted_roi.shape
             painted[origin[1]:origin[1] + h, origin[0]:origin[0] + w] = painted_roi
             if any(np.count_nonzero(o["visible"] & ~painted)
-                   < MIN_VISIBLE_FRACTION * o["area"] for o in placed):
+                   < knobs.min_visible_fraction * o["area"] for o in placed):
                 continue
             ys, xs = np.nonzero(silhouette)
             if len(xs) < 4:
@@ -436,9 +469,9 @@ def _sample_objects(rng, num_classes, image_size):
     return placed
 
 
-def _draw_object(rng, image, background, obj):
+def _draw_object(rng, image, background, obj, low_contrast_fraction):
     """Paint one placed object onto ``image`` (float32, in place)."""
-    base = _object_colour(rng, background, obj["center"], obj["style"])
+    base = _object_colour(rng, background, obj["center"], obj["style"], low_contrast_fraction)
     painted = obj["painted_roi"]
     h, w = painted.shape
     x0, y0 = obj["origin"]
@@ -463,7 +496,7 @@ def _grid(image_size):
     return xs, ys
 
 
-def _background(rng, image_size):
+def _background(rng, image_size, knobs):
     """Textured background: gradient + low-frequency noise + optional stripes/checker."""
     # The smooth parts are built at 1/4 resolution and upsampled: same look, 16x fewer pixels.
     low = max(16, image_size // 4)
@@ -477,10 +510,10 @@ def _background(rng, image_size):
     for _ in range(int(rng.integers(1, 4))):
         cells = int(rng.integers(2, 13))
         small = rng.normal(0, 1, (cells, cells, 3)).astype(np.float32)
-        field += rng.uniform(*BLOB_AMPLITUDE) * cv2.resize(small, (low, low),
+        field += rng.uniform(*knobs.blob_amplitude) * cv2.resize(small, (low, low),
                                                   interpolation=cv2.INTER_CUBIC)
     image = cv2.resize(field, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
-    if rng.random() < TEXTURE_PROBABILITY:
+    if rng.random() < knobs.texture_probability:
         xs, ys = _grid(image_size)
         period = rng.uniform(4, 40) * image_size / REFERENCE_SIZE
         angle = rng.uniform(0, np.pi / 2)  # with both diagonals below: every direction
@@ -492,7 +525,7 @@ def _background(rng, image_size):
             texture = (u.astype(np.int32) + v.astype(np.int32)) & 1
         if rng.random() < 0.5:
             texture = texture[:, ::-1]
-        alpha = rng.uniform(*TEXTURE_ALPHA)
+        alpha = rng.uniform(*knobs.texture_alpha)
         blended = image * (1 - alpha) + alpha * rng.uniform(0, 255, 3).astype(np.float32)
         np.copyto(image, blended, where=texture.astype(bool)[..., None])
     return np.clip(image, 0, 255, out=image)
@@ -550,7 +583,7 @@ def _clutter_item(rng, image, image_size):
                       int(rng.integers(1, 3)))
 
 
-def _photometric_jitter(rng, image):
+def _photometric_jitter(rng, image, blur_probability):
     """Per-image brightness / contrast, occasional blur, pixel noise; returns uint8.
 
     Works in place on ``image`` (float32) where it can.
@@ -559,7 +592,7 @@ def _photometric_jitter(rng, image):
     contrast = rng.uniform(0.6, 1.3)
     image *= contrast
     image += mean * (1 - contrast) + rng.uniform(-30, 30)
-    if rng.random() < BLUR_PROBABILITY:
+    if rng.random() < blur_probability:
         image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.5, 1.3))
     # Luminance noise (one channel, broadcast): a third of the cost of colour noise.
     noise = rng.standard_normal((*image.shape[:2], 1), dtype=np.float32)
@@ -568,20 +601,20 @@ def _photometric_jitter(rng, image):
     return np.clip(image, 0, 255, out=image).astype(np.uint8)
 
 
-def _render_image(rng, image_size, num_classes):
+def _render_image(rng, image_size, num_classes, knobs):
     """One RGB uint8 image and its objects (dicts with class, box, truncated)."""
-    background = _background(rng, image_size)
+    background = _background(rng, image_size, knobs)
     image = background.copy()
-    for _ in range(int(rng.integers(*CLUTTER_ITEMS))):
+    for _ in range(int(rng.integers(*knobs.clutter_items))):
         _clutter_item(rng, image, image_size)
-    objects = _sample_objects(rng, num_classes, image_size)
+    objects = _sample_objects(rng, num_classes, image_size, knobs)
     for obj in objects:
-        _draw_object(rng, image, background, obj)
+        _draw_object(rng, image, background, obj, knobs.low_contrast_fraction)
     # A few thin lines over the objects too, so that clutter is not always behind.
-    for _ in range(int(rng.integers(0, 3))):
+    for _ in range(int(rng.integers(*knobs.overlay_lines))):
         p0, p1 = _random_point(rng, image_size), _random_point(rng, image_size)
         cv2.line(image, p0, p1, _random_colour(rng), 1)
-    return _photometric_jitter(rng, image), objects
+    return _photometric_jitter(rng, image, knobs.blur_probability), objects
 
 
 def _voc_xml(folder, stem, image_size, objects, class_names):
