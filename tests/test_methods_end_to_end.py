@@ -149,14 +149,20 @@ def test_start_stage_trains_only_the_later_stages_from_the_given_teacher(ilmil_r
                  "--output-dir", str(out), *shapes_opts, *TRAIN_OPTS], tiny_datasets_root)
     assert proc.returncode == 0, tail(proc)
     results = read_json(out / "results.json")
-    assert [s["stage"] for s in results["stages"]] == [1, 2]
-    assert not (out / "stage_0").exists()
+    # Stage 0 is the given teacher, evaluated (as its own run did), not trained.
+    assert [s["stage"] for s in results["stages"]] == [0, 1, 2]
+    given = results["stages"][0]
+    assert given["weights"] == str(teacher)
+    assert not (out / "stage_0" / "model_final.pth").exists()
+    assert given["per_class"] == read_json(ilmil_run.out / "stage_0" / "metrics_eval.json")["per_class"]
+    detections = read_json(out / "stage_0" / "detections.json")
+    assert detections and len(detections) == len(read_json(ilmil_run.out / "stage_0" / "detections.json"))
     for k in (1, 2):
         assert (out / f"stage_{k}" / "model_final.pth").is_file()
         assert set(DISTILL_KEYS) <= set(metrics_lines(out / f"stage_{k}" / "metrics.json")[-1])
     assert proc.log.count("Starting training") == 2
     assert "initialised from a 2-class model" in proc.log and "initialised from a 3-class model" in proc.log
-    assert all(_is_percent(s["AP_old"]) and _is_percent(s["AP_new"]) for s in results["stages"])
+    assert all(_is_percent(s["AP_old"]) and _is_percent(s["AP_new"]) for s in results["stages"][1:])
 
 
 def _refused(proc, out, expected_old, teacher_classes):

@@ -286,10 +286,13 @@ class IncrementalRun:
         previous_weights, student_weights = self.teacher_weights, None
         run_start = time.perf_counter()
         for stage, info in zip(self.schedule, stages_info):
-            if stage.index < self.start_stage:
+            # The stage before --start-stage is the given teacher: evaluated, not trained,
+            # so the results start where the run starts (forgetting is measured from it).
+            given = stage.index == self.start_stage - 1
+            if stage.index < self.start_stage - 1:
                 continue
             stage_dir = self.stage_dir(stage)
-            final_weights = os.path.join(stage_dir, "model_final.pth")
+            final_weights = self.teacher_weights if given else os.path.join(stage_dir, "model_final.pth")
             metrics_path = os.path.join(stage_dir, "metrics_eval.json")
             logger.info(
                 "Stage %d (of 0..%d): %d old + %d new classes, %d train images (elapsed %.0f s)",
@@ -298,7 +301,10 @@ class IncrementalRun:
             )
             stage_start = time.perf_counter()
             model = None
-            if os.path.isfile(final_weights):
+            if given:
+                logger.info("Stage %d: the model of --teacher-weights %s, evaluated, not trained",
+                            stage.index, final_weights)
+            elif os.path.isfile(final_weights):
                 logger.info("Stage %d: %s exists, not retraining", stage.index, final_weights)
             else:
                 model = self.train_stage(stage, previous_weights, student_weights)
@@ -324,6 +330,8 @@ class IncrementalRun:
             if pruning:
                 results["pruning"] = {"after_stage": stage.index, **pruning}
             entry = {"stage": stage.index, **info, **metrics}
+            if given:
+                entry["weights"] = final_weights
             results["stages"].append(entry)
             write_json(results_path, results)
             logger.info(
