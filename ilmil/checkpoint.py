@@ -3,9 +3,9 @@
 ``IncrementalCheckpointer`` is detectron2's ``DetectionCheckpointer`` with three
 differences, each needed for long incremental runs:
 
-* every file (checkpoint, ``last_checkpoint`` tag) is written to a temporary file
-  in the same folder, fsynced and renamed over the target, so a crash or a kill
-  leaves either the old file or the new one, never half of one;
+* every file (checkpoint, ``last_checkpoint`` tag) is written atomically
+  (``ilmil.file_io.atomic_write``): a crash or a kill leaves either the old file
+  or the new one, never half of one;
 * loading never executes code from the file: ``.pth`` through
   ``torch.load(weights_only=True)``, detectron2 / Caffe2 model-zoo ``.pkl``
   through an unpickler that only builds containers and numpy arrays;
@@ -23,9 +23,10 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .file_io import atomic_write
 from .pruning import channel_layout, checkpoint_channel_layout
 
-__all__ = ["CheckpointError", "IncrementalCheckpointer", "RNGStates", "atomic_write", "safe_load"]
+__all__ = ["CheckpointError", "IncrementalCheckpointer", "RNGStates", "safe_load"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,26 +35,6 @@ _PERIODIC_NAME = re.compile(r"model_(\d+)\.pth$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read (truncated, corrupt, or not a checkpoint)."""
-
-
-def atomic_write(path, write, mode="wb"):
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, rename it to ``path``."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    # The rename itself is durable only once the folder entry is on disk.
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):

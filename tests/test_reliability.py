@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, read_json, run_tool, start_tool, tail
-from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, RNGStates, atomic_write, safe_load
+from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, RNGStates, safe_load
 from ilmil.config import get_ilmil_cfg
 from ilmil.data.shapes import shape_class_names
 from ilmil.engine import IncrementalRun, RunDirError, RunValidationError
 from ilmil.engine.run_dir import claim_run_dir
+from ilmil.file_io import atomic_write
 
 # --------------------------------------------------------------- checkpoint files
 
@@ -35,6 +36,20 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(str(path), fail_halfway)
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+
+
+def test_atomic_write_keeps_the_old_file_when_the_serializer_fails_midway(tmp_path):
+    path = tmp_path / "detections.json"
+    path.write_text('[{"score": 0.9}]')
+    # json.dump writes the first entries to the file before it reaches the one it cannot encode.
+    detections = [{"score": 0.5}] * 1000 + [{"score": object()}]
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        atomic_write(str(path), lambda f: json.dump(detections, f), mode="w")
+    assert json.loads(path.read_text()) == [{"score": 0.9}]
+    assert os.listdir(tmp_path) == ["detections.json"]
+    atomic_write(str(path), lambda f: json.dump(detections[:2], f), mode="w")
+    assert json.loads(path.read_text()) == [{"score": 0.5}] * 2
+    assert os.listdir(tmp_path) == ["detections.json"]
 
 
 class _Counter:

@@ -43,6 +43,7 @@ from ..data import (
 from ..data.stages import Stage, StageSpecError
 from ..evaluation import evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
+from ..file_io import atomic_write
 from ..modeling import (
     TEACHER_PRECISIONS,
     CheckpointClassesError,
@@ -230,8 +231,8 @@ class IncrementalRun:
             )
         if comm.is_main_process():
             write_json(os.path.join(self.output_dir, "stages.json"), {"method": self.method, "stages": stages})
-            with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
-                f.write(self.cfg.dump())
+            config = self.cfg.dump()
+            atomic_write(os.path.join(self.output_dir, "config.yaml"), lambda f: f.write(config), mode="w")
         return stages
 
     def train_stage(self, stage, previous_weights, student_weights=None):

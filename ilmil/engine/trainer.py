@@ -17,6 +17,7 @@ from detectron2.utils import comm
 from ..checkpoint import IncrementalCheckpointer, RNGStates
 from ..config import check_optimizer
 from ..evaluation import IncrementalEvaluator
+from ..file_io import atomic_write
 from ..modeling import build_detector
 from ..pruning import channel_layout
 
@@ -56,8 +57,9 @@ class _IterationTimesWriter(hooks.HookBase):
     def after_train(self):
         if comm.is_main_process() and "time" in self.trainer.storage.histories():
             times = [t for t, _ in self.trainer.storage.history("time").values()]
-            with open(os.path.join(self.trainer.cfg.OUTPUT_DIR, "iteration_times.json"), "w") as f:
-                json.dump({"start_iter": self.trainer.start_iter, "seconds": times}, f)
+            record = {"start_iter": self.trainer.start_iter, "seconds": times}
+            atomic_write(os.path.join(self.trainer.cfg.OUTPUT_DIR, "iteration_times.json"),
+                         lambda f: json.dump(record, f), mode="w")
 
 
 class IncrementalTrainer(DefaultTrainer):
