@@ -26,9 +26,16 @@ from detectron2.checkpoint import DetectionCheckpointer
 from .file_io import atomic_write
 from .pruning import channel_layout, checkpoint_channel_layout
 
-__all__ = ["CheckpointError", "IncrementalCheckpointer", "RNGStates", "safe_load"]
+__all__ = ["DISTILLATION_STATE_PREFIXES", "CheckpointError", "IncrementalCheckpointer", "RNGStates", "safe_load"]
 
 logger = logging.getLogger(__name__)
+
+# State dict prefixes of the running state a student's distillation losses keep
+# (``IncrementalRCNN.feature_loss``: the adaptive layer weights' running average). It
+# is saved with the student so that --resume continues it, but it is no part of the
+# detector: a model without these losses (a teacher, an evaluated model, the next
+# stage's student) starts without it.
+DISTILLATION_STATE_PREFIXES = ("feature_loss.", "rpn_loss.", "rcn_loss.")
 
 _PERIODIC_NAME = re.compile(r"model_(\d+)\.pth$")
 
@@ -74,13 +81,15 @@ def safe_load(path):
 
 
 class RNGStates:
-    """Checkpointable Python / numpy / torch random states, so a resumed stage
-    continues the random streams instead of restarting them."""
+    """Checkpointable Python / numpy / torch (CPU and CUDA) random states, so a
+    resumed stage continues the random streams instead of restarting them."""
 
     def state_dict(self):
         _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
         version, python_state, gauss_next = random.getstate()
         return {
+            # The RCN term's proposal sampling draws from the model's device's generator.
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "torch": torch.get_rng_state(),
             # As tensors and plain numbers: ``weights_only`` loading refuses numpy objects.
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
@@ -90,6 +99,10 @@ class RNGStates:
 
     def load_state_dict(self, state):
         torch.set_rng_state(state["torch"])
+        cuda_states = state.get("cuda", [])  # absent in older checkpoints
+        if cuda_states and torch.cuda.is_available():
+            for device, cuda_state in enumerate(cuda_states[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(cuda_state, device)
         n = state["numpy"]
         np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
                              n["has_gauss"], n["cached_gaussian"]))
@@ -129,6 +142,11 @@ class IncrementalCheckpointer(DetectionCheckpointer):
         return data if "model" in data else {"model": data}
 
     def _load_model(self, checkpoint):
+        own = self.model.state_dict()
+        checkpoint["model"] = {
+            key: value for key, value in checkpoint["model"].items()
+            if key in own or not key.startswith(DISTILLATION_STATE_PREFIXES)
+        }
         # Without this, detectron2 would skip every pruned layer's weights with a
         # shape warning and leave them random.
         recorded = checkpoint_channel_layout(checkpoint)
