@@ -33,6 +33,7 @@ from ..checkpoint import CheckpointError
 from ..config import METHOD_PRESETS, ConfigError, check_choice, check_optimizer, uses_teacher
 from ..data import (
     DATA_PROBLEMS_FIX,
+    DEFAULT_CLASS_ORDER,
     MAX_LISTED_PROBLEMS,
     DatasetError,
     build_schedule,
@@ -127,6 +128,8 @@ class IncrementalRun:
         # The data problems share one fix (the other checks word their own).
         fixes = [DATA_PROBLEMS_FIX] if problems else []
         class_order = resolve_class_order(list(cfg.ILMIL.CLASS_ORDER), self.source.class_names)
+        rule = "ILMIL.CLASS_ORDER" if cfg.ILMIL.CLASS_ORDER else DEFAULT_CLASS_ORDER[self.source.name]
+        logger.info("class order (%s, %s): %s", self.source.name, rule, ", ".join(class_order))
         counts = parse_stage_spec(cfg.ILMIL.STAGES, len(class_order))
         if self.method == "joint":
             # The upper bound: every class of the spec at once, the same total budget.
