@@ -1,4 +1,4 @@
-"""The MFRRK distillation losses (DESIGN.md 4) on small hand-made tensors: each
+"""The MFRRK distillation losses (docs/methods.md, section 4) on small hand-made tensors: each
 distance and loss against its formula computed by hand, gradients reach the
 student only, and the adaptive layer weights follow their EMA."""
 import math

@@ -1,5 +1,5 @@
 """Expanding a K-class detector to K+N classes: before any training the student
-scores and regresses the old classes exactly as the teacher (DESIGN.md 4)."""
+scores and regresses the old classes exactly as the teacher (docs/methods.md, section 3)."""
 import pytest
 import torch
 
