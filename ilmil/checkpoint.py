@@ -3,9 +3,9 @@
 ``IncrementalCheckpointer`` is detectron2's ``DetectionCheckpointer`` with three
 differences, each needed for long incremental runs:
 
-* every file (checkpoint, ``last_checkpoint`` tag) is written to a temporary file
-  in the same folder, fsynced and renamed over the target, so a crash or a kill
-  leaves either the old file or the new one, never half of one;
+* every file (checkpoint, ``last_checkpoint`` tag) is written atomically
+  (``ilmil.file_io.atomic_write``): a crash or a kill leaves either the old file
+  or the new one, never half of one;
 * loading never executes code from the file: ``.pth`` through
   ``torch.load(weights_only=True)``, detectron2 / Caffe2 model-zoo ``.pkl``
   through an unpickler that only builds containers and numpy arrays;
@@ -23,37 +23,25 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .file_io import atomic_write
 from .pruning import channel_layout, checkpoint_channel_layout
 
-__all__ = ["CheckpointError", "IncrementalCheckpointer", "RNGStates", "atomic_write", "safe_load"]
+__all__ = ["DISTILLATION_STATE_PREFIXES", "CheckpointError", "IncrementalCheckpointer", "RNGStates", "safe_load"]
 
 logger = logging.getLogger(__name__)
+
+# State dict prefixes of the running state a student's distillation losses keep
+# (``IncrementalRCNN.feature_loss``: the adaptive layer weights' running average). It
+# is saved with the student so that --resume continues it, but it is no part of the
+# detector: a model without these losses (a teacher, an evaluated model, the next
+# stage's student) starts without it.
+DISTILLATION_STATE_PREFIXES = ("feature_loss.", "rpn_loss.", "rcn_loss.")
 
 _PERIODIC_NAME = re.compile(r"model_(\d+)\.pth$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read (truncated, corrupt, or not a checkpoint)."""
-
-
-def atomic_write(path, write, mode="wb"):
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, rename it to ``path``."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    # The rename itself is durable only once the folder entry is on disk.
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -93,13 +81,15 @@ def safe_load(path):
 
 
 class RNGStates:
-    """Checkpointable Python / numpy / torch random states, so a resumed stage
-    continues the random streams instead of restarting them."""
+    """Checkpointable Python / numpy / torch (CPU and CUDA) random states, so a
+    resumed stage continues the random streams instead of restarting them."""
 
     def state_dict(self):
         _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
         version, python_state, gauss_next = random.getstate()
         return {
+            # The RCN term's proposal sampling draws from the model's device's generator.
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "torch": torch.get_rng_state(),
             # As tensors and plain numbers: ``weights_only`` loading refuses numpy objects.
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
@@ -109,6 +99,10 @@ class RNGStates:
 
     def load_state_dict(self, state):
         torch.set_rng_state(state["torch"])
+        cuda_states = state.get("cuda", [])  # absent in older checkpoints
+        if cuda_states and torch.cuda.is_available():
+            for device, cuda_state in enumerate(cuda_states[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(cuda_state, device)
         n = state["numpy"]
         np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
                              n["has_gauss"], n["cached_gaussian"]))
@@ -148,6 +142,11 @@ class IncrementalCheckpointer(DetectionCheckpointer):
         return data if "model" in data else {"model": data}
 
     def _load_model(self, checkpoint):
+        own = self.model.state_dict()
+        checkpoint["model"] = {
+            key: value for key, value in checkpoint["model"].items()
+            if key in own or not key.startswith(DISTILLATION_STATE_PREFIXES)
+        }
         # Without this, detectron2 would skip every pruned layer's weights with a
         # shape warning and leave them random.
         recorded = checkpoint_channel_layout(checkpoint)

@@ -118,7 +118,7 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DISTILL.RCN.NUM_SAMPLES = 64
     # Teacher proposals whose IoU with a new-class GT box reaches this are not sampled:
     # there the teacher's logits say "background" for a new object, which the student
-    # must unlearn (BENCHMARKS.md, ablation). 0 = sample from all (DESIGN.md's definition).
+    # must unlearn (BENCHMARKS.md, ablation). 0 = sample from all (docs/methods.md, 4.4).
     cfg.ILMIL.DISTILL.RCN.NEW_GT_IOU_THRESH = 0.0
 
     # The embedded dataset, generated on first use under $ILMIL_DATASETS/shapes/.
@@ -175,7 +175,7 @@ METHOD_PRESETS = {
         "ILMIL.DISTILL.FEAT.ENABLED": True,
         "ILMIL.DISTILL.RPN.ENABLED": True,
         "ILMIL.DISTILL.RCN.ENABLED": True,
-        # Not DESIGN.md's 1: from a converged teacher, weight 1 holds the shared box head
+        # Not 1 (docs/methods.md#2-the-methods): from a converged teacher, weight 1 holds the shared box head
         # so hard that new classes lose ~12 AP50 for no old-class gain (BENCHMARKS.md, ablation).
         "ILMIL.DISTILL.RCN.WEIGHT": 0.25,
     },

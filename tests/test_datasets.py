@@ -152,10 +152,10 @@ def test_shapes_dataset_reads_the_same_from_its_voc_and_coco_files(tiny_shapes_d
 # ----------------------------------------------------------- load_dataset_source
 
 
-def test_voc_folder_loads_with_first_appearance_class_order(voc_dir):
+def test_voc_folder_loads_with_sorted_class_names(voc_dir):
     source = load_dataset_source(_voc_cfg(voc_dir))
     assert isinstance(source, DatasetSource)
-    assert source.class_names == ("person", "dog", "cat")  # 000002 is listed first
+    assert source.class_names == ("cat", "dog", "person")  # not the files' order: person, dog, cat
     assert [r["image_id"] for r in source.train] == ["000002", "000001"]
     assert [r["image_id"] for r in source.test] == ["000003"]
     assert source.is_voc is True
@@ -449,8 +449,8 @@ def registered_names():
 
 
 def test_registered_stage_datasets_carry_the_seen_classes(voc_dir, registered_names):
-    source = load_dataset_source(_voc_cfg(voc_dir))  # classes: person, dog, cat
-    schedule = build_schedule(source.class_names, [1, 2])
+    source = load_dataset_source(_voc_cfg(voc_dir))
+    schedule = build_schedule(("person", "dog", "cat"), [1, 2])  # a custom class order
     for stage in schedule:
         train_name, test_name = register_stage_datasets("test_reg", source, stage)
         registered_names += [train_name, test_name]

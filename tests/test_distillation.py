@@ -1,4 +1,4 @@
-"""The MFRRK distillation losses (DESIGN.md 4) on small hand-made tensors: each
+"""The MFRRK distillation losses (docs/methods.md, section 4) on small hand-made tensors: each
 distance and loss against its formula computed by hand, gradients reach the
 student only, and the adaptive layer weights follow their EMA."""
 import math
@@ -162,9 +162,13 @@ def test_adaptive_ema_does_not_change_in_eval_mode():
     assert loss.item() == pytest.approx(weights[0] * 5.0 + weights[1] * 0.1, rel=1e-5)
 
 
-def test_adaptive_ema_is_not_saved_in_the_state_dict():
-    loss_fn = FeatureDistillation(layers=["l0"], distance="l2", weighting="adaptive")
-    assert "ema_distance" not in loss_fn.state_dict()
+def test_adaptive_ema_is_saved_and_restored_with_the_state_dict():
+    # Part of the student's checkpoint, so --resume continues the running average.
+    loss_fn = FeatureDistillation(layers=["l0", "l1"], distance="l2", weighting="adaptive").train()
+    loss_fn(*_constant_pair([1.0, 3.0]))
+    restored = FeatureDistillation(layers=["l0", "l1"], distance="l2", weighting="adaptive")
+    restored.load_state_dict(loss_fn.state_dict())
+    assert restored.ema_distance.tolist() == pytest.approx([0.1, 0.3])
 
 
 def test_uniform_weighting_gives_the_plain_sum_of_the_distances():

@@ -1,5 +1,5 @@
 """Expanding a K-class detector to K+N classes: before any training the student
-scores and regresses the old classes exactly as the teacher (DESIGN.md 4)."""
+scores and regresses the old classes exactly as the teacher (docs/methods.md, section 3)."""
 import pytest
 import torch
 
@@ -182,6 +182,20 @@ def test_other_shape_mismatch_names_the_parameter(teacher):
     other = _model(NUM_OLD + NUM_NEW, 2, "MODEL.ROI_BOX_HEAD.FC_DIM", 128)
     with pytest.raises(ValueError, match="roi_heads.box_head.fc1.weight"):
         expand_predictor_state_dict(teacher.state_dict(), other.state_dict(), NUM_OLD)
+
+
+def test_the_old_students_distillation_state_is_not_carried_into_the_next_stage(teacher):
+    # A stage-1 student's final checkpoint (the teacher of stage 2) holds its layer
+    # weights' running average; stage 2's student starts its own from zero.
+    old_state = dict(teacher.state_dict(), **{"feature_loss.ema_distance": torch.tensor([0.5, 2.0])})
+    new_state = dict(_model(NUM_OLD + NUM_NEW, seed=1).state_dict(),
+                     **{"feature_loss.ema_distance": torch.zeros(3)})
+    merged = expand_predictor_state_dict(old_state, new_state, NUM_OLD)
+    assert merged["feature_loss.ema_distance"].tolist() == [0.0, 0.0, 0.0]
+    # A student without the feature term gets no such key at all.
+    plain = _model(NUM_OLD + NUM_NEW, seed=1)
+    load_expanded(plain, old_state, NUM_OLD)
+    assert "feature_loss.ema_distance" not in plain.state_dict()
 
 
 def test_class_agnostic_box_regression_is_copied_whole():

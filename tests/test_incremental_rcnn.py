@@ -424,7 +424,8 @@ def test_ilmil_switches_all_four_terms_on_with_the_design_defaults_but_a_lighter
     assert cfg.ILMIL.DISTILL.RPN.DELTA_MARGIN == pytest.approx(0.1)
     assert (cfg.ILMIL.DISTILL.RCN.TOPK, cfg.ILMIL.DISTILL.RCN.NUM_SAMPLES) == (128, 64)
     assert (cfg.ILMIL.DISTILL.FEAT.WEIGHT, cfg.ILMIL.DISTILL.RPN.WEIGHT) == (1.0, 1.0)
-    # DESIGN.md has 1; 0.25 measured better on both seeds of shapes 10+10 (BENCHMARKS.md).
+    # The other terms have 1 (docs/methods.md, section 2); 0.25 measured better on both
+    # seeds of shapes 10+10 (BENCHMARKS.md).
     assert cfg.ILMIL.DISTILL.RCN.WEIGHT == 0.25
 
 

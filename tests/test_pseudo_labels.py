@@ -1,4 +1,4 @@
-"""Pseudo-labels (DESIGN.md 4): the teacher's detections with score >= 0.5 after
+"""Pseudo-labels (docs/methods.md, section 4.1): the teacher's detections with score >= 0.5 after
 per-class NMS at 0.3, dropped where IoU with a new-class GT box >= 0.7, are added
 as GT of their old classes. Tested on a real ``FastRCNNOutputLayers``."""
 import pytest
@@ -148,7 +148,7 @@ def test_teacher_detections_use_the_given_score_threshold():
 
 
 def test_teacher_detection_scored_exactly_at_the_threshold_is_kept():
-    # One class: logits [0, 0] give a score of exactly 0.5 (DESIGN.md: score >= 0.5).
+    # One class: logits [0, 0] give a score of exactly 0.5 (docs/methods.md: score >= 0.5).
     predictions = (torch.zeros(1, 2), torch.zeros(1, 4))
     probs = _predictor(1).predict_probs(predictions, [_proposals([[10, 10, 30, 30]])])[0]
     assert probs[0, 0].item() == 0.5

@@ -5,6 +5,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 import signal
 import time
 
@@ -14,11 +15,13 @@ import torch
 from torch import nn
 
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, read_json, run_tool, start_tool, tail
-from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, RNGStates, atomic_write, safe_load
+from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, RNGStates, safe_load
 from ilmil.config import get_ilmil_cfg
 from ilmil.data.shapes import shape_class_names
 from ilmil.engine import IncrementalRun, RunDirError, RunValidationError
 from ilmil.engine.run_dir import claim_run_dir
+from ilmil.file_io import atomic_write
+from ilmil.modeling import FeatureDistillation
 
 # --------------------------------------------------------------- checkpoint files
 
@@ -35,6 +38,20 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(str(path), fail_halfway)
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+
+
+def test_atomic_write_keeps_the_old_file_when_the_serializer_fails_midway(tmp_path):
+    path = tmp_path / "detections.json"
+    path.write_text('[{"score": 0.9}]')
+    # json.dump writes the first entries to the file before it reaches the one it cannot encode.
+    detections = [{"score": 0.5}] * 1000 + [{"score": object()}]
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        atomic_write(str(path), lambda f: json.dump(detections, f), mode="w")
+    assert json.loads(path.read_text()) == [{"score": 0.9}]
+    assert os.listdir(tmp_path) == ["detections.json"]
+    atomic_write(str(path), lambda f: json.dump(detections[:2], f), mode="w")
+    assert json.loads(path.read_text()) == [{"score": 0.5}] * 2
+    assert os.listdir(tmp_path) == ["detections.json"]
 
 
 class _Counter:
@@ -89,6 +106,40 @@ def test_resume_with_only_corrupt_checkpoints_starts_over(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ilmil.checkpoint"):
         assert "iteration" not in checkpointer.resume_or_load("", resume=True)
     assert "starting the stage over" in caplog.text
+
+
+class _Student(nn.Module):
+    """A detector stand-in; with ``distill``, IncrementalRCNN's adaptive feature term."""
+
+    def __init__(self, distill=True):
+        super().__init__()
+        self.head = nn.Linear(3, 2)
+        if distill:
+            self.feature_loss = FeatureDistillation(layers=["p2", "p3"], distance="l2", weighting="adaptive")
+
+
+def test_the_distillation_state_is_resumed_and_skipped_by_models_without_it(tmp_path, caplog):
+    student = _Student()
+    student.feature_loss.ema_distance.copy_(torch.tensor([0.25, 0.75]))
+    IncrementalCheckpointer(student, str(tmp_path)).save("model_0000009", iteration=9)
+    resumed = _Student()
+    assert IncrementalCheckpointer(resumed, str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 9
+    assert resumed.feature_loss.ema_distance.tolist() == [0.25, 0.75]
+    # A teacher or an evaluated model has no distillation losses: it loads the weights, quietly.
+    plain = _Student(distill=False)
+    with caplog.at_level(logging.INFO):
+        IncrementalCheckpointer(plain, str(tmp_path)).load(str(tmp_path / "model_0000009.pth"))
+    assert torch.equal(plain.head.weight, student.head.weight)
+    assert "feature_loss" not in caplog.text and "not used by the model" not in caplog.text
+
+
+def test_a_checkpoint_without_the_distillation_state_still_resumes(tmp_path):
+    older = _Student(distill=False)  # as checkpoints were written before the state was saved
+    IncrementalCheckpointer(older, str(tmp_path)).save("model_0000004", iteration=4)
+    resumed = _Student()
+    assert IncrementalCheckpointer(resumed, str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 4
+    assert torch.equal(resumed.head.weight, older.head.weight)
+    assert resumed.feature_loss.ema_distance.tolist() == [0.0, 0.0]  # the running average starts afresh
 
 
 class _RunsCode:
@@ -162,6 +213,40 @@ def test_a_run_killed_mid_stage_resumes_from_its_checkpoint(tiny_datasets_root, 
     assert read_json(stage1 / "iteration_times.json")["start_iter"] == killed_at + 1
     assert safe_load(str(stage1 / "model_final.pth"))["iteration"] == 59
     assert [s["stage"] for s in read_json(out / "results.json")["stages"]] == [0, 1]
+
+
+def test_a_resumed_stage_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
+    # One image per class: every batch of stage 1 is its one image, so the data loader,
+    # which restarts its stream on resume, feeds both runs alike. Everything else (the
+    # weights, the AdamW moments, the LR schedule, the adaptive layer weights' running
+    # average, the random states) must come from the checkpoint.
+    json_path = _write_coco(tmp_path / "data", _good_images(), GOOD)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    data = ["ILMIL.DATA.TRAIN_JSON", str(json_path), "ILMIL.DATA.TRAIN_IMAGES", str(tmp_path / "data" / "images"),
+            "ILMIL.DATA.TEST_JSON", str(json_path), "ILMIL.DATA.TEST_IMAGES", str(tmp_path / "data" / "images")]
+    args = ["--dataset", "coco_json", "--stages", "1+1", "--method", "ilmil", *TRAIN_OPTS, *data,
+            "SOLVER.MAX_ITER", "8", "SOLVER.STEPS", "(6,)", "SOLVER.CHECKPOINT_PERIOD", "4"]
+    proc = run_tool("train_incremental.py", ["--output-dir", str(straight), *args], tmp_path, timeout=300)
+    assert proc.returncode == 0, tail(proc)
+
+    # Killed after the checkpoint of iteration 3.
+    shutil.copytree(straight, resumed)
+    stage1 = resumed / "stage_1"
+    for name in ("model_final.pth", "model_0000007.pth", "metrics_eval.json"):
+        (stage1 / name).unlink()
+    (stage1 / "last_checkpoint").write_text("model_0000003.pth")
+    halfway = safe_load(str(stage1 / "model_0000003.pth"))
+    assert halfway["trainer"]["_trainer"]["optimizer"]["state"], "the optimizer state is not checkpointed"
+    assert halfway["model"]["feature_loss.ema_distance"].sum() > 0
+
+    proc = run_tool("train_incremental.py", ["--output-dir", str(resumed), "--resume", *args], tmp_path, timeout=300)
+    assert proc.returncode == 0, tail(proc)
+    assert "Stage 1: resuming at iteration 4 of 8" in proc.log
+    expected = safe_load(str(straight / "stage_1" / "model_final.pth"))["model"]
+    got = safe_load(str(stage1 / "model_final.pth"))["model"]
+    assert got.keys() == expected.keys()
+    differing = [key for key in expected if not torch.equal(got[key], expected[key])]
+    assert not differing, f"differ after resuming: {differing[:5]}"
 
 
 # ---------------------------------------------------------------- non-finite loss

@@ -1,4 +1,4 @@
-"""The incremental protocol: stage specs, schedules and the per-stage data (DESIGN.md 3)."""
+"""The incremental protocol: stage specs, schedules and the per-stage data (docs/methods.md, section 1)."""
 import copy
 
 import pytest

@@ -172,7 +172,7 @@ def test_unknown_dataset_lists_the_valid_names(tmp_path, tiny_datasets_root):
 
 def test_voc_folder_run_reads_the_voc_xml_files(tiny_datasets_root, tiny_shapes_dir, tmp_path):
     """The shapes folder is also a VOC folder: the VOC path (string image ids,
-    classes in first-appearance order) trains and evaluates end to end."""
+    classes in sorted-name order, printed at the start) trains and evaluates end to end."""
     out = tmp_path / "voc"
     proc = _run(["--dataset", "voc_folder", "--stages", "2+2", "--method", "finetune", "--output-dir", str(out),
                  "ILMIL.DATA.ROOT", tiny_shapes_dir, "ILMIL.DATA.TRAIN_SPLIT", "train",
@@ -184,3 +184,6 @@ def test_voc_folder_run_reads_the_voc_xml_files(tiny_datasets_root, tiny_shapes_
     assert [len(s["per_class"]) for s in results["stages"]] == [2, 4]
     assert all(set(s["per_class"]) <= set(shape_class_names(20)) for s in results["stages"])
     assert all(s["num_images"] == 8 for s in results["stages"])
+    printed = proc.log.split("class order (voc_folder, sorted names): ", 1)[1].splitlines()[0].split(", ")
+    assert printed == sorted(printed) and set(printed) <= set(shape_class_names(20))
+    assert [s["new_classes"] for s in results["stages"]] == [printed[:2], printed[2:4]]

@@ -29,6 +29,7 @@ __all__ = [
     "VOC_CLASSES",
     "BUILTIN_DATASETS",
     "DATA_PROBLEMS_FIX",
+    "DEFAULT_CLASS_ORDER",
     "MAX_LISTED_PROBLEMS",
     "DatasetError",
     "DatasetSource",
@@ -50,6 +51,16 @@ VOC_CLASSES = (
 )  # fmt: skip
 
 BUILTIN_DATASETS = ("shapes", "voc_2007", "voc_2012", "voc_07_12", "coco_2017", "voc_folder", "coco_json")
+# How each dataset orders its classes when ILMIL.CLASS_ORDER is not given (the runner logs it).
+DEFAULT_CLASS_ORDER = {
+    "shapes": "the generator's order",
+    "voc_2007": "VOC's canonical order",
+    "voc_2012": "VOC's canonical order",
+    "voc_07_12": "VOC's canonical order",
+    "coco_2017": "category-id order",
+    "voc_folder": "sorted names",
+    "coco_json": "category-id order",
+}
 
 
 
@@ -351,9 +362,10 @@ def load_dataset_source(cfg, problems=None):
         voc_dir = _required_key(cfg, "ROOT")
         train = load_voc_split(voc_dir, cfg.ILMIL.DATA.TRAIN_SPLIT)
         test = load_voc_split(voc_dir, cfg.ILMIL.DATA.TEST_SPLIT)
-        # A custom VOC folder has its own classes: first-appearance order in the training files.
-        names = {a["category_name"]: None for r in train for a in r["annotations"]}
-        class_names, is_voc = tuple(names), True
+        # A custom VOC folder has its own classes: the names of its training objects,
+        # sorted, so the order (and the stages it makes) never depends on file order.
+        class_names = tuple(sorted({a["category_name"] for r in train for a in r["annotations"]}))
+        is_voc = True
     elif name == "coco_json":
         class_names, train, test, is_voc = _coco_pair(*(_required_key(cfg, k) for k in ("TRAIN_JSON", "TRAIN_IMAGES", "TEST_JSON", "TEST_IMAGES")))
     else:

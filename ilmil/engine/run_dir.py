@@ -16,7 +16,7 @@ import shutil
 import sys
 
 from .. import __version__
-from ..checkpoint import atomic_write
+from ..file_io import atomic_write
 from ..data import problem_lines
 from ..evaluation.run_outputs import write_json
 

@@ -33,6 +33,7 @@ from ..checkpoint import CheckpointError
 from ..config import METHOD_PRESETS, ConfigError, check_choice, check_optimizer, uses_teacher
 from ..data import (
     DATA_PROBLEMS_FIX,
+    DEFAULT_CLASS_ORDER,
     MAX_LISTED_PROBLEMS,
     DatasetError,
     build_schedule,
@@ -43,6 +44,7 @@ from ..data import (
 from ..data.stages import Stage, StageSpecError
 from ..evaluation import evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
+from ..file_io import atomic_write
 from ..modeling import (
     TEACHER_PRECISIONS,
     CheckpointClassesError,
@@ -126,6 +128,8 @@ class IncrementalRun:
         # The data problems share one fix (the other checks word their own).
         fixes = [DATA_PROBLEMS_FIX] if problems else []
         class_order = resolve_class_order(list(cfg.ILMIL.CLASS_ORDER), self.source.class_names)
+        rule = "ILMIL.CLASS_ORDER" if cfg.ILMIL.CLASS_ORDER else DEFAULT_CLASS_ORDER[self.source.name]
+        logger.info("class order (%s, %s): %s", self.source.name, rule, ", ".join(class_order))
         counts = parse_stage_spec(cfg.ILMIL.STAGES, len(class_order))
         if self.method == "joint":
             # The upper bound: every class of the spec at once, the same total budget.
@@ -230,8 +234,8 @@ class IncrementalRun:
             )
         if comm.is_main_process():
             write_json(os.path.join(self.output_dir, "stages.json"), {"method": self.method, "stages": stages})
-            with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
-                f.write(self.cfg.dump())
+            config = self.cfg.dump()
+            atomic_write(os.path.join(self.output_dir, "config.yaml"), lambda f: f.write(config), mode="w")
         return stages
 
     def train_stage(self, stage, previous_weights, student_weights=None):

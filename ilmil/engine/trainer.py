@@ -17,6 +17,7 @@ from detectron2.utils import comm
 from ..checkpoint import IncrementalCheckpointer, RNGStates
 from ..config import check_optimizer
 from ..evaluation import IncrementalEvaluator
+from ..file_io import atomic_write
 from ..modeling import build_detector
 from ..pruning import channel_layout
 
@@ -56,8 +57,9 @@ class _IterationTimesWriter(hooks.HookBase):
     def after_train(self):
         if comm.is_main_process() and "time" in self.trainer.storage.histories():
             times = [t for t, _ in self.trainer.storage.history("time").values()]
-            with open(os.path.join(self.trainer.cfg.OUTPUT_DIR, "iteration_times.json"), "w") as f:
-                json.dump({"start_iter": self.trainer.start_iter, "seconds": times}, f)
+            record = {"start_iter": self.trainer.start_iter, "seconds": times}
+            atomic_write(os.path.join(self.trainer.cfg.OUTPUT_DIR, "iteration_times.json"),
+                         lambda f: json.dump(record, f), mode="w")
 
 
 class IncrementalTrainer(DefaultTrainer):
@@ -101,6 +103,20 @@ class IncrementalTrainer(DefaultTrainer):
         )
 
     @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's loader, its torch ``DataLoader`` given a generator of its own.
+
+        The ``DataLoader`` draws its workers' base seed when its iterator starts, at
+        the first step, which is after ``--resume`` has restored the random states:
+        from the global torch generator, a resumed stage's random stream (ROI and RCN
+        proposal sampling) would be one draw off the uninterrupted stage's.
+        """
+        loader = super().build_train_loader(cfg)
+        torch_loader = loader if isinstance(loader, torch.utils.data.DataLoader) else loader.dataset
+        torch_loader.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        return loader
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return IncrementalEvaluator(dataset_name)
 
@@ -113,6 +129,24 @@ class IncrementalTrainer(DefaultTrainer):
         )
         kept = [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
         return kept + [_IterationTimesWriter()]
+
+    def state_dict(self):
+        """The iteration and the hooks' states (the LR scheduler's), as detectron2
+        0.6 saves them, plus what it leaves out: the optimizer's state (SGD momentum,
+        AdamW moments; later detectron2 versions save it the same way) and the count
+        of skipped non-finite iterations."""
+        return {
+            **super().state_dict(),
+            "_trainer": self._trainer.state_dict(),
+            "skipped_nonfinite_iterations": self._skipped_iterations,
+        }
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:  # absent in checkpoints written before it was saved
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        # ILMIL.SKIP_NONFINITE_ITERS bounds the whole stage, not each resumed part of it.
+        self._skipped_iterations = state_dict.get("skipped_nonfinite_iterations", 0)
 
     def resume_stage(self):
         """Continue from the newest readable checkpoint in the stage folder (model,

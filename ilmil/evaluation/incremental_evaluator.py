@@ -35,6 +35,7 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
+from ..file_io import atomic_write
 from .voc_ap import voc_per_class_ap
 
 __all__ = ["IncrementalEvaluator", "coco_ground_truth", "per_class_coco_ap", "summarize_old_new"]
@@ -178,5 +179,4 @@ class IncrementalEvaluator(DatasetEvaluator):
             for det in detections
         ]
         os.makedirs(self._output_dir, exist_ok=True)
-        with open(os.path.join(self._output_dir, "detections.json"), "w") as f:
-            json.dump(saved, f)
+        atomic_write(os.path.join(self._output_dir, "detections.json"), lambda f: json.dump(saved, f), mode="w")

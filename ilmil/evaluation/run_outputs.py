@@ -18,7 +18,7 @@ import json
 import math
 import os
 
-from ..checkpoint import atomic_write
+from ..file_io import atomic_write
 from ..visualization import plot_runs
 from .forgetting import add_forgetting, per_class_metrics
 from .report import format_report
@@ -59,7 +59,8 @@ def read_results(run_dir):
 def write_per_class_csv(results, path, metric="AP50"):
     """Per-class ``metric``: a row per class (class order), a column per stage."""
     classes = list(dict.fromkeys(c for e in results["stages"] for c in e["old_classes"] + e["new_classes"]))
-    with open(path, "w", newline="") as f:
+
+    def write_rows(f):
         writer = csv.writer(f)
         writer.writerow(["class"] + [f"stage_{e['stage']}" for e in results["stages"]])
         for name in classes:
@@ -68,6 +69,8 @@ def write_per_class_csv(results, path, metric="AP50"):
                 value = entry["per_class"].get(name, {}).get(metric)
                 cells.append("" if value is None or math.isnan(value) else f"{value:.4f}")
             writer.writerow([name] + cells)
+
+    atomic_write(path, write_rows, mode="w")
     return path
 
 
@@ -88,8 +91,8 @@ def write_run_outputs(results, output_dir):
         if os.path.isfile(path)
     ]
     plots = plot_runs([results], output_dir) if results["stages"] else []
-    with open(os.path.join(output_dir, "report.md"), "w") as f:
-        f.write(format_report(results, output_dir, plots, data_files))
+    report = format_report(results, output_dir, plots, data_files)
+    atomic_write(os.path.join(output_dir, "report.md"), lambda f: f.write(report), mode="w")
     return results
 
 

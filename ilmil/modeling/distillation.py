@@ -86,8 +86,9 @@ class FeatureDistillation(nn.Module):
         self.weighting = weighting
         self.momentum = momentum
         self.weight_range = tuple(weight_range)
-        # Not saved: a checkpoint stays loadable by a plain detectron2 model.
-        self.register_buffer("ema_distance", torch.zeros(len(self.layers)), persistent=False)
+        # Saved with the student's weights, so --resume continues the running average;
+        # a model without this loss skips it when loading (ilmil.checkpoint.DISTILLATION_STATE_PREFIXES).
+        self.register_buffer("ema_distance", torch.zeros(len(self.layers)))
 
     @classmethod
     def from_config(cls, cfg):

@@ -5,11 +5,15 @@ detectron2's ``FastRCNNOutputLayers`` keeps background as the LAST logit of
 background row K to the new last row K+N, and keeps the student's own fresh
 initialisation (std 0.01 / 0.001) for the N new rows; class-specific
 ``bbox_pred`` rows 0..4K-1 are copied. Every other parameter is copied as is, so
-before any training the student's old-class scores and boxes equal the teacher's.
+before any training the student's old-class scores and boxes equal the teacher's;
+only the old student's distillation state (its layer weights' running average) is
+left out, as it belongs to the old model's own stage.
 """
 import logging
 
 import torch
+
+from ..checkpoint import DISTILLATION_STATE_PREFIXES
 
 __all__ = ["expand_predictor_state_dict", "load_expanded"]
 
@@ -26,7 +30,8 @@ def expand_predictor_state_dict(old_state, new_state, num_old):
     """
     merged = {k: v.clone() for k, v in new_state.items()}
     for key, value in old_state.items():
-        if key.startswith((_CLS, _BOX)):
+        # The old model's distillation state belongs to its own stage: the student's starts afresh.
+        if key.startswith((_CLS, _BOX) + DISTILLATION_STATE_PREFIXES):
             continue
         if key in merged and merged[key].shape != value.shape:
             raise ValueError(f"cannot expand: {key} has shape {tuple(value.shape)} in the old model "

@@ -22,6 +22,8 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from ..file_io import atomic_write
+
 __all__ = ["plot_first_vs_final", "plot_forgetting_curve", "plot_per_class_heatmap", "plot_runs", "run_labels"]
 
 DPI = 110
@@ -106,7 +108,7 @@ def plot_forgetting_curve(runs, path, labels=None, metric="AP50"):
     axes[0].legend(fontsize=9, loc="lower left")
     specs = " / ".join(dict.fromkeys(f"{r['dataset']} {r['stages_spec']}" for r in runs))
     fig.suptitle(f"{metric} after each stage: {specs}", fontsize=13)
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     return path
 
 
@@ -167,7 +169,7 @@ def plot_per_class_heatmap(results, path, label=None, metric="AP50"):
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color="black" if v > 60 else "white")
     fig.colorbar(image, ax=ax, label=f"{metric} (%)", shrink=min(1.0, 8 / max(len(classes), 1) + 0.3))
     ax.set_title(f"Per-class {metric} after each stage\n{_title(results, label)}", fontsize=11)
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     return path
 
 
@@ -203,8 +205,13 @@ def plot_first_vs_final(results, path, label=None, metric="AP50"):
     ax.grid(axis="x", alpha=0.3)
     fig.legend(loc="outside lower center", ncol=2, fontsize=9)
     fig.suptitle(f"Per-class {metric}: when learned vs after the last stage\n{_title(results, label)}", fontsize=11)
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     return path
+
+
+def _save(fig, path):
+    """The figure as a PNG at ``path``, written atomically."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
 
 
 def _file_label(label):
