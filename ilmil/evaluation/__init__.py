@@ -1,5 +1,6 @@
 """Evaluation of class-incremental runs: per-class COCO and VOC AP after each stage,
 old/new/all averages, forgetting and retention, and the files of a finished run."""
+from .comparison import compare_runs
 from .forgetting import add_forgetting, per_class_metrics
 from .incremental_evaluator import IncrementalEvaluator, coco_ground_truth, per_class_coco_ap, summarize_old_new
 from .model_evaluation import CheckpointClassesError, evaluate_checkpoint, evaluate_model, evaluate_run
@@ -13,6 +14,7 @@ __all__ = [
     "PER_CLASS_CSV",
     "VOC_METRICS",
     "add_forgetting",
+    "compare_runs",
     "coco_ground_truth",
     "evaluate_checkpoint",
     "evaluate_model",

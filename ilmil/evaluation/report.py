@@ -7,7 +7,7 @@ from tabulate import tabulate
 from ..pruning.measure import format_pruning_table
 from .forgetting import per_class_metrics
 
-__all__ = ["format_report", "format_results_table"]
+__all__ = ["format_report", "format_results_table", "markdown_table"]
 
 
 def _cell(value):
@@ -30,7 +30,7 @@ def format_results_table(results):
     return title + "\n" + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def _markdown_table(headers, rows):
+def markdown_table(headers, rows):
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -55,7 +55,7 @@ def _schedule_section(results):
         ]
         for e in results["stages"]
     ]
-    return _markdown_table(["stage", "old classes", "new classes", "train images", "test images"], rows)
+    return markdown_table(["stage", "old classes", "new classes", "train images", "test images"], rows)
 
 
 def _ap_section(results, metrics):
@@ -65,7 +65,7 @@ def _ap_section(results, metrics):
         + [_cell(e.get(m + suffix)) for m in metrics for suffix in ("_old", "_new", "")]
         for e in results["stages"]
     ]
-    return _markdown_table(headers, rows)
+    return markdown_table(headers, rows)
 
 
 def _forgetting_section(results, metrics):
@@ -73,7 +73,7 @@ def _forgetting_section(results, metrics):
     formats = (("forgetting", _cell), ("retention", _ratio))
     rows = [[e["stage"]] + [f(e.get(f"{kind}_{m}")) for m in metrics for kind, f in formats] for e in results["stages"]]
     summary = results.get("summary", {})
-    lines = [_markdown_table(headers, rows), ""]
+    lines = [markdown_table(headers, rows), ""]
     for m in metrics:
         lines.append(
             f"- {m}: average incremental {_cell(summary.get(f'average_incremental_{m}'))}, "
@@ -90,7 +90,7 @@ def _time_section(results):
     rows = [[e["stage"]] + [_seconds(e.get(key)) for key in keys] for e in results["stages"]]
     totals = [sum(e[key] for e in results["stages"] if e.get(key) is not None) for key in keys]
     rows.append(["total"] + [_seconds(t) for t in totals])
-    return _markdown_table(["stage", "training (s)", "evaluation (s)"], rows)
+    return markdown_table(["stage", "training (s)", "evaluation (s)"], rows)
 
 
 def format_report(results, output_dir, plot_paths=(), data_files=()):

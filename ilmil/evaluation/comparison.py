@@ -1,0 +1,84 @@
+"""Side-by-side comparison of runs, e.g. several methods trained from one teacher.
+
+``compare_runs(RUNS, OUT)`` (``tools/compare_runs.py``) writes ``OUT/report.md``
+with the table of each run's last stage, one sentence on how much of its
+teacher's old-class AP50 each method kept, the forgetting curves of all runs
+on one chart (``OUT/forgetting_curve.png``) and links to each run's own report.
+The teacher of a run's last stage is its previous stage: the model of stage 0
+in a run started with ``--start-stage 1`` (evaluated there, not trained).
+"""
+import os
+
+from ..file_io import atomic_write
+from ..visualization import plot_forgetting_curve, run_labels
+from .report import markdown_table
+from .run_outputs import read_results
+
+__all__ = ["compare_runs", "comparison_rows", "retention_sentence"]
+
+COLUMNS = ["method", "teacher AP50_old", "AP50_old", "kept", "AP50_new", "AP50"]
+
+
+def _cell(value, percent=False):
+    if value is None or value != value:
+        return "-"
+    return f"{100 * value:.0f} %" if percent else f"{value:.1f}"
+
+
+def comparison_rows(runs, labels):
+    """A row per run (``COLUMNS``), from its last stage: the teacher's AP50 on the old
+    classes, the run's AP50 on them, the fraction it kept, and AP50 on new and all classes."""
+    rows = []
+    for results, label in zip(runs, labels):
+        last = results["stages"][-1]
+        rows.append([label, _cell(last.get("AP50_old_teacher")), _cell(last.get("AP50_old")),
+                     _cell(last.get("retention_AP50"), percent=True), _cell(last.get("AP50_new")),
+                     _cell(last.get("AP50"))])
+    return rows
+
+
+def retention_sentence(runs, labels):
+    """What the comparison shows, in one sentence: each run's share of its teacher's
+    old-class AP50 after its last stage (runs without a teacher in their results are left out)."""
+    kept = [(label, r["stages"][-1]) for r, label in zip(runs, labels)
+            if r["stages"][-1].get("retention_AP50") is not None]
+    if not kept:
+        return "No run holds the evaluation of its last stage's teacher, so what each kept is not known."
+    teachers = {round(last["AP50_old_teacher"], 1) for _, last in kept}
+    last = kept[0][1]
+    shares = [f"{label} keeps {100 * s['retention_AP50']:.0f} %" for label, s in kept]
+    shares = ", ".join(shares[:-1]) + " and " + shares[-1] if len(shares) > 1 else shares[0]
+    teacher = (f"the same teacher (AP50 {last['AP50_old_teacher']:.1f} on its {len(last['old_classes'])} classes)"
+               if len(teachers) == 1 else "their teachers")
+    return (f"After learning {len(last['new_classes'])} new classes from {teacher}, {shares} "
+            "of the teacher's AP50 on the old classes.")
+
+
+def compare_runs(run_dirs, out_dir, names=None):
+    """Write ``out_dir/report.md`` and ``out_dir/forgetting_curve.png`` comparing the runs
+    in ``run_dirs`` (folders holding results.json); returns (table text, sentence, report path)."""
+    runs = [read_results(d) for d in run_dirs]
+    empty = [d for d, r in zip(run_dirs, runs) if not r["stages"]]
+    if empty:
+        raise ValueError(f"{', '.join(empty)}: no evaluated stage in results.json; fix: let the run finish first")
+    labels = run_labels(runs, names or [os.path.basename(os.path.abspath(d)) for d in run_dirs])
+    os.makedirs(out_dir, exist_ok=True)
+    table = markdown_table(COLUMNS, comparison_rows(runs, labels))
+    sentence = retention_sentence(runs, labels)
+    curve = plot_forgetting_curve(runs, os.path.join(out_dir, "forgetting_curve.png"), labels)
+    first = runs[0]
+    parts = [
+        f"# {' vs '.join(labels)} on {first['dataset']} {first['stages_spec']}",
+        "AP50 in % after each run's last stage; old = the classes its teacher knew, kept = AP50_old / the "
+        "teacher's AP50_old.",
+        table,
+        sentence,
+        f"![forgetting curve]({os.path.relpath(curve, out_dir)})",
+        "## Runs",
+        "\n".join(f"- {label}: [{os.path.relpath(os.path.join(d, 'report.md'), out_dir)}]"
+                  f"({os.path.relpath(os.path.join(d, 'report.md'), out_dir)})" for d, label in zip(run_dirs, labels)),
+    ]
+    report = os.path.join(out_dir, "report.md")
+    text = "\n\n".join(parts) + "\n"
+    atomic_write(report, lambda f: f.write(text), mode="w")
+    return table, sentence, report

@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Compare finished runs side by side, e.g. two methods trained from one teacher.
+
+    python tools/compare_runs.py OUT_finetune OUT_ilmil --out OUT
+
+Prints the table of each run's last stage (the teacher's AP50 on the old classes,
+the run's AP50 on old, new and all classes, the share of the teacher's old-class
+AP50 it kept) and one sentence saying what it shows, and writes OUT/report.md
+with them, the forgetting curves of all runs on one chart and links to each
+run's report. Each RUN is a run folder holding results.json.
+"""
+import argparse
+import json
+import sys
+
+from ilmil.evaluation import compare_runs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder (holding results.json)")
+    parser.add_argument("--out", required=True, help="folder for report.md and forgetting_curve.png")
+    args = parser.parse_args(argv)
+    try:
+        table, sentence, report = compare_runs(args.runs, args.out)
+    except (OSError, ValueError, KeyError) as e:
+        detail = f"results.json lacks {e}" if isinstance(e, KeyError) else str(e)
+        if isinstance(e, json.JSONDecodeError):
+            detail = f"results.json is not valid JSON ({e})"
+        print(f"error: {detail}; fix: pass run folders of tools/train_incremental.py", file=sys.stderr)
+        return 1
+    print(f"{table}\n\n{sentence}\nreport: {report}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
