@@ -1,5 +1,6 @@
 """Markdown tables of a suite's records, and the page (``benchmarks/results/SUITE.md``)
 that holds them: one section per protocol, so runs of another budget never mix."""
+import dataclasses
 import statistics
 
 from .records import PROTOCOL_FIELDS
@@ -46,7 +47,8 @@ def ablation_table(records):
     """The finetune and full-ilmil rows first, then each variant; means over seeds."""
     lines = ["| variant | config change | AP50_old | AP50_new | AP50_all | AP_all | AP50_old vs ilmil |",
              "|---|---|---|---|---|---|---|"]
-    for spec, spec_records in _grouped(records, "spec").items():
+    by_spec = _grouped(records, "spec")
+    for (spec,), spec_records in by_spec.items():
         variants = _grouped(spec_records, "variant")
 
         def mean(runs, key):
@@ -64,7 +66,8 @@ def ablation_table(records):
                 change = f"{mean(runs, 'AP50_old') - mean(full, 'AP50_old'):+.1f}"
             cells = " | ".join(_mean_spread([x["last_stage"].get(k) for x in runs])
                                for k in ("AP50_old", "AP50_new", "AP50", "AP"))
-            lines.append(f"| {r['variant']} | {off} | {cells} | {change} |")
+            label = r["variant"] if len(by_spec) == 1 else f"{spec} {r['variant']}"
+            lines.append(f"| {label} | {off} | {cells} | {change} |")
     return "\n".join(lines)
 
 
@@ -124,16 +127,14 @@ def _reproduce(suite, quick, setting, records):
     first = records[0]
     specs = list(dict.fromkeys(r["spec"] for r in records if r.get("spec")))
     seeds = list(dict.fromkeys(r["seed"] for r in records if r.get("seed") is not None))
-    given = {}
+    given = {"specs": specs if tuple(specs) != setting.specs else None,
+             "seeds": seeds if tuple(seeds) != setting.seeds else None}
     if first.get("budget"):
         given["base_iters"], given["iters"] = map(int, first["budget"].split("+"))
     given.update(num_train=first.get("num_train"), num_test=first.get("num_test"))
-    if tuple(specs) != setting.specs:
-        given["specs"] = specs
-    if tuple(seeds) != setting.seeds:
-        given["seeds"] = seeds
+    defaults = dataclasses.replace(setting, base_iters=setting.base_iters or setting.iters)
     for name, value in given.items():
-        if value and name not in suite.refuses and value != getattr(setting, name):
+        if value and name not in suite.refuses and value != getattr(defaults, name):
             args += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
     args += first.get("extra_opts") or []
     return " ".join(args)
