@@ -14,7 +14,7 @@ demo: env
 test: env
 	$(PY) -m pytest -q tests
 
-# A benchmark suite (accuracy | ablation | speed | pruning), appended to BENCHMARKS.md;
+# A benchmark suite (accuracy | ablation | speed | pruning): records and tables in benchmarks/results/;
 # BENCH_ARGS=--quick for the short one, BENCH_ARGS="--jobs 2" to train two accuracy/ablation runs at once.
 SUITE ?= accuracy
 bench: env

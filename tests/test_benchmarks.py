@@ -1,12 +1,19 @@
-"""The benchmark harness runs a tiny accuracy suite end to end and writes parseable results."""
+"""The benchmark harness: tiny suites end to end, and its pure parts (planning,
+the reuse check, record merging, refused flags)."""
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO_ROOT, TINY_SHAPES
+
+from benchmarks import records
+from benchmarks.harness import CONFIG_RECORD, BenchError, Run, describe, plan, reuse_status, train
+from benchmarks.run import main as bench_main
+from benchmarks.suites import ACCURACY, ABLATION
+from ilmil.data import shapes_num_classes
 
 TINY_OPTS = [
     "ILMIL.SHAPES.NUM_CLASSES", str(TINY_SHAPES["num_classes"]),
@@ -20,72 +27,58 @@ TINY_OPTS = [
 
 def _run_harness(suite, datasets_root, tmp_path, *args):
     """``benchmarks/run.py --suite SUITE --quick ARGS`` on the tiny shapes set, with
-    its runs, results and ``BENCHMARKS.md`` under ``tmp_path``; asserts it succeeds."""
+    its runs and results under ``tmp_path``; asserts it succeeds, returns its stdout."""
     cmd = [
         sys.executable, os.path.join(REPO_ROOT, "benchmarks", "run.py"), "--suite", suite, "--quick", *args,
         "--num-train", str(TINY_SHAPES["num_train"]), "--num-test", str(TINY_SHAPES["num_test"]),
-        "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"),
-        "--markdown", str(tmp_path / "BENCHMARKS.md"), *TINY_OPTS,
+        "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"), *TINY_OPTS,
     ]  # fmt: skip
     env = dict(os.environ, ILMIL_DATASETS=str(datasets_root), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 def _last_iteration(stage_dir):
     return json.loads((stage_dir / "metrics.json").read_text().splitlines()[-1])["iteration"]
 
 
-def test_accuracy_harness_writes_records_and_a_markdown_table(tiny_datasets_root, tmp_path):
-    markdown = tmp_path / "BENCHMARKS.md"
+def test_accuracy_harness_shares_stage0_and_reuses_finished_runs(tiny_datasets_root, tmp_path):
     # Two workers: the parallel path, whose stage 0 must still be trained once, before its users.
-    _run_harness("accuracy", tiny_datasets_root, tmp_path, "--specs", "2+2", "--iters", "4", "--base-iters", "6",
-                 "--jobs", "2")
+    args = ("--specs", "2+2", "--iters", "4", "--base-iters", "6", "--jobs", "2")
+    _run_harness("accuracy", tiny_datasets_root, tmp_path, *args)
 
     with open(tmp_path / "results" / "accuracy_quick.json") as f:
         data = json.load(f)
-    assert data["machine"]["cores"] == os.cpu_count()
-    records = {r["method"]: r for r in data["records"]}
-    assert set(records) == {"finetune", "faster-ilod", "ilmil", "joint"}
-    assert records["joint"]["iterations_per_stage"] == 6 + 4  # stage 0's budget plus stage 1's
-    assert records["ilmil"]["iterations_per_stage"] == 4 and records["ilmil"]["stage0_iterations"] == 6
-    for record in records.values():
+    records_ = {r["method"]: r for r in data["records"]}
+    assert set(records_) == {"finetune", "faster-ilod", "ilmil", "joint"}
+    assert records_["ilmil"]["machine"]["cores"] == os.cpu_count()
+    assert records_["joint"]["iterations_per_stage"] == 6 + 4  # stage 0's budget plus stage 1's
+    assert records_["ilmil"]["iterations_per_stage"] == 4 and records_["ilmil"]["budget"] == "6+4"
+    for record in records_.values():
         assert 0.0 <= record["last_stage"]["AP50"] <= 100.0
         assert record["step_time_s"] > 0
-    # Every method starts from one stage-0 model of 6 iterations, copied, not retrained;
-    # stage 1 trains its own 4.
+    # The shared stage 0's evaluation completes each method's results: forgetting is measured.
+    assert records_["finetune"]["last_stage"]["forgetting_AP50"] is not None
+    # One stage-0 model of 6 iterations; every method starts from it (--start-stage 1),
+    # nothing is copied into their folders, and stage 1 trains its own 4.
     runs = tmp_path / "runs" / "accuracy_quick"
-    base = runs / "base_2classes_6it_seed0" / "stage_0"
-    assert _last_iteration(base) == 5
+    assert _last_iteration(runs / "base_2classes_6it_seed0" / "stage_0") == 5
     for method in ("finetune", "ilmil"):
         run = runs / f"2+2_{method}_6+4it_seed0"
-        assert (run / "stage_0" / "model_final.pth").read_bytes() == (base / "model_final.pth").read_bytes()
-        assert not (run / "stage_0" / "metrics.json").exists() and _last_iteration(run / "stage_1") == 3
-        assert json.loads((run / "bench_config.json").read_text())["fingerprint"]
+        assert not (run / "stage_0").exists() and _last_iteration(run / "stage_1") == 3
+        assert json.loads((run / CONFIG_RECORD).read_text())["fingerprint"]
+        assert "--start-stage 1 --teacher-weights" in json.loads((run / "run.json").read_text())["command"]
 
-    table = [line for line in markdown.read_text().splitlines() if line.startswith("| 2+2 |")]
-    assert [line.split("|")[2].strip() for line in table] == ["finetune", "faster-ilod", "ilmil", "joint"]
-    assert "python benchmarks/run.py --suite accuracy --quick" in markdown.read_text()
+    table = (tmp_path / "results" / "accuracy_quick.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 2+2 |")]
+    assert [line.split("|")[2].strip() for line in rows] == ["finetune", "faster-ilod", "ilmil", "joint"]
+    assert "python benchmarks/run.py --suite accuracy --quick --specs 2+2" in table
 
-
-def test_a_run_trained_with_another_config_is_set_aside_not_reused(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(REPO_ROOT, "benchmarks", "run.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    run = tmp_path / "2+2_ilmil_6+4it_seed0"
-    now = bench.Run(str(run), "2+2", "ilmil", 0, 4, {"num_train": 8, "num_test": 4})
-    before = dataclasses.replace(now, opts=("ILMIL.DISTILL.FEAT.WEIGHT", "2.0"))
-    assert before.fingerprint() != now.fingerprint() == dataclasses.replace(now).fingerprint()
-    assert now.fingerprint() != dataclasses.replace(now, method="faster-ilod").fingerprint()
-    run.mkdir()
-    (run / "results.json").write_text(json.dumps({"stages": [{"stage": 0}, {"stage": 1}]}))
-    (run / bench.CONFIG_RECORD).write_text(json.dumps({"fingerprint": before.fingerprint()}))
-
-    assert bench.finished(before)["stages"][1] == {"stage": 1}  # same config: reused
-    assert bench.finished(now) is None  # the config changed since: trained anew
-    assert not run.exists()
-    (stale,) = tmp_path.glob("2+2_ilmil_6+4it_seed0.stale-*")
-    assert json.loads((stale / bench.CONFIG_RECORD).read_text())["fingerprint"] == before.fingerprint()
+    # Again: everything is reused, nothing trained, the records are the same ones.
+    again = _run_harness("accuracy", tiny_datasets_root, tmp_path, *args)
+    assert "0 runs to train" in again
+    assert len(json.loads((tmp_path / "results" / "accuracy_quick.json").read_text())["records"]) == 4
 
 
 def test_pruning_harness_measures_each_ratio(tiny_datasets_root, tmp_path):
@@ -95,25 +88,125 @@ def test_pruning_harness_measures_each_ratio(tiny_datasets_root, tmp_path):
     assert (unpruned["ratio"], pruned["ratio"]) == (0.0, 0.5)
     assert pruned["params"] < 0.8 * unpruned["params"] and pruned["gflops"] < unpruned["gflops"]
     assert 0.0 <= pruned["AP50_all"] <= 100.0 and pruned["latency_ms"] > 0
-    assert "| 50% |" in (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| 50% |" in (tmp_path / "results" / "pruning_quick.md").read_text()
 
 
 def test_ablation_harness_switches_one_term_off_per_variant(tiny_datasets_root, tmp_path):
     _run_harness("ablation", tiny_datasets_root, tmp_path, "--specs", "2+2", "--iters", "4")
     with open(tmp_path / "results" / "ablation_quick.json") as f:
-        records = json.load(f)["records"]
-    assert [r["variant"] for r in records] == [
+        records_ = json.load(f)["records"]
+    assert [r["variant"] for r in records_] == [
         "finetune", "without pseudo-labels", "without feature term", "without RPN term", "without RCN term",
         "RCN not on new-class GT", "RCN weight 1", "RCN logits kl",
         "bfloat16 teacher", "ilmil (all terms)"]
-    runs = tmp_path / "runs" / "ablation_quick"
+    runs = tmp_path / "runs"
     # Each variant's run really had its term off: its resolved config says so.
-    config = (runs / "2+2_without_RCN_term_4+4it_seed0" / "config.yaml").read_text()
+    config = (runs / "ablation_quick" / "2+2_without_RCN_term_4+4it_seed0" / "config.yaml").read_text()
     assert "RCN:" in config and config.split("RCN:")[1].split("ENABLED:")[1].split()[0] == "false"
-    stage0 = [runs / f"2+2_{name}_4+4it_seed0" / "stage_0" / "model_final.pth" for name in ("finetune", "without_feature_term")]
-    assert stage0[0].read_bytes() == stage0[1].read_bytes()
-    assert all(0.0 <= r["last_stage"]["AP50_old"] <= 100.0 for r in records)
-    table = [line.split("|")[1].strip() for line in (tmp_path / "BENCHMARKS.md").read_text().splitlines()
-             if line.startswith("| ") and "variant" not in line]
+    # The plain methods are the accuracy suite's runs, every variant from its stage 0.
+    assert (runs / "accuracy_quick" / "2+2_ilmil_4+4it_seed0" / "results.json").exists()
+    assert (runs / "accuracy_quick" / "base_2classes_4it_seed0" / "stage_0" / "model_final.pth").exists()
+    assert not (runs / "ablation_quick" / "2+2_without_feature_term_4+4it_seed0" / "stage_0").exists()
+    assert all(0.0 <= r["last_stage"]["AP50_old"] <= 100.0 for r in records_)
+    page = (tmp_path / "results" / "ablation_quick.md").read_text()
+    table = [line.split("|")[1].strip() for line in page.splitlines() if line.startswith("| ") and "variant" not in line]
     assert table[:3] == ["finetune", "ilmil (all terms)", "without pseudo-labels"]
-    assert "| without pseudo-labels | `ILMIL.PSEUDO_LABELS.ENABLED False` |" in (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| without pseudo-labels | `ILMIL.PSEUDO_LABELS.ENABLED False` |" in page
+
+
+def _accuracy_plan(tmp_path, specs, extra=()):
+    return plan(ACCURACY, False, specs, (0,), str(tmp_path), list(extra))
+
+
+def test_a_stage0_is_keyed_by_its_data(tmp_path):
+    planned = _accuracy_plan(tmp_path, ("10+10", "15+5", "40+40"))
+    ten, fifteen, forty = (planned[spec, "ilmil", 0].stage0 for spec in ("10+10", "15+5", "40+40"))
+    # 10+10 and 15+5 train on the 20-class data, as a spec of 10 or 15 alone would:
+    # their folders keep the names the recorded runs have.
+    assert os.path.basename(ten.out_dir) == "base_10classes_3200it_seed0"
+    assert shapes_num_classes(ten.config().ILMIL.SHAPES, ten.spec) == 20
+    assert fifteen.out_dir != ten.out_dir
+    # 40 classes alone would generate 40-class data; a 40+40 stage 0 needs the 80-class data.
+    assert os.path.basename(forty.out_dir) == "base_40of80classes_3200it_seed0"
+    assert shapes_num_classes(forty.config().ILMIL.SHAPES, forty.spec) == 80
+    # joint of 10+10 and 15+5 is one run; the start model is not in a run's identity.
+    assert planned["10+10", "joint", 0] is planned["15+5", "joint", 0]
+    ilmil = planned["10+10", "ilmil", 0]
+    assert ilmil.fingerprint() == dataclasses.replace(ilmil, stage0=None).fingerprint()
+    assert "--teacher-weights" in ilmil.command() and ten.final_model(0) in ilmil.command()
+
+
+def test_an_ablation_variant_never_points_at_the_accuracy_suites_folder(tmp_path):
+    planned = plan(ABLATION, False, ("10+10",), (0,), str(tmp_path), [])
+    accuracy = _accuracy_plan(tmp_path, ("10+10",))
+    assert planned["10+10", "ilmil (all terms)", 0].out_dir == accuracy["10+10", "ilmil", 0].out_dir
+    assert planned["10+10", "without RCN term", 0].out_dir.endswith("ablation_full/10+10_without_RCN_term_3200+800it_seed0")
+    assert planned["10+10", "without RCN term", 0].stage0 == accuracy["10+10", "ilmil", 0].stage0
+
+
+def test_the_reuse_check_renames_nothing(tmp_path):
+    now = Run(str(tmp_path / "2+2_ilmil_6+4it_seed0"), "2+2", "ilmil", 0, 4, 8, 4)
+    before = dataclasses.replace(now, opts=("ILMIL.DISTILL.FEAT.WEIGHT", "2.0"))
+    assert before.fingerprint() != now.fingerprint() == dataclasses.replace(now).fingerprint()
+    assert now.fingerprint() != dataclasses.replace(now, method="faster-ilod").fingerprint()
+    assert reuse_status(now) == "new"
+    run = tmp_path / "2+2_ilmil_6+4it_seed0"
+    run.mkdir()
+    (run / CONFIG_RECORD).write_text(json.dumps({"fingerprint": before.fingerprint()}))
+    assert reuse_status(before) == "partial"
+    (run / "results.json").write_text(json.dumps({"stages": [{"stage": 1}]}))  # started at stage 1
+    assert reuse_status(before) == "finished"
+    assert reuse_status(now) == "stale" and describe([now]) == {str(run): "stale"}
+    # Checked twice, listed, and still where it was: only retraining moves it aside.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2+2_ilmil_6+4it_seed0"]
+
+
+def test_a_stale_run_is_moved_aside_only_when_retrained(tmp_path, monkeypatch):
+    # A run the toolkit refuses at once (more classes than the data has): the training
+    # fails, but the stale folder was set aside first, as the retraining needs.
+    run = Run(str(tmp_path / "30+30_ilmil"), "30+30", "ilmil", 0, 4, 8, 4, ("ILMIL.SHAPES.NUM_CLASSES", "20"))
+    (tmp_path / "30+30_ilmil").mkdir()
+    (tmp_path / "30+30_ilmil" / CONFIG_RECORD).write_text(json.dumps({"fingerprint": "another config"}))
+    monkeypatch.setenv("ILMIL_DATASETS", str(tmp_path / "datasets"))
+    with pytest.raises(BenchError, match="bench_stdout.log"):
+        train(run)
+    (stale,) = tmp_path.glob("30+30_ilmil.stale-*")
+    assert json.loads((stale / CONFIG_RECORD).read_text())["fingerprint"] == "another config"
+    assert json.loads((tmp_path / "30+30_ilmil" / CONFIG_RECORD).read_text())["fingerprint"] == run.fingerprint()
+
+
+def test_merging_keeps_every_other_record():
+    def record(spec, seed, ap, budget="3200+800"):
+        return {"suite": "accuracy", "spec": spec, "variant": "ilmil", "seed": seed, "budget": budget,
+                "num_train": 2000, "num_test": 500, "extra_opts": [], "AP50": ap}
+
+    old = [record("10+10", 0, 74.5), record("10+10", 1, 75.0), record("15+5", 0, 84.1)]
+    new = [record("10+10", 1, 76.0), record("19+1", 0, 83.6), record("10+10", 0, 80.0, budget="6400+800")]
+    merged = records.merge(old, new)
+    assert [(r["spec"], r["seed"], r["budget"], r["AP50"]) for r in merged] == [
+        ("10+10", 0, "3200+800", 74.5), ("10+10", 1, "3200+800", 76.0), ("15+5", 0, "3200+800", 84.1),
+        ("19+1", 0, "3200+800", 83.6), ("10+10", 0, "6400+800", 80.0)]
+
+
+def test_the_recorded_results_still_make_their_tables(tmp_path):
+    for name in ("accuracy_full", "ablation_full", "speed_full", "speed_quick", "pruning_full"):
+        path = os.path.join(REPO_ROOT, "benchmarks", "results", f"{name}.json")
+        (tmp_path / f"{name}.json").write_text(open(path).read())
+        suite, size = name.split("_")
+        assert bench_main(["--suite", suite, *(["--quick"] if size == "quick" else []), "--tables-only",
+                           "--results-dir", str(tmp_path)]) == 0
+    assert "| 10+10 | ilmil | 78.7 | 70.3 | 74.5 | 57.3 | -0.4 | 85.5 % |" in (tmp_path / "accuracy_full.md").read_text()
+    assert "| without RCN term | `ILMIL.DISTILL.RCN.ENABLED False` |" in (tmp_path / "ablation_full.md").read_text()
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--suite", "speed", "--seeds", "0", "1"], "--seeds"),
+    (["--suite", "speed", "--jobs", "2"], "--jobs"),
+    (["--suite", "pruning", "--specs", "15+5"], "--specs"),
+    (["--suite", "pruning", "--base-iters", "3200"], "--base-iters"),
+])  # fmt: skip
+def test_a_flag_the_suite_cannot_honour_is_refused(tmp_path, capsys, args, flag):
+    assert bench_main([*args, "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {flag} ") and "not honoured" in line and f"drop {flag}" in line
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written

@@ -12,6 +12,7 @@ from .datasets import (
     load_voc_split,
     problem_lines,
     register_stage_datasets,
+    shapes_num_classes,
 )
 from .shapes import generate_shapes_dataset, shape_class_names
 from .stages import Stage, StageSpecError, build_schedule, parse_stage_spec, stage_test_dicts, stage_train_dicts
@@ -36,6 +37,7 @@ __all__ = [
     "problem_lines",
     "register_stage_datasets",
     "shape_class_names",
+    "shapes_num_classes",
     "stage_test_dicts",
     "stage_train_dicts",
 ]

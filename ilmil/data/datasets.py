@@ -35,6 +35,7 @@ __all__ = [
     "DatasetSource",
     "dataset_problems_error",
     "datasets_root",
+    "shapes_num_classes",
     "load_voc_split",
     "load_coco_json",
     "load_dataset_source",
@@ -286,9 +287,15 @@ def dataset_problems_error(problems, what):
     )
 
 
+def shapes_num_classes(shapes_cfg, stages):
+    """The classes of the shapes data a run of stage spec ``stages`` trains on:
+    ``ILMIL.SHAPES.NUM_CLASSES``, or with 0 as many as the spec needs, at least 20."""
+    return shapes_cfg.NUM_CLASSES or max(20, sum(parse_stage_spec(stages)))
+
+
 def _shapes_source(cfg):
     shapes = cfg.ILMIL.SHAPES
-    num_classes = shapes.NUM_CLASSES or max(20, sum(parse_stage_spec(cfg.ILMIL.STAGES)))
+    num_classes = shapes_num_classes(shapes, cfg.ILMIL.STAGES)
     if num_classes > MAX_SHAPE_CLASSES:
         raise StageSpecError(
             f"ILMIL.STAGES {cfg.ILMIL.STAGES!r} needs {num_classes} classes; the shapes dataset has at most "

@@ -1,0 +1,260 @@
+"""Planning a suite's runs, deciding which to reuse, and training the rest.
+
+Each run is a real ``tools/train_incremental.py`` process with its own folder under
+``--runs-dir``. A folder is named by spec, variant, budget and seed, and records a
+fingerprint of the config it was trained with (``bench_config.json``): a finished
+run of the same fingerprint is reused, a run of another is *stale* and is moved
+aside (``NAME.stale-DATE``) only when it is about to be retrained. The toolkit's
+own ``run.json`` guards the folder too, but its identity holds a hash of the
+dataset, which the harness cannot compute without loading the data; the
+fingerprint is what the recorded folders hold, so it stays the reuse rule.
+
+A spec's stage 0 has no teacher, so it trains the same for every variant: it is
+trained once, as a one-stage run keyed by its data (the spec's dataset, its
+first-stage classes, the seed and the budget), and every variant starts from it
+with ``--start-stage 1 --teacher-weights``.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
+from ilmil.config import get_ilmil_cfg
+from ilmil.data import parse_stage_spec, shapes_num_classes
+from ilmil.evaluation import add_forgetting
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "tools", "train_incremental.py")
+CONFIG_RECORD = "bench_config.json"  # the fingerprint of what a run folder was trained with
+BATCH = 4
+
+
+class BenchError(ValueError):
+    """A benchmark invocation that cannot run as asked; the message says why and the fix."""
+
+
+def log(message):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One tools/train_incremental.py process. The reuse check and the training
+    both read it, so they cannot disagree about which config a folder holds."""
+
+    out_dir: str
+    spec: str
+    method: str
+    seed: int
+    iters: int  # per stage
+    num_train: int
+    num_test: int
+    opts: tuple = ()  # KEY VALUE config overrides, after the protocol's
+    flags: tuple = ()  # CLI flags of tools/train_incremental.py that change what is trained
+    stage0: "Run" = None  # the shared stage-0 run it starts from
+
+    @property
+    def num_stages(self):
+        return len(parse_stage_spec(self.spec))
+
+    def overrides(self):
+        """The KEY VALUE config overrides: data size, batch, budget, then ``opts``."""
+        iters = self.iters
+        return [
+            "ILMIL.SHAPES.NUM_TRAIN", str(self.num_train), "ILMIL.SHAPES.NUM_TEST", str(self.num_test),
+            "SOLVER.IMS_PER_BATCH", str(BATCH), "SOLVER.MAX_ITER", str(iters),
+            "SOLVER.STEPS", f"({int(iters * 0.8)},)", "SOLVER.WARMUP_ITERS", str(min(100, iters // 5)),
+            *self.opts,
+        ]  # fmt: skip
+
+    def config(self):
+        return get_ilmil_cfg(None, self.overrides(), method=self.method)
+
+    def fingerprint(self):
+        """What the run trains with: its schedule, training flags and resolved config
+        (the method's preset, the config file, the overrides); not the code, and not
+        where its stage 0 comes from (the same model either way)."""
+        identity = json.dumps([self.spec, self.method, self.seed, list(self.flags)]) + self.config().dump()
+        return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+    def command(self):
+        start = ("--start-stage", "1", "--teacher-weights", self.stage0.final_model(0)) if self.stage0 else ()
+        return [
+            sys.executable, TRAIN, "--stages", self.spec, "--method", self.method, "--seed", str(self.seed),
+            "--output-dir", self.out_dir,
+            "--resume",  # a suite killed mid-stage continues that stage from its last checkpoint
+            *start, *self.flags, *self.overrides(),
+        ]  # fmt: skip
+
+    def final_model(self, stage):
+        return os.path.join(self.out_dir, f"stage_{stage}", "model_final.pth")
+
+
+def budget_name(setting):
+    return f"{setting.base_iters}+{setting.iters}"
+
+
+def stage0_run(runs_dir, spec, seed, setting, extra):
+    """The one-stage run that trains ``spec``'s stage 0, keyed by its data: the
+    spec's dataset (a 40+40 stage 0 is trained on the 80-class data, not on the
+    40-class data a spec of 40 alone would generate), its first-stage classes,
+    the seed and the budget."""
+    first = parse_stage_spec(spec)[0]
+    cfg = get_ilmil_cfg(None, list(extra))
+    data_classes = shapes_num_classes(cfg.ILMIL.SHAPES, spec)
+    name, opts = f"base_{first}classes_{setting.base_iters}it_seed{seed}", tuple(extra)
+    if shapes_num_classes(cfg.ILMIL.SHAPES, str(first)) != data_classes:
+        # Only then is the data named: the recorded folders (10, 15, 19 of 20) keep their names.
+        name = f"base_{first}of{data_classes}classes_{setting.base_iters}it_seed{seed}"
+        opts += ("ILMIL.SHAPES.NUM_CLASSES", str(data_classes))
+    return Run(os.path.join(runs_dir, name), str(first), "finetune", seed, setting.base_iters,
+               setting.num_train, setting.num_test, opts)
+
+
+def plan(suite, quick, specs, seeds, runs_dir, extra):
+    """``{(spec, variant name, seed): Run}`` of the suite; runs shared by several
+    keys (joint, by specs of the same classes) are one ``Run``."""
+    setting, size = suite.setting(quick), "quick" if quick else "full"
+    own_dir = os.path.join(runs_dir, f"{suite.name}_{size}")
+    shared_dir = os.path.join(runs_dir, f"{suite.runs_group}_{size}")
+    runs = {}
+    for seed in seeds:
+        for spec in specs:
+            counts = parse_stage_spec(spec)
+            stage0 = stage0_run(shared_dir, spec, seed, setting, extra) if suite.stage0 == "shared" else None
+            for variant in setting.variants:
+                opts = (*extra, *variant.opts)
+                if variant.method == "joint":
+                    # One stage of all classes for the whole budget (stage 0's plus the later
+                    # stages'): shared by specs of the same sum and budget, e.g. 10+10 and 15+5.
+                    iters = setting.base_iters + (len(counts) - 1) * setting.iters
+                    out_dir = os.path.join(shared_dir, f"joint_{sum(counts)}classes_{iters}it_seed{seed}")
+                    run = Run(out_dir, str(sum(counts)), "joint", seed, iters, setting.num_train,
+                              setting.num_test, opts, variant.flags)
+                else:
+                    # A plain method is the run of the suite this one shares runs with.
+                    plain = suite.runs_of and not variant.opts and not variant.flags
+                    folder = suite.folder.format(spec=spec, slug=variant.method if plain else variant.slug,
+                                                 budget=budget_name(setting), seed=seed)
+                    out_dir = os.path.join(shared_dir if plain else own_dir, folder)
+                    run = Run(out_dir, spec, variant.method, seed, setting.iters, setting.num_train,
+                              setting.num_test, opts, variant.flags, stage0)
+                runs[spec, variant.name, seed] = run
+    distinct = {}
+    return {key: distinct.setdefault(run.out_dir, run) for key, run in runs.items()}
+
+
+def read_results(run):
+    path = os.path.join(run.out_dir, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def reuse_status(run):
+    """``"finished"``, ``"stale"`` (trained with another config), ``"partial"`` or
+    ``"new"``; reads the folder and changes nothing. A folder without a
+    fingerprint (an older harness) is taken as is."""
+    if not os.path.isdir(run.out_dir):
+        return "new"
+    record = os.path.join(run.out_dir, CONFIG_RECORD)
+    if os.path.exists(record):
+        with open(record) as f:
+            if json.load(f)["fingerprint"] != run.fingerprint():
+                return "stale"
+    results = read_results(run)
+    # Schedules started at stage 1 record stages 1.., older folders 0..: the last one decides.
+    last = results["stages"][-1]["stage"] if results and results["stages"] else None
+    schedule_end = 0 if run.method == "joint" else run.num_stages - 1
+    return "finished" if last == schedule_end else "partial"
+
+
+def completed_results(run):
+    """The run's results.json, with its shared stage 0's entry in front when it
+    started at stage 1, and the forgetting recomputed over all stages."""
+    results = read_results(run)
+    if run.stage0 is None or results["stages"][0]["stage"] == 0:
+        return results
+    stage0 = read_results(run.stage0)["stages"][:1]
+    return add_forgetting({**results, "stages": stage0 + results["stages"]})
+
+
+def train(run, fresh=False):
+    """Train ``run`` (setting a stale folder aside first); returns wall time, peak RSS (MiB), command."""
+    status = reuse_status(run)
+    if status == "stale":
+        stale = f"{run.out_dir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(run.out_dir, stale)
+        log(f"{run.out_dir} was trained with another config: moved to {stale}, training anew")
+    elif fresh and status != "new":
+        shutil.rmtree(run.out_dir)
+    os.makedirs(run.out_dir, exist_ok=True)
+    with open(os.path.join(run.out_dir, CONFIG_RECORD), "w") as f:
+        json.dump({"fingerprint": run.fingerprint()}, f)
+    cmd = run.command()
+    start = time.perf_counter()
+    with open(os.path.join(run.out_dir, "bench_stdout.log"), "a") as logfile:
+        proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status_code, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status_code) != 0:
+        raise BenchError(f"training failed ({' '.join(cmd[1:])}), {run.out_dir}/bench_stdout.log; "
+                         "fix what its last lines name and re-run the same command (finished runs are reused)")
+    return {"wall_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "command": " ".join(cmd[1:])}
+
+
+def describe(runs, fresh=False):
+    """What an invocation would do with each distinct run: a dict out_dir -> status."""
+    statuses = {}
+    for run in runs:
+        for r in (run.stage0, run) if run.stage0 else (run,):
+            statuses.setdefault(r.out_dir, reuse_status(r))
+    if fresh:
+        statuses.update({run.out_dir: "fresh" for run in runs})
+    return statuses
+
+
+def execute(runs, jobs=1, fresh=False):
+    """Train every run of ``runs`` not finished (all of them when ``fresh``) on
+    ``jobs`` workers; returns ``{out_dir: training outcome}`` of those trained.
+    The stage-0 runs are queued first, then the runs that need none, then those
+    that start from one, so no worker waits on a stage 0 while another could start."""
+    statuses = describe(runs, fresh)
+    distinct = {run.out_dir: run for run in runs}
+    to_train = [run for run in distinct.values() if statuses[run.out_dir] != "finished"]
+    stage0s = {run.stage0.out_dir: run.stage0 for run in to_train
+               if run.stage0 and statuses[run.stage0.out_dir] != "finished"}
+    for out_dir, status in statuses.items():
+        if status == "finished":
+            log(f"reusing {out_dir}")
+        elif status == "stale":
+            log(f"{out_dir} was trained with another config: it will be moved aside and retrained")
+    log(f"{len(stage0s) + len(to_train)} runs to train, {jobs} at a time")
+    with ThreadPoolExecutor(jobs) as pool:
+        stage0_done = {out_dir: pool.submit(_train_logged, run) for out_dir, run in stage0s.items()}
+
+        def train_after_stage0(run):
+            if run.stage0 and run.stage0.out_dir in stage0_done:
+                stage0_done[run.stage0.out_dir].result()
+            return _train_logged(run, fresh)
+
+        queued = sorted(to_train, key=lambda run: run.stage0 is not None)
+        trained = {run.out_dir: pool.submit(train_after_stage0, run) for run in queued}
+        outcomes = {out_dir: future.result() for out_dir, future in trained.items()}
+    for future in stage0_done.values():
+        future.result()
+    return outcomes
+
+
+def _train_logged(run, fresh=False):
+    log(f"{os.path.basename(run.out_dir)}: training")
+    outcome = train(run, fresh)
+    log(f"{os.path.basename(run.out_dir)}: finished in {outcome['wall_s'] / 60:.1f} min")
+    return outcome

@@ -1,0 +1,129 @@
+"""A suite's records from its finished runs: the numbers each table reads."""
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+from ilmil.data import generate_shapes_dataset
+
+from .harness import budget_name, completed_results
+
+
+def machine():
+    cpu = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    import detectron2
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "detectron2": detectron2.__version__}
+
+
+def step_times(run, stage):
+    with open(os.path.join(run.out_dir, f"stage_{stage}", "iteration_times.json")) as f:
+        return json.load(f)["seconds"]
+
+
+def _without_per_class(stage):
+    return {k: v for k, v in stage.items() if k not in ("per_class", "forgetting_per_class")}
+
+
+def training_records(suite, setting, planned, outcomes, extra):
+    """One record per (spec, variant, seed): its last stage, the run summary, the
+    median step time of its last stage and, when trained by this invocation, its
+    wall time, peak memory and command."""
+    env = machine()
+    variants = {v.name: v for v in setting.variants}
+    records = []
+    for (spec, name, seed), run in planned.items():
+        results = completed_results(run)
+        last = results["stages"][-1]
+        times = step_times(run, last["stage"])
+        outcome = outcomes.get(run.out_dir, {})
+        records.append({
+            "suite": suite.name, "spec": spec, "variant": name, "method": run.method,
+            "opts": list(variants[name].opts), "seed": seed,
+            "budget": budget_name(setting), "num_train": setting.num_train, "num_test": setting.num_test,
+            "extra_opts": list(extra),
+            "iterations_per_stage": run.iters, "stage0_iterations": setting.base_iters,
+            "last_stage": _without_per_class(last), "summary": results.get("summary", {}),
+            "step_time_s": statistics.median(times) if times else None,
+            "peak_rss_mib": outcome.get("peak_rss_mib"), "wall_s": outcome.get("wall_s"),
+            "command": outcome.get("command"), "machine": env,
+        })  # fmt: skip
+    return records
+
+
+def pruning_records(suite, setting, planned, outcomes, extra):
+    """The training record of each ratio, with the final model's size, GFLOPs and latency."""
+    records = []
+    for record, run in zip(training_records(suite, setting, planned, outcomes, extra), planned.values()):
+        last = record["last_stage"]
+        ratio = float(dict(zip(run.flags[::2], run.flags[1::2])).get("--prune", 0.0))
+        records.append({**record, "ratio": ratio, "AP50_all": last["AP50"], "AP_all": last["AP"],
+                        "AP50_old": last["AP50_old"], "AP50_new": last["AP50_new"],
+                        **measure_final_model(run, last["stage"])})
+    return records
+
+
+def measure_final_model(run, stage):
+    """Parameters, GFLOPs and CPU latency of a run's stage model on its first test image."""
+    import torch
+    from detectron2.data import detection_utils
+
+    from ilmil.checkpoint import safe_load
+    from ilmil.config import get_ilmil_cfg
+    from ilmil.data import shapes_num_classes
+    from ilmil.modeling import checkpoint_class_names, load_detector
+    from ilmil.pruning import measure_model
+
+    weights = run.final_model(stage)
+    checkpoint = safe_load(weights)
+    cfg = get_ilmil_cfg(os.path.join(run.out_dir, "config.yaml"))
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(checkpoint_class_names(checkpoint))
+    cfg.ILMIL.TEACHER.WEIGHTS = ""
+    model = load_detector(cfg, weights, checkpoint)
+    shapes = cfg.ILMIL.SHAPES
+    folder = generate_shapes_dataset(os.path.join(os.environ["ILMIL_DATASETS"], "shapes"),
+                                     shapes_num_classes(shapes, run.spec), shapes.NUM_TRAIN, shapes.NUM_TEST,
+                                     shapes.IMAGE_SIZE, shapes.SEED, progress=False)
+    with open(os.path.join(folder, "ImageSets", "Main", "test.txt")) as f:
+        first_image = os.path.join(folder, "JPEGImages", f"{f.readline().strip()}.jpg")
+    image = detection_utils.read_image(first_image, format=cfg.INPUT.FORMAT)
+    return measure_model(model, torch.as_tensor(image.transpose(2, 0, 1).copy()))
+
+
+def speed_records(suite, setting, planned, outcomes, extra):
+    """One record: step time and peak memory of each variant on stage 1 (less the
+    warm-up steps), their ratios to finetune, inference and generation speed."""
+    measured = {}
+    for (_, name, _), run in planned.items():
+        times = step_times(run, 1)[setting.warmup:]
+        with open(os.path.join(run.out_dir, "stage_1", "metrics_eval.json")) as f:
+            evaluation = json.load(f)
+        outcome = outcomes[run.out_dir]
+        measured[name] = {
+            "step_time_median_s": statistics.median(times), "steps_timed": len(times),
+            "peak_rss_mib": outcome["peak_rss_mib"],
+            "eval_s_per_100_images": 100 * evaluation["eval_time_s"] / evaluation["num_images"],
+            "command": outcome["command"],
+        }  # fmt: skip
+    count = 200 if setting is suite.quick else 500
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        generate_shapes_dataset(tmp, num_train=count, num_test=0, seed=123, progress=False)
+        generation = count / (time.perf_counter() - start)
+    f, i = measured["finetune"], measured["ilmil"]
+    return [{
+        "suite": suite.name, "variant": "quick" if setting is suite.quick else "full", **measured,
+        "step_time_ratio": i["step_time_median_s"] / f["step_time_median_s"],
+        "step_time_ratio_bfloat16_teacher":
+            measured["ilmil_bfloat16_teacher"]["step_time_median_s"] / f["step_time_median_s"],
+        "peak_memory_ratio": i["peak_rss_mib"] / f["peak_rss_mib"],
+        "inference_images_per_s": 100 / i["eval_s_per_100_images"],
+        "shapes_generation_images_per_s": generation, "machine": machine(),
+    }]  # fmt: skip

@@ -1,0 +1,159 @@
+"""The benchmark suites, each a declaration: specs x variants x seeds at a budget,
+how its records are made and which table shows them.
+
+The CPU protocol: shapes at 256 px, configs/shapes/faster_rcnn_R18_FPN_cpu.yaml
+(R18-FPN), batch 4, a fixed budget per stage. Adding a suite is one more
+``Suite`` in ``SUITES`` (plus, at most, a table function in ``tables.py``).
+"""
+from dataclasses import dataclass, field
+
+from . import tables
+from .measures import pruning_records, speed_records, training_records
+
+@dataclass(frozen=True)
+class Variant:
+    """What a suite trains: a method with config overrides and CLI flags of
+    tools/train_incremental.py (both part of the run's fingerprint)."""
+
+    name: str
+    method: str
+    opts: tuple = ()  # KEY VALUE config overrides, after the protocol's and the command line's
+    flags: tuple = ()  # e.g. ("--prune", "0.3")
+
+    @property
+    def slug(self):
+        """The variant in folder names."""
+        return self.name.replace(" ", "_").replace("(", "").replace(")", "")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One size of a suite (``full``, or ``--quick``): its runs and budgets."""
+
+    specs: tuple
+    variants: tuple
+    iters: int  # per stage after stage 0
+    base_iters: int  # stage 0, one model shared by every variant of a spec; 0: the per-stage budget
+    num_train: int
+    num_test: int
+    seeds: tuple = (0,)
+    warmup: int = 0  # steps left out of the step-time median (speed suite)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    full: Setting
+    quick: Setting
+    table: object  # records -> markdown
+    records: object = training_records  # (suite, outcomes) -> records
+    protocol: str = ""  # the suite's protocol in words, formatted with the setting's fields
+    # "shared": one stage-0 model per data, first-stage classes, seed and budget, every
+    # variant starting from it (--start-stage 1 --teacher-weights); "own": each run trains it.
+    stage0: str = "shared"
+    folder: str = "{spec}_{slug}_{budget}it_seed{seed}"  # a run's folder name
+    runs_of: str = ""  # the suite whose shared stage 0s and plain-method runs this one reuses
+    fresh: bool = False  # retrain its runs on every invocation (timings)
+    # Command-line options the suite cannot honour, with the reason.
+    refuses: dict = field(default_factory=dict)
+
+    def setting(self, quick):
+        return self.quick if quick else self.full
+
+    @property
+    def runs_group(self):
+        """The folder (under --runs-dir, with the size) of its shared stage 0s and plain runs."""
+        return self.runs_of or self.name
+
+
+def _methods(*names):
+    return tuple(Variant(name, name) for name in names)
+
+
+# ilmil with one term switched off at a time (the config keys of that term), and
+# the not-ablations marked below; the plain runs are the accuracy suite's.
+ABLATIONS = (
+    Variant("finetune", "finetune"),
+    Variant("without pseudo-labels", "ilmil", ("ILMIL.PSEUDO_LABELS.ENABLED", "False")),
+    Variant("without feature term", "ilmil", ("ILMIL.DISTILL.FEAT.ENABLED", "False")),
+    Variant("without RPN term", "ilmil", ("ILMIL.DISTILL.RPN.ENABLED", "False")),
+    Variant("without RCN term", "ilmil", ("ILMIL.DISTILL.RCN.ENABLED", "False")),
+    # Not an ablation: the RCN term without the teacher's "background" on new objects.
+    Variant("RCN not on new-class GT", "ilmil", ("ILMIL.DISTILL.RCN.NEW_GT_IOU_THRESH", "0.5")),
+    # Not an ablation: the RCN term decides how AP splits between old and new classes;
+    # the method's original weight, which ilmil used until its default became 0.25.
+    Variant("RCN weight 1", "ilmil", ("ILMIL.DISTILL.RCN.WEIGHT", "1.0")),
+    Variant("RCN logits kl", "ilmil", ("ILMIL.DISTILL.RCN.LOGITS", "kl")),
+    # Not an ablation: what the faster bfloat16 teacher pass (the speed suite) costs in AP.
+    Variant("bfloat16 teacher", "ilmil", ("ILMIL.TEACHER.PRECISION", "bfloat16")),
+    Variant("ilmil (all terms)", "ilmil"),
+)
+
+SPEED_VARIANTS = (
+    Variant("finetune", "finetune"),
+    Variant("ilmil", "ilmil"),
+    Variant("ilmil_bfloat16_teacher", "ilmil", ("ILMIL.TEACHER.PRECISION", "bfloat16")),
+)
+
+
+def _pruned(*ratios):
+    return tuple(Variant(f"ilmil_prune{r}", "ilmil", flags=("--prune", str(r)) if r else ()) for r in ratios)
+
+
+DATA = {"full": {"num_train": 2000, "num_test": 500}, "quick": {"num_train": 400, "num_test": 100}}
+ONE_RUN_AT_A_TIME = "the suite times its runs, so it trains them one at a time"
+
+ACCURACY = Suite(
+    "accuracy",
+    # Stage 0 trains four times as long as a later stage: papers train the base model to
+    # convergence, and the 10-class teacher reaches AP50 14 / 32 / 78 after 800 / 1600 /
+    # 3200 iterations (78: as good as joint training on its classes; docs/benchmark-log.md).
+    full=Setting(("10+10", "15+5", "19+1", "10+5+5"), _methods("finetune", "faster-ilod", "ilmil", "joint"),
+                 iters=800, base_iters=3200, **DATA["full"]),
+    quick=Setting(("10+10",), _methods("finetune", "faster-ilod", "ilmil", "joint"),
+                  iters=120, base_iters=0, **DATA["quick"]),
+    table=tables.accuracy_table,
+    protocol="shapes ({num_train} train / {num_test} test, 256 px), batch 4, {base_iters} iterations for stage 0 "
+             "(one model shared by every method), {iters} for each later stage (joint: the sum)",
+)
+ABLATION = Suite(
+    "ablation",
+    full=Setting(("10+10",), ABLATIONS, iters=800, base_iters=3200, **DATA["full"]),
+    quick=Setting(("10+10",), ABLATIONS, iters=120, base_iters=0, **DATA["quick"]),
+    table=tables.ablation_table,
+    runs_of="accuracy",
+    protocol="shapes ({num_train} train / {num_test} test, 256 px), batch 4, {base_iters} iterations for stage 0, "
+             "{iters} for each later stage; every variant from the accuracy suite's stage-0 model",
+)
+SPEED = Suite(
+    "speed",
+    # Stage 1 of 10+10 from a short stage 0: only the step time of stage 1 is measured.
+    full=Setting(("10+10",), SPEED_VARIANTS, iters=80, base_iters=100, warmup=20, **DATA["full"]),
+    quick=Setting(("10+10",), SPEED_VARIANTS, iters=30, base_iters=100, warmup=10, **DATA["quick"]),
+    table=tables.speed_table,
+    records=speed_records,
+    folder="{slug}",
+    fresh=True,
+    protocol="stage 1 of shapes 10+10 ({num_train} train / {num_test} test), batch 4, {iters} iterations, "
+             "the first {warmup} left out of the median",
+    refuses={"specs": "the suite times stage 1 of 10+10", "seeds": "the suite times one seed",
+             "iters": "the suite's timed budget is fixed", "base_iters": "the suite's stage 0 is fixed",
+             "jobs": ONE_RUN_AT_A_TIME},
+)
+PRUNING = Suite(
+    "pruning",
+    full=Setting(("10+10",), _pruned(0.0, 0.3, 0.5), iters=800, base_iters=0, **DATA["full"]),
+    quick=Setting(("10+10",), _pruned(0.0, 0.5), iters=120, base_iters=0, **DATA["quick"]),
+    table=tables.pruning_table,
+    records=pruning_records,
+    folder="{spec}_{slug}",
+    # --prune prunes the stage-0 model inside the run, which --start-stage skips.
+    stage0="own",
+    protocol="shapes 10+10 ilmil ({num_train} train / {num_test} test, 256 px), batch 4, {iters} iterations per "
+             "stage; the stage-0 model pruned (L1, residual-block inner channels) before stage 1, teacher "
+             "unpruned; final model measured on one test image, latency = median of 20 CPU passes",
+    refuses={"specs": "the suite prunes 10+10", "seeds": "the suite's folders hold seed 0",
+             "base_iters": "stage 0 trains the per-stage budget inside each run", "jobs": ONE_RUN_AT_A_TIME},
+)
+
+SUITES = {suite.name: suite for suite in (ACCURACY, ABLATION, SPEED, PRUNING)}

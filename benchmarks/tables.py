@@ -1,0 +1,167 @@
+"""Markdown tables of a suite's records, and the page (``benchmarks/results/SUITE.md``)
+that holds them: one section per protocol, so runs of another budget never mix."""
+import dataclasses
+import statistics
+
+from .records import PROTOCOL_FIELDS
+
+
+def _fmt(value, digits=1):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _mean_spread(values):
+    """``mean ± half the range`` over seeds, or the one value."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {(max(values) - min(values)) / 2:.1f}"
+
+
+def _grouped(records, *fields):
+    groups = {}
+    for r in records:
+        groups.setdefault(tuple(r.get(f) for f in fields), []).append(r)
+    return groups
+
+
+def accuracy_table(records):
+    by_key = _grouped(records, "spec", "method")
+    lines = [
+        "| spec | method | AP50_old | AP50_new | AP50_all | AP_all | forgetting AP50 | AP50_all / joint |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (spec, method), runs in by_key.items():
+        joint = {r["seed"]: r["last_stage"]["AP50"] for r in by_key.get((spec, "joint"), [])}
+        ratios = [r["last_stage"]["AP50"] / joint[r["seed"]] for r in runs if joint.get(r["seed"])]
+        cells = [_mean_spread([r["last_stage"].get(k) for r in runs]) for k in ("AP50_old", "AP50_new", "AP50", "AP")]
+        forgetting = _mean_spread([r["last_stage"].get("forgetting_AP50") for r in runs])
+        ratio = _mean_spread([100 * x for x in ratios])
+        lines.append(f"| {spec} | {method} | {' | '.join(cells)} | {forgetting} | {ratio} % |")
+    return "\n".join(lines)
+
+
+def ablation_table(records):
+    """The finetune and full-ilmil rows first, then each variant; means over seeds."""
+    lines = ["| variant | config change | AP50_old | AP50_new | AP50_all | AP_all | AP50_old vs ilmil |",
+             "|---|---|---|---|---|---|---|"]
+    by_spec = _grouped(records, "spec")
+    for (spec,), spec_records in by_spec.items():
+        variants = _grouped(spec_records, "variant")
+
+        def mean(runs, key):
+            values = [r["last_stage"].get(key) for r in runs if r["last_stage"].get(key) is not None]
+            return statistics.mean(values) if values else None
+
+        full = variants.get(("ilmil (all terms)",))
+        first = [v for v in (("finetune",), ("ilmil (all terms)",)) if v in variants]
+        for key in first + [v for v in variants if v not in first]:
+            runs = variants[key]
+            r = runs[0]
+            off = f"`{' '.join(r['opts'])}`" if r["opts"] else ("every term (no teacher)" if r["method"] == "finetune" else "")
+            change = ""
+            if full and runs is not full and mean(runs, "AP50_old") is not None:
+                change = f"{mean(runs, 'AP50_old') - mean(full, 'AP50_old'):+.1f}"
+            cells = " | ".join(_mean_spread([x["last_stage"].get(k) for x in runs])
+                               for k in ("AP50_old", "AP50_new", "AP50", "AP"))
+            label = r["variant"] if len(by_spec) == 1 else f"{spec} {r['variant']}"
+            lines.append(f"| {label} | {off} | {cells} | {change} |")
+    return "\n".join(lines)
+
+
+def pruning_table(records):
+    base = records[0]
+    lines = ["| pruned | parameters (M) | GFLOPs (detector) | GFLOPs (backbone+FPN) | CPU latency (ms) | "
+             "AP50_all | AP50_old | AP50_new | vs unpruned |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        change = (f"params {100 * (r['params'] / base['params'] - 1):+.0f} %, GFLOPs "
+                  f"{100 * (r['gflops'] / base['gflops'] - 1):+.0f} %, AP50 {r['AP50_all'] - base['AP50_all']:+.1f}")
+        lines.append(f"| {r['ratio']:.0%} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {r['gflops_backbone']:.2f} | "
+                     f"{r['latency_ms']:.0f} | {_fmt(r['AP50_all'])} | {_fmt(r['AP50_old'])} | "
+                     f"{_fmt(r['AP50_new'])} | {change if r is not base else ''} |")
+    return "\n".join(lines)
+
+
+def speed_table(records):
+    # Records made before the bfloat16 teacher existed have no such columns.
+    bfloat16 = all("ilmil_bfloat16_teacher" in r for r in records)
+    header = ["measure", "finetune", "ilmil", "ratio"] + (["ilmil, bfloat16 teacher", "ratio"] if bfloat16 else [])
+    rows = []
+    for record in records:
+        f, i = record["finetune"], record["ilmil"]
+        b = record.get("ilmil_bfloat16_teacher")
+        rows += [
+            [f"training step, median over {i['steps_timed']} it (s)", f"{f['step_time_median_s']:.3f}",
+             f"{i['step_time_median_s']:.3f}", f"{record['step_time_ratio']:.2f}",
+             *([f"{b['step_time_median_s']:.3f}", f"{record['step_time_ratio_bfloat16_teacher']:.2f}"] if b else [])],
+            ["peak resident memory (MiB)", f"{f['peak_rss_mib']:.0f}", f"{i['peak_rss_mib']:.0f}",
+             f"{record['peak_memory_ratio']:.2f}",
+             *([f"{b['peak_rss_mib']:.0f}", f"{b['peak_rss_mib'] / f['peak_rss_mib']:.2f}"] if b else [])],
+            ["evaluation time per 100 images (s)", f"{f['eval_s_per_100_images']:.1f}",
+             f"{i['eval_s_per_100_images']:.1f}", ""],
+            ["inference + evaluation (images/s)", "", f"{record['inference_images_per_s']:.1f}", ""],
+            ["shapes generation (images/s)", "", f"{record['shapes_generation_images_per_s']:.0f}", ""],
+        ]
+    lines = [header] + [row + [""] * (len(header) - len(row)) for row in rows]
+    text = ["|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|" for cells in lines]
+    return "\n".join([text[0], "|---" * len(header) + "|", *text[1:]])
+
+
+def _machines(records):
+    seen = {}
+    for r in records:
+        m = r.get("machine")
+        if m:
+            text = (f"{m['cpu']}, {m['cores']} cores; Python {m['python']}, torch {m['torch']}, "
+                    f"detectron2 {m['detectron2']}")
+            seen[text] = None
+    return "; ".join(seen) or "not recorded"
+
+
+def _reproduce(suite, quick, setting, records):
+    """The command that reuses (or retrains) a section's runs."""
+    args = ["python benchmarks/run.py --suite", suite.name] + (["--quick"] if quick else [])
+    first = records[0]
+    specs = list(dict.fromkeys(r["spec"] for r in records if r.get("spec")))
+    seeds = list(dict.fromkeys(r["seed"] for r in records if r.get("seed") is not None))
+    given = {"specs": specs if tuple(specs) != setting.specs else None,
+             "seeds": seeds if tuple(seeds) != setting.seeds else None}
+    if first.get("budget"):
+        given["base_iters"], given["iters"] = map(int, first["budget"].split("+"))
+    given.update(num_train=first.get("num_train"), num_test=first.get("num_test"))
+    defaults = dataclasses.replace(setting, base_iters=setting.base_iters or setting.iters)
+    for name, value in given.items():
+        if value and name not in suite.refuses and value != getattr(defaults, name):
+            args += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    args += first.get("extra_opts") or []
+    return " ".join(args)
+
+
+def suite_page(suite, quick, records):
+    """``benchmarks/results/SUITE_SIZE.md``: one section per protocol in the records."""
+    setting = suite.setting(quick)
+    size = "quick" if quick else "full"
+    out = [f"# {suite.name}_{size}", "",
+           f"Generated by `benchmarks/run.py` from `{suite.name}_{size}.json`; a re-run rewrites this page.", ""]
+    sections = {}
+    for r in records:
+        sections.setdefault(tuple(str(r.get(f)) for f in PROTOCOL_FIELDS), []).append(r)
+    for section in sections.values():
+        first = section[0]
+        base_iters, iters = map(int, first["budget"].split("+")) if first.get("budget") else (None, None)
+        title = suite.protocol.format(num_train=first.get("num_train") or setting.num_train,
+                                      num_test=first.get("num_test") or setting.num_test,
+                                      base_iters=base_iters or setting.base_iters, iters=iters or setting.iters,
+                                      warmup=setting.warmup)
+        if first.get("extra_opts"):
+            title += f"; overrides `{' '.join(first['extra_opts'])}`"
+        if len(sections) > 1:
+            out += [f"## {title}", ""]
+        else:
+            out += [f"- protocol: {title}"]
+        out += [f"- machine: {_machines(section)}",
+                f"- command: `{_reproduce(suite, quick, setting, section)}`", "", suite.table(section), ""]
+    return "\n".join(out)
