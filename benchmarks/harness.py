@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.config import get_ilmil_cfg
 from ilmil.data import parse_stage_spec, shapes_num_classes
-from ilmil.evaluation import add_forgetting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "tools", "train_incremental.py")
@@ -170,20 +169,10 @@ def reuse_status(run):
             if json.load(f)["fingerprint"] != run.fingerprint():
                 return "stale"
     results = read_results(run)
-    # Schedules started at stage 1 record stages 1.., older folders 0..: the last one decides.
+    # A run started at stage 1 records its given stage 0 too: the last stage decides.
     last = results["stages"][-1]["stage"] if results and results["stages"] else None
     schedule_end = 0 if run.method == "joint" else run.num_stages - 1
     return "finished" if last == schedule_end else "partial"
-
-
-def completed_results(run):
-    """The run's results.json, with its shared stage 0's entry in front when it
-    started at stage 1, and the forgetting recomputed over all stages."""
-    results = read_results(run)
-    if run.stage0 is None or results["stages"][0]["stage"] == 0:
-        return results
-    stage0 = read_results(run.stage0)["stages"][:1]
-    return add_forgetting({**results, "stages": stage0 + results["stages"]})
 
 
 def train(run, fresh=False):

@@ -8,7 +8,7 @@ import time
 
 from ilmil.data import generate_shapes_dataset
 
-from .harness import budget_name, completed_results
+from .harness import budget_name, read_results
 
 
 def machine():
@@ -40,7 +40,7 @@ def training_records(suite, setting, planned, outcomes, extra):
     variants = {v.name: v for v in setting.variants}
     records = []
     for (spec, name, seed), run in planned.items():
-        results = completed_results(run)
+        results = read_results(run)
         last = results["stages"][-1]
         times = step_times(run, last["stage"])
         outcome = outcomes.get(run.out_dir, {})

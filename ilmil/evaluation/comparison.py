@@ -50,7 +50,8 @@ def retention_sentence(runs, labels):
     shares = ", ".join(shares[:-1]) + " and " + shares[-1] if len(shares) > 1 else shares[0]
     teacher = (f"the same teacher (AP50 {last['AP50_old_teacher']:.1f} on its {len(last['old_classes'])} classes)"
                if len(teachers) == 1 else "their teachers")
-    return (f"After learning {len(last['new_classes'])} new classes from {teacher}, {shares} "
+    new = len(last["new_classes"])
+    return (f"After learning {new} new class{'es' if new != 1 else ''} from {teacher}, {shares} "
             "of the teacher's AP50 on the old classes.")
 
 

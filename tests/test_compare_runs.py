@@ -1,0 +1,60 @@
+"""tools/compare_runs.py: two runs from one teacher, side by side."""
+import json
+import os
+
+from tool_runs import run_tool
+from ilmil.evaluation import add_forgetting
+
+TEACHER = {"a": 80.0, "b": 60.0}  # AP50 of the stage-0 model on its two classes: mean 70
+
+
+def _run_dir(root, method, old_ap50, new_ap50):
+    """A finished 2+1 run folder whose stage 0 is the shared teacher."""
+    def entry(stage, old, new, per_class):
+        values = list(per_class.values())
+        return {"stage": stage, "old_classes": old, "new_classes": new,
+                "per_class": {c: {"AP50": v, "AP": v / 2} for c, v in per_class.items()},
+                "AP50": sum(values) / len(values),
+                "AP50_old": sum(per_class[c] for c in old) / len(old) if old else None,
+                "AP50_new": sum(per_class[c] for c in new) / len(new)}
+
+    results = {"method": method, "dataset": "shapes", "stages_spec": "2+1", "seed": 0, "stages": [
+        entry(0, [], ["a", "b"], TEACHER),
+        entry(1, ["a", "b"], ["c"], {"a": old_ap50[0], "b": old_ap50[1], "c": new_ap50}),
+    ]}
+    folder = root / method
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(add_forgetting(results)))
+    return folder
+
+
+def _table_rows(text):
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_table_sentence_plot_and_report(tmp_path, tiny_datasets_root):
+    finetune = _run_dir(tmp_path, "finetune", (4.0, 3.0), 90.0)  # old mean 3.5 = 5 % of 70
+    ilmil = _run_dir(tmp_path, "ilmil", (76.0, 57.0), 70.0)  # old mean 66.5 = 95 % of 70
+    out = tmp_path / "compare"
+    proc = run_tool("compare_runs.py", [str(finetune), str(ilmil), "--out", str(out)], tiny_datasets_root)
+    assert proc.returncode == 0, proc.log
+    assert _table_rows(proc.stdout) == [
+        ["finetune", "70.0", "3.5", "5 %", "90.0", "32.3"],
+        ["ilmil", "70.0", "66.5", "95 %", "70.0", "67.7"],
+    ]
+    sentence = ("After learning 1 new class from the same teacher (AP50 70.0 on its 2 classes), "
+                "finetune keeps 5 % and ilmil keeps 95 % of the teacher's AP50 on the old classes.")
+    assert sentence in proc.stdout
+    report = (out / "report.md").read_text()
+    assert sentence in report and "![forgetting curve](forgetting_curve.png)" in report
+    assert "(../finetune/report.md)" in report and "(../ilmil/report.md)" in report
+    assert (out / "forgetting_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_a_folder_without_results_is_one_error_line(tmp_path, tiny_datasets_root):
+    proc = run_tool("compare_runs.py", [str(tmp_path), "--out", str(tmp_path / "out")], tiny_datasets_root)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
+    assert "results.json" in proc.stderr and "Traceback" not in proc.log
