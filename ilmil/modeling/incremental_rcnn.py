@@ -25,7 +25,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
-from ..checkpoint import safe_load
+from ..checkpoint import CheckpointError, safe_load
 from ..config import check_choice, uses_teacher
 from .build import load_detector
 from .distillation import build_distill_loss
@@ -96,6 +96,9 @@ def checkpoint_class_names(checkpoint):
     return checkpoint.get("ilmil", {}).get("class_names")
 
 
+_CLS_SCORE = "roi_heads.box_predictor.cls_score.weight"
+
+
 def load_checked_checkpoint(
     weights,
     expected_classes=None,
@@ -110,7 +113,10 @@ def load_checked_checkpoint(
     if "model" not in checkpoint:
         checkpoint = {"model": checkpoint}
     state = checkpoint["model"]
-    num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
+    if _CLS_SCORE not in state:
+        raise CheckpointError(f"checkpoint {weights} holds no box classifier ({_CLS_SCORE}): not a Faster R-CNN "
+                              "detector; fix: give a detector checkpoint written by ilmil's tools")
+    num_classes = state[_CLS_SCORE].shape[0] - 1
     if expected_classes is not None:
         names = checkpoint_class_names(checkpoint)
         if num_classes != len(expected_classes) or (names is not None and list(names) != list(expected_classes)):
