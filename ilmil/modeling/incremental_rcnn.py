@@ -221,19 +221,20 @@ class IncrementalRCNN(GeneralizedRCNN):
         expected = None
         if cfg.DATASETS.TRAIN:
             expected = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("old_classes")
-        ret["teacher"] = build_teacher(cfg, ilmil.TEACHER.WEIGHTS, expected)
         distill = ilmil.DISTILL
+        if distill.RCN.ENABLED and (
+                cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON or cfg.MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES):
+            # the RCN term shares the box branch's pass (forward) and has no mask/keypoint variant
+            raise ValueError(
+                "ILMIL.DISTILL.RCN.ENABLED needs box-only ROI heads: set MODEL.MASK_ON, MODEL.KEYPOINT_ON "
+                "and MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES to False, or ILMIL.DISTILL.RCN.ENABLED False"
+            )
+        ret["teacher"] = build_teacher(cfg, ilmil.TEACHER.WEIGHTS, expected)
         if distill.FEAT.ENABLED:
             ret["feature_loss"] = build_distill_loss("FeatureDistillation", cfg)
         if distill.RPN.ENABLED:
             ret["rpn_loss"] = build_distill_loss("RPNDistillation", cfg)
         if distill.RCN.ENABLED:
-            if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON or cfg.MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES:
-                # the RCN term shares the box branch's pass (forward) and has no mask/keypoint variant
-                raise ValueError(
-                    "ILMIL.DISTILL.RCN.ENABLED needs box-only ROI heads: set MODEL.MASK_ON, MODEL.KEYPOINT_ON "
-                    "and MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES to False, or ILMIL.DISTILL.RCN.ENABLED False"
-                )
             ret["rcn_loss"] = build_distill_loss("RCNDistillation", cfg)
         ret["loss_weights"] = {"feat": distill.FEAT.WEIGHT, "rpn": distill.RPN.WEIGHT, "rcn": distill.RCN.WEIGHT}
         pseudo = ilmil.PSEUDO_LABELS
