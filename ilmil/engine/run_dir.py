@@ -40,8 +40,7 @@ _RUN_OUTPUTS = ("stage_*", "results.json", "stages.json", "config.yaml", "report
 
 
 class RunDirError(ValueError):
-    """A folder a tool cannot use: an output folder that is a file, not writable or
-    holds a different run; a run folder without the files of a run."""
+    """An output folder a tool cannot use: a file, not writable, or holding a different run."""
 
 
 class RunValidationError(ValueError):

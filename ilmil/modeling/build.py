@@ -32,15 +32,15 @@ def _check_architecture(model, state, weights):
     own = model.state_dict()
     if state and all(name.startswith("module.") for name in state):  # saved from a DistributedDataParallel model
         state = {name[len("module."):]: value for name, value in state.items()}
-    misfits = [(name, "missing") for name in own if name not in state]
-    misfits += [(name, f"{tuple(state[name].shape)}") for name, value in own.items()
-                if name in state and tuple(getattr(state[name], "shape", ())) != tuple(value.shape)]
+    found = {name: tuple(getattr(state[name], "shape", ())) if name in state else "missing" for name in own}
+    misfits = [(name, found[name]) for name, value in own.items() if found[name] != tuple(value.shape)]
     if misfits:
-        name, found = misfits[0]
+        name, there = misfits[0]
         raise CheckpointError(
-            f"checkpoint {weights} does not fit the config's model: {len(misfits)} of its {len(own)} tensors are "
-            f"missing or of another shape (e.g. {name}: {found} in the checkpoint, {tuple(own[name].shape)} in the "
-            "model); fix: give the --config-file the model was trained with (a run's config.yaml)"
+            f"checkpoint {weights} does not fit the config's model: {len(misfits)} of the model's {len(own)} "
+            f"tensors are missing or of another shape (e.g. {name}: {there} in the checkpoint, "
+            f"{tuple(own[name].shape)} in the model); fix: give the --config-file the model was trained with "
+            "(a run's config.yaml)"
         )
 
 
