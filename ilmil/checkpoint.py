@@ -67,17 +67,25 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
 def safe_load(path):
     """The contents of a checkpoint file, loaded without executing code from it.
 
-    Raises :class:`CheckpointError` naming the file when it cannot be read.
+    Raises :class:`CheckpointError` naming the file when it is missing or cannot be read.
     """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} not found; fix: give the path of a .pth written by ilmil's tools "
+                              "(e.g. OUT/stage_0/model_final.pth)")
     try:
         if path.endswith(".pkl"):
             with open(path, "rb") as f:
-                return _ArraysOnlyUnpickler(f, encoding="latin1").load()
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
+                data = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / ... on bad files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]  # torch's messages run to many lines
+        raise CheckpointError(f"cannot read checkpoint {path} ({reason}): the file is truncated, corrupt or "
+                              "not a checkpoint; fix: give a complete checkpoint file") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}, not a dict of weights; "
+                              "fix: give a checkpoint written by ilmil's tools or detectron2")
+    return data
 
 
 class RNGStates:

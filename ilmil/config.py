@@ -1,6 +1,8 @@
 """Config keys of ilmil, added to a detectron2 config by :func:`add_ilmil_config`."""
 import os
 
+import yaml
+
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -202,19 +204,66 @@ def get_ilmil_cfg(config_file=None, opts=(), method=None):
     config file (default: the shapes CPU config), then ``KEY VALUE`` overrides.
 
     ``method`` (``--method``) wins over an ``ILMIL.METHOD`` in the file or opts.
+    A missing or unreadable file, an unknown key or a value of the wrong type
+    raises :class:`ConfigError` naming it.
     """
     config_file = config_file or DEFAULT_CONFIG
+    _check_config_file(config_file)
     opts = list(opts)
     if method is None:
         probe = _base_cfg()
-        probe.merge_from_file(config_file)
-        probe.merge_from_list(opts)
+        _merge_file(probe, config_file)
+        _merge_opts(probe, opts)
         method = probe.ILMIL.METHOD
-    if method not in METHOD_PRESETS:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHOD_PRESETS)}")
+    check_choice("--method", method, METHOD_PRESETS)
     cfg = _base_cfg()
     cfg.merge_from_list([x for key, value in METHOD_PRESETS[method].items() for x in (key, value)])
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    _merge_file(cfg, config_file)
+    _merge_opts(cfg, opts)
     cfg.ILMIL.METHOD = method
     return cfg
+
+
+_CONFIG_FIX = "fix: give a yaml config such as configs/shapes/faster_rcnn_R18_FPN_cpu.yaml or a run's config.yaml"
+
+
+def _check_config_file(path):
+    """Refuse a config file that is missing, not YAML, or not a mapping of keys."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config-file {path}: no such file; {_CONFIG_FIX}")
+    try:
+        with open(path) as f:
+            content = yaml.safe_load(f)
+    except yaml.constructor.ConstructorError:
+        return  # python-specific tags: detectron2 loads these itself
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"--config-file {path} is not valid YAML ({reason}); {_CONFIG_FIX}") from None
+    if not isinstance(content, dict):
+        found = "nothing" if content is None else f"a {type(content).__name__}"
+        raise ConfigError(f"--config-file {path} holds {found}, not a mapping of config keys; {_CONFIG_FIX}")
+
+
+def _merge_file(cfg, path):
+    try:
+        cfg.merge_from_file(path)
+    except (KeyError, ValueError) as e:  # yacs: an unknown key, a value of the wrong type
+        raise ConfigError(f"--config-file {path}: {e.args[0]}; fix: correct or remove that key") from None
+
+
+def _merge_opts(cfg, opts):
+    """``KEY VALUE`` overrides, refused (naming the pair) where yacs would only assert."""
+    if len(opts) % 2:
+        raise ConfigError(f"config overrides {' '.join(map(str, opts))}: a KEY without its VALUE; "
+                          "fix: give overrides as KEY VALUE pairs, e.g. SOLVER.MAX_ITER 100")
+    for key in opts[0::2]:
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, CN) or part not in node:
+                raise ConfigError(f"config override {key}: no such config key; fix: check its spelling "
+                                  "(the keys are those of detectron2 and ilmil/config.py)")
+            node = node[part]
+    try:
+        cfg.merge_from_list(opts)
+    except ValueError as e:  # yacs: a value of the wrong type
+        raise ConfigError(f"config overrides: {e.args[0]}; fix: give a value of the key's type") from None

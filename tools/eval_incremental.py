@@ -16,6 +16,7 @@ import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.config import get_ilmil_cfg
+from ilmil.engine import require_output_dir, run_tool_main
 from ilmil.evaluation import evaluate_checkpoint, evaluate_run, format_results_table
 
 
@@ -41,15 +42,20 @@ def parse_args(argv=None):
     misplaced = [flag for flag, value in (run_only if args.weights else checkpoint_only).items() if value]
     if misplaced:
         parser.error(f"{', '.join(misplaced)} cannot be used with {'--weights' if args.weights else '--run-dir'}")
+    try:
+        args.stages = [int(k) for k in args.stages.split(",")] if args.stages else None
+    except ValueError:
+        parser.error(f"--stages {args.stages}: give comma-separated stage indices, e.g. 0,1")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     progress = not args.quiet
+    if args.output_dir:
+        require_output_dir(args.output_dir)
     if args.run_dir:
-        stages = [int(k) for k in args.stages.split(",")] if args.stages else None
-        results = evaluate_run(args.run_dir, args.output_dir, stages, args.opts, progress)
+        results = evaluate_run(args.run_dir, args.output_dir, args.stages, args.opts, progress)
     else:
         cfg = get_ilmil_cfg(args.config_file or None, args.opts)
         if args.dataset:
@@ -62,4 +68,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool_main(main))

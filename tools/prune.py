@@ -21,17 +21,24 @@ from ilmil.checkpoint import safe_load
 from ilmil.config import get_ilmil_cfg
 from ilmil.data import DatasetError, load_dataset_source, register_stage_datasets
 from ilmil.data.stages import Stage
-from ilmil.engine import RUN_ERRORS
+from ilmil.engine import require_output_dir, run_tool_main
 from ilmil.modeling import checkpoint_class_names
 from ilmil.pruning import format_pruning_table
-from ilmil.pruning.workflow import prune_checkpoint
+from ilmil.pruning.workflow import check_pruning_ratios, prune_checkpoint
+
+
+def _ratios(text):
+    try:
+        return [float(r) for r in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated fractions, e.g. 0.2,0.3,0.4,0.5") from None
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True, help="an ilmil checkpoint (it records its class names)")
     parser.add_argument("--ratio", type=float, default=0.0, help="fraction of residual-block inner channels removed")
-    parser.add_argument("--stage-ratios", help="per ResNet stage res2,res3,res4,res5 (overrides --ratio)")
+    parser.add_argument("--stage-ratios", type=_ratios, help="per ResNet stage res2,res3,res4,res5 (overrides --ratio)")
     parser.add_argument("--box-head-ratio", type=float, default=0.0, help="fraction of box-head hidden units removed")
     parser.add_argument("--finetune-iters", type=int, default=0, help="fine-tuning iterations after pruning")
     parser.add_argument("--output-dir", required=True, help="where model_pruned.pth and pruning.json go")
@@ -49,28 +56,26 @@ def main(argv=None):
     pruning = cfg.ILMIL.PRUNING
     pruning.RATIO, pruning.BOX_HEAD_RATIO, pruning.FINETUNE_ITERS = args.ratio, args.box_head_ratio, args.finetune_iters
     if args.stage_ratios:
-        pruning.STAGE_RATIOS = [float(r) for r in args.stage_ratios.split(",")]
+        pruning.STAGE_RATIOS = args.stage_ratios
     cfg.OUTPUT_DIR = args.output_dir
+    check_pruning_ratios(cfg)
+    classes = checkpoint_class_names(safe_load(args.weights))
+    if not classes:
+        raise DatasetError(f"{args.weights} records no class names: give a checkpoint written by ilmil's tools")
+    source = load_dataset_source(cfg)
+    unknown = [c for c in classes if c not in source.class_names]
+    if unknown:
+        raise DatasetError(f"{args.weights} holds classes the {source.name} data lacks: {', '.join(unknown)}; "
+                           "fix: --dataset / --config-file of the data the model was trained on")
+    require_output_dir(args.output_dir)
     setup_logger(args.output_dir, name="ilmil", abbrev_name="ilmil")
     setup_logger(args.output_dir)
-    try:
-        classes = checkpoint_class_names(safe_load(args.weights))
-        if not classes:
-            raise DatasetError(f"{args.weights} records no class names: give a checkpoint written by ilmil's tools")
-        source = load_dataset_source(cfg)
-        unknown = [c for c in classes if c not in source.class_names]
-        if unknown:
-            raise DatasetError(f"{args.weights} holds classes the {source.name} data lacks: {', '.join(unknown)}; "
-                               "fix: --dataset / --config-file of the data the model was trained on")
-        train_name, test_name = register_stage_datasets("ilmil_prune", source, Stage(0, (), tuple(classes)))
-        cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(classes)
-        cfg.freeze()
-        summary = prune_checkpoint(cfg, args.weights, args.output_dir, classes, train_name, test_name)
-    except (*RUN_ERRORS, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    train_name, test_name = register_stage_datasets("ilmil_prune", source, Stage(0, (), tuple(classes)))
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(classes)
+    cfg.freeze()
+    summary = prune_checkpoint(cfg, args.weights, args.output_dir, classes, train_name, test_name)
     print(format_pruning_table(summary))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool_main(main))

@@ -16,7 +16,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ilmil.config import get_ilmil_cfg
-from ilmil.engine import RUN_ERRORS, init_distributed, run_incremental
+from ilmil.engine import IncrementalRun, init_distributed, require_output_dir, run_tool_main
 from ilmil.evaluation import format_results_table
 
 
@@ -45,6 +45,8 @@ def parse_args(argv=None):
 
 
 def setup(args):
+    """The run's config, the output folder checked and the loggers set up; detectron2's
+    own setup (which writes OUT/config.yaml) waits until the run has passed its checks."""
     cfg = get_ilmil_cfg(args.config_file or None, args.opts, method=args.method)
     # Set directly: yacs would parse a spec such as "20" as an int.
     if args.dataset is not None:
@@ -59,8 +61,8 @@ def setup(args):
         cfg.ILMIL.PRUNING.RATIO = args.prune
     cfg.OUTPUT_DIR = args.output_dir
     cfg.freeze()
+    require_output_dir(cfg.OUTPUT_DIR)
     init_distributed(cfg.MODEL.DEVICE)  # under torchrun: join its process group
-    default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ilmil", abbrev_name="ilmil")
     return cfg
 
@@ -68,13 +70,11 @@ def setup(args):
 def main(argv=None):
     args = parse_args(argv)
     cfg = setup(args)
-    try:
-        results = run_incremental(cfg, args.start_stage, args.teacher_weights, args.resume, args.force)
-    except RUN_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(format_results_table(results))
+    # Checked before detectron2's setup, so that a refused run leaves an existing folder's config.yaml as it was.
+    run = IncrementalRun(cfg, args.start_stage, args.teacher_weights, args.resume, args.force)
+    default_setup(cfg, args)
+    print(format_results_table(run.run()))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool_main(main))

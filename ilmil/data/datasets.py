@@ -92,7 +92,7 @@ def datasets_root():
 
 def _require(path, what, hint):
     if not os.path.exists(path):
-        raise DatasetError(f"{what} not found: {path}\n  fix: {hint}")
+        raise DatasetError(f"{what} not found: {path}; fix: {hint}")
     return path
 
 
@@ -101,6 +101,14 @@ def _xml_text(node, tag, xml_file):
     if child is None or child.text is None:
         raise DatasetError(f"{xml_file}: missing field <{tag}>")
     return child.text.strip()
+
+
+def _xml_number(node, tag, xml_file, kind=float):
+    text = _xml_text(node, tag, xml_file)
+    try:
+        return kind(text)
+    except ValueError:
+        raise DatasetError(f"{xml_file}: field <{tag}> {text!r} is not a number; fix: correct the file") from None
 
 
 def load_voc_split(voc_dir, split):
@@ -118,7 +126,11 @@ def load_voc_split(voc_dir, split):
         try:
             tree = ET.parse(xml_file).getroot()
         except ET.ParseError as e:
-            raise DatasetError(f"{xml_file}: not valid XML ({e})") from None
+            raise DatasetError(f"{xml_file}: not valid XML ({e}); fix: correct the file or remove "
+                               f"{file_id} from {split_file}") from None
+        if tree.tag != "annotation":
+            raise DatasetError(f"{xml_file}: top-level element <{tree.tag}>, not <annotation>: not a VOC "
+                               "annotation; fix: give VOC XML files in Annotations/")
         size = tree.find("size")
         if size is None:
             raise DatasetError(f"{xml_file}: missing field <size>")
@@ -128,7 +140,7 @@ def load_voc_split(voc_dir, split):
             if bndbox is None:
                 raise DatasetError(f"{xml_file}: an <object> has no <bndbox>")
             # VOC pixel indices are 1-based and inclusive; detectron2 boxes are 0-based.
-            x0, y0, x1, y1 = (float(_xml_text(bndbox, t, xml_file)) for t in ("xmin", "ymin", "xmax", "ymax"))
+            x0, y0, x1, y1 = (_xml_number(bndbox, t, xml_file) for t in ("xmin", "ymin", "xmax", "ymax"))
             difficult = obj.find("difficult")
             annotations.append(
                 {
@@ -142,8 +154,8 @@ def load_voc_split(voc_dir, split):
             {
                 "file_name": os.path.join(voc_dir, "JPEGImages", f"{file_id}.jpg"),
                 "image_id": file_id,
-                "height": int(_xml_text(size, "height", xml_file)),
-                "width": int(_xml_text(size, "width", xml_file)),
+                "height": _xml_number(size, "height", xml_file, int),
+                "width": _xml_number(size, "width", xml_file, int),
                 "annotations": annotations,
                 "annotation_file": xml_file,
             }
@@ -155,11 +167,7 @@ def load_coco_json(json_file, image_root):
     """Records and category names (in category-id order) of a COCO-format json."""
     _require(json_file, "COCO annotation file", "give the path of an instances json (datasets/README.md)")
     _require(image_root, "COCO image folder", "give the folder that the json's file_name entries are relative to")
-    with open(json_file) as f:
-        data = json.load(f)
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise DatasetError(f"{json_file}: missing top-level field {key!r}; is this a COCO instances json?")
+    data = _read_coco_json(json_file)
     categories = sorted(data["categories"], key=lambda c: c["id"])
     id_to_name = {c["id"]: c["name"] for c in categories}
     records, by_image = [], {}
@@ -189,6 +197,45 @@ def load_coco_json(json_file, image_root):
             }
         )
     return records, tuple(id_to_name.values())
+
+
+# The fields of a COCO instances json that the loader reads.
+_COCO_FIELDS = {"images": ("id", "file_name", "width", "height"), "annotations": ("image_id", "category_id", "bbox"),
+                "categories": ("id", "name")}
+
+
+def _read_coco_json(json_file):
+    """The contents of a COCO instances json, refused (naming the file, the field and
+    the fix) unless it is one: valid JSON, the three lists, their fields, unique categories."""
+    fix = "fix: give a COCO instances json (datasets/README.md)"
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        empty = os.path.getsize(json_file) == 0
+        raise DatasetError(f"{json_file}: {'empty file' if empty else f'not valid JSON ({e})'}; {fix}") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{json_file}: the top level is a {type(data).__name__}, not an object with images, "
+                           f"annotations and categories; {fix}")
+    for key, fields in _COCO_FIELDS.items():
+        entries = data.get(key)
+        if not isinstance(entries, list):
+            found = "missing" if entries is None else f"a {type(entries).__name__}, not a list"
+            raise DatasetError(f"{json_file}: top-level field {key!r} is {found}; {fix}")
+        for i, entry in enumerate(entries):
+            missing = [field for field in fields if not isinstance(entry, dict) or field not in entry]
+            if missing:
+                raise DatasetError(f"{json_file}: {key}[{i}] lacks field(s) {', '.join(map(repr, missing))}; {fix}")
+    for field, other in (("id", "name"), ("name", "id")):
+        seen = {}
+        for category in data["categories"]:
+            value = category[field]
+            if value in seen:
+                raise DatasetError(
+                    f"{json_file}: categories with {other}s {seen[value]!r} and {category[other]!r} share the "
+                    f"{field} {value!r}; fix: give each category its own id and name")
+            seen[value] = category[other]
+    return data
 
 
 def _annotation_problem(record, ann, class_names, clip_boxes):
@@ -281,6 +328,8 @@ def problem_lines(problems, bullet="", report=None):
 
 def dataset_problems_error(problems, what):
     """The error listing (up to a screenful of) ``problems`` found in ``what``."""
+    if len(problems) == 1:  # one problem, one line
+        return DatasetError(f"{problems[0]} (in {what}); fix: {DATA_PROBLEMS_FIX}")
     listed = "\n".join(problem_lines(problems))
     return DatasetError(
         f"{len(problems)} malformed annotation(s) or image(s) in {what}:\n{listed}\n  fix: {DATA_PROBLEMS_FIX}"

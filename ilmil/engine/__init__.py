@@ -1,5 +1,6 @@
+from .cli import run_tool_main
 from .launch import init_distributed, main_process_first
-from .run_dir import RunDirError, RunValidationError
+from .run_dir import RunDirError, RunValidationError, require_output_dir
 from .runner import RUN_ERRORS, IncrementalRun, resolve_class_order, run_incremental
 from .trainer import IncrementalTrainer, NonFiniteLossError
 
@@ -12,6 +13,8 @@ __all__ = [
     "NonFiniteLossError",
     "RunDirError",
     "RunValidationError",
+    "require_output_dir",
     "resolve_class_order",
     "run_incremental",
+    "run_tool_main",
 ]

@@ -21,7 +21,7 @@ from ..data import problem_lines
 from ..evaluation.run_outputs import write_json
 
 __all__ = ["RUN_FILE", "RunDirError", "RunValidationError", "claim_run_dir", "dataset_fingerprint",
-           "output_dir_problem", "training_config", "write_problem_report"]
+           "output_dir_problem", "require_output_dir", "training_config", "write_problem_report"]
 
 RUN_FILE = "run.json"
 PREFLIGHT_FILE = "preflight_problems.txt"
@@ -40,7 +40,7 @@ _RUN_OUTPUTS = ("stage_*", "results.json", "stages.json", "config.yaml", "report
 
 
 class RunDirError(ValueError):
-    """The output folder holds a different run."""
+    """An output folder a tool cannot use: a file, not writable, or holding a different run."""
 
 
 class RunValidationError(ValueError):
@@ -50,6 +50,10 @@ class RunValidationError(ValueError):
 
     def __init__(self, problems, fixes=(), report=None):
         self.problems = list(problems)
+        if len(self.problems) == 1 and report is None:  # one problem, one line
+            fix = "".join(f"; fix: {f}" for f in fixes)
+            super().__init__(f"{self.problems[0]}{fix} (found before training; nothing was trained)")
+            return
         listed = "\n".join(problem_lines(self.problems, "- ", report) + [f"  fix: {f}" for f in fixes])
         super().__init__(f"{len(self.problems)} problem(s) found before training; nothing was trained:\n{listed}")
 
@@ -105,8 +109,10 @@ def _differences(key, before, now):
     return [f"{key}: {before!r} there, {now!r} now"]
 
 
-def output_dir_problem(output_dir):
-    """Why ``output_dir`` cannot hold the run, or None (it is created if missing)."""
+def output_dir_problem(output_dir, flag="--output-dir"):
+    """Why ``output_dir`` (given as ``flag``) cannot hold the outputs, or None (it is created if missing)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        return f"{flag} {output_dir} is a file, not a folder: fix: choose another {flag} or move the file away"
     try:
         os.makedirs(output_dir, exist_ok=True)
         probe = os.path.join(output_dir, f".write_test.{os.getpid()}")
@@ -114,8 +120,15 @@ def output_dir_problem(output_dir):
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        return f"--output-dir {output_dir} is not writable ({e.strerror}): fix: choose a folder you can write to"
+        return f"{flag} {output_dir} is not writable ({e.strerror}): fix: choose a folder you can write to"
     return None
+
+
+def require_output_dir(output_dir, flag="--output-dir"):
+    """Create ``output_dir`` if missing; :class:`RunDirError` if it cannot hold outputs."""
+    problem = output_dir_problem(output_dir, flag)
+    if problem:
+        raise RunDirError(problem)
 
 
 def _remove_run_outputs(output_dir):
@@ -140,8 +153,13 @@ def claim_run_dir(output_dir, identity, seed, force=False, logger=None):
     path = os.path.join(output_dir, RUN_FILE)
     recorded = None
     if os.path.isfile(path):
-        with open(path) as f:
-            recorded = json.load(f)
+        try:
+            with open(path) as f:
+                recorded = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if not force:
+                raise RunDirError(f"{path} is not valid JSON ({e}); fix: choose another --output-dir, or add "
+                                  "--force to remove that run's outputs and start over") from None
     if force:
         removed = _remove_run_outputs(output_dir)
         if removed and logger:
@@ -154,7 +172,7 @@ def claim_run_dir(output_dir, identity, seed, force=False, logger=None):
             listed = "; ".join(clause for key in changed for clause in _differences(key, before[key], identity[key]))
             raise RunDirError(
                 f"{path}: this folder holds another run ({listed}), whose finished stages would be "
-                f"mixed into this one.\n  fix: choose another --output-dir, or add --force to remove "
+                f"mixed into this one; fix: choose another --output-dir, or add --force to remove "
                 f"that run's outputs and start over"
             )
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")

@@ -42,20 +42,22 @@ from ..data import (
     register_stage_datasets,
 )
 from ..data.stages import Stage, StageSpecError
-from ..evaluation import evaluate_model, finalize_run
+from ..evaluation import NotARunError, evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
 from ..file_io import atomic_write
 from ..modeling import (
     TEACHER_PRECISIONS,
     CheckpointClassesError,
     IncrementalRCNN,
+    build_teacher,
+    check_distill_choices,
     load_checked_checkpoint,
     load_detector,
     load_expanded,
     with_checkpoint_layout,
 )
 from ..pruning import PruningError
-from ..pruning.workflow import prune_checkpoint, pruning_enabled
+from ..pruning.workflow import check_pruning_ratios, prune_checkpoint, pruning_enabled
 from .launch import main_process_first
 from .run_dir import (
     RunDirError,
@@ -75,7 +77,7 @@ logger = logging.getLogger("ilmil")
 # Errors whose message is the whole story (what is wrong, where, the fix): the CLI
 # prints them without a traceback.
 RUN_ERRORS = (ConfigError, DatasetError, StageSpecError, CheckpointClassesError, CheckpointError, RunDirError,
-              RunValidationError, NonFiniteLossError, PruningError)
+              RunValidationError, NonFiniteLossError, PruningError, NotARunError)
 
 
 def resolve_class_order(custom_order, dataset_classes):
@@ -111,14 +113,15 @@ class IncrementalRun:
         """
         self.cfg = cfg
         self.output_dir = cfg.OUTPUT_DIR
-        self.method = cfg.ILMIL.METHOD
-        if self.method not in METHOD_PRESETS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHOD_PRESETS)}")
+        self.method = check_choice("ILMIL.METHOD", cfg.ILMIL.METHOD, METHOD_PRESETS)
         check_optimizer(cfg)
         check_choice("ILMIL.TEACHER.PRECISION", cfg.ILMIL.TEACHER.PRECISION, TEACHER_PRECISIONS)
-        meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        check_distill_choices(cfg)
+        check_pruning_ratios(cfg)
+        meta_arch = META_ARCH_REGISTRY.get(check_choice(
+            "MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE, [name for name, _ in META_ARCH_REGISTRY]))
         if uses_teacher(cfg) and not issubclass(meta_arch, IncrementalRCNN):
-            raise ValueError(
+            raise ConfigError(
                 f"method {self.method} needs MODEL.META_ARCHITECTURE IncrementalRCNN (or a subclass), "
                 f"got {cfg.MODEL.META_ARCHITECTURE}"
             )
@@ -141,11 +144,12 @@ class IncrementalRun:
         if not 0 <= start_stage < len(self.schedule):
             raise StageSpecError(f"--start-stage {start_stage}: the schedule has stages 0..{len(self.schedule) - 1}")
         if start_stage > 0 and not teacher_weights:
-            raise ValueError(f"--start-stage {start_stage} needs --teacher-weights: the model of stages 0..{start_stage - 1}")
-        if teacher_weights:  # refuse a wrong start model before any work
+            raise ConfigError(f"--start-stage {start_stage} needs --teacher-weights: the model of stages "
+                              f"0..{start_stage - 1}; fix: give that checkpoint, or start at stage 0")
+        if teacher_weights:  # refuse a wrong start model (classes, architecture) before any work
             try:
-                load_checked_checkpoint(teacher_weights, self.schedule[start_stage].old_classes)
-            except (CheckpointClassesError, CheckpointError, FileNotFoundError) as e:
+                build_teacher(cfg, teacher_weights, self.schedule[start_stage].old_classes)
+            except (CheckpointClassesError, CheckpointError) as e:
                 problems.append(f"--teacher-weights: {e}")
         self.start_stage = start_stage
         self.teacher_weights = teacher_weights

@@ -23,8 +23,8 @@ from detectron2.evaluation import inference_on_dataset
 
 from ..checkpoint import safe_load
 from ..config import get_ilmil_cfg
-from ..data import load_dataset_source, register_stage_datasets
-from ..data.stages import Stage
+from ..data import DatasetError, load_dataset_source, register_stage_datasets
+from ..data.stages import Stage, StageSpecError
 from ..modeling import (
     CheckpointClassesError,
     checkpoint_class_names,
@@ -35,9 +35,13 @@ from .forgetting import add_forgetting
 from .incremental_evaluator import IncrementalEvaluator
 from .run_outputs import write_run_outputs
 
-__all__ = ["CheckpointClassesError", "evaluate_checkpoint", "evaluate_model", "evaluate_run"]
+__all__ = ["CheckpointClassesError", "NotARunError", "evaluate_checkpoint", "evaluate_model", "evaluate_run"]
 
 logger = logging.getLogger(__name__)
+
+
+class NotARunError(ValueError):
+    """A folder or file given as a run that does not hold a run's outputs."""
 
 
 def evaluate_model(cfg, model, output_dir=None, progress=False):
@@ -54,21 +58,11 @@ def evaluate_model(cfg, model, output_dir=None, progress=False):
     return inference_on_dataset(model, loader, IncrementalEvaluator(dataset_name, output_dir)).get("bbox", {})
 
 
-def _require_file(weights):
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"checkpoint not found: {weights}")
-    return weights
-
-
-def _checkpoint(weights):
-    return safe_load(_require_file(weights))
-
-
 def _load_model(cfg, weights, class_names):
     """The detector of ``cfg`` with ``weights``, refusing a checkpoint of other classes
     (detectron2 would only warn and leave the mismatched head random)."""
     checkpoint, _ = load_checked_checkpoint(
-        _require_file(weights),
+        weights,
         class_names,
         error=CheckpointClassesError,
         use="it is evaluated on the {n} classes",
@@ -129,17 +123,18 @@ def evaluate_run(run_dir, output_dir=None, stages=None, opts=(), progress=True):
 
     Returns the results dict (results.json format, with forgetting keys).
     """
+    schedule = _run_schedule(run_dir)
     cfg = get_ilmil_cfg(os.path.join(run_dir, "config.yaml"), opts)
-    with open(os.path.join(run_dir, "stages.json")) as f:
-        schedule = json.load(f)["stages"]
     weights = {info["index"]: os.path.join(run_dir, f"stage_{info['index']}", "model_final.pth") for info in schedule}
     if stages is None:
         stages = [k for k in weights if os.path.isfile(weights[k])]
         if not stages:
-            raise FileNotFoundError(f"no stage of {run_dir} has a model_final.pth yet")
+            raise NotARunError(f"--run-dir {run_dir}: no stage has a model_final.pth yet; fix: let the run "
+                              "finish its first stage (or --resume it)")
     unknown = [k for k in stages if k not in weights]
     if unknown:
-        raise ValueError(f"{run_dir} has stages {sorted(weights)}, not {unknown}")
+        raise NotARunError(f"--stages {','.join(map(str, unknown))}: {run_dir} has stages {sorted(weights)}; "
+                          "fix: choose among those")
     source = load_dataset_source(cfg)
     entries = []
     for info in schedule:
@@ -152,6 +147,26 @@ def evaluate_run(run_dir, output_dir=None, stages=None, opts=(), progress=True):
     return _finish(_results(cfg, entries, evaluated_run=os.path.abspath(run_dir)), output_dir)
 
 
+def _run_schedule(run_dir):
+    """The stages of ``stages.json`` in the run folder ``run_dir``, refused (naming the
+    file) when the folder is not a run folder or the file is not a schedule."""
+    fix = "fix: give the --output-dir of a tools/train_incremental.py run"
+    path = os.path.join(run_dir, "stages.json")
+    for needed in (path, os.path.join(run_dir, "config.yaml")):
+        if not os.path.isfile(needed):
+            raise NotARunError(f"--run-dir {run_dir}: {os.path.basename(needed)} not found, not a run folder; {fix}")
+    try:
+        with open(path) as f:
+            schedule = json.load(f).get("stages")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise NotARunError(f"{path} is not a run's schedule ({e}); {fix}") from None
+    if not isinstance(schedule, list) or not all(
+            isinstance(s, dict) and {"index", "old_classes", "new_classes"} <= s.keys() for s in schedule):
+        raise NotARunError(f"{path}: field 'stages' is not a list of stages with index, old_classes and "
+                          f"new_classes; {fix}")
+    return schedule
+
+
 def evaluate_checkpoint(cfg, weights, classes=None, num_old=0, output_dir=None, progress=True):
     """Evaluate one checkpoint on the test set of ``cfg``'s dataset, ground truth of ``classes``.
 
@@ -162,15 +177,17 @@ def evaluate_checkpoint(cfg, weights, classes=None, num_old=0, output_dir=None, 
         output_dir: as for :func:`evaluate_run` (its ``stage_0/`` gets the detections).
     """
     if classes is None:
-        classes = checkpoint_class_names(_checkpoint(weights))
+        classes = checkpoint_class_names(safe_load(weights))
         if classes is None:
             raise CheckpointClassesError(f"{weights} does not record its classes: give them (--classes a,b,c)")
+    if not 0 <= num_old <= len(classes):
+        raise StageSpecError(f"--num-old {num_old}: there are {len(classes)} classes; fix: give 0..{len(classes)}")
     source = load_dataset_source(cfg)
     unknown = [c for c in classes if c not in source.class_names]
     if unknown:
-        raise ValueError(f"classes not in {source.name}: {', '.join(unknown)}; it has: {', '.join(source.class_names)}")
-    if not 0 <= num_old <= len(classes):
-        raise ValueError(f"--num-old {num_old}: there are {len(classes)} classes")
+        raise DatasetError(f"classes not in the {source.name} data: {', '.join(unknown)}; it has: "
+                           f"{', '.join(source.class_names)}; fix: --classes, or the --dataset / --config-file "
+                           "of the model's data")
     stage = Stage(0, tuple(classes[:num_old]), tuple(classes[num_old:]))
     metrics = _evaluate_stage(cfg, source, stage, weights, _stage_output_dir(output_dir, 0), progress)
     info = {"index": 0, "old_classes": list(stage.old_classes), "new_classes": list(stage.new_classes),

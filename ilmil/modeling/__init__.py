@@ -8,6 +8,7 @@ from .distillation import (
     RCNDistillation,
     RPNDistillation,
     build_distill_loss,
+    check_distill_choices,
     old_class_logits,
 )
 from .expansion import expand_predictor_state_dict, load_expanded
@@ -39,6 +40,7 @@ __all__ = [
     "add_pseudo_labels",
     "build_distill_loss",
     "build_teacher",
+    "check_distill_choices",
     "checkpoint_class_names",
     "drop_boxes_on_new_gt",
     "expand_predictor_state_dict",

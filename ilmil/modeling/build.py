@@ -1,7 +1,7 @@
 """Building a detector in the channel layout of a (possibly pruned) checkpoint."""
 from detectron2.modeling import build_model
 
-from ..checkpoint import IncrementalCheckpointer, safe_load
+from ..checkpoint import CheckpointError, IncrementalCheckpointer, safe_load
 from ..pruning import apply_channel_layout, checkpoint_channel_layout
 
 __all__ = ["build_detector", "load_detector", "with_checkpoint_layout"]
@@ -20,8 +20,28 @@ def load_detector(cfg, weights, checkpoint=None):
     if checkpoint is None:
         checkpoint = safe_load(weights)
     model = build_detector(with_checkpoint_layout(cfg, checkpoint))
+    if not weights.endswith(".pkl"):  # model-zoo names are matched to the model's only when loading
+        _check_architecture(model, checkpoint.get("model", checkpoint), weights)
     IncrementalCheckpointer(model).load(weights)
     return model
+
+
+def _check_architecture(model, state, weights):
+    """Refuse weights of another architecture: detectron2 would only warn and leave
+    the layers that do not fit at their random initialisation."""
+    own = model.state_dict()
+    if state and all(name.startswith("module.") for name in state):  # saved from a DistributedDataParallel model
+        state = {name[len("module."):]: value for name, value in state.items()}
+    found = {name: tuple(getattr(state[name], "shape", ())) if name in state else "missing" for name in own}
+    misfits = [(name, found[name]) for name, value in own.items() if found[name] != tuple(value.shape)]
+    if misfits:
+        name, there = misfits[0]
+        raise CheckpointError(
+            f"checkpoint {weights} does not fit the config's model: {len(misfits)} of the model's {len(own)} "
+            f"tensors are missing or of another shape (e.g. {name}: {there} in the checkpoint, "
+            f"{tuple(own[name].shape)} in the model); fix: give the --config-file the model was trained with "
+            "(a run's config.yaml)"
+        )
 
 
 def with_checkpoint_layout(cfg, checkpoint):

@@ -25,6 +25,8 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
+from ..config import check_choice
+
 __all__ = [
     "DISTILL_LOSS_REGISTRY",
     "FEATURE_DISTANCES",
@@ -32,6 +34,7 @@ __all__ = [
     "RPNDistillation",
     "RCNDistillation",
     "build_distill_loss",
+    "check_distill_choices",
     "old_class_logits",
 ]
 
@@ -62,6 +65,17 @@ def _filtered_l1(student, teacher):
 
 
 FEATURE_DISTANCES = {"l2": _l2, "normalized": _normalized, "filtered_l1": _filtered_l1}
+LAYER_WEIGHTINGS = ("uniform", "adaptive")
+RCN_LOGITS = ("l2", "kl")
+
+
+def check_distill_choices(cfg):
+    """Refuse an unknown distance, layer weighting or logits mode of ``cfg`` by its key,
+    before any work (the losses themselves are built when a stage starts training)."""
+    d = cfg.ILMIL.DISTILL
+    check_choice("ILMIL.DISTILL.FEAT.DISTANCE", d.FEAT.DISTANCE, FEATURE_DISTANCES)
+    check_choice("ILMIL.DISTILL.FEAT.LAYER_WEIGHTING", d.FEAT.LAYER_WEIGHTING, LAYER_WEIGHTINGS)
+    check_choice("ILMIL.DISTILL.RCN.LOGITS", d.RCN.LOGITS, RCN_LOGITS)
 
 
 def build_distill_loss(name, cfg):
@@ -77,7 +91,7 @@ class FeatureDistillation(nn.Module):
         super().__init__()
         if distance not in FEATURE_DISTANCES:
             raise ValueError(f"unknown feature distance {distance!r}; choose one of {sorted(FEATURE_DISTANCES)}")
-        if weighting not in ("uniform", "adaptive"):
+        if weighting not in LAYER_WEIGHTINGS:
             raise ValueError(f"unknown layer weighting {weighting!r}; choose uniform or adaptive")
         if not layers:
             raise ValueError("feature distillation needs at least one layer (ILMIL.DISTILL.FEAT.LAYERS)")
@@ -173,7 +187,7 @@ class RCNDistillation(nn.Module):
     @configurable
     def __init__(self, *, logits="l2", temperature=2.0):
         super().__init__()
-        if logits not in ("l2", "kl"):
+        if logits not in RCN_LOGITS:
             raise ValueError(f"unknown RCN logits mode {logits!r}; choose l2 or kl")
         self.logits = logits
         self.temperature = temperature

@@ -25,7 +25,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
-from ..checkpoint import safe_load
+from ..checkpoint import CheckpointError, safe_load
 from ..config import check_choice, uses_teacher
 from .build import load_detector
 from .distillation import build_distill_loss
@@ -96,6 +96,9 @@ def checkpoint_class_names(checkpoint):
     return checkpoint.get("ilmil", {}).get("class_names")
 
 
+_CLS_SCORE = "roi_heads.box_predictor.cls_score.weight"
+
+
 def load_checked_checkpoint(
     weights,
     expected_classes=None,
@@ -110,7 +113,10 @@ def load_checked_checkpoint(
     if "model" not in checkpoint:
         checkpoint = {"model": checkpoint}
     state = checkpoint["model"]
-    num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
+    if _CLS_SCORE not in state:
+        raise CheckpointError(f"checkpoint {weights} holds no box classifier ({_CLS_SCORE}): not a Faster R-CNN "
+                              "detector; fix: give a detector checkpoint written by ilmil's tools")
+    num_classes = state[_CLS_SCORE].shape[0] - 1
     if expected_classes is not None:
         names = checkpoint_class_names(checkpoint)
         if num_classes != len(expected_classes) or (names is not None and list(names) != list(expected_classes)):
@@ -215,19 +221,20 @@ class IncrementalRCNN(GeneralizedRCNN):
         expected = None
         if cfg.DATASETS.TRAIN:
             expected = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("old_classes")
-        ret["teacher"] = build_teacher(cfg, ilmil.TEACHER.WEIGHTS, expected)
         distill = ilmil.DISTILL
+        if distill.RCN.ENABLED and (
+                cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON or cfg.MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES):
+            # the RCN term shares the box branch's pass (forward) and has no mask/keypoint variant
+            raise ValueError(
+                "ILMIL.DISTILL.RCN.ENABLED needs box-only ROI heads: set MODEL.MASK_ON, MODEL.KEYPOINT_ON "
+                "and MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES to False, or ILMIL.DISTILL.RCN.ENABLED False"
+            )
+        ret["teacher"] = build_teacher(cfg, ilmil.TEACHER.WEIGHTS, expected)
         if distill.FEAT.ENABLED:
             ret["feature_loss"] = build_distill_loss("FeatureDistillation", cfg)
         if distill.RPN.ENABLED:
             ret["rpn_loss"] = build_distill_loss("RPNDistillation", cfg)
         if distill.RCN.ENABLED:
-            if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON or cfg.MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES:
-                # the RCN term shares the box branch's pass (forward) and has no mask/keypoint variant
-                raise ValueError(
-                    "ILMIL.DISTILL.RCN.ENABLED needs box-only ROI heads: set MODEL.MASK_ON, MODEL.KEYPOINT_ON "
-                    "and MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES to False, or ILMIL.DISTILL.RCN.ENABLED False"
-                )
             ret["rcn_loss"] = build_distill_loss("RCNDistillation", cfg)
         ret["loss_weights"] = {"feat": distill.FEAT.WEIGHT, "rpn": distill.RPN.WEIGHT, "rcn": distill.RCN.WEIGHT}
         pseudo = ilmil.PSEUDO_LABELS

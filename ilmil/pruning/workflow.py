@@ -20,10 +20,10 @@ from ..engine.trainer import IncrementalTrainer, StageRecord
 from ..evaluation import evaluate_model
 from ..evaluation.run_outputs import write_json
 from ..modeling import load_checked_checkpoint, load_detector
-from .channels import prune_l1
+from .channels import PruningError, prune_l1
 from .measure import format_pruning_table, measure_model
 
-__all__ = ["PRUNED_NAME", "pruning_enabled", "pruning_ratios", "prune_checkpoint"]
+__all__ = ["PRUNED_NAME", "check_pruning_ratios", "pruning_enabled", "pruning_ratios", "prune_checkpoint"]
 
 logger = logging.getLogger("ilmil")
 
@@ -36,12 +36,27 @@ def pruning_enabled(cfg):
     return p.RATIO > 0 or any(r > 0 for r in p.STAGE_RATIOS) or p.BOX_HEAD_RATIO > 0
 
 
-def pruning_ratios(cfg):
-    """``layer name -> fraction removed`` from the ``ILMIL.PRUNING`` keys."""
+def check_pruning_ratios(cfg):
+    """Refuse ``ILMIL.PRUNING`` ratios that cannot be applied, naming the key (before any work)."""
     p = cfg.ILMIL.PRUNING
     stage_ratios = [float(r) for r in p.STAGE_RATIOS]
     if stage_ratios and len(stage_ratios) != 4:
-        raise ValueError(f"ILMIL.PRUNING.STAGE_RATIOS needs 4 values (res2..res5), got {stage_ratios}")
+        raise PruningError(f"ILMIL.PRUNING.STAGE_RATIOS (--stage-ratios) {stage_ratios}: needs 4 values, "
+                           "one per ResNet stage res2..res5; fix: give 4 ratios, e.g. 0.2,0.3,0.4,0.5")
+    ratios = {"ILMIL.PRUNING.RATIO (--ratio, --prune)": [p.RATIO],
+              "ILMIL.PRUNING.STAGE_RATIOS (--stage-ratios)": stage_ratios,
+              "ILMIL.PRUNING.BOX_HEAD_RATIO (--box-head-ratio)": [p.BOX_HEAD_RATIO]}
+    for key, values in ratios.items():
+        bad = [r for r in values if not 0.0 <= r < 1.0]
+        if bad:
+            raise PruningError(f"{key} {bad[0]}: a pruning ratio is a fraction in [0, 1); fix: e.g. 0.3")
+    return stage_ratios
+
+
+def pruning_ratios(cfg):
+    """``layer name -> fraction removed`` from the ``ILMIL.PRUNING`` keys."""
+    p = cfg.ILMIL.PRUNING
+    stage_ratios = check_pruning_ratios(cfg)
 
     def ratio_of(name):
         if ".box_head." in name:
@@ -63,6 +78,7 @@ def prune_checkpoint(cfg, weights, output_dir, class_names, train_dataset, test_
         train_dataset, test_dataset: registered names of its training data (for
             fine-tuning) and test data (AP50 and a real image for GFLOPs / latency).
     """
+    check_pruning_ratios(cfg)
     os.makedirs(output_dir, exist_ok=True)
     checkpoint, _ = load_checked_checkpoint(weights, class_names, use="it is pruned as a model of the {n} classes",
                                             fix="give the model of those classes")

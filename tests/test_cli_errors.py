@@ -1,0 +1,370 @@
+"""Every mistake in a tool's input ends in one line: ``error: <what, where>; <fix>`` on
+stderr, exit status 1, no traceback, nothing trained and no file overwritten.
+
+Each case builds its bad input under ``tmp_path`` and runs the real tool as a
+subprocess. All of them fail in the checks before any training, so each takes
+a few seconds (mostly the tool's start-up).
+"""
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+from conftest import TINY_SHAPES
+from ilmil.config import get_ilmil_cfg
+from ilmil.data.shapes import shape_class_names
+from ilmil.modeling import build_detector
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, run_tool, tail
+from voc_coco_files import write_coco_json, write_voc_folder
+
+SHAPES = shape_class_names(TINY_SHAPES["num_classes"])
+# Files that a refused run must leave as they were, wherever it points.
+OUTPUTS = ("model_final.pth", "results.json", "stages.json", "run.json", "config.yaml")
+
+
+@dataclass
+class Bad:
+    """A case's command line, what the error line must name, and files it must not change."""
+
+    args: list
+    names: str
+    kept: tuple = ()
+
+
+@dataclass
+class Case:
+    tool: str
+    build: Callable  # (tmp_path, checkpoints) -> Bad
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Detector checkpoints of the tiny shapes' first two classes, written as the tools
+    write them (a state dict and the class names), without training: a good one, one
+    of two other classes, one of another architecture, and a truncated one."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+
+    def save(name, classes, *opts):
+        cfg = get_ilmil_cfg(opts=["MODEL.ROI_HEADS.NUM_CLASSES", len(classes), *opts])
+        path = folder / name
+        torch.save({"model": build_detector(cfg).state_dict(), "ilmil": {"class_names": list(classes)}}, path)
+        return path
+
+    good = save("good.pth", SHAPES[:2])
+    truncated = folder / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    return {
+        "good": good,
+        "other_classes": save("other_classes.pth", SHAPES[2:4]),
+        "other_architecture": save("other_architecture.pth", SHAPES[:2], "MODEL.FPN.OUT_CHANNELS", 32),
+        "truncated": truncated,
+        "missing": folder / "missing.pth",
+    }
+
+
+# ------------------------------------------------------------ train_incremental.py
+
+
+def _train(tmp_path, *args):
+    return ["--stages", "2+2", "--output-dir", str(tmp_path / "out"), *args, *SHAPES_OPTS, *TRAIN_OPTS]
+
+
+def _choice(*args, names):
+    return Case("train_incremental.py", lambda tmp_path, _: Bad(_train(tmp_path, *args), names))
+
+
+def _config_file(text, names):
+    def build(tmp_path, _):
+        config = tmp_path / "config.yaml"
+        config.write_text(text)
+        return Bad(_train(tmp_path, "--config-file", str(config)), f"--config-file {config}{names}")
+    return Case("train_incremental.py", build)
+
+
+def _output_dir_is_a_file(tmp_path, _):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    return Bad(["--stages", "2+2", "--output-dir", str(taken), *SHAPES_OPTS], f"--output-dir {taken} is a file",
+               kept=(taken,))
+
+
+def _output_dir_in_a_file(tmp_path, _):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    out = taken / "out"
+    return Bad(["--stages", "2+2", "--output-dir", str(out), *SHAPES_OPTS], f"--output-dir {out} is not writable",
+               kept=(taken,))
+
+
+def _existing_run_kept(tmp_path, _):
+    """A bad option aimed at a folder with a run in it leaves the run's files alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    kept = []
+    for name in ("results.json", "config.yaml", "run.json"):
+        (out / name).write_text("{}")
+        kept.append(out / name)
+    return Bad(_train(tmp_path, "ILMIL.DISTILL.FEAT.DISTANCE", "cosine"), "ILMIL.DISTILL.FEAT.DISTANCE 'cosine'",
+               kept=tuple(kept))
+
+
+COCO_CLASSES = {1: "cat", 2: "dog"}
+
+
+def _coco_images(root, name):
+    boxes = [{"category_id": 1, "bbox": [2, 2, 20, 20]}, {"category_id": 2, "bbox": [30, 10, 20, 20]}]
+    return [(1, f"{name}_a.jpg", 64, 48, boxes), (2, f"{name}_b.jpg", 64, 48, boxes)]
+
+
+def _coco(tmp_path, corrupt):
+    """A coco_json run whose training json ``corrupt(path, images folder)`` spoils; returns
+    the arguments and the spoiled file."""
+    images = tmp_path / "images"
+    train = write_coco_json(tmp_path / "train.json", images, _coco_images(images, "train"), COCO_CLASSES)
+    test = write_coco_json(tmp_path / "test.json", images, _coco_images(images, "test"), COCO_CLASSES)
+    corrupt(train, images)
+    args = ["--dataset", "coco_json", "--stages", "1+1", "--output-dir", str(tmp_path / "out"),
+            "ILMIL.DATA.TRAIN_JSON", train, "ILMIL.DATA.TRAIN_IMAGES", str(images),
+            "ILMIL.DATA.TEST_JSON", test, "ILMIL.DATA.TEST_IMAGES", str(images), *TRAIN_OPTS]
+    return args, train
+
+
+def _coco_case(corrupt, names):
+    def build(tmp_path, _):
+        args, train = _coco(tmp_path, corrupt)
+        return Bad(args, f"{train}: {names}")
+    return Case("train_incremental.py", build)
+
+
+def _rewrite_json(change):
+    def corrupt(path, _):
+        with open(path) as f:
+            data = json.load(f)
+        change(data)
+        with open(path, "w") as f:
+            json.dump(data, f)
+    return corrupt
+
+
+def _truncate(path, _):
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text[: len(text) // 2])
+
+
+def _empty(path, _):
+    open(path, "w").close()
+
+
+def _write(text):
+    def corrupt(path, _):
+        with open(path, "w") as f:
+            f.write(text)
+    return corrupt
+
+
+def _duplicate_name(data):
+    data["categories"][1]["name"] = "cat"
+
+
+def _duplicate_id(data):
+    data["categories"][1]["id"] = 1
+
+
+def _truncate_image(path, images):
+    image = os.path.join(images, "train_b.jpg")
+    with open(image, "rb") as f:
+        data = f.read()
+    with open(image, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+def _undecodable_image(tmp_path, _):
+    args, train = _coco(tmp_path, _truncate_image)
+    return Bad(args, f"{train}: image file {tmp_path / 'images' / 'train_b.jpg'} does not decode")
+
+
+def _voc_case(text, names):
+    def build(tmp_path, _):
+        images = {"a": (64, 48, [{"name": "cat", "box": (3, 3, 20, 20)}, {"name": "dog", "box": (30, 10, 50, 30)}]),
+                  "b": (64, 48, [{"name": "cat", "box": (3, 3, 20, 20)}, {"name": "dog", "box": (30, 10, 50, 30)}])}
+        root = write_voc_folder(tmp_path / "voc", images, {"trainval": ["a", "b"], "test": ["a", "b"]})
+        xml = tmp_path / "voc" / "Annotations" / "b.xml"
+        xml.write_text(text(xml.read_text()))
+        args = ["--dataset", "voc_folder", "--stages", "1+1", "--output-dir", str(tmp_path / "out"),
+                "ILMIL.DATA.ROOT", root, *TRAIN_OPTS]
+        return Bad(args, f"{xml}: {names}")
+    return Case("train_incremental.py", build)
+
+
+def _teacher(kind, names):
+    def build(tmp_path, checkpoints):
+        weights = checkpoints[kind]
+        args = _train(tmp_path, "--start-stage", "1", "--teacher-weights", str(weights))
+        return Bad(args, f"{weights}{names}", kept=(checkpoints["good"],))
+    return Case("train_incremental.py", build)
+
+
+# ------------------------------------------------------------ eval_incremental.py
+
+
+def _eval_weights(kind, names, *args):
+    def build(tmp_path, checkpoints):
+        weights = checkpoints[kind]
+        return Bad(["--weights", str(weights), "--quiet", *args, *SHAPES_OPTS, *TRAIN_OPTS], f"{weights}{names}")
+    return Case("eval_incremental.py", build)
+
+
+def _not_a_run(tmp_path, _):
+    folder = tmp_path / "not_a_run"
+    folder.mkdir()
+    return Bad(["--run-dir", str(folder)], f"--run-dir {folder}: stages.json not found")
+
+
+def _bad_schedule(tmp_path, _):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("ILMIL:\n  DATASET: shapes\n")
+    (folder / "stages.json").write_text('{"stages": [')
+    return Bad(["--run-dir", str(folder)], f"{folder / 'stages.json'} is not a run's schedule")
+
+
+def _eval_output_dir_is_a_file(tmp_path, checkpoints):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    args = ["--weights", str(checkpoints["good"]), "--output-dir", str(taken), *SHAPES_OPTS]
+    return Bad(args, f"--output-dir {taken} is a file", kept=(taken,))
+
+
+# ------------------------------------------------------------ prune.py
+
+
+def _prune(names, *args, kind="good"):
+    def build(tmp_path, checkpoints):
+        out = tmp_path / "pruned"
+        argv = ["--weights", str(checkpoints[kind]), "--output-dir", str(out), *args, *SHAPES_OPTS, *TRAIN_OPTS]
+        return Bad(argv, names.format(weights=checkpoints[kind], out=out))
+    return Case("prune.py", build)
+
+
+def _prune_output_dir_is_a_file(tmp_path, checkpoints):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    args = ["--weights", str(checkpoints["good"]), "--ratio", "0.3", "--output-dir", str(taken), *SHAPES_OPTS]
+    return Bad(args, f"--output-dir {taken} is a file", kept=(taken,))
+
+
+# ------------------------------------------------------------ plot_forgetting.py
+
+
+def _plot(write, names):
+    def build(tmp_path, _):
+        run = tmp_path / "run"
+        run.mkdir()
+        if write is not None:
+            (run / "results.json").write_text(write)
+        return Bad([str(run), "--out", str(tmp_path / "plots")], names.format(results=run / "results.json"))
+    return Case("plot_forgetting.py", build)
+
+
+def _plot_out_is_a_file(tmp_path, _):
+    run = tmp_path / "run"
+    run.mkdir()
+    stage = {"stage": 0, "old_classes": [], "new_classes": ["cat"], "per_class": {"cat": {"AP50": 50.0}}, "AP50": 50.0}
+    (run / "results.json").write_text(json.dumps(
+        {"method": "finetune", "dataset": "shapes", "stages_spec": "1", "stages": [stage]}))
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    return Bad([str(run), "--out", str(taken)], f"--out {taken} is a file", kept=(taken,))
+
+
+CASES = {
+    # unknown choices
+    "method": _choice("--method", "nope", names="--method 'nope'"),
+    "dataset": _choice("--dataset", "nope", names="unknown dataset 'nope'"),
+    "distance": _choice("ILMIL.DISTILL.FEAT.DISTANCE", "cosine", names="ILMIL.DISTILL.FEAT.DISTANCE 'cosine'"),
+    "optimizer": _choice("SOLVER.OPTIMIZER", "Adam", names="SOLVER.OPTIMIZER 'Adam'"),
+    "precision": _choice("ILMIL.TEACHER.PRECISION", "half", names="ILMIL.TEACHER.PRECISION 'half'"),
+    "prune_ratio": _choice("--prune", "1.5", names="ILMIL.PRUNING.RATIO (--ratio, --prune) 1.5"),
+    # config files and overrides
+    "config_missing": Case("train_incremental.py", lambda tmp_path, _: Bad(
+        _train(tmp_path, "--config-file", str(tmp_path / "nope.yaml")), f"--config-file {tmp_path / 'nope.yaml'}")),
+    "config_not_yaml": _config_file("MODEL:\n  DEVICE: [cpu\n", " is not valid YAML"),
+    "config_empty": _config_file("", " holds nothing, not a mapping"),
+    "config_unknown_key": _config_file("VERSION: 2\nSOLVER:\n  MAX_ITERS: 5\n",
+                                       ": Non-existent config key: SOLVER.MAX_ITERS"),
+    "override_unknown_key": _choice("SOLVER.MAX_ITERS", "5", names="config override SOLVER.MAX_ITERS"),
+    "override_without_value": Case("train_incremental.py", lambda tmp_path, _: Bad(
+        ["--stages", "2+2", "--output-dir", str(tmp_path / "out"), "SOLVER.MAX_ITER"], "SOLVER.MAX_ITER")),
+    "override_wrong_type": _choice("SOLVER.MAX_ITER", "many", names="for config key: SOLVER.MAX_ITER"),
+    # output folders
+    "output_dir_is_a_file": Case("train_incremental.py", _output_dir_is_a_file),
+    "output_dir_not_writable": Case("train_incremental.py", _output_dir_in_a_file),
+    "existing_run_untouched": Case("train_incremental.py", _existing_run_kept),
+    # annotation files
+    "coco_truncated": _coco_case(_truncate, "not valid JSON"),
+    "coco_empty": _coco_case(_empty, "empty file"),
+    "coco_top_level_list": _coco_case(_write("[]"), "the top level is a list"),
+    "coco_category_without_name": _coco_case(_rewrite_json(lambda d: d["categories"][1].pop("name")),
+                                             "categories[1] lacks field(s) 'name'"),
+    "coco_duplicate_names": _coco_case(_rewrite_json(_duplicate_name),
+                                       "categories with ids 1 and 2 share the name 'cat'"),
+    "coco_duplicate_ids": _coco_case(_rewrite_json(_duplicate_id),
+                                     "categories with names 'cat' and 'dog' share the id 1"),
+    "voc_truncated": _voc_case(lambda xml: xml[: len(xml) // 2], "not valid XML"),
+    "voc_wrong_top_level": _voc_case(lambda xml: xml.replace("annotation>", "image>"),
+                                     "top-level element <image>, not <annotation>"),
+    "voc_size_not_a_number": _voc_case(lambda xml: xml.replace("<width>64<", "<width>wide<"),
+                                       "field <width> 'wide' is not a number"),
+    "image_undecodable": Case("train_incremental.py", _undecodable_image),
+    # teacher weights
+    "teacher_missing": _teacher("missing", " not found"),
+    "teacher_truncated": _teacher("truncated", " ("),
+    "teacher_other_classes": _teacher("other_classes", f" holds {SHAPES[2:4]}, but the schedule expects"),
+    "teacher_other_architecture": _teacher("other_architecture", " does not fit the config's model"),
+    # eval_incremental.py
+    "eval_weights_missing": _eval_weights("missing", " not found"),
+    "eval_weights_other_classes": _eval_weights("good", f" holds {SHAPES[:2]}, but it is evaluated on",
+                                                "--classes", ",".join(SHAPES[2:4])),
+    "eval_weights_other_architecture": _eval_weights("other_architecture", " does not fit the config's model"),
+    "eval_config_missing": Case("eval_incremental.py", lambda tmp_path, checkpoints: Bad(
+        ["--weights", str(checkpoints["good"]), "--config-file", str(tmp_path / "nope.yaml")],
+        f"--config-file {tmp_path / 'nope.yaml'}: no such file")),
+    "eval_not_a_run": Case("eval_incremental.py", _not_a_run),
+    "eval_bad_schedule": Case("eval_incremental.py", _bad_schedule),
+    "eval_output_dir_is_a_file": Case("eval_incremental.py", _eval_output_dir_is_a_file),
+    # prune.py
+    "prune_weights_missing": _prune("{weights} not found", kind="missing"),
+    "prune_three_stage_ratios": _prune("--stage-ratios) [0.1, 0.2, 0.3]: needs 4 values", "--stage-ratios",
+                                       "0.1,0.2,0.3"),
+    "prune_output_dir_is_a_file": Case("prune.py", _prune_output_dir_is_a_file),
+    # plot_forgetting.py
+    "plot_no_results": _plot(None, "{results} not found"),
+    "plot_results_a_list": _plot("[]", "{results} is not a run's results"),
+    "plot_out_is_a_file": Case("plot_forgetting.py", _plot_out_is_a_file),
+}
+
+
+def _snapshot(paths):
+    return {path: path.read_bytes() for path in paths if path.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_a_bad_input_ends_in_one_error_line(case, tmp_path, tiny_datasets_root, checkpoints):
+    bad = case.build(tmp_path, checkpoints)
+    before = _snapshot(bad.kept)
+    before_files = {p for p in tmp_path.rglob("*")}
+    proc = run_tool(case.tool, [str(a) for a in bad.args], tiny_datasets_root, timeout=90)
+    assert proc.returncode == 1, tail(proc)
+    assert "Traceback" not in proc.log, tail(proc)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), tail(proc)
+    assert bad.names in lines[0], f"{bad.names!r} not in {lines[0]!r}"
+    assert "fix" in lines[0] or "choose one of" in lines[0], lines[0]
+    assert _snapshot(bad.kept) == before
+    written = {p for p in tmp_path.rglob("*") if p not in before_files and p.is_file()}
+    assert not [p for p in written if p.name in OUTPUTS or p.suffix == ".pth" or p.suffix == ".png"], written
