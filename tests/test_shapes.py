@@ -3,6 +3,8 @@ import json
 import os
 import xml.etree.ElementTree as ET
 
+import cv2
+import numpy as np
 import pytest
 
 from ilmil.data.shapes import dataset_dirname, generate_shapes_dataset, shape_class_names
@@ -84,6 +86,21 @@ def test_easy_difficulty_is_its_own_cached_set_with_fewer_larger_objects(dataset
     for rel in _listing(easy):
         with open(os.path.join(easy, rel), "rb") as a, open(os.path.join(again, rel), "rb") as b:
             assert a.read() == b.read(), rel
+    # Class colours: the centre of a filled (convex) object shows its class's hue.
+    with open(os.path.join(easy, "annotations", "instances_train.json")) as f:
+        coco = json.load(f)
+    hue_errors = {}
+    for ann in coco["annotations"]:
+        if ann["category_id"] % 2 == 0 or ann["category_id"] > 10:
+            continue  # outlines, and kinds past the five convex ones
+        x, y, w, h = ann["bbox"]
+        image = cv2.imread(os.path.join(easy, "JPEGImages", f"{ann['image_id']:06d}.jpg"))
+        hue = cv2.cvtColor(image[int(y + h / 2):int(y + h / 2) + 1, int(x + w / 2):int(x + w / 2) + 1],
+                           cv2.COLOR_BGR2HSV)[0, 0, 0]
+        expected = ((ann["category_id"] - 1) * 0.618034 % 1.0) * 180
+        hue_errors.setdefault(ann["category_id"], []).append(min(abs(hue - expected), 180 - abs(hue - expected)))
+    assert len(hue_errors) >= 3
+    assert all(np.median(errors) < 8 for errors in hue_errors.values()), hue_errors
     with pytest.raises(ValueError, match="difficulty must be one of hard, easy, got 'medium'"):
         generate_shapes_dataset(str(tmp_path), difficulty="medium", progress=False)
 

@@ -83,6 +83,9 @@ class Difficulty:
     texture_alpha: tuple
     blob_amplitude: tuple  # low-frequency background noise
     blur_probability: float
+    # Objects painted in a colour of their class (a fixed hue each, jittered) on grey
+    # backgrounds, instead of a colour unrelated to the class.
+    class_colours: bool = False
 
 
 DIFFICULTIES = {
@@ -96,12 +99,14 @@ DIFFICULTIES = {
                        low_contrast_fraction=0.03, clutter_items=(0, 4), overlay_lines=(0, 3),
                        texture_probability=0.3, texture_alpha=(0.1, 0.3), blob_amplitude=(10, 35),
                        blur_probability=0.05),
-    # The demo's set: larger, fewer, barely overlapping objects on plain noisy
-    # backgrounds, so a detector trained from scratch converges within minutes on a CPU.
+    # The demo's set: fewer, larger, barely overlapping objects in their class's colour
+    # on plain grey backgrounds, so a detector trained from scratch converges within
+    # minutes on a CPU. Without the class colours, 5 of its classes reached only AP50 ~25
+    # after 1000 iterations: circles, pentagons and hexagons of 16-48 px look alike.
     "easy": Difficulty(object_size=(32, 96), max_objects=3, min_visible_fraction=0.9,
                        low_contrast_fraction=0.0, clutter_items=(0, 1), overlay_lines=(0, 1),
                        texture_probability=0.0, texture_alpha=(0.1, 0.3), blob_amplitude=(5, 15),
-                       blur_probability=0.0),
+                       blur_probability=0.0, class_colours=True),
 }
 
 
@@ -469,9 +474,19 @@ def _sample_objects(rng, num_classes, image_size, knobs):
     return placed
 
 
-def _draw_object(rng, image, background, obj, low_contrast_fraction):
+def _class_colour(rng, class_index):
+    """A saturated colour of the class's own hue (golden-ratio spaced), slightly jittered."""
+    hue = (class_index * 0.618034 + rng.uniform(-0.02, 0.02)) % 1.0
+    hsv = np.array([[[hue * 180, 220, 230]]], np.uint8)  # OpenCV's 8-bit hue is 0..180
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float64)
+
+
+def _draw_object(rng, image, background, obj, knobs):
     """Paint one placed object onto ``image`` (float32, in place)."""
-    base = _object_colour(rng, background, obj["center"], obj["style"], low_contrast_fraction)
+    if knobs.class_colours:
+        base = _class_colour(rng, obj["class"])
+    else:
+        base = _object_colour(rng, background, obj["center"], obj["style"], knobs.low_contrast_fraction)
     painted = obj["painted_roi"]
     h, w = painted.shape
     x0, y0 = obj["origin"]
@@ -502,6 +517,8 @@ def _background(rng, image_size, knobs):
     low = max(16, image_size // 4)
     xs, ys = _grid(low)
     c0, c1 = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+    if knobs.class_colours:  # grey, so that no background takes an object's colour
+        c0, c1 = np.repeat(c0.mean() * 0.5 + 40, 3), np.repeat(c1.mean() * 0.5 + 40, 3)
     angle = rng.uniform(0, 2 * np.pi)
     t = np.cos(angle) * xs + np.sin(angle) * ys
     t = (t - t.min()) / (np.ptp(t) + 1e-6)
@@ -609,7 +626,7 @@ def _render_image(rng, image_size, num_classes, knobs):
         _clutter_item(rng, image, image_size)
     objects = _sample_objects(rng, num_classes, image_size, knobs)
     for obj in objects:
-        _draw_object(rng, image, background, obj, knobs.low_contrast_fraction)
+        _draw_object(rng, image, background, obj, knobs)
     # A few thin lines over the objects too, so that clutter is not always behind.
     for _ in range(int(rng.integers(*knobs.overlay_lines))):
         p0, p1 = _random_point(rng, image_size), _random_point(rng, image_size)
