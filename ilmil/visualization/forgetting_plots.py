@@ -1,7 +1,8 @@
 """PNG plots of class-incremental runs, read from their results.json dicts.
 
 - ``forgetting_curve.png``: AP50 over all seen / old / new classes after each
-  stage, one line per run, labelled by method. A single-stage run (joint
+  stage, one line per run, labelled by method; the old classes' line starts at
+  the first stage's AP50 (there they are all the classes: the teacher's level). A single-stage run (joint
   training) is a dashed horizontal reference: on each panel, the mean of its
   per-class AP50 over the classes that panel covers at the last stage of the
   longest run (all, old, new).
@@ -73,6 +74,10 @@ def plot_forgetting_curve(runs, path, labels=None, metric="AP50"):
         for i, (results, label) in enumerate(zip(runs, labels)):
             stages = [e["stage"] for e in results["stages"]]
             values = [_value(e.get(metric + suffix)) for e in results["stages"]]
+            if suffix == "_old" and len(stages) > 1:
+                # The old classes' curve starts at the first stage, where they are all the
+                # classes: its AP is the teacher's, from which forgetting is seen.
+                values[0] = _value(results["stages"][0].get(metric))
             if len(stages) > 1:
                 # clip_on=False: markers at AP 0 show whole, not cut by the axis
                 ax.plot(stages, values, marker=MARKERS[i % len(MARKERS)], markersize=8, clip_on=False,
