@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from . import tables
 from .measures import pruning_records, speed_records, training_records
 
+
 @dataclass(frozen=True)
 class Variant:
     """What a suite trains: a method with config overrides and CLI flags of
@@ -147,7 +148,7 @@ PRUNING = Suite(
     table=tables.pruning_table,
     records=pruning_records,
     folder="{spec}_{slug}",
-    # --prune prunes the stage-0 model inside the run, which --start-stage skips.
+    # Each run trains and prunes its own stage 0, as when the recorded table was measured.
     stage0="own",
     protocol="shapes 10+10 ilmil ({num_train} train / {num_test} test, 256 px), batch 4, {iters} iterations per "
              "stage; the stage-0 model pruned (L1, residual-block inner channels) before stage 1, teacher "

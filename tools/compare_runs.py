@@ -10,9 +10,9 @@ with them, the forgetting curves of all runs on one chart and links to each
 run's report. Each RUN is a run folder holding results.json.
 """
 import argparse
-import json
 import sys
 
+from ilmil.engine import require_output_dir, run_tool_main
 from ilmil.evaluation import compare_runs
 
 
@@ -21,16 +21,10 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder (holding results.json)")
     parser.add_argument("--out", required=True, help="folder for report.md and forgetting_curve.png")
     args = parser.parse_args(argv)
-    try:
-        table, sentence, report = compare_runs(args.runs, args.out)
-    except (OSError, ValueError, KeyError) as e:
-        detail = f"results.json lacks {e}" if isinstance(e, KeyError) else str(e)
-        if isinstance(e, json.JSONDecodeError):
-            detail = f"results.json is not valid JSON ({e})"
-        print(f"error: {detail}; fix: pass run folders of tools/train_incremental.py", file=sys.stderr)
-        return 1
+    require_output_dir(args.out, "--out")
+    table, sentence, report = compare_runs(args.runs, args.out)
     print(f"{table}\n\n{sentence}\nreport: {report}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool_main(main))

@@ -3,9 +3,17 @@ old/new/all averages, forgetting and retention, and the files of a finished run.
 from .comparison import compare_runs
 from .forgetting import add_forgetting, per_class_metrics
 from .incremental_evaluator import IncrementalEvaluator, coco_ground_truth, per_class_coco_ap, summarize_old_new
-from .model_evaluation import CheckpointClassesError, NotARunError, evaluate_checkpoint, evaluate_model, evaluate_run
+from .model_evaluation import CheckpointClassesError, evaluate_checkpoint, evaluate_model, evaluate_run
 from .report import format_report, format_results_table
-from .run_outputs import PER_CLASS_CSV, finalize_run, read_results, write_per_class_csv, write_run_outputs
+from .run_outputs import (
+    PER_CLASS_CSV,
+    NotARunError,
+    finalize_run,
+    load_run_results,
+    read_results,
+    write_per_class_csv,
+    write_run_outputs,
+)
 from .voc_ap import VOC_METRICS, voc_ap, voc_per_class_ap
 
 __all__ = [
@@ -23,6 +31,7 @@ __all__ = [
     "finalize_run",
     "format_report",
     "format_results_table",
+    "load_run_results",
     "per_class_coco_ap",
     "per_class_metrics",
     "read_results",

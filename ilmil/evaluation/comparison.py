@@ -12,7 +12,7 @@ import os
 from ..file_io import atomic_write
 from ..visualization import plot_forgetting_curve, run_labels
 from .report import markdown_table
-from .run_outputs import read_results
+from .run_outputs import load_run_results
 
 __all__ = ["compare_runs", "comparison_rows", "retention_sentence"]
 
@@ -58,10 +58,7 @@ def retention_sentence(runs, labels):
 def compare_runs(run_dirs, out_dir, names=None):
     """Write ``out_dir/report.md`` and ``out_dir/forgetting_curve.png`` comparing the runs
     in ``run_dirs`` (folders holding results.json); returns (table text, sentence, report path)."""
-    runs = [read_results(d) for d in run_dirs]
-    empty = [d for d, r in zip(run_dirs, runs) if not r["stages"]]
-    if empty:
-        raise ValueError(f"{', '.join(empty)}: no evaluated stage in results.json; fix: let the run finish first")
+    runs = [load_run_results(d) for d in run_dirs]
     labels = run_labels(runs, names or [os.path.basename(os.path.abspath(d)) for d in run_dirs])
     os.makedirs(out_dir, exist_ok=True)
     table = markdown_table(COLUMNS, comparison_rows(runs, labels))

@@ -33,15 +33,11 @@ from ..modeling import (
 )
 from .forgetting import add_forgetting
 from .incremental_evaluator import IncrementalEvaluator
-from .run_outputs import write_run_outputs
+from .run_outputs import NotARunError, write_run_outputs
 
 __all__ = ["CheckpointClassesError", "NotARunError", "evaluate_checkpoint", "evaluate_model", "evaluate_run"]
 
 logger = logging.getLogger(__name__)
-
-
-class NotARunError(ValueError):
-    """A folder or file given as a run that does not hold a run's outputs."""
 
 
 def evaluate_model(cfg, model, output_dir=None, progress=False):

@@ -23,7 +23,7 @@ from ..visualization import plot_runs
 from .forgetting import add_forgetting, per_class_metrics
 from .report import format_report
 
-__all__ = ["PER_CLASS_CSV", "finalize_run", "read_results", "write_json", "write_per_class_csv", "write_run_outputs"]
+__all__ = ["PER_CLASS_CSV", "NotARunError", "finalize_run", "load_run_results", "read_results", "write_json", "write_per_class_csv", "write_run_outputs"]
 
 # The per-class CSV of each metric; AP50 (the primary metric) gets the plain name.
 PER_CLASS_CSV = {
@@ -51,9 +51,41 @@ def write_json(path, data):
     atomic_write(path, lambda f: f.write(text), mode="w")
 
 
+class NotARunError(ValueError):
+    """A folder or file given as a run that does not hold a run's outputs."""
+
+
+# What readers of a run's results.json rely on, at the top and in each stage.
+RESULTS_FIELDS = {"method", "dataset", "stages_spec", "stages"}
+STAGE_FIELDS = {"stage", "old_classes", "new_classes", "per_class"}
+
+
 def read_results(run_dir):
     with open(os.path.join(run_dir, "results.json")) as f:
         return json.load(f)
+
+
+def load_run_results(run):
+    """The results of ``run`` (a run folder or its results.json), refused with
+    :class:`NotARunError` naming the file unless it holds a run's evaluated stages."""
+    path = os.path.join(run, "results.json") if os.path.isdir(run) else run
+    fix = "fix: give a run folder of tools/train_incremental.py or eval_incremental.py, or its results.json"
+    if not os.path.isfile(path):
+        raise NotARunError(f"{path} not found; {fix}")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NotARunError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(results, dict) or not RESULTS_FIELDS <= results.keys():
+        raise NotARunError(
+            f"{path} is not a run's results (it needs the fields {', '.join(sorted(RESULTS_FIELDS))}); {fix}")
+    stages = results["stages"]
+    if not stages or not isinstance(stages, list) or not all(
+            isinstance(s, dict) and STAGE_FIELDS <= s.keys() for s in stages):
+        raise NotARunError(f"{path}: field 'stages' is not a list of evaluated stages "
+                           f"({', '.join(sorted(STAGE_FIELDS))}); {fix}")
+    return results
 
 
 def write_per_class_csv(results, path, metric="AP50"):
