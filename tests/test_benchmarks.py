@@ -60,13 +60,13 @@ def test_accuracy_harness_shares_stage0_and_reuses_finished_runs(tiny_datasets_r
         assert record["step_time_s"] > 0
     # The shared stage 0's evaluation completes each method's results: forgetting is measured.
     assert records_["finetune"]["last_stage"]["forgetting_AP50"] is not None
-    # One stage-0 model of 6 iterations; every method starts from it (--start-stage 1),
-    # nothing is copied into their folders, and stage 1 trains its own 4.
+    # One stage-0 model of 6 iterations; every method starts from it (--start-stage 1) and
+    # evaluates it as its stage 0, nothing is copied into their folders, and stage 1 trains its own 4.
     runs = tmp_path / "runs" / "accuracy_quick"
     assert _last_iteration(runs / "base_2classes_6it_seed0" / "stage_0") == 5
     for method in ("finetune", "ilmil"):
         run = runs / f"2+2_{method}_6+4it_seed0"
-        assert not (run / "stage_0").exists() and _last_iteration(run / "stage_1") == 3
+        assert not (run / "stage_0" / "model_final.pth").exists() and _last_iteration(run / "stage_1") == 3
         assert json.loads((run / CONFIG_RECORD).read_text())["fingerprint"]
         assert "--start-stage 1 --teacher-weights" in json.loads((run / "run.json").read_text())["command"]
 
@@ -106,7 +106,8 @@ def test_ablation_harness_switches_one_term_off_per_variant(tiny_datasets_root, 
     # The plain methods are the accuracy suite's runs, every variant from its stage 0.
     assert (runs / "accuracy_quick" / "2+2_ilmil_4+4it_seed0" / "results.json").exists()
     assert (runs / "accuracy_quick" / "base_2classes_4it_seed0" / "stage_0" / "model_final.pth").exists()
-    assert not (runs / "ablation_quick" / "2+2_without_feature_term_4+4it_seed0" / "stage_0").exists()
+    ablated = runs / "ablation_quick" / "2+2_without_feature_term_4+4it_seed0"
+    assert not (ablated / "stage_0" / "model_final.pth").exists()
     assert all(0.0 <= r["last_stage"]["AP50_old"] <= 100.0 for r in records_)
     page = (tmp_path / "results" / "ablation_quick.md").read_text()
     table = [line.split("|")[1].strip() for line in page.splitlines() if line.startswith("| ") and "variant" not in line]
