@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.config import get_ilmil_cfg
 from ilmil.data import parse_stage_spec, shapes_num_classes
+from ilmil.file_io import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "tools", "train_incremental.py")
@@ -185,8 +186,8 @@ def train(run, fresh=False):
     elif fresh and status != "new":
         shutil.rmtree(run.out_dir)
     os.makedirs(run.out_dir, exist_ok=True)
-    with open(os.path.join(run.out_dir, CONFIG_RECORD), "w") as f:
-        json.dump({"fingerprint": run.fingerprint()}, f)
+    atomic_write(os.path.join(run.out_dir, CONFIG_RECORD),
+                 lambda f: json.dump({"fingerprint": run.fingerprint()}, f), mode="w")
     cmd = run.command()
     start = time.perf_counter()
     with open(os.path.join(run.out_dir, "bench_stdout.log"), "a") as logfile:

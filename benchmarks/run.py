@@ -29,6 +29,7 @@ from benchmarks.harness import ROOT, BenchError, describe, execute, log, plan  #
 from benchmarks.suites import SUITES  # noqa: E402
 from benchmarks.tables import suite_page  # noqa: E402
 from ilmil.engine import RUN_ERRORS  # noqa: E402
+from ilmil.file_io import atomic_write  # noqa: E402
 
 # Options that change a suite's runs, as (argparse dest, the Setting field they set).
 SETTING_OPTIONS = {"specs": "specs", "seeds": "seeds", "iters": "iters", "base_iters": "base_iters",
@@ -117,8 +118,7 @@ def write_results(suite, quick, results_dir, new=()):
     if new:
         records.save(path, merged)
     page = suite_page(suite, quick, merged)
-    with open(os.path.join(results_dir, f"{name}.md"), "w") as f:
-        f.write(page)
+    atomic_write(os.path.join(results_dir, f"{name}.md"), lambda f: f.write(page), mode="w")
     print(page)
     return merged
 
