@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
-from ilmil.config import get_ilmil_cfg
+from ilmil.config import changed_from_defaults, get_ilmil_cfg
 from ilmil.data import parse_stage_spec, shapes_num_classes
 from ilmil.file_io import atomic_write
 
@@ -77,10 +77,12 @@ class Run:
         return get_ilmil_cfg(None, self.overrides(), method=self.method)
 
     def fingerprint(self):
-        """What the run trains with: its schedule, training flags and resolved config
-        (the method's preset, the config file, the overrides); not the code, and not
-        where its stage 0 comes from (the same model either way)."""
-        identity = json.dumps([self.spec, self.method, self.seed, list(self.flags)]) + self.config().dump()
+        """What the run trains with: its schedule, training flags and the resolved
+        config's values that differ from the defaults (the method's preset, the config
+        file, the overrides), so a key added to the toolkit at its default leaves every
+        fingerprint as it was; not the code, and not where its stage 0 comes from."""
+        changed = sorted((key, repr(value)) for key, value in changed_from_defaults(self.config()).items())
+        identity = json.dumps([self.spec, self.method, self.seed, list(self.flags), changed])
         return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
     def command(self):

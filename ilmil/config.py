@@ -6,7 +6,8 @@ import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["ConfigError", "add_ilmil_config", "check_choice", "check_optimizer", "get_ilmil_cfg", "uses_teacher", "DEFAULT_CONFIG", "METHOD_PRESETS"]
+__all__ = ["ConfigError", "add_ilmil_config", "changed_from_defaults", "check_choice", "check_optimizer",
+           "config_items", "default_cfg", "get_ilmil_cfg", "uses_teacher", "DEFAULT_CONFIG", "METHOD_PRESETS"]
 
 
 OPTIMIZERS = ("SGD", "AdamW")
@@ -193,10 +194,33 @@ def uses_teacher(cfg):
     return bool(cfg.ILMIL.PSEUDO_LABELS.ENABLED or d.FEAT.ENABLED or d.RPN.ENABLED or d.RCN.ENABLED)
 
 
-def _base_cfg():
+def default_cfg():
+    """detectron2's defaults with the ILMIL keys at theirs (no method preset, no file)."""
     cfg = get_cfg()
     add_ilmil_config(cfg)
     return cfg
+
+
+def config_items(cfg):
+    """``{"SECTION.KEY": value}`` of every leaf of ``cfg``."""
+
+    def flatten(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    return dict(flatten(cfg))
+
+
+def changed_from_defaults(cfg):
+    """The items of ``cfg`` whose value differs from detectron2's and ilmil's defaults.
+    An identity built from them stays the same when a later version adds a key at
+    its default value."""
+    defaults = config_items(default_cfg())
+    return {key: value for key, value in config_items(cfg).items()
+            if key not in defaults or defaults[key] != value}
 
 
 def get_ilmil_cfg(config_file=None, opts=(), method=None):
@@ -211,12 +235,12 @@ def get_ilmil_cfg(config_file=None, opts=(), method=None):
     _check_config_file(config_file)
     opts = list(opts)
     if method is None:
-        probe = _base_cfg()
+        probe = default_cfg()
         _merge_file(probe, config_file)
         _merge_opts(probe, opts)
         method = probe.ILMIL.METHOD
     check_choice("--method", method, METHOD_PRESETS)
-    cfg = _base_cfg()
+    cfg = default_cfg()
     cfg.merge_from_list([x for key, value in METHOD_PRESETS[method].items() for x in (key, value)])
     _merge_file(cfg, config_file)
     _merge_opts(cfg, opts)

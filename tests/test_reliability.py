@@ -472,6 +472,19 @@ def test_a_changed_config_is_named_key_by_key_and_an_older_record_is_not_held_to
     assert "SOLVER.BASE_LR" not in message
 
 
+def test_a_key_added_since_the_record_counts_only_when_it_leaves_its_default(tmp_path):
+    """A toolkit upgrade that adds a config key must not lock a user out of resuming a
+    run; setting that key to something else is still another run."""
+    record = json.dumps({"identity": dict(IDENTITY, config={"SOLVER.BASE_LR": 0.02}), "created": "2026-11-30"})
+    (tmp_path / "run.json").write_text(record)
+    added_at_default = {"SOLVER.BASE_LR": 0.02, "ILMIL.DISTILL.RCN.TEMPERATURE": 2.0}
+    claim_run_dir(str(tmp_path), dict(IDENTITY, config=added_at_default), seed=0)
+    (tmp_path / "run.json").write_text(record)
+    added_elsewhere = {"SOLVER.BASE_LR": 0.02, "ILMIL.DISTILL.RCN.TEMPERATURE": 4.0}
+    with pytest.raises(RunDirError, match="ILMIL.DISTILL.RCN.TEMPERATURE: None there, 4.0 now"):
+        claim_run_dir(str(tmp_path), dict(IDENTITY, config=added_elsewhere), seed=0)
+
+
 def test_the_cli_refuses_another_run_and_records_its_own(tiny_datasets_root, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -16,6 +16,7 @@ import shutil
 import sys
 
 from .. import __version__
+from ..config import config_items, default_cfg
 from ..file_io import atomic_write
 from ..data import problem_lines
 from ..evaluation.run_outputs import write_json
@@ -85,20 +86,13 @@ def training_config(cfg):
     """The resolved config as ``{"SECTION.KEY": value}`` (JSON values), minus the keys
     a re-run may change (``_NOT_IN_IDENTITY``)."""
 
-    def flatten(node, prefix=""):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                yield from flatten(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-
     def kept(key):
         return not any(key == skip or (skip.endswith(".") and key.startswith(skip)) for skip in _NOT_IN_IDENTITY)
 
     def strict(value):  # run.json is strict JSON: an infinite loss weight, say, is kept as "inf"
         return repr(value) if isinstance(value, float) and not math.isfinite(value) else value
 
-    return json.loads(json.dumps({key: strict(value) for key, value in flatten(cfg) if kept(key)}))
+    return json.loads(json.dumps({key: strict(value) for key, value in config_items(cfg).items() if kept(key)}))
 
 
 def _differences(key, before, now):
@@ -167,9 +161,15 @@ def claim_run_dir(output_dir, identity, seed, force=False, logger=None):
         recorded = None
     elif recorded is not None:
         before = recorded.get("identity", {})
-        changed = [key for key in identity if key in before and before[key] != identity[key]]
+        comparable = dict(identity)
+        if isinstance(before.get("config"), dict) and "config" in identity:
+            # Keys the recorded run's version lacked, still at their default, changed nothing.
+            defaults = training_config(default_cfg())
+            comparable["config"] = {k: v for k, v in identity["config"].items()
+                                    if k in before["config"] or defaults.get(k) != v}
+        changed = [key for key in comparable if key in before and before[key] != comparable[key]]
         if changed:
-            listed = "; ".join(clause for key in changed for clause in _differences(key, before[key], identity[key]))
+            listed = "; ".join(clause for key in changed for clause in _differences(key, before[key], comparable[key]))
             raise RunDirError(
                 f"{path}: this folder holds another run ({listed}), whose finished stages would be "
                 f"mixed into this one; fix: choose another --output-dir, or add --force to remove "
