@@ -38,7 +38,7 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.STAGES = "10+10"
     # Class order (names); empty = the dataset's canonical order (VOC order, COCO id order).
     cfg.ILMIL.CLASS_ORDER = []
-    # finetune | joint | pseudo | faster-ilod | ilmil; sets the defaults of the terms below
+    # finetune | joint | pseudo | faster-ilod | mma | ilmil; sets the defaults of the terms below
     # (METHOD_PRESETS); keys in a config file or on the command line override them.
     cfg.ILMIL.METHOD = "finetune"
 
@@ -113,7 +113,8 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DISTILL.RCN = CN()
     cfg.ILMIL.DISTILL.RCN.ENABLED = False
     cfg.ILMIL.DISTILL.RCN.WEIGHT = 1.0
-    # l2 (mean-centred, Faster ILOD) | kl (softened with TEMPERATURE)
+    # l2 (mean-centred, Faster ILOD) | kl (softened with TEMPERATURE) | unbiased_kl (kl where the
+    # student's new classes count as background: the teacher's background may be a new object; MMA)
     cfg.ILMIL.DISTILL.RCN.LOGITS = "l2"
     cfg.ILMIL.DISTILL.RCN.TEMPERATURE = 2.0
     # Teacher proposals kept by objectness per image, and how many of them are sampled.
@@ -123,6 +124,12 @@ def add_ilmil_config(cfg):
     # there the teacher's logits say "background" for a new object, which the student
     # must unlearn (BENCHMARKS.md, ablation). 0 = sample from all (docs/methods.md, 4.4).
     cfg.ILMIL.DISTILL.RCN.NEW_GT_IOU_THRESH = 0.0
+
+    # MMA's unbiased classification: the box head's loss on a proposal labelled background
+    # targets "background or an old class" (old objects are unlabeled in a later stage's
+    # data). Its old classes are the teacher's, so a stage with a teacher only.
+    cfg.ILMIL.UNBIASED_CLS = CN()
+    cfg.ILMIL.UNBIASED_CLS.ENABLED = False
 
     # The embedded dataset, generated on first use under $ILMIL_DATASETS/shapes/.
     cfg.ILMIL.SHAPES = CN()
@@ -159,19 +166,27 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DATA.CHECK_IMAGES = True
 
 
+# Faster ILOD's distillation: filtered L1 on the FPN levels, RPN and RCN terms (MMA keeps it).
+_FASTER_ILOD_DISTILLATION = {
+    "ILMIL.DISTILL.FEAT.ENABLED": True,
+    "ILMIL.DISTILL.FEAT.LAYERS": ["p2", "p3", "p4", "p5", "p6"],
+    "ILMIL.DISTILL.FEAT.DISTANCE": "filtered_l1",
+    "ILMIL.DISTILL.FEAT.LAYER_WEIGHTING": "uniform",
+    "ILMIL.DISTILL.RPN.ENABLED": True,
+    "ILMIL.DISTILL.RCN.ENABLED": True,
+}
+
 # What each --method switches on; every key can still be overridden.
 METHOD_PRESETS = {
     "finetune": {},
     "joint": {},
     "pseudo": {"ILMIL.PSEUDO_LABELS.ENABLED": True},
-    "faster-ilod": {
-        "ILMIL.DISTILL.FEAT.ENABLED": True,
-        "ILMIL.DISTILL.FEAT.LAYERS": ["p2", "p3", "p4", "p5", "p6"],
-        "ILMIL.DISTILL.FEAT.DISTANCE": "filtered_l1",
-        "ILMIL.DISTILL.FEAT.LAYER_WEIGHTING": "uniform",
-        "ILMIL.DISTILL.RPN.ENABLED": True,
-        "ILMIL.DISTILL.RCN.ENABLED": True,
-        "ILMIL.DISTILL.RCN.LOGITS": "l2",
+    "faster-ilod": {**_FASTER_ILOD_DISTILLATION, "ILMIL.DISTILL.RCN.LOGITS": "l2"},
+    # MMA (Cermelli et al. 2022): both of its "background" reinterpretations (docs/methods.md, 4.5).
+    "mma": {
+        **_FASTER_ILOD_DISTILLATION,
+        "ILMIL.DISTILL.RCN.LOGITS": "unbiased_kl",
+        "ILMIL.UNBIASED_CLS.ENABLED": True,
     },
     "ilmil": {
         "ILMIL.PSEUDO_LABELS.ENABLED": True,
@@ -191,7 +206,8 @@ DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "shapes", "faster_rcnn_R18_FPN_cpu.ya
 def uses_teacher(cfg):
     """Whether any term of the config needs the previous stage's model as teacher."""
     d = cfg.ILMIL.DISTILL
-    return bool(cfg.ILMIL.PSEUDO_LABELS.ENABLED or d.FEAT.ENABLED or d.RPN.ENABLED or d.RCN.ENABLED)
+    return bool(cfg.ILMIL.PSEUDO_LABELS.ENABLED or d.FEAT.ENABLED or d.RPN.ENABLED or d.RCN.ENABLED
+                or cfg.ILMIL.UNBIASED_CLS.ENABLED)
 
 
 def default_cfg():

@@ -97,7 +97,7 @@ def test_ablation_harness_switches_one_term_off_per_variant(tiny_datasets_root, 
         records_ = json.load(f)["records"]
     assert [r["variant"] for r in records_] == [
         "finetune", "without pseudo-labels", "without feature term", "without RPN term", "without RCN term",
-        "RCN not on new-class GT", "RCN weight 1", "RCN logits kl",
+        "RCN not on new-class GT", "RCN weight 1", "RCN logits kl", "RCN logits unbiased_kl",
         "bfloat16 teacher", "ilmil (all terms)"]
     runs = tmp_path / "runs"
     # Each variant's run really had its term off: its resolved config says so.

@@ -299,6 +299,51 @@ def test_rcn_distillation_with_a_mask_head_is_refused(teacher_path):
         build_model(cfg)
 
 
+def test_unbiased_classification_with_a_mask_head_is_refused(teacher_path):
+    cfg = _cfg(NUM_ALL, "ILMIL.TEACHER.WEIGHTS", teacher_path, "MODEL.MASK_ON", True,
+               "ILMIL.UNBIASED_CLS.ENABLED", True, method="finetune")
+    with pytest.raises(ValueError, match="ILMIL.UNBIASED_CLS.ENABLED needs box-only ROI heads"):
+        build_model(cfg)
+
+
+def _seeded_step(model, batch, seed=5):
+    torch.manual_seed(seed)  # the same proposal sampling for every model
+    losses, _ = _train_step(model, batch)
+    return {k: v.item() for k, v in losses.items()}
+
+
+@pytest.mark.parametrize("method", ["finetune", "mma"])
+def test_unbiased_classification_lowers_loss_cls_and_changes_no_other_loss(teacher_path, teacher_model, method):
+    """The same student on the same batch with the key off and on. The teacher, and
+    so the student, is sure of old class 0 everywhere: on background proposals
+    -log p_bg is large and -log(p_bg + sum_old p) small. finetune: the key alone
+    (no RCN term) takes the shared box-head pass, which must give the ROI heads'
+    other losses exactly."""
+    batch = _batch()
+    off = _seeded_step(_student(teacher_path, teacher_model, "ILMIL.UNBIASED_CLS.ENABLED", "False", method=method),
+                       batch)
+    student = _student(teacher_path, teacher_model, "ILMIL.UNBIASED_CLS.ENABLED", "True", method=method)
+    assert student.unbiased_cls and student.teacher is not None
+    on = _seeded_step(student, batch)
+    assert set(on) == set(off)
+    assert on["loss_cls"] < 0.5 * off["loss_cls"], (on["loss_cls"], off["loss_cls"])
+    for key in set(on) - {"loss_cls"}:
+        assert on[key] == pytest.approx(off[key], rel=1e-5, abs=1e-7), key
+
+
+def test_mma_without_a_teacher_trains_exactly_detectron2s_losses():
+    """Stage 0 (no old classes, no teacher) of mma is the plain detector."""
+    torch.manual_seed(0)
+    stage0 = build_model(_cfg(NUM_OLD, method="mma")).train()
+    assert stage0.teacher is None
+    plain = GeneralizedRCNN(**GeneralizedRCNN.from_config(_cfg(NUM_OLD, method="finetune"))).train()
+    plain.load_state_dict(stage0.state_dict())
+    gen = torch.Generator().manual_seed(2)
+    batch = [{"image": torch.rand(3, *IMAGE_SIZE, generator=gen) * 255,
+              "instances": _instances([[10, 10, 40, 40], [30, 20, 80, 60]], [0, 2])}]
+    assert _seeded_step(stage0, batch) == _seeded_step(plain, batch)
+
+
 def test_pseudo_labels_are_the_teacher_detections_away_from_new_gt(student):
     batch = _batch()
     images = student.preprocess_image(batch)
@@ -432,7 +477,8 @@ def test_ilmil_switches_all_four_terms_on_with_the_design_defaults_but_a_lighter
 
 
 def test_every_method_but_finetune_and_joint_uses_a_teacher():
-    assert {m for m in METHOD_PRESETS if uses_teacher(get_ilmil_cfg(method=m))} == {"pseudo", "faster-ilod", "ilmil"}
+    assert {m for m in METHOD_PRESETS if uses_teacher(get_ilmil_cfg(method=m))} == {
+        "pseudo", "faster-ilod", "mma", "ilmil"}
 
 
 def test_key_value_option_overrides_the_preset(teacher_path, teacher_model):

@@ -1,5 +1,5 @@
 """End to end through ``tools/train_incremental.py`` (a real subprocess) for the
-distillation methods: a three-stage ``2+1+1`` schedule on a tiny shapes set
+distillation methods: a three-stage ``2+1+1`` schedule (``mma``: ``2+1``) on a tiny shapes set
 (24 train / 8 test images of 128 px, batch 2, 3 iterations per stage), starting
 from a user-given teacher, and refusing a teacher of other classes."""
 import json
@@ -139,6 +139,28 @@ def test_ilmil_logs_the_pseudo_boxes_per_image(ilmil_run):
 def test_faster_ilod_adds_no_pseudo_labels(faster_ilod_run):
     for stage in range(3):
         assert "pseudo_boxes_per_image" not in _keys(faster_ilod_run.metrics[stage])
+
+
+def test_mma_trains_a_two_stage_run_with_its_unbiased_losses(tiny_datasets_root, shapes_opts, tmp_path):
+    out = tmp_path / "mma"
+    proc = _run(["--stages", "2+1", "--method", "mma", "--output-dir", str(out), *shapes_opts, *TRAIN_OPTS],
+                tiny_datasets_root)
+    assert proc.returncode == 0, tail(proc)
+    results = read_json(out / "results.json")
+    assert results["method"] == "mma" and [s["stage"] for s in results["stages"]] == [0, 1]
+    ilmil_keys = results["config"]["ILMIL"]
+    assert ilmil_keys["UNBIASED_CLS"]["ENABLED"] and ilmil_keys["DISTILL"]["RCN"]["LOGITS"] == "unbiased_kl"
+    last = results["stages"][1]
+    assert (last["old_classes"], last["new_classes"]) == (CLASSES[:2], CLASSES[2:3])
+    assert all(_is_percent(last[key]) for key in ("AP50", "AP50_old", "AP50_new")), last
+    metrics = [metrics_lines(out / f"stage_{k}" / "metrics.json") for k in range(2)]
+    assert not any(key in _keys(metrics[0]) for key in DISTILL_KEYS)
+    final = metrics[1][-1]
+    assert final["iteration"] == 2
+    for key in (*DISTILL_KEYS, "loss_cls"):
+        assert math.isfinite(final[key]) and final[key] >= 0, (key, final.get(key))
+    assert "pseudo_boxes_per_image" not in _keys(metrics[1])
+    assert (out / "stage_1" / "model_final.pth").is_file()
 
 
 def test_start_stage_trains_only_the_later_stages_from_the_given_teacher(ilmil_run, tiny_datasets_root, shapes_opts,

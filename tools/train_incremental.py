@@ -27,7 +27,7 @@ def parse_args(argv=None):
     parser.add_argument("--config-file", default="", help="yaml config (default: the shapes CPU config)")
     parser.add_argument("--dataset", help="shapes | voc_2007 | voc_2012 | voc_07_12 | coco_2017 | voc_folder | coco_json")
     parser.add_argument("--stages", help="classes per stage, e.g. 10+10, 15+5, 19+1, 10+5+5, 15+1x5, 40+40")
-    parser.add_argument("--method", help="finetune | joint | pseudo | faster-ilod | ilmil (default: finetune)")
+    parser.add_argument("--method", help="finetune | joint | pseudo | faster-ilod | mma | ilmil (default: finetune)")
     parser.add_argument("--class-order", help="comma-separated class names (default: the dataset's order)")
     parser.add_argument("--output-dir", required=True, help="run folder; a re-run skips finished stages")
     parser.add_argument("--resume", action="store_true",

@@ -16,6 +16,7 @@ RPN (all anchors, objectness logits o and deltas r):
     mean(max(o_T - o_S, 0)^2) + mean over anchors with o_T - o_S > margin of sum_4 (r_T - r_S)^2
 RCN (teacher proposals, logits of [old classes, background]):
     l2  per-proposal mean-centred L2;  kl  T^2 * KL(softmax(z_T / T) || softmax(z_S / T))
+    unbiased_kl  kl with the student's new classes merged into its background (MMA, .unbiased)
     + mean over proposals and old classes of sum_4 (t_T - t_S)^2
 """
 import torch
@@ -26,6 +27,7 @@ from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
 from ..config import check_choice
+from .unbiased import unbiased_student_log_probs
 
 __all__ = [
     "DISTILL_LOSS_REGISTRY",
@@ -66,7 +68,7 @@ def _filtered_l1(student, teacher):
 
 FEATURE_DISTANCES = {"l2": _l2, "normalized": _normalized, "filtered_l1": _filtered_l1}
 LAYER_WEIGHTINGS = ("uniform", "adaptive")
-RCN_LOGITS = ("l2", "kl")
+RCN_LOGITS = ("l2", "kl", "unbiased_kl")
 
 
 def check_distill_choices(cfg):
@@ -188,7 +190,7 @@ class RCNDistillation(nn.Module):
     def __init__(self, *, logits="l2", temperature=2.0):
         super().__init__()
         if logits not in RCN_LOGITS:
-            raise ValueError(f"unknown RCN logits mode {logits!r}; choose l2 or kl")
+            raise ValueError(f"unknown RCN logits mode {logits!r}; choose one of {', '.join(RCN_LOGITS)}")
         self.logits = logits
         self.temperature = temperature
 
@@ -201,17 +203,19 @@ class RCNDistillation(nn.Module):
         if len(teacher_scores) == 0:  # the teacher kept no proposal in this batch
             return (student_scores.sum() + student_deltas.sum()) * 0.0
         num_old = teacher_scores.shape[1] - 1
-        z_s = old_class_logits(student_scores, num_old)
         z_t = teacher_scores.detach()
+        t = self.temperature
         if self.logits == "l2":
+            z_s = old_class_logits(student_scores, num_old)
             z_s = z_s - z_s.mean(dim=1, keepdim=True)
             z_t = z_t - z_t.mean(dim=1, keepdim=True)
             cls_loss = (z_s - z_t).pow(2).mean()
         else:
-            t = self.temperature
-            cls_loss = F.kl_div(
-                F.log_softmax(z_s / t, dim=1), F.log_softmax(z_t / t, dim=1), reduction="batchmean", log_target=True
-            ) * t * t
+            if self.logits == "kl":
+                log_q = F.log_softmax(old_class_logits(student_scores, num_old) / t, dim=1)
+            else:  # the teacher's background may be a new class: the student's new ones count as background
+                log_q = unbiased_student_log_probs(student_scores, num_old, t)
+            cls_loss = F.kl_div(log_q, F.log_softmax(z_t / t, dim=1), reduction="batchmean", log_target=True) * t * t
         t_del = teacher_deltas.detach()
         box_dim = t_del.shape[1]  # 4 (class-agnostic) or 4K
         s_del = student_deltas[:, :box_dim]

@@ -7,7 +7,9 @@ augmented batch and adds, as configured:
 - pseudo-labels: the teacher's confident old-class detections as extra GT;
 - ``loss_distill_feat``: multi-layer feature distillation (backbone res2..res5, FPN p2..p6);
 - ``loss_distill_rpn``: RPN objectness and deltas;
-- ``loss_distill_rcn``: box-head logits and deltas on the teacher's top proposals.
+- ``loss_distill_rcn``: box-head logits and deltas on the teacher's top proposals;
+- an unbiased box-head classification loss (``ILMIL.UNBIASED_CLS``, MMA): a
+  proposal labelled background may be an unlabeled old object.
 
 The teacher is held outside the module tree: it is not in the student's
 ``state_dict``, not in its optimizer and never wrapped by DistributedDataParallel.
@@ -30,6 +32,7 @@ from ..config import check_choice, uses_teacher
 from .build import load_detector
 from .distillation import build_distill_loss
 from .pseudo_labels import add_pseudo_labels, away_from_gt, drop_boxes_on_new_gt, teacher_detections
+from .unbiased import unbiased_cross_entropy
 
 __all__ = [
     "CheckpointClassesError",
@@ -179,6 +182,7 @@ class IncrementalRCNN(GeneralizedRCNN):
         rcn_new_gt_iou=0.0,
         teacher_num_proposals=0,
         teacher_precision="float32",
+        unbiased_cls=False,
         **kwargs,
     ):
         """
@@ -191,6 +195,8 @@ class IncrementalRCNN(GeneralizedRCNN):
             rcn_new_gt_iou: proposals at this IoU with a GT box are not sampled (0 = all are).
             teacher_num_proposals: teacher proposals per image through its box head (0 = all).
             teacher_precision: a key of ``TEACHER_PRECISIONS``, the teacher pass's autocast dtype.
+            unbiased_cls: box-head classification with background as "background or an old
+                class" (the teacher's classes); needs a teacher.
             kwargs: arguments of ``GeneralizedRCNN``.
         """
         super().__init__(**kwargs)
@@ -206,6 +212,7 @@ class IncrementalRCNN(GeneralizedRCNN):
         self.rcn_num_samples = rcn_num_samples
         self.rcn_new_gt_iou = rcn_new_gt_iou
         self.teacher_num_proposals = teacher_num_proposals
+        self.unbiased_cls = unbiased_cls
         self.bn_stats_frozen = False
         self._recorders = self._attach_recorders(self)
         if teacher is not None:
@@ -222,13 +229,14 @@ class IncrementalRCNN(GeneralizedRCNN):
         if cfg.DATASETS.TRAIN:
             expected = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("old_classes")
         distill = ilmil.DISTILL
-        if distill.RCN.ENABLED and (
-                cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON or cfg.MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES):
-            # the RCN term shares the box branch's pass (forward) and has no mask/keypoint variant
-            raise ValueError(
-                "ILMIL.DISTILL.RCN.ENABLED needs box-only ROI heads: set MODEL.MASK_ON, MODEL.KEYPOINT_ON "
-                "and MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES to False, or ILMIL.DISTILL.RCN.ENABLED False"
-            )
+        for key, enabled in (("ILMIL.DISTILL.RCN.ENABLED", distill.RCN.ENABLED),
+                             ("ILMIL.UNBIASED_CLS.ENABLED", ilmil.UNBIASED_CLS.ENABLED)):
+            if enabled and (cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON or cfg.MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES):
+                # both replace the box branch's pass (forward), which has no mask/keypoint variant here
+                raise ValueError(
+                    f"{key} needs box-only ROI heads: set MODEL.MASK_ON, MODEL.KEYPOINT_ON "
+                    f"and MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES to False, or {key} False"
+                )
         ret["teacher"] = build_teacher(cfg, ilmil.TEACHER.WEIGHTS, expected)
         if distill.FEAT.ENABLED:
             ret["feature_loss"] = build_distill_loss("FeatureDistillation", cfg)
@@ -249,6 +257,7 @@ class IncrementalRCNN(GeneralizedRCNN):
         ret["rcn_new_gt_iou"] = distill.RCN.NEW_GT_IOU_THRESH
         ret["teacher_num_proposals"] = ilmil.TEACHER.NUM_PROPOSALS
         ret["teacher_precision"] = ilmil.TEACHER.PRECISION
+        ret["unbiased_cls"] = ilmil.UNBIASED_CLS.ENABLED
         return ret
 
     @property
@@ -288,12 +297,12 @@ class IncrementalRCNN(GeneralizedRCNN):
         all_features = self._all_features(features, self._recorders)
         proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
         rpn_logits, rpn_deltas = self._recorders["rpn_head"].pop()
-        if self.rcn_loss is None:
+        if self.rcn_loss is None and not self.unbiased_cls:
             _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
             rcn_outputs = None
         else:
             detector_losses, rcn_outputs = self._box_losses_and_rcn_outputs(
-                features, proposals, gt_instances, teacher["rcn_boxes"]
+                features, proposals, gt_instances, teacher.get("rcn_boxes")
             )
 
         losses = {**detector_losses, **proposal_losses}
@@ -311,21 +320,31 @@ class IncrementalRCNN(GeneralizedRCNN):
             )
         return losses
 
-    def _box_losses_and_rcn_outputs(self, features, proposals, gt_instances, rcn_boxes):
+    def _box_losses_and_rcn_outputs(self, features, proposals, gt_instances, rcn_boxes=None):
         """The box head's detection losses on the sampled proposals, and its outputs
-        on the teacher's RCN boxes, from one ROIAlign + box-head pass over both
-        sets: pooling is a large part of the backward pass on CPU, and two pooler
-        calls would pay for it twice. (The box head is per-ROI, so sharing the
-        batch changes nothing.)"""
+        on the teacher's RCN boxes (None: no RCN term), from one ROIAlign + box-head
+        pass over both sets: pooling is a large part of the backward pass on CPU, and
+        two pooler calls would pay for it twice. (The box head is per-ROI, so sharing
+        the batch changes nothing.) With ``unbiased_cls`` the classification loss is
+        the unbiased one."""
         heads = self.roi_heads
         proposals = heads.label_and_sample_proposals(proposals, gt_instances)
+        if rcn_boxes is None:
+            rcn_boxes = [sampled.proposal_boxes[:0] for sampled in proposals]
         boxes, is_rcn = [], []
         for sampled, extra in zip(proposals, rcn_boxes):
             boxes.append(Boxes.cat([sampled.proposal_boxes, extra]))
             is_rcn += [False] * len(sampled) + [True] * len(extra)
         scores, deltas = self._box_outputs(self, features, boxes)
         is_rcn = torch.tensor(is_rcn, device=scores.device)
-        losses = heads.box_predictor.losses((scores[~is_rcn], deltas[~is_rcn]), proposals)
+        predictor = heads.box_predictor
+        losses = predictor.losses((scores[~is_rcn], deltas[~is_rcn]), proposals)
+        if self.unbiased_cls:
+            gt_classes = torch.cat([p.gt_classes for p in proposals])
+            num_old = self.teacher.roi_heads.num_classes
+            losses["loss_cls"] = predictor.loss_weight.get("loss_cls", 1.0) * unbiased_cross_entropy(
+                scores[~is_rcn], gt_classes, num_old
+            )
         return losses, (scores[is_rcn], deltas[is_rcn])
 
     @torch.no_grad()
