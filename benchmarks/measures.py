@@ -59,14 +59,20 @@ def training_records(suite, setting, planned, outcomes, extra):
 
 
 def pruning_records(suite, setting, planned, outcomes, extra):
-    """The training record of each ratio, with the final model's size, GFLOPs and latency."""
+    """The training record of each variant, with its pruning (ratio, fine-tuning, the
+    AP50 of the model stage 1 starts from) and the final model's size, GFLOPs and latency."""
     records = []
     for record, run in zip(training_records(suite, setting, planned, outcomes, extra), planned.values()):
         last = record["last_stage"]
+        results = read_results(run)
+        pruning = results.get("pruning")
         ratio = float(dict(zip(run.flags[::2], run.flags[1::2])).get("--prune", 0.0))
+        start_ap50 = pruning["after"]["AP50"] if pruning else results["stages"][0]["AP50"]
         records.append({**record, "ratio": ratio, "AP50_all": last["AP50"], "AP_all": last["AP"],
                         "AP50_old": last["AP50_old"], "AP50_new": last["AP50_new"],
-                        **measure_final_model(run, last["stage"])})
+                        "finetune_iters": pruning["finetune_iters"] if pruning else 0,
+                        "finetune_teacher": bool(pruning and pruning.get("finetune_teacher")),
+                        "stage1_start_AP50": start_ap50, **measure_final_model(run, last["stage"])})
     return records
 
 

@@ -76,7 +76,7 @@ def resolve_setting(suite, args):
     given = {field: tuple(v) if isinstance(v, list) else v
              for dest, field in SETTING_OPTIONS.items() if (v := getattr(args, dest)) is not None}
     setting = dataclasses.replace(setting, **given)
-    # A zero stage-0 budget is the per-stage one (--quick; the pruning suite's own stage 0).
+    # A zero stage-0 budget is the per-stage one (--quick).
     return dataclasses.replace(setting, base_iters=setting.base_iters or setting.iters)
 
 

@@ -72,17 +72,32 @@ def ablation_table(records):
 
 
 def pruning_table(records):
-    base = records[0]
-    lines = ["| pruned | parameters (M) | GFLOPs (detector) | GFLOPs (backbone+FPN) | CPU latency (ms) | "
-             "AP50_all | AP50_old | AP50_new | vs unpruned |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """One row per variant, compared with the unpruned one. Records made before the
+    fine-tuning was recorded show "–" for it."""
+    base = next((r for r in records if r["ratio"] == 0), records[0])
+    lines = ["| pruned | fine-tuning of the pruned stage-0 model | parameters (M) | GFLOPs (detector) | "
+             "GFLOPs (backbone+FPN) | CPU latency (ms) | stage-1 start AP50 (old classes) | AP50_all | AP50_old | "
+             "AP50_new | vs unpruned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         change = (f"params {100 * (r['params'] / base['params'] - 1):+.0f} %, GFLOPs "
                   f"{100 * (r['gflops'] / base['gflops'] - 1):+.0f} %, AP50 {r['AP50_all'] - base['AP50_all']:+.1f}")
-        lines.append(f"| {r['ratio']:.0%} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {r['gflops_backbone']:.2f} | "
-                     f"{r['latency_ms']:.0f} | {_fmt(r['AP50_all'])} | {_fmt(r['AP50_old'])} | "
-                     f"{_fmt(r['AP50_new'])} | {change if r is not base else ''} |")
+        lines.append(f"| {r['ratio']:.0%} | {_finetuning(r)} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | "
+                     f"{r['gflops_backbone']:.2f} | {r['latency_ms']:.0f} | {_fmt(r.get('stage1_start_AP50'))} | "
+                     f"{_fmt(r['AP50_all'])} | {_fmt(r['AP50_old'])} | {_fmt(r['AP50_new'])} | "
+                     f"{change if r is not base else ''} |")
     return "\n".join(lines)
+
+
+def _finetuning(record):
+    if record["ratio"] == 0:
+        return ""
+    if "finetune_iters" not in record:
+        return "–"
+    if not record["finetune_iters"]:
+        return "none"
+    teacher = "unpruned model as teacher" if record["finetune_teacher"] else "plain"
+    return f"{record['finetune_iters']} it, {teacher}"
 
 
 def speed_table(records):

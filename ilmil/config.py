@@ -58,6 +58,9 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.PRUNING.AFTER_STAGE = 0
     # Fine-tuning iterations of the pruned model on its own stage's data (0 = none).
     cfg.ILMIL.PRUNING.FINETUNE_ITERS = 0
+    # During that fine-tuning, the unpruned model is the teacher (ILMIL prunes, then
+    # distils): the feature term always, the RPN / RCN terms as ILMIL.DISTILL has them.
+    cfg.ILMIL.PRUNING.FINETUNE_TEACHER = False
     # The model's channel layout, [[layer name, width], ...]: set from the checkpoint a
     # model is built for (ilmil.pruning), empty = the unpruned widths of the config.
     cfg.ILMIL.PRUNING.CHANNELS = []

@@ -1,6 +1,7 @@
 """Structured L1 pruning of the shapes CPU detector (ResNet-18 FPN): the requested
 fraction of the targeted channels goes, the model still runs with the unpruned
-output shapes, checkpoints rebuild it exactly, and the tools report the savings."""
+output shapes, checkpoints rebuild it exactly, the fine-tuning distils from the
+unpruned model when asked, and the tools report the savings."""
 import pytest
 import torch
 
@@ -8,12 +9,15 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from tool_runs import SHAPES_OPTS, TRAIN_OPTS, read_json, run_tool, tail
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, metrics_lines, read_json, run_tool, tail
 from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, safe_load
 from ilmil.config import get_ilmil_cfg
+from ilmil.data import load_dataset_source, register_stage_datasets
+from ilmil.data.stages import Stage
 from ilmil.engine.trainer import StageRecord
-from ilmil.modeling import build_detector, with_checkpoint_layout
+from ilmil.modeling import build_detector, incremental_rcnn, with_checkpoint_layout
 from ilmil.pruning import PruningError, channel_layout, measure_model, prunable_layers, prune_l1
+from ilmil.pruning.workflow import check_pruning_config, prune_checkpoint
 
 IMAGE = (3, 64, 96)
 
@@ -136,6 +140,89 @@ def test_pruning_makes_the_model_smaller_and_cheaper():
     assert after["gflops"] > after["gflops_backbone"] and after["latency_ms"] > 0
 
 
+# ------------------------------------------- fine-tuning with the unpruned teacher
+
+
+@pytest.fixture
+def unpruned_stage0(tiny_datasets_root, tmp_path, monkeypatch):
+    """A saved unpruned model of the tiny set's first two classes (untrained: the test is
+    of what the fine-tuning runs, not of what it learns), its config and its data."""
+    monkeypatch.setenv("ILMIL_DATASETS", str(tiny_datasets_root))
+    cfg = get_ilmil_cfg(None, [*SHAPES_OPTS, *TRAIN_OPTS], method="finetune")
+    source = load_dataset_source(cfg)
+    classes = tuple(source.class_names[:2])
+    train_name, test_name = register_stage_datasets("test_prune_teacher", source, Stage(0, (), classes))
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(classes)
+    cfg.freeze()
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    IncrementalCheckpointer(model, str(tmp_path), ilmil=StageRecord(model, classes, {})).save("model_final")
+    return cfg, str(tmp_path / "model_final.pth"), classes, train_name, test_name
+
+
+def _prune_and_finetune(stage0, output_dir, monkeypatch, *opts):
+    """``prune_checkpoint`` at ratio 0.5 with 3 fine-tuning iterations; returns its
+    summary, the teachers built meanwhile and the loss terms the fine-tuning logged."""
+    cfg, weights, classes, train_name, test_name = stage0
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.merge_from_list(["ILMIL.PRUNING.RATIO", 0.5, "ILMIL.PRUNING.FINETUNE_ITERS", 3, *opts])
+    cfg.freeze()
+    teachers, build_teacher = [], incremental_rcnn.build_teacher
+
+    def recording_build_teacher(*args, **kwargs):
+        teachers.append(build_teacher(*args, **kwargs))
+        return teachers[-1]
+
+    monkeypatch.setattr(incremental_rcnn, "build_teacher", recording_build_teacher)
+    summary = prune_checkpoint(cfg, weights, str(output_dir), classes, train_name, test_name)
+    logged = set().union(*(line.keys() for line in metrics_lines(output_dir / "finetune" / "metrics.json")))
+    return summary, teachers, logged
+
+
+def test_finetuning_with_the_teacher_distils_the_pruned_model_from_its_unpruned_self(
+        unpruned_stage0, tmp_path, monkeypatch):
+    _, weights, _, _, _ = unpruned_stage0
+    summary, teachers, logged = _prune_and_finetune(
+        unpruned_stage0, tmp_path / "pruned", monkeypatch,
+        "ILMIL.PRUNING.FINETUNE_TEACHER", True, "ILMIL.DISTILL.RPN.ENABLED", True)
+    assert summary["finetune_teacher"] is True and read_json(tmp_path / "pruned" / "pruning.json")["finetune_teacher"]
+    # The feature term always; the RPN term as configured (on), the RCN term too (off).
+    assert {"loss_distill_feat", "loss_distill_rpn"} <= logged and "loss_distill_rcn" not in logged
+    # The teacher is the unpruned checkpoint: its widths and its weights.
+    unpruned = safe_load(weights)
+    (teacher,) = teachers
+    assert channel_layout(teacher) == unpruned["ilmil"]["channel_layout"]
+    assert torch.equal(teacher.roi_heads.box_predictor.cls_score.weight,
+                       unpruned["model"]["roi_heads.box_predictor.cls_score.weight"])
+    # The fine-tuned student keeps the pruned widths.
+    pruned = safe_load(summary["pruned_weights"])["ilmil"]["channel_layout"]
+    name = "backbone.bottom_up.res4.1.conv1"
+    assert pruned[name] == unpruned["ilmil"]["channel_layout"][name] // 2
+    assert summary["after"]["params"] < 0.8 * summary["before"]["params"]
+
+
+def test_plain_finetuning_has_no_teacher(unpruned_stage0, tmp_path, monkeypatch):
+    summary, teachers, logged = _prune_and_finetune(unpruned_stage0, tmp_path / "pruned", monkeypatch,
+                                                    "ILMIL.DISTILL.RPN.ENABLED", True)
+    assert summary["finetune_teacher"] is False and summary["finetune_iters"] == 3
+    assert teachers == [] and "loss_cls" in logged
+    assert not any(term.startswith("loss_distill") for term in logged)
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["ILMIL.PRUNING.FINETUNE_TEACHER", True],
+     r"FINETUNE_TEACHER \(--finetune-teacher\) True with ILMIL.PRUNING.FINETUNE_ITERS \(--finetune-iters\) 0: .*"
+     r"fix: give fine-tuning iterations"),
+    (["ILMIL.PRUNING.FINETUNE_TEACHER", True, "ILMIL.PRUNING.FINETUNE_ITERS", 5,
+      "MODEL.META_ARCHITECTURE", "GeneralizedRCNN"],
+     r"needs MODEL.META_ARCHITECTURE IncrementalRCNN .* got GeneralizedRCNN; fix:"),
+])  # fmt: skip
+def test_a_teacher_without_finetuning_or_a_model_to_hold_it_is_refused(opts, message):
+    with pytest.raises(PruningError, match=message):
+        check_pruning_config(_cfg(*opts))
+
+
 # ------------------------------------------------------------------ the tools
 
 
@@ -170,10 +257,12 @@ def test_prune_tool_reports_before_and_after(tiny_datasets_root, tmp_path):
                     tiny_datasets_root)
     assert proc.returncode == 0, tail(proc)
     weights = str(out / "stage_0" / "model_final.pth")
-    proc = run_tool("prune.py", ["--weights", weights, "--ratio", "0.3", "--output-dir", str(tmp_path / "pruned"),
-                                 *SHAPES_OPTS, *TRAIN_OPTS], tiny_datasets_root)
+    proc = run_tool("prune.py", ["--weights", weights, "--ratio", "0.3", "--finetune-iters", "2", "--finetune-teacher",
+                                 "--output-dir", str(tmp_path / "pruned"), *SHAPES_OPTS, *TRAIN_OPTS],
+                    tiny_datasets_root)
     assert proc.returncode == 0, tail(proc)
     summary = read_json(tmp_path / "pruned" / "pruning.json")
-    assert summary["ratio"] == 0.3 and summary["finetune_iters"] == 0
+    assert summary["ratio"] == 0.3 and summary["finetune_iters"] == 2 and summary["finetune_teacher"] is True
+    assert "loss_distill_feat" in metrics_lines(tmp_path / "pruned" / "finetune" / "metrics.json")[-1]
     assert summary["after"]["params"] < summary["before"]["params"]
     assert "| parameters (M) |" in proc.stdout and "AP50 (all classes)" in proc.stdout

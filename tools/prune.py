@@ -4,6 +4,8 @@
     python tools/prune.py --weights OUT/stage_0/model_final.pth --ratio 0.3 --output-dir OUT/pruned
     python tools/prune.py --weights W --stage-ratios 0.2,0.3,0.4,0.5 --box-head-ratio 0.5 \\
         --finetune-iters 300 --output-dir P
+    python tools/prune.py --weights W --ratio 0.3 --finetune-iters 400 --finetune-teacher \\
+        --config-file RUN/config.yaml --output-dir P      # distilled from its unpruned self
 
 Writes OUT/model_pruned.pth (its channel layout recorded: every tool rebuilds it
 from the checkpoint alone) and OUT/pruning.json (parameters, GFLOPs, CPU latency
@@ -24,7 +26,7 @@ from ilmil.data.stages import Stage
 from ilmil.engine import require_output_dir, run_tool_main
 from ilmil.modeling import checkpoint_class_names
 from ilmil.pruning import format_pruning_table
-from ilmil.pruning.workflow import check_pruning_ratios, prune_checkpoint
+from ilmil.pruning.workflow import check_pruning_config, prune_checkpoint
 
 
 def _ratios(text):
@@ -41,6 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--stage-ratios", type=_ratios, help="per ResNet stage res2,res3,res4,res5 (overrides --ratio)")
     parser.add_argument("--box-head-ratio", type=float, default=0.0, help="fraction of box-head hidden units removed")
     parser.add_argument("--finetune-iters", type=int, default=0, help="fine-tuning iterations after pruning")
+    parser.add_argument("--finetune-teacher", action="store_true",
+                        help="fine-tune with the unpruned model as teacher: the feature term, and the RPN / RCN "
+                             "terms if the config enables them")
     parser.add_argument("--output-dir", required=True, help="where model_pruned.pth and pruning.json go")
     parser.add_argument("--config-file", default="", help="the config the model was trained with (a run's config.yaml)")
     parser.add_argument("--dataset", help="dataset of the model's classes (default: the config's ILMIL.DATASET)")
@@ -55,10 +60,11 @@ def main(argv=None):
         cfg.ILMIL.DATASET = args.dataset
     pruning = cfg.ILMIL.PRUNING
     pruning.RATIO, pruning.BOX_HEAD_RATIO, pruning.FINETUNE_ITERS = args.ratio, args.box_head_ratio, args.finetune_iters
+    pruning.FINETUNE_TEACHER = args.finetune_teacher
     if args.stage_ratios:
         pruning.STAGE_RATIOS = args.stage_ratios
     cfg.OUTPUT_DIR = args.output_dir
-    check_pruning_ratios(cfg)
+    check_pruning_config(cfg)
     classes = checkpoint_class_names(safe_load(args.weights))
     if not classes:
         raise DatasetError(f"{args.weights} records no class names: give a checkpoint written by ilmil's tools")

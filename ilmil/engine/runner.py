@@ -57,7 +57,7 @@ from ..modeling import (
     with_checkpoint_layout,
 )
 from ..pruning import PruningError
-from ..pruning.workflow import check_pruning_ratios, prune_checkpoint, pruning_enabled
+from ..pruning.workflow import check_pruning_config, prune_checkpoint, pruning_enabled
 from .launch import main_process_first
 from .run_dir import (
     RunDirError,
@@ -117,7 +117,7 @@ class IncrementalRun:
         check_optimizer(cfg)
         check_choice("ILMIL.TEACHER.PRECISION", cfg.ILMIL.TEACHER.PRECISION, TEACHER_PRECISIONS)
         check_distill_choices(cfg)
-        check_pruning_ratios(cfg)
+        check_pruning_config(cfg)
         meta_arch = META_ARCH_REGISTRY.get(check_choice(
             "MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE, [name for name, _ in META_ARCH_REGISTRY]))
         if uses_teacher(cfg) and not issubclass(meta_arch, IncrementalRCNN):

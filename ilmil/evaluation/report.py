@@ -116,10 +116,11 @@ def format_report(results, output_dir, plot_paths=(), data_files=()):
     ]
     if results.get("pruning"):
         p = results["pruning"]
+        teacher = ", its unpruned self as teacher" if p.get("finetune_teacher") else ""
         parts += ["## Pruning",
                   f"The model of stage {p['after_stage']} was pruned (ratio {p['ratio']}, stage ratios "
                   f"{p['stage_ratios'] or '-'}, box head {p['box_head_ratio']}; {p['finetune_iters']} fine-tuning "
-                  f"iterations) and the next stage's student started from it; measured at "
+                  f"iterations{teacher}) and the next stage's student started from it; measured at "
                   f"{p['image_size'][1]}x{p['image_size'][0]} px on that stage's test data:",
                   format_pruning_table(p)]
     if plot_paths:

@@ -5,25 +5,31 @@ next stage's student starts from the pruned model, its teacher is the unpruned
 one) and by ``tools/prune.py``. Writes, in its output folder::
 
     model_pruned.pth   the pruned (and fine-tuned) model; its channel layout is recorded
-    pruning.json       ratios, and before / after: params, GFLOPs, latency, AP50
+    pruning.json       ratios, fine-tuning (iterations, teacher or not), and before /
+                       after: params, GFLOPs, latency, AP50
     finetune/          the fine-tuning stage's log and checkpoints (if any)
+
+With ``ILMIL.PRUNING.FINETUNE_TEACHER`` the fine-tuning is a training run of the
+same classes whose teacher is the unpruned checkpoint (``IncrementalRCNN``'s
+frozen teacher): the pruned model is distilled from its unpruned self.
 """
 import logging
 import os
 import re
 
-from detectron2.data import build_detection_test_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 
 from ..checkpoint import IncrementalCheckpointer
 from ..engine.trainer import IncrementalTrainer, StageRecord
 from ..evaluation import evaluate_model
 from ..evaluation.run_outputs import write_json
-from ..modeling import load_checked_checkpoint, load_detector
+from ..modeling import IncrementalRCNN, load_checked_checkpoint, load_detector
 from .channels import PruningError, prune_l1
 from .measure import format_pruning_table, measure_model
 
-__all__ = ["PRUNED_NAME", "check_pruning_ratios", "pruning_enabled", "pruning_ratios", "prune_checkpoint"]
+__all__ = ["PRUNED_NAME", "check_pruning_config", "pruning_enabled", "pruning_ratios", "prune_checkpoint"]
 
 logger = logging.getLogger("ilmil")
 
@@ -36,8 +42,25 @@ def pruning_enabled(cfg):
     return p.RATIO > 0 or any(r > 0 for r in p.STAGE_RATIOS) or p.BOX_HEAD_RATIO > 0
 
 
-def check_pruning_ratios(cfg):
-    """Refuse ``ILMIL.PRUNING`` ratios that cannot be applied, naming the key (before any work)."""
+def check_pruning_config(cfg):
+    """Refuse ``ILMIL.PRUNING`` keys that cannot be applied, naming the key (before any work)."""
+    p = cfg.ILMIL.PRUNING
+    _stage_ratios(cfg)
+    if not p.FINETUNE_TEACHER:
+        return
+    key = "ILMIL.PRUNING.FINETUNE_TEACHER (--finetune-teacher) True"
+    if p.FINETUNE_ITERS <= 0:
+        raise PruningError(f"{key} with ILMIL.PRUNING.FINETUNE_ITERS (--finetune-iters) {p.FINETUNE_ITERS}: the "
+                           "teacher guides the pruned model's fine-tuning, and there is none; fix: give fine-tuning "
+                           "iterations, e.g. 400, or drop the teacher")
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch in META_ARCH_REGISTRY and not issubclass(META_ARCH_REGISTRY.get(arch), IncrementalRCNN):
+        raise PruningError(f"{key} needs MODEL.META_ARCHITECTURE IncrementalRCNN (or a subclass) to hold the "
+                           f"teacher, got {arch}; fix: set MODEL.META_ARCHITECTURE IncrementalRCNN")
+
+
+def _stage_ratios(cfg):
+    """``ILMIL.PRUNING.STAGE_RATIOS``, every ratio key checked."""
     p = cfg.ILMIL.PRUNING
     stage_ratios = [float(r) for r in p.STAGE_RATIOS]
     if stage_ratios and len(stage_ratios) != 4:
@@ -56,7 +79,7 @@ def check_pruning_ratios(cfg):
 def pruning_ratios(cfg):
     """``layer name -> fraction removed`` from the ``ILMIL.PRUNING`` keys."""
     p = cfg.ILMIL.PRUNING
-    stage_ratios = check_pruning_ratios(cfg)
+    stage_ratios = _stage_ratios(cfg)
 
     def ratio_of(name):
         if ".box_head." in name:
@@ -78,14 +101,14 @@ def prune_checkpoint(cfg, weights, output_dir, class_names, train_dataset, test_
         train_dataset, test_dataset: registered names of its training data (for
             fine-tuning) and test data (AP50 and a real image for GFLOPs / latency).
     """
-    check_pruning_ratios(cfg)
+    check_pruning_config(cfg)
     os.makedirs(output_dir, exist_ok=True)
     checkpoint, _ = load_checked_checkpoint(weights, class_names, use="it is pruned as a model of the {n} classes",
                                             fix="give the model of those classes")
     cfg = cfg.clone()
     cfg.defrost()
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train_dataset,), (test_dataset,)
-    cfg.ILMIL.TEACHER.WEIGHTS = ""  # pruning and fine-tuning need no teacher
+    cfg.ILMIL.TEACHER.WEIGHTS = ""  # pruning needs no teacher; the fine-tuning sets its own
     cfg.freeze()
     model = load_detector(cfg, weights, checkpoint)
     image = next(iter(build_detection_test_loader(cfg, test_dataset)))[0]["image"]
@@ -97,18 +120,20 @@ def prune_checkpoint(cfg, weights, output_dir, class_names, train_dataset, test_
     pruned_cfg.defrost()
     pruned_cfg.ILMIL.PRUNING.CHANNELS = [[name, width] for name, width in layout.items()]
     pruned_cfg.freeze()
-    iters = cfg.ILMIL.PRUNING.FINETUNE_ITERS
+    p = cfg.ILMIL.PRUNING
+    iters = p.FINETUNE_ITERS
     if iters > 0:
-        model = _finetune(pruned_cfg, model, iters, os.path.join(output_dir, "finetune"), class_names)
+        teacher = weights if p.FINETUNE_TEACHER else None
+        model = _finetune(pruned_cfg, model, iters, os.path.join(output_dir, "finetune"), teacher)
     IncrementalCheckpointer(model, output_dir, ilmil=StageRecord(model, class_names, {"pruned_from": weights})).save(
         PRUNED_NAME)
     after = {**measure_model(model, image), "AP50": evaluate_model(pruned_cfg, model).get("AP50")}
-    p = cfg.ILMIL.PRUNING
     summary = {
         "weights": weights,
         "pruned_weights": os.path.join(output_dir, f"{PRUNED_NAME}.pth"),
         "ratio": p.RATIO, "stage_ratios": list(p.STAGE_RATIOS), "box_head_ratio": p.BOX_HEAD_RATIO,
         "finetune_iters": iters,
+        "finetune_teacher": bool(iters > 0 and p.FINETUNE_TEACHER),
         "image_size": list(image.shape[1:]),
         "before": before,
         "after": after,
@@ -119,16 +144,47 @@ def prune_checkpoint(cfg, weights, output_dir, class_names, train_dataset, test_
     return summary
 
 
-def _finetune(cfg, model, iters, output_dir, class_names):
+def _finetune(cfg, model, iters, output_dir, teacher_weights=None):
+    """``model`` (pruned) trained ``iters`` iterations on ``cfg``'s training data; with
+    ``teacher_weights`` (the unpruned checkpoint) as its frozen teacher, distilled from it."""
     cfg = cfg.clone()
     cfg.defrost()
     cfg.OUTPUT_DIR = output_dir
     cfg.SOLVER.MAX_ITER = iters
     cfg.SOLVER.STEPS = ()
     cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, iters // 5)
+    if teacher_weights:
+        # The pruning keeps every block's output width (it removes residual blocks' inner
+        # channels only), so res2..res5 and p2..p6 of the pruned student match its unpruned
+        # teacher's: the feature term compares them as they are.
+        cfg.ILMIL.TEACHER.WEIGHTS = teacher_weights
+        cfg.ILMIL.DISTILL.FEAT.ENABLED = True
+        # The teacher knows every class of this data: its detections would only repeat the ground
+        # truth as pseudo-labels, and the RCN term needs no proposals kept away from it.
+        cfg.ILMIL.PSEUDO_LABELS.ENABLED = False
+        cfg.ILMIL.DISTILL.RCN.NEW_GT_IOU_THRESH = 0.0
+        cfg.DATASETS.TRAIN = (_with_every_class_old(cfg.DATASETS.TRAIN[0]),)
     cfg.freeze()
+    # BatchNorm statistics are re-estimated with or without the teacher: pruning changed
+    # the activations they describe.
     trainer = IncrementalTrainer(cfg, {"pruned_finetune": True})
-    trainer.model.load_state_dict(model.state_dict())
-    logger.info("Fine-tuning the pruned model for %d iterations", iters)
+    student = getattr(trainer.model, "module", trainer.model)  # unwrap DistributedDataParallel
+    # Strict, but the student's own distillation state (new with its loss terms) keeps its initial value.
+    student.load_state_dict({**student.state_dict(), **model.state_dict()})
+    logger.info("Fine-tuning the pruned model for %d iterations%s", iters,
+                f", its teacher the unpruned {teacher_weights}" if teacher_weights else "")
     trainer.train()
-    return trainer.model
+    return student
+
+
+def _with_every_class_old(train_dataset):
+    """``train_dataset`` under a second name whose classes are all old, as the teacher of
+    the fine-tuning holds them all (``IncrementalRCNN`` checks its teacher against them)."""
+    name = f"{train_dataset}_every_class_old"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: DatasetCatalog.get(train_dataset))
+    meta = {k: v for k, v in MetadataCatalog.get(train_dataset).as_dict().items() if k != "name"}
+    MetadataCatalog.get(name).set(**{**meta, "old_classes": list(meta["thing_classes"]), "new_classes": []})
+    return name
