@@ -157,4 +157,24 @@ PRUNING = Suite(
              "base_iters": "stage 0 trains the per-stage budget inside each run", "jobs": ONE_RUN_AT_A_TIME},
 )
 
-SUITES = {suite.name: suite for suite in (ACCURACY, ABLATION, SPEED, PRUNING)}
+# One spec under both stage-image rules (README, Leak-free stages).
+STAGE_IMAGE_RULES = (
+    Variant("ilmil standard", "ilmil"),
+    Variant("ilmil exclusive", "ilmil", ("ILMIL.STAGE_IMAGES", "exclusive")),
+)
+
+STAGE_IMAGES = Suite(
+    "stage_images",
+    full=Setting(("10+10",), STAGE_IMAGE_RULES, iters=800, base_iters=0, **DATA["full"]),
+    quick=Setting(("10+10",), STAGE_IMAGE_RULES, iters=120, base_iters=0, **DATA["quick"]),
+    table=tables.stage_images_table,
+    # Each run trains its own stage 0: under the exclusive rule stage 0's images depend on
+    # the whole spec, which a shared one-stage run (where every image stays) cannot know.
+    stage0="own",
+    protocol="shapes ({num_train} train / {num_test} test, 256 px), ilmil, batch 4, {iters} iterations per "
+             "stage, stage 0 included; each stage's training images by the standard rule and by "
+             "ILMIL.STAGE_IMAGES exclusive (README, Leak-free stages)",
+    refuses={"base_iters": "stage 0 trains the per-stage budget inside each run"},
+)
+
+SUITES = {suite.name: suite for suite in (ACCURACY, ABLATION, SPEED, PRUNING, STAGE_IMAGES)}
