@@ -156,11 +156,9 @@ def test_the_stage_images_suite_trains_one_spec_under_both_rules_each_run_with_i
     assert os.path.dirname(exclusive.out_dir) == str(tmp_path / "stage_images_full")
     last = {"num_train_images": 900, "AP50_old": 40.0, "AP50_new": 50.0, "AP50": 45.0, "AP": 20.0,
             "forgetting_AP50": 30.0}
-    table = stage_images_table([
-        {"spec": "10+10", "variant": "ilmil exclusive", "opts": ["ILMIL.STAGE_IMAGES", "exclusive"], "last_stage": last},
-        {"spec": "10+10", "variant": "ilmil exclusive", "opts": ["ILMIL.STAGE_IMAGES", "exclusive"],
-         "last_stage": dict(last, num_train_images=800, AP50_old=42.0)},
-    ])
+    seed_runs = [{"spec": "10+10", "variant": "ilmil exclusive", "opts": ["ILMIL.STAGE_IMAGES", "exclusive"],
+                  "last_stage": stage} for stage in (last, dict(last, num_train_images=800, AP50_old=42.0))]
+    table = stage_images_table(seed_runs)
     assert ("| 10+10 | ilmil exclusive | `ILMIL.STAGE_IMAGES exclusive` | 850.0 ± 50.0 | 41.0 ± 1.0 | 50.0 | 45.0 "
             "| 20.0 | 30.0 |") in table
 

@@ -152,7 +152,7 @@ class ExclusiveStageImages:
         stages = sorted(counts)
         if len(stages) <= 1:
             return stages[0] if stages else None
-        # A string seed is hashed with SHA-512: the same draw in every process and Python version.
+        # A string seed is hashed with SHA-512, not hash(): the same draw in every process.
         draw = random.Random(f"{self.seed}:{record['image_id']}")
         return draw.choices(stages, weights=[counts[k] for k in stages])[0]
 

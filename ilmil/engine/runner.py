@@ -178,6 +178,8 @@ class IncrementalRun:
 
     def _log_stage_images(self):
         """How many training images each stage gets, and how many the standard rule shares."""
+        if len(self.schedule) < 2:
+            return  # one stage (joint): nothing to share
         counts = ", ".join(f"{stage.index}: {len(DatasetCatalog.get(train_name))}"
                            for stage, (train_name, _) in zip(self.schedule, self.registered))
         shared = shared_image_count(self.source.train, self.schedule)
