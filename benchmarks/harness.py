@@ -129,7 +129,7 @@ def plan(suite, quick, specs, seeds, runs_dir, extra):
     for seed in seeds:
         for spec in specs:
             counts = parse_stage_spec(spec)
-            stage0 = stage0_run(shared_dir, spec, seed, setting, extra)
+            stage0 = stage0_run(shared_dir, spec, seed, setting, extra) if suite.stage0 == "shared" else None
             for variant in setting.variants:
                 opts = (*extra, *variant.opts)
                 if variant.method == "joint":

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Benchmark suites: accuracy of the incremental methods, the ablation, speed and pruning.
+"""Benchmark suites: accuracy of the incremental methods, the ablation, speed, pruning and
+the stage-image rules.
 
     python benchmarks/run.py --suite accuracy [--quick] [--specs 10+10 15+5] [--seeds 0 1] [--jobs 2]
     python benchmarks/run.py --suite ablation [--quick] [--seeds 0 1]
     python benchmarks/run.py --suite speed [--quick]
     python benchmarks/run.py --suite pruning [--quick]
+    python benchmarks/run.py --suite stage_images [--quick] [--seeds 0 1]
     python benchmarks/run.py --suite accuracy --dry-run    # what would be reused / trained
 
 Each run is a real ``tools/train_incremental.py`` process under ``--runs-dir``

@@ -49,6 +49,9 @@ class Suite:
     table: object  # records -> markdown
     records: object = training_records  # (suite, outcomes) -> records
     protocol: str = ""  # the suite's protocol in words, formatted with the setting's fields
+    # "shared": one stage-0 model per data, first-stage classes, seed and budget, every
+    # variant starting from it (--start-stage 1 --teacher-weights); "own": each run trains it.
+    stage0: str = "shared"
     folder: str = "{spec}_{slug}_{budget}it_seed{seed}"  # a run's folder name
     runs_of: str = ""  # the suite whose shared stage 0s and plain-method runs this one reuses
     fresh: bool = False  # retrain its runs on every invocation (timings)
@@ -170,4 +173,24 @@ PRUNING = Suite(
              "jobs": ONE_RUN_AT_A_TIME},
 )
 
-SUITES = {suite.name: suite for suite in (ACCURACY, ABLATION, SPEED, PRUNING)}
+# One spec under both stage-image rules (README, Leak-free stages).
+STAGE_IMAGE_RULES = (
+    Variant("ilmil standard", "ilmil"),
+    Variant("ilmil exclusive", "ilmil", ("ILMIL.STAGE_IMAGES", "exclusive")),
+)
+
+STAGE_IMAGES = Suite(
+    "stage_images",
+    full=Setting(("10+10",), STAGE_IMAGE_RULES, iters=800, base_iters=0, **DATA["full"]),
+    quick=Setting(("10+10",), STAGE_IMAGE_RULES, iters=120, base_iters=0, **DATA["quick"]),
+    table=tables.stage_images_table,
+    # Each run trains its own stage 0: under the exclusive rule stage 0's images depend on
+    # the whole spec, which a shared one-stage run (where every image stays) cannot know.
+    stage0="own",
+    protocol="shapes ({num_train} train / {num_test} test, 256 px), ilmil, batch 4, {iters} iterations per "
+             "stage, stage 0 included; each stage's training images by the standard rule and by "
+             "ILMIL.STAGE_IMAGES exclusive (README, Leak-free stages)",
+    refuses={"base_iters": "stage 0 trains the per-stage budget inside each run"},
+)
+
+SUITES = {suite.name: suite for suite in (ACCURACY, ABLATION, SPEED, PRUNING, STAGE_IMAGES)}

@@ -71,6 +71,19 @@ def ablation_table(records):
     return "\n".join(lines)
 
 
+def stage_images_table(records):
+    """One row per spec and variant (stage-image rule); means over seeds."""
+    lines = ["| spec | variant | config change | last stage's train images | AP50_old | AP50_new | AP50_all | "
+             "AP_all | forgetting AP50 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (spec, variant), runs in _grouped(records, "spec", "variant").items():
+        change = f"`{' '.join(runs[0]['opts'])}`" if runs[0]["opts"] else ""
+        cells = " | ".join(_mean_spread([r["last_stage"].get(k) for r in runs])
+                           for k in ("num_train_images", "AP50_old", "AP50_new", "AP50", "AP", "forgetting_AP50"))
+        lines.append(f"| {spec} | {variant} | {change} | {cells} |")
+    return "\n".join(lines)
+
+
 def pruning_table(records):
     """One row per variant, compared with the unpruned one. Records made before the
     fine-tuning was recorded show "–" for it."""

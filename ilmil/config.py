@@ -41,6 +41,13 @@ def add_ilmil_config(cfg):
     # finetune | joint | pseudo | faster-ilod | mma | ilmil; sets the defaults of the terms below
     # (METHOD_PRESETS); keys in a config file or on the command line override them.
     cfg.ILMIL.METHOD = "finetune"
+    # Training images of each stage (README, Leak-free stages): standard = every image
+    # holding an object of the stage's classes, so an image can train several stages |
+    # exclusive = each such image trains exactly one of its stages, drawn by the seed below.
+    cfg.ILMIL.STAGE_IMAGES = "standard"
+    # Seed of the exclusive assignment; independent of the training seed (SEED), so
+    # runs of several training seeds, and the methods compared, share one assignment.
+    cfg.ILMIL.STAGE_IMAGES_SEED = 0
 
     # Stages after the first keep the BatchNorm statistics of the model they start from:
     # batch statistics would make the student differ from its teacher before any update.

@@ -12,7 +12,8 @@ from conftest import REPO_ROOT, TINY_SHAPES
 from benchmarks import records
 from benchmarks.harness import CONFIG_RECORD, BenchError, Run, describe, plan, reuse_status, train
 from benchmarks.run import main as bench_main
-from benchmarks.suites import ACCURACY, ABLATION
+from benchmarks.suites import ACCURACY, ABLATION, STAGE_IMAGES
+from benchmarks.tables import stage_images_table
 from ilmil.data import shapes_num_classes
 
 TINY_OPTS = [
@@ -163,6 +164,24 @@ def test_an_ablation_variant_never_points_at_the_accuracy_suites_folder(tmp_path
     assert planned["10+10", "ilmil (all terms)", 0].out_dir == accuracy["10+10", "ilmil", 0].out_dir
     assert planned["10+10", "without RCN term", 0].out_dir.endswith("ablation_full/10+10_without_RCN_term_3200+800it_seed0")
     assert planned["10+10", "without RCN term", 0].stage0 == accuracy["10+10", "ilmil", 0].stage0
+
+
+def test_the_stage_images_suite_trains_one_spec_under_both_rules_each_run_with_its_stage_0(tmp_path):
+    planned = plan(STAGE_IMAGES, False, ("10+10",), (0,), str(tmp_path), [])
+    standard, exclusive = planned["10+10", "ilmil standard", 0], planned["10+10", "ilmil exclusive", 0]
+    # Not a shared one-stage stage 0: under the exclusive rule its images depend on the whole spec.
+    assert standard.stage0 is None and exclusive.stage0 is None
+    assert "--start-stage" not in exclusive.command()
+    assert (standard.config().ILMIL.STAGE_IMAGES, exclusive.config().ILMIL.STAGE_IMAGES) == ("standard", "exclusive")
+    assert standard.fingerprint() != exclusive.fingerprint()
+    assert os.path.dirname(exclusive.out_dir) == str(tmp_path / "stage_images_full")
+    last = {"num_train_images": 900, "AP50_old": 40.0, "AP50_new": 50.0, "AP50": 45.0, "AP": 20.0,
+            "forgetting_AP50": 30.0}
+    seed_runs = [{"spec": "10+10", "variant": "ilmil exclusive", "opts": ["ILMIL.STAGE_IMAGES", "exclusive"],
+                  "last_stage": stage} for stage in (last, dict(last, num_train_images=800, AP50_old=42.0))]
+    table = stage_images_table(seed_runs)
+    assert ("| 10+10 | ilmil exclusive | `ILMIL.STAGE_IMAGES exclusive` | 850.0 ± 50.0 | 41.0 ± 1.0 | 50.0 ± 0.0 "
+            "| 45.0 ± 0.0 | 20.0 ± 0.0 | 30.0 ± 0.0 |") in table
 
 
 def test_the_reuse_check_renames_nothing(tmp_path):

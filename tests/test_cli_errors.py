@@ -289,6 +289,7 @@ CASES = {
     "distance": _choice("ILMIL.DISTILL.FEAT.DISTANCE", "cosine", names="ILMIL.DISTILL.FEAT.DISTANCE 'cosine'"),
     "optimizer": _choice("SOLVER.OPTIMIZER", "Adam", names="SOLVER.OPTIMIZER 'Adam'"),
     "precision": _choice("ILMIL.TEACHER.PRECISION", "half", names="ILMIL.TEACHER.PRECISION 'half'"),
+    "stage_images": _choice("ILMIL.STAGE_IMAGES", "disjoint", names="ILMIL.STAGE_IMAGES 'disjoint'"),
     "prune_ratio": _choice("--prune", "1.5", names="ILMIL.PRUNING.RATIO (--ratio, --prune) 1.5"),
     # config files and overrides
     "config_missing": Case("train_incremental.py", lambda tmp_path, _: Bad(

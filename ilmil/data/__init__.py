@@ -15,7 +15,17 @@ from .datasets import (
     shapes_num_classes,
 )
 from .shapes import generate_shapes_dataset, shape_class_names
-from .stages import Stage, StageSpecError, build_schedule, parse_stage_spec, stage_test_dicts, stage_train_dicts
+from .stages import (
+    STAGE_IMAGE_RULES,
+    ExclusiveStageImages,
+    Stage,
+    StageSpecError,
+    build_schedule,
+    parse_stage_spec,
+    shared_image_count,
+    stage_test_dicts,
+    stage_train_dicts,
+)
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -23,8 +33,10 @@ __all__ = [
     "DATA_PROBLEMS_FIX",
     "DEFAULT_CLASS_ORDER",
     "MAX_LISTED_PROBLEMS",
+    "STAGE_IMAGE_RULES",
     "DatasetError",
     "DatasetSource",
+    "ExclusiveStageImages",
     "Stage",
     "StageSpecError",
     "build_schedule",
@@ -37,6 +49,7 @@ __all__ = [
     "problem_lines",
     "register_stage_datasets",
     "shape_class_names",
+    "shared_image_count",
     "shapes_num_classes",
     "stage_test_dicts",
     "stage_train_dicts",

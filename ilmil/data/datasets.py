@@ -439,22 +439,23 @@ def load_dataset_source(cfg, problems=None):
     return DatasetSource(name, tuple(class_names), train, test, is_voc)
 
 
-def register_stage_datasets(prefix, source, stage):
-    """Register ``{prefix}_stage{k}_train`` / ``_test`` in detectron2's catalogs.
+def register_stage_datasets(prefix, source, stage, exclusive=None):
+    """Register ``{prefix}_stage{k}_train`` / ``_test`` in detectron2's catalogs;
+    with ``exclusive`` (an ``ExclusiveStageImages``) the training images are those
+    that rule gives to ``stage``.
 
     Returns the two names. Re-registering a name replaces it, so several runs can
     share one process.
     """
     names = {}
-    for split, records, select in (
-        ("train", source.train, stage_train_dicts),
-        ("test", source.test, stage_test_dicts),
+    for split, dicts in (
+        ("train", stage_train_dicts(source.train, stage, exclusive)),
+        ("test", stage_test_dicts(source.test, stage)),
     ):
         name = f"{prefix}_stage{stage.index}_{split}"
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        dicts = select(records, stage)
         DatasetCatalog.register(name, lambda dicts=dicts: dicts)
         MetadataCatalog.get(name).set(
             thing_classes=list(stage.seen_classes),

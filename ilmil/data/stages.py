@@ -6,19 +6,31 @@ images that hold at least one non-difficult object of them, with only those
 annotations kept (old and future objects in the images stay unlabeled). After
 stage k the model is tested on the whole test split with the ground truth of
 every class seen so far.
+
+That standard protocol reuses an image in every stage whose classes it holds.
+The exclusive rule (:class:`ExclusiveStageImages`, ``ILMIL.STAGE_IMAGES
+exclusive``) gives each training image to exactly one of those stages instead.
 """
 import copy
+import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 __all__ = [
+    "STAGE_IMAGE_RULES",
+    "ExclusiveStageImages",
     "Stage",
     "StageSpecError",
     "parse_stage_spec",
     "build_schedule",
+    "shared_image_count",
     "stage_train_dicts",
     "stage_test_dicts",
 ]
+
+# ILMIL.STAGE_IMAGES: which training images each stage gets (README, Leak-free stages).
+STAGE_IMAGE_RULES = ("standard", "exclusive")
 
 _TERM = re.compile(r"^(\d+)(?:x(\d+))?$")
 
@@ -108,14 +120,65 @@ def _ignored(ann):
     return ann.get("difficult", 0) or ann.get("iscrowd", 0)
 
 
-def stage_train_dicts(dataset_dicts, stage):
+def _stage_object_counts(record, class_stage):
+    """``{stage index: the record's qualifying objects of that stage's new classes}``
+    for the stages the record qualifies for; ``class_stage`` maps a class to its stage."""
+    return Counter(class_stage[a["category_name"]] for a in record["annotations"]
+                   if a["category_name"] in class_stage and not _ignored(a))
+
+
+def _class_stages(schedule):
+    return {name: stage.index for stage in schedule for name in stage.new_classes}
+
+
+class ExclusiveStageImages:
+    """The leak-free rule: every training image trains exactly one stage of ``schedule``.
+
+    An image that qualifies for one stage (holds a non-difficult, non-crowd object
+    of its new classes) goes to it. One that qualifies for several goes to one of
+    them, drawn with probability proportional to its number of such objects of each
+    stage's classes, by a generator seeded with ``(seed, image_id)``: an image's
+    stage depends on neither the other images nor their order, and the same seed
+    gives the same assignment.
+    """
+
+    def __init__(self, schedule, seed):
+        self.seed = seed
+        self._class_stage = _class_stages(schedule)
+
+    def stage_of(self, record):
+        """The index of the stage that trains on ``record``; None where it qualifies for none."""
+        counts = _stage_object_counts(record, self._class_stage)
+        stages = sorted(counts)
+        if len(stages) <= 1:
+            return stages[0] if stages else None
+        # A string seed is hashed with SHA-512, not hash(): the same draw in every process.
+        draw = random.Random(f"{self.seed}:{record['image_id']}")
+        return draw.choices(stages, weights=[counts[k] for k in stages])[0]
+
+
+def shared_image_count(dataset_dicts, schedule):
+    """How many training images the standard rule puts in two or more stages."""
+    class_stage = _class_stages(schedule)
+    return sum(len(_stage_object_counts(record, class_stage)) > 1 for record in dataset_dicts)
+
+
+def stage_train_dicts(dataset_dicts, stage, exclusive=None):
     """Training images of ``stage``: those with a non-difficult object of its new
-    classes, keeping only new-class annotations (contiguous ids over the order)."""
+    classes, keeping only new-class annotations (contiguous ids over the order).
+
+    With ``exclusive`` (an :class:`ExclusiveStageImages` of the schedule), only the
+    images that rule gives to ``stage``.
+    """
     class_index = {name: i for i, name in enumerate(stage.seen_classes)}
     new = set(stage.new_classes)
     out = []
     for record in dataset_dicts:
-        if any(a["category_name"] in new and not _ignored(a) for a in record["annotations"]):
+        if exclusive is not None:
+            qualifies = exclusive.stage_of(record) == stage.index
+        else:
+            qualifies = any(a["category_name"] in new and not _ignored(a) for a in record["annotations"])
+        if qualifies:
             out.append(_relabel(record, new, class_index))
     return out
 

@@ -35,11 +35,15 @@ from ..data import (
     DATA_PROBLEMS_FIX,
     DEFAULT_CLASS_ORDER,
     MAX_LISTED_PROBLEMS,
+    STAGE_IMAGE_RULES,
     DatasetError,
+    ExclusiveStageImages,
     build_schedule,
     load_dataset_source,
     parse_stage_spec,
     register_stage_datasets,
+    shared_image_count,
+    stage_train_dicts,
 )
 from ..data.stages import Stage, StageSpecError
 from ..evaluation import NotARunError, evaluate_model, finalize_run
@@ -116,6 +120,7 @@ class IncrementalRun:
         self.method = check_choice("ILMIL.METHOD", cfg.ILMIL.METHOD, METHOD_PRESETS)
         check_optimizer(cfg)
         check_choice("ILMIL.TEACHER.PRECISION", cfg.ILMIL.TEACHER.PRECISION, TEACHER_PRECISIONS)
+        self.stage_images = check_choice("ILMIL.STAGE_IMAGES", cfg.ILMIL.STAGE_IMAGES, STAGE_IMAGE_RULES)
         check_distill_choices(cfg)
         check_pruning_config(cfg)
         meta_arch = META_ARCH_REGISTRY.get(check_choice(
@@ -155,7 +160,12 @@ class IncrementalRun:
         self.teacher_weights = teacher_weights
         self.class_order = class_order
         self.dataset_prefix = f"ilmil_{self.source.name}_{cfg.ILMIL.STAGES}_{self.method}"
-        self.registered = [register_stage_datasets(self.dataset_prefix, self.source, s) for s in self.schedule]
+        exclusive = None
+        if self.stage_images == "exclusive":
+            exclusive = ExclusiveStageImages(self.schedule, cfg.ILMIL.STAGE_IMAGES_SEED)
+        self.registered = [register_stage_datasets(self.dataset_prefix, self.source, s, exclusive)
+                           for s in self.schedule]
+        self._log_stage_images()
         problems += self._schedule_problems()
         folder_problem = output_dir_problem(self.output_dir)
         problems = [p for p in problems + [folder_problem] if p]
@@ -165,6 +175,20 @@ class IncrementalRun:
             report = write_problem_report(self.output_dir, long_list)
         if problems:
             raise RunValidationError(problems, fixes, report)
+
+    def _log_stage_images(self):
+        """How many training images each stage gets, and how many the standard rule shares."""
+        if len(self.schedule) < 2:
+            return  # one stage (joint): nothing to share
+        counts = ", ".join(f"{stage.index}: {len(DatasetCatalog.get(train_name))}"
+                           for stage, (train_name, _) in zip(self.schedule, self.registered))
+        shared = shared_image_count(self.source.train, self.schedule)
+        if self.stage_images == "exclusive":
+            logger.info("stage images (exclusive, seed %d): %s; %d images would otherwise be in 2+ stages",
+                        self.cfg.ILMIL.STAGE_IMAGES_SEED, counts, shared)
+        else:
+            logger.info("stage images (standard): %s; %d images are in 2+ stages "
+                        "(ILMIL.STAGE_IMAGES exclusive gives each to one)", counts, shared)
 
     def _schedule_problems(self):
         """Stages that no training image can teach; classes without a training box are logged."""
@@ -180,15 +204,32 @@ class IncrementalRun:
                     if name in counts:
                         counts[name] += 1
             missing = [c for c, n in counts.items() if n == 0]
-            if not dicts:
+            given_away = self._given_away(stage, missing) if not dicts or missing else []
+            if given_away and not dicts:
+                problems.append(
+                    f"stage {stage.index} ({', '.join(stage.new_classes)}): ILMIL.STAGE_IMAGES exclusive gave "
+                    f"every training image of these classes to other stages: fix: another "
+                    f"ILMIL.STAGE_IMAGES_SEED, or ILMIL.STAGE_IMAGES standard"
+                )
+            elif not dicts:
                 problems.append(
                     f"stage {stage.index} ({', '.join(stage.new_classes)}): no image of the {self.source.name} "
                     "train data holds these classes: fix: check --stages / ILMIL.CLASS_ORDER against the dataset"
                 )
             elif missing:
-                logger.warning("Stage %d: no training box of class(es) %s; the model cannot learn them",
-                               stage.index, ", ".join(missing))
+                why = (f" (ILMIL.STAGE_IMAGES exclusive gave the images of {', '.join(given_away)} to other "
+                       "stages: another ILMIL.STAGE_IMAGES_SEED may keep some)") if given_away else ""
+                logger.warning("Stage %d: no training box of class(es) %s; the model cannot learn them%s",
+                               stage.index, ", ".join(missing), why)
         return problems
+
+    def _given_away(self, stage, classes):
+        """Those of ``classes`` (of ``stage``) that have training boxes under the standard
+        rule but none under the exclusive one, whose draw gave their images to other stages."""
+        if self.stage_images != "exclusive":
+            return []
+        taught = {a["category_name"] for r in stage_train_dicts(self.source.train, stage) for a in r["annotations"]}
+        return [c for c in classes if c in taught]
 
     def identity(self):
         """What a folder's finished stages were trained on; see ``claim_run_dir``."""
