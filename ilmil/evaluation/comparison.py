@@ -11,7 +11,7 @@ import os
 
 from ..file_io import atomic_write
 from ..visualization import plot_forgetting_curve, run_labels
-from .report import markdown_table
+from .report import ap_cell, markdown_table
 from .run_outputs import load_run_results
 
 __all__ = ["compare_runs", "comparison_rows", "retention_sentence"]
@@ -19,10 +19,8 @@ __all__ = ["compare_runs", "comparison_rows", "retention_sentence"]
 COLUMNS = ["method", "teacher AP50_old", "AP50_old", "kept", "AP50_new", "AP50"]
 
 
-def _cell(value, percent=False):
-    if value is None or value != value:
-        return "-"
-    return f"{100 * value:.0f} %" if percent else f"{value:.1f}"
+def _share(value):
+    return "-" if value is None or value != value else f"{100 * value:.0f} %"
 
 
 def comparison_rows(runs, labels):
@@ -31,9 +29,8 @@ def comparison_rows(runs, labels):
     rows = []
     for results, label in zip(runs, labels):
         last = results["stages"][-1]
-        rows.append([label, _cell(last.get("AP50_old_teacher")), _cell(last.get("AP50_old")),
-                     _cell(last.get("retention_AP50"), percent=True), _cell(last.get("AP50_new")),
-                     _cell(last.get("AP50"))])
+        rows.append([label, ap_cell(last.get("AP50_old_teacher")), ap_cell(last.get("AP50_old")),
+                     _share(last.get("retention_AP50")), ap_cell(last.get("AP50_new")), ap_cell(last.get("AP50"))])
     return rows
 
 

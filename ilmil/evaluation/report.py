@@ -7,10 +7,10 @@ from tabulate import tabulate
 from ..pruning.measure import format_pruning_table
 from .forgetting import per_class_metrics
 
-__all__ = ["format_report", "format_results_table", "markdown_table"]
+__all__ = ["ap_cell", "format_report", "format_results_table", "markdown_table"]
 
 
-def _cell(value):
+def ap_cell(value):
     return "-" if value is None or value != value else f"{value:.1f}"
 
 
@@ -22,7 +22,7 @@ def format_results_table(results):
             [
                 entry["stage"],
                 f"{len(entry['old_classes'])}+{len(entry['new_classes'])}",
-                *(_cell(entry.get(k)) for k in ("AP50_old", "AP50_new", "AP50", "AP_old", "AP_new", "AP")),
+                *(ap_cell(entry.get(k)) for k in ("AP50_old", "AP50_new", "AP50", "AP_old", "AP_new", "AP")),
             ]
         )
     headers = ["stage", "classes", "AP50_old", "AP50_new", "AP50", "AP_old", "AP_new", "AP"]
@@ -62,7 +62,7 @@ def _ap_section(results, metrics):
     headers = ["stage", "classes"] + [m + suffix for m in metrics for suffix in ("_old", "_new", "")]
     rows = [
         [e["stage"], f"{len(e['old_classes'])}+{len(e['new_classes'])}"]
-        + [_cell(e.get(m + suffix)) for m in metrics for suffix in ("_old", "_new", "")]
+        + [ap_cell(e.get(m + suffix)) for m in metrics for suffix in ("_old", "_new", "")]
         for e in results["stages"]
     ]
     return markdown_table(headers, rows)
@@ -70,16 +70,16 @@ def _ap_section(results, metrics):
 
 def _forgetting_section(results, metrics):
     headers = ["stage"] + [f"{kind} {m}" for m in metrics for kind in ("forgetting", "retention")]
-    formats = (("forgetting", _cell), ("retention", _ratio))
+    formats = (("forgetting", ap_cell), ("retention", _ratio))
     rows = [[e["stage"]] + [f(e.get(f"{kind}_{m}")) for m in metrics for kind, f in formats] for e in results["stages"]]
     summary = results.get("summary", {})
     lines = [markdown_table(headers, rows), ""]
     for m in metrics:
         lines.append(
-            f"- {m}: average incremental {_cell(summary.get(f'average_incremental_{m}'))}, "
-            f"final {_cell(summary.get(f'final_{m}'))} (old {_cell(summary.get(f'final_{m}_old'))}, "
-            f"new {_cell(summary.get(f'final_{m}_new'))}), "
-            f"final forgetting {_cell(summary.get(f'final_forgetting_{m}'))}, "
+            f"- {m}: average incremental {ap_cell(summary.get(f'average_incremental_{m}'))}, "
+            f"final {ap_cell(summary.get(f'final_{m}'))} (old {ap_cell(summary.get(f'final_{m}_old'))}, "
+            f"new {ap_cell(summary.get(f'final_{m}_new'))}), "
+            f"final forgetting {ap_cell(summary.get(f'final_forgetting_{m}'))}, "
             f"final retention {_ratio(summary.get(f'final_retention_{m}'))}"
         )
     return "\n".join(lines)
