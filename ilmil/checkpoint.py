@@ -30,12 +30,13 @@ __all__ = ["DISTILLATION_STATE_PREFIXES", "CheckpointError", "IncrementalCheckpo
 
 logger = logging.getLogger(__name__)
 
-# State dict prefixes of the running state a student's distillation losses keep
-# (``IncrementalRCNN.feature_loss``: the adaptive layer weights' running average). It
+# State dict prefixes of a student's distillation state (``ilmil.distill.Distiller``:
+# connectors, learned term weights, the adaptive layer weights' running average). It
 # is saved with the student so that --resume continues it, but it is no part of the
-# detector: a model without these losses (a teacher, an evaluated model, the next
-# stage's student) starts without it.
-DISTILLATION_STATE_PREFIXES = ("feature_loss.", "rpn_loss.", "rcn_loss.")
+# detector: a model without it (a teacher, an evaluated or deployed model, the next
+# stage's student) skips it. The other prefixes are where checkpoints written before
+# the distiller kept that state.
+DISTILLATION_STATE_PREFIXES = ("distiller.", "feature_loss.", "rpn_loss.", "rcn_loss.")
 
 _PERIODIC_NAME = re.compile(r"model_(\d+)\.pth$")
 

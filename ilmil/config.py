@@ -83,6 +83,9 @@ def add_ilmil_config(cfg):
     # The old-class model of a stage; the stage runner sets it to the previous stage's model.
     cfg.ILMIL.TEACHER = CN()
     cfg.ILMIL.TEACHER.WEIGHTS = ""
+    # The teacher's own config file (any detector the toolkit builds, of any depth or width);
+    # empty = the student's config with the checkpoint's class count (incremental stages).
+    cfg.ILMIL.TEACHER.CONFIG_FILE = ""
     # Teacher proposals per image (the top ones by objectness) run through its box head
     # for pseudo-labels and the RCN term; 0 = all of MODEL.RPN.POST_NMS_TOPK_TEST.
     cfg.ILMIL.TEACHER.NUM_PROPOSALS = 0
@@ -100,7 +103,15 @@ def add_ilmil_config(cfg):
     # Dropped where IoU with a new-class GT box reaches this.
     cfg.ILMIL.PSEUDO_LABELS.NEW_GT_IOU_THRESH = 0.7
 
+    # Distillation terms: each section below with ENABLED and WEIGHT is a registered loss
+    # (ilmil.distill, README "Writing a distillation loss"), logged as loss_distill_<section>.
     cfg.ILMIL.DISTILL = CN()
+    # Maps a student layer to the teacher's width where they differ (ilmil.distill.connectors):
+    # Conv1x1BN | Conv1x1 | "" (none: differing widths are an error).
+    cfg.ILMIL.DISTILL.CONNECTOR = "Conv1x1BN"
+    # fixed (each term times its WEIGHT) | uncertainty (also a learned factor per term:
+    # sum_k w_k L_k / (2 s_k^2) + log s_k).
+    cfg.ILMIL.DISTILL.TERM_WEIGHTS = "fixed"
     # Multi-layer feature-map distillation.
     cfg.ILMIL.DISTILL.FEAT = CN()
     cfg.ILMIL.DISTILL.FEAT.ENABLED = False

@@ -49,12 +49,9 @@ from ..data.stages import Stage, StageSpecError
 from ..evaluation import NotARunError, evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
 from ..file_io import atomic_write
+from ..distill import IncrementalRCNN, build_teacher, check_distill_config
 from ..modeling import (
-    TEACHER_PRECISIONS,
     CheckpointClassesError,
-    IncrementalRCNN,
-    build_teacher,
-    check_distill_choices,
     load_checked_checkpoint,
     load_detector,
     load_expanded,
@@ -119,9 +116,7 @@ class IncrementalRun:
         self.output_dir = cfg.OUTPUT_DIR
         self.method = check_choice("ILMIL.METHOD", cfg.ILMIL.METHOD, METHOD_PRESETS)
         check_optimizer(cfg)
-        check_choice("ILMIL.TEACHER.PRECISION", cfg.ILMIL.TEACHER.PRECISION, TEACHER_PRECISIONS)
         self.stage_images = check_choice("ILMIL.STAGE_IMAGES", cfg.ILMIL.STAGE_IMAGES, STAGE_IMAGE_RULES)
-        check_distill_choices(cfg)
         check_pruning_config(cfg)
         meta_arch = META_ARCH_REGISTRY.get(check_choice(
             "MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE, [name for name, _ in META_ARCH_REGISTRY]))
@@ -130,6 +125,7 @@ class IncrementalRun:
                 f"method {self.method} needs MODEL.META_ARCHITECTURE IncrementalRCNN (or a subclass), "
                 f"got {cfg.MODEL.META_ARCHITECTURE}"
             )
+        check_distill_config(cfg)
         self.resume, self.force = resume, force
         problems = []
         self.source = main_process_first(lambda: load_dataset_source(cfg, problems))

@@ -1,25 +1,11 @@
-"""Modeling: head expansion, distillation losses, pseudo-labels and the incremental
-meta-architecture (imported here so that it registers itself)."""
+"""Modeling: building detectors (in a pruned checkpoint's layout), head expansion,
+pseudo-labels and the unbiased classification loss."""
 from .build import build_detector, load_detector, with_checkpoint_layout
-from .distillation import (
-    DISTILL_LOSS_REGISTRY,
-    FEATURE_DISTANCES,
-    FeatureDistillation,
-    RCNDistillation,
-    RPNDistillation,
-    build_distill_loss,
-    check_distill_choices,
-    old_class_logits,
-)
 from .expansion import expand_predictor_state_dict, load_expanded
 from .incremental_rcnn import (
     CheckpointClassesError,
-    IncrementalRCNN,
-    TEACHER_PRECISIONS,
     TeacherMismatchError,
-    build_teacher,
     checkpoint_class_names,
-    fold_batchnorm,
     load_checked_checkpoint,
 )
 from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
@@ -29,24 +15,12 @@ __all__ = [
     "load_detector",
     "with_checkpoint_layout",
     "CheckpointClassesError",
-    "DISTILL_LOSS_REGISTRY",
-    "FEATURE_DISTANCES",
-    "FeatureDistillation",
-    "IncrementalRCNN",
-    "RCNDistillation",
-    "RPNDistillation",
-    "TEACHER_PRECISIONS",
     "TeacherMismatchError",
     "add_pseudo_labels",
-    "build_distill_loss",
-    "build_teacher",
-    "check_distill_choices",
     "checkpoint_class_names",
     "drop_boxes_on_new_gt",
     "expand_predictor_state_dict",
-    "fold_batchnorm",
     "load_checked_checkpoint",
     "load_expanded",
-    "old_class_logits",
     "teacher_detections",
 ]

@@ -25,7 +25,8 @@ from ..checkpoint import IncrementalCheckpointer
 from ..engine.trainer import IncrementalTrainer, StageRecord
 from ..evaluation import evaluate_model
 from ..evaluation.run_outputs import write_json
-from ..modeling import IncrementalRCNN, load_checked_checkpoint, load_detector
+from ..distill import IncrementalRCNN
+from ..modeling import load_checked_checkpoint, load_detector
 from .channels import PruningError, prune_l1
 from .measure import format_pruning_table, measure_model
 

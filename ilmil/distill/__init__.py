@@ -1,0 +1,87 @@
+"""Distillation for detectron2 detectors: the teacher (teacher.py), what is recorded
+of both models (recorder.py), connectors between their widths (connectors.py), the
+loss registry and its terms (registry.py, losses/), their weighted sum (distiller.py),
+and the incremental Faster R-CNN student that uses them (rcnn.py, registered as the
+meta-architecture ``IncrementalRCNN``)."""
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
+
+from ..config import check_choice
+from .connectors import CONNECTOR_REGISTRY, build_connector, match_size
+from .distiller import DISTILLER_PREFIX, TERM_WEIGHTINGS, Distiller, build_distiller, enabled_terms
+from .losses import (
+    FEATURE_DISTANCES,
+    LAYER_WEIGHTINGS,
+    RCN_LOGITS,
+    FeatureDistillation,
+    RCNDistillation,
+    RPNDistillation,
+    old_class_logits,
+)
+from .rcnn import IncrementalRCNN
+from .recorder import Recorder, feature_shapes, recordable_names
+from .registry import DISTILL_LOSS_REGISTRY, DistillContext, DistillLoss, registered_terms
+from .teacher import TEACHER_PRECISIONS, FrozenTeacher, build_teacher, fold_batchnorm, teacher_cfg
+
+__all__ = [
+    "CONNECTOR_REGISTRY",
+    "DISTILLER_PREFIX",
+    "DISTILL_LOSS_REGISTRY",
+    "FEATURE_DISTANCES",
+    "LAYER_WEIGHTINGS",
+    "RCN_LOGITS",
+    "TEACHER_PRECISIONS",
+    "TERM_WEIGHTINGS",
+    "DistillContext",
+    "DistillLoss",
+    "Distiller",
+    "FeatureDistillation",
+    "FrozenTeacher",
+    "IncrementalRCNN",
+    "RCNDistillation",
+    "RPNDistillation",
+    "Recorder",
+    "build_connector",
+    "build_distiller",
+    "build_teacher",
+    "check_distill_config",
+    "enabled_terms",
+    "feature_shapes",
+    "fold_batchnorm",
+    "match_size",
+    "old_class_logits",
+    "recordable_names",
+    "registered_terms",
+    "teacher_cfg",
+]
+
+
+def check_distill_config(cfg):
+    """Refuse, before any work, what would stop a distilled stage when it starts: an
+    unknown choice, an enabled section no loss claims, a layer the models lack, widths
+    that differ without a connector. The terms are built on untrained models of the
+    student's config and of the teacher's (its own config file, else the student's)."""
+    d = cfg.ILMIL.DISTILL
+    check_choice("ILMIL.TEACHER.PRECISION", cfg.ILMIL.TEACHER.PRECISION, TEACHER_PRECISIONS)
+    check_choice("ILMIL.DISTILL.TERM_WEIGHTS", d.TERM_WEIGHTS, TERM_WEIGHTINGS)
+    if d.CONNECTOR:
+        check_choice("ILMIL.DISTILL.CONNECTOR", d.CONNECTOR, [name for name, _ in CONNECTOR_REGISTRY])
+    if not enabled_terms(cfg):
+        return
+    student = _plain_detector(cfg)
+    teacher = _plain_detector(teacher_cfg(cfg, cfg.MODEL.ROI_HEADS.NUM_CLASSES))
+    distiller = build_distiller(cfg, feature_shapes(student.backbone), feature_shapes(teacher.backbone))
+    for section, loss in distiller.terms.items():
+        section = section.upper()
+        key = f"ILMIL.DISTILL.{section}" + (".LAYERS" if "LAYERS" in d[section] else "")
+        for model in (student, teacher):
+            Recorder(model, loss.records(), key).remove()
+
+
+def _plain_detector(cfg):
+    """An untrained detector of ``cfg``'s architecture, without a teacher of its own."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    arch = cfg.MODEL.META_ARCHITECTURE
+    cfg.MODEL.META_ARCHITECTURE = getattr(META_ARCH_REGISTRY.get(arch), "detector_architecture", arch)
+    cfg.MODEL.DEVICE = "cpu"
+    return build_model(cfg)

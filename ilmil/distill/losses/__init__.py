@@ -1,0 +1,7 @@
+"""The registered distillation losses (imported here so that they register themselves)."""
+from .feature import FEATURE_DISTANCES, LAYER_WEIGHTINGS, FeatureDistillation
+from .rcn import RCN_LOGITS, RCNDistillation, old_class_logits
+from .rpn import RPNDistillation
+
+__all__ = ["FEATURE_DISTANCES", "LAYER_WEIGHTINGS", "RCN_LOGITS", "FeatureDistillation", "RCNDistillation",
+           "RPNDistillation", "old_class_logits"]

@@ -1,0 +1,75 @@
+"""The registry of distillation losses and what a loss is given.
+
+A loss is a small ``nn.Module`` registered in ``DISTILL_LOSS_REGISTRY``. Its name
+in the config is its section under ``ILMIL.DISTILL`` (``config_key``: ``FEAT``,
+``RPN``, ...), whose ``ENABLED`` and ``WEIGHT`` keys switch and weigh the term; the
+section's other keys are the loss's own. A term is logged as
+``loss_distill_<section in lower case>``.
+
+``forward(student, teacher, context)`` receives the recorded outputs of both
+models (``Recorded``: layer name -> tensor, see recorder.py) and a
+:class:`DistillContext`, and returns a scalar. The teacher's tensors come
+detached; every loss is zero when the student's outputs equal the teacher's.
+"""
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from detectron2.utils.registry import Registry
+
+from ..config import ConfigError
+
+__all__ = ["DISTILL_LOSS_REGISTRY", "DistillContext", "DistillLoss", "registered_terms"]
+
+DISTILL_LOSS_REGISTRY = Registry("ILMIL_DISTILL_LOSS")
+DISTILL_LOSS_REGISTRY.__doc__ = """
+Distillation losses, each a ``DistillLoss`` subclass whose ``config_key`` names its
+section under ``ILMIL.DISTILL``; built by ``cls(cfg, student_shapes, teacher_shapes)``.
+"""
+
+
+@dataclass
+class DistillContext:
+    """What a loss may need besides the recorded outputs.
+
+    gt_instances: per image, the stage's GT boxes plus the pseudo-labels (``gt_boxes``,
+        ``gt_classes``), in the student's input coordinates.
+    image_sizes: per image, (height, width) before padding.
+    strides: layer name -> stride of the recorded feature maps that have one.
+    num_old_classes: the teacher's classes (the first ones of the student's).
+    teacher_outputs: the teacher's dense outputs by name (``"proposals"``,
+        ``"box_outputs"``), for losses that weigh or select by the teacher's confidence.
+    """
+
+    gt_instances: list
+    image_sizes: list
+    strides: dict = field(default_factory=dict)
+    num_old_classes: int = 0
+    teacher_outputs: dict = field(default_factory=dict)
+
+
+class DistillLoss(nn.Module):
+    """Base class of the registered losses.
+
+    Subclasses set ``config_key`` and, when they read recorded outputs other than
+    the backbone's feature maps, list those module paths in ``records()``.
+    """
+
+    config_key = ""
+
+    def records(self):
+        """The layer names or module paths this loss reads from both models."""
+        return ()
+
+    def forward(self, student, teacher, context):
+        raise NotImplementedError
+
+
+def registered_terms():
+    """``{config section: loss class}`` of every registered loss."""
+    terms = {}
+    for name, cls in DISTILL_LOSS_REGISTRY:
+        if not cls.config_key:
+            raise ConfigError(f"distillation loss {name} has no config_key; fix: set it to its ILMIL.DISTILL section")
+        terms[cls.config_key] = cls
+    return terms
