@@ -6,7 +6,7 @@ import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["ConfigError", "add_ilmil_config", "changed_from_defaults", "check_choice", "check_optimizer",
+__all__ = ["ConfigError", "add_config_extension", "add_ilmil_config", "changed_from_defaults", "check_choice", "check_optimizer",
            "config_items", "default_cfg", "get_ilmil_cfg", "uses_teacher", "DEFAULT_CONFIG", "METHOD_PRESETS"]
 
 
@@ -225,16 +225,32 @@ DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "shapes", "faster_rcnn_R18_FPN_cpu.ya
 
 
 def uses_teacher(cfg):
-    """Whether any term of the config needs the previous stage's model as teacher."""
-    d = cfg.ILMIL.DISTILL
-    return bool(cfg.ILMIL.PSEUDO_LABELS.ENABLED or d.FEAT.ENABLED or d.RPN.ENABLED or d.RCN.ENABLED
-                or cfg.ILMIL.UNBIASED_CLS.ENABLED)
+    """Whether any term of the config needs the previous stage's model as teacher: the
+    pseudo-labels, the unbiased classification or an enabled ``ILMIL.DISTILL`` section."""
+    distill = any(isinstance(node, CN) and node.get("ENABLED", False) for node in cfg.ILMIL.DISTILL.values())
+    return bool(cfg.ILMIL.PSEUDO_LABELS.ENABLED or cfg.ILMIL.UNBIASED_CLS.ENABLED or distill)
+
+
+# Functions that add config keys of code outside ilmil (a new distillation loss's section).
+_CONFIG_EXTENSIONS = []
+
+
+def add_config_extension(add_config):
+    """Have every config the toolkit makes call ``add_config(cfg)`` after adding its own
+    keys, so a new loss's ``ILMIL.DISTILL`` section can be set in files and on command
+    lines. Returns ``add_config`` (usable as a decorator)."""
+    if add_config not in _CONFIG_EXTENSIONS:
+        _CONFIG_EXTENSIONS.append(add_config)
+    return add_config
 
 
 def default_cfg():
-    """detectron2's defaults with the ILMIL keys at theirs (no method preset, no file)."""
+    """detectron2's defaults with the ILMIL keys (and extensions) at theirs (no method
+    preset, no file)."""
     cfg = get_cfg()
     add_ilmil_config(cfg)
+    for add_config in _CONFIG_EXTENSIONS:
+        add_config(cfg)
     return cfg
 
 

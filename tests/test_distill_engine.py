@@ -1,0 +1,282 @@
+"""The distillation engine (ilmil.distill): a teacher built from its own config and
+loaded strictly, outputs recorded by name, connectors between widths, the loss
+registry driven by the config, fixed and learned term weights, and the README's
+example loss run as written."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import GeneralizedRCNN, build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer
+from ilmil.config import ConfigError, get_ilmil_cfg
+from ilmil.distill import (
+    Distiller,
+    FeatureDistillation,
+    Recorder,
+    build_teacher,
+    check_distill_config,
+    enabled_terms,
+)
+from ilmil.modeling import load_expanded
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_OLD, NUM_ALL = 3, 5
+IMAGE_SIZE = (64, 96)
+
+
+def _cfg(num_classes, *opts, method="ilmil"):
+    return get_ilmil_cfg(None, ["MODEL.ROI_HEADS.NUM_CLASSES", num_classes, "MODEL.DEVICE", "cpu", *opts],
+                         method=method)
+
+
+@pytest.fixture(scope="module")
+def teacher_state():
+    torch.manual_seed(0)
+    return build_model(_cfg(NUM_OLD, method="finetune")).state_dict()
+
+
+@pytest.fixture(scope="module")
+def teacher_path(teacher_state, tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save({"model": teacher_state}, path)
+    return str(path)
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(0)
+    inst = Instances(IMAGE_SIZE)
+    inst.gt_boxes = Boxes(torch.tensor([[10.0, 10.0, 40.0, 40.0]]))
+    inst.gt_classes = torch.tensor([3])
+    return [{"image": torch.rand(3, *IMAGE_SIZE, generator=gen) * 255, "instances": inst} for _ in range(2)]
+
+
+# --------------------------------------------------------------------------- the registry and the config
+
+
+def test_enabled_sections_become_terms_in_config_order():
+    assert list(enabled_terms(_cfg(NUM_ALL))) == ["FEAT", "RPN", "RCN"]
+    assert list(enabled_terms(_cfg(NUM_ALL, "ILMIL.DISTILL.RPN.ENABLED", False))) == ["FEAT", "RCN"]
+    assert enabled_terms(_cfg(NUM_ALL, method="finetune")) == {}
+
+
+def test_an_enabled_section_that_no_loss_claims_is_refused_with_the_registered_ones():
+    cfg = _cfg(NUM_ALL)
+    cfg.ILMIL.DISTILL.NOT_A_LOSS = type(cfg)({"ENABLED": True, "WEIGHT": 1.0})
+    with pytest.raises(ConfigError, match=r"ILMIL\.DISTILL\.NOT_A_LOSS\.ENABLED.*FEAT, RCN, RPN"):
+        enabled_terms(cfg)
+
+
+def test_a_layer_the_model_lacks_is_refused_before_training_with_the_available_names():
+    cfg = _cfg(NUM_ALL, "ILMIL.DISTILL.FEAT.LAYERS", ["p3", "p9"])
+    with pytest.raises(ConfigError, match=r"ILMIL\.DISTILL\.FEAT\.LAYERS: .* no layer 'p9'.*p2, p3.*res2") as e:
+        check_distill_config(cfg)
+    assert "proposal_generator.rpn_head" in str(e.value)
+
+
+def test_module_paths_are_recorded_during_a_recording_pass_only(teacher_state):
+    model = build_model(_cfg(NUM_OLD, method="finetune")).eval()
+    recorder = Recorder(model, ["p3", "res4", "backbone.bottom_up.stem"])
+    x = torch.rand(1, 3, 64, 64)
+    model.backbone(x)  # not recording: nothing kept
+    with pytest.raises(RuntimeError, match="did not run"):
+        recorder.collect()
+    with recorder.recording():
+        features = model.backbone(x)
+    recorded = recorder.collect()
+    assert recorded["p3"] is features["p3"]
+    assert recorded["res4"].shape[1] == model.backbone.bottom_up.output_shape()["res4"].channels
+    assert recorded["backbone.bottom_up.stem"].shape[1] == 64
+
+
+# --------------------------------------------------------------------------- the distiller
+
+
+class _Constant(nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, student, teacher, context):
+        return student["x"].sum() * 0 + self.value
+
+
+def test_fixed_weights_scale_each_term_and_name_it_by_its_section():
+    distiller = Distiller({"FEAT": _Constant(2.0), "RPN": _Constant(3.0)}, {"FEAT": 0.5, "RPN": 2.0})
+    losses = distiller({"x": torch.zeros(1)}, {}, None)
+    assert {k: v.item() for k, v in losses.items()} == {"loss_distill_feat": 1.0, "loss_distill_rpn": 6.0}
+
+
+def test_uncertainty_weights_follow_the_formula_and_learn():
+    distiller = Distiller({"FEAT": _Constant(2.0)}, {"FEAT": 0.5}, "uncertainty")
+    log_var = distiller.log_variances["feat"]
+    with torch.no_grad():
+        log_var.fill_(0.4)
+    loss = distiller({"x": torch.zeros(1)}, {}, None)["loss_distill_feat"]
+    # w L / (2 s^2) + log s, with s^2 = exp(0.4): 0.5 * 2 * exp(-0.4) / 2 + 0.2
+    assert loss.item() == pytest.approx(0.5 * 2.0 * torch.exp(torch.tensor(-0.4)).item() / 2 + 0.2, rel=1e-6)
+    loss.backward()
+    # d/dv (c e^{-v} / 2 + v / 2) = -c e^{-v} / 2 + 1/2 with c = 1
+    assert log_var.grad.item() == pytest.approx(-torch.exp(torch.tensor(-0.4)).item() / 2 + 0.5, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- connectors
+
+
+def test_differing_widths_need_a_connector_named_by_key_and_widths():
+    student, teacher = {"p3": ShapeSpec(channels=32, stride=8)}, {"p3": ShapeSpec(channels=64, stride=8)}
+    cfg = _cfg(NUM_ALL, "ILMIL.DISTILL.FEAT.LAYERS", ["p3"], "ILMIL.DISTILL.CONNECTOR", "")
+    with pytest.raises(ConfigError, match=r"ILMIL\.DISTILL\.FEAT\.LAYERS: layer p3 has 32 channels in the student "
+                                          r"and 64 in the teacher.*ILMIL\.DISTILL\.CONNECTOR Conv1x1BN"):
+        FeatureDistillation(cfg, student, teacher)
+
+
+def test_a_connector_maps_a_narrow_student_and_gets_gradients_with_it():
+    cfg = _cfg(NUM_ALL, "ILMIL.DISTILL.FEAT.LAYERS", ["p3", "p4"], "ILMIL.DISTILL.FEAT.DISTANCE", "l2")
+    shapes = {"p3": ShapeSpec(channels=32, stride=8), "p4": ShapeSpec(channels=64, stride=16)}
+    teacher_shapes = {"p3": ShapeSpec(channels=64, stride=8), "p4": ShapeSpec(channels=64, stride=16)}
+    loss_fn = FeatureDistillation(cfg, shapes, teacher_shapes)
+    assert list(loss_fn.connectors) == ["p3"]  # p4's widths match: compared as it is
+    s = {"p3": torch.randn(2, 32, 8, 8, requires_grad=True), "p4": torch.randn(2, 64, 4, 4, requires_grad=True)}
+    t = {"p3": torch.randn(2, 64, 8, 8, requires_grad=True), "p4": s["p4"].detach().clone().requires_grad_()}
+    loss = loss_fn(s, t)
+    assert loss.item() > 0
+    loss.backward()
+    assert s["p3"].grad.abs().sum() > 0 and s["p4"].grad is not None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss_fn.connectors.parameters())
+    assert t["p3"].grad is None and t["p4"].grad is None
+
+
+def test_a_student_of_another_stride_is_resized_to_the_teacher():
+    cfg = _cfg(NUM_ALL, "ILMIL.DISTILL.FEAT.LAYERS", ["p3"], "ILMIL.DISTILL.FEAT.DISTANCE", "l2",
+               "ILMIL.DISTILL.FEAT.LAYER_WEIGHTING", "uniform")
+    loss_fn = FeatureDistillation(cfg)
+    teacher = torch.ones(1, 4, 8, 8)
+    assert loss_fn({"p3": torch.ones(1, 4, 4, 4)}, {"p3": teacher}).item() == pytest.approx(0.0)
+
+
+# --------------------------------------------------------------------------- the teacher
+
+
+def test_teacher_loading_is_strict_about_unexpected_and_mis_shaped_tensors(teacher_state, tmp_path):
+    extra = tmp_path / "extra.pth"
+    torch.save({"model": {**teacher_state, "roi_heads.mask_head.weight": torch.zeros(3)}}, extra)
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\).*roi_heads\.mask_head\.weight.*ILMIL\.TEACHER\.CONFIG_FILE"):
+        build_teacher(_cfg(NUM_ALL), str(extra))
+    wide = tmp_path / "wide.pth"
+    torch.save({"model": {**teacher_state, "backbone.fpn_output3.weight": torch.zeros(64, 128, 3, 3)}}, wide)
+    with pytest.raises(CheckpointError, match=r"fpn_output3\.weight: \(64, 128, 3, 3\) in the checkpoint"):
+        build_teacher(_cfg(NUM_ALL), str(wide))
+
+
+def test_a_teacher_of_its_own_config_file_and_width(tmp_path):
+    # A wider teacher (FPN 128 channels) distilled into the default student (64).
+    config = tmp_path / "wide_teacher.yaml"
+    config.write_text(f'_BASE_: "{REPO_ROOT}/configs/shapes/faster_rcnn_R18_FPN_cpu.yaml"\n'
+                      "MODEL:\n  FPN:\n    OUT_CHANNELS: 128\n  PIXEL_MEAN: [100.0, 110.0, 120.0]\n")
+    torch.manual_seed(0)
+    wide = build_model(get_ilmil_cfg(str(config), ["MODEL.ROI_HEADS.NUM_CLASSES", NUM_ALL], method="finetune"))
+    weights = tmp_path / "wide.pth"
+    torch.save({"model": wide.state_dict()}, weights)
+    cfg = _cfg(NUM_ALL, "ILMIL.TEACHER.CONFIG_FILE", str(config), "ILMIL.TEACHER.WEIGHTS", str(weights),
+               "ILMIL.DISTILL.FEAT.LAYERS", ["p3", "res4"], "ILMIL.PSEUDO_LABELS.ENABLED", False,
+               "ILMIL.DISTILL.RPN.ENABLED", False, "ILMIL.DISTILL.RCN.ENABLED", False)
+    check_distill_config(cfg)
+    student = build_model(cfg).train()
+    assert type(student.teacher) is GeneralizedRCNN
+    assert student.teacher.backbone.output_shape()["p3"].channels == 128
+    assert student.teacher.pixel_mean.flatten().tolist() == [100.0, 110.0, 120.0]  # its own normalisation
+    feat = student.distiller.term("FEAT")
+    assert list(feat.connectors) == ["p3"]
+    with EventStorage():
+        losses = student(_batch())
+    losses["loss_distill_feat"].backward()
+    assert all(p.grad is not None for p in feat.connectors.parameters())
+    assert all(p.grad is None for p in student.teacher.parameters())
+    # The connector is distillation state: a plain detector loads the student's weights without it.
+    assert any(k.startswith("distiller.terms.feat.connectors.p3") for k in student.state_dict())
+    plain = build_model(_cfg(NUM_ALL, method="finetune"))
+    saved = tmp_path / "student.pth"
+    torch.save({"model": student.state_dict()}, saved)
+    IncrementalCheckpointer(plain).load(str(saved))
+    assert torch.equal(plain.backbone.fpn_output3.weight, student.backbone.fpn_output3.weight)
+
+
+def test_the_teacher_normalises_its_input_its_own_way(tmp_path, teacher_path):
+    student = build_model(_cfg(NUM_ALL, "ILMIL.TEACHER.WEIGHTS", teacher_path))
+    batch = _batch()
+    images = student.preprocess_image(batch)
+    assert student._teacher.images(batch, images, student) is images  # same normalisation: shared
+    with torch.no_grad():
+        student.teacher.pixel_mean.add_(10.0)
+    own = student._teacher.images(batch, images, student)
+    assert own is not images and torch.allclose(own.tensor, images.tensor - 10.0 / student.pixel_std, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- a new loss: one file plus config
+
+
+def _readme_example():
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        section = f.read().split("### Writing a distillation loss", 1)[1]
+    return re.findall(r"```python\n(.*?)```", section, re.S)[0]
+
+
+_EXAMPLE_RUN = """
+import json, sys, torch
+import ilmil
+import my_losses  # noqa: F401
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from ilmil.config import get_ilmil_cfg
+from ilmil.modeling import load_expanded
+sys.path.insert(0, {tests!r})
+from test_distill_engine import _batch
+
+torch.set_num_threads(1)
+cfg = get_ilmil_cfg(None, ["MODEL.ROI_HEADS.NUM_CLASSES", 5, "ILMIL.TEACHER.WEIGHTS", {teacher!r},
+                           "ILMIL.DISTILL.FEAT_L1.ENABLED", True], method="ilmil")
+student = build_model(cfg)
+load_expanded(student, torch.load({teacher!r}, weights_only=True)["model"], 3)
+student.freeze_bn_stats()
+out = {{}}
+with EventStorage():
+    out["equal"] = float(student(_batch())["loss_distill_feat_l1"])
+    with torch.no_grad():
+        student.backbone.fpn_output3.weight.add_(0.05)
+    loss = student(_batch())["loss_distill_feat_l1"]
+    loss.backward()
+out["perturbed"] = float(loss)
+out["grad"] = float(student.backbone.fpn_output3.weight.grad.abs().sum())
+print(json.dumps(out))
+"""
+
+
+def test_the_readme_example_loss_is_one_file_plus_config(tmp_path, teacher_path):
+    (tmp_path / "my_losses.py").write_text(_readme_example())
+    script = _EXAMPLE_RUN.format(tests=os.path.join(REPO_ROOT, "tests"), teacher=teacher_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO_ROOT]), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["equal"] == pytest.approx(0.0, abs=1e-6)  # the expanded student equals its teacher
+    assert out["perturbed"] > 1e-4 and out["grad"] > 0
+
+
+def test_an_expanded_student_starts_with_every_term_at_zero(teacher_path, teacher_state):
+    student = build_model(_cfg(NUM_ALL, "ILMIL.TEACHER.WEIGHTS", teacher_path, "ILMIL.PSEUDO_LABELS.ENABLED", False))
+    load_expanded(student, teacher_state, NUM_OLD)
+    student.freeze_bn_stats()
+    with EventStorage():
+        losses = student.train()(_batch())
+    for name in ("loss_distill_feat", "loss_distill_rpn", "loss_distill_rcn"):
+        assert abs(losses[name].item()) < 1e-4, name
