@@ -39,7 +39,7 @@ def add_ilmil_config(cfg):
     # Class order (names); empty = the dataset's canonical order (VOC order, COCO id order).
     cfg.ILMIL.CLASS_ORDER = []
     # finetune | joint | pseudo | faster-ilod | mma | ilmil; sets the defaults of the terms below
-    # (METHOD_PRESETS); keys in a config file or on the command line override them.
+    # (configs/methods/<method>.yaml); keys in a config file or on the command line override them.
     cfg.ILMIL.METHOD = "finetune"
     # Training images of each stage (README, Leak-free stages): standard = every image
     # holding an object of the stage's classes, so an image can train several stages |
@@ -187,41 +187,13 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DATA.CHECK_IMAGES = True
 
 
-# Faster ILOD's distillation: filtered L1 on the FPN levels, RPN and RCN terms (MMA keeps it).
-_FASTER_ILOD_DISTILLATION = {
-    "ILMIL.DISTILL.FEAT.ENABLED": True,
-    "ILMIL.DISTILL.FEAT.LAYERS": ["p2", "p3", "p4", "p5", "p6"],
-    "ILMIL.DISTILL.FEAT.DISTANCE": "filtered_l1",
-    "ILMIL.DISTILL.FEAT.LAYER_WEIGHTING": "uniform",
-    "ILMIL.DISTILL.RPN.ENABLED": True,
-    "ILMIL.DISTILL.RCN.ENABLED": True,
-}
-
-# What each --method switches on; every key can still be overridden.
-METHOD_PRESETS = {
-    "finetune": {},
-    "joint": {},
-    "pseudo": {"ILMIL.PSEUDO_LABELS.ENABLED": True},
-    "faster-ilod": {**_FASTER_ILOD_DISTILLATION, "ILMIL.DISTILL.RCN.LOGITS": "l2"},
-    # MMA (Cermelli et al. 2022): both of its "background" reinterpretations (docs/methods.md, 4.5).
-    "mma": {
-        **_FASTER_ILOD_DISTILLATION,
-        "ILMIL.DISTILL.RCN.LOGITS": "unbiased_kl",
-        "ILMIL.UNBIASED_CLS.ENABLED": True,
-    },
-    "ilmil": {
-        "ILMIL.PSEUDO_LABELS.ENABLED": True,
-        "ILMIL.DISTILL.FEAT.ENABLED": True,
-        "ILMIL.DISTILL.RPN.ENABLED": True,
-        "ILMIL.DISTILL.RCN.ENABLED": True,
-        # Not 1 (docs/methods.md#2-the-methods): from a converged teacher, weight 1 holds the shared box head
-        # so hard that new classes lose ~12 AP50 for no old-class gain (BENCHMARKS.md, ablation).
-        "ILMIL.DISTILL.RCN.WEIGHT": 0.25,
-    },
-}
-
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "shapes", "faster_rcnn_R18_FPN_cpu.yaml")
+# What each --method switches on: configs/methods/<method>.yaml, merged before the config
+# file and the command line, which override any of its keys.
+METHODS_DIR = os.path.join(CONFIGS_DIR, "methods")
+METHOD_PRESETS = {name[: -len(".yaml")]: os.path.join(METHODS_DIR, name)
+                  for name in sorted(os.listdir(METHODS_DIR)) if name.endswith(".yaml")}
 
 
 def uses_teacher(cfg):
@@ -294,7 +266,7 @@ def get_ilmil_cfg(config_file=None, opts=(), method=None):
         method = probe.ILMIL.METHOD
     check_choice("--method", method, METHOD_PRESETS)
     cfg = default_cfg()
-    cfg.merge_from_list([x for key, value in METHOD_PRESETS[method].items() for x in (key, value)])
+    _merge_file(cfg, METHOD_PRESETS[method])
     _merge_file(cfg, config_file)
     _merge_opts(cfg, opts)
     cfg.ILMIL.METHOD = method
