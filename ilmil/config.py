@@ -146,6 +146,14 @@ def add_ilmil_config(cfg):
     # must unlearn (BENCHMARKS.md, ablation). 0 = sample from all (docs/methods.md, 4.4).
     cfg.ILMIL.DISTILL.RCN.NEW_GT_IOU_THRESH = 0.0
 
+    # FGFI fine-grained feature imitation (a compression baseline): feature maps imitated where
+    # an anchor overlaps a GT box at more than PSI x that box's best anchor IoU.
+    cfg.ILMIL.DISTILL.FGFI = CN()
+    cfg.ILMIL.DISTILL.FGFI.ENABLED = False
+    cfg.ILMIL.DISTILL.FGFI.WEIGHT = 1.0
+    cfg.ILMIL.DISTILL.FGFI.LAYERS = ["p2", "p3", "p4", "p5", "p6"]
+    cfg.ILMIL.DISTILL.FGFI.PSI = 0.5
+
     # MMA's unbiased classification: the box head's loss on a proposal labelled background
     # targets "background or an old class" (old objects are unlabeled in a later stage's
     # data). Its old classes are the teacher's, so a stage with a teacher only.

@@ -20,13 +20,16 @@ from detectron2.utils.events import EventStorage
 from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer
 from ilmil.config import ConfigError, get_ilmil_cfg
 from ilmil.distill import (
+    DistillContext,
     Distiller,
     FeatureDistillation,
+    FGFIImitation,
     Recorder,
     build_teacher,
     check_distill_config,
     enabled_terms,
 )
+from ilmil.distill.masks import fgfi_mask, gt_box_mask
 from ilmil.modeling import load_expanded
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +68,7 @@ def _batch():
 
 def test_enabled_sections_become_terms_in_config_order():
     assert list(enabled_terms(_cfg(NUM_ALL))) == ["FEAT", "RPN", "RCN"]
+    assert list(enabled_terms(_cfg(NUM_ALL, "ILMIL.DISTILL.FGFI.ENABLED", True))) == ["FEAT", "RPN", "RCN", "FGFI"]
     assert list(enabled_terms(_cfg(NUM_ALL, "ILMIL.DISTILL.RPN.ENABLED", False))) == ["FEAT", "RCN"]
     assert enabled_terms(_cfg(NUM_ALL, method="finetune")) == {}
 
@@ -72,7 +76,7 @@ def test_enabled_sections_become_terms_in_config_order():
 def test_an_enabled_section_that_no_loss_claims_is_refused_with_the_registered_ones():
     cfg = _cfg(NUM_ALL)
     cfg.ILMIL.DISTILL.NOT_A_LOSS = type(cfg)({"ENABLED": True, "WEIGHT": 1.0})
-    with pytest.raises(ConfigError, match=r"ILMIL\.DISTILL\.NOT_A_LOSS\.ENABLED.*FEAT, RCN, RPN"):
+    with pytest.raises(ConfigError, match=r"ILMIL\.DISTILL\.NOT_A_LOSS\.ENABLED.*FEAT, FGFI, RCN, RPN"):
         enabled_terms(cfg)
 
 
@@ -280,3 +284,62 @@ def test_an_expanded_student_starts_with_every_term_at_zero(teacher_path, teache
         losses = student.train()(_batch())
     for name in ("loss_distill_feat", "loss_distill_rpn", "loss_distill_rcn"):
         assert abs(losses[name].item()) < 1e-4, name
+
+
+# --------------------------------------------------------------------------- FGFI masks and loss
+
+
+def _gt(boxes, size=(32, 32)):
+    inst = Instances(size)
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).view(-1, 4))
+    inst.gt_classes = torch.zeros(len(inst.gt_boxes), dtype=torch.int64)
+    return inst
+
+
+def test_gt_box_mask_marks_the_cells_whose_centre_is_inside_a_box():
+    # stride 8, 4 x 4 cells: centres at 4, 12, 20, 28; the box covers 0..16 in x and y.
+    mask = gt_box_mask([_gt([[0, 0, 16, 16]]), _gt([])], (4, 4), 8)
+    expected = torch.zeros(2, 4, 4)
+    expected[0, :2, :2] = 1
+    assert torch.equal(mask, expected)
+
+
+def test_fgfi_mask_keeps_anchors_above_half_the_best_iou_of_a_box():
+    # One anchor per cell of a 2 x 2 level: [0,0,16,16], [16,0,32,16], [0,16,16,32], [16,16,32,32].
+    anchors = {"p3": Boxes(torch.tensor([[0, 0, 16, 16], [16, 0, 32, 16], [0, 16, 16, 32], [16, 16, 32, 32]],
+                                        dtype=torch.float32))}
+    # GT [0,0,24,16]: IoU 16*16/(24*16) = 0.667 with anchor 0 (the best), 8*16/(384+256-128) = 0.25 with
+    # anchor 1 (< 0.5 x 0.667), 0 with the others.
+    mask = fgfi_mask([_gt([[0, 0, 24, 16]])], anchors, {"p3": (2, 2)})["p3"]
+    assert mask.tolist() == [[[1.0, 0.0], [0.0, 0.0]]]
+    # GT [0,0,32,16]: IoU 0.5 with anchors 0 and 1 (both the best): both kept.
+    mask = fgfi_mask([_gt([[0, 0, 32, 16]])], anchors, {"p3": (2, 2)})["p3"]
+    assert mask.tolist() == [[[1.0, 1.0], [0.0, 0.0]]]
+
+
+def test_fgfi_loss_is_the_masked_squared_error_over_twice_the_masked_area():
+    loss_fn = FGFIImitation(layers=["p3"])
+    context = DistillContext(gt_instances=[_gt([[0, 0, 16, 16]])], image_sizes=[(32, 32)], strides={"p3": 8})
+    teacher = {"p3": torch.zeros(1, 3, 4, 4)}
+    assert loss_fn({"p3": teacher["p3"].clone()}, teacher, context).item() == 0.0
+    student = torch.zeros(1, 3, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        student[:, :, 3, 3] = 5.0  # outside the object: ignored
+        student[:, :, 0, 0] = 1.0  # inside: 3 channels x 1^2
+    # GT-box mask (no anchors on p3): 4 cells; sum M (S - T)^2 = 3; / (2 x 4)
+    loss = loss_fn({"p3": student}, teacher, context)
+    assert loss.item() == pytest.approx(3 / 8)
+    loss.backward()
+    assert student.grad[0, :, 3, 3].abs().sum() == 0 and student.grad[0, :, 0, 0].abs().sum() > 0
+
+
+def test_fgfi_runs_as_a_term_of_a_distilled_step(teacher_path):
+    cfg = _cfg(NUM_ALL, "ILMIL.TEACHER.WEIGHTS", teacher_path, "ILMIL.DISTILL.FGFI.ENABLED", True,
+               "ILMIL.DISTILL.FEAT.ENABLED", False)
+    check_distill_config(cfg)
+    student = build_model(cfg).train()
+    with torch.no_grad():
+        student.backbone.fpn_output3.weight.add_(0.05)
+    with EventStorage():
+        losses = student(_batch())
+    assert losses["loss_distill_fgfi"].item() > 0 and "loss_distill_feat" not in losses

@@ -11,6 +11,7 @@ from .distiller import DISTILLER_PREFIX, TERM_WEIGHTINGS, Distiller, build_disti
 from .losses import (
     FEATURE_DISTANCES,
     LAYER_WEIGHTINGS,
+    FGFIImitation,
     RCN_LOGITS,
     FeatureDistillation,
     RCNDistillation,
@@ -34,6 +35,7 @@ __all__ = [
     "DistillContext",
     "DistillLoss",
     "Distiller",
+    "FGFIImitation",
     "FeatureDistillation",
     "FrozenTeacher",
     "IncrementalRCNN",

@@ -125,6 +125,12 @@ class IncrementalRCNN(GeneralizedRCNN):
         pooled = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
         return heads.box_predictor(heads.box_head(pooled))
 
+    def _anchors(self, features):
+        """{RPN level: its anchors}: the anchor generator caches its grids, so this is cheap."""
+        rpn = self.proposal_generator
+        levels = rpn.in_features
+        return dict(zip(levels, rpn.anchor_generator([features[f] for f in levels])))
+
     def forward(self, batched_inputs):
         if not self.training or self.teacher is None:
             return super().forward(batched_inputs)
@@ -155,6 +161,7 @@ class IncrementalRCNN(GeneralizedRCNN):
                 gt_instances=gt_instances,
                 image_sizes=images.image_sizes,
                 strides=self._strides,
+                anchors=self._anchors(features),
                 num_old_classes=self.teacher.roi_heads.num_classes,
                 teacher_outputs={"proposals": teacher["proposals"], "box_outputs": teacher["box_outputs"]},
             )

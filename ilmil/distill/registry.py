@@ -36,6 +36,8 @@ class DistillContext:
         ``gt_classes``), in the student's input coordinates.
     image_sizes: per image, (height, width) before padding.
     strides: layer name -> stride of the recorded feature maps that have one.
+    anchors: layer name -> the student's anchors on that level (``Boxes``, position-major),
+        for anchor-based detectors.
     num_old_classes: the teacher's classes (the first ones of the student's).
     teacher_outputs: the teacher's dense outputs by name (``"proposals"``,
         ``"box_outputs"``), for losses that weigh or select by the teacher's confidence.
@@ -44,6 +46,7 @@ class DistillContext:
     gt_instances: list
     image_sizes: list
     strides: dict = field(default_factory=dict)
+    anchors: dict = field(default_factory=dict)
     num_old_classes: int = 0
     teacher_outputs: dict = field(default_factory=dict)
 

@@ -1,7 +1,8 @@
 """The registered distillation losses (imported here so that they register themselves)."""
 from .feature import FEATURE_DISTANCES, LAYER_WEIGHTINGS, FeatureDistillation
+from .fgfi import FGFIImitation
 from .rcn import RCN_LOGITS, RCNDistillation, old_class_logits
 from .rpn import RPNDistillation
 
-__all__ = ["FEATURE_DISTANCES", "LAYER_WEIGHTINGS", "RCN_LOGITS", "FeatureDistillation", "RCNDistillation",
+__all__ = ["FEATURE_DISTANCES", "LAYER_WEIGHTINGS", "RCN_LOGITS", "FGFIImitation", "FeatureDistillation", "RCNDistillation",
            "RPNDistillation", "old_class_logits"]

@@ -1,0 +1,67 @@
+"""FGFI, fine-grained feature imitation (Wang et al. 2019): feature maps imitated
+near objects only.
+
+With M_l the FGFI mask of level l (ilmil.distill.masks: locations whose anchors
+overlap a GT box at more than psi times that box's best anchor IoU; without anchors
+on that level, the GT-box mask) and a(.) the connector:
+
+    L = sum_l sum_{x,y,c} M_l (a(S_l) - T_l)^2 / (2 sum_l sum_{x,y} M_l)
+"""
+import torch
+
+from detectron2.config import configurable
+
+from ..connectors import match_size
+from ..masks import fgfi_mask, gt_box_mask
+from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
+from .feature import feature_connectors
+
+__all__ = ["FGFIImitation"]
+
+
+@DISTILL_LOSS_REGISTRY.register()
+class FGFIImitation(DistillLoss):
+    """Masked feature imitation near the GT boxes."""
+
+    config_key = "FGFI"
+
+    @configurable
+    def __init__(self, *, layers, psi=0.5, connectors=None):
+        super().__init__()
+        self.layers = tuple(layers)
+        self.psi = psi
+        self.connectors = connectors if connectors is not None else torch.nn.ModuleDict()
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):
+        fgfi = cfg.ILMIL.DISTILL.FGFI
+        return {"layers": fgfi.LAYERS, "psi": fgfi.PSI,
+                "connectors": feature_connectors(fgfi.LAYERS, student_shapes or {}, teacher_shapes or {},
+                                                 cfg.ILMIL.DISTILL.CONNECTOR, "ILMIL.DISTILL.FGFI.LAYERS")}
+
+    def records(self):
+        return self.layers
+
+    def masks(self, teacher, context):
+        """{layer: [N, H, W] mask} at the teacher's map sizes."""
+        sizes = {name: tuple(teacher[name].shape[-2:]) for name in self.layers}
+        anchored = [name for name in self.layers if name in context.anchors]
+        masks = fgfi_mask(context.gt_instances, {n: context.anchors[n] for n in anchored},
+                          {n: sizes[n] for n in anchored}, self.psi) if anchored else {}
+        for name in self.layers:
+            if name not in masks:
+                masks[name] = gt_box_mask(context.gt_instances, sizes[name], context.strides[name])
+        return masks
+
+    def forward(self, student, teacher, context):
+        masks = self.masks(teacher, context)
+        total, area = 0.0, 0.0
+        for name in self.layers:
+            s, t = student[name], teacher[name].detach()
+            if name in self.connectors:
+                s = self.connectors[name](s)
+            s = match_size(s, t)
+            mask = masks[name][:, None]
+            total = total + ((s - t).pow(2) * mask).sum()
+            area = area + mask.sum()
+        return total / (2 * area.clamp(min=1.0))
