@@ -14,10 +14,10 @@ from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, safe_load
 from ilmil.config import get_ilmil_cfg
 from ilmil.data import load_dataset_source, register_stage_datasets
 from ilmil.data.stages import Stage
+from ilmil.engine.pruning_stage import check_pruning_config, prune_checkpoint
 from ilmil.engine.trainer import StageRecord
 from ilmil.modeling import build_detector, incremental_rcnn, with_checkpoint_layout
 from ilmil.pruning import PruningError, channel_layout, measure_model, prunable_layers, prune_l1
-from ilmil.pruning.workflow import check_pruning_config, prune_checkpoint
 
 IMAGE = (3, 64, 96)
 

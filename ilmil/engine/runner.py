@@ -61,8 +61,8 @@ from ..modeling import (
     with_checkpoint_layout,
 )
 from ..pruning import PruningError
-from ..pruning.workflow import check_pruning_config, prune_checkpoint, pruning_enabled
 from .launch import main_process_first
+from .pruning_stage import check_pruning_config, prune_checkpoint, pruning_enabled
 from .run_dir import (
     RunDirError,
     RunValidationError,

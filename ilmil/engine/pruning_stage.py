@@ -1,4 +1,5 @@
-"""Pruning a trained stage model: L1 prune, optional fine-tuning, before/after report.
+"""The pruning stage: a trained stage model L1-pruned (``ilmil.pruning``), optionally
+fine-tuned with the stage trainer, and measured before and after.
 
 Used by the stage runner at the boundary after ``ILMIL.PRUNING.AFTER_STAGE`` (the
 next stage's student starts from the pruned model, its teacher is the unpruned
@@ -22,12 +23,11 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 
 from ..checkpoint import IncrementalCheckpointer
-from ..engine.trainer import IncrementalTrainer, StageRecord
 from ..evaluation import evaluate_model
 from ..evaluation.run_outputs import write_json
 from ..modeling import IncrementalRCNN, load_checked_checkpoint, load_detector
-from .channels import PruningError, prune_l1
-from .measure import format_pruning_table, measure_model
+from ..pruning import PruningError, format_pruning_table, measure_model, prune_l1
+from .trainer import IncrementalTrainer, StageRecord
 
 __all__ = ["PRUNED_NAME", "check_pruning_config", "pruning_enabled", "pruning_ratios", "prune_checkpoint"]
 
