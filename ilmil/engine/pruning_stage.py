@@ -22,12 +22,12 @@ from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_tes
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 
-from ..checkpoint import IncrementalCheckpointer
+from ..checkpoint import IncrementalCheckpointer, StageRecord, load_checked_checkpoint
 from ..evaluation import evaluate_model
 from ..evaluation.run_outputs import write_json
-from ..modeling import IncrementalRCNN, load_checked_checkpoint, load_detector
+from ..modeling import IncrementalRCNN, load_detector
 from ..pruning import PruningError, format_pruning_table, measure_model, prune_l1
-from .trainer import IncrementalTrainer, StageRecord
+from .trainer import IncrementalTrainer
 
 __all__ = ["PRUNED_NAME", "check_pruning_config", "pruning_enabled", "pruning_ratios", "prune_checkpoint"]
 

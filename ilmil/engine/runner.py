@@ -29,7 +29,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointClassesError, CheckpointError, load_checked_checkpoint
 from ..config import METHOD_PRESETS, ConfigError, check_choice, check_optimizer, uses_teacher
 from ..data import (
     DATA_PROBLEMS_FIX,
@@ -51,11 +51,9 @@ from ..evaluation.run_outputs import write_json
 from ..file_io import atomic_write
 from ..modeling import (
     TEACHER_PRECISIONS,
-    CheckpointClassesError,
     IncrementalRCNN,
     build_teacher,
     check_distill_choices,
-    load_checked_checkpoint,
     load_detector,
     load_expanded,
     with_checkpoint_layout,

@@ -21,21 +21,16 @@ from tqdm import tqdm
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
 
-from ..checkpoint import safe_load
+from ..checkpoint import CheckpointClassesError, checkpoint_class_names, load_checked_checkpoint, safe_load
 from ..config import get_ilmil_cfg
 from ..data import DatasetError, load_dataset_source, register_stage_datasets
 from ..data.stages import Stage, StageSpecError
-from ..modeling import (
-    CheckpointClassesError,
-    checkpoint_class_names,
-    load_checked_checkpoint,
-    load_detector,
-)
+from ..modeling import load_detector
 from .forgetting import add_forgetting
 from .incremental_evaluator import IncrementalEvaluator
 from .run_outputs import NotARunError, write_run_outputs
 
-__all__ = ["CheckpointClassesError", "NotARunError", "evaluate_checkpoint", "evaluate_model", "evaluate_run"]
+__all__ = ["NotARunError", "evaluate_checkpoint", "evaluate_model", "evaluate_run"]
 
 logger = logging.getLogger(__name__)
 

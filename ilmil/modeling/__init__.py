@@ -13,14 +13,10 @@ from .distillation import (
 )
 from .expansion import expand_predictor_state_dict, load_expanded
 from .incremental_rcnn import (
-    CheckpointClassesError,
     IncrementalRCNN,
     TEACHER_PRECISIONS,
-    TeacherMismatchError,
     build_teacher,
-    checkpoint_class_names,
     fold_batchnorm,
-    load_checked_checkpoint,
 )
 from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 
@@ -28,7 +24,6 @@ __all__ = [
     "build_detector",
     "load_detector",
     "with_checkpoint_layout",
-    "CheckpointClassesError",
     "DISTILL_LOSS_REGISTRY",
     "FEATURE_DISTANCES",
     "FeatureDistillation",
@@ -36,16 +31,13 @@ __all__ = [
     "RCNDistillation",
     "RPNDistillation",
     "TEACHER_PRECISIONS",
-    "TeacherMismatchError",
     "add_pseudo_labels",
     "build_distill_loss",
     "build_teacher",
     "check_distill_choices",
-    "checkpoint_class_names",
     "drop_boxes_on_new_gt",
     "expand_predictor_state_dict",
     "fold_batchnorm",
-    "load_checked_checkpoint",
     "load_expanded",
     "old_class_logits",
     "teacher_detections",

@@ -1,8 +1,8 @@
 """Building a detector in the channel layout of a (possibly pruned) checkpoint."""
 from detectron2.modeling import build_model
 
-from ..checkpoint import CheckpointError, IncrementalCheckpointer, safe_load
-from ..pruning import apply_channel_layout, checkpoint_channel_layout
+from ..checkpoint import CheckpointError, IncrementalCheckpointer, checkpoint_channel_layout, safe_load
+from ..pruning import apply_channel_layout
 
 __all__ = ["build_detector", "load_detector", "with_checkpoint_layout"]
 

@@ -27,7 +27,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
-from ..checkpoint import CheckpointError, safe_load
+from ..checkpoint import load_checked_checkpoint
 from ..config import check_choice, uses_teacher
 from .build import load_detector
 from .distillation import build_distill_loss
@@ -35,28 +35,16 @@ from .pseudo_labels import add_pseudo_labels, away_from_gt, drop_boxes_on_new_gt
 from .unbiased import unbiased_cross_entropy
 
 __all__ = [
-    "CheckpointClassesError",
     "IncrementalRCNN",
     "TEACHER_PRECISIONS",
-    "TeacherMismatchError",
     "build_teacher",
-    "checkpoint_class_names",
     "fold_batchnorm",
-    "load_checked_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
 
 # ILMIL.TEACHER.PRECISION -> the autocast dtype of the teacher pass (None: no autocast).
 TEACHER_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointClassesError(ValueError):
-    """A checkpoint does not hold the classes it is used for."""
-
-
-class TeacherMismatchError(CheckpointClassesError):
-    """The teacher checkpoint does not hold the classes the schedule expects."""
 
 
 class _OutputRecorder:
@@ -92,41 +80,6 @@ def _float32(outputs):
     if isinstance(outputs, (list, tuple)):
         return type(outputs)(_float32(value) for value in outputs)
     return outputs
-
-
-def checkpoint_class_names(checkpoint):
-    """Class names recorded in an ilmil checkpoint, or None (a plain detectron2 one)."""
-    return checkpoint.get("ilmil", {}).get("class_names")
-
-
-_CLS_SCORE = "roi_heads.box_predictor.cls_score.weight"
-
-
-def load_checked_checkpoint(
-    weights,
-    expected_classes=None,
-    error=TeacherMismatchError,
-    use="the schedule expects the {n} old classes",
-    fix="give the checkpoint of the previous stage, or fix --stages / --class-order",
-):
-    """A detector checkpoint (``{"model": state dict, ...}``) and its class count,
-    refused with ``error`` (naming both lists) when its class count or recorded
-    class names differ from ``expected_classes``; ``use`` and ``fix`` word the message."""
-    checkpoint = safe_load(weights)
-    if "model" not in checkpoint:
-        checkpoint = {"model": checkpoint}
-    state = checkpoint["model"]
-    if _CLS_SCORE not in state:
-        raise CheckpointError(f"checkpoint {weights} holds no box classifier ({_CLS_SCORE}): not a Faster R-CNN "
-                              "detector; fix: give a detector checkpoint written by ilmil's tools")
-    num_classes = state[_CLS_SCORE].shape[0] - 1
-    if expected_classes is not None:
-        names = checkpoint_class_names(checkpoint)
-        if num_classes != len(expected_classes) or (names is not None and list(names) != list(expected_classes)):
-            found = list(names) if names is not None else f"{num_classes} unnamed classes"
-            expected = use.format(n=len(expected_classes))
-            raise error(f"checkpoint {weights} holds {found}, but {expected} {list(expected_classes)}: {fix}")
-    return checkpoint, num_classes
 
 
 def build_teacher(cfg, weights, expected_classes=None):

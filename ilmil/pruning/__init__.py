@@ -8,15 +8,8 @@ __all__ = [
     "PruningError",
     "apply_channel_layout",
     "channel_layout",
-    "checkpoint_channel_layout",
     "format_pruning_table",
     "measure_model",
     "prunable_layers",
     "prune_l1",
 ]
-
-
-def checkpoint_channel_layout(checkpoint):
-    """The channel layout an ilmil checkpoint records ({} for one saved unpruned
-    before layouts were recorded, or by plain detectron2)."""
-    return dict(checkpoint.get("ilmil", {}).get("channel_layout") or {})
