@@ -81,10 +81,10 @@ def measure_final_model(run, stage):
     import torch
     from detectron2.data import detection_utils
 
-    from ilmil.checkpoint import safe_load
+    from ilmil.checkpoint import checkpoint_class_names, safe_load
     from ilmil.config import get_ilmil_cfg
     from ilmil.data import shapes_num_classes
-    from ilmil.modeling import checkpoint_class_names, load_detector
+    from ilmil.modeling import load_detector
     from ilmil.pruning import measure_model
 
     weights = run.final_model(stage)

@@ -11,6 +11,12 @@ differences, each needed for long incremental runs:
   through an unpickler that only builds containers and numpy arrays;
 * ``resume_or_load(resume=True)`` resumes from the newest checkpoint that loads;
   a truncated or corrupt one is skipped with a warning naming both files.
+
+The checkpoint's ``ilmil`` record (the model's classes in logit order, its channel
+layout, the schedule it belongs to) is written, read and checked here only:
+:class:`StageRecord` writes it, :func:`checkpoint_class_names` and
+:func:`checkpoint_channel_layout` read it, :func:`load_checked_checkpoint` refuses
+a checkpoint of other classes.
 """
 import logging
 import os
@@ -24,9 +30,21 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .file_io import atomic_write
-from .pruning import channel_layout, checkpoint_channel_layout
+from .pruning.channels import channel_layout
 
-__all__ = ["DISTILLATION_STATE_PREFIXES", "CheckpointError", "IncrementalCheckpointer", "RNGStates", "safe_load"]
+__all__ = [
+    "DISTILLATION_STATE_PREFIXES",
+    "CheckpointClassesError",
+    "CheckpointError",
+    "IncrementalCheckpointer",
+    "RNGStates",
+    "StageRecord",
+    "TeacherMismatchError",
+    "checkpoint_channel_layout",
+    "checkpoint_class_names",
+    "load_checked_checkpoint",
+    "safe_load",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +61,14 @@ _PERIODIC_NAME = re.compile(r"model_(\d+)\.pth$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read (truncated, corrupt, or not a checkpoint)."""
+
+
+class CheckpointClassesError(ValueError):
+    """A checkpoint does not hold the classes it is used for."""
+
+
+class TeacherMismatchError(CheckpointClassesError):
+    """The teacher checkpoint does not hold the classes the schedule expects."""
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -117,6 +143,67 @@ class RNGStates:
                              n["has_gauss"], n["cached_gaussian"]))
         p = state["python"]
         random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+class StageRecord:
+    """Checkpointable record of the model's classes (in logit order), its channel
+    layout and the schedule, saved under the ``ilmil`` key: the next stage checks
+    its teacher against it, and every loader rebuilds a pruned model's shapes from it."""
+
+    def __init__(self, model, class_names, schedule):
+        self.model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+        self.class_names = list(class_names)
+        self.schedule = dict(schedule)
+
+    def state_dict(self):
+        return {"class_names": self.class_names, "channel_layout": channel_layout(self.model), **self.schedule}
+
+    def load_state_dict(self, state):
+        if list(state["class_names"]) != self.class_names:
+            raise ValueError(
+                f"checkpoint classes {state['class_names']} differ from this stage's {self.class_names}"
+            )
+
+
+def checkpoint_class_names(checkpoint):
+    """Class names recorded in an ilmil checkpoint, or None (a plain detectron2 one)."""
+    return checkpoint.get("ilmil", {}).get("class_names")
+
+
+def checkpoint_channel_layout(checkpoint):
+    """The channel layout an ilmil checkpoint records ({} for one saved unpruned
+    before layouts were recorded, or by plain detectron2)."""
+    return dict(checkpoint.get("ilmil", {}).get("channel_layout") or {})
+
+
+_CLS_SCORE = "roi_heads.box_predictor.cls_score.weight"
+
+
+def load_checked_checkpoint(
+    weights,
+    expected_classes=None,
+    error=TeacherMismatchError,
+    use="the schedule expects the {n} old classes",
+    fix="give the checkpoint of the previous stage, or fix --stages / --class-order",
+):
+    """A detector checkpoint (``{"model": state dict, ...}``) and its class count,
+    refused with ``error`` (naming both lists) when its class count or recorded
+    class names differ from ``expected_classes``; ``use`` and ``fix`` word the message."""
+    checkpoint = safe_load(weights)
+    if "model" not in checkpoint:
+        checkpoint = {"model": checkpoint}
+    state = checkpoint["model"]
+    if _CLS_SCORE not in state:
+        raise CheckpointError(f"checkpoint {weights} holds no box classifier ({_CLS_SCORE}): not a Faster R-CNN "
+                              "detector; fix: give a detector checkpoint written by ilmil's tools")
+    num_classes = state[_CLS_SCORE].shape[0] - 1
+    if expected_classes is not None:
+        names = checkpoint_class_names(checkpoint)
+        if num_classes != len(expected_classes) or (names is not None and list(names) != list(expected_classes)):
+            found = list(names) if names is not None else f"{num_classes} unnamed classes"
+            expected = use.format(n=len(expected_classes))
+            raise error(f"checkpoint {weights} holds {found}, but {expected} {list(expected_classes)}: {fix}")
+    return checkpoint, num_classes
 
 
 class IncrementalCheckpointer(DetectionCheckpointer):

@@ -6,8 +6,9 @@ import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["ConfigError", "add_config_extension", "add_ilmil_config", "changed_from_defaults", "check_choice", "check_optimizer",
-           "config_items", "default_cfg", "get_ilmil_cfg", "uses_teacher", "DEFAULT_CONFIG", "METHOD_PRESETS"]
+__all__ = ["ConfigError", "add_config_extension", "add_ilmil_config", "changed_from_defaults", "check_choice",
+           "check_optimizer", "config_items", "default_cfg", "derived_cfg", "get_ilmil_cfg", "uses_teacher",
+           "DEFAULT_CONFIG", "METHOD_PRESETS"]
 
 
 OPTIMIZERS = ("SGD", "AdamW")
@@ -222,6 +223,25 @@ def add_config_extension(add_config):
     if add_config not in _CONFIG_EXTENSIONS:
         _CONFIG_EXTENSIONS.append(add_config)
     return add_config
+
+
+def derived_cfg(cfg, changes):
+    """A copy of ``cfg`` with ``changes`` (``{"SECTION.KEY": value}``) set, frozen if
+    ``cfg`` is: how a stage, an evaluation or a pruned model gets its own config from
+    the run's without touching it. A key the config lacks raises ``KeyError``."""
+    derived = cfg.clone()
+    derived.defrost()
+    for key, value in changes.items():
+        *sections, leaf = key.split(".")
+        node = derived
+        for part in sections + [leaf]:
+            if not isinstance(node, CN) or part not in node:
+                raise KeyError(f"config key {key}: no such key")
+            parent, node = node, node[part]
+        setattr(parent, leaf, value)
+    if cfg.is_frozen():
+        derived.freeze()
+    return derived
 
 
 def default_cfg():

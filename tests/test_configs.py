@@ -7,7 +7,7 @@ import pytest
 
 from detectron2.modeling import build_model
 
-from ilmil.config import CONFIGS_DIR, DEFAULT_CONFIG, METHOD_PRESETS, get_ilmil_cfg
+from ilmil.config import CONFIGS_DIR, DEFAULT_CONFIG, METHOD_PRESETS, derived_cfg, get_ilmil_cfg
 from ilmil.data import BUILTIN_DATASETS, parse_stage_spec
 
 CONFIGS = sorted(
@@ -45,6 +45,26 @@ def test_default_config_is_the_shapes_cpu_config():
 def test_overrides_are_applied_after_the_file():
     cfg = get_ilmil_cfg(None, ["ILMIL.STAGES", "15+1x5", "SOLVER.MAX_ITER", 7])
     assert cfg.ILMIL.STAGES == "15+1x5" and cfg.SOLVER.MAX_ITER == 7
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_derived_cfg_sets_the_changes_on_a_copy_frozen_as_the_original(frozen):
+    cfg = get_ilmil_cfg(None, ["SOLVER.MAX_ITER", 7])
+    if frozen:
+        cfg.freeze()
+    derived = derived_cfg(cfg, {"SOLVER.MAX_ITER": 3, "DATASETS.TRAIN": ("a",), "OUTPUT_DIR": "out",
+                                "ILMIL.PRUNING.CHANNELS": [["backbone.x", 4]]})
+    assert (derived.SOLVER.MAX_ITER, derived.DATASETS.TRAIN, derived.OUTPUT_DIR) == (3, ("a",), "out")
+    assert derived.ILMIL.PRUNING.CHANNELS == [["backbone.x", 4]]
+    assert derived.SOLVER.BASE_LR == cfg.SOLVER.BASE_LR  # the rest is copied
+    assert (cfg.SOLVER.MAX_ITER, cfg.OUTPUT_DIR, cfg.ILMIL.PRUNING.CHANNELS) == (7, get_ilmil_cfg().OUTPUT_DIR, [])
+    assert derived.is_frozen() == cfg.is_frozen() == frozen
+
+
+@pytest.mark.parametrize("key", ["SOLVER.MAX_ITERS", "SOLVR.MAX_ITER", "SOLVER.MAX_ITER.X"])
+def test_derived_cfg_refuses_a_key_the_config_lacks(key):
+    with pytest.raises(KeyError, match=f"config key {key}: no such key"):
+        derived_cfg(get_ilmil_cfg(), {key: 1})
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_PRESETS))

@@ -13,12 +13,12 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
+from ilmil.checkpoint import TeacherMismatchError
 from ilmil.config import DEFAULT_CONFIG, METHOD_PRESETS, get_ilmil_cfg
 from ilmil.engine.runner import uses_teacher
 from ilmil.modeling import (
     FEATURE_DISTANCES,
     IncrementalRCNN,
-    TeacherMismatchError,
     build_teacher,
     fold_batchnorm,
     load_expanded,

@@ -10,14 +10,13 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, metrics_lines, read_json, run_tool, tail
-from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, safe_load
+from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, StageRecord, safe_load
 from ilmil.config import get_ilmil_cfg
 from ilmil.data import load_dataset_source, register_stage_datasets
 from ilmil.data.stages import Stage
-from ilmil.engine.trainer import StageRecord
+from ilmil.engine.pruning_stage import check_pruning_config, prune_checkpoint
 from ilmil.modeling import build_detector, incremental_rcnn, with_checkpoint_layout
 from ilmil.pruning import PruningError, channel_layout, measure_model, prunable_layers, prune_l1
-from ilmil.pruning.workflow import check_pruning_config, prune_checkpoint
 
 IMAGE = (3, 64, 96)
 

@@ -19,14 +19,13 @@ import sys
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from detectron2.utils.logger import setup_logger
 
-from ilmil.checkpoint import safe_load
+from ilmil.checkpoint import checkpoint_class_names, safe_load
 from ilmil.config import get_ilmil_cfg
 from ilmil.data import DatasetError, load_dataset_source, register_stage_datasets
 from ilmil.data.stages import Stage
 from ilmil.engine import require_output_dir, run_tool_main
-from ilmil.modeling import checkpoint_class_names
+from ilmil.engine.pruning_stage import check_pruning_config, prune_checkpoint
 from ilmil.pruning import format_pruning_table
-from ilmil.pruning.workflow import check_pruning_config, prune_checkpoint
 
 
 def _ratios(text):

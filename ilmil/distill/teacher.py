@@ -20,10 +20,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY
 
-from ..checkpoint import DISTILLATION_STATE_PREFIXES, CheckpointError
+from ..checkpoint import DISTILLATION_STATE_PREFIXES, CheckpointError, load_checked_checkpoint
 from ..config import ConfigError, check_choice, get_ilmil_cfg
 from ..modeling.build import load_detector
-from ..modeling.incremental_rcnn import load_checked_checkpoint
 
 __all__ = ["TEACHER_PRECISIONS", "FrozenTeacher", "build_teacher", "fold_batchnorm", "teacher_cfg"]
 

@@ -29,8 +29,8 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
-from ..checkpoint import CheckpointError
-from ..config import METHOD_PRESETS, ConfigError, check_choice, check_optimizer, uses_teacher
+from ..checkpoint import CheckpointClassesError, CheckpointError, load_checked_checkpoint
+from ..config import METHOD_PRESETS, ConfigError, check_choice, check_optimizer, derived_cfg, uses_teacher
 from ..data import (
     DATA_PROBLEMS_FIX,
     DEFAULT_CLASS_ORDER,
@@ -48,18 +48,12 @@ from ..data import (
 from ..data.stages import Stage, StageSpecError
 from ..evaluation import NotARunError, evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
-from ..file_io import atomic_write
 from ..distill import IncrementalRCNN, build_teacher, check_distill_config
-from ..modeling import (
-    CheckpointClassesError,
-    load_checked_checkpoint,
-    load_detector,
-    load_expanded,
-    with_checkpoint_layout,
-)
+from ..file_io import atomic_write
+from ..modeling import load_detector, load_expanded, with_checkpoint_layout
 from ..pruning import PruningError
-from ..pruning.workflow import check_pruning_config, prune_checkpoint, pruning_enabled
 from .launch import main_process_first
+from .pruning_stage import check_pruning_config, prune_checkpoint, pruning_enabled
 from .run_dir import (
     RunDirError,
     RunValidationError,
@@ -246,18 +240,18 @@ class IncrementalRun:
         """The config of one stage; ``teacher_weights`` is given for training only,
         ``layout_checkpoint`` for a student in that checkpoint's (pruned) channel layout."""
         train_name, test_name = self.registered[stage.index]
-        cfg = self.cfg.clone()
-        cfg.defrost()
-        cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(stage.seen_classes)
-        cfg.DATASETS.TRAIN = (train_name,)
-        cfg.DATASETS.TEST = (test_name,)
-        cfg.OUTPUT_DIR = self.stage_dir(stage)
-        cfg.SOLVER.MAX_ITER = self.cfg.SOLVER.MAX_ITER * self.iter_scale
-        cfg.SOLVER.STEPS = tuple(s * self.iter_scale for s in self.cfg.SOLVER.STEPS)
+        changes = {
+            "MODEL.ROI_HEADS.NUM_CLASSES": len(stage.seen_classes),
+            "DATASETS.TRAIN": (train_name,),
+            "DATASETS.TEST": (test_name,),
+            "OUTPUT_DIR": self.stage_dir(stage),
+            "SOLVER.MAX_ITER": self.cfg.SOLVER.MAX_ITER * self.iter_scale,
+            "SOLVER.STEPS": tuple(s * self.iter_scale for s in self.cfg.SOLVER.STEPS),
+            "ILMIL.TEACHER.WEIGHTS": teacher_weights if uses_teacher(self.cfg) else "",
+        }
         if stage.index > 0:
-            cfg.MODEL.WEIGHTS = ""  # the previous stage's model is loaded (expanded) instead
-        cfg.ILMIL.TEACHER.WEIGHTS = teacher_weights if uses_teacher(cfg) else ""
-        cfg.freeze()
+            changes["MODEL.WEIGHTS"] = ""  # the previous stage's model is loaded (expanded) instead
+        cfg = derived_cfg(self.cfg, changes)
         return with_checkpoint_layout(cfg, layout_checkpoint) if layout_checkpoint is not None else cfg
 
     def write_schedule(self):

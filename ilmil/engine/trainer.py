@@ -14,12 +14,11 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
-from ..checkpoint import IncrementalCheckpointer, RNGStates
+from ..checkpoint import IncrementalCheckpointer, RNGStates, StageRecord
 from ..config import check_optimizer
 from ..evaluation import IncrementalEvaluator
 from ..file_io import atomic_write
 from ..modeling import build_detector
-from ..pruning import channel_layout
 
 __all__ = ["IncrementalTrainer", "NonFiniteLossError"]
 
@@ -28,26 +27,6 @@ logger = logging.getLogger("ilmil")
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; the message names it, the iteration and the fix."""
-
-
-class StageRecord:
-    """Checkpointable record of the model's classes (in logit order), its channel
-    layout and the schedule, saved under the ``ilmil`` key: the next stage checks
-    its teacher against it, and every loader rebuilds a pruned model's shapes from it."""
-
-    def __init__(self, model, class_names, schedule):
-        self.model = getattr(model, "module", model)  # unwrap DistributedDataParallel
-        self.class_names = list(class_names)
-        self.schedule = dict(schedule)
-
-    def state_dict(self):
-        return {"class_names": self.class_names, "channel_layout": channel_layout(self.model), **self.schedule}
-
-    def load_state_dict(self, state):
-        if list(state["class_names"]) != self.class_names:
-            raise ValueError(
-                f"checkpoint classes {state['class_names']} differ from this stage's {self.class_names}"
-            )
 
 
 class _IterationTimesWriter(hooks.HookBase):

@@ -3,7 +3,7 @@ old/new/all averages, forgetting and retention, and the files of a finished run.
 from .comparison import compare_runs
 from .forgetting import add_forgetting, per_class_metrics
 from .incremental_evaluator import IncrementalEvaluator, coco_ground_truth, per_class_coco_ap, summarize_old_new
-from .model_evaluation import CheckpointClassesError, evaluate_checkpoint, evaluate_model, evaluate_run
+from .model_evaluation import evaluate_checkpoint, evaluate_model, evaluate_run
 from .report import format_report, format_results_table
 from .run_outputs import (
     PER_CLASS_CSV,
@@ -17,7 +17,6 @@ from .run_outputs import (
 from .voc_ap import VOC_METRICS, voc_ap, voc_per_class_ap
 
 __all__ = [
-    "CheckpointClassesError",
     "IncrementalEvaluator",
     "NotARunError",
     "PER_CLASS_CSV",

@@ -21,21 +21,16 @@ from tqdm import tqdm
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
 
-from ..checkpoint import safe_load
-from ..config import get_ilmil_cfg
+from ..checkpoint import CheckpointClassesError, checkpoint_class_names, load_checked_checkpoint, safe_load
+from ..config import derived_cfg, get_ilmil_cfg
 from ..data import DatasetError, load_dataset_source, register_stage_datasets
 from ..data.stages import Stage, StageSpecError
-from ..modeling import (
-    CheckpointClassesError,
-    checkpoint_class_names,
-    load_checked_checkpoint,
-    load_detector,
-)
+from ..modeling import load_detector
 from .forgetting import add_forgetting
 from .incremental_evaluator import IncrementalEvaluator
 from .run_outputs import NotARunError, write_run_outputs
 
-__all__ = ["CheckpointClassesError", "NotARunError", "evaluate_checkpoint", "evaluate_model", "evaluate_run"]
+__all__ = ["NotARunError", "evaluate_checkpoint", "evaluate_model", "evaluate_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +65,12 @@ def _load_model(cfg, weights, class_names):
 def _evaluate_stage(cfg, source, stage, weights, output_dir, progress):
     """Metrics of one stage's model on its test set (``register_stage_datasets``)."""
     _, test_name = register_stage_datasets(f"ilmil_eval_{source.name}", source, stage)
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(stage.seen_classes)
-    cfg.DATASETS.TEST = (test_name,)
-    cfg.MODEL.WEIGHTS = ""  # loaded by _load_model, after its class check
-    cfg.ILMIL.TEACHER.WEIGHTS = ""  # evaluation needs no teacher
-    cfg.freeze()
+    cfg = derived_cfg(cfg, {
+        "MODEL.ROI_HEADS.NUM_CLASSES": len(stage.seen_classes),
+        "DATASETS.TEST": (test_name,),
+        "MODEL.WEIGHTS": "",  # loaded by _load_model, after its class check
+        "ILMIL.TEACHER.WEIGHTS": "",  # evaluation needs no teacher
+    })
     model = _load_model(cfg, weights, stage.seen_classes)
     start = time.perf_counter()
     metrics = evaluate_model(cfg, model, output_dir, progress)

@@ -1,8 +1,9 @@
 """Building a detector in the channel layout of a (possibly pruned) checkpoint."""
 from detectron2.modeling import build_model
 
-from ..checkpoint import CheckpointError, IncrementalCheckpointer, safe_load
-from ..pruning import apply_channel_layout, checkpoint_channel_layout
+from ..checkpoint import CheckpointError, IncrementalCheckpointer, checkpoint_channel_layout, safe_load
+from ..config import derived_cfg
+from ..pruning import apply_channel_layout
 
 __all__ = ["build_detector", "load_detector", "with_checkpoint_layout"]
 
@@ -46,10 +47,5 @@ def _check_architecture(model, state, weights):
 
 def with_checkpoint_layout(cfg, checkpoint):
     """A copy of ``cfg`` whose ``ILMIL.PRUNING.CHANNELS`` is the layout ``checkpoint`` records."""
-    cfg = cfg.clone()
-    frozen = cfg.is_frozen()
-    cfg.defrost()
-    cfg.ILMIL.PRUNING.CHANNELS = [[name, int(width)] for name, width in checkpoint_channel_layout(checkpoint).items()]
-    if frozen:
-        cfg.freeze()
-    return cfg
+    layout = checkpoint_channel_layout(checkpoint)
+    return derived_cfg(cfg, {"ILMIL.PRUNING.CHANNELS": [[name, int(width)] for name, width in layout.items()]})

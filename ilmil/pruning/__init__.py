@@ -1,6 +1,6 @@
-"""Structured pruning: a smaller student that still remembers (channels.py), and
-its size / speed measured (measure.py). The stage-boundary workflow (prune,
-fine-tune, report) is in ``ilmil.pruning.workflow``, which needs the engine."""
+"""Structured pruning of a model: a smaller student that still remembers (channels.py),
+and its size / speed measured (measure.py). Model-level only: pruning a checkpoint at
+a stage boundary, with fine-tuning by the trainer, is ``ilmil.engine.pruning_stage``."""
 from .channels import PruningError, apply_channel_layout, channel_layout, prunable_layers, prune_l1
 from .measure import format_pruning_table, measure_model
 
@@ -8,15 +8,8 @@ __all__ = [
     "PruningError",
     "apply_channel_layout",
     "channel_layout",
-    "checkpoint_channel_layout",
     "format_pruning_table",
     "measure_model",
     "prunable_layers",
     "prune_l1",
 ]
-
-
-def checkpoint_channel_layout(checkpoint):
-    """The channel layout an ilmil checkpoint records ({} for one saved unpruned
-    before layouts were recorded, or by plain detectron2)."""
-    return dict(checkpoint.get("ilmil", {}).get("channel_layout") or {})

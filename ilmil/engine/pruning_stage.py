@@ -1,4 +1,5 @@
-"""Pruning a trained stage model: L1 prune, optional fine-tuning, before/after report.
+"""The pruning stage: a trained stage model L1-pruned (``ilmil.pruning``), optionally
+fine-tuned with the stage trainer, and measured before and after.
 
 Used by the stage runner at the boundary after ``ILMIL.PRUNING.AFTER_STAGE`` (the
 next stage's student starts from the pruned model, its teacher is the unpruned
@@ -21,14 +22,14 @@ from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_tes
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 
-from ..checkpoint import IncrementalCheckpointer
-from ..engine.trainer import IncrementalTrainer, StageRecord
+from ..checkpoint import IncrementalCheckpointer, StageRecord, load_checked_checkpoint
+from ..config import derived_cfg
 from ..evaluation import evaluate_model
 from ..evaluation.run_outputs import write_json
 from ..distill import IncrementalRCNN
-from ..modeling import load_checked_checkpoint, load_detector
-from .channels import PruningError, prune_l1
-from .measure import format_pruning_table, measure_model
+from ..modeling import load_detector
+from ..pruning import PruningError, format_pruning_table, measure_model, prune_l1
+from .trainer import IncrementalTrainer
 
 __all__ = ["PRUNED_NAME", "check_pruning_config", "pruning_enabled", "pruning_ratios", "prune_checkpoint"]
 
@@ -106,21 +107,18 @@ def prune_checkpoint(cfg, weights, output_dir, class_names, train_dataset, test_
     os.makedirs(output_dir, exist_ok=True)
     checkpoint, _ = load_checked_checkpoint(weights, class_names, use="it is pruned as a model of the {n} classes",
                                             fix="give the model of those classes")
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train_dataset,), (test_dataset,)
-    cfg.ILMIL.TEACHER.WEIGHTS = ""  # pruning needs no teacher; the fine-tuning sets its own
-    cfg.freeze()
+    cfg = derived_cfg(cfg, {
+        "DATASETS.TRAIN": (train_dataset,),
+        "DATASETS.TEST": (test_dataset,),
+        "ILMIL.TEACHER.WEIGHTS": "",  # pruning needs no teacher; the fine-tuning sets its own
+    })
     model = load_detector(cfg, weights, checkpoint)
     image = next(iter(build_detection_test_loader(cfg, test_dataset)))[0]["image"]
 
     logger.info("Pruning %s: measuring the model before", weights)
     before = {**measure_model(model, image), "AP50": evaluate_model(cfg, model).get("AP50")}
     layout = prune_l1(model, pruning_ratios(cfg))
-    pruned_cfg = cfg.clone()
-    pruned_cfg.defrost()
-    pruned_cfg.ILMIL.PRUNING.CHANNELS = [[name, width] for name, width in layout.items()]
-    pruned_cfg.freeze()
+    pruned_cfg = derived_cfg(cfg, {"ILMIL.PRUNING.CHANNELS": [[name, width] for name, width in layout.items()]})
     p = cfg.ILMIL.PRUNING
     iters = p.FINETUNE_ITERS
     if iters > 0:
@@ -148,24 +146,26 @@ def prune_checkpoint(cfg, weights, output_dir, class_names, train_dataset, test_
 def _finetune(cfg, model, iters, output_dir, teacher_weights=None):
     """``model`` (pruned) trained ``iters`` iterations on ``cfg``'s training data; with
     ``teacher_weights`` (the unpruned checkpoint) as its frozen teacher, distilled from it."""
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.OUTPUT_DIR = output_dir
-    cfg.SOLVER.MAX_ITER = iters
-    cfg.SOLVER.STEPS = ()
-    cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, iters // 5)
+    changes = {
+        "OUTPUT_DIR": output_dir,
+        "SOLVER.MAX_ITER": iters,
+        "SOLVER.STEPS": (),
+        "SOLVER.WARMUP_ITERS": min(cfg.SOLVER.WARMUP_ITERS, iters // 5),
+    }
     if teacher_weights:
-        # The pruning keeps every block's output width (it removes residual blocks' inner
-        # channels only), so res2..res5 and p2..p6 of the pruned student match its unpruned
-        # teacher's: the feature term compares them as they are.
-        cfg.ILMIL.TEACHER.WEIGHTS = teacher_weights
-        cfg.ILMIL.DISTILL.FEAT.ENABLED = True
-        # The teacher knows every class of this data: its detections would only repeat the ground
-        # truth as pseudo-labels, and the RCN term needs no proposals kept away from it.
-        cfg.ILMIL.PSEUDO_LABELS.ENABLED = False
-        cfg.ILMIL.DISTILL.RCN.NEW_GT_IOU_THRESH = 0.0
-        cfg.DATASETS.TRAIN = (_with_every_class_old(cfg.DATASETS.TRAIN[0]),)
-    cfg.freeze()
+        changes.update({
+            "ILMIL.TEACHER.WEIGHTS": teacher_weights,
+            # The pruning keeps every block's output width (it removes residual blocks' inner
+            # channels only), so res2..res5 and p2..p6 of the pruned student match its unpruned
+            # teacher's: the feature term compares them as they are.
+            "ILMIL.DISTILL.FEAT.ENABLED": True,
+            # The teacher knows every class of this data: its detections would only repeat the ground
+            # truth as pseudo-labels, and the RCN term needs no proposals kept away from it.
+            "ILMIL.PSEUDO_LABELS.ENABLED": False,
+            "ILMIL.DISTILL.RCN.NEW_GT_IOU_THRESH": 0.0,
+            "DATASETS.TRAIN": (_with_every_class_old(cfg.DATASETS.TRAIN[0]),),
+        })
+    cfg = derived_cfg(cfg, changes)
     # BatchNorm statistics are re-estimated with or without the teacher: pruning changed
     # the activations they describe.
     trainer = IncrementalTrainer(cfg, {"pruned_finetune": True})

@@ -1,0 +1,119 @@
+"""Every ilmil module imports on its own, and the package's imports point one way.
+
+A module that imports only after another one has been imported hides an import
+cycle: ``import ilmil.x`` as a script's first line then fails with a partially
+initialised module. The static check names the cycle; the subprocess check runs
+each real import first thing in a fresh interpreter.
+"""
+import ast
+import os
+import pkgutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import ilmil
+from conftest import REPO_ROOT
+
+MODULES = ["ilmil"] + sorted(name for _, name, _ in pkgutil.walk_packages(ilmil.__path__, "ilmil."))
+
+
+def _source_path(module):
+    path = os.path.join(REPO_ROOT, *module.split("."))
+    return os.path.join(path, "__init__.py") if os.path.isdir(path) else path + ".py"
+
+
+def _is_package(module):
+    return _source_path(module).endswith("__init__.py")
+
+
+def _ancestors(module):
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _module_level_imports(tree):
+    """Import statements run when the module is imported (not those inside functions)."""
+    pending = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            pending.extend(ast.iter_child_nodes(node))
+
+
+def _imported_modules(module):
+    """The ilmil modules ``module`` imports at import time, each with the parent
+    packages that the import runs first (other than ``module``'s own)."""
+    with open(_source_path(module)) as f:
+        tree = ast.parse(f.read(), _source_path(module))
+    package = module if _is_package(module) else module.rpartition(".")[0]
+    targets = set()
+    for node in _module_level_imports(tree):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+            continue
+        base = node.module or ""
+        if node.level:
+            prefix = package.split(".")[: len(package.split(".")) - node.level + 1]
+            base = ".".join(prefix + ([base] if base else []))
+        targets.add(base)
+        targets.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in MODULES)
+    targets = {t for t in targets if t in MODULES}
+    own = set(_ancestors(module)) | {module}
+    return {m for t in targets for m in _ancestors(t) + [t]} - own
+
+
+def _find_cycle(graph):
+    """One cycle of ``graph`` as a list of nodes (first == last), or None."""
+    state = {}  # node -> "open" while on the DFS path, "done" after
+
+    def visit(node, path):
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt, path)
+                if cycle:
+                    return cycle
+        path.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node, [])
+            if cycle:
+                return cycle
+    return None
+
+
+def test_find_cycle_names_the_cycle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_module_level_imports_have_no_cycle():
+    graph = {module: _imported_modules(module) for module in MODULES}
+    # Resolution sanity: the engine imports the modeling package and its trainer.
+    assert {"ilmil.modeling", "ilmil.checkpoint"} <= graph["ilmil.engine.trainer"]
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle between ilmil modules: " + " -> ".join(cycle)
+
+
+def _import_alone(module):
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], env=env, cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    return module, result.returncode, result.stderr
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    assert len(MODULES) > 30 and "ilmil.engine.runner" in MODULES
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two at a time: the machine has 2 cores
+        results = list(pool.map(_import_alone, MODULES))
+    failed = [f"import {module} (exit {rc}):\n{stderr[-1500:]}" for module, rc, stderr in results if rc != 0]
+    assert not failed, "\n\n".join(failed)
