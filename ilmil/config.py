@@ -6,8 +6,9 @@ import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["ConfigError", "add_ilmil_config", "changed_from_defaults", "check_choice", "check_optimizer",
-           "config_items", "default_cfg", "get_ilmil_cfg", "uses_teacher", "DEFAULT_CONFIG", "METHOD_PRESETS"]
+__all__ = ["ConfigError", "add_fcos_config", "add_ilmil_config", "changed_from_defaults", "check_choice",
+           "check_optimizer", "config_items", "default_cfg", "get_ilmil_cfg", "set_num_classes", "uses_teacher",
+           "DEFAULT_CONFIG", "METHOD_PRESETS"]
 
 
 OPTIMIZERS = ("SGD", "AdamW")
@@ -176,6 +177,43 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DATA.CHECK_IMAGES = True
 
 
+def add_fcos_config(cfg):
+    """Add ``MODEL.FCOS`` (ilmil/modeling/fcos.py) to ``cfg``, at the defaults of
+    detectron2's ``FCOS`` and ``FCOSHead`` constructors (its LazyConfig model)."""
+    cfg.MODEL.FCOS = CN()
+    # Classes of the sigmoid classifier (no background logit); the stage runner sets it per stage.
+    cfg.MODEL.FCOS.NUM_CLASSES = 80
+    # Backbone maps the head reads, finest first (each its own scale range of objects).
+    cfg.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # 3x3 convolutions of each tower (classification, box + centerness) before the output layers.
+    cfg.MODEL.FCOS.NUM_CONVS = 4
+    # Normalisation of the tower convolutions: GN | BN (one BatchNorm per level) | "" (none).
+    cfg.MODEL.FCOS.NORM = "GN"
+    # Initial foreground probability of every class: the classifier's biases start at -log((1-p)/p).
+    cfg.MODEL.FCOS.PRIOR_PROB = 0.01
+    # Focal loss of the classifier.
+    cfg.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
+    cfg.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
+    # A location is positive for a box only within this many strides of the box centre.
+    cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
+    # Test: locations below this score (sqrt(class x centerness)) are dropped before NMS.
+    cfg.MODEL.FCOS.SCORE_THRESH_TEST = 0.2
+    # Test: the best this many locations per level go to NMS.
+    cfg.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
+    # Test: per-class NMS IoU; detections kept per image are TEST.DETECTIONS_PER_IMAGE (as RetinaNet's).
+    cfg.MODEL.FCOS.NMS_THRESH_TEST = 0.6
+
+
+def set_num_classes(cfg, num_classes):
+    """Set the class count of every detector head ilmil builds: ``MODEL.ROI_HEADS``
+    (Faster R-CNN), ``MODEL.RETINANET`` and ``MODEL.FCOS``. Each meta-architecture
+    reads its own key only, so setting all three fits whichever one ``cfg`` names
+    (and its subclasses). ``cfg`` must be mutable; returns it."""
+    for head in (cfg.MODEL.ROI_HEADS, cfg.MODEL.RETINANET, cfg.MODEL.FCOS):
+        head.NUM_CLASSES = int(num_classes)
+    return cfg
+
+
 # Faster ILOD's distillation: filtered L1 on the FPN levels, RPN and RCN terms (MMA keeps it).
 _FASTER_ILOD_DISTILLATION = {
     "ILMIL.DISTILL.FEAT.ENABLED": True,
@@ -221,8 +259,9 @@ def uses_teacher(cfg):
 
 
 def default_cfg():
-    """detectron2's defaults with the ILMIL keys at theirs (no method preset, no file)."""
+    """detectron2's defaults with the FCOS and ILMIL keys at theirs (no method preset, no file)."""
     cfg = get_cfg()
+    add_fcos_config(cfg)
     add_ilmil_config(cfg)
     return cfg
 
@@ -250,7 +289,7 @@ def changed_from_defaults(cfg):
 
 
 def get_ilmil_cfg(config_file=None, opts=(), method=None):
-    """detectron2's defaults + the ILMIL keys, then the method's preset, then a
+    """detectron2's defaults + the FCOS and ILMIL keys, then the method's preset, then a
     config file (default: the shapes CPU config), then ``KEY VALUE`` overrides.
 
     ``method`` (``--method``) wins over an ``ILMIL.METHOD`` in the file or opts.
