@@ -1,5 +1,5 @@
-"""Modeling: head expansion, distillation losses, pseudo-labels and the incremental
-meta-architecture (imported here so that it registers itself)."""
+"""Modeling: head expansion, distillation losses, pseudo-labels, the incremental
+meta-architecture and yacs-built FCOS (imported here so that they register themselves)."""
 from .build import build_detector, load_detector, with_checkpoint_layout
 from .distillation import (
     DISTILL_LOSS_REGISTRY,
@@ -11,7 +11,8 @@ from .distillation import (
     check_distill_choices,
     old_class_logits,
 )
-from .expansion import expand_predictor_state_dict, load_expanded
+from .expansion import CLASSIFIER_KEYS, expand_predictor_state_dict, load_expanded, state_dict_num_classes
+from .fcos import FCOS
 from .incremental_rcnn import (
     CheckpointClassesError,
     IncrementalRCNN,
@@ -28,8 +29,10 @@ __all__ = [
     "build_detector",
     "load_detector",
     "with_checkpoint_layout",
+    "CLASSIFIER_KEYS",
     "CheckpointClassesError",
     "DISTILL_LOSS_REGISTRY",
+    "FCOS",
     "FEATURE_DISTANCES",
     "FeatureDistillation",
     "IncrementalRCNN",
@@ -48,5 +51,6 @@ __all__ = [
     "load_checked_checkpoint",
     "load_expanded",
     "old_class_logits",
+    "state_dict_num_classes",
     "teacher_detections",
 ]

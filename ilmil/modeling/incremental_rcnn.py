@@ -31,6 +31,7 @@ from ..checkpoint import CheckpointError, safe_load
 from ..config import check_choice, uses_teacher
 from .build import load_detector
 from .distillation import build_distill_loss
+from .expansion import CLASSIFIER_KEYS, state_dict_num_classes
 from .pseudo_labels import add_pseudo_labels, away_from_gt, drop_boxes_on_new_gt, teacher_detections
 from .unbiased import unbiased_cross_entropy
 
@@ -99,9 +100,6 @@ def checkpoint_class_names(checkpoint):
     return checkpoint.get("ilmil", {}).get("class_names")
 
 
-_CLS_SCORE = "roi_heads.box_predictor.cls_score.weight"
-
-
 def load_checked_checkpoint(
     weights,
     expected_classes=None,
@@ -116,10 +114,11 @@ def load_checked_checkpoint(
     if "model" not in checkpoint:
         checkpoint = {"model": checkpoint}
     state = checkpoint["model"]
-    if _CLS_SCORE not in state:
-        raise CheckpointError(f"checkpoint {weights} holds no box classifier ({_CLS_SCORE}): not a Faster R-CNN "
-                              "detector; fix: give a detector checkpoint written by ilmil's tools")
-    num_classes = state[_CLS_SCORE].shape[0] - 1
+    num_classes = state_dict_num_classes(state)
+    if num_classes is None:
+        raise CheckpointError(f"checkpoint {weights} holds no classifier ({' or '.join(CLASSIFIER_KEYS)}): not a "
+                              "Faster R-CNN, RetinaNet or FCOS detector; fix: give a detector checkpoint written by "
+                              "ilmil's tools")
     if expected_classes is not None:
         names = checkpoint_class_names(checkpoint)
         if num_classes != len(expected_classes) or (names is not None and list(names) != list(expected_classes)):
