@@ -1,5 +1,7 @@
 """The stage runner: trains the stages of a schedule in order, each starting from
-the previous stage's model (box predictor expanded), and evaluates after each.
+the previous stage's model (classifier expanded), and evaluates after each.
+Faster R-CNN (``IncrementalRCNN``), RetinaNet and FCOS train with every method that
+needs no teacher (``finetune``, ``joint``); the teacher's methods need ``IncrementalRCNN``.
 
 Output layout (``OUT``)::
 
@@ -30,7 +32,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from ..checkpoint import CheckpointError
-from ..config import METHOD_PRESETS, ConfigError, check_choice, check_optimizer, uses_teacher
+from ..config import METHOD_PRESETS, ConfigError, check_choice, check_optimizer, set_num_classes, uses_teacher
 from ..data import (
     DATA_PROBLEMS_FIX,
     DEFAULT_CLASS_ORDER,
@@ -53,7 +55,6 @@ from ..modeling import (
     TEACHER_PRECISIONS,
     CheckpointClassesError,
     IncrementalRCNN,
-    build_teacher,
     check_distill_choices,
     load_checked_checkpoint,
     load_detector,
@@ -127,8 +128,9 @@ class IncrementalRun:
             "MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE, [name for name, _ in META_ARCH_REGISTRY]))
         if uses_teacher(cfg) and not issubclass(meta_arch, IncrementalRCNN):
             raise ConfigError(
-                f"method {self.method} needs MODEL.META_ARCHITECTURE IncrementalRCNN (or a subclass), "
-                f"got {cfg.MODEL.META_ARCHITECTURE}"
+                f"method {self.method} needs MODEL.META_ARCHITECTURE IncrementalRCNN (or a subclass) to hold "
+                f"its teacher, got {cfg.MODEL.META_ARCHITECTURE}; fix: --method finetune or joint with this "
+                "detector, or a Faster R-CNN config (configs/shapes/faster_rcnn_R18_FPN_cpu.yaml)"
             )
         self.resume, self.force = resume, force
         problems = []
@@ -153,7 +155,7 @@ class IncrementalRun:
                               f"0..{start_stage - 1}; fix: give that checkpoint, or start at stage 0")
         if teacher_weights:  # refuse a wrong start model (classes, architecture) before any work
             try:
-                build_teacher(cfg, teacher_weights, self.schedule[start_stage].old_classes)
+                _check_start_model(cfg, teacher_weights, self.schedule[start_stage].old_classes)
             except (CheckpointClassesError, CheckpointError) as e:
                 problems.append(f"--teacher-weights: {e}")
         self.start_stage = start_stage
@@ -252,7 +254,7 @@ class IncrementalRun:
         train_name, test_name = self.registered[stage.index]
         cfg = self.cfg.clone()
         cfg.defrost()
-        cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(stage.seen_classes)
+        set_num_classes(cfg, len(stage.seen_classes))
         cfg.DATASETS.TRAIN = (train_name,)
         cfg.DATASETS.TEST = (test_name,)
         cfg.OUTPUT_DIR = self.stage_dir(stage)
@@ -411,6 +413,18 @@ class IncrementalRun:
         # gets the summary; prune_checkpoint builds the model in the checkpoint's layout.
         train_name, test_name = self.registered[stage.index]
         return prune_checkpoint(self.stage_cfg(stage), weights, folder, stage.seen_classes, train_name, test_name)
+
+
+def _check_start_model(cfg, weights, old_classes):
+    """Refuse ``weights`` as the model of ``old_classes`` when its classes differ or it
+    does not load into ``cfg``'s detector (another architecture or width)."""
+    checkpoint, num_classes = load_checked_checkpoint(weights, old_classes)
+    cfg = cfg.clone()
+    cfg.defrost()
+    set_num_classes(cfg, num_classes)
+    cfg.MODEL.WEIGHTS = ""
+    cfg.ILMIL.TEACHER.WEIGHTS = ""  # the model itself, whatever its config's method
+    load_detector(cfg, weights, checkpoint)
 
 
 def weights_digest(model):

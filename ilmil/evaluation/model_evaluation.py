@@ -22,7 +22,7 @@ from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
 
 from ..checkpoint import safe_load
-from ..config import get_ilmil_cfg
+from ..config import get_ilmil_cfg, set_num_classes
 from ..data import DatasetError, load_dataset_source, register_stage_datasets
 from ..data.stages import Stage, StageSpecError
 from ..modeling import (
@@ -72,7 +72,7 @@ def _evaluate_stage(cfg, source, stage, weights, output_dir, progress):
     _, test_name = register_stage_datasets(f"ilmil_eval_{source.name}", source, stage)
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(stage.seen_classes)
+    set_num_classes(cfg, len(stage.seen_classes))
     cfg.DATASETS.TEST = (test_name,)
     cfg.MODEL.WEIGHTS = ""  # loaded by _load_model, after its class check
     cfg.ILMIL.TEACHER.WEIGHTS = ""  # evaluation needs no teacher
