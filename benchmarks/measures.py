@@ -82,7 +82,7 @@ def measure_final_model(run, stage):
     from detectron2.data import detection_utils
 
     from ilmil.checkpoint import checkpoint_class_names, safe_load
-    from ilmil.config import get_ilmil_cfg
+    from ilmil.config import get_ilmil_cfg, set_num_classes
     from ilmil.data import shapes_num_classes
     from ilmil.modeling import load_detector
     from ilmil.pruning import measure_model
@@ -90,7 +90,7 @@ def measure_final_model(run, stage):
     weights = run.final_model(stage)
     checkpoint = safe_load(weights)
     cfg = get_ilmil_cfg(os.path.join(run.out_dir, "config.yaml"))
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(checkpoint_class_names(checkpoint))
+    set_num_classes(cfg, len(checkpoint_class_names(checkpoint)))
     cfg.ILMIL.TEACHER.WEIGHTS = ""
     model = load_detector(cfg, weights, checkpoint)
     shapes = cfg.ILMIL.SHAPES

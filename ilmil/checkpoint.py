@@ -33,6 +33,7 @@ from .file_io import atomic_write
 from .pruning.channels import channel_layout
 
 __all__ = [
+    "CLASSIFIER_KEYS",
     "DISTILLATION_STATE_PREFIXES",
     "CheckpointClassesError",
     "CheckpointError",
@@ -44,6 +45,7 @@ __all__ = [
     "checkpoint_class_names",
     "load_checked_checkpoint",
     "safe_load",
+    "state_dict_num_classes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -176,7 +178,23 @@ def checkpoint_channel_layout(checkpoint):
     return dict(checkpoint.get("ilmil", {}).get("channel_layout") or {})
 
 
-_CLS_SCORE = "roi_heads.box_predictor.cls_score.weight"
+# The classifier weight of each detector family, as a state dict names it: Faster R-CNN's
+# box predictor, and the RetinaNet / FCOS dense head (whose box conv gives the anchors per location).
+CLASSIFIER_KEYS = ("roi_heads.box_predictor.cls_score.weight", "head.cls_score.weight")
+_DENSE_BOX = "head.bbox_pred.weight"
+
+
+def state_dict_num_classes(state):
+    """The class count of a detector's state dict, or None when it holds neither
+    classifier of ``CLASSIFIER_KEYS``: Faster R-CNN's ``cls_score`` rows less the
+    background row; RetinaNet's / FCOS's ``cls_score`` channels divided by the anchors
+    per location, which are the box conv's channels / 4."""
+    box_predictor, dense = CLASSIFIER_KEYS
+    if box_predictor in state:
+        return state[box_predictor].shape[0] - 1
+    if dense in state:
+        return state[dense].shape[0] // (state[_DENSE_BOX].shape[0] // 4)
+    return None
 
 
 def load_checked_checkpoint(
@@ -193,10 +211,11 @@ def load_checked_checkpoint(
     if "model" not in checkpoint:
         checkpoint = {"model": checkpoint}
     state = checkpoint["model"]
-    if _CLS_SCORE not in state:
-        raise CheckpointError(f"checkpoint {weights} holds no box classifier ({_CLS_SCORE}): not a Faster R-CNN "
-                              "detector; fix: give a detector checkpoint written by ilmil's tools")
-    num_classes = state[_CLS_SCORE].shape[0] - 1
+    num_classes = state_dict_num_classes(state)
+    if num_classes is None:
+        raise CheckpointError(f"checkpoint {weights} holds no classifier ({' or '.join(CLASSIFIER_KEYS)}): not a "
+                              "Faster R-CNN, RetinaNet or FCOS detector; fix: give a detector checkpoint written by "
+                              "ilmil's tools")
     if expected_classes is not None:
         names = checkpoint_class_names(checkpoint)
         if num_classes != len(expected_classes) or (names is not None and list(names) != list(expected_classes)):

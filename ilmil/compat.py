@@ -4,7 +4,8 @@ Imported by ``ilmil/__init__.py`` before any other detectron2 module. Each
 adjustment first checks that it is needed, so on a detectron2 build that does not
 need it (an official build with its C++ ops, an older Pillow) it does nothing.
 Anything else that detectron2 0.6 lacks here is worked around where it is used
-and documented there (our VOC AP, ``COCOeval`` directly). Two adjustments for
+and documented there (our VOC AP, ``COCOeval`` directly). One adjustment makes the
+GroupNorm heads of RetinaNet and FCOS buildable. Two adjustments for
 torchrun-launched runs (``ilmil/engine/launch.py``) are here too:
 ``use_local_process_group`` and the CPU case of ``create_ddp_model``.
 """
@@ -75,3 +76,29 @@ def _create_ddp_model_on_cpu_too():
 
 
 _create_ddp_model_on_cpu_too()
+
+
+def _group_norm_in_dense_heads():
+    """``RetinaNetHead`` (the head of RetinaNet and of FCOS) tells a shared BatchNorm
+    from other norms by building one layer of ONE channel, ``get_norm(norm, 1)``, which
+    a GroupNorm of 32 groups refuses: in detectron2 0.6 a ``GN`` head
+    (``MODEL.RETINANET.NORM``, ``MODEL.FCOS.NORM``) cannot be built at all. Later
+    detectron2 versions probe with 32 channels; the ``get_norm`` that module calls
+    does the same here (every layer it builds has more than one channel)."""
+    from detectron2.layers import ShapeSpec, get_norm
+    from detectron2.modeling.meta_arch import retinanet
+
+    try:
+        retinanet.RetinaNetHead(input_shape=[ShapeSpec(channels=32)], num_classes=1, num_anchors=1,
+                                conv_dims=[32], norm="GN")
+        return  # this build (or an earlier call) already probes with a width GroupNorm accepts
+    except ValueError:
+        pass
+
+    def get_norm_with_32_channel_probe(norm, out_channels):
+        return get_norm(norm, 32 if out_channels == 1 else out_channels)
+
+    retinanet.get_norm = get_norm_with_32_channel_probe
+
+
+_group_norm_in_dense_heads()

@@ -6,8 +6,9 @@ import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["ConfigError", "add_config_extension", "add_ilmil_config", "changed_from_defaults", "check_choice",
-           "check_optimizer", "config_items", "default_cfg", "derived_cfg", "get_ilmil_cfg", "uses_teacher",
+__all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "changed_from_defaults",
+           "check_choice", "check_optimizer", "config_items", "default_cfg", "derived_cfg", "get_ilmil_cfg",
+           "num_classes_changes", "set_num_classes", "uses_teacher",
            "DEFAULT_CONFIG", "METHOD_PRESETS"]
 
 
@@ -196,6 +197,56 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DATA.CHECK_IMAGES = True
 
 
+def add_fcos_config(cfg):
+    """Add ``MODEL.FCOS`` (ilmil/modeling/fcos.py) to ``cfg``, at the defaults of
+    detectron2's ``FCOS`` and ``FCOSHead`` constructors (its LazyConfig model)."""
+    cfg.MODEL.FCOS = CN()
+    # Classes of the sigmoid classifier (no background logit); the stage runner sets it per stage.
+    cfg.MODEL.FCOS.NUM_CLASSES = 80
+    # Backbone maps the head reads, finest first (each its own scale range of objects).
+    cfg.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # 3x3 convolutions of each tower (classification, box + centerness) before the output layers.
+    cfg.MODEL.FCOS.NUM_CONVS = 4
+    # Normalisation of the tower convolutions: GN | BN (one BatchNorm per level) | "" (none).
+    cfg.MODEL.FCOS.NORM = "GN"
+    # Initial foreground probability of every class: the classifier's biases start at -log((1-p)/p).
+    cfg.MODEL.FCOS.PRIOR_PROB = 0.01
+    # Focal loss of the classifier.
+    cfg.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
+    cfg.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
+    # A location is positive for a box only within this many strides of the box centre.
+    cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
+    # Test: locations below this score (sqrt(class x centerness)) are dropped before NMS.
+    cfg.MODEL.FCOS.SCORE_THRESH_TEST = 0.2
+    # Test: the best this many locations per level go to NMS.
+    cfg.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
+    # Test: per-class NMS IoU; detections kept per image are TEST.DETECTIONS_PER_IMAGE (as RetinaNet's).
+    cfg.MODEL.FCOS.NMS_THRESH_TEST = 0.6
+
+
+# The class count of every detector head ilmil builds: Faster R-CNN, RetinaNet, FCOS. Each
+# meta-architecture reads its own key only, so setting all three fits whichever one a
+# config names (and its subclasses).
+NUM_CLASSES_KEYS = ("MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.RETINANET.NUM_CLASSES", "MODEL.FCOS.NUM_CLASSES")
+
+
+def num_classes_changes(num_classes):
+    """``{key: num_classes}`` of ``NUM_CLASSES_KEYS``, for :func:`derived_cfg`."""
+    return {key: int(num_classes) for key in NUM_CLASSES_KEYS}
+
+
+def set_num_classes(cfg, num_classes):
+    """Set the class count of every detector head ilmil builds (``NUM_CLASSES_KEYS``) in
+    ``cfg``, which must be mutable; returns it."""
+    for key, value in num_classes_changes(num_classes).items():
+        *sections, leaf = key.split(".")
+        node = cfg
+        for part in sections:
+            node = node[part]
+        setattr(node, leaf, value)
+    return cfg
+
+
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "shapes", "faster_rcnn_R18_FPN_cpu.yaml")
 # What each --method switches on: configs/methods/<method>.yaml, merged before the config
@@ -245,9 +296,10 @@ def derived_cfg(cfg, changes):
 
 
 def default_cfg():
-    """detectron2's defaults with the ILMIL keys (and extensions) at theirs (no method
-    preset, no file)."""
+    """detectron2's defaults with the FCOS and ILMIL keys (and extensions) at theirs (no
+    method preset, no file)."""
     cfg = get_cfg()
+    add_fcos_config(cfg)
     add_ilmil_config(cfg)
     for add_config in _CONFIG_EXTENSIONS:
         add_config(cfg)
@@ -277,7 +329,7 @@ def changed_from_defaults(cfg):
 
 
 def get_ilmil_cfg(config_file=None, opts=(), method=None):
-    """detectron2's defaults + the ILMIL keys, then the method's preset, then a
+    """detectron2's defaults + the FCOS and ILMIL keys, then the method's preset, then a
     config file (default: the shapes CPU config), then ``KEY VALUE`` overrides.
 
     ``method`` (``--method``) wins over an ``ILMIL.METHOD`` in the file or opts.

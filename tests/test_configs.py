@@ -9,6 +9,7 @@ from detectron2.modeling import build_model
 
 from ilmil.config import CONFIGS_DIR, DEFAULT_CONFIG, METHOD_PRESETS, derived_cfg, get_ilmil_cfg
 from ilmil.data import BUILTIN_DATASETS, parse_stage_spec
+from ilmil.checkpoint import state_dict_num_classes
 
 CONFIGS = sorted(
     path for path in glob.glob(os.path.join(CONFIGS_DIR, "**", "*.yaml"), recursive=True)
@@ -28,10 +29,13 @@ def test_config_loads_and_builds_its_model(path):
     assert cfg.ILMIL.DATASET in BUILTIN_DATASETS
     assert cfg.ILMIL.METHOD in METHOD_PRESETS
     counts = parse_stage_spec(cfg.ILMIL.STAGES)
-    # The model's class count is set per stage; the config's is the whole schedule.
-    assert sum(counts) <= cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    # The model's class count is set per stage; the config's is the whole schedule, under
+    # the key of its detector.
+    heads = {"RetinaNet": cfg.MODEL.RETINANET, "FCOS": cfg.MODEL.FCOS}
+    num_classes = heads.get(cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.ROI_HEADS).NUM_CLASSES
+    assert sum(counts) <= num_classes
     model = build_model(cfg)
-    assert model.roi_heads.box_predictor.cls_score.out_features == cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1
+    assert state_dict_num_classes(model.state_dict()) == num_classes
     assert next(model.parameters()).device.type == "cpu"
 
 

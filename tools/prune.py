@@ -20,7 +20,7 @@ import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from detectron2.utils.logger import setup_logger
 
 from ilmil.checkpoint import checkpoint_class_names, safe_load
-from ilmil.config import get_ilmil_cfg
+from ilmil.config import get_ilmil_cfg, set_num_classes
 from ilmil.data import DatasetError, load_dataset_source, register_stage_datasets
 from ilmil.data.stages import Stage
 from ilmil.engine import require_output_dir, run_tool_main
@@ -76,7 +76,7 @@ def main(argv=None):
     setup_logger(args.output_dir, name="ilmil", abbrev_name="ilmil")
     setup_logger(args.output_dir)
     train_name, test_name = register_stage_datasets("ilmil_prune", source, Stage(0, (), tuple(classes)))
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(classes)
+    set_num_classes(cfg, len(classes))
     cfg.freeze()
     summary = prune_checkpoint(cfg, args.weights, args.output_dir, classes, train_name, test_name)
     print(format_pruning_table(summary))

@@ -21,7 +21,7 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY
 
 from ..checkpoint import DISTILLATION_STATE_PREFIXES, CheckpointError, load_checked_checkpoint
-from ..config import ConfigError, check_choice, get_ilmil_cfg
+from ..config import ConfigError, check_choice, get_ilmil_cfg, set_num_classes
 from ..modeling.build import load_detector
 
 __all__ = ["TEACHER_PRECISIONS", "FrozenTeacher", "build_teacher", "fold_batchnorm", "teacher_cfg"]
@@ -64,7 +64,7 @@ def teacher_cfg(cfg, num_classes):
     if arch in META_ARCH_REGISTRY:
         # A student meta-architecture names the detector it extends (IncrementalRCNN: GeneralizedRCNN).
         teacher.MODEL.META_ARCHITECTURE = getattr(META_ARCH_REGISTRY.get(arch), "detector_architecture", arch)
-    teacher.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+    set_num_classes(teacher, num_classes)
     teacher.MODEL.WEIGHTS = ""
     teacher.ILMIL.TEACHER.WEIGHTS = ""
     teacher.freeze()

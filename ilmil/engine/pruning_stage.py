@@ -20,6 +20,7 @@ import re
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.meta_arch import DenseDetector
 from detectron2.utils import comm
 
 from ..checkpoint import IncrementalCheckpointer, StageRecord, load_checked_checkpoint
@@ -48,6 +49,12 @@ def check_pruning_config(cfg):
     """Refuse ``ILMIL.PRUNING`` keys that cannot be applied, naming the key (before any work)."""
     p = cfg.ILMIL.PRUNING
     _stage_ratios(cfg)
+    arch = cfg.MODEL.META_ARCHITECTURE
+    dense = arch in META_ARCH_REGISTRY and issubclass(META_ARCH_REGISTRY.get(arch), DenseDetector)  # RetinaNet, FCOS
+    if p.BOX_HEAD_RATIO > 0 and dense:
+        raise PruningError(f"ILMIL.PRUNING.BOX_HEAD_RATIO (--box-head-ratio) {p.BOX_HEAD_RATIO}: "
+                           f"MODEL.META_ARCHITECTURE {arch} has no fully connected box head; fix: 0 (its backbone "
+                           "prunes with ILMIL.PRUNING.RATIO or STAGE_RATIOS)")
     if not p.FINETUNE_TEACHER:
         return
     key = "ILMIL.PRUNING.FINETUNE_TEACHER (--finetune-teacher) True"
@@ -55,7 +62,6 @@ def check_pruning_config(cfg):
         raise PruningError(f"{key} with ILMIL.PRUNING.FINETUNE_ITERS (--finetune-iters) {p.FINETUNE_ITERS}: the "
                            "teacher guides the pruned model's fine-tuning, and there is none; fix: give fine-tuning "
                            "iterations, e.g. 400, or drop the teacher")
-    arch = cfg.MODEL.META_ARCHITECTURE
     if arch in META_ARCH_REGISTRY and not issubclass(META_ARCH_REGISTRY.get(arch), IncrementalRCNN):
         raise PruningError(f"{key} needs MODEL.META_ARCHITECTURE IncrementalRCNN (or a subclass) to hold the "
                            f"teacher, got {arch}; fix: set MODEL.META_ARCHITECTURE IncrementalRCNN")

@@ -1,5 +1,7 @@
 """The stage runner: trains the stages of a schedule in order, each starting from
-the previous stage's model (box predictor expanded), and evaluates after each.
+the previous stage's model (classifier expanded), and evaluates after each.
+Faster R-CNN (``IncrementalRCNN``), RetinaNet and FCOS train with every method that
+needs no teacher (``finetune``, ``joint``); the teacher's methods need ``IncrementalRCNN``.
 
 Output layout (``OUT``)::
 
@@ -30,7 +32,8 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from ..checkpoint import CheckpointClassesError, CheckpointError, load_checked_checkpoint
-from ..config import METHOD_PRESETS, ConfigError, check_choice, check_optimizer, derived_cfg, uses_teacher
+from ..config import (METHOD_PRESETS, ConfigError, check_choice, check_optimizer, derived_cfg, num_classes_changes,
+                      uses_teacher)
 from ..data import (
     DATA_PROBLEMS_FIX,
     DEFAULT_CLASS_ORDER,
@@ -48,7 +51,7 @@ from ..data import (
 from ..data.stages import Stage, StageSpecError
 from ..evaluation import NotARunError, evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
-from ..distill import IncrementalRCNN, build_teacher, check_distill_config
+from ..distill import IncrementalRCNN, check_distill_config
 from ..file_io import atomic_write
 from ..modeling import load_detector, load_expanded, with_checkpoint_layout
 from ..pruning import PruningError
@@ -116,8 +119,9 @@ class IncrementalRun:
             "MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE, [name for name, _ in META_ARCH_REGISTRY]))
         if uses_teacher(cfg) and not issubclass(meta_arch, IncrementalRCNN):
             raise ConfigError(
-                f"method {self.method} needs MODEL.META_ARCHITECTURE IncrementalRCNN (or a subclass), "
-                f"got {cfg.MODEL.META_ARCHITECTURE}"
+                f"method {self.method} needs MODEL.META_ARCHITECTURE IncrementalRCNN (or a subclass) to hold "
+                f"its teacher, got {cfg.MODEL.META_ARCHITECTURE}; fix: --method finetune or joint with this "
+                "detector, or a Faster R-CNN config (configs/shapes/faster_rcnn_R18_FPN_cpu.yaml)"
             )
         check_distill_config(cfg)
         self.resume, self.force = resume, force
@@ -143,7 +147,7 @@ class IncrementalRun:
                               f"0..{start_stage - 1}; fix: give that checkpoint, or start at stage 0")
         if teacher_weights:  # refuse a wrong start model (classes, architecture) before any work
             try:
-                build_teacher(cfg, teacher_weights, self.schedule[start_stage].old_classes)
+                _check_start_model(cfg, teacher_weights, self.schedule[start_stage].old_classes)
             except (CheckpointClassesError, CheckpointError) as e:
                 problems.append(f"--teacher-weights: {e}")
         self.start_stage = start_stage
@@ -241,7 +245,7 @@ class IncrementalRun:
         ``layout_checkpoint`` for a student in that checkpoint's (pruned) channel layout."""
         train_name, test_name = self.registered[stage.index]
         changes = {
-            "MODEL.ROI_HEADS.NUM_CLASSES": len(stage.seen_classes),
+            **num_classes_changes(len(stage.seen_classes)),
             "DATASETS.TRAIN": (train_name,),
             "DATASETS.TEST": (test_name,),
             "OUTPUT_DIR": self.stage_dir(stage),
@@ -401,6 +405,15 @@ class IncrementalRun:
         # gets the summary; prune_checkpoint builds the model in the checkpoint's layout.
         train_name, test_name = self.registered[stage.index]
         return prune_checkpoint(self.stage_cfg(stage), weights, folder, stage.seen_classes, train_name, test_name)
+
+
+def _check_start_model(cfg, weights, old_classes):
+    """Refuse ``weights`` as the model of ``old_classes`` when its classes differ or it
+    does not load into ``cfg``'s detector (another architecture or width)."""
+    checkpoint, num_classes = load_checked_checkpoint(weights, old_classes)
+    # The model itself, whatever its config's method: no teacher of its own.
+    cfg = derived_cfg(cfg, {**num_classes_changes(num_classes), "MODEL.WEIGHTS": "", "ILMIL.TEACHER.WEIGHTS": ""})
+    load_detector(cfg, weights, checkpoint)
 
 
 def weights_digest(model):

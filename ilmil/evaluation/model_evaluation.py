@@ -22,7 +22,7 @@ from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
 
 from ..checkpoint import CheckpointClassesError, checkpoint_class_names, load_checked_checkpoint, safe_load
-from ..config import derived_cfg, get_ilmil_cfg
+from ..config import derived_cfg, get_ilmil_cfg, num_classes_changes
 from ..data import DatasetError, load_dataset_source, register_stage_datasets
 from ..data.stages import Stage, StageSpecError
 from ..modeling import load_detector
@@ -66,7 +66,7 @@ def _evaluate_stage(cfg, source, stage, weights, output_dir, progress):
     """Metrics of one stage's model on its test set (``register_stage_datasets``)."""
     _, test_name = register_stage_datasets(f"ilmil_eval_{source.name}", source, stage)
     cfg = derived_cfg(cfg, {
-        "MODEL.ROI_HEADS.NUM_CLASSES": len(stage.seen_classes),
+        **num_classes_changes(len(stage.seen_classes)),
         "DATASETS.TEST": (test_name,),
         "MODEL.WEIGHTS": "",  # loaded by _load_model, after its class check
         "ILMIL.TEACHER.WEIGHTS": "",  # evaluation needs no teacher

@@ -1,19 +1,32 @@
 """Expanding a trained detector from K old classes to K+N (the student's start).
 
-detectron2's ``FastRCNNOutputLayers`` keeps background as the LAST logit of
-``cls_score``. Expansion therefore copies old rows 0..K-1, moves the old
-background row K to the new last row K+N, and keeps the student's own fresh
-initialisation (std 0.01 / 0.001) for the N new rows; class-specific
-``bbox_pred`` rows 0..4K-1 are copied. Every other parameter is copied as is, so
-before any training the student's old-class scores and boxes equal the teacher's;
-only the old student's distillation state (its layer weights' running average) is
-left out, as it belongs to the old model's own stage.
+Which classifier a state dict holds is told by its keys:
+
+* Faster R-CNN (``roi_heads.box_predictor``): detectron2's ``FastRCNNOutputLayers``
+  keeps background as the LAST logit of ``cls_score``. Expansion copies old rows
+  0..K-1, moves the old background row K to the new last row K+N, and keeps the
+  student's own fresh initialisation (std 0.01 / 0.001) for the N new rows;
+  class-specific ``bbox_pred`` rows 0..4K-1 are copied.
+* RetinaNet and FCOS (``head.cls_score``, a sigmoid classifier without background):
+  the classification conv has A*K output channels for A anchors per location
+  (FCOS: A = 1), and detectron2 reads channel a*K + k as anchor a, class k. K+N
+  classes therefore put N new channels after each anchor's K: old channel a*K + k
+  goes to a*(K+N) + k, and channels a*(K+N) + K .. a*(K+N) + K+N-1 keep the
+  student's fresh initialisation (weights std 0.01, bias -log((1-p)/p) for the
+  prior probability p, ``MODEL.RETINANET.PRIOR_PROB`` / ``MODEL.FCOS.PRIOR_PROB``),
+  so each new class starts at score p everywhere. The box (and FCOS centerness)
+  outputs are class-agnostic and copied as they are.
+
+Every other parameter is copied as is, so before any training the student's
+old-class scores and boxes equal the teacher's; only the old student's
+distillation state (its layer weights' running average) is left out, as it
+belongs to the old model's own stage.
 """
 import logging
 
 import torch
 
-from ..checkpoint import DISTILLATION_STATE_PREFIXES
+from ..checkpoint import DISTILLATION_STATE_PREFIXES, state_dict_num_classes
 
 __all__ = ["expand_predictor_state_dict", "load_expanded"]
 
@@ -21,6 +34,11 @@ logger = logging.getLogger(__name__)
 
 _CLS = "roi_heads.box_predictor.cls_score"
 _BOX = "roi_heads.box_predictor.bbox_pred"
+_DENSE_CLS = "head.cls_score"
+_DENSE_BOX = "head.bbox_pred"
+
+def _anchors_per_location(state):
+    return state[f"{_DENSE_BOX}.weight"].shape[0] // 4
 
 
 def expand_predictor_state_dict(old_state, new_state, num_old):
@@ -28,21 +46,26 @@ def expand_predictor_state_dict(old_state, new_state, num_old):
 
     Returns a new state dict with ``new_state``'s shapes; neither input is modified.
     """
+    dense = f"{_CLS}.weight" not in old_state and f"{_DENSE_CLS}.weight" in old_state
+    classifier = (_DENSE_CLS,) if dense else (_CLS, _BOX)
     merged = {k: v.clone() for k, v in new_state.items()}
     for key, value in old_state.items():
         # The old model's distillation state belongs to its own stage: the student's starts afresh.
-        if key.startswith((_CLS, _BOX) + DISTILLATION_STATE_PREFIXES):
+        if key.startswith(classifier + DISTILLATION_STATE_PREFIXES):
             continue
         if key in merged and merged[key].shape != value.shape:
             raise ValueError(f"cannot expand: {key} has shape {tuple(value.shape)} in the old model "
                              f"but {tuple(merged[key].shape)} in the new one")
         merged[key] = value.clone()
+    found = state_dict_num_classes(old_state)
+    if found != num_old:
+        raise ValueError(f"the old model has {found} classes, the schedule says {num_old}")
     for suffix in ("weight", "bias"):
+        if dense:
+            _expand_dense_classifier(old_state[f"{_DENSE_CLS}.{suffix}"], merged[f"{_DENSE_CLS}.{suffix}"],
+                                     _anchors_per_location(old_state), num_old)
+            continue
         old_cls, new_cls = old_state[f"{_CLS}.{suffix}"], merged[f"{_CLS}.{suffix}"]
-        if old_cls.shape[0] != num_old + 1:
-            raise ValueError(
-                f"the old model has {old_cls.shape[0] - 1} classes, the schedule says {num_old}"
-            )
         new_cls[:num_old] = old_cls[:num_old]
         new_cls[-1] = old_cls[num_old]  # background stays the last logit
         old_box, new_box = old_state[f"{_BOX}.{suffix}"], merged[f"{_BOX}.{suffix}"]
@@ -53,9 +76,16 @@ def expand_predictor_state_dict(old_state, new_state, num_old):
     return merged
 
 
+def _expand_dense_classifier(old, new, num_anchors, num_old):
+    """Copy, in place, anchor a's old rows (a*K .. a*K+K-1 of ``old``) to the first K
+    of its rows in ``new`` (a*(K+N) ..); each anchor's last N rows stay as they are."""
+    old_rows = old.reshape(num_anchors, num_old, *old.shape[1:])
+    new.view(num_anchors, new.shape[0] // num_anchors, *new.shape[1:])[:, :num_old] = old_rows
+
+
 @torch.no_grad()
 def load_expanded(model, old_state, num_old):
-    """Load an old model's weights into ``model``, expanding its box predictor."""
+    """Load an old model's weights into ``model``, expanding its classifier."""
     model.load_state_dict(expand_predictor_state_dict(old_state, model.state_dict(), num_old))
-    logger.info("Student initialised from a %d-class model (box predictor expanded)", num_old)
+    logger.info("Student initialised from a %d-class model (classifier expanded)", num_old)
     return model

@@ -1,6 +1,6 @@
 """Structured L1-norm filter pruning (Li et al., "Pruning Filters for Efficient
-ConvNets", 2017) of a detectron2 Faster R-CNN, and the channel layout that lets a
-pruned checkpoint be rebuilt.
+ConvNets", 2017) of a detectron2 Faster R-CNN, RetinaNet or FCOS, and the channel
+layout that lets a pruned checkpoint be rebuilt.
 
 What is pruned, and why only that:
 
@@ -10,8 +10,9 @@ What is pruned, and why only that:
   nothing else, so removing inner filters needs no dependency graph. (torch-pruning
   would trace one, but not through detectron2's ``Conv2d``, whose norm lives inside
   the conv module: a 30 % backbone prune raised a BatchNorm size error with it.)
-* optionally the hidden units of the fully connected box head (fc1 -> fc2 -> box
-  predictor), where most of a small detector's head parameters are.
+* optionally the hidden units of Faster R-CNN's fully connected box head (fc1 ->
+  fc2 -> box predictor), where most of a small detector's head parameters are.
+  RetinaNet's and FCOS's convolutional heads are not pruned.
 
 The widths of the stage outputs (res2..res5) and of the FPN maps never change, so
 the MFRRK feature terms compare student and teacher maps of equal width: no
