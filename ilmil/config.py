@@ -5,10 +5,11 @@ import yaml
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+from detectron2.modeling import META_ARCH_REGISTRY
 
 __all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "changed_from_defaults",
            "check_choice", "check_optimizer", "config_items", "default_cfg", "derived_cfg", "get_ilmil_cfg",
-           "num_classes_changes", "set_num_classes", "uses_teacher",
+           "method_preset", "method_presets", "num_classes_changes", "set_num_classes", "uses_teacher",
            "DEFAULT_CONFIG", "METHOD_PRESETS"]
 
 
@@ -155,6 +156,15 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DISTILL.FGFI.WEIGHT = 1.0
     cfg.ILMIL.DISTILL.FGFI.LAYERS = ["p2", "p3", "p4", "p5", "p6"]
     cfg.ILMIL.DISTILL.FGFI.PSI = 0.5
+
+    # Dense-head distillation (RetinaNet, FCOS): binary KL of the old classes' scores at every
+    # anchor, softened by TEMPERATURE, and L1 of the boxes where the teacher's best old-class
+    # score reaches BOX_SCORE_THRESH.
+    cfg.ILMIL.DISTILL.DENSE = CN()
+    cfg.ILMIL.DISTILL.DENSE.ENABLED = False
+    cfg.ILMIL.DISTILL.DENSE.WEIGHT = 1.0
+    cfg.ILMIL.DISTILL.DENSE.TEMPERATURE = 1.0
+    cfg.ILMIL.DISTILL.DENSE.BOX_SCORE_THRESH = 0.5
 
     # MMA's unbiased classification: the box head's loss on a proposal labelled background
     # targets "background or an old class" (old objects are unlabeled in a later stage's
@@ -328,6 +338,29 @@ def changed_from_defaults(cfg):
             if key not in defaults or defaults[key] != value}
 
 
+def method_presets(architecture):
+    """``{method: preset file}`` for the meta-architecture named ``architecture``: those of
+    its ``method_family`` (configs/methods/<family>/, the one-stage students' "dense"), else
+    configs/methods/."""
+    family = ""
+    if architecture in META_ARCH_REGISTRY:
+        family = getattr(META_ARCH_REGISTRY.get(architecture), "method_family", "")
+    if not family:
+        return METHOD_PRESETS
+    folder = os.path.join(METHODS_DIR, family)
+    return {name[: -len(".yaml")]: os.path.join(folder, name)
+            for name in sorted(os.listdir(folder)) if name.endswith(".yaml")}
+
+
+def method_preset(method, architecture):
+    """The preset file of ``method`` for ``architecture``, refused with the choices when it has none."""
+    presets = method_presets(architecture)
+    if presets is METHOD_PRESETS or method in presets:
+        return presets[check_choice("--method", method, presets)]
+    raise ConfigError(f"--method {method!r}: choose one of {', '.join(presets)} (the methods of "
+                      f"MODEL.META_ARCHITECTURE {architecture})")
+
+
 def get_ilmil_cfg(config_file=None, opts=(), method=None):
     """detectron2's defaults + the FCOS and ILMIL keys, then the method's preset, then a
     config file (default: the shapes CPU config), then ``KEY VALUE`` overrides.
@@ -339,14 +372,13 @@ def get_ilmil_cfg(config_file=None, opts=(), method=None):
     config_file = config_file or DEFAULT_CONFIG
     _check_config_file(config_file)
     opts = list(opts)
-    if method is None:
-        probe = default_cfg()
-        _merge_file(probe, config_file)
-        _merge_opts(probe, opts)
-        method = probe.ILMIL.METHOD
-    check_choice("--method", method, METHOD_PRESETS)
+    probe = default_cfg()
+    _merge_file(probe, config_file)
+    _merge_opts(probe, opts)
+    method = method or probe.ILMIL.METHOD
+    preset = method_preset(method, probe.MODEL.META_ARCHITECTURE)
     cfg = default_cfg()
-    _merge_file(cfg, METHOD_PRESETS[method])
+    _merge_file(cfg, preset)
     _merge_file(cfg, config_file)
     _merge_opts(cfg, opts)
     cfg.ILMIL.METHOD = method

@@ -1,26 +1,29 @@
 """Distillation for detectron2 detectors: the teacher (teacher.py), what is recorded
 of both models (recorder.py), connectors between their widths (connectors.py), the
 loss registry and its terms (registry.py, losses/), their weighted sum (distiller.py),
-and the incremental Faster R-CNN student that uses them (rcnn.py, registered as the
-meta-architecture ``IncrementalRCNN``)."""
+and the students that use them (student.py; rcnn.py: ``IncrementalRCNN``; dense.py:
+``IncrementalRetinaNet``, ``IncrementalFCOS``, registered meta-architectures)."""
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 
-from ..config import check_choice
+from ..config import check_choice, derived_cfg
 from .connectors import CONNECTOR_REGISTRY, build_connector, match_size
 from .distiller import DISTILLER_PREFIX, TERM_WEIGHTINGS, Distiller, build_distiller, enabled_terms
 from .losses import (
     FEATURE_DISTANCES,
     LAYER_WEIGHTINGS,
-    FGFIImitation,
     RCN_LOGITS,
+    DenseHeadDistillation,
+    FGFIImitation,
     FeatureDistillation,
     RCNDistillation,
     RPNDistillation,
     old_class_logits,
 )
+from .dense import DenseStudent, IncrementalFCOS, IncrementalRetinaNet
 from .rcnn import IncrementalRCNN
 from .recorder import Recorder, feature_shapes, recordable_names
 from .registry import DISTILL_LOSS_REGISTRY, DistillContext, DistillLoss, registered_terms
+from .student import DistillationStudent, is_student_architecture
 from .teacher import TEACHER_PRECISIONS, FrozenTeacher, build_teacher, fold_batchnorm, teacher_cfg
 
 __all__ = [
@@ -32,13 +35,18 @@ __all__ = [
     "RCN_LOGITS",
     "TEACHER_PRECISIONS",
     "TERM_WEIGHTINGS",
+    "DenseHeadDistillation",
+    "DenseStudent",
     "DistillContext",
+    "DistillationStudent",
     "DistillLoss",
     "Distiller",
     "FGFIImitation",
     "FeatureDistillation",
     "FrozenTeacher",
+    "IncrementalFCOS",
     "IncrementalRCNN",
+    "IncrementalRetinaNet",
     "RCNDistillation",
     "RPNDistillation",
     "Recorder",
@@ -48,6 +56,7 @@ __all__ = [
     "check_distill_config",
     "enabled_terms",
     "feature_shapes",
+    "is_student_architecture",
     "fold_batchnorm",
     "match_size",
     "old_class_logits",
@@ -81,9 +90,6 @@ def check_distill_config(cfg):
 
 def _plain_detector(cfg):
     """An untrained detector of ``cfg``'s architecture, without a teacher of its own."""
-    cfg = cfg.clone()
-    cfg.defrost()
     arch = cfg.MODEL.META_ARCHITECTURE
-    cfg.MODEL.META_ARCHITECTURE = getattr(META_ARCH_REGISTRY.get(arch), "detector_architecture", arch)
-    cfg.MODEL.DEVICE = "cpu"
-    return build_model(cfg)
+    plain = getattr(META_ARCH_REGISTRY.get(arch), "detector_architecture", arch)
+    return build_model(derived_cfg(cfg, {"MODEL.META_ARCHITECTURE": plain, "MODEL.DEVICE": "cpu"}))

@@ -16,22 +16,18 @@ run on the teacher proposals a RoI term selects (the RCN term), in one pooling
 pass with the detection loss's proposals.
 """
 import torch
-from torch import nn
 
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
-from ..config import ConfigError, uses_teacher
+from ..config import ConfigError
 from ..modeling.pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 from ..modeling.unbiased import unbiased_cross_entropy
-from .distiller import build_distiller
 from .losses import RCNDistillation
-from .recorder import Recorder, feature_shapes
 from .registry import DistillContext
-from .teacher import FrozenTeacher, build_teacher
+from .student import DistillationStudent
 
 __all__ = ["IncrementalRCNN"]
 
@@ -49,8 +45,7 @@ def _float32(outputs):
 
 
 @META_ARCH_REGISTRY.register()
-class IncrementalRCNN(GeneralizedRCNN):
-    # The plain detector it extends: what its teachers and deployed models are built as.
+class IncrementalRCNN(DistillationStudent, GeneralizedRCNN):
     detector_architecture = "GeneralizedRCNN"
 
     @configurable
@@ -68,28 +63,17 @@ class IncrementalRCNN(GeneralizedRCNN):
             kwargs: arguments of ``GeneralizedRCNN``.
         """
         super().__init__(**kwargs)
-        self._teacher = FrozenTeacher(teacher, teacher_precision) if teacher is not None else None
-        self.distiller = distiller
-        self.pseudo_labels = pseudo_labels
+        self.init_student(teacher, distiller, pseudo_labels, teacher_precision)
         self.teacher_num_proposals = teacher_num_proposals
         self.unbiased_cls = unbiased_cls
-        self.bn_stats_frozen = False
-        if teacher is not None:
-            teacher.to(self.device)
-            records = distiller.records() if distiller is not None else ()
-            self._recorder = Recorder(self, records)
-            self._teacher_recorder = Recorder(teacher, records)
-            self._strides = {name: shape.stride for name, shape in feature_shapes(self.backbone).items()}
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ilmil = cfg.ILMIL
-        if not ilmil.TEACHER.WEIGHTS or not uses_teacher(cfg):
+        student = cls.student_args(cfg, ret["backbone"])
+        if not student:
             return ret
-        expected = None
-        if cfg.DATASETS.TRAIN:
-            expected = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("old_classes")
         for key, enabled in (("ILMIL.DISTILL.RCN.ENABLED", ilmil.DISTILL.RCN.ENABLED),
                              ("ILMIL.UNBIASED_CLS.ENABLED", ilmil.UNBIASED_CLS.ENABLED)):
             if enabled and (cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON or cfg.MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES):
@@ -98,24 +82,8 @@ class IncrementalRCNN(GeneralizedRCNN):
                     f"{key} needs box-only ROI heads: set MODEL.MASK_ON, MODEL.KEYPOINT_ON "
                     f"and MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES to False, or {key} False"
                 )
-        teacher = build_teacher(cfg, ilmil.TEACHER.WEIGHTS, expected)
-        ret["teacher"] = teacher
-        ret["distiller"] = build_distiller(cfg, feature_shapes(ret["backbone"]), feature_shapes(teacher.backbone))
-        pseudo = ilmil.PSEUDO_LABELS
-        if pseudo.ENABLED:
-            ret["pseudo_labels"] = {
-                "score_thresh": pseudo.SCORE_THRESH,
-                "nms_thresh": pseudo.NMS_THRESH,
-                "iou_thresh": pseudo.NEW_GT_IOU_THRESH,
-            }
-        ret["teacher_num_proposals"] = ilmil.TEACHER.NUM_PROPOSALS
-        ret["teacher_precision"] = ilmil.TEACHER.PRECISION
-        ret["unbiased_cls"] = ilmil.UNBIASED_CLS.ENABLED
-        return ret
-
-    @property
-    def teacher(self):
-        return self._teacher.module if self._teacher is not None else None
+        return {**ret, **student, "teacher_num_proposals": ilmil.TEACHER.NUM_PROPOSALS,
+                "unbiased_cls": ilmil.UNBIASED_CLS.ENABLED}
 
     def _rcn_term(self):
         return self.distiller.term(RCNDistillation.config_key) if self.distiller is not None else None
@@ -246,28 +214,3 @@ class IncrementalRCNN(GeneralizedRCNN):
             merged.append(add_pseudo_labels(gt, det))
         get_event_storage().put_scalar("pseudo_boxes_per_image", count / max(len(gt_instances), 1))
         return merged
-
-    def freeze_bn_stats(self):
-        """Use (and keep) the BatchNorm running statistics in training too; the
-        affine parameters still learn."""
-        self.bn_stats_frozen = True
-        return self.train(self.training)
-
-    def train(self, mode=True):
-        """The teacher stays in eval mode whatever the student's mode."""
-        super().train(mode)
-        if self.bn_stats_frozen:
-            for name, module in self.named_modules():
-                # The detector's BatchNorms; a connector's (new with this stage) learns its statistics.
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not name.startswith("distiller."):
-                    module.eval()
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
-    def _apply(self, fn, *args, **kwargs):
-        """Moving the student (``.to(device)``) moves the teacher too."""
-        super()._apply(fn, *args, **kwargs)
-        if getattr(self, "_teacher", None) is not None:
-            self._teacher.module._apply(fn, *args, **kwargs)
-        return self

@@ -27,7 +27,7 @@ from ..checkpoint import IncrementalCheckpointer, StageRecord, load_checked_chec
 from ..config import derived_cfg
 from ..evaluation import evaluate_model
 from ..evaluation.run_outputs import write_json
-from ..distill import IncrementalRCNN
+from ..distill import is_student_architecture
 from ..modeling import load_detector
 from ..pruning import PruningError, format_pruning_table, measure_model, prune_l1
 from .trainer import IncrementalTrainer
@@ -62,9 +62,9 @@ def check_pruning_config(cfg):
         raise PruningError(f"{key} with ILMIL.PRUNING.FINETUNE_ITERS (--finetune-iters) {p.FINETUNE_ITERS}: the "
                            "teacher guides the pruned model's fine-tuning, and there is none; fix: give fine-tuning "
                            "iterations, e.g. 400, or drop the teacher")
-    if arch in META_ARCH_REGISTRY and not issubclass(META_ARCH_REGISTRY.get(arch), IncrementalRCNN):
-        raise PruningError(f"{key} needs MODEL.META_ARCHITECTURE IncrementalRCNN (or a subclass) to hold the "
-                           f"teacher, got {arch}; fix: set MODEL.META_ARCHITECTURE IncrementalRCNN")
+    if arch in META_ARCH_REGISTRY and not is_student_architecture(META_ARCH_REGISTRY.get(arch)):
+        raise PruningError(f"{key} needs a student MODEL.META_ARCHITECTURE (IncrementalRCNN, IncrementalRetinaNet, "
+                           f"IncrementalFCOS) to hold the teacher, got {arch}; fix: set one of those")
 
 
 def _stage_ratios(cfg):

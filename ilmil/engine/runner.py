@@ -1,7 +1,7 @@
 """The stage runner: trains the stages of a schedule in order, each starting from
 the previous stage's model (classifier expanded), and evaluates after each.
-Faster R-CNN (``IncrementalRCNN``), RetinaNet and FCOS train with every method that
-needs no teacher (``finetune``, ``joint``); the teacher's methods need ``IncrementalRCNN``.
+Faster R-CNN, RetinaNet and FCOS train with every method; a method with a teacher needs
+a student meta-architecture (``IncrementalRCNN``, ``IncrementalRetinaNet``, ``IncrementalFCOS``).
 
 Output layout (``OUT``)::
 
@@ -51,7 +51,7 @@ from ..data import (
 from ..data.stages import Stage, StageSpecError
 from ..evaluation import NotARunError, evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
-from ..distill import IncrementalRCNN, check_distill_config
+from ..distill import DistillationStudent, check_distill_config, is_student_architecture
 from ..file_io import atomic_write
 from ..modeling import load_detector, load_expanded, with_checkpoint_layout
 from ..pruning import PruningError
@@ -117,11 +117,11 @@ class IncrementalRun:
         check_pruning_config(cfg)
         meta_arch = META_ARCH_REGISTRY.get(check_choice(
             "MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE, [name for name, _ in META_ARCH_REGISTRY]))
-        if uses_teacher(cfg) and not issubclass(meta_arch, IncrementalRCNN):
+        if uses_teacher(cfg) and not is_student_architecture(meta_arch):
             raise ConfigError(
-                f"method {self.method} needs MODEL.META_ARCHITECTURE IncrementalRCNN (or a subclass) to hold "
-                f"its teacher, got {cfg.MODEL.META_ARCHITECTURE}; fix: --method finetune or joint with this "
-                "detector, or a Faster R-CNN config (configs/shapes/faster_rcnn_R18_FPN_cpu.yaml)"
+                f"method {self.method} needs a student MODEL.META_ARCHITECTURE to hold its teacher, got "
+                f"{cfg.MODEL.META_ARCHITECTURE}; fix: IncrementalRCNN, IncrementalRetinaNet or IncrementalFCOS "
+                "(configs/shapes/*_cpu.yaml name them), or --method finetune / joint"
             )
         check_distill_config(cfg)
         self.resume, self.force = resume, force
@@ -302,7 +302,7 @@ class IncrementalRun:
                 trainer.resume_or_load(resume=False)
             else:
                 load_expanded(model, start["model"], len(stage.old_classes))
-        if previous_weights is not None and cfg.ILMIL.FREEZE_BN_STATS and isinstance(model, IncrementalRCNN):
+        if previous_weights is not None and cfg.ILMIL.FREEZE_BN_STATS and isinstance(model, DistillationStudent):
             model.freeze_bn_stats()
         trainer.train()
         # Per process: in a distributed run every rank logs the same digest (DDP kept them in sync).

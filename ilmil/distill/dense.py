@@ -1,0 +1,109 @@
+"""Students of the one-stage detectors: ``IncrementalRetinaNet`` and ``IncrementalFCOS``.
+
+Each is detectron2's detector (ilmil's yacs-built FCOS) plus the student mixin.
+With a teacher, a training step:
+
+1. runs the teacher on the raw images, as at test time (its own normalisation, its
+   own score threshold and NMS), recording the outputs the terms name: its
+   detections at the input size are what pseudo-labels come from;
+2. adds, as pseudo-labels, the teacher's detections of score >= SCORE_THRESH that do
+   not overlap a GT box of the stage at IoU >= NEW_GT_IOU_THRESH;
+3. runs the detector's own forward (losses with the merged GT), recording the
+   student's outputs, and adds the distiller's terms.
+
+The forward is the detector's own: nothing of RetinaNet's or FCOS's is re-implemented.
+"""
+import torch
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
+from detectron2.utils.events import get_event_storage
+
+from ..modeling.fcos import FCOS
+from ..modeling.pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt
+from .registry import DistillContext
+from .student import DistillationStudent
+
+__all__ = ["DenseStudent", "IncrementalFCOS", "IncrementalRetinaNet"]
+
+
+class DenseStudent(DistillationStudent):
+    """The distilled training step of a ``DenseDetector`` (see the module docstring)."""
+
+    method_family = "dense"
+
+    def forward(self, batched_inputs):
+        if not self.training or self.teacher is None:
+            return super().forward(batched_inputs)
+        detections = self.run_teacher(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        if self.pseudo_labels is not None:
+            gt_instances = self.add_pseudo_labels(detections["instances"], gt_instances)
+            batched_inputs = [{**x, "instances": gt} for x, gt in zip(batched_inputs, gt_instances)]
+        with self._recorder.recording():
+            losses = super().forward(batched_inputs)
+        student = self._recorder.collect()
+        if self.distiller is not None:
+            context = DistillContext(
+                gt_instances=gt_instances,
+                image_sizes=[tuple(x["image"].shape[-2:]) for x in batched_inputs],
+                strides=self._strides,
+                num_old_classes=self.teacher.num_classes,
+                teacher_outputs={"detections": detections["instances"]},
+            )
+            losses.update(self.distiller(student, detections["records"], context))
+        return losses
+
+    @torch.no_grad()
+    def run_teacher(self, batched_inputs):
+        """The teacher's test-time pass on the raw images: its detections at the input
+        size (``"instances"``) and the recorded outputs (``"records"``)."""
+        images = [{"image": x["image"]} for x in batched_inputs]  # no height/width: results at the input size
+        with self._teacher.autocast(), self._teacher_recorder.recording():
+            results = self.teacher(images)
+        return {"instances": [r["instances"] for r in results], "records": self._teacher_recorder.collect()}
+
+    def add_pseudo_labels(self, detections, gt_instances):
+        cfg = self.pseudo_labels
+        merged, count = [], 0
+        for gt, det in zip(gt_instances, detections):
+            det = det[det.scores >= cfg["score_thresh"]]
+            det = drop_boxes_on_new_gt(det, gt, cfg["iou_thresh"])
+            count += len(det)
+            merged.append(add_pseudo_labels(gt, det))
+        get_event_storage().put_scalar("pseudo_boxes_per_image", count / max(len(gt_instances), 1))
+        return merged
+
+
+@META_ARCH_REGISTRY.register()
+class IncrementalRetinaNet(DenseStudent, RetinaNet):
+    """detectron2's RetinaNet as a student (a plain RetinaNet without a teacher)."""
+
+    detector_architecture = "RetinaNet"
+
+    @configurable
+    def __init__(self, *, teacher=None, distiller=None, pseudo_labels=None, teacher_precision="float32", **kwargs):
+        super().__init__(**kwargs)
+        self.init_student(teacher, distiller, pseudo_labels, teacher_precision)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        return {**ret, **cls.student_args(cfg, ret["backbone"])}
+
+
+@META_ARCH_REGISTRY.register()
+class IncrementalFCOS(DenseStudent, FCOS):
+    """FCOS as a student (a plain FCOS without a teacher)."""
+
+    detector_architecture = "FCOS"
+
+    @configurable
+    def __init__(self, *, teacher=None, distiller=None, pseudo_labels=None, teacher_precision="float32", **kwargs):
+        super().__init__(**kwargs)
+        self.init_student(teacher, distiller, pseudo_labels, teacher_precision)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        return {**ret, **cls.student_args(cfg, ret["backbone"])}

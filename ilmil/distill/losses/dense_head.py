@@ -1,0 +1,71 @@
+"""Dense-head distillation: the one-stage analogue of MFRRK's RPN and RCN terms, on
+the outputs of a RetinaNet / FCOS ``head`` (per level: class logits [N, A K, H, W],
+box regression [N, A 4, H, W]).
+
+At every anchor a and old class k (the teacher's K classes, the first ones of the
+student's), with sigmoid probabilities p = sigma(z / tau) at TEMPERATURE tau:
+
+    L_cls = tau^2 mean_{a,k} [ p_T log(p_T / p_S) + (1 - p_T) log((1 - p_T) / (1 - p_S)) ]   (binary KL)
+    L_box = mean over anchors where max_k sigma(z_T) >= BOX_SCORE_THRESH of sum_4 |r_S - r_T|
+    L_dense = L_cls + L_box
+
+L_cls keeps the old classes' scores everywhere (most anchors are background, where
+it keeps them low too); L_box keeps the boxes where the teacher sees an old object.
+"""
+import torch.nn.functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import cat
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+
+from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
+
+__all__ = ["DenseHeadDistillation"]
+
+HEAD = "head"
+
+
+def _flatten(levels, channels_per_anchor):
+    """Per-level [N, A C, H, W] maps -> [N, all anchors, C]."""
+    return cat([permute_to_N_HWA_K(x, channels_per_anchor) for x in levels], dim=1)
+
+
+@DISTILL_LOSS_REGISTRY.register()
+class DenseHeadDistillation(DistillLoss):
+    """Old-class scores at every anchor and boxes where the teacher is confident."""
+
+    config_key = "DENSE"
+
+    @configurable
+    def __init__(self, *, temperature=1.0, box_score_thresh=0.5):
+        super().__init__()
+        self.temperature = temperature
+        self.box_score_thresh = box_score_thresh
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):
+        dense = cfg.ILMIL.DISTILL.DENSE
+        return {"temperature": dense.TEMPERATURE, "box_score_thresh": dense.BOX_SCORE_THRESH}
+
+    def records(self):
+        return (HEAD,)
+
+    def forward(self, student, teacher, context):
+        s_logits, s_boxes = student[HEAD][:2]  # FCOS adds centerness, not distilled here
+        t_logits, t_boxes = teacher[HEAD][:2]
+        anchors = t_boxes[0].shape[1] // 4
+        num_old = t_logits[0].shape[1] // anchors
+        z_s = _flatten(s_logits, s_logits[0].shape[1] // anchors)[..., :num_old]
+        z_t = _flatten([x.detach() for x in t_logits], num_old)
+        tau = self.temperature
+        p_t = (z_t / tau).sigmoid()
+        # Binary KL = BCE(z_S, p_T) - BCE(z_T, p_T) (the teacher's entropy): zero when z_S = z_T.
+        kl = (F.binary_cross_entropy_with_logits(z_s / tau, p_t, reduction="none")
+              - F.binary_cross_entropy_with_logits(z_t / tau, p_t, reduction="none"))
+        loss = kl.mean() * tau * tau
+        confident = z_t.sigmoid().max(dim=2).values >= self.box_score_thresh
+        if confident.any():
+            r_s = _flatten(s_boxes, 4)
+            r_t = _flatten([x.detach() for x in t_boxes], 4)
+            loss = loss + (r_s - r_t)[confident].abs().sum(dim=1).mean()
+        return loss
