@@ -7,17 +7,35 @@ import numpy as np
 import pytest
 import torch
 
-from ilmil.config import get_ilmil_cfg
-from ilmil.modeling import (
+from ilmil.config import ConfigError, get_ilmil_cfg
+from ilmil.distill import (
+    DISTILL_LOSS_REGISTRY,
     FEATURE_DISTANCES,
     FeatureDistillation,
     RCNDistillation,
     RPNDistillation,
-    build_distill_loss,
     old_class_logits,
+    registered_terms,
 )
 
 DISTANCES = sorted(FEATURE_DISTANCES)
+# Where the RPN term reads both models' head outputs: (objectness logits, deltas) per level.
+RPN_HEAD = "proposal_generator.rpn_head"
+
+
+def _built(section, cfg):
+    """The registered loss of config section ``section``, built from ``cfg`` as the
+    distiller builds it (no feature shapes: no connectors)."""
+    return registered_terms()[section](cfg, None, None)
+
+
+def _rpn(loss_fn, s_logits, s_deltas, t_logits, t_deltas):
+    return loss_fn({RPN_HEAD: (s_logits, s_deltas)}, {RPN_HEAD: (t_logits, t_deltas)}, None)
+
+
+def _rcn(loss_fn, s_scores, s_deltas, t_scores, t_deltas):
+    rois = RCNDistillation.ROIS
+    return loss_fn({rois: (s_scores, s_deltas)}, {rois: (t_scores, t_deltas)}, None)
 
 
 def _randn(*shape, seed=0):
@@ -179,19 +197,19 @@ def test_uniform_weighting_gives_the_plain_sum_of_the_distances():
 
 
 def test_unknown_distance_is_refused_naming_the_choices():
-    with pytest.raises(ValueError, match=r"unknown feature distance 'cosine'") as info:
+    with pytest.raises(ConfigError, match=r"ILMIL.DISTILL.FEAT.DISTANCE 'cosine': choose one of") as info:
         FeatureDistillation(layers=["p2"], distance="cosine")
     for name in DISTANCES:
         assert name in str(info.value)
 
 
 def test_unknown_weighting_is_refused():
-    with pytest.raises(ValueError, match=r"unknown layer weighting 'softmax'"):
+    with pytest.raises(ConfigError, match=r"LAYER_WEIGHTING 'softmax': choose one of uniform, adaptive"):
         FeatureDistillation(layers=["p2"], weighting="softmax")
 
 
 def test_empty_layer_list_is_refused():
-    with pytest.raises(ValueError, match=r"at least one layer"):
+    with pytest.raises(ConfigError, match=r"ILMIL.DISTILL.FEAT.LAYERS is empty.*at least one layer"):
         FeatureDistillation(layers=[])
 
 
@@ -209,15 +227,17 @@ def test_student_and_teacher_shape_mismatch_is_refused():
 
 
 def test_feature_loss_is_built_from_the_config_keys():
-    cfg = get_ilmil_cfg(None, ["ILMIL.DISTILL.FEAT.LAYERS", ["p3", "res4"], "ILMIL.DISTILL.FEAT.DISTANCE", "filtered_l1",
-                               "ILMIL.DISTILL.FEAT.LAYER_WEIGHTING", "uniform"])
-    loss_fn = build_distill_loss("FeatureDistillation", cfg)
+    cfg = get_ilmil_cfg(None, ["ILMIL.DISTILL.FEAT.LAYERS", ["p3", "res4"], "ILMIL.DISTILL.FEAT.DISTANCE",
+                               "filtered_l1", "ILMIL.DISTILL.FEAT.LAYER_WEIGHTING", "uniform"])
+    loss_fn = _built("FEAT", cfg)
+    assert isinstance(loss_fn, FeatureDistillation)
+    assert DISTILL_LOSS_REGISTRY.get("FeatureDistillation") is FeatureDistillation
     assert loss_fn.layers == ("p3", "res4")
     assert loss_fn.distance is FEATURE_DISTANCES["filtered_l1"]
     assert loss_fn.weighting == "uniform"
     cfg.ILMIL.DISTILL.FEAT.DISTANCE = "nope"
-    with pytest.raises(ValueError, match="nope"):
-        build_distill_loss("FeatureDistillation", cfg)
+    with pytest.raises(ConfigError, match="ILMIL.DISTILL.FEAT.DISTANCE 'nope'"):
+        FeatureDistillation(cfg)
 
 
 # --------------------------------------------------------------------------- RPN
@@ -236,7 +256,7 @@ def _to_delta_layout(mask):
 
 def test_rpn_loss_is_zero_when_student_equals_teacher():
     logits, deltas = _rpn_levels()
-    loss = RPNDistillation(margin=0.1)(logits, deltas, [x.clone() for x in logits], [x.clone() for x in deltas])
+    loss = _rpn(RPNDistillation(margin=0.1), logits, deltas, [x.clone() for x in logits], [x.clone() for x in deltas])
     assert loss.item() == pytest.approx(0.0, abs=1e-7)
 
 
@@ -244,7 +264,7 @@ def test_rpn_loss_is_zero_where_the_student_is_more_confident():
     s_logits, s_deltas = _rpn_levels(seed=0)
     _, t_deltas = _rpn_levels(seed=50)  # deltas differ everywhere
     t_logits = [x - 1.0 for x in s_logits]
-    assert RPNDistillation(margin=0.1)(s_logits, s_deltas, t_logits, t_deltas).item() == 0.0
+    assert _rpn(RPNDistillation(margin=0.1), s_logits, s_deltas, t_logits, t_deltas).item() == 0.0
 
 
 def _rpn_case():
@@ -270,7 +290,7 @@ def test_rpn_deltas_only_count_on_anchors_above_the_margin():
     t_deltas = [d + 3.0 * _to_delta_layout((g <= 0.1).float()) for d, g in zip(s_deltas, gaps)]
     all_gaps = torch.cat([g.flatten() for g in gaps])
     objectness_only = (all_gaps.clamp(min=0) ** 2).mean().item()
-    loss = RPNDistillation(margin=0.1)(s_logits, s_deltas, t_logits, t_deltas)
+    loss = _rpn(RPNDistillation(margin=0.1), s_logits, s_deltas, t_logits, t_deltas)
     assert loss.item() == pytest.approx(objectness_only, rel=1e-4)
 
 
@@ -283,7 +303,7 @@ def test_rpn_loss_matches_the_design_formula_computed_by_hand():
     assert confident == 5
     objectness = sum(float((g.clamp(min=0) ** 2).sum()) for g in gaps) / num_anchors
     expected = objectness + 1.0  # mean over the 5 confident anchors of sum_4 0.5^2
-    loss = RPNDistillation(margin=0.1)(s_logits, s_deltas, t_logits, t_deltas)
+    loss = _rpn(RPNDistillation(margin=0.1), s_logits, s_deltas, t_logits, t_deltas)
     assert loss.item() == pytest.approx(expected, rel=1e-4)
 
 
@@ -295,7 +315,7 @@ def test_rpn_delta_term_is_the_mean_over_confident_anchors_of_their_own_deltas()
     t_deltas = [s_deltas[0] + bump, s_deltas[1].clone()]
     num_anchors = sum(g.numel() for g in gaps)
     objectness = sum(float((g.clamp(min=0) ** 2).sum()) for g in gaps) / num_anchors
-    loss = RPNDistillation(margin=0.1)(s_logits, s_deltas, t_logits, t_deltas)
+    loss = _rpn(RPNDistillation(margin=0.1), s_logits, s_deltas, t_logits, t_deltas)
     assert loss.item() == pytest.approx(objectness + 5.0 / 5, rel=1e-4)
 
 
@@ -306,7 +326,7 @@ def test_rpn_loss_gradient_reaches_the_student_not_the_teacher():
     s_deltas = [x.clone().requires_grad_() for x in s_deltas]
     t_logits = [x.clone().requires_grad_() for x in t_logits]
     t_deltas = [x.clone().requires_grad_() for x in t_deltas]
-    RPNDistillation(margin=0.1)(s_logits, s_deltas, t_logits, t_deltas).backward()
+    _rpn(RPNDistillation(margin=0.1), s_logits, s_deltas, t_logits, t_deltas).backward()
     for x in s_logits + s_deltas:
         assert x.grad is not None and x.grad.abs().sum() > 0
     for x in t_logits + t_deltas:
@@ -318,7 +338,9 @@ def test_rpn_loss_gradient_reaches_the_student_not_the_teacher():
 
 def test_rpn_margin_is_read_from_the_config():
     cfg = get_ilmil_cfg(None, ["ILMIL.DISTILL.RPN.DELTA_MARGIN", 0.3])
-    assert build_distill_loss("RPNDistillation", cfg).margin == pytest.approx(0.3)
+    loss_fn = _built("RPN", cfg)
+    assert isinstance(loss_fn, RPNDistillation) and loss_fn.margin == pytest.approx(0.3)
+    assert RPNDistillation(cfg).margin == pytest.approx(0.3)
 
 
 # --------------------------------------------------------------------------- RCN
@@ -344,7 +366,7 @@ def _rcn_case(seed=0):
 @pytest.mark.parametrize("mode", ["l2", "kl"])
 def test_rcn_loss_is_zero_when_old_and_background_columns_equal_the_teacher(mode):
     s_scores, s_deltas, t_scores, t_deltas = _rcn_case()
-    loss = RCNDistillation(logits=mode)(s_scores, s_deltas, t_scores, t_deltas)
+    loss = _rcn(RCNDistillation(logits=mode), s_scores, s_deltas, t_scores, t_deltas)
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -352,7 +374,8 @@ def test_rcn_loss_is_zero_when_old_and_background_columns_equal_the_teacher(mode
 def test_rcn_logit_loss_ignores_a_per_proposal_shift(mode):
     s_scores, s_deltas, t_scores, t_deltas = _rcn_case()
     shifted = s_scores + _randn(R, 1, seed=9) * 4  # softmax and mean-centring remove it
-    assert RCNDistillation(logits=mode)(shifted, s_deltas, t_scores, t_deltas).item() == pytest.approx(0.0, abs=1e-5)
+    loss = _rcn(RCNDistillation(logits=mode), shifted, s_deltas, t_scores, t_deltas)
+    assert loss.item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_rcn_background_column_counts_and_new_class_columns_do_not():
@@ -360,11 +383,11 @@ def test_rcn_background_column_counts_and_new_class_columns_do_not():
     loss_fn = RCNDistillation(logits="l2")
     other_bg = s_scores.clone()
     other_bg[:, -1] += 2.0
-    assert loss_fn(other_bg, s_deltas, t_scores, t_deltas).item() > 0.1
+    assert _rcn(loss_fn, other_bg, s_deltas, t_scores, t_deltas).item() > 0.1
     other_new = s_scores.clone()
     other_new[:, K:K + NEW] = _randn(R, NEW, seed=77) * 10
-    assert loss_fn(other_new, s_deltas, t_scores, t_deltas).item() == pytest.approx(0.0, abs=1e-6)
-    assert RCNDistillation(logits="kl")(other_bg, s_deltas, t_scores, t_deltas).item() > 1e-3
+    assert _rcn(loss_fn, other_new, s_deltas, t_scores, t_deltas).item() == pytest.approx(0.0, abs=1e-6)
+    assert _rcn(RCNDistillation(logits="kl"), other_bg, s_deltas, t_scores, t_deltas).item() > 1e-3
 
 
 def test_rcn_l2_logits_match_the_mean_centred_formula_by_hand():
@@ -379,7 +402,7 @@ def test_rcn_l2_logits_match_the_mean_centred_formula_by_hand():
         a, b = zs[i] - zs[i].mean(), zt[i] - zt[i].mean()
         total += ((a - b) ** 2).sum()
     expected = total / (R * (K + 1))
-    loss = RCNDistillation(logits="l2")(s_scores, s_deltas, t_scores, t_deltas)
+    loss = _rcn(RCNDistillation(logits="l2"), s_scores, s_deltas, t_scores, t_deltas)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -397,7 +420,7 @@ def test_rcn_kl_logits_match_the_softened_kl_by_hand():
         q = np.exp(zs[i]) / np.exp(zs[i]).sum()
         total += (p * np.log(p / q)).sum()  # KL(teacher || student)
     expected = temp * temp * total / R
-    loss = RCNDistillation(logits="kl", temperature=temp)(s_scores, s_deltas, t_scores, t_deltas)
+    loss = _rcn(RCNDistillation(logits="kl", temperature=temp), s_scores, s_deltas, t_scores, t_deltas)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -406,10 +429,10 @@ def test_rcn_box_loss_compares_only_the_first_4k_delta_columns():
     loss_fn = RCNDistillation(logits="l2")
     new_class_boxes = s_deltas.clone()
     new_class_boxes[:, 4 * K:] += 10.0
-    assert loss_fn(s_scores, new_class_boxes, t_scores, t_deltas).item() == pytest.approx(0.0, abs=1e-6)
+    assert _rcn(loss_fn, s_scores, new_class_boxes, t_scores, t_deltas).item() == pytest.approx(0.0, abs=1e-6)
     old_class_box = s_deltas.clone()
     old_class_box[:, 0] += 0.5  # class 0, dx: sum_4 = 0.25 for 1 of the K classes of every proposal
-    loss = loss_fn(s_scores, old_class_box, t_scores, t_deltas)
+    loss = _rcn(loss_fn, s_scores, old_class_box, t_scores, t_deltas)
     assert loss.item() == pytest.approx(0.25 / K, rel=1e-5)
 
 
@@ -417,7 +440,7 @@ def test_rcn_class_agnostic_deltas_are_compared_as_they_are():
     s_scores, _, t_scores, _ = _rcn_case()
     t_deltas = _randn(R, 4, seed=3)
     s_deltas = t_deltas + torch.tensor([1.0, 0.0, 0.0, 1.0])
-    loss = RCNDistillation(logits="l2")(s_scores, s_deltas, t_scores, t_deltas)
+    loss = _rcn(RCNDistillation(logits="l2"), s_scores, s_deltas, t_scores, t_deltas)
     assert loss.item() == pytest.approx(2.0, rel=1e-5)
 
 
@@ -427,7 +450,7 @@ def test_rcn_gradient_reaches_the_student_not_the_teacher(mode):
     s_scores = (s_scores + _randn(R, K + NEW + 1, seed=8)).requires_grad_()
     s_deltas = (s_deltas + 0.3).requires_grad_()
     t_scores, t_deltas = t_scores.clone().requires_grad_(), t_deltas.clone().requires_grad_()
-    RCNDistillation(logits=mode)(s_scores, s_deltas, t_scores, t_deltas).backward()
+    _rcn(RCNDistillation(logits=mode), s_scores, s_deltas, t_scores, t_deltas).backward()
     assert s_scores.grad[:, :K].abs().sum() > 0 and s_scores.grad[:, -1].abs().sum() > 0
     assert (s_scores.grad[:, K:K + NEW] == 0).all()  # new classes are not distilled
     assert s_deltas.grad[:, :4 * K].abs().sum() > 0 and (s_deltas.grad[:, 4 * K:] == 0).all()
@@ -440,17 +463,18 @@ def test_rcn_loss_is_zero_without_teacher_proposals(mode):
     finite) gives an RCN term of 0, not a crash or a NaN that stops training."""
     s_scores = torch.zeros(0, K + NEW + 1, requires_grad=True)
     s_deltas = torch.zeros(0, 4 * (K + NEW), requires_grad=True)
-    loss = RCNDistillation(logits=mode)(s_scores, s_deltas, torch.zeros(0, K + 1), torch.zeros(0, 4 * K))
+    loss = _rcn(RCNDistillation(logits=mode), s_scores, s_deltas, torch.zeros(0, K + 1), torch.zeros(0, 4 * K))
     assert torch.isfinite(loss) and loss.item() == 0.0
     loss.backward()
 
 
 def test_unknown_rcn_logits_mode_is_refused():
-    with pytest.raises(ValueError, match=r"unknown RCN logits mode 'mse'"):
+    with pytest.raises(ConfigError, match=r"ILMIL.DISTILL.RCN.LOGITS 'mse': choose one of l2, kl, unbiased_kl"):
         RCNDistillation(logits="mse")
 
 
 def test_rcn_loss_is_built_from_the_config_keys():
     cfg = get_ilmil_cfg(None, ["ILMIL.DISTILL.RCN.LOGITS", "kl", "ILMIL.DISTILL.RCN.TEMPERATURE", 4.0])
-    loss_fn = build_distill_loss("RCNDistillation", cfg)
+    loss_fn = _built("RCN", cfg)
+    assert isinstance(loss_fn, RCNDistillation)
     assert loss_fn.logits == "kl" and loss_fn.temperature == pytest.approx(4.0)

@@ -14,6 +14,8 @@ CLS_W = "roi_heads.box_predictor.cls_score.weight"
 CLS_B = "roi_heads.box_predictor.cls_score.bias"
 BOX_W = "roi_heads.box_predictor.bbox_pred.weight"
 BOX_B = "roi_heads.box_predictor.bbox_pred.bias"
+# The feature term's running average in a distilled student's state (ilmil.distill.Distiller).
+EMA_KEY = "distiller.terms.feat.ema_distance"
 
 
 def _model(num_classes, seed, *opts):
@@ -184,18 +186,20 @@ def test_other_shape_mismatch_names_the_parameter(teacher):
         expand_predictor_state_dict(teacher.state_dict(), other.state_dict(), NUM_OLD)
 
 
-def test_the_old_students_distillation_state_is_not_carried_into_the_next_stage(teacher):
+@pytest.mark.parametrize("old_key", [EMA_KEY, "feature_loss.ema_distance"], ids=["distiller", "feature_loss-prefix"])
+def test_the_old_students_distillation_state_is_not_carried_into_the_next_stage(teacher, old_key):
     # A stage-1 student's final checkpoint (the teacher of stage 2) holds its layer
-    # weights' running average; stage 2's student starts its own from zero.
-    old_state = dict(teacher.state_dict(), **{"feature_loss.ema_distance": torch.tensor([0.5, 2.0])})
-    new_state = dict(_model(NUM_OLD + NUM_NEW, seed=1).state_dict(),
-                     **{"feature_loss.ema_distance": torch.zeros(3)})
+    # weights' running average (under ``feature_loss.`` in checkpoints written before
+    # the distiller); stage 2's student starts its own from zero.
+    old_state = dict(teacher.state_dict(), **{old_key: torch.tensor([0.5, 2.0])})
+    new_state = dict(_model(NUM_OLD + NUM_NEW, seed=1).state_dict(), **{EMA_KEY: torch.zeros(3)})
     merged = expand_predictor_state_dict(old_state, new_state, NUM_OLD)
-    assert merged["feature_loss.ema_distance"].tolist() == [0.0, 0.0, 0.0]
+    assert merged[EMA_KEY].tolist() == [0.0, 0.0, 0.0]
+    assert set(merged) == set(new_state)
     # A student without the feature term gets no such key at all.
     plain = _model(NUM_OLD + NUM_NEW, seed=1)
     load_expanded(plain, old_state, NUM_OLD)
-    assert "feature_loss.ema_distance" not in plain.state_dict()
+    assert old_key not in plain.state_dict() and EMA_KEY not in plain.state_dict()
 
 
 def test_class_agnostic_box_regression_is_copied_whole():

@@ -16,19 +16,14 @@ from detectron2.utils.events import EventStorage
 from ilmil.checkpoint import TeacherMismatchError
 from ilmil.config import DEFAULT_CONFIG, METHOD_PRESETS, get_ilmil_cfg
 from ilmil.engine.runner import uses_teacher
-from ilmil.modeling import (
-    FEATURE_DISTANCES,
-    IncrementalRCNN,
-    build_teacher,
-    fold_batchnorm,
-    load_expanded,
-    teacher_detections,
-)
+from ilmil.distill import FEATURE_DISTANCES, IncrementalRCNN, RCNDistillation, build_teacher, fold_batchnorm
+from ilmil.modeling import load_expanded, teacher_detections
 
 OLD_CLASSES = ["circle", "square", "triangle"]
 NUM_OLD, NUM_ALL = 3, 5
 DISTILL_KEYS = ("loss_distill_feat", "loss_distill_rpn", "loss_distill_rcn")
 IMAGE_SIZE = (64, 96)
+RPN_HEAD = "proposal_generator.rpn_head"  # the recorded RPN head outputs: (logits, deltas) per level
 
 
 def _cfg(num_classes, *opts, method="ilmil"):
@@ -116,7 +111,7 @@ def test_teacher_is_not_in_the_student_state_dict(student):
     # The keys of a plain detectron2 model plus the feature term's running average (training
     # state that --resume restores; loaders of a plain detector skip it).
     plain = GeneralizedRCNN(**GeneralizedRCNN.from_config(_cfg(NUM_ALL)))
-    assert keys - set(plain.state_dict()) == {"feature_loss.ema_distance"}
+    assert keys - set(plain.state_dict()) == {"distiller.terms.feat.ema_distance"}
     assert set(plain.state_dict()) <= keys
 
 
@@ -270,7 +265,7 @@ def test_rcn_skips_teacher_proposals_on_new_gt_when_asked(teacher_path, teacher_
         for boxes, new_gt in zip(out["rcn_boxes"], gt):
             overlaps = (pairwise_iou(boxes, new_gt.gt_boxes).max(dim=1).values >= 0.5).any().item()
             assert overlaps == expect_overlap
-        assert out["rcn_outputs"][0].shape[0] == sum(len(b) for b in out["rcn_boxes"])
+        assert out["records"][RCNDistillation.ROIS][0].shape[0] == sum(len(b) for b in out["rcn_boxes"])
     assert all(len(b) < 16 for b in skip.run_teacher(images, gt)["rcn_boxes"])
 
 
@@ -278,12 +273,16 @@ def test_bfloat16_teacher_pass_returns_float32_close_to_the_float32_pass(teacher
     half = _student(teacher_path, teacher_model, "ILMIL.TEACHER.PRECISION", "bfloat16")
     images = student.preprocess_image(_batch())
     full, low = student.run_teacher(images), half.run_teacher(images)
-    for name, value in full["features"].items():
-        assert low["features"][name].dtype == torch.float32
-        assert 0 < (low["features"][name] - value).norm() <= 0.05 * value.norm()  # bfloat16 really ran
+    assert half._teacher.dtype == torch.bfloat16 and student._teacher.dtype is None
+    layers = half.distiller.term("FEAT").layers
+    assert layers
+    for name in layers:
+        value = full["records"][name]
+        assert low["records"][name].dtype == torch.float32
+        assert 0 < (low["records"][name] - value).norm() <= 0.05 * value.norm()  # bfloat16 really ran
     for low_out, full_out in zip(low["box_outputs"], full["box_outputs"]):
         assert low_out.dtype == torch.float32 and low_out.shape == full_out.shape
-    assert all(t.dtype == torch.float32 for level in low["rpn"] for t in level)
+    assert all(t.dtype == torch.float32 for outputs in low["records"][RPN_HEAD] for t in outputs)
     losses, _ = _train_step(half, _batch())  # the distillation terms take the float32 outputs
     assert all(torch.isfinite(losses[k]) for k in DISTILL_KEYS)
 
@@ -485,7 +484,8 @@ def test_key_value_option_overrides_the_preset(teacher_path, teacher_model):
     cfg = get_ilmil_cfg(None, ["ILMIL.DISTILL.RPN.ENABLED", "False"], method="ilmil")
     assert _enabled(cfg) == {"pseudo": True, "feat": True, "rpn": False, "rcn": True}
     student = _student(teacher_path, teacher_model, "ILMIL.DISTILL.RPN.ENABLED", "False")
-    assert student.rpn_loss is None and student.feature_loss is not None and student.rcn_loss is not None
+    terms = student.distiller
+    assert terms.term("RPN") is None and terms.term("FEAT") is not None and terms.term("RCN") is not None
     losses, scalars = _train_step(student, _batch())
     assert "loss_distill_rpn" not in losses
     assert "loss_distill_feat" in losses and "loss_distill_rcn" in losses and "pseudo_boxes_per_image" in scalars
@@ -502,7 +502,7 @@ def test_config_file_overrides_the_preset(tmp_path):
 def test_faster_ilod_student_has_no_pseudo_labels(teacher_path, teacher_model):
     student = _student(teacher_path, teacher_model, method="faster-ilod")
     assert student.pseudo_labels is None
-    assert student.feature_loss.layers == ("p2", "p3", "p4", "p5", "p6")
+    assert student.distiller.term("FEAT").layers == ("p2", "p3", "p4", "p5", "p6")
     losses, scalars = _train_step(student, _batch())
     assert set(DISTILL_KEYS) <= set(losses)
     assert "pseudo_boxes_per_image" not in scalars
@@ -511,6 +511,6 @@ def test_faster_ilod_student_has_no_pseudo_labels(teacher_path, teacher_model):
 def test_finetune_builds_no_teacher_even_with_teacher_weights_set(teacher_path, teacher_model):
     """Every term off: loading and running a teacher each step would be wasted work."""
     student = _student(teacher_path, teacher_model, method="finetune")
-    assert student.teacher is None
+    assert student.teacher is None and student.distiller is None
     losses, _ = _train_step(student, _batch())
     assert not any(k.startswith("loss_distill") for k in losses)

@@ -14,8 +14,9 @@ from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, StageReco
 from ilmil.config import get_ilmil_cfg
 from ilmil.data import load_dataset_source, register_stage_datasets
 from ilmil.data.stages import Stage
+from ilmil.distill import student as distill_student
 from ilmil.engine.pruning_stage import check_pruning_config, prune_checkpoint
-from ilmil.modeling import build_detector, incremental_rcnn, with_checkpoint_layout
+from ilmil.modeling import build_detector, with_checkpoint_layout
 from ilmil.pruning import PruningError, channel_layout, measure_model, prunable_layers, prune_l1
 
 IMAGE = (3, 64, 96)
@@ -167,13 +168,13 @@ def _prune_and_finetune(stage0, output_dir, monkeypatch, *opts):
     cfg.defrost()
     cfg.merge_from_list(["ILMIL.PRUNING.RATIO", 0.5, "ILMIL.PRUNING.FINETUNE_ITERS", 3, *opts])
     cfg.freeze()
-    teachers, build_teacher = [], incremental_rcnn.build_teacher
+    teachers, build_teacher = [], distill_student.build_teacher
 
     def recording_build_teacher(*args, **kwargs):
         teachers.append(build_teacher(*args, **kwargs))
         return teachers[-1]
 
-    monkeypatch.setattr(incremental_rcnn, "build_teacher", recording_build_teacher)
+    monkeypatch.setattr(distill_student, "build_teacher", recording_build_teacher)
     summary = prune_checkpoint(cfg, weights, str(output_dir), classes, train_name, test_name)
     logged = set().union(*(line.keys() for line in metrics_lines(output_dir / "finetune" / "metrics.json")))
     return summary, teachers, logged

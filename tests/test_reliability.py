@@ -18,10 +18,10 @@ from tool_runs import SHAPES_OPTS, TRAIN_OPTS, read_json, run_tool, start_tool, 
 from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, RNGStates, safe_load
 from ilmil.config import get_ilmil_cfg
 from ilmil.data.shapes import shape_class_names
+from ilmil.distill import Distiller, FeatureDistillation
 from ilmil.engine import IncrementalRun, RunDirError, RunValidationError
 from ilmil.engine.run_dir import claim_run_dir
 from ilmil.file_io import atomic_write
-from ilmil.modeling import FeatureDistillation
 
 # --------------------------------------------------------------- checkpoint files
 
@@ -109,37 +109,58 @@ def test_resume_with_only_corrupt_checkpoints_starts_over(tmp_path, caplog):
 
 
 class _Student(nn.Module):
-    """A detector stand-in; with ``distill``, IncrementalRCNN's adaptive feature term."""
+    """A detector stand-in; with ``distill``, IncrementalRCNN's distiller with its
+    adaptive feature term; with ``distill="feature_loss"``, that term where students
+    kept it before the distiller (checkpoints of that layout must still load)."""
 
-    def __init__(self, distill=True):
+    def __init__(self, distill="distiller"):
         super().__init__()
         self.head = nn.Linear(3, 2)
-        if distill:
-            self.feature_loss = FeatureDistillation(layers=["p2", "p3"], distance="l2", weighting="adaptive")
+        feature = FeatureDistillation(layers=["p2", "p3"], distance="l2", weighting="adaptive")
+        if distill == "distiller":
+            self.distiller = Distiller({"FEAT": feature}, {"FEAT": 1.0})
+        elif distill == "feature_loss":
+            self.feature_loss = feature
+
+    def ema(self):
+        return (self.distiller.term("FEAT") if hasattr(self, "distiller") else self.feature_loss).ema_distance
 
 
 def test_the_distillation_state_is_resumed_and_skipped_by_models_without_it(tmp_path, caplog):
     student = _Student()
-    student.feature_loss.ema_distance.copy_(torch.tensor([0.25, 0.75]))
+    student.ema().copy_(torch.tensor([0.25, 0.75]))
     IncrementalCheckpointer(student, str(tmp_path)).save("model_0000009", iteration=9)
+    assert "distiller.terms.feat.ema_distance" in safe_load(str(tmp_path / "model_0000009.pth"))["model"]
     resumed = _Student()
     assert IncrementalCheckpointer(resumed, str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 9
-    assert resumed.feature_loss.ema_distance.tolist() == [0.25, 0.75]
+    assert resumed.ema().tolist() == [0.25, 0.75]
     # A teacher or an evaluated model has no distillation losses: it loads the weights, quietly.
-    plain = _Student(distill=False)
+    plain = _Student(distill=None)
     with caplog.at_level(logging.INFO):
         IncrementalCheckpointer(plain, str(tmp_path)).load(str(tmp_path / "model_0000009.pth"))
     assert torch.equal(plain.head.weight, student.head.weight)
-    assert "feature_loss" not in caplog.text and "not used by the model" not in caplog.text
+    assert "distiller" not in caplog.text and "not used by the model" not in caplog.text
 
 
-def test_a_checkpoint_without_the_distillation_state_still_resumes(tmp_path):
-    older = _Student(distill=False)  # as checkpoints were written before the state was saved
+@pytest.mark.parametrize("layout", [None, "feature_loss"], ids=["no-state", "feature_loss-prefix"])
+def test_a_checkpoint_without_the_distillation_state_still_resumes(tmp_path, caplog, layout):
+    # As checkpoints were written before the state was saved (None), or before the
+    # distiller held it (the feature term's state under ``feature_loss.``).
+    older = _Student(distill=layout)
+    if layout == "feature_loss":
+        older.ema().copy_(torch.tensor([0.25, 0.75]))
     IncrementalCheckpointer(older, str(tmp_path)).save("model_0000004", iteration=4)
     resumed = _Student()
-    assert IncrementalCheckpointer(resumed, str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 4
+    with caplog.at_level(logging.INFO):
+        assert IncrementalCheckpointer(resumed, str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 4
     assert torch.equal(resumed.head.weight, older.head.weight)
-    assert resumed.feature_loss.ema_distance.tolist() == [0.0, 0.0]  # the running average starts afresh
+    assert resumed.ema().tolist() == [0.0, 0.0]  # the running average starts afresh
+    assert "feature_loss" not in caplog.text and "not used by the model" not in caplog.text
+    plain = _Student(distill=None)  # and a model without distillation loads it quietly
+    with caplog.at_level(logging.INFO):
+        IncrementalCheckpointer(plain, str(tmp_path)).load(str(tmp_path / "model_0000004.pth"))
+    assert torch.equal(plain.head.weight, older.head.weight)
+    assert "feature_loss" not in caplog.text and "not used by the model" not in caplog.text
 
 
 class _RunsCode:
@@ -237,7 +258,7 @@ def test_a_resumed_stage_ends_exactly_where_the_uninterrupted_one_does(tmp_path)
     (stage1 / "last_checkpoint").write_text("model_0000003.pth")
     halfway = safe_load(str(stage1 / "model_0000003.pth"))
     assert halfway["trainer"]["_trainer"]["optimizer"]["state"], "the optimizer state is not checkpointed"
-    assert halfway["model"]["feature_loss.ema_distance"].sum() > 0
+    assert halfway["model"]["distiller.terms.feat.ema_distance"].sum() > 0
 
     proc = run_tool("train_incremental.py", ["--output-dir", str(resumed), "--resume", *args], tmp_path, timeout=300)
     assert proc.returncode == 0, tail(proc)

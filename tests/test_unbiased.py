@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ilmil.config import ConfigError, get_ilmil_cfg, uses_teacher
-from ilmil.modeling import RCNDistillation, build_distill_loss, check_distill_choices
+from ilmil.distill import RCNDistillation, check_distill_config
 from ilmil.modeling.unbiased import unbiased_cross_entropy, unbiased_student_log_probs
 
 K, NEW = 2, 1  # old classes, new classes; background is column K + NEW
@@ -17,6 +17,12 @@ BG = K + NEW
 
 # Three proposals' student logits [old 0, old 1, new, background].
 SCORES = [[1.0, 2.0, 0.5, -1.0], [0.2, -0.3, 1.5, 0.7], [-0.4, 0.9, 0.1, 1.2]]
+
+
+def _rcn(loss_fn, s_scores, s_deltas, t_scores, t_deltas):
+    """The RCN term on box-head outputs as the student records them (scores, deltas)."""
+    rois = RCNDistillation.ROIS
+    return loss_fn({rois: (s_scores, s_deltas)}, {rois: (t_scores, t_deltas)}, None)
 
 
 def _log_sum_exp(values):
@@ -119,7 +125,8 @@ def test_unbiased_kl_matches_the_hand_computed_value():
         q = [math.exp(v / temp - t_norm) for v in zt]
         total += sum(qj * math.log(qj / pj) for qj, pj in zip(q, p))
     expected = temp * temp * total / 3
-    loss = RCNDistillation(logits="unbiased_kl", temperature=temp)(torch.tensor(SCORES), s_deltas, t_scores, t_deltas)
+    loss_fn = RCNDistillation(logits="unbiased_kl", temperature=temp)
+    loss = _rcn(loss_fn, torch.tensor(SCORES), s_deltas, t_scores, t_deltas)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -131,9 +138,9 @@ def test_unbiased_kl_is_zero_when_old_and_background_or_new_equal_the_teacher(sh
     temp = 2.0
     bg = t_scores[:, -1:]
     student = torch.cat([t_scores[:, :K], bg + temp * math.log(share), bg + temp * math.log(1 - share)], dim=1)
-    unbiased = RCNDistillation(logits="unbiased_kl", temperature=temp)(student, s_deltas, t_scores, t_deltas)
+    unbiased = _rcn(RCNDistillation(logits="unbiased_kl", temperature=temp), student, s_deltas, t_scores, t_deltas)
     assert unbiased.item() == pytest.approx(0.0, abs=1e-6)
-    plain = RCNDistillation(logits="kl", temperature=temp)(student, s_deltas, t_scores, t_deltas)
+    plain = _rcn(RCNDistillation(logits="kl", temperature=temp), student, s_deltas, t_scores, t_deltas)
     assert plain.item() > 1e-5  # the student's own background is 1 - share of the teacher's
 
 
@@ -141,8 +148,8 @@ def test_unbiased_kl_is_kl_without_new_classes():
     t_scores, t_deltas, _ = _teacher()
     student = t_scores + _randn(3, K + 1, seed=4)
     args = (student, t_deltas + 0.1, t_scores, t_deltas)
-    unbiased = RCNDistillation(logits="unbiased_kl", temperature=3.0)(*args)
-    assert unbiased.item() == pytest.approx(RCNDistillation(logits="kl", temperature=3.0)(*args).item(), rel=1e-6)
+    unbiased = _rcn(RCNDistillation(logits="unbiased_kl", temperature=3.0), *args)
+    assert unbiased.item() == pytest.approx(_rcn(RCNDistillation(logits="kl", temperature=3.0), *args).item(), rel=1e-6)
 
 
 def test_unbiased_kl_gradient_reaches_the_student_only_and_its_new_class_too():
@@ -150,7 +157,7 @@ def test_unbiased_kl_gradient_reaches_the_student_only_and_its_new_class_too():
     s_scores = torch.tensor(SCORES, requires_grad=True)
     s_deltas = (s_deltas + 0.3).requires_grad_()
     t_scores, t_deltas = t_scores.clone().requires_grad_(), t_deltas.clone().requires_grad_()
-    RCNDistillation(logits="unbiased_kl")(s_scores, s_deltas, t_scores, t_deltas).backward()
+    _rcn(RCNDistillation(logits="unbiased_kl"), s_scores, s_deltas, t_scores, t_deltas).backward()
     assert (s_scores.grad.abs().sum(dim=0) > 0).all()  # the new class is in the merged background
     assert s_deltas.grad[:, :4 * K].abs().sum() > 0 and (s_deltas.grad[:, 4 * K:] == 0).all()
     assert t_scores.grad is None and t_deltas.grad is None
@@ -158,11 +165,11 @@ def test_unbiased_kl_gradient_reaches_the_student_only_and_its_new_class_too():
 
 def test_unbiased_kl_is_a_config_choice_and_unknown_modes_are_refused_with_it():
     cfg = get_ilmil_cfg(None, ["ILMIL.DISTILL.RCN.LOGITS", "unbiased_kl"], method="ilmil")
-    check_distill_choices(cfg)
-    assert build_distill_loss("RCNDistillation", cfg).logits == "unbiased_kl"
+    check_distill_config(cfg)
+    assert RCNDistillation(cfg).logits == "unbiased_kl"
     cfg = get_ilmil_cfg(None, ["ILMIL.DISTILL.RCN.LOGITS", "unbiased"], method="ilmil")
     with pytest.raises(ConfigError, match="ILMIL.DISTILL.RCN.LOGITS 'unbiased': choose one of l2, kl, unbiased_kl"):
-        check_distill_choices(cfg)
+        check_distill_config(cfg)
 
 
 # --------------------------------------------------------------------------- the preset
