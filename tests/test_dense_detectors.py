@@ -256,16 +256,25 @@ def test_a_checkpoint_without_a_classifier_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("arch", DENSE)
-def test_teacher_methods_are_refused_for_dense_detectors_with_the_fix(arch):
-    cfg = _cfg(arch, 20, method="ilmil")
-    with pytest.raises(ConfigError, match=f"method ilmil needs MODEL.META_ARCHITECTURE IncrementalRCNN .* got "
-                                          f"{arch}; fix: --method finetune or joint"):
+def test_teacher_methods_are_refused_for_a_plain_dense_detector_with_the_fix(arch):
+    # detectron2's own RetinaNet / FCOS cannot hold a teacher; the configs name the student classes.
+    cfg = _cfg(arch, 20, "MODEL.META_ARCHITECTURE", arch, method="ilmil")
+    with pytest.raises(ConfigError, match=f"method ilmil needs a student MODEL.META_ARCHITECTURE to hold its "
+                                          f"teacher, got {arch}; fix: IncrementalRCNN, IncrementalRetinaNet"):
         IncrementalRun(cfg)
 
 
 @pytest.mark.parametrize("arch", DENSE)
+def test_the_dense_students_offer_their_own_method_presets(arch):
+    assert _cfg(arch, 20, method="ilmil").ILMIL.DISTILL.DENSE.ENABLED
+    with pytest.raises(ConfigError, match=r"--method 'faster-ilod': choose one of finetune, ilmil, joint, pseudo "
+                                          rf"\(the methods of MODEL.META_ARCHITECTURE Incremental{arch}\)"):
+        _cfg(arch, 20, method="faster-ilod")
+
+
+@pytest.mark.parametrize("arch", DENSE)
 def test_box_head_pruning_is_refused_for_dense_detectors_with_the_fix(arch):
-    with pytest.raises(PruningError, match=f"ILMIL.PRUNING.BOX_HEAD_RATIO .* 0.5: MODEL.META_ARCHITECTURE {arch} "
+    with pytest.raises(PruningError, match=f"ILMIL.PRUNING.BOX_HEAD_RATIO .* 0.5: MODEL.META_ARCHITECTURE Incremental{arch} "
                                            "has no fully connected box head; fix: 0"):
         check_pruning_config(_cfg(arch, 20, "ILMIL.PRUNING.BOX_HEAD_RATIO", 0.5))
 
@@ -316,7 +325,7 @@ def retinanet_finetune(tiny_datasets_root, tmp_path_factory):
 def test_retinanet_finetune_runs_both_stages_with_an_expanded_classifier(retinanet_finetune):
     out = retinanet_finetune.out
     results = _check_results(out, [(0, [], CLASSES[:2]), (1, CLASSES[:2], CLASSES[2:])])
-    assert results["config"]["MODEL"]["META_ARCHITECTURE"] == "RetinaNet"
+    assert results["config"]["MODEL"]["META_ARCHITECTURE"] == "IncrementalRetinaNet"
     assert _is_percent(results["stages"][1]["AP50_old"])
     assert [_num_classes(out / f"stage_{k}" / "model_final.pth") for k in (0, 1)] == [2, 4]
     assert "Student initialised from a 2-class model (classifier expanded)" in retinanet_finetune.log
@@ -362,7 +371,7 @@ def test_fcos_joint_trains_every_class_in_one_stage(tiny_datasets_root, tmp_path
     proc = _run("FCOS", tmp_path / "run", tiny_datasets_root, "--method", "joint")
     assert proc.returncode == 0, tail(proc)
     results = _check_results(proc.out, [(0, [], CLASSES)])
-    assert results["method"] == "joint" and results["config"]["MODEL"]["META_ARCHITECTURE"] == "FCOS"
+    assert results["method"] == "joint" and results["config"]["MODEL"]["META_ARCHITECTURE"] == "IncrementalFCOS"
     assert _num_classes(proc.out / "stage_0" / "model_final.pth") == 4
     lines = metrics_lines(proc.out / "stage_0" / "metrics.json")
     assert {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"} <= set().union(*(line.keys() for line in lines))

@@ -76,6 +76,9 @@ def check_distill_config(cfg):
     check_choice("ILMIL.DISTILL.TERM_WEIGHTS", d.TERM_WEIGHTS, TERM_WEIGHTINGS)
     if d.CONNECTOR:
         check_choice("ILMIL.DISTILL.CONNECTOR", d.CONNECTOR, [name for name, _ in CONNECTOR_REGISTRY])
+    for section, loss_class in registered_terms().items():
+        if section in d:
+            loss_class(cfg)  # its keys' values, whether or not the term is on: a typo is not silently kept
     if not enabled_terms(cfg):
         return
     student = _plain_detector(cfg)

@@ -3,8 +3,8 @@
 Each is detectron2's detector (ilmil's yacs-built FCOS) plus the student mixin.
 With a teacher, a training step:
 
-1. runs the teacher on the raw images, as at test time (its own normalisation, its
-   own score threshold and NMS), recording the outputs the terms name: its
+1. runs the teacher on the raw images as at test time (its own normalisation, its
+   own score threshold and NMS), recording the outputs the terms name; its
    detections at the input size are what pseudo-labels come from;
 2. adds, as pseudo-labels, the teacher's detections of score >= SCORE_THRESH that do
    not overlap a GT box of the stage at IoU >= NEW_GT_IOU_THRESH;
@@ -56,12 +56,19 @@ class DenseStudent(DistillationStudent):
 
     @torch.no_grad()
     def run_teacher(self, batched_inputs):
-        """The teacher's test-time pass on the raw images: its detections at the input
-        size (``"instances"``) and the recorded outputs (``"records"``)."""
-        images = [{"image": x["image"]} for x in batched_inputs]  # no height/width: results at the input size
+        """The teacher's test-time pass on the raw images, its own normalisation: its
+        detections at the input size (``"instances"``) and the recorded outputs (``"records"``)."""
+        teacher = self.teacher
         with self._teacher.autocast(), self._teacher_recorder.recording():
-            results = self.teacher(images)
-        return {"instances": [r["instances"] for r in results], "records": self._teacher_recorder.collect()}
+            images = teacher.preprocess_image(batched_inputs)
+            features = teacher.backbone(images.tensor)
+            features = [features[f] for f in teacher.head_in_features]
+            predictions = teacher.head(features)
+        # detectron2's FCOS inference takes the sigmoid of its inputs in place: it gets copies,
+        # so that the recorded head outputs stay the teacher's logits.
+        copies = [[x.clone() for x in level_outputs] for level_outputs in predictions]
+        instances = teacher.forward_inference(images, features, copies)
+        return {"instances": instances, "records": self._teacher_recorder.collect()}
 
     def add_pseudo_labels(self, detections, gt_instances):
         cfg = self.pseudo_labels

@@ -1,0 +1,138 @@
+"""Distillation on the one-stage detectors: the dense-head term against its formula,
+an expanded RetinaNet / FCOS student that equals its teacher before any update, and
+a tiny incremental RetinaNet run of the ilmil recipe end to end."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detectron2.modeling import RetinaNet, build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from ilmil.config import CONFIGS_DIR, get_ilmil_cfg, set_num_classes
+from ilmil.distill import DenseHeadDistillation, IncrementalRetinaNet
+from ilmil.modeling import FCOS, load_expanded
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, metrics_lines, read_json, run_tool, tail
+
+NUM_OLD, NUM_ALL = 3, 5
+IMAGE_SIZE = (96, 128)
+CONFIGS = {"RetinaNet": "retinanet_R18_FPN_cpu.yaml", "FCOS": "fcos_R18_FPN_cpu.yaml"}
+PLAIN = {"RetinaNet": RetinaNet, "FCOS": FCOS}
+
+
+def _cfg(arch, num_classes, *opts, method="ilmil"):
+    path = f"{CONFIGS_DIR}/shapes/{CONFIGS[arch]}"
+    return set_num_classes(get_ilmil_cfg(path, ["MODEL.DEVICE", "cpu", *opts], method=method), num_classes)
+
+
+# --------------------------------------------------------------------------- the dense-head term
+
+
+def _head(logits, boxes):
+    """One level: [N, A*K, H, W] logits and [N, A*4, H, W] boxes."""
+    return [logits], [boxes]
+
+
+def test_dense_term_is_the_binary_kl_of_the_old_classes_plus_confident_boxes():
+    # 1 image, 1 anchor per location, 2 x 1 locations; teacher: 2 old classes; student: 3 classes.
+    z_t = torch.tensor([[[[2.0], [-3.0]], [[-1.0], [-4.0]]]])        # [1, 2, 2, 1]
+    z_s = torch.tensor([[[[1.0], [-3.0]], [[0.0], [-4.0]], [[5.0], [5.0]]]])  # new class (row 2) ignored
+    r_t = torch.zeros(1, 4, 2, 1)
+    r_s = torch.ones(1, 4, 2, 1)
+    loss = DenseHeadDistillation(temperature=1.0, box_score_thresh=0.5)(
+        {"head": _head(z_s, r_s)}, {"head": _head(z_t, r_t)}, None)
+
+    def kl(t, s):
+        p, q = torch.sigmoid(torch.tensor(t)), torch.sigmoid(torch.tensor(s))
+        return float(p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q)))
+
+    cls = (kl(2.0, 1.0) + kl(-1.0, 0.0) + kl(-3.0, -3.0) + kl(-4.0, -4.0)) / 4
+    # Location 0: sigmoid(2) = 0.88 >= 0.5 (confident): |1 - 0| x 4 coordinates; location 1 is not.
+    assert loss.item() == pytest.approx(cls + 4.0, rel=1e-5)
+
+
+def test_dense_term_is_zero_for_equal_outputs_and_gives_the_student_gradients_only():
+    gen = torch.Generator().manual_seed(0)
+    z_t, r_t = torch.randn(2, 9 * 3, 4, 4, generator=gen), torch.randn(2, 9 * 4, 4, 4, generator=gen)
+    loss_fn = DenseHeadDistillation(temperature=2.0)
+    z_s = torch.cat([z_t.view(2, 9, 3, 4, 4), torch.randn(2, 9, 2, 4, 4, generator=gen)], dim=2).view(2, 45, 4, 4)
+    teacher = {"head": _head(z_t, r_t)}
+    assert loss_fn({"head": _head(z_s, r_t.clone())}, teacher, None).item() == pytest.approx(0.0, abs=1e-6)
+    z_s = (z_s + 0.3).requires_grad_()
+    z_t.requires_grad_()
+    loss = loss_fn({"head": _head(z_s, r_t.clone())}, {"head": _head(z_t, r_t)}, None)
+    assert loss.item() > 0
+    loss.backward()
+    grad = z_s.grad.view(2, 9, 5, 4, 4)
+    assert grad[:, :, :3].abs().sum() > 0 and (grad[:, :, 3:] == 0).all()  # old classes only
+    assert z_t.grad is None
+
+
+# --------------------------------------------------------------------------- the students
+
+
+def _instances(boxes, classes):
+    inst = Instances(IMAGE_SIZE)
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).view(-1, 4))
+    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    return inst
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(0)
+    return [{"image": torch.rand(3, *IMAGE_SIZE, generator=gen) * 255,
+             "instances": _instances([[10, 10, 50, 50]], [3])} for _ in range(2)]
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_an_expanded_dense_student_equals_its_teacher_then_learns_from_it(arch, tmp_path):
+    torch.manual_seed(0)
+    teacher = build_model(_cfg(arch, NUM_OLD, method="finetune"))
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": teacher.state_dict()}, path)
+    student = build_model(_cfg(arch, NUM_ALL, "ILMIL.TEACHER.WEIGHTS", str(path)))
+    assert type(student.teacher) is PLAIN[arch] and isinstance(student, PLAIN[arch])
+    assert sorted(student.distiller.terms) == ["dense", "feat"]
+    load_expanded(student, teacher.state_dict(), NUM_OLD)
+    student.freeze_bn_stats()
+    with EventStorage() as storage:
+        losses = student.train()(_batch())
+        assert "pseudo_boxes_per_image" in storage.latest()
+    for name in ("loss_distill_feat", "loss_distill_dense"):
+        assert abs(losses[name].item()) < 1e-4, name
+    with torch.no_grad():
+        student.head.cls_score.weight.add_(0.05)
+    with EventStorage():
+        losses = student(_batch())
+    losses["loss_distill_dense"].backward()
+    assert losses["loss_distill_dense"].item() > 1e-4
+    assert student.head.cls_score.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in student.teacher.parameters())
+    assert not any(k.startswith("teacher") for k in student.state_dict())
+
+
+def test_a_plain_retinanet_is_the_student_without_a_teacher():
+    model = build_model(_cfg("RetinaNet", NUM_ALL, method="finetune"))
+    assert type(model) is IncrementalRetinaNet and model.teacher is None and model.distiller is None
+
+
+# --------------------------------------------------------------------------- a tiny incremental run
+
+
+def test_a_tiny_incremental_retinanet_run_of_the_ilmil_recipe(tiny_datasets_root, tmp_path):
+    out = tmp_path / "run"
+    # After a few iterations every score is near the prior: a low test threshold keeps detections to count.
+    args = ["--config-file", f"{CONFIGS_DIR}/shapes/{CONFIGS['RetinaNet']}", "--stages", "2+2", "--method", "ilmil",
+            "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS, "MODEL.RETINANET.SCORE_THRESH_TEST", "0.001",
+            "ILMIL.PSEUDO_LABELS.SCORE_THRESH", "0.001"]
+    proc = run_tool("train_incremental.py", args, tiny_datasets_root, timeout=600)
+    assert proc.returncode == 0, tail(proc)
+    results = read_json(out / "results.json")
+    assert [s["stage"] for s in results["stages"]] == [0, 1]
+    stage1 = results["stages"][1]
+    assert all(math.isfinite(stage1[k]) for k in ("AP50_old", "AP50_new", "AP50"))
+    logged = set().union(*(line.keys() for line in metrics_lines(out / "stage_1" / "metrics.json")))
+    assert {"loss_distill_feat", "loss_distill_dense", "pseudo_boxes_per_image"} <= logged
+    assert (out / "report.md").is_file()
