@@ -68,7 +68,7 @@ def test_fcos_is_registered_and_built_from_the_fcos_keys():
                "MODEL.FCOS.SCORE_THRESH_TEST", 0.3, "MODEL.FCOS.TOPK_CANDIDATES_TEST", 50,
                "MODEL.FCOS.NMS_THRESH_TEST", 0.45, "TEST.DETECTIONS_PER_IMAGE", 9)
     model = build_model(cfg)
-    assert type(model) is FCOS and isinstance(model, d2_fcos.FCOS)
+    assert isinstance(model, FCOS) and isinstance(model, d2_fcos.FCOS)  # the student class IncrementalFCOS
     assert type(model.head) is d2_fcos.FCOSHead
     assert model.head_in_features == ["p3", "p4", "p5"] and model.num_classes == 7
     # One anchor point per location: K class channels, 4 box channels, 1 centerness channel.

@@ -216,7 +216,7 @@ def test_plain_finetuning_has_no_teacher(unpruned_stage0, tmp_path, monkeypatch)
      r"fix: give fine-tuning iterations"),
     (["ILMIL.PRUNING.FINETUNE_TEACHER", True, "ILMIL.PRUNING.FINETUNE_ITERS", 5,
       "MODEL.META_ARCHITECTURE", "GeneralizedRCNN"],
-     r"needs MODEL.META_ARCHITECTURE IncrementalRCNN .* got GeneralizedRCNN; fix:"),
+     r"needs a student MODEL.META_ARCHITECTURE \(IncrementalRCNN, .*\) to hold the teacher, got GeneralizedRCNN; fix:"),
 ])  # fmt: skip
 def test_a_teacher_without_finetuning_or_a_model_to_hold_it_is_refused(opts, message):
     with pytest.raises(PruningError, match=message):

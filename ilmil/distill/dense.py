@@ -32,6 +32,17 @@ class DenseStudent(DistillationStudent):
 
     method_family = "dense"
 
+    @configurable
+    def __init__(self, *, teacher=None, distiller=None, pseudo_labels=None, teacher_precision="float32", **kwargs):
+        """``init_student``'s arguments, and the detector's as ``kwargs``."""
+        super().__init__(**kwargs)
+        self.init_student(teacher, distiller, pseudo_labels, teacher_precision)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        return {**ret, **cls.student_args(cfg, ret["backbone"])}
+
     def forward(self, batched_inputs):
         if not self.training or self.teacher is None:
             return super().forward(batched_inputs)
@@ -88,29 +99,9 @@ class IncrementalRetinaNet(DenseStudent, RetinaNet):
 
     detector_architecture = "RetinaNet"
 
-    @configurable
-    def __init__(self, *, teacher=None, distiller=None, pseudo_labels=None, teacher_precision="float32", **kwargs):
-        super().__init__(**kwargs)
-        self.init_student(teacher, distiller, pseudo_labels, teacher_precision)
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        return {**ret, **cls.student_args(cfg, ret["backbone"])}
-
 
 @META_ARCH_REGISTRY.register()
 class IncrementalFCOS(DenseStudent, FCOS):
     """FCOS as a student (a plain FCOS without a teacher)."""
 
     detector_architecture = "FCOS"
-
-    @configurable
-    def __init__(self, *, teacher=None, distiller=None, pseudo_labels=None, teacher_precision="float32", **kwargs):
-        super().__init__(**kwargs)
-        self.init_student(teacher, distiller, pseudo_labels, teacher_precision)
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        return {**ret, **cls.student_args(cfg, ret["backbone"])}

@@ -22,7 +22,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
-from ..config import ConfigError
+from ..config import ConfigError, uses_teacher
 from ..modeling.pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 from ..modeling.unbiased import unbiased_cross_entropy
 from .losses import RCNDistillation
@@ -71,8 +71,7 @@ class IncrementalRCNN(DistillationStudent, GeneralizedRCNN):
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ilmil = cfg.ILMIL
-        student = cls.student_args(cfg, ret["backbone"])
-        if not student:
+        if not ilmil.TEACHER.WEIGHTS or not uses_teacher(cfg):
             return ret
         for key, enabled in (("ILMIL.DISTILL.RCN.ENABLED", ilmil.DISTILL.RCN.ENABLED),
                              ("ILMIL.UNBIASED_CLS.ENABLED", ilmil.UNBIASED_CLS.ENABLED)):
@@ -82,8 +81,8 @@ class IncrementalRCNN(DistillationStudent, GeneralizedRCNN):
                     f"{key} needs box-only ROI heads: set MODEL.MASK_ON, MODEL.KEYPOINT_ON "
                     f"and MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES to False, or {key} False"
                 )
-        return {**ret, **student, "teacher_num_proposals": ilmil.TEACHER.NUM_PROPOSALS,
-                "unbiased_cls": ilmil.UNBIASED_CLS.ENABLED}
+        return {**ret, **cls.student_args(cfg, ret["backbone"]),
+                "teacher_num_proposals": ilmil.TEACHER.NUM_PROPOSALS, "unbiased_cls": ilmil.UNBIASED_CLS.ENABLED}
 
     def _rcn_term(self):
         return self.distiller.term(RCNDistillation.config_key) if self.distiller is not None else None
