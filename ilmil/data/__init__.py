@@ -12,6 +12,7 @@ from .datasets import (
     load_voc_split,
     problem_lines,
     register_stage_datasets,
+    with_every_class_old,
     shapes_num_classes,
 )
 from .shapes import generate_shapes_dataset, shape_class_names
@@ -48,6 +49,7 @@ __all__ = [
     "parse_stage_spec",
     "problem_lines",
     "register_stage_datasets",
+    "with_every_class_old",
     "shape_class_names",
     "shared_image_count",
     "shapes_num_classes",

@@ -41,6 +41,7 @@ __all__ = [
     "load_dataset_source",
     "problem_lines",
     "register_stage_datasets",
+    "with_every_class_old",
 ]
 
 logger = logging.getLogger(__name__)
@@ -466,3 +467,17 @@ def register_stage_datasets(prefix, source, stage, exclusive=None):
         )
         names[split] = name
     return names["train"], names["test"]
+
+
+def with_every_class_old(train_dataset):
+    """``train_dataset`` under a second name whose classes are all old: the data of a
+    student whose teacher holds every class (a compression run, a pruned model's
+    fine-tuning with its unpruned self), which a student checks its teacher against."""
+    name = f"{train_dataset}_every_class_old"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: DatasetCatalog.get(train_dataset))
+    meta = {k: v for k, v in MetadataCatalog.get(train_dataset).as_dict().items() if k != "name"}
+    MetadataCatalog.get(name).set(**{**meta, "old_classes": list(meta["thing_classes"]), "new_classes": []})
+    return name

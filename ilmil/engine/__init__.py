@@ -1,10 +1,12 @@
 from .cli import run_tool_main
+from .compression import CompressionRun, run_compression
 from .launch import init_distributed, main_process_first
 from .run_dir import RunDirError, RunValidationError, require_output_dir
 from .runner import RUN_ERRORS, IncrementalRun, resolve_class_order, run_incremental
 from .trainer import IncrementalTrainer, NonFiniteLossError
 
 __all__ = [
+    "CompressionRun",
     "RUN_ERRORS",
     "IncrementalRun",
     "IncrementalTrainer",
@@ -15,6 +17,7 @@ __all__ = [
     "RunValidationError",
     "require_output_dir",
     "resolve_class_order",
+    "run_compression",
     "run_incremental",
     "run_tool_main",
 ]

@@ -18,13 +18,14 @@ import logging
 import os
 import re
 
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.data import build_detection_test_loader
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch import DenseDetector
 from detectron2.utils import comm
 
 from ..checkpoint import IncrementalCheckpointer, StageRecord, load_checked_checkpoint
 from ..config import derived_cfg
+from ..data import with_every_class_old
 from ..evaluation import evaluate_model
 from ..evaluation.run_outputs import write_json
 from ..distill import is_student_architecture
@@ -169,7 +170,7 @@ def _finetune(cfg, model, iters, output_dir, teacher_weights=None):
             # truth as pseudo-labels, and the RCN term needs no proposals kept away from it.
             "ILMIL.PSEUDO_LABELS.ENABLED": False,
             "ILMIL.DISTILL.RCN.NEW_GT_IOU_THRESH": 0.0,
-            "DATASETS.TRAIN": (_with_every_class_old(cfg.DATASETS.TRAIN[0]),),
+            "DATASETS.TRAIN": (with_every_class_old(cfg.DATASETS.TRAIN[0]),),
         })
     cfg = derived_cfg(cfg, changes)
     # BatchNorm statistics are re-estimated with or without the teacher: pruning changed
@@ -182,16 +183,3 @@ def _finetune(cfg, model, iters, output_dir, teacher_weights=None):
                 f", its teacher the unpruned {teacher_weights}" if teacher_weights else "")
     trainer.train()
     return student
-
-
-def _with_every_class_old(train_dataset):
-    """``train_dataset`` under a second name whose classes are all old, as the teacher of
-    the fine-tuning holds them all (``IncrementalRCNN`` checks its teacher against them)."""
-    name = f"{train_dataset}_every_class_old"
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: DatasetCatalog.get(train_dataset))
-    meta = {k: v for k, v in MetadataCatalog.get(train_dataset).as_dict().items() if k != "name"}
-    MetadataCatalog.get(name).set(**{**meta, "old_classes": list(meta["thing_classes"]), "new_classes": []})
-    return name

@@ -277,15 +277,20 @@ class IncrementalRun:
             atomic_write(os.path.join(self.output_dir, "config.yaml"), lambda f: f.write(config), mode="w")
         return stages
 
-    def train_stage(self, stage, previous_weights, student_weights=None):
-        """Train ``stage``: its teacher is ``previous_weights`` (the model of the earlier
-        stages), its student starts from ``student_weights`` (default: the same model;
-        the pruned one after a pruning boundary), head expanded."""
-        student_weights = student_weights or previous_weights
+    def stage_models(self, stage, previous_weights, pruned_weights=None):
+        """``(teacher, start)`` of ``stage``: the model of the earlier stages teaches, and the
+        student starts from it, or from its pruned version after a pruning boundary
+        (None and None for stage 0)."""
+        return previous_weights, pruned_weights or previous_weights
+
+    def train_stage(self, stage, teacher_weights, start_weights=None):
+        """Train ``stage`` with the teacher ``teacher_weights`` (None: none), its student
+        started from ``start_weights`` (head expanded; None: from the config's
+        ``MODEL.WEIGHTS``, BatchNorm statistics learned afresh)."""
         start = None
-        if student_weights is not None:
-            start, _ = load_checked_checkpoint(student_weights, stage.old_classes)
-        cfg = self.stage_cfg(stage, teacher_weights=previous_weights or "", layout_checkpoint=start)
+        if start_weights is not None:
+            start, _ = load_checked_checkpoint(start_weights, stage.old_classes)
+        cfg = self.stage_cfg(stage, teacher_weights=teacher_weights or "", layout_checkpoint=start)
         seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + stage.index)
         schedule = {"stage": stage.index, "stages": self.cfg.ILMIL.STAGES, "method": self.method}
         trainer = IncrementalTrainer(cfg, schedule)
@@ -302,7 +307,7 @@ class IncrementalRun:
                 trainer.resume_or_load(resume=False)
             else:
                 load_expanded(model, start["model"], len(stage.old_classes))
-        if previous_weights is not None and cfg.ILMIL.FREEZE_BN_STATS and isinstance(model, DistillationStudent):
+        if start is not None and cfg.ILMIL.FREEZE_BN_STATS and isinstance(model, DistillationStudent):
             model.freeze_bn_stats()
         trainer.train()
         # Per process: in a distributed run every rank logs the same digest (DDP kept them in sync).
@@ -326,7 +331,7 @@ class IncrementalRun:
             "config": yaml.safe_load(self.cfg.dump()),
             "stages": [],
         }
-        previous_weights, student_weights = self.teacher_weights, None
+        previous_weights, pruned_weights = self.teacher_weights, None
         run_start = time.perf_counter()
         for stage, info in zip(self.schedule, stages_info):
             # The stage before --start-stage is the given teacher: evaluated, not trained,
@@ -350,7 +355,7 @@ class IncrementalRun:
             elif os.path.isfile(final_weights):
                 logger.info("Stage %d: %s exists, not retraining", stage.index, final_weights)
             else:
-                model = self.train_stage(stage, previous_weights, student_weights)
+                model = self.train_stage(stage, *self.stage_models(stage, previous_weights, pruned_weights))
             train_time = time.perf_counter() - stage_start
             if os.path.isfile(metrics_path):
                 with open(metrics_path) as f:
@@ -364,10 +369,10 @@ class IncrementalRun:
                 metrics["train_time_s"] = train_time
                 if comm.is_main_process():
                     write_json(metrics_path, metrics)
-            previous_weights, student_weights = final_weights, None
+            previous_weights, pruned_weights = final_weights, None
             pruning = self.prune_stage_model(stage, final_weights)
             if pruning:
-                student_weights = pruning["pruned_weights"]
+                pruned_weights = pruning["pruned_weights"]
             if not comm.is_main_process():
                 continue
             if pruning:

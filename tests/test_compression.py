@@ -1,0 +1,101 @@
+"""Compression runs (tools/train_compression.py): a teacher trained by the toolkit, a
+student of the same classes distilled from it, both evaluated in one folder; the
+mistakes refused before training; and the same run under torchrun with two CPU
+processes."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _env, metrics_lines, read_json, run_tool, tail
+
+# A narrower student than its teacher of the default config (FPN 64 channels): 32-channel
+# FPN maps, compared with the teacher's through connectors.
+NARROW = ["--teacher-config", os.path.join(REPO_ROOT, "configs", "shapes", "faster_rcnn_R18_FPN_cpu.yaml")]
+NARROW_OPTS = ["MODEL.FPN.OUT_CHANNELS", "32", "ILMIL.DISTILL.FEAT.ENABLED", "True",
+               "ILMIL.DISTILL.FEAT.LAYERS", "['p3', 'p4', 'res4']"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_datasets_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    proc = run_tool("train_incremental.py", ["--stages", "4", "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS],
+                    tiny_datasets_root)
+    assert proc.returncode == 0, tail(proc)
+    return out / "stage_0" / "model_final.pth"
+
+
+def _compress(out, teacher, datasets_root, flags=(), opts=()):
+    args = ["--stages", "4", "--teacher-weights", str(teacher), "--output-dir", str(out), *flags,
+            *SHAPES_OPTS, *TRAIN_OPTS, *opts]
+    return run_tool("train_compression.py", args, datasets_root, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def student(teacher, tiny_datasets_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("student") / "run"
+    proc = _compress(out, teacher, tiny_datasets_root, NARROW, NARROW_OPTS)
+    assert proc.returncode == 0, tail(proc)
+    return out, proc
+
+
+def test_a_compression_run_evaluates_teacher_and_student_in_one_folder(student):
+    out, proc = student
+    results = read_json(out / "results.json")
+    assert [s["stage"] for s in results["stages"]] == [0]
+    stage = results["stages"][0]
+    assert 0 <= stage["AP50"] <= 100 and 0 <= results["teacher"]["AP50"] <= 100
+    assert list(results["teacher"]["per_class"]) == stage["new_classes"]
+    assert (out / "report.md").is_file() and (out / "teacher" / "metrics_eval.json").is_file()
+    assert re.search(r"teacher: AP50 \d+\.\d, AP \d+\.\d", proc.log)
+
+
+def test_the_student_trained_with_the_feature_term_through_connectors(student):
+    out, _ = student
+    logged = set().union(*(line.keys() for line in metrics_lines(out / "stage_0" / "metrics.json")))
+    assert "loss_distill_feat" in logged and not any(k.startswith("loss_distill_r") for k in logged)
+    log = (out / "log.txt").read_text()
+    assert "connectors" in log and "Conv1x1BN" in log  # p3 / p4: 32 -> 64 channels
+
+
+def test_a_rerun_reuses_the_finished_run(student, teacher, tiny_datasets_root):
+    out, _ = student
+    proc = _compress(out, teacher, tiny_datasets_root, NARROW, NARROW_OPTS)
+    assert proc.returncode == 0, tail(proc)
+    assert "exists, not retraining" in proc.log
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--stages", "2+2"], r"ILMIL.STAGES 2\+2: a compression run trains one stage of all its classes; fix: --stages N"),
+    (["--stages", "3"], r"--teacher-weights: checkpoint .* holds 4 unnamed classes|--teacher-weights: .* holds \["),
+    (["--teacher-config", "nope.yaml"], r"ILMIL.TEACHER.CONFIG_FILE nope.yaml: no such file"),
+])  # fmt: skip
+def test_mistakes_end_in_one_error_line_before_training(extra, message, teacher, tiny_datasets_root, tmp_path):
+    args = ["--teacher-weights", str(teacher), "--output-dir", str(tmp_path / "run"), *SHAPES_OPTS, *TRAIN_OPTS]
+    stages = [] if "--stages" in extra else ["--stages", "4"]
+    proc = run_tool("train_compression.py", [*stages, *extra, *args, "ILMIL.DISTILL.FEAT.ENABLED", "True"],
+                    tiny_datasets_root)
+    assert proc.returncode == 1, tail(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "stage_0").exists()
+
+
+def test_a_compression_run_under_torchrun_on_two_cpu_processes(teacher, tiny_datasets_root, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO_ROOT, "tools", "train_compression.py"), "--stages", "4", "--teacher-weights",
+           str(teacher), "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS, "ILMIL.DISTILL.FEAT.ENABLED", "True"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(tiny_datasets_root), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    digests = [re.findall(r"Stage 0: weights digest (\w+) \(rank (\d)\)", (out / name).read_text())
+               for name in ("log.txt", "log.txt.rank1")]
+    assert [r for _, r in digests[0]] == ["0"] and [r for _, r in digests[1]] == ["1"]
+    assert digests[0][0][0] == digests[1][0][0]  # the same weights on both ranks
+    results = read_json(out / "results.json")
+    assert [s["stage"] for s in results["stages"]] == [0] and "teacher" in results
+    assert "Stage 0 done:" not in (out / "log.txt.rank1").read_text()  # results written by rank 0 only
