@@ -3,6 +3,7 @@
 the stage-image rules.
 
     python benchmarks/run.py --suite accuracy [--quick] [--specs 10+10 15+5] [--seeds 0 1] [--jobs 2]
+    python benchmarks/run.py --suite accuracy --specs 10+10 --variants ilmil    # one method's runs
     python benchmarks/run.py --suite ablation [--quick] [--seeds 0 1]
     python benchmarks/run.py --suite speed [--quick]
     python benchmarks/run.py --suite pruning [--quick]
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--suite", choices=list(SUITES), required=True)
     parser.add_argument("--quick", action="store_true", help="the < 10 minute variant")
     parser.add_argument("--specs", nargs="+", help="the stage specs to run (default: the suite's)")
+    parser.add_argument("--variants", nargs="+",
+                        help="train only these of the suite's variants (names as in its table, e.g. ilmil)")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: 0)")
     parser.add_argument("--iters", type=int, help="iterations of each stage after stage 0")
     parser.add_argument("--base-iters", type=int,
@@ -78,6 +81,13 @@ def resolve_setting(suite, args):
     given = {field: tuple(v) if isinstance(v, list) else v
              for dest, field in SETTING_OPTIONS.items() if (v := getattr(args, dest)) is not None}
     setting = dataclasses.replace(setting, **given)
+    if args.variants:
+        known = {variant.name: variant for variant in setting.variants}
+        unknown = [name for name in args.variants if name not in known]
+        if unknown:
+            raise BenchError(f"--variants {' '.join(unknown)}: not a variant of the {suite.name} suite, {where}; "
+                             f"give some of: {', '.join(known)}")
+        setting = dataclasses.replace(setting, variants=tuple(known[name] for name in args.variants))
     # A zero stage-0 budget is the per-stage one (--quick).
     return dataclasses.replace(setting, base_iters=setting.base_iters or setting.iters)
 

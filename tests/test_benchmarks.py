@@ -253,3 +253,13 @@ def test_a_flag_the_suite_cannot_honour_is_refused(tmp_path, capsys, args, flag)
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: {flag} ") and "not honoured" in line and f"drop {flag}" in line
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_variants_narrow_the_plan_and_an_unknown_one_is_refused(tmp_path, capsys):
+    common = ["--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path), "--specs", "10+10", "--dry-run"]
+    assert bench_main(["--suite", "accuracy", "--variants", "ilmil", *common]) == 0
+    planned = [line.split()[1] for line in capsys.readouterr().out.strip().splitlines()]
+    assert [os.path.basename(p) for p in planned] == ["base_10classes_3200it_seed0", "10+10_ilmil_3200+800it_seed0"]
+    assert bench_main(["--suite", "accuracy", "--variants", "ilmil", "lwf", *common]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --variants lwf: not a variant of the accuracy suite") and "finetune" in line
