@@ -113,6 +113,27 @@ def test_an_expanded_dense_student_equals_its_teacher_then_learns_from_it(arch, 
     assert not any(k.startswith("teacher") for k in student.state_dict())
 
 
+@pytest.mark.parametrize("pseudo, term, head_runs", [
+    ("False", "FEAT", False),  # feature terms alone: the teacher's backbone only
+    ("False", "DENSE", True),  # the dense-head term reads the teacher's head
+    ("True", "FEAT", True),  # pseudo-labels are the teacher's detections
+])  # fmt: skip
+def test_the_teacher_pass_runs_only_as_far_as_the_terms_need(tmp_path, pseudo, term, head_runs):
+    torch.manual_seed(0)
+    teacher = build_model(_cfg("RetinaNet", NUM_ALL, method="finetune"))
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": teacher.state_dict()}, path)
+    student = build_model(_cfg("RetinaNet", NUM_ALL, "ILMIL.TEACHER.WEIGHTS", str(path),
+                               "ILMIL.PSEUDO_LABELS.ENABLED", pseudo, f"ILMIL.DISTILL.{term}.ENABLED", "True",
+                               method="finetune"))
+    head_calls = []
+    student.teacher.head.register_forward_hook(lambda *_: head_calls.append(1))
+    with EventStorage():
+        losses = student.train()(_batch())
+    assert f"loss_distill_{term.lower()}" in losses
+    assert bool(head_calls) == head_runs
+
+
 def test_a_plain_retinanet_is_the_student_without_a_teacher():
     model = build_model(_cfg("RetinaNet", NUM_ALL, method="finetune"))
     assert type(model) is IncrementalRetinaNet and model.teacher is None and model.distiller is None

@@ -3,9 +3,10 @@
 Each is detectron2's detector (ilmil's yacs-built FCOS) plus the student mixin.
 With a teacher, a training step:
 
-1. runs the teacher on the raw images as at test time (its own normalisation, its
-   own score threshold and NMS), recording the outputs the terms name; its
-   detections at the input size are what pseudo-labels come from;
+1. runs the teacher on the raw images (its own normalisation), recording the
+   outputs the terms name; with pseudo-labels it runs as at test time (its own
+   score threshold and NMS), and its detections at the input size are what
+   pseudo-labels come from;
 2. adds, as pseudo-labels, the teacher's detections of score >= SCORE_THRESH that do
    not overlap a GT box of the stage at IoU >= NEW_GT_IOU_THRESH;
 3. runs the detector's own forward (losses with the merged GT), recording the
@@ -60,26 +61,36 @@ class DenseStudent(DistillationStudent):
                 image_sizes=[tuple(x["image"].shape[-2:]) for x in batched_inputs],
                 strides=self._strides,
                 num_old_classes=self.teacher.num_classes,
-                teacher_outputs={"detections": detections["instances"]},
+                teacher_outputs={} if detections["instances"] is None else {"detections": detections["instances"]},
             )
             losses.update(self.distiller(student, detections["records"], context))
         return losses
 
     @torch.no_grad()
     def run_teacher(self, batched_inputs):
-        """The teacher's test-time pass on the raw images, its own normalisation: its
-        detections at the input size (``"instances"``) and the recorded outputs (``"records"``)."""
+        """The teacher's pass on the raw images, its own normalisation: the recorded
+        outputs (``"records"``) and, with pseudo-labels, its test-time detections at the
+        input size (``"instances"``; None without). It runs only as far as these need:
+        feature terms alone need the backbone, not the head or the NMS."""
         teacher = self.teacher
         with self._teacher.autocast(), self._teacher_recorder.recording():
             images = teacher.preprocess_image(batched_inputs)
             features = teacher.backbone(images.tensor)
-            features = [features[f] for f in teacher.head_in_features]
-            predictions = teacher.head(features)
+            if self._teacher_head_needed:
+                features = [features[f] for f in teacher.head_in_features]
+                predictions = teacher.head(features)
+        records = self._teacher_recorder.collect()
+        if self.pseudo_labels is None:
+            return {"instances": None, "records": records}
         # detectron2's FCOS inference takes the sigmoid of its inputs in place: it gets copies,
         # so that the recorded head outputs stay the teacher's logits.
         copies = [[x.clone() for x in level_outputs] for level_outputs in predictions]
-        instances = teacher.forward_inference(images, features, copies)
-        return {"instances": instances, "records": self._teacher_recorder.collect()}
+        return {"instances": teacher.forward_inference(images, features, copies), "records": records}
+
+    @property
+    def _teacher_head_needed(self):
+        return self.pseudo_labels is not None or any(
+            not path.startswith("backbone") for path in self._teacher_recorder.module_paths)
 
     def add_pseudo_labels(self, detections, gt_instances):
         cfg = self.pseudo_labels

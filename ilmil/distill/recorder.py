@@ -74,6 +74,11 @@ class Recorder:
         self._handles = [modules[path].register_forward_hook(self._hook(path))
                          for path in dict.fromkeys(path for path, _ in self._sources.values())]
 
+    @property
+    def module_paths(self):
+        """The paths of the modules whose outputs are recorded."""
+        return {path for path, _ in self._sources.values()}
+
     def _hook(self, path):
         def record(module, inputs, output):
             if self._active:

@@ -39,8 +39,9 @@ class DistillContext:
     anchors: layer name -> the student's anchors on that level (``Boxes``, position-major),
         for anchor-based detectors.
     num_old_classes: the teacher's classes (the first ones of the student's).
-    teacher_outputs: the teacher's dense outputs by name (``"proposals"``,
-        ``"box_outputs"``), for losses that weigh or select by the teacher's confidence.
+    teacher_outputs: the teacher's outputs by name (Faster R-CNN: ``"proposals"``,
+        ``"box_outputs"``; one-stage with pseudo-labels: ``"detections"``), for losses
+        that weigh or select by the teacher's confidence.
     """
 
     gt_instances: list
