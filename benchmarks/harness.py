@@ -12,7 +12,9 @@ fingerprint is what the recorded folders hold, so it stays the reuse rule.
 A spec's stage 0 has no teacher, so it trains the same for every variant: it is
 trained once, as a one-stage run keyed by its data (the spec's dataset, its
 first-stage classes, the seed and the budget), and every variant starts from it
-with ``--start-stage 1 --teacher-weights``.
+with ``--start-stage 1 --teacher-weights``. A compression suite's teacher is such a
+run too (one stage of all classes, its detector's config): each student is a
+``tools/train_compression.py`` run that it teaches.
 """
 import hashlib
 import json
@@ -31,7 +33,11 @@ from ilmil.file_io import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "tools", "train_incremental.py")
+COMPRESS = os.path.join(ROOT, "tools", "train_compression.py")
 CONFIG_RECORD = "bench_config.json"  # the fingerprint of what a run folder was trained with
+# Wall time, peak memory and command of the training that finished a run folder, so a
+# record made by a later invocation (which reuses the run) still has them.
+OUTCOME_RECORD = "bench_outcome.json"
 BATCH = 4
 
 
@@ -45,8 +51,8 @@ def log(message):
 
 @dataclass(frozen=True)
 class Run:
-    """One tools/train_incremental.py process. The reuse check and the training
-    both read it, so they cannot disagree about which config a folder holds."""
+    """One tools/train_incremental.py (or train_compression.py) process. The reuse check
+    and the training both read it, so they cannot disagree about which config a folder holds."""
 
     out_dir: str
     spec: str
@@ -57,7 +63,11 @@ class Run:
     num_test: int
     opts: tuple = ()  # KEY VALUE config overrides, after the protocol's
     flags: tuple = ()  # CLI flags of tools/train_incremental.py that change what is trained
-    stage0: "Run" = None  # the shared stage-0 run it starts from
+    # The run whose stage-0 model this one needs: the shared stage 0 it starts from or, for a
+    # compression run, its teacher.
+    stage0: "Run" = None
+    config_file: str = ""  # the detector's yaml config, relative to the repository root ("": the default)
+    compression: bool = False  # a student of stage0's classes, distilled from it (tools/train_compression.py)
 
     @property
     def num_stages(self):
@@ -74,7 +84,8 @@ class Run:
         ]  # fmt: skip
 
     def config(self):
-        return get_ilmil_cfg(None, self.overrides(), method=self.method)
+        config_file = os.path.join(ROOT, self.config_file) if self.config_file else None
+        return get_ilmil_cfg(config_file, self.overrides(), method=self.method)
 
     def fingerprint(self):
         """What the run trains with: its schedule, training flags and the resolved
@@ -86,12 +97,17 @@ class Run:
         return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
     def command(self):
-        start = ("--start-stage", "1", "--teacher-weights", self.stage0.final_model(0)) if self.stage0 else ()
+        config = ("--config-file", self.config_file) if self.config_file else ()
+        if self.compression:
+            tool = (COMPRESS, "--stages", self.spec)
+            start = ("--teacher-weights", self.stage0.final_model(0), "--teacher-config", self.stage0.config_file)
+        else:
+            tool = (TRAIN, "--stages", self.spec, "--method", self.method)
+            start = ("--start-stage", "1", "--teacher-weights", self.stage0.final_model(0)) if self.stage0 else ()
         return [
-            sys.executable, TRAIN, "--stages", self.spec, "--method", self.method, "--seed", str(self.seed),
-            "--output-dir", self.out_dir,
+            sys.executable, *tool, "--seed", str(self.seed), "--output-dir", self.out_dir,
             "--resume",  # a suite killed mid-stage continues that stage from its last checkpoint
-            *start, *self.flags, *self.overrides(),
+            *start, *config, *self.flags, *self.overrides(),
         ]  # fmt: skip
 
     def final_model(self, stage):
@@ -119,6 +135,14 @@ def stage0_run(runs_dir, spec, seed, setting, extra):
                setting.num_train, setting.num_test, opts)
 
 
+def teacher_run(runs_dir, variant, spec, seed, setting, extra):
+    """The one-stage run of ``variant``'s teacher config that a compression suite's
+    students of ``variant.detector`` share: all of the spec's classes, the stage-0 budget."""
+    name = f"teacher_{variant.detector}_{spec}classes_{setting.base_iters}it_seed{seed}"
+    return Run(os.path.join(runs_dir, name), spec, "finetune", seed, setting.base_iters, setting.num_train,
+               setting.num_test, tuple(extra), config_file=variant.teacher_config)
+
+
 def plan(suite, quick, specs, seeds, runs_dir, extra):
     """``{(spec, variant name, seed): Run}`` of the suite; runs shared by several
     keys (joint, by specs of the same classes) are one ``Run``."""
@@ -132,7 +156,13 @@ def plan(suite, quick, specs, seeds, runs_dir, extra):
             stage0 = stage0_run(shared_dir, spec, seed, setting, extra) if suite.stage0 == "shared" else None
             for variant in setting.variants:
                 opts = (*extra, *variant.opts)
-                if variant.method == "joint":
+                if suite.stage0 == "teacher":
+                    teacher = teacher_run(shared_dir, variant, spec, seed, setting, extra)
+                    folder = suite.folder.format(spec=spec, slug=variant.slug, budget=budget_name(setting), seed=seed)
+                    run = Run(os.path.join(own_dir, folder), spec, variant.method, seed, setting.iters,
+                              setting.num_train, setting.num_test, opts, variant.flags, teacher,
+                              variant.config_file, compression=True)
+                elif variant.method == "joint":
                     # One stage of all classes for the whole budget (stage 0's plus the later
                     # stages'): shared by specs of the same sum and budget, e.g. 10+10 and 15+5.
                     iters = setting.base_iters + (len(counts) - 1) * setting.iters
@@ -156,6 +186,15 @@ def read_results(run):
     path = os.path.join(run.out_dir, "results.json")
     if not os.path.exists(path):
         return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_outcome(run):
+    """What ``train`` measured when it finished ``run`` ({} for a folder of an older harness)."""
+    path = os.path.join(run.out_dir, OUTCOME_RECORD)
+    if not os.path.exists(path):
+        return {}
     with open(path) as f:
         return json.load(f)
 
@@ -198,8 +237,10 @@ def train(run, fresh=False):
     if os.waitstatus_to_exitcode(status_code) != 0:
         raise BenchError(f"training failed ({' '.join(cmd[1:])}), {run.out_dir}/bench_stdout.log; "
                          "fix what its last lines name and re-run the same command (finished runs are reused)")
-    return {"wall_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024,
-            "command": " ".join(cmd[1:])}
+    outcome = {"wall_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024,
+               "command": " ".join(cmd[1:])}
+    atomic_write(os.path.join(run.out_dir, OUTCOME_RECORD), lambda f: json.dump(outcome, f), mode="w")
+    return outcome
 
 
 def describe(runs, fresh=False):

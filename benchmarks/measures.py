@@ -8,7 +8,7 @@ import time
 
 from ilmil.data import generate_shapes_dataset
 
-from .harness import budget_name, read_results
+from .harness import budget_name, read_outcome, read_results
 
 
 def machine():
@@ -43,7 +43,7 @@ def training_records(suite, setting, planned, outcomes, extra):
         results = read_results(run)
         last = results["stages"][-1]
         times = step_times(run, last["stage"])
-        outcome = outcomes.get(run.out_dir, {})
+        outcome = outcomes.get(run.out_dir) or read_outcome(run)
         records.append({
             "suite": suite.name, "spec": spec, "variant": name, "method": run.method,
             "opts": list(variants[name].opts), "seed": seed,
@@ -73,6 +73,30 @@ def pruning_records(suite, setting, planned, outcomes, extra):
                         "finetune_iters": pruning["finetune_iters"] if pruning else 0,
                         "finetune_teacher": bool(pruning and pruning.get("finetune_teacher")),
                         "stage1_start_AP50": start_ap50, **measure_final_model(run, last["stage"])})
+    return records
+
+
+def kd_records(suite, setting, planned, outcomes, extra):
+    """The training record of each student with its detector and baseline, its AP and
+    its teacher's (evaluated by the compression run on the same test data), and the
+    parameters and GFLOPs of both models."""
+    variants = {v.name: v for v in setting.variants}
+    measured = {}  # the teachers' models, measured once each
+
+    def model_size(run):
+        if run.out_dir not in measured:
+            measured[run.out_dir] = measure_final_model(run, 0)
+        return measured[run.out_dir]
+
+    records = []
+    for record, run in zip(training_records(suite, setting, planned, outcomes, extra), planned.values()):
+        variant = variants[record["variant"]]
+        teacher = read_results(run)["teacher"]
+        records.append({**record, "detector": variant.detector,
+                        "baseline": variant.name[len(variant.detector):].strip(),
+                        "AP50": record["last_stage"]["AP50"], "AP": record["last_stage"]["AP"],
+                        "teacher_AP50": teacher["AP50"], "teacher_AP": teacher["AP"],
+                        "student_model": model_size(run), "teacher_model": model_size(run.stage0)})
     return records
 
 

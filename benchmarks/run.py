@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark suites: accuracy of the incremental methods, the ablation, speed, pruning and
-the stage-image rules.
+"""Benchmark suites: accuracy of the incremental methods, the ablation, speed, pruning,
+the stage-image rules and compression (kd).
 
     python benchmarks/run.py --suite accuracy [--quick] [--specs 10+10 15+5] [--seeds 0 1] [--jobs 2]
     python benchmarks/run.py --suite accuracy --specs 10+10 --variants ilmil    # one method's runs
@@ -8,6 +8,7 @@ the stage-image rules.
     python benchmarks/run.py --suite speed [--quick]
     python benchmarks/run.py --suite pruning [--quick]
     python benchmarks/run.py --suite stage_images [--quick] [--seeds 0 1]
+    python benchmarks/run.py --suite kd [--quick] [--detectors faster_rcnn retinanet fcos] [--jobs 2]
     python benchmarks/run.py --suite accuracy --dry-run    # what would be reused / trained
 
 Each run is a real ``tools/train_incremental.py`` process under ``--runs-dir``
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--specs", nargs="+", help="the stage specs to run (default: the suite's)")
     parser.add_argument("--variants", nargs="+",
                         help="train only these of the suite's variants (names as in its table, e.g. ilmil)")
+    parser.add_argument("--detectors", nargs="+",
+                        help="compression suites: train only these detectors' runs (e.g. retinanet fcos)")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: 0)")
     parser.add_argument("--iters", type=int, help="iterations of each stage after stage 0")
     parser.add_argument("--base-iters", type=int,
@@ -88,6 +91,15 @@ def resolve_setting(suite, args):
             raise BenchError(f"--variants {' '.join(unknown)}: not a variant of the {suite.name} suite, {where}; "
                              f"give some of: {', '.join(known)}")
         setting = dataclasses.replace(setting, variants=tuple(known[name] for name in args.variants))
+    if args.detectors:
+        known = list(dict.fromkeys(variant.detector for variant in setting.variants if variant.detector))
+        unknown = [name for name in args.detectors if name not in known]
+        if unknown:
+            choices = f"give some of: {', '.join(known)}" if known else "drop --detectors"
+            raise BenchError(f"--detectors {' '.join(unknown)}: not a detector of the {suite.name} suite, {where}; "
+                             f"{choices}")
+        setting = dataclasses.replace(setting, variants=tuple(v for v in setting.variants
+                                                              if v.detector in args.detectors))
     # A zero stage-0 budget is the per-stage one (--quick).
     return dataclasses.replace(setting, base_iters=setting.base_iters or setting.iters)
 

@@ -8,7 +8,7 @@ The CPU protocol: shapes at 256 px, configs/shapes/faster_rcnn_R18_FPN_cpu.yaml
 from dataclasses import dataclass, field
 
 from . import tables
-from .measures import pruning_records, speed_records, training_records
+from .measures import kd_records, pruning_records, speed_records, training_records
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,11 @@ class Variant:
     method: str
     opts: tuple = ()  # KEY VALUE config overrides, after the protocol's and the command line's
     flags: tuple = ()  # e.g. ("--prune", "0.3")
+    # Compression suites: the student's and the teacher's configs (relative to the repository
+    # root) and the detector they belong to (a table section; --detectors picks some).
+    config_file: str = ""
+    teacher_config: str = ""
+    detector: str = ""
 
     @property
     def slug(self):
@@ -50,7 +55,9 @@ class Suite:
     records: object = training_records  # (suite, outcomes) -> records
     protocol: str = ""  # the suite's protocol in words, formatted with the setting's fields
     # "shared": one stage-0 model per data, first-stage classes, seed and budget, every
-    # variant starting from it (--start-stage 1 --teacher-weights); "own": each run trains it.
+    # variant starting from it (--start-stage 1 --teacher-weights); "own": each run trains it;
+    # "teacher": a compression suite, one teacher per detector and budget, every variant a
+    # student distilled from it (tools/train_compression.py).
     stage0: str = "shared"
     folder: str = "{spec}_{slug}_{budget}it_seed{seed}"  # a run's folder name
     runs_of: str = ""  # the suite whose shared stage 0s and plain-method runs this one reuses
@@ -193,4 +200,45 @@ STAGE_IMAGES = Suite(
     refuses={"base_iters": "stage 0 trains the per-stage budget inside each run"},
 )
 
-SUITES = {suite.name: suite for suite in (ACCURACY, ABLATION, SPEED, PRUNING, STAGE_IMAGES)}
+
+def _kd_variants():
+    """Per detector: its default CPU config as the teacher, the half-width-FPN student of
+    configs/shapes/kd/ without distillation and with each baseline alone."""
+    terms = ("FEAT", "RCN", "FGFI", "DENSE")
+
+    def only(*on):
+        return tuple(x for term in terms for x in (f"ILMIL.DISTILL.{term}.ENABLED", str(term in on)))
+
+    baselines = {
+        "faster_rcnn": {"output": only("RCN") + ("ILMIL.DISTILL.RCN.LOGITS", "kl")},  # the box head's soft targets
+        "retinanet": {"output": only("DENSE")},  # the dense head's class scores and confident boxes
+        "fcos": {"output": only("DENSE")},
+    }
+    variants = []
+    for detector, outputs in baselines.items():
+        for name, opts in {"no KD": only(), "PKD": only("FEAT") + ("ILMIL.DISTILL.FEAT.DISTANCE", "normalized"),
+                           "FGFI": only("FGFI"), **outputs}.items():
+            variants.append(Variant(f"{detector} {name}", "finetune", opts, detector=detector,
+                                    config_file=f"configs/shapes/kd/{detector}_R18_FPN32_student_cpu.yaml",
+                                    teacher_config=f"configs/shapes/{detector}_R18_FPN_cpu.yaml"))
+    return tuple(variants)
+
+
+KD = Suite(
+    "kd",
+    # The teacher is the student's detector at the default width, trained twice as long: on
+    # 2 cores a deeper backbone would cost its students' budget (their teacher pass) too.
+    full=Setting(("20",), _kd_variants(), iters=800, base_iters=1600, **DATA["full"]),
+    quick=Setting(("20",), _kd_variants(), iters=30, base_iters=60, **DATA["quick"]),
+    table=tables.kd_table,
+    records=kd_records,
+    stage0="teacher",
+    protocol="compression on shapes, one stage of all classes ({num_train} train / {num_test} test, 256 px), "
+             "batch 4: per detector a teacher of its default CPU config (R18, FPN 64 channels) trained {base_iters} "
+             "iterations, and students of configs/shapes/kd/ (half-width residual blocks, FPN 32 channels) trained "
+             "{iters} iterations, without "
+             "distillation and with each baseline alone; step time = median over the run, two runs sharing the "
+             "2 cores (one thread each)",
+)
+
+SUITES = {suite.name: suite for suite in (ACCURACY, ABLATION, SPEED, PRUNING, STAGE_IMAGES, KD)}

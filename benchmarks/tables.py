@@ -20,6 +20,11 @@ def _mean_spread(values):
     return f"{statistics.mean(values):.1f} ± {(max(values) - min(values)) / 2:.1f}"
 
 
+def _mean(values, digits=1):
+    values = [v for v in values if v is not None]
+    return _fmt(statistics.mean(values), digits) if values else "–"
+
+
 def _grouped(records, *fields):
     groups = {}
     for r in records:
@@ -99,6 +104,43 @@ def pruning_table(records):
                      f"{r['gflops_backbone']:.2f} | {r['latency_ms']:.0f} | {_fmt(r.get('stage1_start_AP50'))} | "
                      f"{_fmt(r['AP50_all'])} | {_fmt(r['AP50_old'])} | {_fmt(r['AP50_new'])} | "
                      f"{change if r is not base else ''} |")
+    return "\n".join(lines)
+
+
+def kd_table(records):
+    """Per detector: its teacher, then each student (means over seeds). Gap closed =
+    (AP_student - AP_no KD) / (AP_teacher - AP_no KD), per seed; step time and peak
+    memory relative to the student without distillation."""
+    lines = ["| detector | model | AP50 | AP | AP50 gap closed | AP gap closed | step time (s) | vs no KD | "
+             "peak memory (MiB) | vs no KD | parameters (M) | GFLOPs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (detector,), runs in _grouped(records, "detector").items():
+        plain = {r["seed"]: r for r in runs if r["baseline"] == "no KD"}
+        teacher = runs[0]["teacher_model"]
+        lines.append(f"| {detector} | teacher | {_mean_spread([r['teacher_AP50'] for r in plain.values()])} | "
+                     f"{_mean_spread([r['teacher_AP'] for r in plain.values()])} | | | | | | | "
+                     f"{teacher['params'] / 1e6:.2f} | {teacher['gflops']:.2f} |")
+        for (baseline,), group in _grouped(runs, "baseline").items():
+            def relative(key, of=None):
+                pairs = [(r, plain.get(r["seed"])) for r in group]
+                pairs = [(r, p) for r, p in pairs if p is not None and r.get(key) is not None and p.get(key)]
+                if of is not None:  # gap closed of the AP key ``of``
+                    values = [(r[of] - p[of]) / (r[f"teacher_{of}"] - p[of])
+                              for r, p in pairs if r[f"teacher_{of}"] != p[of]]
+                    return _mean_spread([100 * v for v in values]) + " %" if values else "–"
+                values = [r[key] / p[key] for r, p in pairs]
+                return f"{statistics.mean(values):.2f}x" if values else "–"
+
+            gaps = ["", ""] if baseline == "no KD" else [relative("AP50", "AP50"), relative("AP", "AP")]
+            student = group[0]["student_model"]
+            lines.append(
+                f"| {detector} | {baseline} | {_mean_spread([r['AP50'] for r in group])} | "
+                f"{_mean_spread([r['AP'] for r in group])} | {' | '.join(gaps)} | "
+                f"{_mean([r['step_time_s'] for r in group], 3)} | "
+                f"{'' if baseline == 'no KD' else relative('step_time_s')} | "
+                f"{_mean([r['peak_rss_mib'] for r in group], 0)} | "
+                f"{'' if baseline == 'no KD' else relative('peak_rss_mib')} | "
+                f"{student['params'] / 1e6:.2f} | {student['gflops']:.2f} |")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
 """Config keys of ilmil, added to a detectron2 config by :func:`add_ilmil_config`."""
+import contextlib
 import os
 
 import yaml
@@ -405,9 +406,25 @@ def _check_config_file(path):
         raise ConfigError(f"--config-file {path} holds {found}, not a mapping of config keys; {_CONFIG_FIX}")
 
 
-def _merge_file(cfg, path):
+@contextlib.contextmanager
+def _stage_spec_as_text(cfg, incoming):
+    """yacs reads text that looks like a number as that number, so a one-stage spec
+    (``ILMIL.STAGES 20``, or ``STAGES: '20'`` in a run's config.yaml) would be refused as
+    an int where the key holds text: it is merged into a number placeholder and turned
+    back into text."""
+    if isinstance(incoming, int) or (isinstance(incoming, str) and incoming.strip().strip("'\"").isdigit()):
+        cfg.ILMIL.STAGES = 0
     try:
-        cfg.merge_from_file(path)
+        yield
+    finally:
+        cfg.ILMIL.STAGES = str(cfg.ILMIL.STAGES)
+
+
+def _merge_file(cfg, path):
+    loaded = CN.load_yaml_with_base(path, allow_unsafe=True)
+    try:
+        with _stage_spec_as_text(cfg, (loaded.get("ILMIL") or {}).get("STAGES")):
+            cfg.merge_from_file(path)
     except (KeyError, ValueError) as e:  # yacs: an unknown key, a value of the wrong type
         raise ConfigError(f"--config-file {path}: {e.args[0]}; fix: correct or remove that key") from None
 
@@ -424,7 +441,9 @@ def _merge_opts(cfg, opts):
                 raise ConfigError(f"config override {key}: no such config key; fix: check its spelling "
                                   "(the keys are those of detectron2 and ilmil/config.py)")
             node = node[part]
+    stages = dict(zip(opts[0::2], opts[1::2])).get("ILMIL.STAGES")
     try:
-        cfg.merge_from_list(opts)
+        with _stage_spec_as_text(cfg, stages):
+            cfg.merge_from_list(opts)
     except ValueError as e:  # yacs: a value of the wrong type
         raise ConfigError(f"config overrides: {e.args[0]}; fix: give a value of the key's type") from None

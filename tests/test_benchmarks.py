@@ -26,13 +26,14 @@ TINY_OPTS = [
 ]  # fmt: skip
 
 
-def _run_harness(suite, datasets_root, tmp_path, *args):
-    """``benchmarks/run.py --suite SUITE --quick ARGS`` on the tiny shapes set, with
-    its runs and results under ``tmp_path``; asserts it succeeds, returns its stdout."""
+def _run_harness(suite, datasets_root, tmp_path, *args, opts=()):
+    """``benchmarks/run.py --suite SUITE --quick ARGS`` on the tiny shapes set (and the
+    config overrides ``opts``), with its runs and results under ``tmp_path``; asserts
+    it succeeds, returns its stdout."""
     cmd = [
         sys.executable, os.path.join(REPO_ROOT, "benchmarks", "run.py"), "--suite", suite, "--quick", *args,
         "--num-train", str(TINY_SHAPES["num_train"]), "--num-test", str(TINY_SHAPES["num_test"]),
-        "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"), *TINY_OPTS,
+        "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"), *TINY_OPTS, *opts,
     ]  # fmt: skip
     env = dict(os.environ, ILMIL_DATASETS=str(datasets_root), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -263,3 +264,37 @@ def test_variants_narrow_the_plan_and_an_unknown_one_is_refused(tmp_path, capsys
     assert bench_main(["--suite", "accuracy", "--variants", "ilmil", "lwf", *common]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: --variants lwf: not a variant of the accuracy suite") and "finetune" in line
+
+
+def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(tiny_datasets_root, tmp_path):
+    classes = str(TINY_SHAPES["num_classes"])
+    args = ("--detectors", "fcos", "--specs", classes, "--iters", "4", "--base-iters", "6", "--jobs", "2")
+    # The narrow head's GroupNorms have one channel per group: its p7 map must be larger than
+    # 1 x 1 at test time (batch 1), so images of 160 px (p7: 2 x 2).
+    test_size = ("ILMIL.SHAPES.IMAGE_SIZE", "160", "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "160")
+    _run_harness("kd", tiny_datasets_root, tmp_path, *args, opts=test_size)
+    with open(tmp_path / "results" / "kd_quick.json") as f:
+        records_ = {r["baseline"]: r for r in json.load(f)["records"]}
+    assert list(records_) == ["no KD", "PKD", "FGFI", "output"]
+    runs = tmp_path / "runs" / "kd_quick"
+    teacher = runs / f"teacher_fcos_{classes}classes_6it_seed0"
+    assert _last_iteration(teacher / "stage_0") == 5
+    for baseline, record in records_.items():
+        assert record["detector"] == "fcos" and 0.0 <= record["AP50"] <= 100.0
+        assert record["step_time_s"] > 0 and record["peak_rss_mib"] > 0
+        # Every student is the narrow one, its teacher the one trained above and evaluated in its run.
+        assert record["student_model"]["params"] < 0.9 * record["teacher_model"]["params"]
+        run = runs / f"{classes}_fcos_{baseline.replace(' ', '_')}_6+4it_seed0"
+        results = json.loads((run / "results.json").read_text())
+        assert results["teacher"]["weights"] == str(teacher / "stage_0" / "model_final.pth")
+        assert record["teacher_AP50"] == results["teacher"]["AP50"]
+        logged = (run / "stage_0" / "metrics.json").read_text()
+        term = {"no KD": None, "PKD": "feat", "FGFI": "fgfi", "output": "dense"}[baseline]
+        assert [t for t in ("feat", "fgfi", "dense") if f"loss_distill_{t}" in logged] == ([term] if term else [])
+    table = (tmp_path / "results" / "kd_quick.md").read_text()
+    rows = [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| fcos |")]
+    assert rows == ["teacher", "no KD", "PKD", "FGFI", "output"]
+    # A later invocation reuses every run and still has each one's peak memory.
+    again = _run_harness("kd", tiny_datasets_root, tmp_path, *args, opts=test_size)
+    assert "0 runs to train" in again
+    assert all(r["peak_rss_mib"] for r in json.loads((tmp_path / "results" / "kd_quick.json").read_text())["records"])

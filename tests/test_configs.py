@@ -51,6 +51,17 @@ def test_overrides_are_applied_after_the_file():
     assert cfg.ILMIL.STAGES == "15+1x5" and cfg.SOLVER.MAX_ITER == 7
 
 
+def test_a_one_stage_spec_stays_text_from_overrides_and_from_a_saved_config(tmp_path):
+    # yacs reads "20" as a number; a compression run (--stages 20) saves it in config.yaml.
+    cfg = get_ilmil_cfg(None, ["ILMIL.STAGES", "20"])
+    assert cfg.ILMIL.STAGES == "20" and parse_stage_spec(cfg.ILMIL.STAGES) == [20]
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.dump())
+    assert "STAGES: '20'" in saved.read_text()
+    assert get_ilmil_cfg(str(saved)).ILMIL.STAGES == "20"
+    assert get_ilmil_cfg(str(saved), ["ILMIL.STAGES", "15+5"]).ILMIL.STAGES == "15+5"
+
+
 @pytest.mark.parametrize("frozen", [True, False])
 def test_derived_cfg_sets_the_changes_on_a_copy_frozen_as_the_original(frozen):
     cfg = get_ilmil_cfg(None, ["SOLVER.MAX_ITER", 7])
