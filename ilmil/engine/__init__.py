@@ -1,4 +1,4 @@
-from .cli import run_tool_main
+from .cli import add_run_arguments, run_tool_main, setup_run
 from .compression import CompressionRun, run_compression
 from .launch import init_distributed, main_process_first
 from .run_dir import RunDirError, RunValidationError, require_output_dir
@@ -6,6 +6,7 @@ from .runner import RUN_ERRORS, IncrementalRun, resolve_class_order, run_increme
 from .trainer import IncrementalTrainer, NonFiniteLossError
 
 __all__ = [
+    "add_run_arguments",
     "CompressionRun",
     "RUN_ERRORS",
     "IncrementalRun",
@@ -20,4 +21,5 @@ __all__ = [
     "run_compression",
     "run_incremental",
     "run_tool_main",
+    "setup_run",
 ]

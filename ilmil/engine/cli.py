@@ -1,10 +1,50 @@
-"""The command-line tools' entry point: a mistake in the user's input ends in one
-``error: ...`` line on stderr and exit status 1, not a traceback."""
+"""What the training tools share: their run flags, the config those flags set, and
+the entry point, where a mistake in the user's input ends in one ``error: ...`` line
+on stderr and exit status 1, not a traceback."""
+import argparse
 import sys
 
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..config import derived_cfg, get_ilmil_cfg
+from .launch import init_distributed
+from .run_dir import require_output_dir
 from .runner import RUN_ERRORS
 
-__all__ = ["run_tool_main"]
+__all__ = ["add_run_arguments", "run_tool_main", "setup_run"]
+
+
+def add_run_arguments(parser, stages_help):
+    """The flags of every training tool: config, data, schedule, run folder, seed."""
+    parser.add_argument("--config-file", default="", help="yaml config (default: the shapes CPU config)")
+    parser.add_argument("--dataset", help="shapes | voc_2007 | voc_2012 | voc_07_12 | coco_2017 | voc_folder | coco_json")
+    parser.add_argument("--stages", help=stages_help)
+    parser.add_argument("--class-order", help="comma-separated class names (default: the dataset's order)")
+    parser.add_argument("--output-dir", required=True, help="run folder; a re-run reuses what is finished")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the stage in progress from its last checkpoint (after a crash or a kill)")
+    parser.add_argument("--force", action="store_true",
+                        help="start over in a folder that holds another run (removes that run's outputs)")
+    parser.add_argument("--seed", type=int, help="training seed (default: the config's SEED)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+
+
+def setup_run(args, method=None, **keys):
+    """The run's frozen config from the flags of ``add_run_arguments`` (then ``keys``:
+    config key -> value, None = leave it), the output folder checked, the process group
+    joined under torchrun and the loggers set up. detectron2's own setup (which writes
+    OUT/config.yaml) is left to the tool, after the run has passed its checks."""
+    cfg = get_ilmil_cfg(args.config_file or None, args.opts, method=method)
+    given = {"ILMIL.DATASET": args.dataset, "ILMIL.STAGES": args.stages, "SEED": args.seed,
+             "ILMIL.CLASS_ORDER": args.class_order.split(",") if args.class_order else None, **keys}
+    cfg = derived_cfg(cfg, {**{key: value for key, value in given.items() if value is not None},
+                            "OUTPUT_DIR": args.output_dir})
+    cfg.freeze()
+    require_output_dir(cfg.OUTPUT_DIR)
+    init_distributed(cfg.MODEL.DEVICE)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ilmil", abbrev_name="ilmil")
+    return cfg
 
 
 def run_tool_main(main, argv=None):
