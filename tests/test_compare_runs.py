@@ -58,3 +58,30 @@ def test_a_folder_without_results_is_one_error_line(tmp_path, tiny_datasets_root
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
     assert "results.json" in proc.stderr and "Traceback" not in proc.log
+
+
+def _compression_dir(root, name, ap50, terms):
+    """A finished compression run of classes a, b distilled with ``terms`` from a teacher of AP50 80."""
+    per_class = {"a": ap50 + 10, "b": ap50 - 10}
+    stage = {"stage": 0, "old_classes": [], "new_classes": ["a", "b"], "AP50": ap50, "AP50_old": None,
+             "AP50_new": ap50, "per_class": {c: {"AP50": v, "AP": v / 2} for c, v in per_class.items()}}
+    distill = {term: {"ENABLED": term in terms, "WEIGHT": 1.0} for term in ("FEAT", "RCN", "FGFI")}
+    results = {"method": "finetune", "dataset": "shapes", "stages_spec": "2", "seed": 0, "stages": [stage],
+               "config": {"ILMIL": {"DISTILL": {"CONNECTOR": "Conv1x1BN", **distill}}},
+               "teacher": {"weights": "teacher.pth", "AP50": 80.0, "AP": 40.0}}
+    folder = root / name
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_compression_runs_are_compared_with_the_teacher_they_were_distilled_from(tmp_path, tiny_datasets_root):
+    runs = [_compression_dir(tmp_path, "plain", 40.0, ()), _compression_dir(tmp_path, "kd", 60.0, ("FEAT", "RCN"))]
+    out = tmp_path / "compare"
+    proc = run_tool("compare_runs.py", [*map(str, runs), "--out", str(out)], tiny_datasets_root)
+    assert proc.returncode == 0, proc.log
+    # Every class is the teacher's: "old" is all of them, kept = AP50 / the teacher's.
+    assert _table_rows(proc.stdout) == [["no KD", "80.0", "40.0", "50 %", "-", "40.0"],
+                                        ["KD: feat+rcn", "80.0", "60.0", "75 %", "-", "60.0"]]
+    assert ("Distilled from the same teacher (AP50 80.0 on its 2 classes), no KD keeps 50 % and "
+            "KD: feat+rcn keeps 75 % of the teacher's AP50.") in proc.stdout

@@ -5,7 +5,9 @@ with the table of each run's last stage, one sentence on how much of its
 teacher's old-class AP50 each method kept, the forgetting curves of all runs
 on one chart (``OUT/forgetting_curve.png``) and links to each run's own report.
 The teacher of a run's last stage is its previous stage: the model of stage 0
-in a run started with ``--start-stage 1`` (evaluated there, not trained).
+in a run started with ``--start-stage 1`` (evaluated there, not trained). A
+compression run's teacher is the one it was distilled from, and all its classes
+are that teacher's: its "old" classes are all of them.
 """
 import os
 
@@ -23,12 +25,25 @@ def _share(value):
     return "-" if value is None or value != value else f"{100 * value:.0f} %"
 
 
+def _last_stage_vs_teacher(results):
+    """The run's last stage with its teacher's AP50 on the old classes, the run's AP50 on
+    them and the share kept (None where the results hold no teacher); a compression
+    run's from its teacher's results, every class being old."""
+    last = dict(results["stages"][-1])
+    teacher = results.get("teacher")
+    if teacher:
+        last.update(old_classes=last["old_classes"] + last["new_classes"], new_classes=[], AP50_new=None,
+                    AP50_old=last["AP50"], AP50_old_teacher=teacher["AP50"],
+                    retention_AP50=last["AP50"] / teacher["AP50"] if teacher["AP50"] else None)
+    return last
+
+
 def comparison_rows(runs, labels):
     """A row per run (``COLUMNS``), from its last stage: the teacher's AP50 on the old
     classes, the run's AP50 on them, the fraction it kept, and AP50 on new and all classes."""
     rows = []
     for results, label in zip(runs, labels):
-        last = results["stages"][-1]
+        last = _last_stage_vs_teacher(results)
         rows.append([label, ap_cell(last.get("AP50_old_teacher")), ap_cell(last.get("AP50_old")),
                      _share(last.get("retention_AP50")), ap_cell(last.get("AP50_new")), ap_cell(last.get("AP50"))])
     return rows
@@ -37,8 +52,8 @@ def comparison_rows(runs, labels):
 def retention_sentence(runs, labels):
     """What the comparison shows, in one sentence: each run's share of its teacher's
     old-class AP50 after its last stage (runs without a teacher in their results are left out)."""
-    kept = [(label, r["stages"][-1]) for r, label in zip(runs, labels)
-            if r["stages"][-1].get("retention_AP50") is not None]
+    kept = [(label, last) for label, last in zip(labels, map(_last_stage_vs_teacher, runs))
+            if last.get("retention_AP50") is not None]
     if not kept:
         return "No run holds the evaluation of its last stage's teacher, so what each kept is not known."
     teachers = {round(last["AP50_old_teacher"], 1) for _, last in kept}
@@ -48,6 +63,8 @@ def retention_sentence(runs, labels):
     teacher = (f"the same teacher (AP50 {last['AP50_old_teacher']:.1f} on its {len(last['old_classes'])} classes)"
                if len(teachers) == 1 else "their teachers")
     new = len(last["new_classes"])
+    if not new:  # compression runs
+        return f"Distilled from {teacher}, {shares} of the teacher's AP50."
     return (f"After learning {new} new class{'es' if new != 1 else ''} from {teacher}, {shares} "
             "of the teacher's AP50 on the old classes.")
 

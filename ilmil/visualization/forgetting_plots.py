@@ -48,9 +48,19 @@ def _title(results, label=None):
     return f"{label or results['method']} on {results['dataset']} {results['stages_spec']}"
 
 
+def method_label(results):
+    """A run's method; for a compression run (its results hold its teacher's) the terms
+    it was distilled with, e.g. ``KD: feat+rcn``, or ``no KD``."""
+    if "teacher" not in results:
+        return results["method"]
+    distill = results.get("config", {}).get("ILMIL", {}).get("DISTILL", {})
+    terms = [name.lower() for name, section in distill.items() if isinstance(section, dict) and section.get("ENABLED")]
+    return f"KD: {'+'.join(terms)}" if terms else "no KD"
+
+
 def run_labels(runs, names=None):
     """Legend labels: each run's method, with its name (e.g. its folder) where two share a method."""
-    methods = [results["method"] for results in runs]
+    methods = [method_label(results) for results in runs]
     names = names or [str(i) for i in range(len(runs))]
     return [m if methods.count(m) == 1 else f"{m} ({n})" for m, n in zip(methods, names)]
 
