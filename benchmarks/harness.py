@@ -118,21 +118,27 @@ def budget_name(setting):
     return f"{setting.base_iters}+{setting.iters}"
 
 
-def stage0_run(runs_dir, spec, seed, setting, extra):
-    """The one-stage run that trains ``spec``'s stage 0, keyed by its data: the
-    spec's dataset (a 40+40 stage 0 is trained on the 80-class data, not on the
-    40-class data a spec of 40 alone would generate), its first-stage classes,
-    the seed and the budget."""
+def _detector_prefix(variant):
+    """A folder-name prefix for the runs of a variant's own detector ("" for the default one)."""
+    return f"{variant.detector}_" if variant.detector else ""
+
+
+def stage0_run(runs_dir, spec, seed, setting, extra, variant):
+    """The one-stage run that trains ``spec``'s stage 0 of ``variant``'s detector, keyed
+    by its data: the spec's dataset (a 40+40 stage 0 is trained on the 80-class data,
+    not on the 40-class data a spec of 40 alone would generate), its first-stage
+    classes, the seed and the budget."""
     first = parse_stage_spec(spec)[0]
     cfg = get_ilmil_cfg(None, list(extra))
     data_classes = shapes_num_classes(cfg.ILMIL.SHAPES, spec)
-    name, opts = f"base_{first}classes_{setting.base_iters}it_seed{seed}", tuple(extra)
+    classes, opts = f"{first}classes", tuple(extra)
     if shapes_num_classes(cfg.ILMIL.SHAPES, str(first)) != data_classes:
         # Only then is the data named: the recorded folders (10, 15, 19 of 20) keep their names.
-        name = f"base_{first}of{data_classes}classes_{setting.base_iters}it_seed{seed}"
+        classes = f"{first}of{data_classes}classes"
         opts += ("ILMIL.SHAPES.NUM_CLASSES", str(data_classes))
+    name = f"base_{_detector_prefix(variant)}{classes}_{setting.base_iters}it_seed{seed}"
     return Run(os.path.join(runs_dir, name), str(first), "finetune", seed, setting.base_iters,
-               setting.num_train, setting.num_test, opts)
+               setting.num_train, setting.num_test, opts, config_file=variant.config_file)
 
 
 def teacher_run(runs_dir, variant, spec, seed, setting, extra):
@@ -153,9 +159,10 @@ def plan(suite, quick, specs, seeds, runs_dir, extra):
     for seed in seeds:
         for spec in specs:
             counts = parse_stage_spec(spec)
-            stage0 = stage0_run(shared_dir, spec, seed, setting, extra) if suite.stage0 == "shared" else None
             for variant in setting.variants:
                 opts = (*extra, *variant.opts)
+                shared = suite.stage0 == "shared"
+                stage0 = stage0_run(shared_dir, spec, seed, setting, extra, variant) if shared else None
                 if suite.stage0 == "teacher":
                     teacher = teacher_run(shared_dir, variant, spec, seed, setting, extra)
                     folder = suite.folder.format(spec=spec, slug=variant.slug, budget=budget_name(setting), seed=seed)
@@ -166,9 +173,10 @@ def plan(suite, quick, specs, seeds, runs_dir, extra):
                     # One stage of all classes for the whole budget (stage 0's plus the later
                     # stages'): shared by specs of the same sum and budget, e.g. 10+10 and 15+5.
                     iters = setting.base_iters + (len(counts) - 1) * setting.iters
-                    out_dir = os.path.join(shared_dir, f"joint_{sum(counts)}classes_{iters}it_seed{seed}")
-                    run = Run(out_dir, str(sum(counts)), "joint", seed, iters, setting.num_train,
-                              setting.num_test, opts, variant.flags)
+                    name = f"joint_{_detector_prefix(variant)}{sum(counts)}classes_{iters}it_seed{seed}"
+                    run = Run(os.path.join(shared_dir, name), str(sum(counts)), "joint", seed, iters,
+                              setting.num_train, setting.num_test, opts, variant.flags,
+                              config_file=variant.config_file)
                 else:
                     # A plain method is the run of the suite this one shares runs with.
                     plain = suite.runs_of and not variant.opts and not variant.flags
@@ -176,7 +184,7 @@ def plan(suite, quick, specs, seeds, runs_dir, extra):
                                                  budget=budget_name(setting), seed=seed)
                     out_dir = os.path.join(shared_dir if plain else own_dir, folder)
                     run = Run(out_dir, spec, variant.method, seed, setting.iters, setting.num_train,
-                              setting.num_test, opts, variant.flags, stage0)
+                              setting.num_test, opts, variant.flags, stage0, variant.config_file)
                 runs[spec, variant.name, seed] = run
     distinct = {}
     return {key: distinct.setdefault(run.out_dir, run) for key, run in runs.items()}

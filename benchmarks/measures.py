@@ -46,6 +46,7 @@ def training_records(suite, setting, planned, outcomes, extra):
         outcome = outcomes.get(run.out_dir) or read_outcome(run)
         records.append({
             "suite": suite.name, "spec": spec, "variant": name, "method": run.method,
+            "detector": variants[name].detector,
             "opts": list(variants[name].opts), "seed": seed,
             "budget": budget_name(setting), "num_train": setting.num_train, "num_test": setting.num_test,
             "extra_opts": list(extra),

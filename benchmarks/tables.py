@@ -48,6 +48,12 @@ def accuracy_table(records):
     return "\n".join(lines)
 
 
+def one_stage_table(records):
+    """The accuracy table of each detector's records."""
+    return "\n\n".join(f"{detector}:\n\n{accuracy_table(group)}"
+                        for (detector,), group in _grouped(records, "detector").items())
+
+
 def ablation_table(records):
     """The finetune and full-ilmil rows first, then each variant; means over seeds."""
     lines = ["| variant | config change | AP50_old | AP50_new | AP50_all | AP_all | AP50_old vs ilmil |",

@@ -12,7 +12,7 @@ from conftest import REPO_ROOT, TINY_SHAPES
 from benchmarks import records
 from benchmarks.harness import CONFIG_RECORD, BenchError, Run, describe, plan, reuse_status, train
 from benchmarks.run import main as bench_main
-from benchmarks.suites import ACCURACY, ABLATION, STAGE_IMAGES
+from benchmarks.suites import ABLATION, ACCURACY, ONE_STAGE, STAGE_IMAGES
 from benchmarks.tables import stage_images_table
 from ilmil.data import shapes_num_classes
 
@@ -298,3 +298,19 @@ def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(ti
     again = _run_harness("kd", tiny_datasets_root, tmp_path, *args, opts=test_size)
     assert "0 runs to train" in again
     assert all(r["peak_rss_mib"] for r in json.loads((tmp_path / "results" / "kd_quick.json").read_text())["records"])
+
+
+def test_one_stage_suite_plans_a_stage0_and_a_joint_run_per_detector_with_its_config(tmp_path):
+    planned = plan(ONE_STAGE, False, ("10+10",), (0,), str(tmp_path), ())
+    runs = {name: run for (_, name, _), run in planned.items()}
+    for detector in ("retinanet", "fcos"):
+        ilmil, joint = runs[f"{detector} ilmil"], runs[f"{detector} joint"]
+        config = f"configs/shapes/{detector}_R18_FPN_cpu.yaml"
+        assert ilmil.config_file == joint.config_file == ilmil.stage0.config_file == config
+        assert os.path.basename(ilmil.stage0.out_dir) == f"base_{detector}_10classes_6400it_seed0"
+        assert os.path.basename(joint.out_dir) == f"joint_{detector}_20classes_7200it_seed0"
+        assert ilmil.stage0 == runs[f"{detector} finetune"].stage0  # one stage 0 per detector
+        command = " ".join(ilmil.command())
+        assert f"--config-file {config}" in command and "--method ilmil" in command
+        # The one-stage recipe: its preset, not Faster R-CNN's.
+        assert ilmil.config().ILMIL.DISTILL.DENSE.ENABLED and not ilmil.config().ILMIL.DISTILL.RPN.ENABLED
