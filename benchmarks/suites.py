@@ -202,9 +202,10 @@ STAGE_IMAGES = Suite(
 
 
 def _kd_variants():
-    """Per detector: its default CPU config as the teacher, the half-width-FPN student of
-    configs/shapes/kd/ without distillation and with each baseline alone."""
-    terms = ("FEAT", "RCN", "FGFI", "DENSE")
+    """Per detector: its default CPU config as the teacher, the half-width student of
+    configs/shapes/kd/ without distillation, with each baseline alone and with each
+    method of the papers."""
+    terms = ("FEAT", "RCN", "FGFI", "DENSE", "REVIEW")
 
     def only(*on):
         return tuple(x for term in terms for x in (f"ILMIL.DISTILL.{term}.ENABLED", str(term in on)))
@@ -217,7 +218,9 @@ def _kd_variants():
     variants = []
     for detector, outputs in baselines.items():
         for name, opts in {"no KD": only(), "PKD": only("FEAT") + ("ILMIL.DISTILL.FEAT.DISTANCE", "normalized"),
-                           "FGFI": only("FGFI"), **outputs}.items():
+                           "FGFI": only("FGFI"), **outputs,
+                           # Knowledge review, fg/bg decoupled, with pyramid pooling (the config's defaults).
+                           "review": only("REVIEW")}.items():
             variants.append(Variant(f"{detector} {name}", "finetune", opts, detector=detector,
                                     config_file=f"configs/shapes/kd/{detector}_R18_FPN32_student_cpu.yaml",
                                     teacher_config=f"configs/shapes/{detector}_R18_FPN_cpu.yaml"))

@@ -158,6 +158,35 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DISTILL.FGFI.LAYERS = ["p2", "p3", "p4", "p5", "p6"]
     cfg.ILMIL.DISTILL.FGFI.PSI = 0.5
 
+    # Knowledge review with fg/bg decoupling: the student's LAYERS (fine to coarse) fused
+    # coarse to fine by attention modules (at MID_CHANNELS, then the teacher's width), each
+    # compared with the teacher's level at full size and pooled to POOL_SIZES, inside the
+    # GT boxes and outside them apart (DECOUPLE) with FG_WEIGHT and BG_WEIGHT.
+    cfg.ILMIL.DISTILL.REVIEW = CN()
+    cfg.ILMIL.DISTILL.REVIEW.ENABLED = False
+    cfg.ILMIL.DISTILL.REVIEW.WEIGHT = 1.0
+    cfg.ILMIL.DISTILL.REVIEW.LAYERS = ["p2", "p3", "p4", "p5", "p6"]
+    cfg.ILMIL.DISTILL.REVIEW.MID_CHANNELS = 64
+    cfg.ILMIL.DISTILL.REVIEW.DECOUPLE = True
+    cfg.ILMIL.DISTILL.REVIEW.FG_WEIGHT = 1.0
+    # The background, most of each map, gets the larger weight.
+    cfg.ILMIL.DISTILL.REVIEW.BG_WEIGHT = 2.0
+    # Pooled sizes besides the full one, weighted 1/2, 1/4, ... ([] = the full size only).
+    cfg.ILMIL.DISTILL.REVIEW.POOL_SIZES = [4, 2, 1]
+
+    # M-KD's attention transfer: normalised spatial attention maps (channel mean of the
+    # squared activations) of LAYERS, any widths.
+    cfg.ILMIL.DISTILL.AT = CN()
+    cfg.ILMIL.DISTILL.AT.ENABLED = False
+    cfg.ILMIL.DISTILL.AT.WEIGHT = 1.0
+    cfg.ILMIL.DISTILL.AT.LAYERS = ["res3", "res4", "res5"]
+    # M-KD's relations between layers: the FSP matrix of each pair of PAIRS (student maps
+    # through connectors where widths differ).
+    cfg.ILMIL.DISTILL.FSP = CN()
+    cfg.ILMIL.DISTILL.FSP.ENABLED = False
+    cfg.ILMIL.DISTILL.FSP.WEIGHT = 1.0
+    cfg.ILMIL.DISTILL.FSP.PAIRS = [["res3", "res4"], ["res4", "res5"]]
+
     # Dense-head distillation (RetinaNet, FCOS): binary KL of the old classes' scores at every
     # anchor, softened by TEMPERATURE, and L1 of the boxes where the teacher's best old-class
     # score reaches BOX_SCORE_THRESH.

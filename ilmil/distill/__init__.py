@@ -6,18 +6,22 @@ and the students that use them (student.py; rcnn.py: ``IncrementalRCNN``; dense.
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 
 from ..config import check_choice, derived_cfg
-from .connectors import CONNECTOR_REGISTRY, build_connector, match_size
+from .connectors import CONNECTOR_REGISTRY, AttentionFusion, build_connector, match_size
 from .distiller import DISTILLER_PREFIX, TERM_WEIGHTINGS, Distiller, build_distiller, enabled_terms
 from .losses import (
     FEATURE_DISTANCES,
     LAYER_WEIGHTINGS,
     RCN_LOGITS,
+    AttentionTransfer,
     DenseHeadDistillation,
     FGFIImitation,
+    FSPRelation,
     FeatureDistillation,
+    KnowledgeReview,
     RCNDistillation,
     RPNDistillation,
     old_class_logits,
+    pyramid_distance,
 )
 from .dense import DenseStudent, IncrementalFCOS, IncrementalRetinaNet
 from .rcnn import IncrementalRCNN
@@ -27,6 +31,8 @@ from .student import DistillationStudent, is_student_architecture
 from .teacher import TEACHER_PRECISIONS, FrozenTeacher, build_teacher, fold_batchnorm, teacher_cfg
 
 __all__ = [
+    "AttentionFusion",
+    "AttentionTransfer",
     "CONNECTOR_REGISTRY",
     "DISTILLER_PREFIX",
     "DISTILL_LOSS_REGISTRY",
@@ -42,11 +48,13 @@ __all__ = [
     "DistillLoss",
     "Distiller",
     "FGFIImitation",
+    "FSPRelation",
     "FeatureDistillation",
     "FrozenTeacher",
     "IncrementalFCOS",
     "IncrementalRCNN",
     "IncrementalRetinaNet",
+    "KnowledgeReview",
     "RCNDistillation",
     "RPNDistillation",
     "Recorder",
@@ -60,6 +68,7 @@ __all__ = [
     "fold_batchnorm",
     "match_size",
     "old_class_logits",
+    "pyramid_distance",
     "recordable_names",
     "registered_terms",
     "teacher_cfg",

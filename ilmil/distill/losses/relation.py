@@ -1,0 +1,65 @@
+"""Relations between layers: FSP matrices (Yim et al. 2017), one of M-KD's kinds of
+knowledge: how a pair of layers' channels co-vary, the "flow" between them.
+
+For a pair (l1, l2) and an image, with F1 [C1, H, W] and F2 [C2, H, W] (the second
+resized to the first's size, bilinear; student maps through their connectors
+first, so their widths are the teacher's):
+
+    G(F1, F2) = F1 F2^T / (H W)                       in R^{C1 x C2}
+    L = sum_pairs mean_images mean_{C1 x C2} (G(S1, S2) - G(T1, T2))^2
+"""
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+
+from ...config import ConfigError
+from ..connectors import match_size
+from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
+from .feature import feature_connectors
+
+__all__ = ["FSPRelation", "fsp_matrix"]
+
+
+def fsp_matrix(first, second):
+    """[N, C1, C2] FSP matrices of [N, C1, H, W] ``first`` and [N, C2, h, w] ``second``."""
+    second = match_size(second, first)
+    height, width = first.shape[-2:]
+    return torch.bmm(first.flatten(2), second.flatten(2).transpose(1, 2)) / (height * width)
+
+
+@DISTILL_LOSS_REGISTRY.register()
+class FSPRelation(DistillLoss):
+    """The FSP matrices of layer pairs (see the module docstring)."""
+
+    config_key = "FSP"
+
+    @configurable
+    def __init__(self, *, pairs, connectors=None):
+        super().__init__()
+        if not pairs or any(len(pair) != 2 for pair in pairs):
+            raise ConfigError(f"ILMIL.DISTILL.FSP.PAIRS {[list(p) for p in pairs]}: give pairs of layers; "
+                              "fix: e.g. [[res2, res3], [res3, res4], [res4, res5]]")
+        self.pairs = tuple(tuple(pair) for pair in pairs)
+        self.connectors = connectors if connectors is not None else nn.ModuleDict()
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):
+        pairs = cfg.ILMIL.DISTILL.FSP.PAIRS
+        layers = list(dict.fromkeys(name for pair in pairs for name in pair))
+        return {"pairs": pairs,
+                "connectors": feature_connectors(layers, student_shapes or {}, teacher_shapes or {},
+                                                 cfg.ILMIL.DISTILL.CONNECTOR, "ILMIL.DISTILL.FSP.PAIRS")}
+
+    def records(self):
+        return tuple(dict.fromkeys(name for pair in self.pairs for name in pair))
+
+    def forward(self, student, teacher, context=None):
+        mapped = {name: self.connectors[name](student[name]) if name in self.connectors else student[name]
+                  for name in self.records()}
+        total = 0.0
+        for first, second in self.pairs:
+            g_s = fsp_matrix(mapped[first], mapped[second])
+            g_t = fsp_matrix(teacher[first].detach(), teacher[second].detach())
+            total = total + (g_s - g_t).pow(2).mean()
+        return total

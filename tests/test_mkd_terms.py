@@ -1,0 +1,98 @@
+"""M-KD's attention transfer (ILMIL.DISTILL.AT) and layer relations (ILMIL.DISTILL.FSP):
+each against a hand-computed case, zero at equality, gradients to the student (and its
+connectors) only, and both as terms of a distilled step of a narrower student."""
+import math
+
+import pytest
+import torch
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg, set_num_classes
+from ilmil.distill import AttentionTransfer, FSPRelation, check_distill_config
+from ilmil.distill.losses import attention_map, fsp_matrix
+
+
+def test_attention_transfer_by_hand():
+    # One image, 2 channels, a 1 x 2 map. Teacher: squares (1, 1) and (1, 3) per channel, so
+    # channel means (1, 2); student: (4, 0) and (0, 0), means (2, 0).
+    teacher = torch.tensor([[[[1.0, 1.0]], [[1.0, 3.0 ** 0.5]]]])
+    student = torch.tensor([[[[2.0, 0.0]], [[0.0, 0.0]]]])
+    assert attention_map(teacher).flatten().tolist() == pytest.approx([1.0, 2.0])
+    q_t = torch.tensor([1.0, 2.0]) / math.sqrt(5)
+    q_s = torch.tensor([1.0, 0.0])
+    loss = AttentionTransfer(layers=["res4"])({"res4": student}, {"res4": teacher})
+    assert loss.item() == pytest.approx((q_s - q_t).norm().item(), rel=1e-6)
+    assert AttentionTransfer(layers=["res4"])({"res4": teacher}, {"res4": teacher}).item() == pytest.approx(0, abs=1e-7)
+
+
+def test_attention_transfer_compares_any_widths_and_sizes_and_trains_the_student_only():
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 4, 8, 8, generator=gen, requires_grad=True)
+    teacher = torch.randn(2, 16, 4, 4, generator=gen, requires_grad=True)
+    loss = AttentionTransfer(layers=["res4"])({"res4": student}, {"res4": teacher})
+    loss.backward()
+    assert loss.item() > 0 and student.grad.abs().sum() > 0 and teacher.grad is None
+
+
+def test_fsp_matrix_and_loss_by_hand():
+    # F1: 1 channel, F2: 2 channels, 1 x 2 maps: G = F1 F2^T / 2.
+    f1 = torch.tensor([[[[1.0, 2.0]]]])
+    f2 = torch.tensor([[[[3.0, 4.0]], [[0.0, 1.0]]]])
+    assert fsp_matrix(f1, f2).tolist() == [[[(3 + 8) / 2, (0 + 2) / 2]]]
+    # The student's second map differs in its second channel: G_S = [[5.5, 0]] vs [[5.5, 1]].
+    student = {"res3": f1, "res4": torch.tensor([[[[3.0, 4.0]], [[0.0, 0.0]]]])}
+    loss = FSPRelation(pairs=[["res3", "res4"]])(student, {"res3": f1, "res4": f2})
+    assert loss.item() == pytest.approx((0.0 + 1.0) / 2)
+    assert FSPRelation(pairs=[["res3", "res4"]])({"res3": f1, "res4": f2}, {"res3": f1, "res4": f2}).item() == 0
+
+
+def test_fsp_maps_a_narrow_student_through_connectors_trained_with_it():
+    cfg = get_ilmil_cfg(None, ["ILMIL.DISTILL.FSP.PAIRS", [["res3", "res4"]]])
+    loss = FSPRelation(cfg, {"res3": ShapeSpec(channels=4, stride=8), "res4": ShapeSpec(channels=8, stride=16)},
+                       {"res3": ShapeSpec(channels=6, stride=8), "res4": ShapeSpec(channels=12, stride=16)})
+    assert sorted(loss.connectors) == ["res3", "res4"]
+    gen = torch.Generator().manual_seed(0)
+    student = {"res3": torch.randn(2, 4, 8, 8, generator=gen, requires_grad=True),
+               "res4": torch.randn(2, 8, 4, 4, generator=gen, requires_grad=True)}
+    teacher = {"res3": torch.randn(2, 6, 8, 8, generator=gen), "res4": torch.randn(2, 12, 4, 4, generator=gen)}
+    value = loss(student, teacher)
+    value.backward()
+    assert value.item() > 0 and student["res3"].grad.abs().sum() > 0
+    assert all(p.grad is not None for p in loss.connectors.parameters())
+
+
+def test_bad_mkd_keys_are_refused():
+    with pytest.raises(ConfigError, match="FSP.PAIRS"):
+        FSPRelation(pairs=[["res3"]])
+    with pytest.raises(ConfigError, match="AT.LAYERS is empty"):
+        AttentionTransfer(layers=[])
+
+
+def test_attention_and_relations_are_terms_of_a_distilled_step(tmp_path):
+    shapes = f"{CONFIGS_DIR}/shapes"
+    teacher_cfg = set_num_classes(get_ilmil_cfg(f"{shapes}/faster_rcnn_R18_FPN_cpu.yaml", ["MODEL.DEVICE", "cpu"],
+                                                method="finetune"), 3)
+    torch.manual_seed(0)
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": build_model(teacher_cfg).state_dict()}, path)
+    cfg = set_num_classes(get_ilmil_cfg(f"{shapes}/kd/faster_rcnn_R18_FPN32_student_cpu.yaml", [
+        "MODEL.DEVICE", "cpu", "ILMIL.TEACHER.WEIGHTS", str(path),
+        "ILMIL.TEACHER.CONFIG_FILE", f"{shapes}/faster_rcnn_R18_FPN_cpu.yaml",
+        "ILMIL.DISTILL.FEAT.ENABLED", False, "ILMIL.DISTILL.RCN.ENABLED", False,
+        "ILMIL.DISTILL.AT.ENABLED", True, "ILMIL.DISTILL.FSP.ENABLED", True], method="finetune"), 3)
+    check_distill_config(cfg)
+    student = build_model(cfg).train()
+    inst = Instances((96, 128))
+    inst.gt_boxes = Boxes(torch.tensor([[10.0, 10.0, 60.0, 60.0]]))
+    inst.gt_classes = torch.tensor([1])
+    gen = torch.Generator().manual_seed(0)
+    batch = [{"image": torch.rand(3, 96, 128, generator=gen) * 255, "instances": inst} for _ in range(2)]
+    with EventStorage():
+        losses = student(batch)
+    assert losses["loss_distill_at"].item() > 0 and losses["loss_distill_fsp"].item() > 0
+    # The half-width student's residual blocks keep their output widths: no FSP connector needed.
+    assert not student.distiller.terms["fsp"].connectors
