@@ -205,22 +205,26 @@ def _kd_variants():
     """Per detector: its default CPU config as the teacher, the half-width student of
     configs/shapes/kd/ without distillation, with each baseline alone and with each
     method of the papers."""
-    terms = ("FEAT", "RCN", "FGFI", "DENSE", "REVIEW")
+    terms = ("FEAT", "RCN", "FGFI", "DENSE", "REVIEW", "AT", "FSP")
 
     def only(*on):
         return tuple(x for term in terms for x in (f"ILMIL.DISTILL.{term}.ENABLED", str(term in on)))
 
-    baselines = {
-        "faster_rcnn": {"output": only("RCN") + ("ILMIL.DISTILL.RCN.LOGITS", "kl")},  # the box head's soft targets
-        "retinanet": {"output": only("DENSE")},  # the dense head's class scores and confident boxes
-        "fcos": {"output": only("DENSE")},
-    }
+    # Output distillation, the classification head's soft targets: the box head's softened
+    # softmax on Faster R-CNN, the dense head's class scores (and confident boxes) on the others.
+    outputs = {"faster_rcnn": ("RCN", ("ILMIL.DISTILL.RCN.LOGITS", "kl")), "retinanet": ("DENSE", ()),
+               "fcos": ("DENSE", ())}
     variants = []
-    for detector, outputs in baselines.items():
+    for detector, (output, output_opts) in outputs.items():
         for name, opts in {"no KD": only(), "PKD": only("FEAT") + ("ILMIL.DISTILL.FEAT.DISTANCE", "normalized"),
-                           "FGFI": only("FGFI"), **outputs,
+                           "FGFI": only("FGFI"), "output": only(output) + output_opts,
                            # Knowledge review, fg/bg decoupled, with pyramid pooling (the config's defaults).
-                           "review": only("REVIEW")}.items():
+                           "review": only("REVIEW"),
+                           # M-KD without its assistant: soft targets, attention, layer relations, and
+                           # its exploration: learned uncertainty weights over the terms and the detection loss.
+                           "M-KD": only(output, "AT", "FSP") + output_opts
+                           + ("ILMIL.DISTILL.TERM_WEIGHTS", "uncertainty", "ILMIL.DISTILL.DETECTION_WEIGHT", "uncertainty")
+                           }.items():
             variants.append(Variant(f"{detector} {name}", "finetune", opts, detector=detector,
                                     config_file=f"configs/shapes/kd/{detector}_R18_FPN32_student_cpu.yaml",
                                     teacher_config=f"configs/shapes/{detector}_R18_FPN_cpu.yaml"))

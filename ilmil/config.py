@@ -116,6 +116,9 @@ def add_ilmil_config(cfg):
     # fixed (each term times its WEIGHT) | uncertainty (also a learned factor per term:
     # sum_k w_k L_k / (2 s_k^2) + log s_k).
     cfg.ILMIL.DISTILL.TERM_WEIGHTS = "fixed"
+    # fixed | uncertainty (M-KD's exploration: a learned factor on the detection loss too,
+    # L_det / (2 s_det^2) + log s_det, so the student weighs imitation against its task).
+    cfg.ILMIL.DISTILL.DETECTION_WEIGHT = "fixed"
     # Multi-layer feature-map distillation.
     cfg.ILMIL.DISTILL.FEAT = CN()
     cfg.ILMIL.DISTILL.FEAT.ENABLED = False
@@ -128,6 +131,9 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DISTILL.FEAT.LAYER_WEIGHTING = "adaptive"
     cfg.ILMIL.DISTILL.FEAT.EMA_MOMENTUM = 0.9
     cfg.ILMIL.DISTILL.FEAT.WEIGHT_RANGE = (0.5, 2.0)
+    # M-KD's exploration: this fraction of each layer's (teacher-width) channels, drawn anew
+    # every training step, is left out of the distance: the student need not imitate everywhere.
+    cfg.ILMIL.DISTILL.FEAT.FREE_CHANNELS = 0.0
     # RPN objectness and box deltas.
     cfg.ILMIL.DISTILL.RPN = CN()
     cfg.ILMIL.DISTILL.RPN.ENABLED = False

@@ -275,7 +275,7 @@ def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(ti
     _run_harness("kd", tiny_datasets_root, tmp_path, *args, opts=test_size)
     with open(tmp_path / "results" / "kd_quick.json") as f:
         records_ = {r["baseline"]: r for r in json.load(f)["records"]}
-    assert list(records_) == ["no KD", "PKD", "FGFI", "output", "review"]
+    assert list(records_) == ["no KD", "PKD", "FGFI", "output", "review", "M-KD"]
     runs = tmp_path / "runs" / "kd_quick"
     teacher = runs / f"teacher_fcos_{classes}classes_6it_seed0"
     assert _last_iteration(teacher / "stage_0") == 5
@@ -289,12 +289,14 @@ def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(ti
         assert results["teacher"]["weights"] == str(teacher / "stage_0" / "model_final.pth")
         assert record["teacher_AP50"] == results["teacher"]["AP50"]
         logged = (run / "stage_0" / "metrics.json").read_text()
-        term = {"no KD": None, "PKD": "feat", "FGFI": "fgfi", "output": "dense", "review": "review"}[baseline]
-        terms = ("feat", "fgfi", "dense", "review")
-        assert [t for t in terms if f"loss_distill_{t}" in logged] == ([term] if term else [])
+        expected = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dense"], "review": ["review"],
+                    "M-KD": ["dense", "at", "fsp"]}[baseline]
+        terms = ("feat", "fgfi", "dense", "review", "at", "fsp")
+        assert [t for t in terms if f"loss_distill_{t}" in logged] == expected
+        assert ("loss_detection_uncertainty" in logged) == (baseline == "M-KD")
     table = (tmp_path / "results" / "kd_quick.md").read_text()
     rows = [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| fcos |")]
-    assert rows == ["teacher", "no KD", "PKD", "FGFI", "output", "review"]
+    assert rows == ["teacher", "no KD", "PKD", "FGFI", "output", "review", "M-KD"]
     # A later invocation reuses every run and still has each one's peak memory.
     again = _run_harness("kd", tiny_datasets_root, tmp_path, *args, opts=test_size)
     assert "0 runs to train" in again

@@ -72,7 +72,7 @@ def test_bad_mkd_keys_are_refused():
         AttentionTransfer(layers=[])
 
 
-def test_attention_and_relations_are_terms_of_a_distilled_step(tmp_path):
+def test_attention_relations_and_exploration_in_a_distilled_step(tmp_path):
     shapes = f"{CONFIGS_DIR}/shapes"
     teacher_cfg = set_num_classes(get_ilmil_cfg(f"{shapes}/faster_rcnn_R18_FPN_cpu.yaml", ["MODEL.DEVICE", "cpu"],
                                                 method="finetune"), 3)
@@ -83,7 +83,8 @@ def test_attention_and_relations_are_terms_of_a_distilled_step(tmp_path):
         "MODEL.DEVICE", "cpu", "ILMIL.TEACHER.WEIGHTS", str(path),
         "ILMIL.TEACHER.CONFIG_FILE", f"{shapes}/faster_rcnn_R18_FPN_cpu.yaml",
         "ILMIL.DISTILL.FEAT.ENABLED", False, "ILMIL.DISTILL.RCN.ENABLED", False,
-        "ILMIL.DISTILL.AT.ENABLED", True, "ILMIL.DISTILL.FSP.ENABLED", True], method="finetune"), 3)
+        "ILMIL.DISTILL.AT.ENABLED", True, "ILMIL.DISTILL.FSP.ENABLED", True,
+        "ILMIL.DISTILL.DETECTION_WEIGHT", "uncertainty"], method="finetune"), 3)
     check_distill_config(cfg)
     student = build_model(cfg).train()
     inst = Instances((96, 128))
@@ -94,5 +95,50 @@ def test_attention_and_relations_are_terms_of_a_distilled_step(tmp_path):
     with EventStorage():
         losses = student(batch)
     assert losses["loss_distill_at"].item() > 0 and losses["loss_distill_fsp"].item() > 0
+    # Exploration: the detection losses are weighed by the learned factor, its penalty logged.
+    assert "loss_detection_uncertainty" in losses and "loss_cls" in losses
     # The half-width student's residual blocks keep their output widths: no FSP connector needed.
     assert not student.distiller.terms["fsp"].connectors
+
+
+# --------------------------------------------------------------------------- the exploration module
+
+
+def test_a_learned_detection_weight_follows_the_formula_and_moves():
+    from ilmil.distill import Distiller
+
+    distiller = Distiller({}, {}, detection_weight="uncertainty")
+    losses = distiller.weigh_detection({"loss_cls": torch.tensor(2.0), "loss_box_reg": torch.tensor(1.0)})
+    # log s^2 = 0 at the start: each loss halved, no penalty.
+    assert {k: v.item() for k, v in losses.items()} == {"loss_cls": 1.0, "loss_box_reg": 0.5,
+                                                        "loss_detection_uncertainty": 0.0}
+    with torch.no_grad():
+        distiller.detection_log_variance.fill_(math.log(4.0))
+    losses = distiller.weigh_detection({"loss_cls": torch.tensor(2.0)})
+    assert losses["loss_cls"].item() == pytest.approx(2.0 / 4 / 2)
+    assert losses["loss_detection_uncertainty"].item() == pytest.approx(math.log(4.0) / 2)
+    # A large detection loss raises s_det: one SGD step moves log s^2 up.
+    before = distiller.detection_log_variance.item()
+    optimizer = torch.optim.SGD(distiller.parameters(), lr=0.1)
+    sum(distiller.weigh_detection({"loss_cls": torch.tensor(10.0)}).values()).backward()
+    optimizer.step()
+    assert distiller.detection_log_variance.item() > before
+    # Fixed: the losses as they are.
+    fixed = {"loss_cls": torch.tensor(2.0)}
+    assert Distiller({}, {}).weigh_detection(fixed) is fixed
+
+
+def test_free_channels_leave_a_random_share_out_of_the_feature_term_in_training_only():
+    from ilmil.distill import FeatureDistillation
+
+    loss = FeatureDistillation(layers=["p3"], distance="l2", weighting="uniform", free_channels=0.5)
+    teacher = torch.zeros(1, 4, 2, 2)
+    student = teacher.clone()
+    student[:, 0] = 1.0  # the student differs in channel 0 only
+    torch.manual_seed(0)
+    values = {round(loss({"p3": student}, {"p3": teacher}).item(), 6) for _ in range(20)}
+    # Two of four channels imitated: 0 when channel 0 is left out, 1/2 of its mean when it is not.
+    assert values == {0.0, 0.5}
+    assert loss.eval()({"p3": student}, {"p3": teacher}).item() == pytest.approx(0.25)  # every channel
+    with pytest.raises(ConfigError, match="FREE_CHANNELS"):
+        FeatureDistillation(layers=["p3"], free_channels=1.0)

@@ -63,6 +63,7 @@ class DenseStudent(DistillationStudent):
                 num_old_classes=self.teacher.num_classes,
                 teacher_outputs={} if detections["instances"] is None else {"detections": detections["instances"]},
             )
+            losses = self.distiller.weigh_detection(losses)
             losses.update(self.distiller(student, detections["records"], context))
         return losses
 

@@ -6,6 +6,10 @@ uncertainty``, by a learned factor (homoscedastic uncertainty weighting):
 
     L = sum_k ( w_k L_k / (2 s_k^2) + log s_k ),   s_k learned (as log s_k^2, starting at 0)
 
+With ``ILMIL.DISTILL.DETECTION_WEIGHT uncertainty`` (M-KD's exploration) the detection
+loss gets such a factor too, L_det / (2 s_det^2) + log s_det, so the student weighs
+imitating the teacher against learning the task itself.
+
 The distiller is a submodule of the student, so its trainable parts (connectors,
 learned weights) train and are synchronised with it, and its running state is
 resumed with it; it is no part of the detector (``DISTILLER_PREFIX``).
@@ -44,21 +48,24 @@ def enabled_terms(cfg):
 class Distiller(nn.Module):
     """The weighted sum of named distillation terms."""
 
-    def __init__(self, terms, weights, term_weights="fixed"):
+    def __init__(self, terms, weights, term_weights="fixed", detection_weight="fixed"):
         """
         Args:
             terms: {section: built loss module}.
             weights: {section: fixed weight}.
             term_weights: "fixed" or "uncertainty" (a learned factor per term).
+            detection_weight: "fixed" or "uncertainty" (a learned factor on the detection loss).
         """
         super().__init__()
         check_choice("ILMIL.DISTILL.TERM_WEIGHTS", term_weights, TERM_WEIGHTINGS)
+        check_choice("ILMIL.DISTILL.DETECTION_WEIGHT", detection_weight, TERM_WEIGHTINGS)
         self.terms = nn.ModuleDict({section.lower(): loss for section, loss in terms.items()})
         self.weights = {section.lower(): float(w) for section, w in weights.items()}
         self.log_variances = None
         if term_weights == "uncertainty":
             self.log_variances = nn.ParameterDict(
                 {name: nn.Parameter(torch.zeros(())) for name in self.terms})
+        self.detection_log_variance = nn.Parameter(torch.zeros(())) if detection_weight == "uncertainty" else None
 
     def term(self, section):
         """The loss module of config section ``section`` (e.g. ``RCN``), or None."""
@@ -67,6 +74,15 @@ class Distiller(nn.Module):
     def records(self):
         """Every layer name or module path a term reads."""
         return tuple(dict.fromkeys(name for loss in self.terms.values() for name in loss.records()))
+
+    def weigh_detection(self, losses):
+        """The detector's ``losses`` with the learned detection factor (and its
+        ``loss_detection_uncertainty`` penalty, log s_det); as they are when fixed."""
+        if self.detection_log_variance is None:
+            return losses
+        log_var = self.detection_log_variance
+        weighted = {name: value * torch.exp(-log_var) / 2 for name, value in losses.items()}
+        return {**weighted, "loss_detection_uncertainty": log_var / 2}
 
     def forward(self, student, teacher, context):
         """``{"loss_distill_<section>": weighted term}`` for the recorded outputs."""
@@ -88,4 +104,4 @@ def build_distiller(cfg, student_shapes=None, teacher_shapes=None):
         return None
     built = {section: cls(cfg, student_shapes, teacher_shapes) for section, cls in terms.items()}
     weights = {section: cfg.ILMIL.DISTILL[section].WEIGHT for section in terms}
-    return Distiller(built, weights, cfg.ILMIL.DISTILL.TERM_WEIGHTS)
+    return Distiller(built, weights, cfg.ILMIL.DISTILL.TERM_WEIGHTS, cfg.ILMIL.DISTILL.DETECTION_WEIGHT)

@@ -132,6 +132,7 @@ class IncrementalRCNN(DistillationStudent, GeneralizedRCNN):
                 num_old_classes=self.teacher.roi_heads.num_classes,
                 teacher_outputs={"proposals": teacher["proposals"], "box_outputs": teacher["box_outputs"]},
             )
+            losses = self.distiller.weigh_detection(losses)
             losses.update(self.distiller(student, teacher["records"], context))
         return losses
 

@@ -8,6 +8,9 @@ differ, resized when the strides do) and T_l the teacher's:
     normalized   S', T' standardised per channel over (N, H, W); d_l = mean((S' - T')^2) / 2   (PKD)
     filtered_l1  S^ = S - mean(S), T^ = T - mean(T); d_l = mean(max(T^ - S^, 0))            (Faster ILOD)
 
+With FREE_CHANNELS f > 0 (M-KD's exploration), each training step draws for every
+layer a random subset of round(f C) of its (teacher-width) channels that d_l leaves out.
+
 Layer weights:
 
     uniform      L_feat = sum_l d_l
@@ -74,8 +77,11 @@ class FeatureDistillation(DistillLoss):
 
     @configurable
     def __init__(self, *, layers, distance="normalized", weighting="adaptive", momentum=0.9,
-                 weight_range=(0.5, 2.0), connectors=None):
+                 weight_range=(0.5, 2.0), free_channels=0.0, connectors=None):
         super().__init__()
+        if not 0.0 <= free_channels < 1.0:
+            raise ConfigError(f"ILMIL.DISTILL.FEAT.FREE_CHANNELS {free_channels}: a fraction in [0, 1); "
+                              "fix: e.g. 0.1, or 0 to imitate every channel")
         check_choice("ILMIL.DISTILL.FEAT.DISTANCE", distance, FEATURE_DISTANCES)
         check_choice("ILMIL.DISTILL.FEAT.LAYER_WEIGHTING", weighting, LAYER_WEIGHTINGS)
         if not layers:
@@ -85,6 +91,7 @@ class FeatureDistillation(DistillLoss):
         self.weighting = weighting
         self.momentum = momentum
         self.weight_range = tuple(weight_range)
+        self.free_channels = free_channels
         self.connectors = connectors if connectors is not None else nn.ModuleDict()
         # Saved with the student's training state, so --resume continues the running average.
         self.register_buffer("ema_distance", torch.zeros(len(self.layers)))
@@ -98,6 +105,7 @@ class FeatureDistillation(DistillLoss):
             "weighting": feat.LAYER_WEIGHTING,
             "momentum": feat.EMA_MOMENTUM,
             "weight_range": feat.WEIGHT_RANGE,
+            "free_channels": feat.FREE_CHANNELS,
             "connectors": feature_connectors(feat.LAYERS, student_shapes or {}, teacher_shapes or {},
                                              cfg.ILMIL.DISTILL.CONNECTOR, "ILMIL.DISTILL.FEAT.LAYERS"),
         }
@@ -117,6 +125,11 @@ class FeatureDistillation(DistillLoss):
         weights = len(self.layers) * self.ema_distance / total
         return weights.clamp(*self.weight_range)
 
+    def imitated_channels(self, channels, device):
+        """The channels a training step imitates: all but a random FREE_CHANNELS share."""
+        free = round(self.free_channels * channels)
+        return torch.randperm(channels, device=device)[free:].sort().values
+
     def forward(self, student, teacher, context=None):
         distances = []
         for name in self.layers:
@@ -126,6 +139,9 @@ class FeatureDistillation(DistillLoss):
             s = match_size(s, t)
             if s.shape != t.shape:
                 raise ValueError(f"feature {name}: student shape {tuple(s.shape)} != teacher {tuple(t.shape)}")
+            if self.training and self.free_channels > 0:
+                kept = self.imitated_channels(t.shape[1], s.device)
+                s, t = s[:, kept], t[:, kept]
             distances.append(self.distance(s, t))
         distances = torch.stack(distances)
         return (self.layer_weights(distances) * distances).sum()
