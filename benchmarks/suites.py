@@ -216,16 +216,21 @@ def _kd_variants():
                "fcos": ("DENSE", ())}
     variants = []
     for detector, (output, output_opts) in outputs.items():
-        for name, opts in {"no KD": only(), "PKD": only("FEAT") + ("ILMIL.DISTILL.FEAT.DISTANCE", "normalized"),
-                           "FGFI": only("FGFI"), "output": only(output) + output_opts,
-                           # Knowledge review, fg/bg decoupled, with pyramid pooling (the config's defaults).
-                           "review": only("REVIEW"),
-                           # M-KD without its assistant: soft targets, attention, layer relations, and
-                           # its exploration: learned uncertainty weights over the terms and the detection loss.
-                           "M-KD": only(output, "AT", "FSP") + output_opts
-                           + ("ILMIL.DISTILL.TERM_WEIGHTS", "uncertainty", "ILMIL.DISTILL.DETECTION_WEIGHT", "uncertainty")
-                           }.items():
-            variants.append(Variant(f"{detector} {name}", "finetune", opts, detector=detector,
+        mkd = (only(output, "AT", "FSP") + output_opts
+               + ("ILMIL.DISTILL.TERM_WEIGHTS", "uncertainty", "ILMIL.DISTILL.DETECTION_WEIGHT", "uncertainty"))
+        rows = {
+            "no KD": (only(), ()), "PKD": (only("FEAT") + ("ILMIL.DISTILL.FEAT.DISTANCE", "normalized"), ()),
+            "FGFI": (only("FGFI"), ()), "output": (only(output) + output_opts, ()),
+            # Knowledge review, fg/bg decoupled, with pyramid pooling (the config's defaults).
+            "review": (only("REVIEW"), ()),
+            # M-KD: soft targets, attention, layer relations, and its exploration (learned
+            # uncertainty weights over the terms and the detection loss); then the same through
+            # a teacher assistant of three-quarter-width blocks.
+            "M-KD": (mkd, ()),
+            "M-KD + assistant": (mkd, ("--assistant-config", f"configs/shapes/kd/{detector}_R18_FPN_assistant_cpu.yaml")),
+        }  # fmt: skip
+        for name, (opts, flags) in rows.items():
+            variants.append(Variant(f"{detector} {name}", "finetune", opts, flags, detector=detector,
                                     config_file=f"configs/shapes/kd/{detector}_R18_FPN32_student_cpu.yaml",
                                     teacher_config=f"configs/shapes/{detector}_R18_FPN_cpu.yaml"))
     return tuple(variants)

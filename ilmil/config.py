@@ -90,6 +90,11 @@ def add_ilmil_config(cfg):
     # The teacher's own config file (any detector the toolkit builds, of any depth or width);
     # empty = the student's config with the checkpoint's class count (incremental stages).
     cfg.ILMIL.TEACHER.CONFIG_FILE = ""
+    # Compression through a teacher assistant (M-KD's intermediate guidance model): the
+    # config of a detector between teacher and student, distilled from the teacher first
+    # (OUTPUT_DIR/assistant/) with the student's data, schedule and terms, and then the
+    # student's teacher. "" = the student learns from the teacher directly.
+    cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE = ""
     # Teacher proposals per image (the top ones by objectness) run through its box head
     # for pseudo-labels and the RCN term; 0 = all of MODEL.RPN.POST_NMS_TOPK_TEST.
     cfg.ILMIL.TEACHER.NUM_PROPOSALS = 0

@@ -275,7 +275,7 @@ def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(ti
     _run_harness("kd", tiny_datasets_root, tmp_path, *args, opts=test_size)
     with open(tmp_path / "results" / "kd_quick.json") as f:
         records_ = {r["baseline"]: r for r in json.load(f)["records"]}
-    assert list(records_) == ["no KD", "PKD", "FGFI", "output", "review", "M-KD"]
+    assert list(records_) == ["no KD", "PKD", "FGFI", "output", "review", "M-KD", "M-KD + assistant"]
     runs = tmp_path / "runs" / "kd_quick"
     teacher = runs / f"teacher_fcos_{classes}classes_6it_seed0"
     assert _last_iteration(teacher / "stage_0") == 5
@@ -290,13 +290,15 @@ def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(ti
         assert record["teacher_AP50"] == results["teacher"]["AP50"]
         logged = (run / "stage_0" / "metrics.json").read_text()
         expected = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dense"], "review": ["review"],
-                    "M-KD": ["dense", "at", "fsp"]}[baseline]
+                    "M-KD": ["dense", "at", "fsp"], "M-KD + assistant": ["dense", "at", "fsp"]}[baseline]
         terms = ("feat", "fgfi", "dense", "review", "at", "fsp")
         assert [t for t in terms if f"loss_distill_{t}" in logged] == expected
-        assert ("loss_detection_uncertainty" in logged) == (baseline == "M-KD")
+        assert ("loss_detection_uncertainty" in logged) == baseline.startswith("M-KD")
+        # The chain's teacher is the suite's; its assistant taught the student.
+        assert ("assistant" in results) == (baseline == "M-KD + assistant")
     table = (tmp_path / "results" / "kd_quick.md").read_text()
     rows = [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| fcos |")]
-    assert rows == ["teacher", "no KD", "PKD", "FGFI", "output", "review", "M-KD"]
+    assert rows == ["teacher", "no KD", "PKD", "FGFI", "output", "review", "M-KD", "M-KD + assistant"]
     # A later invocation reuses every run and still has each one's peak memory.
     again = _run_harness("kd", tiny_datasets_root, tmp_path, *args, opts=test_size)
     assert "0 runs to train" in again

@@ -4,13 +4,17 @@ mistakes refused before training; and the same run under torchrun with two CPU
 processes."""
 import os
 import re
+import signal
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO_ROOT
-from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _env, metrics_lines, read_json, run_tool, tail
+from tool_runs import (SHAPES_OPTS, TRAIN_OPTS, _env, kill_when_exists, metrics_lines, read_json, run_tool,
+                       start_tool, tail)
+
+from ilmil.checkpoint import safe_load
 
 # A narrower student than its teacher of the default config (FPN 64 channels): 32-channel
 # FPN maps, compared with the teacher's through connectors.
@@ -99,3 +103,40 @@ def test_a_compression_run_under_torchrun_on_two_cpu_processes(teacher, tiny_dat
     results = read_json(out / "results.json")
     assert [s["stage"] for s in results["stages"]] == [0] and "teacher" in results
     assert "Stage 0 done:" not in (out / "log.txt.rank1").read_text()  # results written by rank 0 only
+
+
+def test_a_teacher_assistant_chain_runs_end_to_end_and_resumes_a_killed_student(teacher, tiny_datasets_root,
+                                                                                 tmp_path):
+    out = tmp_path / "chain"
+    assistant = os.path.join(REPO_ROOT, "configs", "shapes", "kd", "faster_rcnn_R18_FPN_assistant_cpu.yaml")
+    # The half-width student of configs/shapes/kd/, its feature term only.
+    student_config = os.path.join(REPO_ROOT, "configs", "shapes", "kd", "faster_rcnn_R18_FPN32_student_cpu.yaml")
+    args = ["--stages", "4", "--teacher-weights", str(teacher), "--output-dir", str(out), *NARROW,
+            "--config-file", student_config, "--assistant-config", assistant, *SHAPES_OPTS, *TRAIN_OPTS,
+            *NARROW_OPTS, "ILMIL.DISTILL.RCN.ENABLED", "False",
+            "SOLVER.MAX_ITER", "30", "SOLVER.STEPS", "(25,)", "SOLVER.CHECKPOINT_PERIOD", "5"]
+    proc = start_tool("train_compression.py", args, tiny_datasets_root, tmp_path / "first.log")
+    student_stage = out / "stage_0"
+    status = kill_when_exists(proc, student_stage / "last_checkpoint")
+    assert status == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+    # The first step finished: the assistant, distilled from the teacher, with its evaluation.
+    first = read_json(out / "assistant" / "results.json")
+    assert first["teacher"]["weights"] == str(teacher) and 0 <= first["stages"][0]["AP50"] <= 100
+    assert not (student_stage / "model_final.pth").exists(), "the kill came too late: the student had finished"
+    killed_at = safe_load(str(student_stage / (student_stage / "last_checkpoint").read_text().strip()))["iteration"]
+
+    resumed = run_tool("train_compression.py", [*args[:6], "--resume", *args[6:]], tiny_datasets_root, timeout=300)
+    assert resumed.returncode == 0, tail(resumed)
+    assert "exists, not retraining" in resumed.log  # the assistant is reused
+    assert f"resuming at iteration {killed_at + 1} of 30" in resumed.log
+    results = read_json(out / "results.json")
+    # The chain's teacher is the first one; the assistant taught the student.
+    assert results["teacher"]["weights"] == str(teacher)
+    assert results["assistant"]["weights"] == str(out / "assistant" / "stage_0" / "model_final.pth")
+    assert results["assistant"]["AP50"] == first["stages"][0]["AP50"]
+    assert re.search(r"assistant: AP50 \d+\.\d", resumed.log)
+    # Sizes: the assistant (three-quarter-width blocks) sits between teacher and student.
+    sizes = [sum(v.numel() for k, v in safe_load(str(path))["model"].items() if not k.startswith("distiller."))
+             for path in (teacher, out / "assistant" / "stage_0" / "model_final.pth",
+                          student_stage / "model_final.pth")]
+    assert sizes[0] > sizes[1] > sizes[2]

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from student_models import distilled_student
 
-from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg, set_num_classes
-from ilmil.distill import AttentionTransfer, FSPRelation, check_distill_config
+from ilmil.config import ConfigError, get_ilmil_cfg
+from ilmil.distill import AttentionTransfer, FSPRelation
 from ilmil.distill.losses import attention_map, fsp_matrix
 
 
@@ -73,20 +73,10 @@ def test_bad_mkd_keys_are_refused():
 
 
 def test_attention_relations_and_exploration_in_a_distilled_step(tmp_path):
-    shapes = f"{CONFIGS_DIR}/shapes"
-    teacher_cfg = set_num_classes(get_ilmil_cfg(f"{shapes}/faster_rcnn_R18_FPN_cpu.yaml", ["MODEL.DEVICE", "cpu"],
-                                                method="finetune"), 3)
-    torch.manual_seed(0)
-    path = tmp_path / "teacher.pth"
-    torch.save({"model": build_model(teacher_cfg).state_dict()}, path)
-    cfg = set_num_classes(get_ilmil_cfg(f"{shapes}/kd/faster_rcnn_R18_FPN32_student_cpu.yaml", [
-        "MODEL.DEVICE", "cpu", "ILMIL.TEACHER.WEIGHTS", str(path),
-        "ILMIL.TEACHER.CONFIG_FILE", f"{shapes}/faster_rcnn_R18_FPN_cpu.yaml",
-        "ILMIL.DISTILL.FEAT.ENABLED", False, "ILMIL.DISTILL.RCN.ENABLED", False,
-        "ILMIL.DISTILL.AT.ENABLED", True, "ILMIL.DISTILL.FSP.ENABLED", True,
-        "ILMIL.DISTILL.DETECTION_WEIGHT", "uncertainty"], method="finetune"), 3)
-    check_distill_config(cfg)
-    student = build_model(cfg).train()
+    student = distilled_student(tmp_path, "kd/faster_rcnn_R18_FPN32_student_cpu.yaml", "faster_rcnn_R18_FPN_cpu.yaml",
+                                3, ["ILMIL.DISTILL.FEAT.ENABLED", False, "ILMIL.DISTILL.RCN.ENABLED", False,
+                                    "ILMIL.DISTILL.AT.ENABLED", True, "ILMIL.DISTILL.FSP.ENABLED", True,
+                                    "ILMIL.DISTILL.DETECTION_WEIGHT", "uncertainty"])
     inst = Instances((96, 128))
     inst.gt_boxes = Boxes(torch.tensor([[10.0, 10.0, 60.0, 60.0]]))
     inst.gt_classes = torch.tensor([1])

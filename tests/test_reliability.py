@@ -7,14 +7,13 @@ import pickle
 import random
 import shutil
 import signal
-import time
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from tool_runs import SHAPES_OPTS, TRAIN_OPTS, read_json, run_tool, start_tool, tail
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, kill_when_exists, read_json, run_tool, start_tool, tail
 from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, RNGStates, safe_load
 from ilmil.config import get_ilmil_cfg
 from ilmil.data.shapes import shape_class_names
@@ -214,13 +213,9 @@ def test_a_run_killed_mid_stage_resumes_from_its_checkpoint(tiny_datasets_root, 
             "SOLVER.MAX_ITER", "60", "SOLVER.STEPS", "(50,)", "SOLVER.CHECKPOINT_PERIOD", "10"]
     proc = start_tool("train_incremental.py", args, tiny_datasets_root, tmp_path / "first.log")
     stage1 = out / "stage_1"
-    deadline = time.monotonic() + 240
-    while not (stage1 / "last_checkpoint").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    status = kill_when_exists(proc, stage1 / "last_checkpoint", timeout=240)
     first_log = (tmp_path / "first.log").read_text()
-    assert proc.returncode == -signal.SIGKILL, first_log[-3000:]
+    assert status == -signal.SIGKILL, first_log[-3000:]
     assert not (stage1 / "model_final.pth").exists(), "the kill came too late: stage 1 had finished"
     stage0_weights = out / "stage_0" / "model_final.pth"
     stage0_mtime = stage0_weights.stat().st_mtime

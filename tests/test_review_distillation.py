@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from student_models import distilled_student
 
-from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg, set_num_classes
-from ilmil.distill import DistillContext, KnowledgeReview, check_distill_config, pyramid_distance
+from ilmil.config import ConfigError, get_ilmil_cfg
+from ilmil.distill import DistillContext, KnowledgeReview, pyramid_distance
 
 LAYERS = ("p3", "p4", "p5")
 STRIDES = {"p3": 8, "p4": 16, "p5": 32}
@@ -113,17 +113,8 @@ def _batch(size=(96, 128)):
     ("retinanet_R18_FPN_cpu.yaml", "retinanet_R18_FPN_cpu.yaml", "ilmil"),
 ])  # fmt: skip
 def test_review_is_a_term_of_a_distilled_step(tmp_path, config, teacher_config, method):
-    teacher_cfg = set_num_classes(get_ilmil_cfg(f"{CONFIGS_DIR}/shapes/{teacher_config}", ["MODEL.DEVICE", "cpu"],
-                                                method="finetune"), 3)
-    torch.manual_seed(0)
-    path = tmp_path / "teacher.pth"
-    torch.save({"model": build_model(teacher_cfg).state_dict()}, path)
-    cfg = set_num_classes(get_ilmil_cfg(f"{CONFIGS_DIR}/shapes/{config}", [
-        "MODEL.DEVICE", "cpu", "ILMIL.TEACHER.WEIGHTS", str(path),
-        "ILMIL.TEACHER.CONFIG_FILE", f"{CONFIGS_DIR}/shapes/{teacher_config}",
-        "ILMIL.DISTILL.REVIEW.ENABLED", True], method=method), 3 if method == "finetune" else 5)
-    check_distill_config(cfg)
-    student = build_model(cfg).train()
+    student = distilled_student(tmp_path, config, teacher_config, 3 if method == "finetune" else 5,
+                                ["ILMIL.DISTILL.REVIEW.ENABLED", True], method)
     with EventStorage():
         losses = student(_batch())
     assert losses["loss_distill_review"].item() > 0

@@ -1,6 +1,7 @@
 """Running the command-line tools as real subprocesses, and reading what they write."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +43,16 @@ def start_tool(tool, args, datasets_root, log_file):
     with open(log_file, "w") as log:
         return subprocess.Popen(_command(tool, args), cwd=REPO_ROOT, env=_env(datasets_root),
                                 stdout=log, stderr=subprocess.STDOUT)
+
+
+def kill_when_exists(proc, path, timeout=300):
+    """SIGKILL the tool ``proc`` as soon as ``path`` exists (or it ended, or ``timeout``
+    passed); returns its exit status."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait()
 
 
 def _command(tool, args):

@@ -1,5 +1,5 @@
 from .cli import add_run_arguments, run_tool_main, setup_run
-from .compression import CompressionRun, run_compression
+from .compression import CompressionChain, CompressionRun, compression_run, run_compression
 from .launch import init_distributed, main_process_first
 from .run_dir import RunDirError, RunValidationError, require_output_dir
 from .runner import RUN_ERRORS, IncrementalRun, resolve_class_order, run_incremental
@@ -7,7 +7,9 @@ from .trainer import IncrementalTrainer, NonFiniteLossError
 
 __all__ = [
     "add_run_arguments",
+    "CompressionChain",
     "CompressionRun",
+    "compression_run",
     "RUN_ERRORS",
     "IncrementalRun",
     "IncrementalTrainer",

@@ -8,6 +8,12 @@ enables (``ILMIL.DISTILL``); with no term enabled it is the undistilled student.
 It writes what an incremental run writes (results.json, report.md, per-class AP,
 plots), resumes like one, and evaluates the teacher on the same test data
 (``results.json["teacher"]``), so one folder compares the two.
+
+With ``ILMIL.TEACHER.ASSISTANT_CONFIG_FILE`` the run is a chain (a teacher
+assistant): a model of that config is distilled from the teacher first, as a
+compression run of its own in ``OUTPUT_DIR/assistant/``, and then teaches the
+student. Each step keeps its model and evaluation and is reused or resumed like a
+stage; the student's results name both (``"teacher"``, ``"assistant"``).
 """
 import json
 import logging
@@ -16,20 +22,21 @@ import os
 from detectron2.utils import comm
 
 from ..checkpoint import CheckpointClassesError, CheckpointError, load_checked_checkpoint
-from ..config import ConfigError, derived_cfg
+from ..config import ConfigError, derived_cfg, get_ilmil_cfg
 from ..data import with_every_class_old
 from ..data.stages import StageSpecError
-from ..distill import build_teacher
+from ..distill import build_teacher, check_distill_config
 from ..evaluation import evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
 from .run_dir import RunValidationError
 from .runner import IncrementalRun
 
-__all__ = ["CompressionRun", "run_compression"]
+__all__ = ["CompressionChain", "CompressionRun", "assistant_cfg", "compression_run", "run_compression"]
 
 logger = logging.getLogger("ilmil")
 
 TEACHER_DIR = "teacher"
+ASSISTANT_DIR = "assistant"
 
 
 class CompressionRun(IncrementalRun):
@@ -93,6 +100,51 @@ class CompressionRun(IncrementalRun):
         return finalize_run(self.output_dir)
 
 
+def assistant_cfg(cfg):
+    """The assistant step's config: the student's (data, schedule, terms, teacher) with the
+    detector of ``ILMIL.TEACHER.ASSISTANT_CONFIG_FILE`` (its MODEL and channel layout),
+    run in ``OUTPUT_DIR/assistant``."""
+    own = get_ilmil_cfg(cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE, method="finetune")
+    return derived_cfg(cfg, {
+        "MODEL": own.MODEL.clone(), "MODEL.DEVICE": cfg.MODEL.DEVICE,
+        "ILMIL.PRUNING.CHANNELS": list(own.ILMIL.PRUNING.CHANNELS), "ILMIL.TEACHER.ASSISTANT_CONFIG_FILE": "",
+        "OUTPUT_DIR": os.path.join(cfg.OUTPUT_DIR, ASSISTANT_DIR),
+    })  # fmt: skip
+
+
+class CompressionChain:
+    """teacher -> assistant -> student (see the module docstring). The assistant's run is
+    validated before any training; the student's once the assistant it learns from exists."""
+
+    def __init__(self, cfg, teacher_weights, resume=False, force=False):
+        self.cfg, self.resume, self.force = cfg, resume, force
+        self.assistant = CompressionRun(assistant_cfg(cfg), teacher_weights, resume, force)
+        # The student's teacher is the assistant: its terms and layers are checked against it now.
+        self.student_cfg = derived_cfg(cfg, {"ILMIL.TEACHER.CONFIG_FILE": cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE})
+        check_distill_config(self.student_cfg)
+
+    def run(self):
+        logger.info("Teacher assistant: distilling %s first", self.cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE)
+        first = self.assistant.run()
+        weights = os.path.join(self.assistant.output_dir, "stage_0", "model_final.pth")
+        logger.info("Teacher assistant done: the student learns from %s", weights)
+        results = CompressionRun(self.student_cfg, weights, self.resume, self.force).run()
+        if not comm.is_main_process():
+            return results
+        # The student's teacher in its own evaluation is the assistant; the chain's is the first teacher.
+        results["assistant"] = {**results["teacher"], "config_file": self.cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE}
+        results["teacher"] = first["teacher"]
+        write_json(os.path.join(self.cfg.OUTPUT_DIR, "results.json"), results)
+        return finalize_run(self.cfg.OUTPUT_DIR)
+
+
+def compression_run(cfg, teacher_weights, resume=False, force=False):
+    """The run of ``cfg``: a ``CompressionChain`` with an assistant config, else a ``CompressionRun``."""
+    cls = CompressionChain if cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE else CompressionRun
+    return cls(cfg, teacher_weights, resume, force)
+
+
 def run_compression(cfg, teacher_weights, resume=False, force=False):
-    """Train and evaluate the student of ``cfg`` distilled from ``teacher_weights``; the results dict."""
-    return CompressionRun(cfg, teacher_weights, resume, force).run()
+    """Train and evaluate the student of ``cfg`` distilled from ``teacher_weights`` (through
+    its assistant, if it names one); the results dict."""
+    return compression_run(cfg, teacher_weights, resume, force).run()
