@@ -12,9 +12,10 @@ from conftest import REPO_ROOT, TINY_SHAPES
 from benchmarks import records
 from benchmarks.harness import CONFIG_RECORD, BenchError, Run, describe, plan, reuse_status, train
 from benchmarks.run import main as bench_main
-from benchmarks.suites import ABLATION, ACCURACY, ONE_STAGE, STAGE_IMAGES
+from benchmarks.suites import ABLATION, ACCURACY, KD, ONE_STAGE, STAGE_IMAGES
 from benchmarks.tables import stage_images_table
 from ilmil.data import shapes_num_classes
+from ilmil.distill import enabled_terms
 
 TINY_OPTS = [
     "ILMIL.SHAPES.NUM_CLASSES", str(TINY_SHAPES["num_classes"]),
@@ -266,16 +267,35 @@ def test_variants_narrow_the_plan_and_an_unknown_one_is_refused(tmp_path, capsys
     assert line.startswith("error: --variants lwf: not a variant of the accuracy suite") and "finetune" in line
 
 
+# The terms each kd row switches on, in the order the distiller logs them.
+KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dense"], "review": ["review"],
+                "M-KD": ["dense", "at", "fsp"], "M-KD + assistant": ["dense", "at", "fsp"]}
+
+
+def test_kd_rows_switch_on_their_terms_only():
+    planned = plan(KD, False, ("20",), (0,), "runs", ())
+    for (_, name, _), run in planned.items():
+        detector, row = name.split(" ", 1)
+        terms = [section.lower() for section in enabled_terms(run.config())]
+        expected = KD_ROW_TERMS[row] if detector != "faster_rcnn" else [
+            {"dense": "rcn"}.get(t, t) for t in KD_ROW_TERMS[row]]
+        assert sorted(terms) == sorted(expected), name
+        assert ("--assistant-config" in run.command()) == (row == "M-KD + assistant")
+
+
 def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(tiny_datasets_root, tmp_path):
     classes = str(TINY_SHAPES["num_classes"])
-    args = ("--detectors", "fcos", "--specs", classes, "--iters", "4", "--base-iters", "6", "--jobs", "2")
+    # Three rows of one detector: none, one and every kind of distillation (through an assistant).
+    rows = ["no KD", "output", "M-KD + assistant"]
+    args = ("--variants", *[f"fcos {row}" for row in rows], "--specs", classes, "--iters", "4", "--base-iters", "6",
+            "--jobs", "2")
     # The narrow head's GroupNorms have one channel per group: its p7 map must be larger than
     # 1 x 1 at test time (batch 1), so images of 160 px (p7: 2 x 2).
     test_size = ("ILMIL.SHAPES.IMAGE_SIZE", "160", "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "160")
     _run_harness("kd", tiny_datasets_root, tmp_path, *args, opts=test_size)
     with open(tmp_path / "results" / "kd_quick.json") as f:
         records_ = {r["baseline"]: r for r in json.load(f)["records"]}
-    assert list(records_) == ["no KD", "PKD", "FGFI", "output", "review", "M-KD", "M-KD + assistant"]
+    assert list(records_) == rows
     runs = tmp_path / "runs" / "kd_quick"
     teacher = runs / f"teacher_fcos_{classes}classes_6it_seed0"
     assert _last_iteration(teacher / "stage_0") == 5
@@ -289,16 +309,14 @@ def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(ti
         assert results["teacher"]["weights"] == str(teacher / "stage_0" / "model_final.pth")
         assert record["teacher_AP50"] == results["teacher"]["AP50"]
         logged = (run / "stage_0" / "metrics.json").read_text()
-        expected = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dense"], "review": ["review"],
-                    "M-KD": ["dense", "at", "fsp"], "M-KD + assistant": ["dense", "at", "fsp"]}[baseline]
         terms = ("feat", "fgfi", "dense", "review", "at", "fsp")
-        assert [t for t in terms if f"loss_distill_{t}" in logged] == expected
+        assert [t for t in terms if f"loss_distill_{t}" in logged] == KD_ROW_TERMS[baseline]
         assert ("loss_detection_uncertainty" in logged) == baseline.startswith("M-KD")
         # The chain's teacher is the suite's; its assistant taught the student.
         assert ("assistant" in results) == (baseline == "M-KD + assistant")
     table = (tmp_path / "results" / "kd_quick.md").read_text()
-    rows = [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| fcos |")]
-    assert rows == ["teacher", "no KD", "PKD", "FGFI", "output", "review", "M-KD", "M-KD + assistant"]
+    table_rows = [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| fcos |")]
+    assert table_rows == ["teacher", *rows]
     # A later invocation reuses every run and still has each one's peak memory.
     again = _run_harness("kd", tiny_datasets_root, tmp_path, *args, opts=test_size)
     assert "0 runs to train" in again

@@ -114,7 +114,7 @@ def test_a_teacher_assistant_chain_runs_end_to_end_and_resumes_a_killed_student(
     args = ["--stages", "4", "--teacher-weights", str(teacher), "--output-dir", str(out), *NARROW,
             "--config-file", student_config, "--assistant-config", assistant, *SHAPES_OPTS, *TRAIN_OPTS,
             *NARROW_OPTS, "ILMIL.DISTILL.RCN.ENABLED", "False",
-            "SOLVER.MAX_ITER", "30", "SOLVER.STEPS", "(25,)", "SOLVER.CHECKPOINT_PERIOD", "5"]
+            "SOLVER.MAX_ITER", "16", "SOLVER.STEPS", "(12,)", "SOLVER.CHECKPOINT_PERIOD", "4"]
     proc = start_tool("train_compression.py", args, tiny_datasets_root, tmp_path / "first.log")
     student_stage = out / "stage_0"
     status = kill_when_exists(proc, student_stage / "last_checkpoint")
@@ -128,7 +128,7 @@ def test_a_teacher_assistant_chain_runs_end_to_end_and_resumes_a_killed_student(
     resumed = run_tool("train_compression.py", [*args[:6], "--resume", *args[6:]], tiny_datasets_root, timeout=300)
     assert resumed.returncode == 0, tail(resumed)
     assert "exists, not retraining" in resumed.log  # the assistant is reused
-    assert f"resuming at iteration {killed_at + 1} of 30" in resumed.log
+    assert f"resuming at iteration {killed_at + 1} of 16" in resumed.log
     results = read_json(out / "results.json")
     # The chain's teacher is the first one; the assistant taught the student.
     assert results["teacher"]["weights"] == str(teacher)
