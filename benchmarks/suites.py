@@ -236,12 +236,13 @@ def _kd_variants():
     return tuple(variants)
 
 
+KD_VARIANTS = _kd_variants()
 KD = Suite(
     "kd",
     # The teacher is the student's detector at the default width, trained twice as long: on
     # 2 cores a deeper backbone would cost its students' budget (their teacher pass) too.
-    full=Setting(("20",), _kd_variants(), iters=800, base_iters=1600, **DATA["full"]),
-    quick=Setting(("20",), _kd_variants(), iters=30, base_iters=60, **DATA["quick"]),
+    full=Setting(("20",), KD_VARIANTS, iters=800, base_iters=1600, **DATA["full"]),
+    quick=Setting(("20",), KD_VARIANTS, iters=30, base_iters=60, **DATA["quick"]),
     table=tables.kd_table,
     records=kd_records,
     stage0="teacher",
@@ -249,23 +250,20 @@ KD = Suite(
              "batch 4: per detector a teacher of its default CPU config (R18, FPN 64 channels) trained {base_iters} "
              "iterations, and students of configs/shapes/kd/ (half-width residual blocks, FPN 32 channels) trained "
              "{iters} iterations, without "
-             "distillation and with each baseline alone; step time = median over the run, two runs sharing the "
+             "distillation and with each row's terms; step time = median over the run, two runs sharing the "
              "2 cores (one thread each)",
 )
 
 # Incremental RetinaNet and FCOS: the one-stage recipe of configs/methods/dense/ against
 # finetune and joint, from a stage 0 trained to convergence (a one-stage detector trained
 # from scratch converges later than Faster R-CNN: AP50 8-14 after 800 iterations).
+ONE_STAGE_VARIANTS = tuple(
+    Variant(f"{detector} {method}", method, detector=detector, config_file=f"configs/shapes/{detector}_R18_FPN_cpu.yaml")
+    for detector in ("retinanet", "fcos") for method in ("finetune", "ilmil", "joint"))
 ONE_STAGE = Suite(
     "one_stage",
-    full=Setting(("10+10",), tuple(Variant(f"{detector} {method}", method, detector=detector,
-                                           config_file=f"configs/shapes/{detector}_R18_FPN_cpu.yaml")
-                                   for detector in ("retinanet", "fcos") for method in ("finetune", "ilmil", "joint")),
-                 iters=800, base_iters=6400, **DATA["full"]),
-    quick=Setting(("10+10",), tuple(Variant(f"{detector} {method}", method, detector=detector,
-                                            config_file=f"configs/shapes/{detector}_R18_FPN_cpu.yaml")
-                                    for detector in ("retinanet", "fcos") for method in ("finetune", "ilmil", "joint")),
-                  iters=120, base_iters=0, **DATA["quick"]),
+    full=Setting(("10+10",), ONE_STAGE_VARIANTS, iters=800, base_iters=6400, **DATA["full"]),
+    quick=Setting(("10+10",), ONE_STAGE_VARIANTS, iters=120, base_iters=0, **DATA["quick"]),
     table=tables.one_stage_table,
     protocol="incremental RetinaNet and FCOS (configs/shapes/, R18-FPN) on shapes ({num_train} train / {num_test} "
              "test, 256 px), batch 4, {base_iters} iterations for stage 0 (one model per detector shared by its "

@@ -38,6 +38,9 @@ class DenseStudent(DistillationStudent):
         """``init_student``'s arguments, and the detector's as ``kwargs``."""
         super().__init__(**kwargs)
         self.init_student(teacher, distiller, pseudo_labels, teacher_precision)
+        # Feature terms alone need the teacher's backbone, not its head or NMS.
+        self._teacher_head_needed = teacher is not None and (pseudo_labels is not None or any(
+            not path.startswith("backbone") for path in self._teacher_recorder.module_paths))
 
     @classmethod
     def from_config(cls, cfg):
@@ -87,11 +90,6 @@ class DenseStudent(DistillationStudent):
         # so that the recorded head outputs stay the teacher's logits.
         copies = [[x.clone() for x in level_outputs] for level_outputs in predictions]
         return {"instances": teacher.forward_inference(images, features, copies), "records": records}
-
-    @property
-    def _teacher_head_needed(self):
-        return self.pseudo_labels is not None or any(
-            not path.startswith("backbone") for path in self._teacher_recorder.module_paths)
 
     def add_pseudo_labels(self, detections, gt_instances):
         cfg = self.pseudo_labels

@@ -28,6 +28,11 @@ def fsp_matrix(first, second):
     return torch.bmm(first.flatten(2), second.flatten(2).transpose(1, 2)) / (height * width)
 
 
+def _pair_layers(pairs):
+    """The layers of ``pairs``, each once, in order."""
+    return tuple(dict.fromkeys(name for pair in pairs for name in pair))
+
+
 @DISTILL_LOSS_REGISTRY.register()
 class FSPRelation(DistillLoss):
     """The FSP matrices of layer pairs (see the module docstring)."""
@@ -41,22 +46,22 @@ class FSPRelation(DistillLoss):
             raise ConfigError(f"ILMIL.DISTILL.FSP.PAIRS {[list(p) for p in pairs]}: give pairs of layers; "
                               "fix: e.g. [[res2, res3], [res3, res4], [res4, res5]]")
         self.pairs = tuple(tuple(pair) for pair in pairs)
+        self.layers = _pair_layers(self.pairs)
         self.connectors = connectors if connectors is not None else nn.ModuleDict()
 
     @classmethod
     def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):
         pairs = cfg.ILMIL.DISTILL.FSP.PAIRS
-        layers = list(dict.fromkeys(name for pair in pairs for name in pair))
         return {"pairs": pairs,
-                "connectors": feature_connectors(layers, student_shapes or {}, teacher_shapes or {},
+                "connectors": feature_connectors(_pair_layers(pairs), student_shapes or {}, teacher_shapes or {},
                                                  cfg.ILMIL.DISTILL.CONNECTOR, "ILMIL.DISTILL.FSP.PAIRS")}
 
     def records(self):
-        return tuple(dict.fromkeys(name for pair in self.pairs for name in pair))
+        return self.layers
 
     def forward(self, student, teacher, context=None):
         mapped = {name: self.connectors[name](student[name]) if name in self.connectors else student[name]
-                  for name in self.records()}
+                  for name in self.layers}
         total = 0.0
         for first, second in self.pairs:
             g_s = fsp_matrix(mapped[first], mapped[second])
