@@ -201,11 +201,27 @@ STAGE_IMAGES = Suite(
 )
 
 
+# Each detector's CPU config (the teacher of the kd suite, stage 0 of the incremental ones)
+# and its compression student.
+DETECTOR_CONFIGS = {
+    "faster_rcnn": "configs/shapes/faster_rcnn_R18_FPN_cpu.yaml",
+    "retinanet": "configs/shapes/retinanet_R18_FPN_cpu.yaml",
+    "fcos": "configs/shapes/fcos_R18_FPN_cpu.yaml",
+    "yolov3": "configs/shapes/yolov3_cpu.yaml",
+}
+STUDENT_CONFIGS = {
+    "faster_rcnn": "configs/shapes/kd/faster_rcnn_R18_FPN32_student_cpu.yaml",
+    "retinanet": "configs/shapes/kd/retinanet_R18_FPN32_student_cpu.yaml",
+    "fcos": "configs/shapes/kd/fcos_R18_FPN32_student_cpu.yaml",
+    "yolov3": "configs/shapes/kd/yolov3_tiny_student_cpu.yaml",
+}
+
+
 def _kd_variants():
-    """Per detector: its default CPU config as the teacher, the half-width student of
+    """Per detector: its default CPU config as the teacher, the small student of
     configs/shapes/kd/ without distillation, with each baseline alone and with each
     method of the papers."""
-    terms = ("FEAT", "RCN", "FGFI", "DENSE", "REVIEW", "AT", "FSP")
+    terms = ("FEAT", "RCN", "FGFI", "DENSE", "REVIEW", "AT", "FSP", "INFOMAP")
 
     def only(*on):
         return tuple(x for term in terms for x in (f"ILMIL.DISTILL.{term}.ENABLED", str(term in on)))
@@ -213,7 +229,7 @@ def _kd_variants():
     # Output distillation, the classification head's soft targets: the box head's softened
     # softmax on Faster R-CNN, the dense head's class scores (and confident boxes) on the others.
     outputs = {"faster_rcnn": ("RCN", ("ILMIL.DISTILL.RCN.LOGITS", "kl")), "retinanet": ("DENSE", ()),
-               "fcos": ("DENSE", ())}
+               "fcos": ("DENSE", ()), "yolov3": ("DENSE", ())}
     variants = []
     for detector, (output, output_opts) in outputs.items():
         mkd = (only(output, "AT", "FSP") + output_opts
@@ -221,18 +237,34 @@ def _kd_variants():
         rows = {
             "no KD": (only(), ()), "PKD": (only("FEAT") + ("ILMIL.DISTILL.FEAT.DISTANCE", "normalized"), ()),
             "FGFI": (only("FGFI"), ()), "output": (only(output) + output_opts, ()),
-            # Knowledge review, fg/bg decoupled, with pyramid pooling (the config's defaults).
-            "review": (only("REVIEW"), ()),
-            # M-KD: soft targets, attention, layer relations, and its exploration (learned
-            # uncertainty weights over the terms and the detection loss); then the same through
-            # a teacher assistant of three-quarter-width blocks.
-            "M-KD": (mkd, ()),
-            "M-KD + assistant": (mkd, ("--assistant-config", f"configs/shapes/kd/{detector}_R18_FPN_assistant_cpu.yaml")),
         }  # fmt: skip
+        if detector == "yolov3":
+            backbone, neck = ["dark3", "dark4", "dark5"], ["p3", "p4", "p5"]
+            rows.update({
+                # Multi-layer feature alignment: the squared distance on every backbone stage and
+                # neck level through connectors, each layer weighted by its running disagreement.
+                "alignment": (only("FEAT") + ("ILMIL.DISTILL.FEAT.DISTANCE", "l2",
+                                              "ILMIL.DISTILL.FEAT.LAYER_WEIGHTING", "adaptive"), ()),
+                # Information-map distillation of backbone and neck, and its ablations.
+                "information map": (only("INFOMAP"), ()),
+                "uniform map": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.WEIGHTING", "uniform"), ()),
+                "information map, backbone": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.LAYERS", str(backbone)), ()),
+                "information map, neck": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.LAYERS", str(neck)), ()),
+            })  # fmt: skip
+        else:
+            rows.update({
+                # Knowledge review, fg/bg decoupled, with pyramid pooling (the config's defaults).
+                "review": (only("REVIEW"), ()),
+                # M-KD: soft targets, attention, layer relations, and its exploration (learned
+                # uncertainty weights over the terms and the detection loss); then the same through
+                # a teacher assistant of three-quarter-width blocks.
+                "M-KD": (mkd, ()),
+                "M-KD + assistant": (mkd, ("--assistant-config",
+                                           f"configs/shapes/kd/{detector}_R18_FPN_assistant_cpu.yaml")),
+            })  # fmt: skip
         for name, (opts, flags) in rows.items():
             variants.append(Variant(f"{detector} {name}", "finetune", opts, flags, detector=detector,
-                                    config_file=f"configs/shapes/kd/{detector}_R18_FPN32_student_cpu.yaml",
-                                    teacher_config=f"configs/shapes/{detector}_R18_FPN_cpu.yaml"))
+                                    config_file=STUDENT_CONFIGS[detector], teacher_config=DETECTOR_CONFIGS[detector]))
     return tuple(variants)
 
 
@@ -254,18 +286,18 @@ KD = Suite(
              "2 cores (one thread each)",
 )
 
-# Incremental RetinaNet and FCOS: the one-stage recipe of configs/methods/dense/ against
+# Incremental RetinaNet, FCOS and YOLO: the one-stage recipe of configs/methods/dense/ against
 # finetune and joint, from a stage 0 trained to convergence (a one-stage detector trained
 # from scratch converges later than Faster R-CNN: AP50 8-14 after 800 iterations).
 ONE_STAGE_VARIANTS = tuple(
-    Variant(f"{detector} {method}", method, detector=detector, config_file=f"configs/shapes/{detector}_R18_FPN_cpu.yaml")
-    for detector in ("retinanet", "fcos") for method in ("finetune", "ilmil", "joint"))
+    Variant(f"{detector} {method}", method, detector=detector, config_file=DETECTOR_CONFIGS[detector])
+    for detector in ("retinanet", "fcos", "yolov3") for method in ("finetune", "ilmil", "joint"))
 ONE_STAGE = Suite(
     "one_stage",
-    full=Setting(("10+10",), ONE_STAGE_VARIANTS, iters=800, base_iters=6400, **DATA["full"]),
+    full=Setting(("10+10", "10+5+5"), ONE_STAGE_VARIANTS, iters=800, base_iters=6400, **DATA["full"]),
     quick=Setting(("10+10",), ONE_STAGE_VARIANTS, iters=120, base_iters=0, **DATA["quick"]),
     table=tables.one_stage_table,
-    protocol="incremental RetinaNet and FCOS (configs/shapes/, R18-FPN) on shapes ({num_train} train / {num_test} "
+    protocol="incremental RetinaNet, FCOS (configs/shapes/, R18-FPN) and YOLO (configs/shapes/yolov3_cpu.yaml) on shapes ({num_train} train / {num_test} "
              "test, 256 px), batch 4, {base_iters} iterations for stage 0 (one model per detector shared by its "
              "methods), {iters} for each later stage (joint: the sum)",
 )

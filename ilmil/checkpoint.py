@@ -34,6 +34,7 @@ from .pruning.channels import channel_layout
 
 __all__ = [
     "CLASSIFIER_KEYS",
+    "dense_classifiers",
     "DISTILLATION_STATE_PREFIXES",
     "CheckpointClassesError",
     "CheckpointError",
@@ -179,21 +180,32 @@ def checkpoint_channel_layout(checkpoint):
 
 
 # The classifier weight of each detector family, as a state dict names it: Faster R-CNN's
-# box predictor, and the RetinaNet / FCOS dense head (whose box conv gives the anchors per location).
-CLASSIFIER_KEYS = ("roi_heads.box_predictor.cls_score.weight", "head.cls_score.weight")
-_DENSE_BOX = "head.bbox_pred.weight"
+# box predictor, and the dense heads' (RetinaNet / FCOS: one conv shared by the levels;
+# YOLO: one per level, head.cls_score.<level>), whose box convs give the anchors per location.
+CLASSIFIER_KEYS = ("roi_heads.box_predictor.cls_score.weight", "head.cls_score.weight", "head.cls_score.0.weight")
+
+
+def dense_classifiers(state):
+    """``[(class conv, box conv)]`` name prefixes of a dense head's classifiers in ``state``:
+    one pair for RetinaNet / FCOS, one per level for YOLO; [] for Faster R-CNN."""
+    if "head.cls_score.weight" in state:
+        return [("head.cls_score", "head.bbox_pred")]
+    levels = 0
+    while f"head.cls_score.{levels}.weight" in state:
+        levels += 1
+    return [(f"head.cls_score.{k}", f"head.bbox_pred.{k}") for k in range(levels)]
 
 
 def state_dict_num_classes(state):
-    """The class count of a detector's state dict, or None when it holds neither
-    classifier of ``CLASSIFIER_KEYS``: Faster R-CNN's ``cls_score`` rows less the
-    background row; RetinaNet's / FCOS's ``cls_score`` channels divided by the anchors
-    per location, which are the box conv's channels / 4."""
-    box_predictor, dense = CLASSIFIER_KEYS
+    """The class count of a detector's state dict, or None when it holds no classifier of
+    ``CLASSIFIER_KEYS``: Faster R-CNN's ``cls_score`` rows less the background row; a
+    dense head's ``cls_score`` channels divided by the anchors per location, which are
+    its box conv's channels / 4."""
+    box_predictor = CLASSIFIER_KEYS[0]
     if box_predictor in state:
         return state[box_predictor].shape[0] - 1
-    if dense in state:
-        return state[dense].shape[0] // (state[_DENSE_BOX].shape[0] // 4)
+    for cls_score, bbox_pred in dense_classifiers(state)[:1]:
+        return state[f"{cls_score}.weight"].shape[0] // (state[f"{bbox_pred}.weight"].shape[0] // 4)
     return None
 
 

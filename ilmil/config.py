@@ -8,7 +8,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 
-__all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "changed_from_defaults",
+__all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "add_yolo_config", "changed_from_defaults",
            "check_choice", "check_optimizer", "config_items", "default_cfg", "derived_cfg", "get_ilmil_cfg",
            "method_preset", "method_presets", "num_classes_changes", "set_num_classes", "uses_teacher",
            "DEFAULT_CONFIG", "METHOD_PRESETS"]
@@ -185,6 +185,14 @@ def add_ilmil_config(cfg):
     # Pooled sizes besides the full one, weighted 1/2, 1/4, ... ([] = the full size only).
     cfg.ILMIL.DISTILL.REVIEW.POOL_SIZES = [4, 2, 1]
 
+    # Information-map distillation: imitation of LAYERS (backbone stages and neck levels)
+    # weighted by max(soft GT mask, the teacher's objectness) | uniform (weight 1).
+    cfg.ILMIL.DISTILL.INFOMAP = CN()
+    cfg.ILMIL.DISTILL.INFOMAP.ENABLED = False
+    cfg.ILMIL.DISTILL.INFOMAP.WEIGHT = 1.0
+    cfg.ILMIL.DISTILL.INFOMAP.LAYERS = ["dark3", "dark4", "dark5", "p3", "p4", "p5"]
+    cfg.ILMIL.DISTILL.INFOMAP.WEIGHTING = "information"
+
     # M-KD's attention transfer: normalised spatial attention maps (channel mean of the
     # squared activations) of LAYERS, any widths.
     cfg.ILMIL.DISTILL.AT = CN()
@@ -275,10 +283,45 @@ def add_fcos_config(cfg):
     cfg.MODEL.FCOS.NMS_THRESH_TEST = 0.6
 
 
-# The class count of every detector head ilmil builds: Faster R-CNN, RetinaNet, FCOS. Each
+def add_yolo_config(cfg):
+    """Add ``MODEL.YOLO`` (ilmil/modeling/yolo.py, the YOLOv3-style detector) to ``cfg``."""
+    cfg.MODEL.YOLO = CN()
+    # Classes of the sigmoid classifier (no background logit); the stage runner sets it per stage.
+    cfg.MODEL.YOLO.NUM_CLASSES = 80
+    # Backbone maps the neck reads, finest first: dark3-dark5 (Darknet-53), dark4-dark5 (tiny).
+    cfg.MODEL.YOLO.IN_FEATURES = ["dark3", "dark4", "dark5"]
+    # Every width times this (rounded to multiples of 8), every stage's block count times
+    # the depth one (at least 1): Darknet-53 at full size is ~4x an R18-FPN step.
+    cfg.MODEL.YOLO.WIDTH_MULTIPLIER = 1.0
+    cfg.MODEL.YOLO.DEPTH_MULTIPLIER = 1.0
+    cfg.MODEL.YOLO.NORM = "BN"
+    # Per level, finest first, [w, h] anchors in input pixels; empty: k-means over the
+    # training boxes at the start of a run (recorded in its config.yaml), NUM_ANCHORS per level.
+    cfg.MODEL.YOLO.ANCHORS = []
+    cfg.MODEL.YOLO.NUM_ANCHORS = 3
+    # Initial objectness and class probability: the output biases start at -log((1-p)/p).
+    cfg.MODEL.YOLO.PRIOR_PROB = 0.01
+    # A GT box trains its best anchor (width/height IoU) and every anchor above this IoU with it.
+    cfg.MODEL.YOLO.MATCH_IOU_THRESH = 0.3
+    # Predictions overlapping a GT box above this IoU are no objectness negatives.
+    cfg.MODEL.YOLO.IGNORE_THRESH = 0.5
+    # Loss weights (of per-batch means, times the batch size), and the objectness weight per level.
+    cfg.MODEL.YOLO.BOX_WEIGHT = 0.05
+    cfg.MODEL.YOLO.CLS_WEIGHT = 0.5
+    cfg.MODEL.YOLO.OBJ_WEIGHT = 1.0
+    cfg.MODEL.YOLO.OBJ_LEVEL_WEIGHTS = [4.0, 1.0, 0.4]
+    # Test: score = objectness x class probability; below the threshold dropped, the best
+    # TOPK per level to per-class NMS; kept per image: TEST.DETECTIONS_PER_IMAGE.
+    cfg.MODEL.YOLO.SCORE_THRESH_TEST = 0.05
+    cfg.MODEL.YOLO.TOPK_CANDIDATES_TEST = 1000
+    cfg.MODEL.YOLO.NMS_THRESH_TEST = 0.5
+
+
+# The class count of every detector head ilmil builds: Faster R-CNN, RetinaNet, FCOS, YOLO. Each
 # meta-architecture reads its own key only, so setting all three fits whichever one a
 # config names (and its subclasses).
-NUM_CLASSES_KEYS = ("MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.RETINANET.NUM_CLASSES", "MODEL.FCOS.NUM_CLASSES")
+NUM_CLASSES_KEYS = ("MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.RETINANET.NUM_CLASSES", "MODEL.FCOS.NUM_CLASSES",
+                    "MODEL.YOLO.NUM_CLASSES")
 
 
 def num_classes_changes(num_classes):
@@ -351,6 +394,7 @@ def default_cfg():
     method preset, no file)."""
     cfg = get_cfg()
     add_fcos_config(cfg)
+    add_yolo_config(cfg)
     add_ilmil_config(cfg)
     for add_config in _CONFIG_EXTENSIONS:
         add_config(cfg)

@@ -76,7 +76,7 @@ def test_enabled_sections_become_terms_in_config_order():
 def test_an_enabled_section_that_no_loss_claims_is_refused_with_the_registered_ones():
     cfg = _cfg(NUM_ALL)
     cfg.ILMIL.DISTILL.NOT_A_LOSS = type(cfg)({"ENABLED": True, "WEIGHT": 1.0})
-    with pytest.raises(ConfigError, match=r"ILMIL\.DISTILL\.NOT_A_LOSS\.ENABLED.*AT, DENSE, FEAT, FGFI, FSP, RCN, REVIEW, RPN"):
+    with pytest.raises(ConfigError, match=r"ILMIL\.DISTILL\.NOT_A_LOSS\.ENABLED.*AT, DENSE, FEAT, FGFI, FSP, INFOMAP, RCN, REVIEW, RPN"):
         enabled_terms(cfg)
 
 

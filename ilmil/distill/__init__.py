@@ -2,7 +2,7 @@
 of both models (recorder.py), connectors between their widths (connectors.py), the
 loss registry and its terms (registry.py, losses/), their weighted sum (distiller.py),
 and the students that use them (student.py; rcnn.py: ``IncrementalRCNN``; dense.py:
-``IncrementalRetinaNet``, ``IncrementalFCOS``, registered meta-architectures)."""
+``IncrementalRetinaNet``, ``IncrementalFCOS``, ``IncrementalYOLOV3``, registered meta-architectures)."""
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 
 from ..config import check_choice, derived_cfg
@@ -23,7 +23,7 @@ from .losses import (
     old_class_logits,
     pyramid_distance,
 )
-from .dense import DenseStudent, IncrementalFCOS, IncrementalRetinaNet
+from .dense import DenseStudent, IncrementalFCOS, IncrementalRetinaNet, IncrementalYOLOV3
 from .rcnn import IncrementalRCNN
 from .recorder import Recorder, feature_shapes, recordable_names
 from .registry import DISTILL_LOSS_REGISTRY, DistillContext, DistillLoss, registered_terms
@@ -52,6 +52,7 @@ __all__ = [
     "FeatureDistillation",
     "FrozenTeacher",
     "IncrementalFCOS",
+    "IncrementalYOLOV3",
     "IncrementalRCNN",
     "IncrementalRetinaNet",
     "KnowledgeReview",

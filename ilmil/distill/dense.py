@@ -1,6 +1,7 @@
-"""Students of the one-stage detectors: ``IncrementalRetinaNet`` and ``IncrementalFCOS``.
+"""Students of the one-stage detectors: ``IncrementalRetinaNet``, ``IncrementalFCOS`` and
+``IncrementalYOLOV3``.
 
-Each is detectron2's detector (ilmil's yacs-built FCOS) plus the student mixin.
+Each is detectron2's detector (ilmil's yacs-built FCOS, ilmil's YOLO) plus the student mixin.
 With a teacher, a training step:
 
 1. runs the teacher on the raw images (its own normalisation), recording the
@@ -21,11 +22,12 @@ from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.utils.events import get_event_storage
 
 from ..modeling.fcos import FCOS
+from ..modeling.yolo import YOLOV3
 from ..modeling.pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt
 from .registry import DistillContext
 from .student import DistillationStudent
 
-__all__ = ["DenseStudent", "IncrementalFCOS", "IncrementalRetinaNet"]
+__all__ = ["DenseStudent", "IncrementalFCOS", "IncrementalRetinaNet", "IncrementalYOLOV3"]
 
 
 class DenseStudent(DistillationStudent):
@@ -64,7 +66,7 @@ class DenseStudent(DistillationStudent):
                 image_sizes=[tuple(x["image"].shape[-2:]) for x in batched_inputs],
                 strides=self._strides,
                 num_old_classes=self.teacher.num_classes,
-                teacher_outputs={} if detections["instances"] is None else {"detections": detections["instances"]},
+                teacher_outputs=self.teacher_outputs(detections),
             )
             losses = self.distiller.weigh_detection(losses)
             losses.update(self.distiller(student, detections["records"], context))
@@ -91,6 +93,15 @@ class DenseStudent(DistillationStudent):
         copies = [[x.clone() for x in level_outputs] for level_outputs in predictions]
         return {"instances": teacher.forward_inference(images, features, copies), "records": records}
 
+    def teacher_outputs(self, detections):
+        """The teacher outputs the losses may weigh by: its detections (with pseudo-labels)
+        and, for a head with objectness (YOLO), its objectness maps."""
+        outputs = {} if detections["instances"] is None else {"detections": detections["instances"]}
+        head = detections["records"].get("head")
+        if head is not None and getattr(self.teacher, "has_objectness", False):
+            outputs["objectness"] = head[2]
+        return outputs
+
     def add_pseudo_labels(self, detections, gt_instances):
         cfg = self.pseudo_labels
         merged, count = [], 0
@@ -115,3 +126,10 @@ class IncrementalFCOS(DenseStudent, FCOS):
     """FCOS as a student (a plain FCOS without a teacher)."""
 
     detector_architecture = "FCOS"
+
+
+@META_ARCH_REGISTRY.register()
+class IncrementalYOLOV3(DenseStudent, YOLOV3):
+    """The YOLOv3-style detector as a student (a plain YOLOV3 without a teacher)."""
+
+    detector_architecture = "YOLOV3"

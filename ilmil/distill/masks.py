@@ -1,6 +1,6 @@
 """Where on a feature map the objects are: masks for masked, decoupled and weighted losses.
 
-Both masks are [N, H, W] of 0/1 for a level of stride s, built from the context's
+The first two masks are [N, H, W] of 0/1 for a level of stride s, built from the context's
 GT boxes (pseudo-labels included):
 
 - ``gt_box_mask``: a location (cell centre ((x + 0.5) s, (y + 0.5) s)) is 1 when it
@@ -8,12 +8,14 @@ GT boxes (pseudo-labels included):
 - ``fgfi_mask`` (Wang et al. 2019, fine-grained feature imitation): a location is 1
   when one of its anchors has IoU > psi x (the best IoU of some GT box over all
   anchors of every level) with that box; psi = 0.5.
+
+``gaussian_box_mask`` is a soft GT mask in [0, 1]: highest at the box centres.
 """
 import torch
 
 from detectron2.structures import pairwise_iou
 
-__all__ = ["fgfi_mask", "gt_box_mask"]
+__all__ = ["fgfi_mask", "gaussian_box_mask", "gt_box_mask"]
 
 
 def gt_box_mask(gt_instances, size, stride):
@@ -55,3 +57,27 @@ def fgfi_mask(gt_instances, anchors, sizes, psi=0.5):
             height, width = sizes[level]
             masks[level].append(part.view(height, width, -1).any(dim=2).float())
     return {level: torch.stack(m) for level, m in masks.items()}
+
+
+def gaussian_box_mask(gt_instances, size, stride):
+    """[N, H, W] soft GT mask of a level: per box, exp(-(dx^2 / (2 sx^2) + dy^2 / (2 sy^2)))
+    at the cell centres inside it (dx, dy from the box centre, sx, sy half its width and
+    height: 1 at the centre, exp(-1/2) at the middle of an edge), 0 outside; the max over boxes."""
+    height, width = size
+    device = gt_instances[0].gt_boxes.device if gt_instances else "cpu"
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride
+    masks = []
+    for inst in gt_instances:
+        boxes = inst.gt_boxes.tensor
+        if len(boxes) == 0:
+            masks.append(torch.zeros(height, width, device=device))
+            continue
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+        half = ((boxes[:, 2:] - boxes[:, :2]) / 2).clamp(min=1e-3)
+        dx = (xs[None, :] - centre[:, 0:1]) / half[:, 0:1]  # [B, W], in half-widths
+        dy = (ys[None, :] - centre[:, 1:2]) / half[:, 1:2]  # [B, H]
+        inside = (dy.abs() <= 1)[:, :, None] & (dx.abs() <= 1)[:, None, :]
+        weight = torch.exp(-(dy[:, :, None] ** 2 + dx[:, None, :] ** 2) / 2) * inside
+        masks.append(weight.max(dim=0).values)
+    return torch.stack(masks)

@@ -2,7 +2,7 @@
 module tree, the distiller of the config's terms as a submodule, the recorders of
 both models, and training with the teacher always in eval mode.
 
-A student class (``IncrementalRCNN``, ``IncrementalRetinaNet``, ``IncrementalFCOS``)
+A student class (``IncrementalRCNN``, ``IncrementalRetinaNet``, ``IncrementalFCOS``, ``IncrementalYOLOV3``)
 is a detectron2 detector plus this mixin and its own ``forward``; without a teacher
 (stage 0, ``finetune``, ``joint``) it is the plain detector it extends, named by
 ``detector_architecture`` (what its teachers are built as).

@@ -65,7 +65,7 @@ def check_pruning_config(cfg):
                            "iterations, e.g. 400, or drop the teacher")
     if arch in META_ARCH_REGISTRY and not is_student_architecture(META_ARCH_REGISTRY.get(arch)):
         raise PruningError(f"{key} needs a student MODEL.META_ARCHITECTURE (IncrementalRCNN, IncrementalRetinaNet, "
-                           f"IncrementalFCOS) to hold the teacher, got {arch}; fix: set one of those")
+                           f"IncrementalFCOS, IncrementalYOLOV3) to hold the teacher, got {arch}; fix: set one of those")
 
 
 def _stage_ratios(cfg):

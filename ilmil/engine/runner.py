@@ -1,7 +1,7 @@
 """The stage runner: trains the stages of a schedule in order, each starting from
 the previous stage's model (classifier expanded), and evaluates after each.
 Faster R-CNN, RetinaNet and FCOS train with every method; a method with a teacher needs
-a student meta-architecture (``IncrementalRCNN``, ``IncrementalRetinaNet``, ``IncrementalFCOS``).
+a student meta-architecture (``IncrementalRCNN``, ``IncrementalRetinaNet``, ``IncrementalFCOS``, ``IncrementalYOLOV3``).
 
 Output layout (``OUT``)::
 
@@ -53,7 +53,7 @@ from ..evaluation import NotARunError, evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
 from ..distill import DistillationStudent, check_distill_config, is_student_architecture
 from ..file_io import atomic_write
-from ..modeling import load_detector, load_expanded, with_checkpoint_layout
+from ..modeling import load_detector, load_expanded, with_checkpoint_layout, with_yolo_anchors
 from ..pruning import PruningError
 from .launch import main_process_first
 from .pruning_stage import check_pruning_config, prune_checkpoint, pruning_enabled
@@ -120,10 +120,9 @@ class IncrementalRun:
         if uses_teacher(cfg) and not is_student_architecture(meta_arch):
             raise ConfigError(
                 f"method {self.method} needs a student MODEL.META_ARCHITECTURE to hold its teacher, got "
-                f"{cfg.MODEL.META_ARCHITECTURE}; fix: IncrementalRCNN, IncrementalRetinaNet or IncrementalFCOS "
+                f"{cfg.MODEL.META_ARCHITECTURE}; fix: IncrementalRCNN, IncrementalRetinaNet, IncrementalFCOS or IncrementalYOLOV3 "
                 "(configs/shapes/*_cpu.yaml name them), or --method finetune / joint"
             )
-        check_distill_config(cfg)
         self.resume, self.force = resume, force
         problems = []
         self.source = main_process_first(lambda: load_dataset_source(cfg, problems))
@@ -159,6 +158,9 @@ class IncrementalRun:
             exclusive = ExclusiveStageImages(self.schedule, cfg.ILMIL.STAGE_IMAGES_SEED)
         self.registered = [register_stage_datasets(self.dataset_prefix, self.source, s, exclusive)
                            for s in self.schedule]
+        # A YOLO config without anchors gets them from the first stage's training boxes.
+        self.cfg = cfg = with_yolo_anchors(cfg, DatasetCatalog.get(self.registered[0][0]))
+        check_distill_config(cfg)
         self._log_stage_images()
         problems += self._schedule_problems()
         folder_problem = output_dir_problem(self.output_dir)

@@ -7,15 +7,16 @@ Which classifier a state dict holds is told by its keys:
   0..K-1, moves the old background row K to the new last row K+N, and keeps the
   student's own fresh initialisation (std 0.01 / 0.001) for the N new rows;
   class-specific ``bbox_pred`` rows 0..4K-1 are copied.
-* RetinaNet and FCOS (``head.cls_score``, a sigmoid classifier without background):
-  the classification conv has A*K output channels for A anchors per location
-  (FCOS: A = 1), and detectron2 reads channel a*K + k as anchor a, class k. K+N
+* RetinaNet, FCOS and YOLO (``head.cls_score``; YOLO: ``head.cls_score.<level>``, a
+  sigmoid classifier without background): the classification conv has A*K output
+  channels for A anchors per location (FCOS: A = 1), read as channel a*K + k for
+  anchor a, class k (detectron2's layout, which YOLO's head keeps). K+N
   classes therefore put N new channels after each anchor's K: old channel a*K + k
   goes to a*(K+N) + k, and channels a*(K+N) + K .. a*(K+N) + K+N-1 keep the
   student's fresh initialisation (weights std 0.01, bias -log((1-p)/p) for the
-  prior probability p, ``MODEL.RETINANET.PRIOR_PROB`` / ``MODEL.FCOS.PRIOR_PROB``),
-  so each new class starts at score p everywhere. The box (and FCOS centerness)
-  outputs are class-agnostic and copied as they are.
+  prior probability p, ``MODEL.RETINANET.PRIOR_PROB`` / ``MODEL.FCOS.PRIOR_PROB`` /
+  ``MODEL.YOLO.PRIOR_PROB``), so each new class starts at score p everywhere. The box
+  (and FCOS centerness, YOLO objectness) outputs are class-agnostic and copied as they are.
 
 Every other parameter is copied as is, so before any training the student's
 old-class scores and boxes equal the teacher's; only the old student's
@@ -26,7 +27,7 @@ import logging
 
 import torch
 
-from ..checkpoint import DISTILLATION_STATE_PREFIXES, state_dict_num_classes
+from ..checkpoint import DISTILLATION_STATE_PREFIXES, dense_classifiers, state_dict_num_classes
 
 __all__ = ["expand_predictor_state_dict", "load_expanded"]
 
@@ -34,11 +35,6 @@ logger = logging.getLogger(__name__)
 
 _CLS = "roi_heads.box_predictor.cls_score"
 _BOX = "roi_heads.box_predictor.bbox_pred"
-_DENSE_CLS = "head.cls_score"
-_DENSE_BOX = "head.bbox_pred"
-
-def _anchors_per_location(state):
-    return state[f"{_DENSE_BOX}.weight"].shape[0] // 4
 
 
 def expand_predictor_state_dict(old_state, new_state, num_old):
@@ -46,8 +42,8 @@ def expand_predictor_state_dict(old_state, new_state, num_old):
 
     Returns a new state dict with ``new_state``'s shapes; neither input is modified.
     """
-    dense = f"{_CLS}.weight" not in old_state and f"{_DENSE_CLS}.weight" in old_state
-    classifier = (_DENSE_CLS,) if dense else (_CLS, _BOX)
+    dense = [] if f"{_CLS}.weight" in old_state else dense_classifiers(old_state)
+    classifier = tuple(cls_score for cls_score, _ in dense) if dense else (_CLS, _BOX)
     merged = {k: v.clone() for k, v in new_state.items()}
     for key, value in old_state.items():
         # The old model's distillation state belongs to its own stage: the student's starts afresh.
@@ -62,8 +58,9 @@ def expand_predictor_state_dict(old_state, new_state, num_old):
         raise ValueError(f"the old model has {found} classes, the schedule says {num_old}")
     for suffix in ("weight", "bias"):
         if dense:
-            _expand_dense_classifier(old_state[f"{_DENSE_CLS}.{suffix}"], merged[f"{_DENSE_CLS}.{suffix}"],
-                                     _anchors_per_location(old_state), num_old)
+            for cls_score, bbox_pred in dense:
+                _expand_dense_classifier(old_state[f"{cls_score}.{suffix}"], merged[f"{cls_score}.{suffix}"],
+                                         old_state[f"{bbox_pred}.weight"].shape[0] // 4, num_old)
             continue
         old_cls, new_cls = old_state[f"{_CLS}.{suffix}"], merged[f"{_CLS}.{suffix}"]
         new_cls[:num_old] = old_cls[:num_old]

@@ -11,6 +11,14 @@ student's), with sigmoid probabilities p = sigma(z / tau) at TEMPERATURE tau:
 
 L_cls keeps the old classes' scores everywhere (most anchors are background, where
 it keeps them low too); L_box keeps the boxes where the teacher sees an old object.
+
+A head with objectness o (YOLO; the context's ``teacher_outputs["objectness"]``) has
+its class scores trained only where there is an object, so there, with q = sigma(o_T):
+
+    L_cls = tau^2 sum_a q_a mean_k KL_{a,k} / sum_a q_a       (class KL where the teacher sees objects)
+    L_obj = tau^2 mean_a KL(sigma(o_T / tau) || sigma(o_S / tau))
+    L_box over anchors where q_a max_k sigma(z_T) >= BOX_SCORE_THRESH (the detector's own score)
+    L_dense = L_cls + L_obj + L_box
 """
 import torch.nn.functional as F
 
@@ -57,15 +65,29 @@ class DenseHeadDistillation(DistillLoss):
         num_old = t_logits[0].shape[1] // anchors
         z_s = _flatten(s_logits, s_logits[0].shape[1] // anchors)[..., :num_old]
         z_t = _flatten([x.detach() for x in t_logits], num_old)
-        tau = self.temperature
-        p_t = (z_t / tau).sigmoid()
-        # Binary KL = BCE(z_S, p_T) - BCE(z_T, p_T) (the teacher's entropy): zero when z_S = z_T.
-        kl = (F.binary_cross_entropy_with_logits(z_s / tau, p_t, reduction="none")
-              - F.binary_cross_entropy_with_logits(z_t / tau, p_t, reduction="none"))
-        loss = kl.mean() * tau * tau
-        confident = z_t.sigmoid().max(dim=2).values >= self.box_score_thresh
+        kl = _binary_kl(z_s, z_t, self.temperature)
+        score = z_t.sigmoid().max(dim=2).values
+        objectness = context.teacher_outputs.get("objectness") if context is not None else None
+        if objectness is None:
+            loss = kl.mean()
+        else:
+            o_t = _flatten([x.detach() for x in objectness], 1)[..., 0]
+            o_s = _flatten(student[HEAD][2], 1)[..., 0]
+            q = o_t.sigmoid()
+            loss = (kl.mean(dim=2) * q).sum() / q.sum().clamp(min=1e-6) + _binary_kl(o_s, o_t, self.temperature).mean()
+            score = score * q
+        confident = score >= self.box_score_thresh
         if confident.any():
             r_s = _flatten(s_boxes, 4)
             r_t = _flatten([x.detach() for x in t_boxes], 4)
             loss = loss + (r_s - r_t)[confident].abs().sum(dim=1).mean()
         return loss
+
+
+def _binary_kl(z_s, z_t, tau):
+    """tau^2 KL(sigma(z_T / tau) || sigma(z_S / tau)) per element: BCE(z_S, p_T) less the
+    teacher's entropy BCE(z_T, p_T), so it is zero when z_S = z_T."""
+    p_t = (z_t / tau).sigmoid()
+    kl = (F.binary_cross_entropy_with_logits(z_s / tau, p_t, reduction="none")
+          - F.binary_cross_entropy_with_logits(z_t / tau, p_t, reduction="none"))
+    return kl * tau * tau

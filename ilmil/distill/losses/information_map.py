@@ -1,0 +1,101 @@
+"""Information-map distillation of backbone and neck (after Li et al. 2022, on YOLOv3):
+feature imitation weighted by where the knowledge is, on the backbone's outputs AND
+on the neck's fusion layers.
+
+For each layer l of LAYERS (backbone stages and neck levels), with a(.) the connector:
+
+    I_l = max(G_l, O_l)
+    L   = sum_l sum_{n,x,y,c} I_l (a(S_l) - T_l)^2 / (2 sum_l sum_{n,x,y} I_l)
+
+G_l is the soft GT mask of the layer (``gaussian_box_mask``: 1 at a box centre,
+falling off towards its edges, 0 outside; pseudo-labels count as GT). O_l is the
+teacher's own view of where objects are: the maximum over anchors of sigma(teacher
+objectness) on its head level of the layer's map size (resized to it when no level
+has that size). A detector without objectness (RetinaNet, FCOS) gives its highest
+class probability instead.
+
+WEIGHTING ``uniform`` sets I = 1 everywhere: plain imitation of the same layers,
+the ablation that shows what the information map adds.
+"""
+import torch
+import torch.nn.functional as F
+
+from detectron2.config import configurable
+
+from ...config import ConfigError, check_choice
+from ..connectors import match_size
+from ..masks import gaussian_box_mask
+from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
+from .dense_head import HEAD
+from .feature import feature_connectors
+
+__all__ = ["INFORMATION_WEIGHTINGS", "InformationMapDistillation", "teacher_object_maps"]
+
+INFORMATION_WEIGHTINGS = ("information", "uniform")
+
+
+def teacher_object_maps(teacher_head, objectness=None):
+    """Per head level, [N, H, W] of the teacher's object probability: max over anchors of
+    sigma(``objectness``) when given, else max over anchors and classes of sigma(class logits)."""
+    if objectness is not None:
+        return [x.detach().sigmoid().amax(dim=1) for x in objectness]
+    return [x.detach().sigmoid().amax(dim=1) for x in teacher_head[0]]
+
+
+def _level_map(maps, size):
+    """The map of ``maps`` of spatial ``size``, else the closest one resized to it."""
+    for m in maps:
+        if tuple(m.shape[-2:]) == tuple(size):
+            return m
+    closest = min(maps, key=lambda m: abs(m.shape[-2] - size[0]))
+    return F.interpolate(closest[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+@DISTILL_LOSS_REGISTRY.register()
+class InformationMapDistillation(DistillLoss):
+    """Feature imitation of backbone and neck layers weighted by an importance map."""
+
+    config_key = "INFOMAP"
+
+    @configurable
+    def __init__(self, *, layers, weighting="information", connectors=None):
+        super().__init__()
+        if not layers:
+            raise ConfigError("ILMIL.DISTILL.INFOMAP.LAYERS is empty; fix: name backbone and neck layers, "
+                              "e.g. dark3 dark4 dark5 p3 p4 p5")
+        self.layers = tuple(layers)
+        self.weighting = check_choice("ILMIL.DISTILL.INFOMAP.WEIGHTING", weighting, INFORMATION_WEIGHTINGS)
+        self.connectors = connectors if connectors is not None else torch.nn.ModuleDict()
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):
+        info = cfg.ILMIL.DISTILL.INFOMAP
+        return {"layers": info.LAYERS, "weighting": info.WEIGHTING,
+                "connectors": feature_connectors(info.LAYERS, student_shapes or {}, teacher_shapes or {},
+                                                 cfg.ILMIL.DISTILL.CONNECTOR, "ILMIL.DISTILL.INFOMAP.LAYERS")}
+
+    def records(self):
+        return self.layers + ((HEAD,) if self.weighting == "information" else ())
+
+    def importance(self, teacher, context):
+        """{layer: [N, H, W] importance map} at the teacher's map sizes."""
+        sizes = {name: tuple(teacher[name].shape[-2:]) for name in self.layers}
+        if self.weighting == "uniform":
+            return {name: teacher[name].new_ones(teacher[name].shape[0], *size) for name, size in sizes.items()}
+        objects = teacher_object_maps(teacher[HEAD], context.teacher_outputs.get("objectness"))
+        return {name: torch.maximum(gaussian_box_mask(context.gt_instances, size, context.strides[name]),
+                                    _level_map(objects, size))
+                for name, size in sizes.items()}
+
+    def forward(self, student, teacher, context):
+        maps = self.importance(teacher, context)
+        total, area = 0.0, 0.0
+        for name in self.layers:
+            s, t = student[name], teacher[name].detach()
+            if name in self.connectors:
+                s = self.connectors[name](s)
+            s = match_size(s, t)
+            weight = maps[name][:, None]
+            total = total + ((s - t).pow(2) * weight).sum()
+            area = area + weight.sum()
+        return total / (2 * area.clamp(min=1e-6))

@@ -1,0 +1,84 @@
+"""YOLO anchors from the training boxes: k-means on box widths and heights with the
+distance d(box, centroid) = 1 - IoU(box, centroid), both boxes sharing one centre
+(YOLOv2's choice: a Euclidean distance would let large boxes dominate).
+
+The boxes are taken at the size the detector sees them (the test-time resize of
+``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``). The k = levels x anchors-per-level
+centroids, sorted by area, go to the levels finest first, ``NUM_ANCHORS`` each.
+"""
+import numpy as np
+
+from detectron2.modeling import META_ARCH_REGISTRY
+
+from ..config import ConfigError, derived_cfg
+from .yolo import YOLOV3
+
+__all__ = ["kmeans_anchors", "training_box_sizes", "with_yolo_anchors", "yolo_anchors"]
+
+
+def _iou(wh, centroids):
+    inter = np.minimum(wh[:, None], centroids[None]).prod(axis=2)
+    return inter / (wh.prod(axis=1)[:, None] + centroids.prod(axis=1)[None] - inter)
+
+
+def kmeans_anchors(wh, k, seed=0, max_iter=300):
+    """``k`` centroids [k, 2] of the box sizes ``wh`` [B, 2] under the 1 - IoU distance,
+    sorted by area. Seeded k-means++ initialisation, then Lloyd iterations until no box
+    changes cluster; a cluster left empty keeps its centroid."""
+    wh = np.asarray(wh, dtype=np.float64)
+    if len(wh) < k:
+        raise ConfigError(f"{len(wh)} training boxes cannot give {k} anchors; fix: fewer MODEL.YOLO.NUM_ANCHORS "
+                         "or levels, or give MODEL.YOLO.ANCHORS")
+    rng = np.random.default_rng(seed)
+    centroids = wh[[rng.integers(len(wh))]]
+    while len(centroids) < k:
+        distance = (1 - _iou(wh, centroids)).min(axis=1) ** 2
+        centroids = np.vstack([centroids, wh[rng.choice(len(wh), p=distance / distance.sum())]])
+    assignment = None
+    for _ in range(max_iter):
+        nearest = _iou(wh, centroids).argmax(axis=1)
+        if assignment is not None and np.array_equal(nearest, assignment):
+            break
+        assignment = nearest
+        for cluster in range(k):
+            members = wh[assignment == cluster]
+            if len(members):
+                centroids[cluster] = np.median(members, axis=0)  # robust to a few outlier boxes
+    return centroids[np.argsort(centroids.prod(axis=1))]
+
+
+def training_box_sizes(dataset_dicts, min_size, max_size):
+    """[B, 2] widths and heights of every box of ``dataset_dicts`` (XYXY_ABS or XYWH_ABS),
+    scaled as ResizeShortestEdge(min_size, max_size) scales its image."""
+    sizes = []
+    for record in dataset_dicts:
+        height, width = record["height"], record["width"]
+        scale = min_size / min(height, width)
+        if max(height, width) * scale > max_size:
+            scale = max_size / max(height, width)
+        for annotation in record.get("annotations", []):
+            x0, y0, x1, y1 = annotation["bbox"]
+            if annotation.get("bbox_mode", 0) == 1:  # BoxMode.XYWH_ABS
+                x1, y1 = x0 + x1, y0 + y1
+            sizes.append(((x1 - x0) * scale, (y1 - y0) * scale))
+    return np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
+
+
+def yolo_anchors(cfg, dataset_dicts, seed=0):
+    """``MODEL.YOLO.ANCHORS`` computed from ``dataset_dicts``: per level, finest first, a
+    list of ``NUM_ANCHORS`` [w, h] rounded to 0.1 px."""
+    y = cfg.MODEL.YOLO
+    wh = training_box_sizes(dataset_dicts, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    centroids = kmeans_anchors(wh, len(y.IN_FEATURES) * y.NUM_ANCHORS, seed)
+    return [[[round(float(w), 1), round(float(h), 1)] for w, h in centroids[i:i + y.NUM_ANCHORS]]
+            for i in range(0, len(centroids), y.NUM_ANCHORS)]
+
+
+def with_yolo_anchors(cfg, dataset_dicts):
+    """``cfg`` itself unless it is a YOLO config without anchors; then a copy whose
+    ``MODEL.YOLO.ANCHORS`` are computed from ``dataset_dicts`` (seed 0: they do not
+    change with the training seed, so runs of several seeds share them)."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch not in META_ARCH_REGISTRY or not issubclass(META_ARCH_REGISTRY.get(arch), YOLOV3) or cfg.MODEL.YOLO.ANCHORS:
+        return cfg
+    return derived_cfg(cfg, {"MODEL.YOLO.ANCHORS": yolo_anchors(cfg, dataset_dicts)})

@@ -1,0 +1,209 @@
+"""The YOLOv3-style detector: its loss on a hand-built case, k-means anchors, class
+expansion of its per-level classifiers, and the tools with it end to end (incremental
+2+2 ilmil with anchors computed at start-up, a tiny-student compression run with the
+information map, torchrun on two CPU processes)."""
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+
+from conftest import REPO_ROOT
+from ilmil.checkpoint import safe_load, state_dict_num_classes
+from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg, set_num_classes
+from ilmil.modeling import YOLOV3, kmeans_anchors
+from ilmil.modeling.expansion import expand_predictor_state_dict
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _env, read_json, run_tool, tail
+
+TEACHER_CONFIG = os.path.join(CONFIGS_DIR, "shapes", "yolov3_cpu.yaml")
+STUDENT_CONFIG = os.path.join(CONFIGS_DIR, "shapes", "kd", "yolov3_tiny_student_cpu.yaml")
+# A narrow, shallow Darknet: the end-to-end runs test the plumbing, not the accuracy.
+SMALL = ["MODEL.YOLO.WIDTH_MULTIPLIER", "0.25", "MODEL.YOLO.DEPTH_MULTIPLIER", "0.25"]
+
+
+class _OneLevel(nn.Module):
+    """A stand-in backbone: one level of stride 8."""
+
+    size_divisibility = 8
+
+    def output_shape(self):
+        return {"p3": ShapeSpec(channels=8, stride=8)}
+
+
+def _hand_built_model(**kwargs):
+    head = nn.Module()  # the loss reads the predictions it is given, not the head
+    return YOLOV3(backbone=_OneLevel(), head=head, head_in_features=["p3"], anchors=[[[16.0, 16.0]]],
+                  num_classes=2, obj_level_weights=(1.0,), pixel_mean=[0, 0, 0], pixel_std=[1, 1, 1], **kwargs)
+
+
+def test_the_loss_of_one_gt_box_equals_its_hand_computed_value():
+    model = _hand_built_model()
+    # One 32 x 32 image: a 4 x 4 map of stride 8, one 16 x 16 anchor per cell, every output 0.
+    features = [torch.zeros(1, 8, 4, 4)]
+    predictions = ([torch.zeros(1, 2, 4, 4)], [torch.zeros(1, 4, 4, 4)], [torch.zeros(1, 1, 4, 4)])
+    gt = Instances((32, 32), gt_boxes=Boxes(torch.tensor([[2.0, 2.0, 22.0, 22.0]])), gt_classes=torch.tensor([1]))
+    losses = model.forward_training(None, features, predictions, [gt])
+    # The GT centre (12, 12) is in cell (1, 1); t = 0 decodes to a 16 x 16 box centred at
+    # (8 + 0.5 * 8, 8 + 0.5 * 8) = (12, 12): [4, 4, 20, 20], inside the 20 x 20 GT box, so
+    # GIoU = IoU = 256 / 400 and the enclosing box is the GT's.
+    assert losses["loss_yolo_box"].item() == pytest.approx(0.05 * (1 - 256 / 400), rel=1e-5)
+    # Class BCE of logit 0 against one-hot targets: log 2 for each of the 2 classes.
+    assert losses["loss_yolo_cls"].item() == pytest.approx(0.5 * math.log(2), rel=1e-5)
+    # Objectness BCE of logit 0: log 2 at each of the 16 cells (no other prediction
+    # overlaps the GT at IoU > 0.5, so none is ignored).
+    assert losses["loss_yolo_obj"].item() == pytest.approx(1.0 * math.log(2), rel=1e-5)
+
+
+def test_predictions_that_overlap_a_gt_box_are_not_objectness_negatives():
+    model = _hand_built_model(ignore_thresh=0.1)
+    features = [torch.zeros(1, 8, 4, 4)]
+    objectness = torch.full((1, 1, 4, 4), 3.0)  # confident everywhere: every negative costs BCE(3, 0)
+    predictions = ([torch.zeros(1, 2, 4, 4)], [torch.zeros(1, 4, 4, 4)], [objectness])
+    gt = Instances((32, 32), gt_boxes=Boxes(torch.tensor([[2.0, 2.0, 22.0, 22.0]])), gt_classes=torch.tensor([1]))
+    loss = model.forward_training(None, features, predictions, [gt])["loss_yolo_obj"].item()
+    # Decoded boxes of the 16 cells: IoU with the GT > 0.1 for the 3 x 3 cells around it
+    # (the positive among them), none elsewhere: 7 negatives and the positive count.
+    iou = _cell_ious(torch.tensor([2.0, 2.0, 22.0, 22.0]))
+    ignored = int(((iou > 0.1).sum() - 1).item())
+    negatives = 16 - 1 - ignored
+    expected = (negatives * -math.log(1 - torch.sigmoid(torch.tensor(3.0)).item()) + math.log(1 + math.exp(-3.0)))
+    assert loss == pytest.approx(expected / (negatives + 1), rel=1e-5)
+    assert ignored > 0
+
+
+def _cell_ious(gt):
+    centres = (torch.arange(4.0) + 0.5) * 8
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    boxes = torch.stack([cx - 8, cy - 8, cx + 8, cy + 8], dim=-1).reshape(-1, 4)
+    from detectron2.structures import pairwise_iou
+    return pairwise_iou(Boxes(boxes), Boxes(gt[None]))[:, 0]
+
+
+def test_kmeans_recovers_planted_anchor_clusters():
+    rng = np.random.default_rng(3)
+    planted = np.array([[10.0, 10.0], [30.0, 60.0], [80.0, 40.0]])
+    wh = np.concatenate([c * rng.uniform(0.95, 1.05, size=(200, 2)) for c in planted])
+    found = kmeans_anchors(wh, 3, seed=1)
+    np.testing.assert_allclose(found, planted, rtol=0.03)
+    # The same seed gives the same anchors.
+    np.testing.assert_array_equal(kmeans_anchors(wh, 3, seed=1), found)
+
+
+def test_too_few_boxes_for_the_anchors_are_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="NUM_ANCHORS"):
+        kmeans_anchors(np.ones((2, 2)), 3)
+
+
+def _model(num_classes, seed):
+    cfg = set_num_classes(get_ilmil_cfg(TEACHER_CONFIG, SMALL), num_classes)
+    torch.manual_seed(seed)
+    return build_model(cfg).eval()
+
+
+def test_class_expansion_keeps_every_old_output_exactly():
+    old, new = _model(3, seed=0), _model(5, seed=1)
+    merged = expand_predictor_state_dict(old.state_dict(), new.state_dict(), 3)
+    new.load_state_dict(merged)
+    assert state_dict_num_classes(merged) == 5
+    image = torch.rand(1, 3, 96, 128) * 255
+    with torch.no_grad():
+        before = old.head([old.backbone(image)[f] for f in old.head_in_features])
+        after = new.head([new.backbone(image)[f] for f in new.head_in_features])
+    for level, (z_old, z_new) in enumerate(zip(before[0], after[0])):
+        anchors = len(old.anchors[level])
+        z_old = z_old.view(1, anchors, 3, *z_old.shape[-2:])
+        z_new = z_new.view(1, anchors, 5, *z_new.shape[-2:])
+        assert torch.equal(z_new[:, :, :3], z_old)
+        # New classes start at the prior probability.
+        assert torch.allclose(z_new[:, :, 3:].sigmoid().mean(), torch.tensor(0.01), atol=2e-3)
+    for old_level, new_level in zip(before[1] + before[2], after[1] + after[2]):
+        assert torch.equal(old_level, new_level)
+
+
+def test_wrong_anchor_levels_are_refused_with_the_fix():
+    cfg = get_ilmil_cfg(TEACHER_CONFIG, SMALL + ["MODEL.YOLO.ANCHORS", "[[[10.0, 10.0]]]"])
+    with pytest.raises(ConfigError, match="tools/yolo_anchors.py"):
+        build_model(cfg)
+
+
+def test_the_yolo_anchor_tool_prints_anchors_of_the_training_boxes(tiny_datasets_root):
+    proc = run_tool("yolo_anchors.py", ["--config-file", TEACHER_CONFIG, *SHAPES_OPTS, *TRAIN_OPTS],
+                    tiny_datasets_root)
+    assert proc.returncode == 0, tail(proc)
+    levels = re.findall(r"\[(\[[\d.]+, [\d.]+\](?:, \[[\d.]+, [\d.]+\])*)\]", proc.stdout)
+    assert len(levels) == 3
+
+
+@pytest.fixture(scope="module")
+def incremental(tiny_datasets_root, tmp_path_factory):
+    """2+2 ilmil on the tiny set, anchors left to the run (k-means at start-up over the 6
+    boxes of stage 0: one anchor per level)."""
+    out = tmp_path_factory.mktemp("yolo") / "run"
+    proc = run_tool("train_incremental.py", [
+        "--config-file", TEACHER_CONFIG, "--stages", "2+2", "--method", "ilmil", "--output-dir", str(out),
+        *SHAPES_OPTS, *TRAIN_OPTS, *SMALL, "MODEL.YOLO.ANCHORS", "[]", "MODEL.YOLO.NUM_ANCHORS", "1",
+        "MODEL.YOLO.SCORE_THRESH_TEST", "0.001",
+    ], tiny_datasets_root, timeout=300)
+    assert proc.returncode == 0, tail(proc)
+    return out
+
+
+def test_an_incremental_yolo_run_trains_both_stages_with_distillation(incremental):
+    results = read_json(incremental / "results.json")
+    assert [len(s["old_classes"]) + len(s["new_classes"]) for s in results["stages"]] == [2, 4]
+    assert all(0.0 <= s["AP50"] <= 100.0 for s in results["stages"])
+    assert [state_dict_num_classes(safe_load(str(incremental / f"stage_{k}" / "model_final.pth"))["model"])
+            for k in (0, 1)] == [2, 4]
+    log = (incremental / "log.txt").read_text()
+    assert "loss_distill_feat" in log and "loss_distill_dense" in log
+
+
+def test_anchors_computed_at_start_up_are_recorded_in_the_run_config(incremental):
+    anchors = get_ilmil_cfg(str(incremental / "config.yaml")).MODEL.YOLO.ANCHORS
+    assert len(anchors) == 3 and all(len(level) == 1 for level in anchors)
+    areas = [w * h for level in anchors for w, h in level]
+    assert areas == sorted(areas)
+
+
+def test_a_tiny_student_is_distilled_with_the_information_map(incremental, tiny_datasets_root, tmp_path):
+    out = tmp_path / "student"
+    # The student keeps its teacher's anchors, so the output term compares anchor with anchor.
+    anchors = get_ilmil_cfg(str(incremental / "config.yaml")).MODEL.YOLO.ANCHORS
+    proc = run_tool("train_compression.py", [
+        "--config-file", STUDENT_CONFIG, "--teacher-config", str(incremental / "config.yaml"),
+        "--teacher-weights", str(incremental / "stage_0" / "model_final.pth"), "--stages", "2",
+        "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS, "MODEL.YOLO.WIDTH_MULTIPLIER", "0.25",
+        "ILMIL.DISTILL.INFOMAP.ENABLED", "True", "MODEL.YOLO.SCORE_THRESH_TEST", "0.001",
+        "MODEL.YOLO.ANCHORS", str(anchors), "MODEL.YOLO.NUM_ANCHORS", "1",
+    ], tiny_datasets_root, timeout=300)
+    assert proc.returncode == 0, tail(proc)
+    results = read_json(out / "results.json")
+    assert "teacher" in results and results["stages"][0]["AP50"] is not None
+    log = (out / "log.txt").read_text()
+    for term in ("loss_distill_feat", "loss_distill_dense", "loss_distill_infomap"):
+        assert term in log
+
+
+def test_yolo_trains_under_torchrun_on_two_cpu_processes(tiny_datasets_root, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO_ROOT, "tools", "train_incremental.py"), "--config-file", TEACHER_CONFIG,
+           "--stages", "2", "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS, *SMALL]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(tiny_datasets_root), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    # Each rank logs the digest of its weights after the stage (rank 1 in log.txt.rank1).
+    digests = [re.findall(r"Stage 0: weights digest (\w+) \(rank (\d)\)", (out / log).read_text())
+               for log in ("log.txt", "log.txt.rank1")]
+    assert [[rank for _, rank in found] for found in digests] == [["0"], ["1"]]
+    assert digests[0][0][0] == digests[1][0][0]
+    assert len(read_json(out / "results.json")["stages"]) == 1
