@@ -269,7 +269,10 @@ def test_variants_narrow_the_plan_and_an_unknown_one_is_refused(tmp_path, capsys
 
 # The terms each kd row switches on, in the order the distiller logs them.
 KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dense"], "review": ["review"],
-                "M-KD": ["dense", "at", "fsp"], "M-KD + assistant": ["dense", "at", "fsp"]}
+                "M-KD": ["dense", "at", "fsp"], "M-KD + assistant": ["dense", "at", "fsp"],
+                # YOLO's own rows: multi-layer alignment and the information map with its ablations.
+                "alignment": ["feat"], "information map": ["infomap"], "uniform map": ["infomap"],
+                "information map, backbone": ["infomap"], "information map, neck": ["infomap"]}
 
 
 def test_kd_rows_switch_on_their_terms_only():
@@ -281,6 +284,12 @@ def test_kd_rows_switch_on_their_terms_only():
             {"dense": "rcn"}.get(t, t) for t in KD_ROW_TERMS[row]]
         assert sorted(terms) == sorted(expected), name
         assert ("--assistant-config" in run.command()) == (row == "M-KD + assistant")
+    yolo = {name.split(" ", 1)[1]: run.config().ILMIL.DISTILL for (_, name, _), run in planned.items()
+            if name.startswith("yolov3")}
+    assert yolo["alignment"].FEAT.DISTANCE == "l2" and yolo["alignment"].FEAT.LAYER_WEIGHTING == "adaptive"
+    assert yolo["uniform map"].INFOMAP.WEIGHTING == "uniform"
+    assert list(yolo["information map, backbone"].INFOMAP.LAYERS) == ["dark3", "dark4", "dark5"]
+    assert list(yolo["information map, neck"].INFOMAP.LAYERS) == ["p3", "p4", "p5"]
 
 
 def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(tiny_datasets_root, tmp_path):
