@@ -17,6 +17,8 @@ setup(
         "pycocotools>=2.0.2",
         "matplotlib",
         "tqdm",
+        "onnx",
+        "onnxruntime",
         "fvcore>=0.1.5,<0.1.6",
         "iopath>=0.1.7,<0.1.10",
     ],

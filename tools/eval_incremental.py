@@ -6,6 +6,8 @@
     # one checkpoint on a class subset of the config's dataset (first --num-old classes are "old")
     python tools/eval_incremental.py --weights W.pth --classes a,b,c [--num-old 2] \\
         [--config-file CFG] [--dataset NAME] [--output-dir EVAL]
+    # an exported model through ONNX Runtime, on the test set of the data it was trained on
+    python tools/eval_incremental.py --weights model.onnx [--output-dir EVAL]
 
 With --output-dir, EVAL gets what a run folder has: results.json (with forgetting),
 stage_K/detections.json, per_class_ap*.csv, the plots and report.md. Trailing
@@ -16,6 +18,7 @@ import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.config import get_ilmil_cfg
+from ilmil.deploy import OnnxDetector
 from ilmil.engine import require_output_dir, run_tool_main
 from ilmil.evaluation import evaluate_checkpoint, evaluate_run, format_results_table
 
@@ -24,7 +27,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--run-dir", help="run folder of tools/train_incremental.py: evaluate its stages")
-    target.add_argument("--weights", help="one checkpoint to evaluate")
+    target.add_argument("--weights", help="one checkpoint, or a .onnx file of tools/export.py, to evaluate")
     parser.add_argument("--stages", help="with --run-dir: comma-separated stage indices (default: every trained stage)")
     parser.add_argument("--classes", help="with --weights: comma-separated classes in the model's order "
                                           "(default: those the checkpoint records)")
@@ -57,7 +60,11 @@ def main(argv=None):
     if args.run_dir:
         results = evaluate_run(args.run_dir, args.output_dir, args.stages, args.opts, progress)
     else:
-        cfg = get_ilmil_cfg(args.config_file or None, args.opts)
+        if args.weights.endswith(".onnx") and not args.config_file:
+            cfg = OnnxDetector(args.weights).config(args.opts)  # the config it was exported with
+        else:
+            cfg = get_ilmil_cfg(args.config_file or None, args.opts)
+        cfg.defrost()
         if args.dataset:
             cfg.ILMIL.DATASET = args.dataset
         classes = args.classes.split(",") if args.classes else None

@@ -49,6 +49,7 @@ from ..data import (
     stage_train_dicts,
 )
 from ..data.stages import Stage, StageSpecError
+from ..deploy import DeployError
 from ..evaluation import NotARunError, evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
 from ..distill import DistillationStudent, check_distill_config, is_student_architecture
@@ -75,7 +76,7 @@ logger = logging.getLogger("ilmil")
 # Errors whose message is the whole story (what is wrong, where, the fix): the CLI
 # prints them without a traceback.
 RUN_ERRORS = (ConfigError, DatasetError, StageSpecError, CheckpointClassesError, CheckpointError, RunDirError,
-              RunValidationError, NonFiniteLossError, PruningError, NotARunError)
+              RunValidationError, NonFiniteLossError, PruningError, NotARunError, DeployError)
 
 
 def resolve_class_order(custom_order, dataset_classes):

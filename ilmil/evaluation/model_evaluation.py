@@ -25,6 +25,7 @@ from ..checkpoint import CheckpointClassesError, checkpoint_class_names, load_ch
 from ..config import derived_cfg, get_ilmil_cfg, num_classes_changes
 from ..data import DatasetError, load_dataset_source, register_stage_datasets
 from ..data.stages import Stage, StageSpecError
+from ..deploy import OnnxDetector
 from ..modeling import load_detector
 from .forgetting import add_forgetting
 from .incremental_evaluator import IncrementalEvaluator
@@ -51,7 +52,14 @@ def evaluate_model(cfg, model, output_dir=None, progress=False):
 
 def _load_model(cfg, weights, class_names):
     """The detector of ``cfg`` with ``weights``, refusing a checkpoint of other classes
-    (detectron2 would only warn and leave the mismatched head random)."""
+    (detectron2 would only warn and leave the mismatched head random). An exported
+    ``.onnx`` file runs through ONNX Runtime."""
+    if weights.endswith(".onnx"):
+        detector = OnnxDetector(weights)
+        if list(detector.class_names) != list(class_names):
+            raise CheckpointClassesError(f"{weights} detects {', '.join(detector.class_names)}, not the "
+                                         f"{len(class_names)} classes it is evaluated on; fix: fix --classes")
+        return detector
     checkpoint, _ = load_checked_checkpoint(
         weights,
         class_names,
@@ -161,13 +169,16 @@ def evaluate_checkpoint(cfg, weights, classes=None, num_old=0, output_dir=None, 
     """Evaluate one checkpoint on the test set of ``cfg``'s dataset, ground truth of ``classes``.
 
     Args:
+        weights: an ilmil checkpoint, or an ONNX file of ``tools/export.py`` (run by
+            ONNX Runtime: its AP is measured, not assumed).
         classes: class names in the model's logit order; default the names the
-            checkpoint records (ilmil checkpoints do).
+            checkpoint (or the ONNX file) records.
         num_old: the first ``num_old`` classes count as old (AP_old), the rest as new.
         output_dir: as for :func:`evaluate_run` (its ``stage_0/`` gets the detections).
     """
     if classes is None:
-        classes = checkpoint_class_names(safe_load(weights))
+        classes = OnnxDetector(weights).class_names if weights.endswith(".onnx") else \
+            checkpoint_class_names(safe_load(weights))
         if classes is None:
             raise CheckpointClassesError(f"{weights} does not record its classes: give them (--classes a,b,c)")
     if not 0 <= num_old <= len(classes):

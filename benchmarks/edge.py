@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""The edge suite: a detector's teacher, its undistilled student, its best distilled
+student and that student pruned, each exported to ONNX and measured on the target
+runtime (ONNX Runtime on CPU).
+
+    python benchmarks/edge.py --detector faster_rcnn [--kd-runs benchmarks/runs/kd_full] \\
+        [--prune-ratio 0.5 --finetune-iters 200] [--repeats 50]
+
+The models come from the kd suite's run folders (benchmarks/run.py --suite kd): the
+teacher run, the "no KD" student and, of the other finished students, the one of
+best AP50. The pruned model is tools/prune.py's (residual-block inner channels,
+fine-tuned with the student's own config) in OUT/edge/. Per model: ONNX file size,
+parameters, GFLOPs, ONNX Runtime latency per image on 1 thread and on all cores
+(median of --repeats after warm-up), PyTorch latency on the same input (1 thread),
+and AP50 through ONNX Runtime and through PyTorch on the test split. Results:
+benchmarks/results/edge_<detector>.json and .md.
+"""
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import ilmil  # noqa: E402,F401  (detectron2 compatibility adjustments come first)
+from ilmil.config import derived_cfg  # noqa: E402
+from ilmil.data import load_dataset_source  # noqa: E402
+from ilmil.deploy import (OnnxDetector, check_export, export_onnx, latency_ms, load_trained_model,  # noqa: E402
+                          preprocess)
+from ilmil.deploy.predict import read_image  # noqa: E402
+from ilmil.evaluation import evaluate_checkpoint  # noqa: E402
+from ilmil.file_io import atomic_write  # noqa: E402
+from ilmil.pruning import measure_model  # noqa: E402
+
+from benchmarks.measures import machine  # noqa: E402
+
+
+def _ap50(run):
+    with open(os.path.join(run, "results.json")) as f:
+        return json.load(f)["stages"][0]["AP50"]
+
+
+def find_models(kd_runs, detector):
+    """{label: run folder} of the teacher, the "no KD" student and the best distilled one."""
+    teachers = sorted(glob.glob(os.path.join(kd_runs, f"teacher_{detector}_*")))
+    students = [r for r in sorted(glob.glob(os.path.join(kd_runs, f"*_{detector}_*")))
+                if not os.path.basename(r).startswith("teacher") and os.path.isfile(os.path.join(r, "results.json"))]
+    plain = [r for r in students if f"_{detector}_no_KD_" in os.path.basename(r)]
+    distilled = [r for r in students if r not in plain]
+    if not teachers or not plain or not distilled:
+        raise SystemExit(f"error: {kd_runs} lacks a finished teacher, 'no KD' or distilled {detector} run; fix: run "
+                         f"benchmarks/run.py --suite kd --detectors {detector} first")
+    best = max(distilled, key=_ap50)
+    return {"teacher": teachers[0], "student, no KD": plain[0], f"student, {_row(best, detector)}": best}
+
+
+def _row(run, detector):
+    name = os.path.basename(run).split(f"_{detector}_", 1)[1]
+    return name.rsplit("_", 2)[0].replace("_", " ")
+
+
+def prune(best, out, ratio, finetune_iters):
+    """tools/prune.py on the best student (reused when done); returns the pruned checkpoint."""
+    weights = os.path.join(out, "model_pruned.pth")
+    if not os.path.isfile(weights):
+        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prune.py"), "--weights",
+                        os.path.join(best, "stage_0", "model_final.pth"), "--config-file",
+                        os.path.join(best, "config.yaml"), "--ratio", str(ratio), "--finetune-iters",
+                        str(finetune_iters), "--output-dir", out, "ILMIL.TEACHER.CONFIG_FILE", ""],
+                       check=True, cwd=ROOT)
+    return weights
+
+
+def measure(label, weights, config_file, out, repeats):
+    """The figures of one model (see the module docstring)."""
+    trained = load_trained_model(weights, config_file, ["ILMIL.DATA.CHECK_IMAGES", "False"])
+    onnx_path = os.path.join(out, f"{label.replace(' ', '_').replace(',', '')}.onnx")
+    export_onnx(trained, onnx_path)
+    cfg = trained.cfg
+    source = load_dataset_source(derived_cfg(cfg, {"ILMIL.DATA.CHECK_IMAGES": False}))
+    image = preprocess(cfg, read_image(source.test[0]["file_name"], cfg.INPUT.FORMAT))
+    check = check_export(trained, OnnxDetector(onnx_path), [image] + [
+        preprocess(cfg, read_image(r["file_name"], cfg.INPUT.FORMAT)) for r in source.test[1:8]])
+    torch.set_num_threads(1)
+    size = measure_model(trained.model, image, latency_repeats=repeats)
+    with torch.no_grad():
+        torch_ms = latency_ms(lambda: trained.model([{"image": image}]), repeats)
+    one, every = OnnxDetector(onnx_path, threads=1), OnnxDetector(onnx_path)
+    figures = {
+        "model": label,
+        "weights": weights,
+        "onnx_mib": os.path.getsize(onnx_path) / 2**20,
+        "params_m": size["params"] / 1e6,
+        "gflops": size["gflops"],
+        "ort_1_thread_ms": latency_ms(lambda: one.run(image), repeats),
+        "ort_all_cores_ms": latency_ms(lambda: every.run(image), repeats),
+        "pytorch_1_thread_ms": torch_ms,
+        "export_check_passed": check["passed"],
+    }
+    eval_cfg = derived_cfg(cfg, {"ILMIL.DATA.CHECK_IMAGES": False})
+    figures["AP50_ort"] = evaluate_checkpoint(eval_cfg, onnx_path, progress=False)["stages"][0]["AP50"]
+    figures["AP50_pytorch"] = evaluate_checkpoint(eval_cfg, weights, progress=False)["stages"][0]["AP50"]
+    return figures
+
+
+def table(rows, detector, repeats):
+    teacher = rows[0]
+    lines = [f"Edge suite, {detector} (input {'x'.join(['256'] * 2)} px, median of {repeats} runs after warm-up)",
+             "", "| model | ONNX (MiB) | params (M) | GFLOPs | ORT 1 thread (ms) | ORT all cores (ms) | "
+                 "PyTorch 1 thread (ms) | speed-up vs teacher (ORT 1 thread) | AP50 (ORT) | AP50 (PyTorch) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['onnx_mib']:.1f} | {r['params_m']:.2f} | {r['gflops']:.2f} | "
+                     f"{r['ort_1_thread_ms']:.1f} | {r['ort_all_cores_ms']:.1f} | {r['pytorch_1_thread_ms']:.1f} | "
+                     f"{teacher['ort_1_thread_ms'] / r['ort_1_thread_ms']:.2f}x | {r['AP50_ort']:.1f} | "
+                     f"{r['AP50_pytorch']:.1f} |")
+    small = [r for r in rows[1:] if teacher["ort_1_thread_ms"] / r["ort_1_thread_ms"] >= 3]
+    met = [r["model"] for r in small if teacher["AP50_ort"] - r["AP50_ort"] <= 5]
+    lines += ["", "Target (a small model >= 3x faster than the teacher in ORT on 1 thread, within 5 AP50 of it): "
+              + (f"met by {', '.join(met)}" if met else "not met")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--detector", default="faster_rcnn")
+    parser.add_argument("--kd-runs", default=os.path.join(ROOT, "benchmarks", "runs", "kd_full"))
+    parser.add_argument("--prune-ratio", type=float, default=0.5)
+    parser.add_argument("--finetune-iters", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args(argv)
+    models = find_models(args.kd_runs, args.detector)
+    out = os.path.join(os.path.dirname(os.path.abspath(args.kd_runs)), "edge", args.detector)
+    os.makedirs(out, exist_ok=True)
+    entries = [(label, os.path.join(run, "stage_0", "model_final.pth"), os.path.join(run, "config.yaml"))
+               for label, run in models.items()]
+    best_label, best_run = list(models.items())[-1]
+    pruned = prune(best_run, os.path.join(out, "pruned"), args.prune_ratio, args.finetune_iters)
+    entries.append((f"{best_label}, pruned {args.prune_ratio:.0%}", pruned, os.path.join(best_run, "config.yaml")))
+    rows = []
+    for label, weights, config_file in entries:
+        print(f"[edge] measuring {label}", flush=True)
+        rows.append(measure(label, weights, config_file, out, args.repeats))
+    page = table(rows, args.detector, args.repeats)
+    os.makedirs(args.results_dir, exist_ok=True)
+    name = os.path.join(args.results_dir, f"edge_{args.detector}")
+    atomic_write(f"{name}.json", lambda f: json.dump({"machine": machine(), "records": rows}, f, indent=2), mode="w")
+    atomic_write(f"{name}.md", lambda f: f.write(page), mode="w")
+    print(page)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Deployment: a trained model found from its checkpoint, run on one's own images,
+exported to ONNX (checked against PyTorch) and run through ONNX Runtime."""
+from .onnx_export import ONNX_OPSET, OnnxDetector, check_export, export_onnx, latency_ms, pad_to, write_check
+from .predict import IMAGE_EXTENSIONS, DeployError, input_images, predict_images, preprocess
+from .trained_model import SCORE_THRESH_KEYS, TrainedModel, load_trained_model, run_config_of
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ONNX_OPSET",
+    "SCORE_THRESH_KEYS",
+    "DeployError",
+    "OnnxDetector",
+    "TrainedModel",
+    "check_export",
+    "export_onnx",
+    "input_images",
+    "latency_ms",
+    "load_trained_model",
+    "pad_to",
+    "predict_images",
+    "preprocess",
+    "run_config_of",
+    "write_check",
+]

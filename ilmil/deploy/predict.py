@@ -1,0 +1,92 @@
+"""Running a trained model on one's own images (``tools/predict.py``): each image
+written with its boxes, class names and scores drawn, and all detections in one
+COCO-format json (``images``, ``categories``, ``annotations`` with a ``score``), which
+``pycocotools.coco.COCO`` loads."""
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from detectron2.data import detection_utils
+from detectron2.data import transforms as T
+from detectron2.utils.visualizer import Visualizer
+
+from ..file_io import atomic_write
+
+__all__ = ["IMAGE_EXTENSIONS", "DeployError", "input_images", "predict_images", "preprocess"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class DeployError(ValueError):
+    """A bad input of the deployment tools (an image, a folder, an exported model)."""
+
+
+def input_images(path):
+    """The image files of ``path``: itself, or the images of the folder (sorted)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise DeployError(f"--input {path}: no such file or folder; fix: give an image or a folder of images")
+    images = sorted(os.path.join(path, name) for name in os.listdir(path)
+                    if name.lower().endswith(IMAGE_EXTENSIONS))
+    if not images:
+        raise DeployError(f"--input {path}: the folder holds no image ({', '.join(IMAGE_EXTENSIONS)}); fix: give a "
+                          "folder of images")
+    return images
+
+
+def read_image(path, image_format):
+    """The image of ``path`` as detectron2 reads it (HWC uint8 in ``image_format``)."""
+    try:
+        return detection_utils.read_image(path, format=image_format)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DeployError(f"image {path} cannot be read ({type(e).__name__}: {e}); fix: give a readable "
+                          f"{'/'.join(IMAGE_EXTENSIONS)} file") from None
+
+
+def preprocess(cfg, image):
+    """The model input of an HWC image: resized as at test time, CHW float32."""
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    resized = resize.get_transform(image).apply_image(image)
+    return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
+
+
+def predict_images(trained, paths, output_dir, progress=True):
+    """Detections of ``trained`` (a :class:`TrainedModel`) on the images ``paths``; the
+    drawn images and ``detections.json`` go to ``output_dir``. Returns the json's path."""
+    os.makedirs(output_dir, exist_ok=True)
+    cfg, model = trained.cfg, trained.model
+    images, annotations = [], []
+    for image_id, path in enumerate(tqdm(paths, desc="predicting", unit="image", disable=not progress), start=1):
+        image = read_image(path, cfg.INPUT.FORMAT)
+        height, width = image.shape[:2]
+        with torch.no_grad():
+            instances = model([{"image": preprocess(cfg, image), "height": height, "width": width}])[0]["instances"]
+        instances = instances.to("cpu")
+        name = os.path.basename(path)
+        images.append({"id": image_id, "file_name": name, "height": height, "width": width})
+        for box, score, label in zip(instances.pred_boxes.tensor.tolist(), instances.scores.tolist(),
+                                     instances.pred_classes.tolist()):
+            x0, y0, x1, y1 = box
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                                "score": score, "iscrowd": 0})
+        _draw(image, instances, trained.class_names, cfg.INPUT.FORMAT, os.path.join(output_dir, name))
+    detections = {"images": images, "annotations": annotations,
+                  "categories": [{"id": k + 1, "name": c} for k, c in enumerate(trained.class_names)]}
+    path = os.path.join(output_dir, "detections.json")
+    atomic_write(path, lambda f: json.dump(detections, f), mode="w")
+    return path
+
+
+def _draw(image, instances, class_names, image_format, path):
+    rgb = detection_utils.convert_image_to_rgb(image, image_format)
+    visualizer = Visualizer(rgb)
+    labels = [f"{class_names[c]} {s:.2f}" for c, s in zip(instances.pred_classes.tolist(), instances.scores.tolist())]
+    drawn = visualizer.overlay_instances(boxes=instances.pred_boxes.tensor.numpy(), labels=labels).get_image()
+    root, ext = os.path.splitext(path)
+    Image.fromarray(drawn).save(root + (ext if ext.lower() in (".jpg", ".jpeg", ".png") else ".png"))

@@ -1,0 +1,70 @@
+"""A trained model, found from its checkpoint alone: its classes (the checkpoint's ilmil
+record), its config (the ``config.yaml`` of the run folder the checkpoint lies in, or
+one given) and its channel layout (a pruned model is rebuilt at its real widths)."""
+import os
+from dataclasses import dataclass
+
+from ..checkpoint import CheckpointError, checkpoint_class_names, safe_load
+from ..config import derived_cfg, get_ilmil_cfg, num_classes_changes
+from ..modeling import load_detector
+
+__all__ = ["SCORE_THRESH_KEYS", "TrainedModel", "load_trained_model", "run_config_of"]
+
+# The test-time score threshold of each detector ilmil builds.
+SCORE_THRESH_KEYS = ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "MODEL.RETINANET.SCORE_THRESH_TEST",
+                     "MODEL.FCOS.SCORE_THRESH_TEST", "MODEL.YOLO.SCORE_THRESH_TEST")
+# Run folders hold checkpoints one or two levels down (OUT/stage_0/model_final.pth).
+_RUN_DEPTH = 3
+
+
+@dataclass
+class TrainedModel:
+    """A detector in eval mode, the frozen config it was built from and its class names."""
+
+    model: object
+    cfg: object
+    class_names: list
+    weights: str
+
+
+def run_config_of(weights):
+    """The ``config.yaml`` of the run folder holding ``weights`` (its folder or one above), or None."""
+    folder = os.path.dirname(os.path.abspath(weights))
+    for _ in range(_RUN_DEPTH):
+        candidate = os.path.join(folder, "config.yaml")
+        if os.path.isfile(candidate):
+            return candidate
+        folder = os.path.dirname(folder)
+    return None
+
+
+def load_trained_model(weights, config_file=None, opts=(), score_thresh=None, max_detections=None):
+    """The model of the ilmil checkpoint ``weights`` (see the module docstring).
+
+    Args:
+        config_file: the config it was trained with; default its run's ``config.yaml``.
+        opts: ``KEY VALUE`` config overrides.
+        score_thresh, max_detections: the detector's test-time score threshold and
+            detections per image (None: the config's).
+    Raises :class:`CheckpointError` for weights of no known run, naming the fix.
+    """
+    checkpoint = safe_load(weights)
+    class_names = checkpoint_class_names(checkpoint)
+    if not class_names:
+        raise CheckpointError(f"--weights {weights} records no class names: not a model trained by ilmil's tools; "
+                              "fix: give a checkpoint of a run folder (e.g. OUT/stage_0/model_final.pth)")
+    config_file = config_file or run_config_of(weights)
+    if config_file is None:
+        raise CheckpointError(f"--weights {weights}: no config.yaml in its folder or the {_RUN_DEPTH - 1} above, so "
+                              "its detector is unknown; fix: give --config-file (the config.yaml of the run it came "
+                              "from)")
+    cfg = get_ilmil_cfg(config_file, opts)
+    changes = {**num_classes_changes(len(class_names)), "MODEL.WEIGHTS": "", "ILMIL.TEACHER.WEIGHTS": ""}
+    if score_thresh is not None:
+        changes.update({key: float(score_thresh) for key in SCORE_THRESH_KEYS})
+    if max_detections is not None:
+        changes["TEST.DETECTIONS_PER_IMAGE"] = int(max_detections)
+    cfg = derived_cfg(cfg, changes)
+    cfg.freeze()
+    model = load_detector(cfg, weights, checkpoint).eval()
+    return TrainedModel(model, cfg, list(class_names), weights)

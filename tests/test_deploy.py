@@ -1,0 +1,152 @@
+"""Deployment: tools/export.py (ONNX, checked in ONNX Runtime against PyTorch) for each
+detector, a pruned model at its real widths, evaluation through ONNX Runtime, and
+tools/predict.py on a folder of images; each bad input is one error line."""
+import json
+import math
+import os
+import shutil
+
+import onnx
+import pytest
+from pycocotools.coco import COCO
+
+from ilmil.config import CONFIGS_DIR
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, read_json, run_tool, tail
+
+CONFIGS = {
+    "faster_rcnn": "faster_rcnn_R18_FPN_cpu.yaml",
+    "retinanet": "retinanet_R18_FPN_cpu.yaml",
+    "fcos": "fcos_R18_FPN_cpu.yaml",
+    "yolov3": "yolov3_cpu.yaml",
+}
+# Six iterations leave every score near its prior: a low threshold gives the check detections to compare.
+LOW_THRESH = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.01", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.01",
+              "MODEL.FCOS.SCORE_THRESH_TEST", "0.01", "MODEL.YOLO.SCORE_THRESH_TEST", "0.00001"]
+# A small YOLO whose outputs start at a higher prior: after six iterations its scores then
+# still differ from place to place (at 0.01, every one is ~1e-4).
+SMALL_YOLO = ["MODEL.YOLO.WIDTH_MULTIPLIER", "0.25", "MODEL.YOLO.DEPTH_MULTIPLIER", "0.25",
+              "MODEL.YOLO.PRIOR_PROB", "0.3"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_datasets_root, tmp_path_factory):
+    """detector -> the run folder of a tiny model of 4 classes (trained on first use)."""
+    runs = {}
+
+    def get(detector):
+        if detector not in runs:
+            out = tmp_path_factory.mktemp(detector) / "run"
+            proc = run_tool("train_incremental.py", [
+                "--config-file", os.path.join(CONFIGS_DIR, "shapes", CONFIGS[detector]), "--stages", "4",
+                "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS, *LOW_THRESH, *SMALL_YOLO,
+            ], tiny_datasets_root, timeout=300)
+            assert proc.returncode == 0, tail(proc)
+            runs[detector] = out
+        return runs[detector]
+
+    return get
+
+
+def _export(run, tiny_datasets_root, output, *args):
+    return run_tool("export.py", ["--weights", str(run / "stage_0" / "model_final.pth"), "--output", str(output),
+                                  *args, *SHAPES_OPTS, *TRAIN_OPTS], tiny_datasets_root, timeout=300)
+
+
+@pytest.mark.parametrize("detector", list(CONFIGS))
+def test_each_detector_exports_and_onnx_runtime_reproduces_it(detector, trained, tiny_datasets_root, tmp_path):
+    output = tmp_path / "model.onnx"
+    proc = _export(trained(detector), tiny_datasets_root, output, "--check-images", "2")
+    assert proc.returncode == 0, tail(proc)
+    check = read_json(tmp_path / "model.check.json")
+    assert check["passed"] and check["images"] == 2
+    assert check["detections_compared"] > 0 and check["max_relative_box_difference"] <= 1e-3
+    assert f"{check['detections_matched']} of {check['detections_compared']}" in proc.stdout
+    metadata = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
+    info = json.loads(metadata["ilmil"])
+    assert len(info["class_names"]) == 4 and info["input_size"] == [128, 128]
+    assert "META_ARCHITECTURE" in metadata["ilmil.config"]
+
+
+def test_an_exported_model_is_evaluated_through_onnx_runtime_with_the_same_ap(trained, tiny_datasets_root, tmp_path):
+    run = trained("faster_rcnn")
+    assert _export(run, tiny_datasets_root, tmp_path / "model.onnx").returncode == 0
+    aps = []
+    for weights in (tmp_path / "model.onnx", run / "stage_0" / "model_final.pth"):
+        out = tmp_path / weights.suffix[1:]
+        proc = run_tool("eval_incremental.py", ["--weights", str(weights), "--output-dir", str(out), "--quiet",
+                                                *([] if weights.suffix == ".onnx" else ["--config-file",
+                                                                                        str(run / "config.yaml")]),
+                                                *SHAPES_OPTS, *TRAIN_OPTS], tiny_datasets_root, timeout=300)
+        assert proc.returncode == 0, tail(proc)
+        aps.append(read_json(out / "results.json")["stages"][0]["AP50"])
+    assert aps[0] == pytest.approx(aps[1], abs=0.5)
+
+
+def test_a_pruned_model_exports_at_its_real_widths(trained, tiny_datasets_root, tmp_path):
+    run = trained("faster_rcnn")
+    proc = run_tool("prune.py", ["--weights", str(run / "stage_0" / "model_final.pth"), "--ratio", "0.5",
+                                 "--config-file", str(run / "config.yaml"), "--output-dir", str(tmp_path / "pruned"),
+                                 *SHAPES_OPTS, *TRAIN_OPTS], tiny_datasets_root, timeout=300)
+    assert proc.returncode == 0, tail(proc)
+    sizes = {}
+    for name, weights in (("full", run / "stage_0" / "model_final.pth"),
+                          ("pruned", tmp_path / "pruned" / "model_pruned.pth")):
+        proc = run_tool("export.py", ["--weights", str(weights), "--config-file", str(run / "config.yaml"),
+                                      "--output", str(tmp_path / f"{name}.onnx"), "--check-images", "2",
+                                      *SHAPES_OPTS, *TRAIN_OPTS], tiny_datasets_root, timeout=300)
+        assert proc.returncode == 0, tail(proc)
+        graph = onnx.load(str(tmp_path / f"{name}.onnx")).graph
+        sizes[name] = sum(math.prod(i.dims) for i in graph.initializer)
+    pruning = read_json(tmp_path / "pruned" / "pruning.json")
+    # The file shrinks by the parameters pruning removed (its BatchNorms are folded into the convs).
+    removed = pruning["before"]["params"] - pruning["after"]["params"]
+    assert removed > 0 and sizes["full"] - sizes["pruned"] == pytest.approx(removed, rel=0.05)
+
+
+def test_predict_draws_each_image_and_writes_a_coco_json(trained, tiny_datasets_root, tiny_shapes_dir, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in sorted(os.listdir(os.path.join(tiny_shapes_dir, "JPEGImages")))[:3]:
+        shutil.copy(os.path.join(tiny_shapes_dir, "JPEGImages", name), images / name)
+    out = tmp_path / "preds"
+    run = trained("retinanet")
+    proc = run_tool("predict.py", ["--weights", str(run / "stage_0" / "model_final.pth"), "--input", str(images),
+                                   "--output-dir", str(out), "--score-thresh", "0.01", "--max-detections", "5",
+                                   "--quiet"], tiny_datasets_root)
+    assert proc.returncode == 0, tail(proc)
+    assert sorted(os.listdir(images)) == sorted(p for p in os.listdir(out) if p != "detections.json")
+    coco = COCO(str(out / "detections.json"))
+    assert len(coco.getImgIds()) == 3 and len(coco.getCatIds()) == 4
+    per_image = [len(coco.getAnnIds(imgIds=[i])) for i in coco.getImgIds()]
+    assert 0 < sum(per_image) and max(per_image) <= 5
+    assert all(0.01 <= a["score"] <= 1 and len(a["bbox"]) == 4 for a in coco.dataset["annotations"])
+
+
+def _error_line(proc):
+    assert proc.returncode == 1 and "Traceback" not in proc.log, tail(proc)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_bad_inputs_end_in_one_error_line(trained, tiny_datasets_root, tmp_path):
+    run = trained("retinanet")
+    weights = str(run / "stage_0" / "model_final.pth")
+    (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "photo.jpg").write_text("not an image")
+    orphan = tmp_path / "orphan" / "model.pth"
+    orphan.parent.mkdir()
+    shutil.copy(weights, orphan)
+    cases = [
+        (["--weights", weights, "--input", str(tmp_path / "empty")], "holds no image"),
+        (["--weights", weights, "--input", str(broken)], "photo.jpg cannot be read"),
+        (["--weights", str(orphan), "--input", str(broken)], "--config-file"),
+        (["--weights", weights, "--input", str(tmp_path / "missing")], "no such file or folder"),
+    ]
+    for args, message in cases:
+        proc = run_tool("predict.py", [*args, "--output-dir", str(tmp_path / "out")], tiny_datasets_root)
+        assert message in _error_line(proc)
+    proc = run_tool("eval_incremental.py", ["--weights", str(broken / "photo.onnx")], tiny_datasets_root)
+    assert "no such ONNX file" in _error_line(proc)

@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Export a trained model to ONNX and check it against PyTorch in ONNX Runtime.
+
+    python tools/export.py --weights OUT/stage_0/model_final.pth --format onnx --output model.onnx
+    python tools/export.py --weights P/model_pruned.pth --config-file OUT/config.yaml --output small.onnx \\
+        --dynamic --check-images 16
+
+The whole detector goes into the file, post-processing (NMS) included: input a
+float32 [3, H, W] image in the config's INPUT.FORMAT, resized as at test time;
+outputs boxes, scores, classes (README, Deploying a model). Fixed input size by default
+(--input-size H W; default the test-time maximum, rounded up to 32), any size with
+--dynamic. A pruned model is exported at its real widths. Before it is kept, the
+file runs in ONNX Runtime on --check-images test images of the model's dataset:
+each PyTorch detection is matched by an ONNX one of the same class whose box is within
+--tolerance (relative); every detection of score >= 0.5 and 99 % of all must be
+matched. The figures are printed and written to model.check.json.
+"""
+import argparse
+import os
+import sys
+
+import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
+from ilmil.config import derived_cfg
+from ilmil.data import load_dataset_source
+from ilmil.deploy import (DeployError, OnnxDetector, check_export, export_onnx, load_trained_model, preprocess,
+                          write_check)
+from ilmil.deploy.predict import read_image
+from ilmil.engine import run_tool_main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True, help="a checkpoint written by ilmil's tools")
+    parser.add_argument("--format", default="onnx", choices=["onnx"], help="the export format")
+    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--config-file", help="the config the model was trained with (default: its run's config.yaml)")
+    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="fixed input size")
+    parser.add_argument("--dynamic", action="store_true", help="any input size instead of a fixed one")
+    parser.add_argument("--check-images", type=int, default=8, help="test images of the check")
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="largest relative box difference of the check")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    if args.dynamic and args.input_size:
+        parser.error("--dynamic and --input-size exclude each other")
+    if not args.output.endswith(".onnx"):
+        raise DeployError(f"--output {args.output}: give a .onnx file name")
+    trained = load_trained_model(args.weights, args.config_file, args.opts)
+    metadata = export_onnx(trained, args.output, args.input_size, args.dynamic)
+    size = "dynamic" if args.dynamic else "x".join(map(str, metadata["input_size"]))
+    print(f"exported {args.weights} ({trained.cfg.MODEL.META_ARCHITECTURE}, {len(trained.class_names)} classes, "
+          f"input {size}) to {args.output} ({os.path.getsize(args.output) / 2**20:.1f} MiB)")
+    # The check reads a few test images: the whole-dataset image check of a training run is skipped.
+    source = load_dataset_source(derived_cfg(trained.cfg, {"ILMIL.DATA.CHECK_IMAGES": False}))
+    images = [preprocess(trained.cfg, read_image(r["file_name"], trained.cfg.INPUT.FORMAT))
+              for r in source.test[: args.check_images]]
+    figures = check_export(trained, OnnxDetector(args.output), images, args.tolerance)
+    path = write_check(args.output, figures)
+    print(f"check on {figures['images']} {source.name} test images: {figures['detections_matched']} of "
+          f"{figures['detections_compared']} PyTorch detections matched by class (of score >= 0.5: "
+          f"{figures['confident_detections_matched']} of {figures['confident_detections_compared']}), "
+          f"largest relative box difference "
+          f"{figures['max_relative_box_difference']:.2e} (tolerance {args.tolerance:g}), largest score difference "
+          f"{figures['max_score_difference']:.2e}; written to {path}")
+    if not figures["passed"]:
+        raise DeployError(f"{args.output}: ONNX Runtime does not reproduce the PyTorch model ({path}); the file is "
+                          "kept for inspection; fix: export with a fixed --input-size, or report the detector")
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool_main(main))

@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Run a trained model on your own images: each image written with its boxes, class
+names and scores drawn, and every detection in one COCO-format json.
+
+    python tools/predict.py --weights OUT/stage_1/model_final.pth --input photos/ --output-dir preds/
+    python tools/predict.py --weights P/model_pruned.pth --config-file OUT/config.yaml \\
+        --input street.jpg --output-dir preds/ --score-thresh 0.5 --max-detections 20
+
+The detector, its classes and its channel layout (pruned or not) come from the
+checkpoint and the config.yaml of its run folder (--config-file when it has none).
+PREDS/detections.json holds ``images``, ``categories`` and ``annotations`` (boxes
+[x, y, w, h] in the original image's pixels, with ``score``); pycocotools' COCO()
+loads it. Trailing KEY VALUE pairs override config keys (e.g. MODEL.DEVICE cuda).
+"""
+import argparse
+import sys
+
+import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
+from ilmil.deploy import input_images, load_trained_model, predict_images
+from ilmil.engine import require_output_dir, run_tool_main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True, help="a checkpoint written by ilmil's tools")
+    parser.add_argument("--input", required=True, help="an image, or a folder of images")
+    parser.add_argument("--output-dir", required=True, help="where the drawn images and detections.json go")
+    parser.add_argument("--config-file", help="the config the model was trained with (default: its run's config.yaml)")
+    parser.add_argument("--score-thresh", type=float, default=0.3, help="detections below this score are dropped")
+    parser.add_argument("--max-detections", type=int, default=100, help="detections kept per image")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    paths = input_images(args.input)
+    require_output_dir(args.output_dir)
+    trained = load_trained_model(args.weights, args.config_file, args.opts, args.score_thresh, args.max_detections)
+    path = predict_images(trained, paths, args.output_dir, progress=not args.quiet)
+    print(f"{len(paths)} image(s) with their detections drawn and {path} written")
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool_main(main))
