@@ -18,8 +18,9 @@ from detectron2.structures import pairwise_iou
 __all__ = ["fgfi_mask", "gaussian_box_mask", "gt_box_mask"]
 
 
-def gt_box_mask(gt_instances, size, stride):
-    """[N, H, W] mask of the cells of a level of ``size`` (H, W) and ``stride`` inside a GT box."""
+def _per_image_masks(gt_instances, size, stride, box_masks):
+    """[N, H, W]: per image, ``box_masks(boxes, ys, xs)`` ([B, H, W]) maxed over its boxes,
+    ys / xs the cell centres ((k + 0.5) * stride) of a level of ``size``; 0 without boxes."""
     height, width = size
     device = gt_instances[0].gt_boxes.device if gt_instances else "cpu"
     ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride
@@ -29,11 +30,20 @@ def gt_box_mask(gt_instances, size, stride):
         boxes = inst.gt_boxes.tensor
         if len(boxes) == 0:
             masks.append(torch.zeros(height, width, device=device))
-            continue
+        else:
+            masks.append(box_masks(boxes, ys, xs).max(dim=0).values)
+    return torch.stack(masks)
+
+
+def gt_box_mask(gt_instances, size, stride):
+    """[N, H, W] mask of the cells of a level of ``size`` (H, W) and ``stride`` inside a GT box."""
+
+    def inside(boxes, ys, xs):
         inside_y = (ys[None, :] >= boxes[:, 1:2]) & (ys[None, :] <= boxes[:, 3:4])  # [B, H]
         inside_x = (xs[None, :] >= boxes[:, 0:1]) & (xs[None, :] <= boxes[:, 2:3])  # [B, W]
-        masks.append((inside_y[:, :, None] & inside_x[:, None, :]).any(dim=0).float())
-    return torch.stack(masks)
+        return (inside_y[:, :, None] & inside_x[:, None, :]).float()
+
+    return _per_image_masks(gt_instances, size, stride, inside)
 
 
 def fgfi_mask(gt_instances, anchors, sizes, psi=0.5):
@@ -63,21 +73,13 @@ def gaussian_box_mask(gt_instances, size, stride):
     """[N, H, W] soft GT mask of a level: per box, exp(-(dx^2 / (2 sx^2) + dy^2 / (2 sy^2)))
     at the cell centres inside it (dx, dy from the box centre, sx, sy half its width and
     height: 1 at the centre, exp(-1/2) at the middle of an edge), 0 outside; the max over boxes."""
-    height, width = size
-    device = gt_instances[0].gt_boxes.device if gt_instances else "cpu"
-    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride
-    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride
-    masks = []
-    for inst in gt_instances:
-        boxes = inst.gt_boxes.tensor
-        if len(boxes) == 0:
-            masks.append(torch.zeros(height, width, device=device))
-            continue
+
+    def gaussian(boxes, ys, xs):
         centre = (boxes[:, :2] + boxes[:, 2:]) / 2
         half = ((boxes[:, 2:] - boxes[:, :2]) / 2).clamp(min=1e-3)
         dx = (xs[None, :] - centre[:, 0:1]) / half[:, 0:1]  # [B, W], in half-widths
         dy = (ys[None, :] - centre[:, 1:2]) / half[:, 1:2]  # [B, H]
         inside = (dy.abs() <= 1)[:, :, None] & (dx.abs() <= 1)[:, None, :]
-        weight = torch.exp(-(dy[:, :, None] ** 2 + dx[:, None, :] ** 2) / 2) * inside
-        masks.append(weight.max(dim=0).values)
-    return torch.stack(masks)
+        return torch.exp(-(dy[:, :, None] ** 2 + dx[:, None, :] ** 2) / 2) * inside
+
+    return _per_image_masks(gt_instances, size, stride, gaussian)

@@ -16,7 +16,7 @@ from ..masks import fgfi_mask, gt_box_mask
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
 from .feature import feature_connectors
 
-__all__ = ["FGFIImitation"]
+__all__ = ["FGFIImitation", "weighted_imitation"]
 
 
 @DISTILL_LOSS_REGISTRY.register()
@@ -54,14 +54,19 @@ class FGFIImitation(DistillLoss):
         return masks
 
     def forward(self, student, teacher, context):
-        masks = self.masks(teacher, context)
-        total, area = 0.0, 0.0
-        for name in self.layers:
-            s, t = student[name], teacher[name].detach()
-            if name in self.connectors:
-                s = self.connectors[name](s)
-            s = match_size(s, t)
-            mask = masks[name][:, None]
-            total = total + ((s - t).pow(2) * mask).sum()
-            area = area + mask.sum()
-        return total / (2 * area.clamp(min=1.0))
+        return weighted_imitation(student, teacher, self.layers, self.connectors, self.masks(teacher, context))
+
+
+def weighted_imitation(student, teacher, layers, connectors, weights, min_area=1.0):
+    """sum_l sum_{n,x,y,c} W_l (a(S_l) - T_l)^2 / (2 max(sum_l sum_{n,x,y} W_l, ``min_area``)),
+    ``weights``: {layer: [N, H, W] map W_l at the teacher's size}; ``connectors`` a(.) where given."""
+    total, area = 0.0, 0.0
+    for name in layers:
+        s, t = student[name], teacher[name].detach()
+        if name in connectors:
+            s = connectors[name](s)
+        s = match_size(s, t)
+        weight = weights[name][:, None]
+        total = total + ((s - t).pow(2) * weight).sum()
+        area = area + weight.sum()
+    return total / (2 * area.clamp(min=min_area))

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 
 from ...config import ConfigError, check_choice
-from ..connectors import match_size
 from ..masks import gaussian_box_mask
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
 from .dense_head import HEAD
 from .feature import feature_connectors
+from .fgfi import weighted_imitation
 
 __all__ = ["INFORMATION_WEIGHTINGS", "InformationMapDistillation", "teacher_object_maps"]
 
@@ -88,14 +88,5 @@ class InformationMapDistillation(DistillLoss):
                 for name, size in sizes.items()}
 
     def forward(self, student, teacher, context):
-        maps = self.importance(teacher, context)
-        total, area = 0.0, 0.0
-        for name in self.layers:
-            s, t = student[name], teacher[name].detach()
-            if name in self.connectors:
-                s = self.connectors[name](s)
-            s = match_size(s, t)
-            weight = maps[name][:, None]
-            total = total + ((s - t).pow(2) * weight).sum()
-            area = area + weight.sum()
-        return total / (2 * area.clamp(min=1e-6))
+        return weighted_imitation(student, teacher, self.layers, self.connectors, self.importance(teacher, context),
+                                  min_area=1e-6)
