@@ -12,7 +12,8 @@ best AP50. The pruned model is tools/prune.py's (residual-block inner channels,
 fine-tuned with the student's own config) in OUT/edge/. Per model: ONNX file size,
 parameters, GFLOPs, ONNX Runtime latency per image on 1 thread and on all cores
 (median of --repeats after warm-up), PyTorch latency on the same input (1 thread),
-and AP50 through ONNX Runtime and through PyTorch on the test split. Results:
+and AP50 through ONNX Runtime on the test split beside the PyTorch AP50 its run (or
+the pruning) measured on the same split. Results:
 benchmarks/results/edge_<detector>.json and .md.
 """
 import argparse
@@ -76,8 +77,9 @@ def prune(best, out, ratio, finetune_iters):
     return weights
 
 
-def measure(label, weights, config_file, out, repeats):
-    """The figures of one model (see the module docstring)."""
+def measure(label, weights, config_file, pytorch_ap50, out, repeats):
+    """The figures of one model (see the module docstring); ``pytorch_ap50`` is the AP50
+    its run (or the pruning) measured in PyTorch on the same test split."""
     trained = load_trained_model(weights, config_file, ["ILMIL.DATA.CHECK_IMAGES", "False"])
     onnx_path = os.path.join(out, f"{label.replace(' ', '_').replace(',', '')}.onnx")
     export_onnx(trained, onnx_path)
@@ -104,7 +106,7 @@ def measure(label, weights, config_file, out, repeats):
     }
     eval_cfg = derived_cfg(cfg, {"ILMIL.DATA.CHECK_IMAGES": False})
     figures["AP50_ort"] = evaluate_checkpoint(eval_cfg, onnx_path, progress=False)["stages"][0]["AP50"]
-    figures["AP50_pytorch"] = evaluate_checkpoint(eval_cfg, weights, progress=False)["stages"][0]["AP50"]
+    figures["AP50_pytorch"] = pytorch_ap50
     return figures
 
 
@@ -138,15 +140,20 @@ def main(argv=None):
     models = find_models(args.kd_runs, args.detector)
     out = os.path.join(os.path.dirname(os.path.abspath(args.kd_runs)), "edge", args.detector)
     os.makedirs(out, exist_ok=True)
-    entries = [(label, os.path.join(run, "stage_0", "model_final.pth"), os.path.join(run, "config.yaml"))
+    entries = [(label, os.path.join(run, "stage_0", "model_final.pth"), os.path.join(run, "config.yaml"), _ap50(run))
                for label, run in models.items()]
     best_label, best_run = list(models.items())[-1]
-    pruned = prune(best_run, os.path.join(out, "pruned"), args.prune_ratio, args.finetune_iters)
-    entries.append((f"{best_label}, pruned {args.prune_ratio:.0%}", pruned, os.path.join(best_run, "config.yaml")))
+    # Named by what it is pruned from and how, so a later, better student gets its own.
+    pruned_dir = os.path.join(out, f"pruned_{os.path.basename(best_run)}_{args.prune_ratio}_{args.finetune_iters}it")
+    pruned = prune(best_run, pruned_dir, args.prune_ratio, args.finetune_iters)
+    with open(os.path.join(pruned_dir, "pruning.json")) as f:
+        pruned_ap50 = json.load(f)["after"]["AP50"]
+    entries.append((f"{best_label}, pruned {args.prune_ratio:.0%}", pruned, os.path.join(best_run, "config.yaml"),
+                    pruned_ap50))
     rows = []
-    for label, weights, config_file in entries:
+    for label, weights, config_file, ap50 in entries:
         print(f"[edge] measuring {label}", flush=True)
-        rows.append(measure(label, weights, config_file, out, args.repeats))
+        rows.append(measure(label, weights, config_file, ap50, out, args.repeats))
     page = table(rows, args.detector, args.repeats)
     os.makedirs(args.results_dir, exist_ok=True)
     name = os.path.join(args.results_dir, f"edge_{args.detector}")
