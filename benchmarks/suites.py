@@ -250,6 +250,11 @@ def _kd_variants():
                 "uniform map": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.WEIGHTING", "uniform"), ()),
                 "information map, backbone": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.LAYERS", str(backbone)), ()),
                 "information map, neck": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.LAYERS", str(neck)), ()),
+                # The imitation sums the squared error over channels (hundreds here): at weight 1 it
+                # is ~500x the detection loss; 0.02 brings it to the alignment term's scale.
+                "information map, weight 0.02": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.WEIGHT", "0.02"), ()),
+                "uniform map, weight 0.02": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.WEIGHTING", "uniform",
+                                                                "ILMIL.DISTILL.INFOMAP.WEIGHT", "0.02"), ()),
             })  # fmt: skip
         else:
             rows.update({

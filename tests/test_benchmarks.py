@@ -272,7 +272,8 @@ KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dens
                 "M-KD": ["dense", "at", "fsp"], "M-KD + assistant": ["dense", "at", "fsp"],
                 # YOLO's own rows: multi-layer alignment and the information map with its ablations.
                 "alignment": ["feat"], "information map": ["infomap"], "uniform map": ["infomap"],
-                "information map, backbone": ["infomap"], "information map, neck": ["infomap"]}
+                "information map, backbone": ["infomap"], "information map, neck": ["infomap"],
+                "information map, weight 0.02": ["infomap"], "uniform map, weight 0.02": ["infomap"]}
 
 
 def test_kd_rows_switch_on_their_terms_only():
