@@ -148,13 +148,16 @@ class OnnxDetector:
             f.flush()
             return get_ilmil_cfg(f.name, opts)
 
-    def run(self, image):
-        """(boxes, scores, classes) numpy arrays of one model input [3, h, w] (padded to the
-        fixed size if the export has one; the boxes are in the input's pixels)."""
+    def graph_input(self, image):
+        """The model input [3, h, w] as the graph takes it: padded to the fixed size if the
+        export has one."""
         size = self.metadata["input_size"]
-        if size is not None:
-            image = pad_to(image, size, self.metadata["pixel_mean"])
-        boxes, scores, classes = self.session.run(None, {"image": image.numpy().astype(np.float32)})
+        return image if size is None else pad_to(image, size, self.metadata["pixel_mean"])
+
+    def run(self, image):
+        """(boxes, scores, classes) numpy arrays of one model input [3, h, w] (the boxes are
+        in the input's pixels)."""
+        boxes, scores, classes = self.session.run(None, {"image": self.graph_input(image).numpy().astype(np.float32)})
         return boxes, scores, classes
 
     def __call__(self, batched_inputs):
@@ -188,14 +191,12 @@ def check_export(trained, detector, images, tolerance=1e-3):
     worst_box, worst_score, matched, compared = 0.0, 0.0, 0, 0
     confident_compared = confident_matched = 0
     counts = []
+    threshold = _score_threshold(trained.cfg) + margin
     for image in images:
-        padded = pad_to(image, detector.metadata["input_size"], detector.metadata["pixel_mean"]) \
-            if detector.metadata["input_size"] is not None else image
-        with torch.no_grad():
-            reference = trained.model([{"image": padded}])[0]["instances"]
+        with torch.no_grad():  # PyTorch on the very input the graph gets
+            reference = trained.model([{"image": detector.graph_input(image)}])[0]["instances"]
         boxes, scores, classes = detector.run(image)
         counts.append((len(reference), len(boxes)))
-        threshold = _score_threshold(trained.cfg) + margin
         for box, score, label in zip(reference.pred_boxes.tensor.numpy(), reference.scores.numpy(),
                                      reference.pred_classes.numpy()):
             if score < threshold:
