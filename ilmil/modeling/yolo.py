@@ -328,6 +328,16 @@ class YOLOV3(DenseDetector):
         self.max_detections_per_image = max_detections_per_image
         shapes = backbone.output_shape()
         self.strides = [shapes[f].stride for f in self.head_in_features]
+        # The anchors flattened over the levels, and each one's level and index in it: fixed,
+        # so computed once here rather than every training step.
+        per_level = [len(a) for a in self.anchors]
+        self.register_buffer("_anchor_wh", torch.tensor([wh for level in self.anchors for wh in level],
+                                                        dtype=torch.float32), False)
+        self.register_buffer("_level_of", torch.repeat_interleave(torch.arange(len(per_level)),
+                                                                  torch.tensor(per_level)), False)
+        self.register_buffer("_anchor_in_level", torch.cat([torch.arange(n) for n in per_level]), False)
+        self.register_buffer("_level_anchors", torch.tensor(per_level), False)
+        self.register_buffer("_level_strides", torch.tensor(self.strides, dtype=torch.float32), False)
 
     @classmethod
     def from_config(cls, cfg):
@@ -380,13 +390,7 @@ class YOLOV3(DenseDetector):
 
     def assign(self, gt_instances, anchors, sizes):
         """Per image, (anchor indices, GT indices) of the positive anchors (module docstring)."""
-        anchor_wh = torch.cat([torch.as_tensor(a, dtype=torch.float32, device=self.device) for a in self.anchors])
-        per_level = [len(a) for a in self.anchors]
-        level_of = torch.repeat_interleave(torch.arange(len(per_level), device=self.device),
-                                           torch.as_tensor(per_level, device=self.device))
-        anchor_in_level = torch.cat([torch.arange(n, device=self.device) for n in per_level])
         offsets = torch.as_tensor([0] + [len(a) for a in anchors], device=self.device).cumsum(0)[:-1]
-        strides = torch.as_tensor(self.strides, dtype=torch.float32, device=self.device)
         widths = torch.as_tensor([w for _, w in sizes], device=self.device)
         heights = torch.as_tensor([h for h, _ in sizes], device=self.device)
         assignments = []
@@ -396,17 +400,17 @@ class YOLOV3(DenseDetector):
                 empty = torch.zeros(0, dtype=torch.long, device=self.device)
                 assignments.append((empty, empty))
                 continue
-            iou = wh_iou(boxes[:, 2:] - boxes[:, :2], anchor_wh)  # [B, all anchors]
+            iou = wh_iou(boxes[:, 2:] - boxes[:, :2], self._anchor_wh)  # [B, all anchors]
             matched = iou > self.match_iou_thresh
             matched[torch.arange(len(boxes)), iou.argmax(dim=1)] = True
             gt_index, anchor_index = matched.nonzero(as_tuple=True)
-            level = level_of[anchor_index]
+            level = self._level_of[anchor_index]
             centres = (boxes[gt_index, :2] + boxes[gt_index, 2:]) / 2
-            cells = (centres / strides[level, None]).floor().long()
+            cells = (centres / self._level_strides[level, None]).floor().long()
             col = torch.minimum(cells[:, 0].clamp(min=0), widths[level] - 1)
             row = torch.minimum(cells[:, 1].clamp(min=0), heights[level] - 1)
-            slot = offsets[level] + (row * widths[level] + col) * torch.as_tensor(per_level, device=self.device)[level] \
-                + anchor_in_level[anchor_index]
+            slot = offsets[level] + (row * widths[level] + col) * self._level_anchors[level] \
+                + self._anchor_in_level[anchor_index]
             assignments.append((slot, gt_index))
         return assignments
 
