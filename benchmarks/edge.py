@@ -4,12 +4,13 @@ student and that student pruned, each exported to ONNX and measured on the targe
 runtime (ONNX Runtime on CPU).
 
     python benchmarks/edge.py --detector faster_rcnn [--kd-runs benchmarks/runs/kd_full] \\
-        [--prune-ratio 0.5 --finetune-iters 200] [--repeats 50]
+        [--prune-ratio 0.5 --finetune-iters 200 [--finetune-teacher]] [--repeats 50]
 
 The models come from the kd suite's run folders (benchmarks/run.py --suite kd): the
 teacher run, the "no KD" student and, of the other finished students, the one of
 best AP50. The pruned model is tools/prune.py's (residual-block inner channels,
-fine-tuned with the student's own config) in OUT/edge/. Per model: ONNX file size,
+fine-tuned with the student's own config, distilled from its unpruned self with
+--finetune-teacher) in OUT/edge/. Per model: ONNX file size,
 parameters, GFLOPs, ONNX Runtime latency per image on 1 thread and on all cores
 (median of --repeats after warm-up), PyTorch latency on the same input (1 thread),
 and AP50 through ONNX Runtime on the test split beside the PyTorch AP50 its run (or
@@ -65,14 +66,17 @@ def _row(run, detector):
     return name.rsplit("_", 2)[0].replace("_", " ")
 
 
-def prune(best, out, ratio, finetune_iters):
-    """tools/prune.py on the best student (reused when done); returns the pruned checkpoint."""
+def prune(best, out, ratio, finetune_iters, finetune_teacher=False):
+    """tools/prune.py on the best student (reused when done); returns the pruned checkpoint.
+    With ``finetune_teacher`` the fine-tuning distils the pruned model from its unpruned self
+    (the teacher is built from the student's own config: ``ILMIL.TEACHER.CONFIG_FILE`` "")."""
     weights = os.path.join(out, "model_pruned.pth")
     if not os.path.isfile(weights):
         subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prune.py"), "--weights",
                         os.path.join(best, "stage_0", "model_final.pth"), "--config-file",
                         os.path.join(best, "config.yaml"), "--ratio", str(ratio), "--finetune-iters",
-                        str(finetune_iters), "--output-dir", out, "ILMIL.TEACHER.CONFIG_FILE", ""],
+                        str(finetune_iters), "--output-dir", out]
+                       + (["--finetune-teacher"] if finetune_teacher else []) + ["ILMIL.TEACHER.CONFIG_FILE", ""],
                        check=True, cwd=ROOT)
     return weights
 
@@ -134,6 +138,8 @@ def main(argv=None):
     parser.add_argument("--kd-runs", default=os.path.join(ROOT, "benchmarks", "runs", "kd_full"))
     parser.add_argument("--prune-ratio", type=float, default=0.5)
     parser.add_argument("--finetune-iters", type=int, default=200)
+    parser.add_argument("--finetune-teacher", action="store_true",
+                        help="fine-tune the pruned student distilled from its unpruned self (tools/prune.py's flag)")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
@@ -144,8 +150,9 @@ def main(argv=None):
                for label, run in models.items()]
     best_label, best_run = list(models.items())[-1]
     # Named by what it is pruned from and how, so a later, better student gets its own.
-    pruned_dir = os.path.join(out, f"pruned_{os.path.basename(best_run)}_{args.prune_ratio}_{args.finetune_iters}it")
-    pruned = prune(best_run, pruned_dir, args.prune_ratio, args.finetune_iters)
+    pruned_dir = os.path.join(out, f"pruned_{os.path.basename(best_run)}_{args.prune_ratio}_{args.finetune_iters}it"
+                                   + ("_self-distilled" if args.finetune_teacher else ""))
+    pruned = prune(best_run, pruned_dir, args.prune_ratio, args.finetune_iters, args.finetune_teacher)
     with open(os.path.join(pruned_dir, "pruning.json")) as f:
         pruned_ap50 = json.load(f)["after"]["AP50"]
     entries.append((f"{best_label}, pruned {args.prune_ratio:.0%}", pruned, os.path.join(best_run, "config.yaml"),

@@ -2,12 +2,11 @@
 exported to ONNX (checked against PyTorch) and run through ONNX Runtime."""
 from .onnx_export import ONNX_OPSET, OnnxDetector, check_export, export_onnx, latency_ms, pad_to, write_check
 from .predict import IMAGE_EXTENSIONS, DeployError, input_images, predict_images, preprocess
-from .trained_model import SCORE_THRESH_KEYS, TrainedModel, load_trained_model, run_config_of
+from .trained_model import TrainedModel, load_trained_model, run_config_of, score_thresh_key
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ONNX_OPSET",
-    "SCORE_THRESH_KEYS",
     "DeployError",
     "OnnxDetector",
     "TrainedModel",
@@ -20,5 +19,6 @@ __all__ = [
     "predict_images",
     "preprocess",
     "run_config_of",
+    "score_thresh_key",
     "write_check",
 ]

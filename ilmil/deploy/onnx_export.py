@@ -21,6 +21,7 @@ detectron2 0.6's own exporter (``detectron2.export``) cannot be imported on this
 (it imports caffe2), so ``torch.onnx.export`` is called directly; its TorchScript-based
 path (``dynamo=False``) follows detectron2's tracing branches.
 """
+import functools
 import json
 import os
 import tempfile
@@ -37,6 +38,7 @@ from detectron2.structures import Boxes, Instances
 from ..config import get_ilmil_cfg
 from ..file_io import atomic_write
 from .predict import DeployError
+from .trained_model import score_thresh_key
 
 __all__ = ["ONNX_OPSET", "OnnxDetector", "check_export", "export_onnx", "latency_ms", "pad_to", "write_check"]
 
@@ -191,7 +193,7 @@ def check_export(trained, detector, images, tolerance=1e-3):
     worst_box, worst_score, matched, compared = 0.0, 0.0, 0, 0
     confident_compared = confident_matched = 0
     counts = []
-    threshold = _score_threshold(trained.cfg) + margin
+    threshold = functools.reduce(getattr, score_thresh_key(trained.cfg).split("."), trained.cfg) + margin
     for image in images:
         with torch.no_grad():  # PyTorch on the very input the graph gets
             reference = trained.model([{"image": detector.graph_input(image)}])[0]["instances"]
@@ -226,14 +228,6 @@ def check_export(trained, detector, images, tolerance=1e-3):
         "detections_per_image_pytorch_onnx": counts,
         "passed": confident_matched == confident_compared and matched >= MIN_MATCHED_SHARE * compared,
     }
-
-
-def _score_threshold(cfg):
-    arch = cfg.MODEL.META_ARCHITECTURE
-    for key, node in (("RetinaNet", cfg.MODEL.RETINANET), ("FCOS", cfg.MODEL.FCOS), ("YOLO", cfg.MODEL.YOLO)):
-        if key in arch:
-            return node.SCORE_THRESH_TEST
-    return cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
 
 
 def latency_ms(fn, repeats=50, warmup=5):

@@ -8,11 +8,12 @@ from ..checkpoint import CheckpointError, checkpoint_class_names, safe_load
 from ..config import derived_cfg, get_ilmil_cfg, num_classes_changes
 from ..modeling import load_detector
 
-__all__ = ["SCORE_THRESH_KEYS", "TrainedModel", "load_trained_model", "run_config_of"]
+__all__ = ["TrainedModel", "load_trained_model", "run_config_of", "score_thresh_key"]
 
-# The test-time score threshold of each detector ilmil builds.
-SCORE_THRESH_KEYS = ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "MODEL.RETINANET.SCORE_THRESH_TEST",
-                     "MODEL.FCOS.SCORE_THRESH_TEST", "MODEL.YOLO.SCORE_THRESH_TEST")
+# The test-time score-threshold key of each one-stage detector ilmil builds, by the part of
+# its meta-architecture's name (IncrementalRetinaNet is a RetinaNet); Faster R-CNN's otherwise.
+_DENSE_SCORE_THRESH_KEYS = (("RetinaNet", "MODEL.RETINANET.SCORE_THRESH_TEST"), ("FCOS", "MODEL.FCOS.SCORE_THRESH_TEST"),
+                            ("YOLO", "MODEL.YOLO.SCORE_THRESH_TEST"))
 # Run folders hold checkpoints one or two levels down (OUT/stage_0/model_final.pth).
 _RUN_DEPTH = 3
 
@@ -38,6 +39,12 @@ def run_config_of(weights):
     return None
 
 
+def score_thresh_key(cfg):
+    """The config key of ``cfg``'s detector's test-time score threshold."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    return next((key for part, key in _DENSE_SCORE_THRESH_KEYS if part in arch), "MODEL.ROI_HEADS.SCORE_THRESH_TEST")
+
+
 def load_trained_model(weights, config_file=None, opts=(), score_thresh=None, max_detections=None):
     """The model of the ilmil checkpoint ``weights`` (see the module docstring).
 
@@ -61,7 +68,7 @@ def load_trained_model(weights, config_file=None, opts=(), score_thresh=None, ma
     cfg = get_ilmil_cfg(config_file, opts)
     changes = {**num_classes_changes(len(class_names)), "MODEL.WEIGHTS": "", "ILMIL.TEACHER.WEIGHTS": ""}
     if score_thresh is not None:
-        changes.update({key: float(score_thresh) for key in SCORE_THRESH_KEYS})
+        changes[score_thresh_key(cfg)] = float(score_thresh)
     if max_detections is not None:
         changes["TEST.DETECTIONS_PER_IMAGE"] = int(max_detections)
     cfg = derived_cfg(cfg, changes)
