@@ -192,6 +192,9 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DISTILL.INFOMAP.WEIGHT = 1.0
     cfg.ILMIL.DISTILL.INFOMAP.LAYERS = ["dark3", "dark4", "dark5", "p3", "p4", "p5"]
     cfg.ILMIL.DISTILL.INFOMAP.WEIGHTING = "information"
+    # The least weight of any location of the information map: 0 is the published map (the
+    # background carries almost none), 1 makes it uniform; in between the background keeps a share.
+    cfg.ILMIL.DISTILL.INFOMAP.BACKGROUND_WEIGHT = 0.0
 
     # M-KD's attention transfer: normalised spatial attention maps (channel mean of the
     # squared activations) of LAYERS, any widths.

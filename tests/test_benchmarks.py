@@ -273,7 +273,8 @@ KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dens
                 # YOLO's own rows: multi-layer alignment and the information map with its ablations.
                 "alignment": ["feat"], "information map": ["infomap"], "uniform map": ["infomap"],
                 "information map, backbone": ["infomap"], "information map, neck": ["infomap"],
-                "information map, weight 0.02": ["infomap"], "uniform map, weight 0.02": ["infomap"]}
+                "information map, weight 0.02": ["infomap"], "uniform map, weight 0.02": ["infomap"],
+                "information map, weight 0.01": ["infomap"], "information map, background 0.1, weight 0.02": ["infomap"]}
 
 
 def test_kd_rows_switch_on_their_terms_only():
@@ -291,6 +292,7 @@ def test_kd_rows_switch_on_their_terms_only():
     assert yolo["uniform map"].INFOMAP.WEIGHTING == "uniform"
     assert list(yolo["information map, backbone"].INFOMAP.LAYERS) == ["dark3", "dark4", "dark5"]
     assert list(yolo["information map, neck"].INFOMAP.LAYERS) == ["p3", "p4", "p5"]
+    assert yolo["information map, background 0.1, weight 0.02"].INFOMAP.BACKGROUND_WEIGHT == 0.1
 
 
 def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(tiny_datasets_root, tmp_path):

@@ -33,9 +33,10 @@ def test_soft_gt_mask_by_hand():
     assert torch.all(mask[:, 2:] == 0)  # columns 2 and 3 (centres x = 20, 28) are outside the box
 
 
-def _loss(weighting="information", student_width=4, teacher_width=6):
+def _loss(weighting="information", student_width=4, teacher_width=6, background_weight=0.0):
     cfg = get_ilmil_cfg(None, ["ILMIL.DISTILL.INFOMAP.LAYERS", list(LAYERS),
-                               "ILMIL.DISTILL.INFOMAP.WEIGHTING", weighting])
+                               "ILMIL.DISTILL.INFOMAP.WEIGHTING", weighting,
+                               "ILMIL.DISTILL.INFOMAP.BACKGROUND_WEIGHT", background_weight])
     student = {n: ShapeSpec(channels=student_width, stride=s) for n, s in STRIDES.items()}
     teacher = {n: ShapeSpec(channels=teacher_width, stride=s) for n, s in STRIDES.items()}
     torch.manual_seed(0)
@@ -66,6 +67,10 @@ def test_the_importance_map_is_the_larger_of_soft_gt_mask_and_teacher_objectness
     no_objectness = loss.importance(teacher, _context())
     soft_gt = gaussian_box_mask(_context().gt_instances, (4, 4), 8)
     assert torch.allclose(no_objectness["p3"], torch.clamp(soft_gt, min=torch.sigmoid(torch.tensor(-5.0)).item()))
+    # A background weight is the least weight of any location: the box's cells keep theirs.
+    floored = _loss(background_weight=0.25).importance(teacher, _context([objectness]))
+    assert torch.allclose(floored["p3"], torch.clamp(expected, min=0.25), atol=1e-6)
+    assert floored["p3"][0, 0, 3].item() == pytest.approx(0.25) and floored["p3"][0, 1, 0].item() > 0.25
 
 
 def test_the_term_by_hand_with_a_uniform_map():
@@ -93,9 +98,11 @@ def test_the_term_is_zero_at_equality_positive_otherwise_and_trains_the_student_
     assert all(p.grad is not None for p in loss.connectors.parameters())
 
 
-def test_an_unknown_weighting_is_refused_with_the_choices():
+def test_an_unknown_weighting_or_a_background_weight_outside_0_1_is_refused():
     with pytest.raises(ConfigError, match="uniform"):
         _loss("objectness")
+    with pytest.raises(ConfigError, match="BACKGROUND_WEIGHT 1.5"):
+        _loss(background_weight=1.5)
 
 
 def _dense_head(seed, requires_grad=False):

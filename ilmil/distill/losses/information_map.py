@@ -4,7 +4,7 @@ on the neck's fusion layers.
 
 For each layer l of LAYERS (backbone stages and neck levels), with a(.) the connector:
 
-    I_l = max(G_l, O_l)
+    I_l = max(G_l, O_l, b)
     L   = sum_l sum_{n,x,y,c} I_l (a(S_l) - T_l)^2 / (2 sum_l sum_{n,x,y} I_l)
 
 G_l is the soft GT mask of the layer (``gaussian_box_mask``: 1 at a box centre,
@@ -12,7 +12,8 @@ falling off towards its edges, 0 outside; pseudo-labels count as GT). O_l is the
 teacher's own view of where objects are: the maximum over anchors of sigma(teacher
 objectness) on its head level of the layer's map size (resized to it when no level
 has that size). A detector without objectness (RetinaNet, FCOS) gives its highest
-class probability instead.
+class probability instead. b is BACKGROUND_WEIGHT, the least weight of any location:
+0 is the published map; above 0 the background keeps a share of the imitation.
 
 WEIGHTING ``uniform`` sets I = 1 everywhere: plain imitation of the same layers,
 the ablation that shows what the information map adds.
@@ -58,19 +59,23 @@ class InformationMapDistillation(DistillLoss):
     config_key = "INFOMAP"
 
     @configurable
-    def __init__(self, *, layers, weighting="information", connectors=None):
+    def __init__(self, *, layers, weighting="information", background_weight=0.0, connectors=None):
         super().__init__()
         if not layers:
             raise ConfigError("ILMIL.DISTILL.INFOMAP.LAYERS is empty; fix: name backbone and neck layers, "
                               "e.g. dark3 dark4 dark5 p3 p4 p5")
         self.layers = tuple(layers)
         self.weighting = check_choice("ILMIL.DISTILL.INFOMAP.WEIGHTING", weighting, INFORMATION_WEIGHTINGS)
+        if not 0.0 <= background_weight <= 1.0:
+            raise ConfigError(f"ILMIL.DISTILL.INFOMAP.BACKGROUND_WEIGHT {background_weight}: the least weight of a "
+                              "location lies in [0, 1]; fix: 0 for the published map, e.g. 0.1 to keep the background")
+        self.background_weight = float(background_weight)
         self.connectors = connectors if connectors is not None else torch.nn.ModuleDict()
 
     @classmethod
     def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):
         info = cfg.ILMIL.DISTILL.INFOMAP
-        return {"layers": info.LAYERS, "weighting": info.WEIGHTING,
+        return {"layers": info.LAYERS, "weighting": info.WEIGHTING, "background_weight": info.BACKGROUND_WEIGHT,
                 "connectors": feature_connectors(info.LAYERS, student_shapes or {}, teacher_shapes or {},
                                                  cfg.ILMIL.DISTILL.CONNECTOR, "ILMIL.DISTILL.INFOMAP.LAYERS")}
 
@@ -84,7 +89,7 @@ class InformationMapDistillation(DistillLoss):
             return {name: teacher[name].new_ones(teacher[name].shape[0], *size) for name, size in sizes.items()}
         objects = teacher_object_maps(teacher[HEAD], context.teacher_outputs.get("objectness"))
         return {name: torch.maximum(gaussian_box_mask(context.gt_instances, size, context.strides[name]),
-                                    _level_map(objects, size))
+                                    _level_map(objects, size)).clamp(min=self.background_weight)
                 for name, size in sizes.items()}
 
     def forward(self, student, teacher, context):
