@@ -248,8 +248,11 @@ def _kd_variants():
                 # Information-map distillation of backbone and neck, and its ablations.
                 "information map": (only("INFOMAP"), ()),
                 "uniform map": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.WEIGHTING", "uniform"), ()),
-                "information map, backbone": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.LAYERS", str(backbone)), ()),
-                "information map, neck": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.LAYERS", str(neck)), ()),
+                # Backbone or neck alone, at the weight where the map is above no KD (0.02, below).
+                "information map, backbone": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.LAYERS", str(backbone),
+                                                                 "ILMIL.DISTILL.INFOMAP.WEIGHT", "0.02"), ()),
+                "information map, neck": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.LAYERS", str(neck),
+                                                             "ILMIL.DISTILL.INFOMAP.WEIGHT", "0.02"), ()),
                 # The imitation sums the squared error over channels (hundreds here): at weight 1 it
                 # is ~500x the detection loss; 0.02 brings it to the alignment term's scale.
                 "information map, weight 0.02": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.WEIGHT", "0.02"), ()),

@@ -292,6 +292,7 @@ def test_kd_rows_switch_on_their_terms_only():
     assert yolo["uniform map"].INFOMAP.WEIGHTING == "uniform"
     assert list(yolo["information map, backbone"].INFOMAP.LAYERS) == ["dark3", "dark4", "dark5"]
     assert list(yolo["information map, neck"].INFOMAP.LAYERS) == ["p3", "p4", "p5"]
+    assert yolo["information map, backbone"].INFOMAP.WEIGHT == yolo["information map, neck"].INFOMAP.WEIGHT == 0.02
     assert yolo["information map, background 0.1, weight 0.02"].INFOMAP.BACKGROUND_WEIGHT == 0.1
 
 
