@@ -115,8 +115,9 @@ def pruning_table(records):
 
 def kd_table(records):
     """Per detector: its teacher, then each student (means over seeds). Gap closed =
-    (AP_student - AP_no KD) / (AP_teacher - AP_no KD), per seed; step time and peak
-    memory relative to the student without distillation."""
+    (AP_student - AP_no KD) / (AP_teacher - AP_no KD), per seed, where the teacher is
+    above the student without distillation (else there is no gap: "teacher below no KD");
+    step time and peak memory relative to the student without distillation."""
     lines = ["| detector | model | AP50 | AP | AP50 gap closed | AP gap closed | step time (s) | vs no KD | "
              "peak memory (MiB) | vs no KD | parameters (M) | GFLOPs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -131,8 +132,12 @@ def kd_table(records):
                 pairs = [(r, plain.get(r["seed"])) for r in group]
                 pairs = [(r, p) for r, p in pairs if p is not None and r.get(key) is not None and p.get(key)]
                 if of is not None:  # gap closed of the AP key ``of``
+                    # A teacher at or below the student has no gap to close: the ratio's
+                    # sign would turn a loss against no KD into a positive share.
                     values = [(r[of] - p[of]) / (r[f"teacher_{of}"] - p[of])
-                              for r, p in pairs if r[f"teacher_{of}"] != p[of]]
+                              for r, p in pairs if r[f"teacher_{of}"] > p[of]]
+                    if not values and pairs:
+                        return "teacher below no KD"
                     return _mean_spread([100 * v for v in values]) + " %" if values else "–"
                 values = [r[key] / p[key] for r, p in pairs]
                 return f"{statistics.mean(values):.2f}x" if values else "–"
