@@ -18,8 +18,11 @@ demo: env
 	$(DEMO) --method ilmil --output-dir $(OUT)/ilmil $(DEMO_STAGE1)
 	$(PY) tools/compare_runs.py $(OUT)/finetune $(OUT)/ilmil --out $(OUT)
 
+# Each test runs one thread, so the suite's files are spread over worker processes
+# (those sharing a module-scoped trained run on one worker: tests/conftest.py).
+TEST_WORKERS ?= 2
 test: env
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 # A benchmark suite (accuracy | ablation | speed | pruning): records and tables in benchmarks/results/;
 # BENCH_ARGS=--quick for the short one, BENCH_ARGS="--jobs 2" to train two accuracy/ablation runs at once.

@@ -47,3 +47,14 @@ def pytest_configure(config):
     # pytest resets warning filters per test, so repeat them here.
     config.addinivalue_line("filterwarnings", r"ignore:torch\.meshgrid:UserWarning")
     config.addinivalue_line("filterwarnings", r"ignore:`torch\.jit\.script` is deprecated:FutureWarning")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the marks
+def pytest_collection_modifyitems(config, items):
+    # `make test` spreads the tests over worker processes one by one (`--dist loadgroup`),
+    # except that a module's tests sharing a module-scoped fixture (a run trained once for
+    # them) stay together on one worker, which trains it once.
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        if defs and any(d.scope == "module" for group in defs.name2fixturedefs.values() for d in group):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
