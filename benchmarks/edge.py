@@ -4,7 +4,7 @@ student and that student pruned, each exported to ONNX and measured on the targe
 runtime (ONNX Runtime on CPU).
 
     python benchmarks/edge.py --detector faster_rcnn [--kd-runs benchmarks/runs/kd_full] \\
-        [--prune-ratio 0.5 --finetune-iters 200 [--finetune-teacher]] [--repeats 50]
+        [--prune-ratio 0.5 --finetune-iters 200 [--finetune-teacher]] [--repeats 50] [KEY VALUE ...]
 
 The models come from the kd suite's run folders (benchmarks/run.py --suite kd): the
 teacher run, the "no KD" student and, of the other finished students, the one of
@@ -13,9 +13,10 @@ fine-tuned with the student's own config, distilled from its unpruned self with
 --finetune-teacher) in OUT/edge/. Per model: ONNX file size,
 parameters, GFLOPs, ONNX Runtime latency per image on 1 thread and on all cores
 (median of --repeats after warm-up), PyTorch latency on the same input (1 thread),
-and AP50 through ONNX Runtime on the test split beside the PyTorch AP50 its run (or
-the pruning) measured on the same split. Results:
-benchmarks/results/edge_<detector>.json and .md.
+and AP50 on the test split through ONNX Runtime and in PyTorch. KEY VALUE overrides
+are test-time settings applied alike to every model, in PyTorch and in the exported
+file (e.g. MODEL.RPN.POST_NMS_TOPK_TEST 100: fewer proposals for the box head).
+Results: benchmarks/results/edge_<detector>.json and .md.
 """
 import argparse
 import glob
@@ -81,10 +82,10 @@ def prune(best, out, ratio, finetune_iters, finetune_teacher=False):
     return weights
 
 
-def measure(label, weights, config_file, pytorch_ap50, out, repeats):
-    """The figures of one model (see the module docstring); ``pytorch_ap50`` is the AP50
-    its run (or the pruning) measured in PyTorch on the same test split."""
-    trained = load_trained_model(weights, config_file, ["ILMIL.DATA.CHECK_IMAGES", "False"])
+def measure(label, weights, config_file, out, repeats, opts=()):
+    """The figures of one model (see the module docstring) under the test-time
+    overrides ``opts`` (KEY VALUE)."""
+    trained = load_trained_model(weights, config_file, ["ILMIL.DATA.CHECK_IMAGES", "False", *opts])
     onnx_path = os.path.join(out, f"{label.replace(' ', '_').replace(',', '')}.onnx")
     export_onnx(trained, onnx_path)
     cfg = trained.cfg
@@ -110,13 +111,15 @@ def measure(label, weights, config_file, pytorch_ap50, out, repeats):
     }
     eval_cfg = derived_cfg(cfg, {"ILMIL.DATA.CHECK_IMAGES": False})
     figures["AP50_ort"] = evaluate_checkpoint(eval_cfg, onnx_path, progress=False)["stages"][0]["AP50"]
-    figures["AP50_pytorch"] = pytorch_ap50
+    figures["AP50_pytorch"] = evaluate_checkpoint(eval_cfg, weights, progress=False)["stages"][0]["AP50"]
     return figures
 
 
-def table(rows, detector, repeats):
+def table(rows, detector, repeats, opts=()):
     teacher = rows[0]
-    lines = [f"Edge suite, {detector} (input {'x'.join(['256'] * 2)} px, median of {repeats} runs after warm-up)",
+    settings = f"; every model with {' '.join(opts)}" if opts else ""
+    lines = [f"Edge suite, {detector} (input {'x'.join(['256'] * 2)} px, median of {repeats} runs after warm-up"
+             f"{settings})",
              "", "| model | ONNX (MiB) | params (M) | GFLOPs | ORT 1 thread (ms) | ORT all cores (ms) | "
                  "PyTorch 1 thread (ms) | speed-up vs teacher (ORT 1 thread) | AP50 (ORT) | AP50 (PyTorch) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -142,29 +145,29 @@ def main(argv=None):
                         help="fine-tune the pruned student distilled from its unpruned self (tools/prune.py's flag)")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                        help="test-time config overrides applied to every model (module docstring)")
     args = parser.parse_args(argv)
     models = find_models(args.kd_runs, args.detector)
     out = os.path.join(os.path.dirname(os.path.abspath(args.kd_runs)), "edge", args.detector)
     os.makedirs(out, exist_ok=True)
-    entries = [(label, os.path.join(run, "stage_0", "model_final.pth"), os.path.join(run, "config.yaml"), _ap50(run))
+    entries = [(label, os.path.join(run, "stage_0", "model_final.pth"), os.path.join(run, "config.yaml"))
                for label, run in models.items()]
     best_label, best_run = list(models.items())[-1]
     # Named by what it is pruned from and how, so a later, better student gets its own.
     pruned_dir = os.path.join(out, f"pruned_{os.path.basename(best_run)}_{args.prune_ratio}_{args.finetune_iters}it"
                                    + ("_self-distilled" if args.finetune_teacher else ""))
     pruned = prune(best_run, pruned_dir, args.prune_ratio, args.finetune_iters, args.finetune_teacher)
-    with open(os.path.join(pruned_dir, "pruning.json")) as f:
-        pruned_ap50 = json.load(f)["after"]["AP50"]
-    entries.append((f"{best_label}, pruned {args.prune_ratio:.0%}", pruned, os.path.join(best_run, "config.yaml"),
-                    pruned_ap50))
+    entries.append((f"{best_label}, pruned {args.prune_ratio:.0%}", pruned, os.path.join(best_run, "config.yaml")))
     rows = []
-    for label, weights, config_file, ap50 in entries:
+    for label, weights, config_file in entries:
         print(f"[edge] measuring {label}", flush=True)
-        rows.append(measure(label, weights, config_file, ap50, out, args.repeats))
-    page = table(rows, args.detector, args.repeats)
+        rows.append(measure(label, weights, config_file, out, args.repeats, args.opts))
+    page = table(rows, args.detector, args.repeats, args.opts)
     os.makedirs(args.results_dir, exist_ok=True)
     name = os.path.join(args.results_dir, f"edge_{args.detector}")
-    atomic_write(f"{name}.json", lambda f: json.dump({"machine": machine(), "records": rows}, f, indent=2), mode="w")
+    record = {"machine": machine(), "opts": args.opts, "records": rows}
+    atomic_write(f"{name}.json", lambda f: json.dump(record, f, indent=2), mode="w")
     atomic_write(f"{name}.md", lambda f: f.write(page), mode="w")
     print(page)
     return 0
