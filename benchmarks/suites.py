@@ -237,6 +237,8 @@ def _kd_variants():
         rows = {
             "no KD": (only(), ()), "PKD": (only("FEAT") + ("ILMIL.DISTILL.FEAT.DISTANCE", "normalized"), ()),
             "FGFI": (only("FGFI"), ()), "output": (only(output) + output_opts, ()),
+            # The teacher pass in bfloat16 (its share of the step time), and what it costs in AP.
+            "output, bfloat16 teacher": (only(output) + output_opts + ("ILMIL.TEACHER.PRECISION", "bfloat16"), ()),
         }  # fmt: skip
         if detector == "yolov3":
             backbone, neck = ["dark3", "dark4", "dark5"], ["p3", "p4", "p5"]

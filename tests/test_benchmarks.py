@@ -273,7 +273,8 @@ def test_variants_narrow_the_plan_and_an_unknown_one_is_refused(tmp_path, capsys
 
 
 # The terms each kd row switches on, in the order the distiller logs them.
-KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dense"], "review": ["review"],
+KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dense"],
+                "output, bfloat16 teacher": ["dense"], "review": ["review"],
                 "M-KD": ["dense", "at", "fsp"], "M-KD + assistant": ["dense", "at", "fsp"],
                 # YOLO's own rows: multi-layer alignment and the information map with its ablations.
                 "alignment": ["feat"], "information map": ["infomap"], "uniform map": ["infomap"],
@@ -291,6 +292,7 @@ def test_kd_rows_switch_on_their_terms_only():
             {"dense": "rcn"}.get(t, t) for t in KD_ROW_TERMS[row]]
         assert sorted(terms) == sorted(expected), name
         assert ("--assistant-config" in run.command()) == (row == "M-KD + assistant")
+        assert run.config().ILMIL.TEACHER.PRECISION == ("bfloat16" if "bfloat16" in row else "float32"), name
     yolo = {name.split(" ", 1)[1]: run.config().ILMIL.DISTILL for (_, name, _), run in planned.items()
             if name.startswith("yolov3")}
     assert yolo["alignment"].FEAT.DISTANCE == "l2" and yolo["alignment"].FEAT.LAYER_WEIGHTING == "adaptive"
