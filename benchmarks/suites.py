@@ -255,6 +255,14 @@ def _kd_variants():
                                                                  "ILMIL.DISTILL.INFOMAP.WEIGHT", "0.02"), ()),
                 "information map, neck": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.LAYERS", str(neck),
                                                              "ILMIL.DISTILL.INFOMAP.WEIGHT", "0.02"), ()),
+                # The backbone alone is the map's best half (the neck's imitation costs AP): there,
+                # floored as below, and against the uniform map on the same layers.
+                "information map, backbone, background 0.1": (
+                    only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.LAYERS", str(backbone), "ILMIL.DISTILL.INFOMAP.WEIGHT",
+                                       "0.02", "ILMIL.DISTILL.INFOMAP.BACKGROUND_WEIGHT", "0.1"), ()),
+                "uniform map, backbone": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.LAYERS", str(backbone),
+                                                             "ILMIL.DISTILL.INFOMAP.WEIGHTING", "uniform",
+                                                             "ILMIL.DISTILL.INFOMAP.WEIGHT", "0.02"), ()),
                 # The imitation sums the squared error over channels (hundreds here): at weight 1 it
                 # is ~500x the detection loss; 0.02 brings it to the alignment term's scale.
                 "information map, weight 0.02": (only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.WEIGHT", "0.02"), ()),

@@ -279,6 +279,7 @@ KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dens
                 # YOLO's own rows: multi-layer alignment and the information map with its ablations.
                 "alignment": ["feat"], "information map": ["infomap"], "uniform map": ["infomap"],
                 "information map, backbone": ["infomap"], "information map, neck": ["infomap"],
+                "information map, backbone, background 0.1": ["infomap"], "uniform map, backbone": ["infomap"],
                 "information map, weight 0.02": ["infomap"], "uniform map, weight 0.02": ["infomap"],
                 "information map, weight 0.01": ["infomap"], "information map, background 0.1, weight 0.02": ["infomap"]}
 
@@ -301,6 +302,9 @@ def test_kd_rows_switch_on_their_terms_only():
     assert list(yolo["information map, neck"].INFOMAP.LAYERS) == ["p3", "p4", "p5"]
     assert yolo["information map, backbone"].INFOMAP.WEIGHT == yolo["information map, neck"].INFOMAP.WEIGHT == 0.02
     assert yolo["information map, background 0.1, weight 0.02"].INFOMAP.BACKGROUND_WEIGHT == 0.1
+    floored, uniform = yolo["information map, backbone, background 0.1"].INFOMAP, yolo["uniform map, backbone"].INFOMAP
+    assert list(floored.LAYERS) == list(uniform.LAYERS) == ["dark3", "dark4", "dark5"]
+    assert (floored.BACKGROUND_WEIGHT, floored.WEIGHTING, uniform.WEIGHTING) == (0.1, "information", "uniform")
 
 
 def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(tiny_datasets_root, tmp_path):
