@@ -146,7 +146,7 @@ def test_a_module_that_imports_only_second_fails_the_check(tmp_path):
     assert "FAILED json" not in result.stdout
 
 
-def test_every_module_imports_first_in_a_fresh_interpreter():
+def test_every_module_imports_before_any_other_ilmil_module():
     assert len(MODULES) > 30 and "ilmil.engine.runner" in MODULES
     result = _import_each_first(MODULES)
     assert result.returncode == 0, result.stderr[-3000:]
