@@ -89,7 +89,8 @@ def measure(label, weights, config_file, out, repeats, opts=()):
     onnx_path = os.path.join(out, f"{label.replace(' ', '_').replace(',', '')}.onnx")
     export_onnx(trained, onnx_path)
     cfg = trained.cfg
-    source = load_dataset_source(derived_cfg(cfg, {"ILMIL.DATA.CHECK_IMAGES": False}))
+    eval_cfg = derived_cfg(cfg, {"ILMIL.DATA.CHECK_IMAGES": False})
+    source = load_dataset_source(eval_cfg)
     image = preprocess(cfg, read_image(source.test[0]["file_name"], cfg.INPUT.FORMAT))
     check = check_export(trained, OnnxDetector(onnx_path), [image] + [
         preprocess(cfg, read_image(r["file_name"], cfg.INPUT.FORMAT)) for r in source.test[1:8]])
@@ -109,7 +110,6 @@ def measure(label, weights, config_file, out, repeats, opts=()):
         "pytorch_1_thread_ms": torch_ms,
         "export_check_passed": check["passed"],
     }
-    eval_cfg = derived_cfg(cfg, {"ILMIL.DATA.CHECK_IMAGES": False})
     figures["AP50_ort"] = evaluate_checkpoint(eval_cfg, onnx_path, progress=False)["stages"][0]["AP50"]
     figures["AP50_pytorch"] = evaluate_checkpoint(eval_cfg, weights, progress=False)["stages"][0]["AP50"]
     return figures

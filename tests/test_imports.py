@@ -125,8 +125,9 @@ for module in sys.argv[1:]:
 """
 
 
-def _import_each_first(modules):
-    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
+def _import_each_first(modules, path=()):
+    """The fork script on ``modules``, with ``path`` (folders) before the repository on PYTHONPATH."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, path), REPO_ROOT]), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", _IMPORT_EACH_IN_A_FORK, *modules], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=600)
 
@@ -138,9 +139,7 @@ def test_a_module_that_imports_only_second_fails_the_check(tmp_path):
     (package / "__init__.py").write_text("")
     (package / "a.py").write_text("from cyclic.b import B\nA = 1\n")
     (package / "b.py").write_text("from cyclic.a import A\nB = 2\n")
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO_ROOT}", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", _IMPORT_EACH_IN_A_FORK, "cyclic.a", "json"], env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = _import_each_first(["cyclic.a", "json"], path=[tmp_path])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "FAILED cyclic.a" in result.stdout and "partially initialized" in result.stdout
     assert "FAILED json" not in result.stdout
