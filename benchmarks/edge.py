@@ -7,7 +7,8 @@ runtime (ONNX Runtime on CPU).
         [--prune-ratio 0.5 --finetune-iters 200 [--finetune-teacher]] [--repeats 50] [KEY VALUE ...]
 
 The models come from the kd suite's run folders (benchmarks/run.py --suite kd): the
-teacher run, the "no KD" student and, of the other finished students, the one of
+teacher run, the "no KD" students (the default one, and a narrower one where the suite
+has it: the quarter-width Faster R-CNN) and, of the other finished students, the one of
 best AP50. The pruned model is tools/prune.py's (residual-block inner channels,
 fine-tuned with the student's own config, distilled from its unpruned self with
 --finetune-teacher) in OUT/edge/. Per model: ONNX file size,
@@ -31,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import ilmil  # noqa: E402,F401  (detectron2 compatibility adjustments come first)
-from ilmil.config import derived_cfg  # noqa: E402
+from ilmil.config import ConfigError, derived_cfg, get_ilmil_cfg  # noqa: E402
 from ilmil.data import load_dataset_source  # noqa: E402
 from ilmil.deploy import (OnnxDetector, check_export, export_onnx, latency_ms, load_trained_model,  # noqa: E402
                           preprocess)
@@ -49,22 +50,29 @@ def _ap50(run):
 
 
 def find_models(kd_runs, detector):
-    """{label: run folder} of the teacher, the "no KD" student and the best distilled one."""
+    """{label: run folder} of the teacher, each "no KD" student (the default one and any
+    narrower one, e.g. the quarter-width student) and the best distilled student of any width."""
     teachers = sorted(glob.glob(os.path.join(kd_runs, f"teacher_{detector}_*")))
     students = [r for r in sorted(glob.glob(os.path.join(kd_runs, f"*_{detector}_*")))
                 if not os.path.basename(r).startswith("teacher") and os.path.isfile(os.path.join(r, "results.json"))]
-    plain = [r for r in students if f"_{detector}_no_KD_" in os.path.basename(r)]
+    plain = [r for r in students if _row(r, detector).endswith("no KD")]
     distilled = [r for r in students if r not in plain]
     if not teachers or not plain or not distilled:
         raise SystemExit(f"error: {kd_runs} lacks a finished teacher, 'no KD' or distilled {detector} run; fix: run "
                          f"benchmarks/run.py --suite kd --detectors {detector} first")
     best = max(distilled, key=_ap50)
-    return {"teacher": teachers[0], "student, no KD": plain[0], f"student, {_row(best, detector)}": best}
+    return {"teacher": teachers[0], **{_label(r, detector): r for r in plain}, _label(best, detector): best}
 
 
 def _row(run, detector):
     name = os.path.basename(run).split(f"_{detector}_", 1)[1]
     return name.rsplit("_", 2)[0].replace("_", " ")
+
+
+def _label(run, detector):
+    """The default student's rows read "student, ROW"; a narrower student's name itself."""
+    row = _row(run, detector)
+    return row if "student" in row else f"student, {row}"
 
 
 def prune(best, out, ratio, finetune_iters, finetune_teacher=False):
@@ -148,6 +156,10 @@ def main(argv=None):
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
                         help="test-time config overrides applied to every model (module docstring)")
     args = parser.parse_args(argv)
+    try:  # the overrides are checked before anything is pruned, exported or measured
+        get_ilmil_cfg(opts=args.opts)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     models = find_models(args.kd_runs, args.detector)
     out = os.path.join(os.path.dirname(os.path.abspath(args.kd_runs)), "edge", args.detector)
     os.makedirs(out, exist_ok=True)

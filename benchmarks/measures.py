@@ -93,7 +93,7 @@ def kd_records(suite, setting, planned, outcomes, extra):
     for record, run in zip(training_records(suite, setting, planned, outcomes, extra), planned.values()):
         variant = variants[record["variant"]]
         teacher = read_results(run)["teacher"]
-        records.append({**record, "baseline": variant.name[len(variant.detector):].strip(),
+        records.append({**record, "baseline": variant.row, "student": variant.student,
                         "AP50": record["last_stage"]["AP50"], "AP": record["last_stage"]["AP"],
                         "teacher_AP50": teacher["AP50"], "teacher_AP": teacher["AP"],
                         "student_model": model_size(run), "teacher_model": model_size(run.stage0)})

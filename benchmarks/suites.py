@@ -25,6 +25,14 @@ class Variant:
     config_file: str = ""
     teacher_config: str = ""
     detector: str = ""
+    # A student other than the detector's default (its own table section, compared with its
+    # own "no KD" row); the name reads "<detector> <student>, <row>".
+    student: str = ""
+
+    @property
+    def row(self):
+        """The variant's row of a compression table: its name without detector and student."""
+        return self.name[len(self.detector):].strip().removeprefix(f"{self.student}, " if self.student else "")
 
     @property
     def slug(self):
@@ -209,6 +217,10 @@ DETECTOR_CONFIGS = {
     "fcos": "configs/shapes/fcos_R18_FPN_cpu.yaml",
     "yolov3": "configs/shapes/yolov3_cpu.yaml",
 }
+# Students narrower than the default one, for the edge: label and config per detector.
+NARROW_STUDENTS = {
+    "faster_rcnn": ("quarter-width student", "configs/shapes/kd/faster_rcnn_R18_quarter_FPN32_student_cpu.yaml"),
+}
 STUDENT_CONFIGS = {
     "faster_rcnn": "configs/shapes/kd/faster_rcnn_R18_FPN32_student_cpu.yaml",
     "retinanet": "configs/shapes/kd/retinanet_R18_FPN32_student_cpu.yaml",
@@ -290,6 +302,12 @@ def _kd_variants():
         for name, (opts, flags) in rows.items():
             variants.append(Variant(f"{detector} {name}", "finetune", opts, flags, detector=detector,
                                     config_file=STUDENT_CONFIGS[detector], teacher_config=DETECTOR_CONFIGS[detector]))
+        if detector in NARROW_STUDENTS:
+            student, config = NARROW_STUDENTS[detector]
+            for name in ("no KD", "output"):
+                variants.append(Variant(f"{detector} {student}, {name}", "finetune", *rows[name], detector=detector,
+                                        config_file=config, teacher_config=DETECTOR_CONFIGS[detector],
+                                        student=student))
     return tuple(variants)
 
 

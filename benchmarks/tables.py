@@ -114,19 +114,24 @@ def pruning_table(records):
 
 
 def kd_table(records):
-    """Per detector: its teacher, then each student (means over seeds). Gap closed =
+    """Per detector: its teacher, then each student (means over seeds), a narrower student's
+    rows after the default one's. Gap closed =
     (AP_student - AP_no KD) / (AP_teacher - AP_no KD), per seed, where the teacher is
     above the student without distillation (else there is no gap: "teacher below no KD");
     step time and peak memory relative to the student without distillation."""
     lines = ["| detector | model | AP50 | AP | AP50 gap closed | AP gap closed | step time (s) | vs no KD | "
              "peak memory (MiB) | vs no KD | parameters (M) | GFLOPs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (detector,), runs in _grouped(records, "detector").items():
+    records = [{"student": "", **r} for r in records]  # records of before narrower students: the default one
+    for (detector, student), runs in sorted(_grouped(records, "detector", "student").items()):
         plain = {r["seed"]: r for r in runs if r["baseline"] == "no KD"}
         teacher = runs[0]["teacher_model"]
-        lines.append(f"| {detector} | teacher | {_mean_spread([r['teacher_AP50'] for r in plain.values()])} | "
-                     f"{_mean_spread([r['teacher_AP'] for r in plain.values()])} | | | | | | | "
-                     f"{teacher['params'] / 1e6:.2f} | {teacher['gflops']:.2f} |")
+        if student:  # a narrower student of the detector, after its default one and the teacher
+            detector = f"{detector}, {student}"
+        else:
+            lines.append(f"| {detector} | teacher | {_mean_spread([r['teacher_AP50'] for r in plain.values()])} | "
+                         f"{_mean_spread([r['teacher_AP'] for r in plain.values()])} | | | | | | | "
+                         f"{teacher['params'] / 1e6:.2f} | {teacher['gflops']:.2f} |")
         for (baseline,), group in _grouped(runs, "baseline").items():
             def relative(key, of=None):
                 pairs = [(r, plain.get(r["seed"])) for r in group]

@@ -13,7 +13,7 @@ from benchmarks import records
 from benchmarks.harness import CONFIG_RECORD, BenchError, Run, describe, plan, reuse_status, train
 from benchmarks.run import main as bench_main
 from benchmarks.suites import ABLATION, ACCURACY, KD, ONE_STAGE, STAGE_IMAGES
-from benchmarks.tables import stage_images_table
+from benchmarks.tables import kd_table, stage_images_table
 from ilmil.data import shapes_num_classes
 from ilmil.distill import enabled_terms
 
@@ -286,14 +286,19 @@ KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dens
 
 def test_kd_rows_switch_on_their_terms_only():
     planned = plan(KD, False, ("20",), (0,), "runs", ())
+    variants = {v.name: v for v in KD.full.variants}
     for (_, name, _), run in planned.items():
-        detector, row = name.split(" ", 1)
+        detector, row = variants[name].detector, variants[name].row
         terms = [section.lower() for section in enabled_terms(run.config())]
         expected = KD_ROW_TERMS[row] if detector != "faster_rcnn" else [
             {"dense": "rcn"}.get(t, t) for t in KD_ROW_TERMS[row]]
         assert sorted(terms) == sorted(expected), name
         assert ("--assistant-config" in run.command()) == (row == "M-KD + assistant")
         assert run.config().ILMIL.TEACHER.PRECISION == ("bfloat16" if "bfloat16" in row else "float32"), name
+    # The quarter-width student: its own config (narrow from the stem), the default rows' terms.
+    quarter = {variants[name].row: run for (_, name, _), run in planned.items() if variants[name].student}
+    assert sorted(quarter) == ["no KD", "output"]
+    assert all(run.config().MODEL.RESNETS.STEM_OUT_CHANNELS == 16 for run in quarter.values())
     yolo = {name.split(" ", 1)[1]: run.config().ILMIL.DISTILL for (_, name, _), run in planned.items()
             if name.startswith("yolov3")}
     assert yolo["alignment"].FEAT.DISTANCE == "l2" and yolo["alignment"].FEAT.LAYER_WEIGHTING == "adaptive"
@@ -347,6 +352,27 @@ def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(ti
     assert all(r["peak_rss_mib"] for r in json.loads((tmp_path / "results" / "kd_quick.json").read_text())["records"])
 
 
+def _kd_record(baseline, ap50, step_time, student=None):
+    record = {"detector": "faster_rcnn", "baseline": baseline, "seed": 0, "AP50": ap50, "AP": ap50 / 2,
+              "teacher_AP50": 60.0, "teacher_AP": 30.0, "step_time_s": step_time, "peak_rss_mib": 1000.0,
+              "student_model": {"params": 1e6, "gflops": 0.5}, "teacher_model": {"params": 12e6, "gflops": 3.0}}
+    return record if student is None else {**record, "student": student}  # older records name no student
+
+
+def test_kd_table_compares_a_narrower_student_with_its_own_no_kd_row():
+    table = kd_table([_kd_record("no KD", 40.0, 1.0), _kd_record("output", 50.0, 1.5),
+                      _kd_record("no KD", 20.0, 0.5, "quarter-width student"),
+                      _kd_record("output", 40.0, 1.0, "quarter-width student")])
+    rows = [[cell.strip() for cell in line.split("|")[1:9]] for line in table.splitlines()[2:]]
+    assert [row[:2] for row in rows] == [["faster_rcnn", "teacher"], ["faster_rcnn", "no KD"],
+                                         ["faster_rcnn", "output"], ["faster_rcnn, quarter-width student", "no KD"],
+                                         ["faster_rcnn, quarter-width student", "output"]]
+    # Gap closed and step time against the row's own student without distillation:
+    # (50 - 40) / (60 - 40) and (40 - 20) / (60 - 20).
+    assert (rows[2][4], rows[2][7]) == ("50.0 %", "1.50x")
+    assert (rows[4][4], rows[4][7]) == ("50.0 %", "2.00x")
+
+
 def test_one_stage_suite_plans_a_stage0_and_a_joint_run_per_detector_with_its_config(tmp_path):
     planned = plan(ONE_STAGE, False, ("10+10",), (0,), str(tmp_path), ())
     runs = {name: run for (_, name, _), run in planned.items()}
@@ -380,3 +406,36 @@ def test_the_edge_target_needs_both_speed_and_accuracy_and_the_table_names_the_s
                  ["MODEL.RPN.POST_NMS_TOPK_TEST", "100"])
     assert page.rstrip().endswith("met by small")
     assert "every model with MODEL.RPN.POST_NMS_TOPK_TEST 100" in page.splitlines()[0]
+
+
+def test_the_edge_suite_takes_each_no_kd_student_and_the_best_distilled_one_of_any_width(tmp_path):
+    from benchmarks.edge import find_models
+
+    def run(name, ap50=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        if ap50 is not None:
+            (folder / "results.json").write_text(json.dumps({"stages": [{"AP50": ap50}]}))
+        return str(folder)
+
+    teacher = run("teacher_faster_rcnn_20classes_1600it_seed0")
+    plain = run("20_faster_rcnn_no_KD_1600+3200it_seed0", 80.0)
+    quarter_plain = run("20_faster_rcnn_quarter-width_student,_no_KD_1600+3200it_seed0", 60.0)
+    run("20_faster_rcnn_output_1600+3200it_seed0", 70.0)
+    quarter_output = run("20_faster_rcnn_quarter-width_student,_output_1600+3200it_seed0", 72.0)
+    run("20_faster_rcnn_PKD_1600+3200it_seed0")  # unfinished: no results
+    run("20_fcos_output_1600+3200it_seed0", 90.0)  # another detector's
+    assert find_models(str(tmp_path), "faster_rcnn") == {
+        "teacher": teacher, "student, no KD": plain, "quarter-width student, no KD": quarter_plain,
+        "quarter-width student, output": quarter_output}
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["MODEL.RPN.POST_NMS_TOPK_TEST"], "a KEY without its VALUE"),
+    (["MODEL.RPN.POST_NMS_TOP", "100"], "MODEL.RPN.POST_NMS_TOP: no such config key"),
+])
+def test_the_edge_suite_refuses_bad_overrides_before_anything_runs(tmp_path, opts, message):
+    from benchmarks.edge import main as edge_main
+
+    with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+        edge_main(["--kd-runs", str(tmp_path / "no_runs_here"), *opts])
