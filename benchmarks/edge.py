@@ -6,10 +6,10 @@ runtime (ONNX Runtime on CPU).
     python benchmarks/edge.py --detector faster_rcnn [--kd-runs benchmarks/runs/kd_full] \\
         [--prune-ratio 0.5 --finetune-iters 200 [--finetune-teacher]] [--repeats 50] [KEY VALUE ...]
 
-The models come from the kd suite's run folders (benchmarks/run.py --suite kd): the
-teacher run, the "no KD" students (the default one, and a narrower one where the suite
-has it: the quarter-width Faster R-CNN) and, of the other finished students, the one of
-best AP50. The pruned model is tools/prune.py's (residual-block inner channels,
+The models come from the kd suite's run folders (benchmarks/run.py --suite kd): of the
+finished distilled students (of any width), the one of best AP50, the teacher it was
+distilled from, and that teacher's "no KD" students (the default one, and a narrower
+one where the suite has it: the quarter-width Faster R-CNN). The pruned model is tools/prune.py's (residual-block inner channels,
 fine-tuned with the student's own config, distilled from its unpruned self with
 --finetune-teacher) in OUT/edge/. Per model: ONNX file size,
 parameters, GFLOPs, ONNX Runtime latency per image on 1 thread and on all cores
@@ -44,24 +44,31 @@ from ilmil.pruning import measure_model  # noqa: E402
 from benchmarks.measures import machine  # noqa: E402
 
 
-def _ap50(run):
-    with open(os.path.join(run, "results.json")) as f:
-        return json.load(f)["stages"][0]["AP50"]
-
-
 def find_models(kd_runs, detector):
-    """{label: run folder} of the teacher, each "no KD" student (the default one and any
-    narrower one, e.g. the quarter-width student) and the best distilled student of any width."""
-    teachers = sorted(glob.glob(os.path.join(kd_runs, f"teacher_{detector}_*")))
+    """{label: run folder} of the best distilled student of any width, its teacher, and
+    each "no KD" student of that teacher (the default one, and a narrower one where the
+    suite has it: the quarter-width Faster R-CNN)."""
     students = [r for r in sorted(glob.glob(os.path.join(kd_runs, f"*_{detector}_*")))
                 if not os.path.basename(r).startswith("teacher") and os.path.isfile(os.path.join(r, "results.json"))]
     plain = [r for r in students if _row(r, detector).endswith("no KD")]
     distilled = [r for r in students if r not in plain]
-    if not teachers or not plain or not distilled:
-        raise SystemExit(f"error: {kd_runs} lacks a finished teacher, 'no KD' or distilled {detector} run; fix: run "
+    if not plain or not distilled:
+        raise SystemExit(f"error: {kd_runs} lacks a finished 'no KD' or distilled {detector} run; fix: run "
                          f"benchmarks/run.py --suite kd --detectors {detector} first")
-    best = max(distilled, key=_ap50)
-    return {"teacher": teachers[0], **{_label(r, detector): r for r in plain}, _label(best, detector): best}
+    best = max(distilled, key=lambda r: _results(r)["stages"][0]["AP50"])
+    teacher = _teacher_run(best)
+    plain = [r for r in plain if _teacher_run(r) == teacher]  # students of another teacher (budget) are not compared
+    return {"teacher": teacher, **{_label(r, detector): r for r in plain}, _label(best, detector): best}
+
+
+def _results(run):
+    with open(os.path.join(run, "results.json")) as f:
+        return json.load(f)
+
+
+def _teacher_run(student):
+    """The run folder of the teacher a compression run names (``RUN/stage_0/model_final.pth``)."""
+    return os.path.dirname(os.path.dirname(_results(student)["teacher"]["weights"]))
 
 
 def _row(run, detector):

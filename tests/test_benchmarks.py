@@ -408,23 +408,25 @@ def test_the_edge_target_needs_both_speed_and_accuracy_and_the_table_names_the_s
     assert "every model with MODEL.RPN.POST_NMS_TOPK_TEST 100" in page.splitlines()[0]
 
 
-def test_the_edge_suite_takes_each_no_kd_student_and_the_best_distilled_one_of_any_width(tmp_path):
+def test_the_edge_suite_takes_the_best_distilled_student_of_any_width_its_teacher_and_its_no_kd_students(tmp_path):
     from benchmarks.edge import find_models
 
-    def run(name, ap50=None):
+    def run(name, ap50=None, teacher=None):
         folder = tmp_path / name
         folder.mkdir()
         if ap50 is not None:
-            (folder / "results.json").write_text(json.dumps({"stages": [{"AP50": ap50}]}))
+            weights = os.path.join(teacher, "stage_0", "model_final.pth")
+            (folder / "results.json").write_text(json.dumps({"stages": [{"AP50": ap50}], "teacher": {"weights": weights}}))
         return str(folder)
 
-    teacher = run("teacher_faster_rcnn_20classes_1600it_seed0")
-    plain = run("20_faster_rcnn_no_KD_1600+3200it_seed0", 80.0)
-    quarter_plain = run("20_faster_rcnn_quarter-width_student,_no_KD_1600+3200it_seed0", 60.0)
-    run("20_faster_rcnn_output_1600+3200it_seed0", 70.0)
-    quarter_output = run("20_faster_rcnn_quarter-width_student,_output_1600+3200it_seed0", 72.0)
+    teacher, other = run("teacher_faster_rcnn_20classes_1600it_seed0"), run("teacher_faster_rcnn_20classes_800it_seed0")
+    plain = run("20_faster_rcnn_no_KD_1600+3200it_seed0", 80.0, teacher)
+    run("20_faster_rcnn_no_KD_800+3200it_seed0", 85.0, other)  # another teacher's student
+    quarter_plain = run("20_faster_rcnn_quarter-width_student,_no_KD_1600+3200it_seed0", 60.0, teacher)
+    run("20_faster_rcnn_output_1600+3200it_seed0", 70.0, teacher)
+    quarter_output = run("20_faster_rcnn_quarter-width_student,_output_1600+3200it_seed0", 72.0, teacher)
     run("20_faster_rcnn_PKD_1600+3200it_seed0")  # unfinished: no results
-    run("20_fcos_output_1600+3200it_seed0", 90.0)  # another detector's
+    run("20_fcos_output_1600+3200it_seed0", 90.0, teacher)  # another detector's
     assert find_models(str(tmp_path), "faster_rcnn") == {
         "teacher": teacher, "student, no KD": plain, "quarter-width student, no KD": quarter_plain,
         "quarter-width student, output": quarter_output}
