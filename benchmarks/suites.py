@@ -324,7 +324,8 @@ KD = Suite(
     protocol="compression on shapes, one stage of all classes ({num_train} train / {num_test} test, 256 px), "
              "batch 4: per detector a teacher of its default CPU config (R18, FPN 64 channels; YOLO: Darknet-53 at "
              "half width and depth) trained {base_iters} iterations, and students of configs/shapes/kd/ (half-width "
-             "residual blocks, FPN 32 channels; YOLO: YOLOv3-tiny at half width, three levels) trained "
+             "residual blocks, FPN 32 channels; Faster R-CNN also at quarter width from the stem up; YOLO: "
+             "YOLOv3-tiny at half width, three levels) trained "
              "{iters} iterations, without "
              "distillation and with each row's terms; step time = median over the run, two runs sharing the "
              "2 cores (one thread each)",

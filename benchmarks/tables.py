@@ -132,7 +132,8 @@ def kd_table(records):
             lines.append(f"| {detector} | teacher | {_mean_spread([r['teacher_AP50'] for r in plain.values()])} | "
                          f"{_mean_spread([r['teacher_AP'] for r in plain.values()])} | | | | | | | "
                          f"{teacher['params'] / 1e6:.2f} | {teacher['gflops']:.2f} |")
-        for (baseline,), group in _grouped(runs, "baseline").items():
+        # The student without distillation first: the rows below are measured against it.
+        for (baseline,), group in sorted(_grouped(runs, "baseline").items(), key=lambda item: item[0] != ("no KD",)):
             def relative(key, of=None):
                 pairs = [(r, plain.get(r["seed"])) for r in group]
                 pairs = [(r, p) for r, p in pairs if p is not None and r.get(key) is not None and p.get(key)]
