@@ -123,15 +123,17 @@ def kd_table(records):
              "peak memory (MiB) | vs no KD | parameters (M) | GFLOPs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     records = [{"student": "", **r} for r in records]  # records of before narrower students: the default one
+    shown = set()  # detectors whose teacher row is written
     for (detector, student), runs in sorted(_grouped(records, "detector", "student").items()):
         plain = {r["seed"]: r for r in runs if r["baseline"] == "no KD"}
         teacher = runs[0]["teacher_model"]
-        if student:  # a narrower student of the detector, after its default one and the teacher
-            detector = f"{detector}, {student}"
-        else:
+        if detector not in shown:  # before its students: the default one first, then narrower ones
+            shown.add(detector)
             lines.append(f"| {detector} | teacher | {_mean_spread([r['teacher_AP50'] for r in plain.values()])} | "
                          f"{_mean_spread([r['teacher_AP'] for r in plain.values()])} | | | | | | | "
                          f"{teacher['params'] / 1e6:.2f} | {teacher['gflops']:.2f} |")
+        if student:
+            detector = f"{detector}, {student}"
         # The student without distillation first: the rows below are measured against it.
         for (baseline,), group in sorted(_grouped(runs, "baseline").items(), key=lambda item: item[0] != ("no KD",)):
             def relative(key, of=None):

@@ -371,6 +371,10 @@ def test_kd_table_compares_a_narrower_student_with_its_own_no_kd_row():
     # (50 - 40) / (60 - 40) and (40 - 20) / (60 - 20).
     assert (rows[2][4], rows[2][7]) == ("50.0 %", "1.50x")
     assert (rows[4][4], rows[4][7]) == ("50.0 %", "2.00x")
+    # A section of the narrower student alone still names its teacher first.
+    table = kd_table([_kd_record("output", 40.0, 1.0, "quarter-width student"),
+                      _kd_record("no KD", 20.0, 0.5, "quarter-width student")])
+    assert [line.split("|")[2].strip() for line in table.splitlines()[2:]] == ["teacher", "no KD", "output"]
 
 
 def test_one_stage_suite_plans_a_stage0_and_a_joint_run_per_detector_with_its_config(tmp_path):
