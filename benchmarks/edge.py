@@ -42,6 +42,7 @@ from ilmil.file_io import atomic_write  # noqa: E402
 from ilmil.pruning import measure_model  # noqa: E402
 
 from benchmarks.measures import machine  # noqa: E402
+from benchmarks.suites import NARROW_STUDENTS  # noqa: E402
 
 
 def find_models(kd_runs, detector):
@@ -77,9 +78,11 @@ def _row(run, detector):
 
 
 def _label(run, detector):
-    """The default student's rows read "student, ROW"; a narrower student's name itself."""
+    """The default student's rows read "student, ROW"; a narrower student's (the suite's
+    ``NARROW_STUDENTS``) its name itself, "quarter-width student, ROW"."""
     row = _row(run, detector)
-    return row if "student" in row else f"student, {row}"
+    narrow = NARROW_STUDENTS.get(detector)
+    return row if narrow and row.startswith(f"{narrow[0]}, ") else f"student, {row}"
 
 
 def prune(best, out, ratio, finetune_iters, finetune_teacher=False):

@@ -12,10 +12,10 @@ from .yolo import YOLOV3
 
 __all__ = [
     "FCOS",
-    "build_any_width_resnet",
     "YOLOV3",
     "build_detector",
     "load_detector",
+    "build_any_width_resnet",
     "with_checkpoint_layout",
     "add_pseudo_labels",
     "drop_boxes_on_new_gt",
