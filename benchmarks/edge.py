@@ -8,15 +8,16 @@ runtime (ONNX Runtime on CPU).
 
 The models come from the kd suite's run folders (benchmarks/run.py --suite kd): of the
 finished distilled students (of any width), the one of best AP50, the teacher it was
-distilled from, and that teacher's "no KD" students (the default one, and a narrower
-one where the suite has it: the quarter-width Faster R-CNN). The pruned model is tools/prune.py's (residual-block inner channels,
-fine-tuned with the student's own config, distilled from its unpruned self with
---finetune-teacher) in OUT/edge/. Per model: ONNX file size,
-parameters, GFLOPs, ONNX Runtime latency per image on 1 thread and on all cores
-(median of --repeats after warm-up), PyTorch latency on the same input (1 thread),
-and AP50 on the test split through ONNX Runtime and in PyTorch. KEY VALUE overrides
-are test-time settings applied alike to every model, in PyTorch and in the exported
-file (e.g. MODEL.RPN.POST_NMS_TOPK_TEST 100: fewer proposals for the box head).
+distilled from, and that teacher's "no KD" students trained as long as the best one (the
+default student, and a narrower one where the suite has it: the quarter-width Faster
+R-CNN). The pruned model is tools/prune.py's (residual-block inner channels, fine-tuned
+with the student's own config, distilled from its unpruned self with --finetune-teacher)
+in OUT/edge/. Per model: training iterations, ONNX file size, parameters, GFLOPs, ONNX
+Runtime latency per image on 1 thread and on all cores (median of --repeats after
+warm-up), PyTorch latency on the same input (1 thread), and AP50 on the test split
+through ONNX Runtime and in PyTorch. KEY VALUE overrides are test-time settings applied
+alike to every model, in PyTorch and in the exported file (e.g.
+MODEL.RPN.POST_NMS_TOPK_TEST 100: fewer proposals for the box head).
 Results: benchmarks/results/edge_<detector>.json and .md.
 """
 import argparse
@@ -47,8 +48,8 @@ from benchmarks.suites import NARROW_STUDENTS  # noqa: E402
 
 def find_models(kd_runs, detector):
     """{label: run folder} of the best distilled student of any width, its teacher, and
-    each "no KD" student of that teacher (the default one, and a narrower one where the
-    suite has it: the quarter-width Faster R-CNN)."""
+    each "no KD" student of that teacher trained as long (the default one, and a narrower
+    one where the suite has it: the quarter-width Faster R-CNN)."""
     students = [r for r in sorted(glob.glob(os.path.join(kd_runs, f"*_{detector}_*")))
                 if not os.path.basename(r).startswith("teacher") and os.path.isfile(os.path.join(r, "results.json"))]
     plain = [r for r in students if _row(r, detector).endswith("no KD")]
@@ -58,13 +59,19 @@ def find_models(kd_runs, detector):
                          f"benchmarks/run.py --suite kd --detectors {detector} first")
     best = max(distilled, key=lambda r: _results(r)["stages"][0]["AP50"])
     teacher = _teacher_run(best)
-    plain = [r for r in plain if _teacher_run(r) == teacher]  # students of another teacher (budget) are not compared
+    # Compared at the best student's own budget: the same teacher and as many iterations.
+    plain = [r for r in plain if _teacher_run(r) == teacher and train_iters(r) == train_iters(best)]
     return {"teacher": teacher, **{_label(r, detector): r for r in plain}, _label(best, detector): best}
 
 
 def _results(run):
     with open(os.path.join(run, "results.json")) as f:
         return json.load(f)
+
+
+def train_iters(run):
+    """The iterations a kd run (teacher or student) was trained for."""
+    return _results(run)["config"]["SOLVER"]["MAX_ITER"]
 
 
 def _teacher_run(student):
@@ -138,11 +145,11 @@ def table(rows, detector, repeats, opts=()):
     settings = f"; every model with {' '.join(opts)}" if opts else ""
     lines = [f"Edge suite, {detector} (input {'x'.join(['256'] * 2)} px, median of {repeats} runs after warm-up"
              f"{settings})",
-             "", "| model | ONNX (MiB) | params (M) | GFLOPs | ORT 1 thread (ms) | ORT all cores (ms) | "
+             "", "| model | trained (iterations) | ONNX (MiB) | params (M) | GFLOPs | ORT 1 thread (ms) | ORT all cores (ms) | "
                  "PyTorch 1 thread (ms) | speed-up vs teacher (ORT 1 thread) | AP50 (ORT) | AP50 (PyTorch) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['onnx_mib']:.1f} | {r['params_m']:.2f} | {r['gflops']:.2f} | "
+        lines.append(f"| {r['model']} | {r['train_iters']} | {r['onnx_mib']:.1f} | {r['params_m']:.2f} | {r['gflops']:.2f} | "
                      f"{r['ort_1_thread_ms']:.1f} | {r['ort_all_cores_ms']:.1f} | {r['pytorch_1_thread_ms']:.1f} | "
                      f"{teacher['ort_1_thread_ms'] / r['ort_1_thread_ms']:.2f}x | {r['AP50_ort']:.1f} | "
                      f"{r['AP50_pytorch']:.1f} |")
@@ -173,18 +180,19 @@ def main(argv=None):
     models = find_models(args.kd_runs, args.detector)
     out = os.path.join(os.path.dirname(os.path.abspath(args.kd_runs)), "edge", args.detector)
     os.makedirs(out, exist_ok=True)
-    entries = [(label, os.path.join(run, "stage_0", "model_final.pth"), os.path.join(run, "config.yaml"))
-               for label, run in models.items()]
+    entries = [(label, os.path.join(run, "stage_0", "model_final.pth"), os.path.join(run, "config.yaml"),
+                str(train_iters(run))) for label, run in models.items()]
     best_label, best_run = list(models.items())[-1]
     # Named by what it is pruned from and how, so a later, better student gets its own.
     pruned_dir = os.path.join(out, f"pruned_{os.path.basename(best_run)}_{args.prune_ratio}_{args.finetune_iters}it"
                                    + ("_self-distilled" if args.finetune_teacher else ""))
     pruned = prune(best_run, pruned_dir, args.prune_ratio, args.finetune_iters, args.finetune_teacher)
-    entries.append((f"{best_label}, pruned {args.prune_ratio:.0%}", pruned, os.path.join(best_run, "config.yaml")))
+    entries.append((f"{best_label}, pruned {args.prune_ratio:.0%}", pruned, os.path.join(best_run, "config.yaml"),
+                    f"{train_iters(best_run)} + {args.finetune_iters}"))
     rows = []
-    for label, weights, config_file in entries:
+    for label, weights, config_file, iters in entries:
         print(f"[edge] measuring {label}", flush=True)
-        rows.append(measure(label, weights, config_file, out, args.repeats, args.opts))
+        rows.append({**measure(label, weights, config_file, out, args.repeats, args.opts), "train_iters": iters})
     page = table(rows, args.detector, args.repeats, args.opts)
     os.makedirs(args.results_dir, exist_ok=True)
     name = os.path.join(args.results_dir, f"edge_{args.detector}")

@@ -394,7 +394,7 @@ def test_one_stage_suite_plans_a_stage0_and_a_joint_run_per_detector_with_its_co
 
 
 def _edge_row(model, ms, ap50):
-    return {"model": model, "onnx_mib": 1.0, "params_m": 1.0, "gflops": 1.0, "ort_1_thread_ms": ms,
+    return {"model": model, "train_iters": "3200", "onnx_mib": 1.0, "params_m": 1.0, "gflops": 1.0, "ort_1_thread_ms": ms,
             "ort_all_cores_ms": ms, "pytorch_1_thread_ms": ms, "AP50_ort": ap50, "AP50_pytorch": ap50}
 
 
@@ -415,12 +415,13 @@ def test_the_edge_target_needs_both_speed_and_accuracy_and_the_table_names_the_s
 def test_the_edge_suite_takes_the_best_distilled_student_of_any_width_its_teacher_and_its_no_kd_students(tmp_path):
     from benchmarks.edge import find_models
 
-    def run(name, ap50=None, teacher=None):
+    def run(name, ap50=None, teacher=None, iters=3200):
         folder = tmp_path / name
         folder.mkdir()
         if ap50 is not None:
             weights = os.path.join(teacher, "stage_0", "model_final.pth")
-            (folder / "results.json").write_text(json.dumps({"stages": [{"AP50": ap50}], "teacher": {"weights": weights}}))
+            (folder / "results.json").write_text(json.dumps({"stages": [{"AP50": ap50}], "teacher": {"weights": weights},
+                                                             "config": {"SOLVER": {"MAX_ITER": iters}}}))
         return str(folder)
 
     teacher, other = run("teacher_faster_rcnn_20classes_1600it_seed0"), run("teacher_faster_rcnn_20classes_800it_seed0")
@@ -429,6 +430,7 @@ def test_the_edge_suite_takes_the_best_distilled_student_of_any_width_its_teache
     quarter_plain = run("20_faster_rcnn_quarter-width_student,_no_KD_1600+3200it_seed0", 60.0, teacher)
     run("20_faster_rcnn_output_1600+3200it_seed0", 70.0, teacher)
     quarter_output = run("20_faster_rcnn_quarter-width_student,_output_1600+3200it_seed0", 72.0, teacher)
+    run("20_faster_rcnn_no_KD_1600+6400it_seed0", 90.0, teacher, iters=6400)  # not the best student's budget
     run("20_faster_rcnn_PKD_1600+3200it_seed0")  # unfinished: no results
     run("20_fcos_output_1600+3200it_seed0", 90.0, teacher)  # another detector's
     assert find_models(str(tmp_path), "faster_rcnn") == {
