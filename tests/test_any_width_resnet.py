@@ -58,3 +58,9 @@ def test_grouped_basic_blocks_are_refused():
     cfg = get_ilmil_cfg(QUARTER, ["MODEL.RESNETS.NUM_GROUPS", "2"])
     with pytest.raises(ConfigError, match="NUM_GROUPS 1"):
         BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg, IMAGE)
+
+
+def test_an_output_that_is_no_resnet_stage_is_refused():
+    cfg = get_ilmil_cfg(QUARTER, ["MODEL.RESNETS.OUT_FEATURES", "['res4', 'res6']"])
+    with pytest.raises(ConfigError, match=r"OUT_FEATURES: \['res6'\] are not ResNet outputs"):
+        BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg, IMAGE)

@@ -31,8 +31,13 @@ def build_any_width_resnet(cfg, input_shape):
     if r.NUM_GROUPS != 1 or any(r.DEFORM_ON_PER_STAGE) or r.RES5_DILATION != 1:
         raise ConfigError(f"MODEL.RESNETS: ResNet-{r.DEPTH} has plain basic blocks (NUM_GROUPS 1, no deformable "
                           f"convs, RES5_DILATION 1); fix: drop those settings or use DEPTH 50")
+    stage_numbers = {"stem": 1, "res2": 2, "res3": 3, "res4": 4, "res5": 5}
+    unknown = [f for f in r.OUT_FEATURES if f not in stage_numbers]
+    if unknown:
+        raise ConfigError(f"MODEL.RESNETS.OUT_FEATURES: {unknown} are not ResNet outputs; fix: choose from "
+                          f"{', '.join(stage_numbers)}")
     stem = BasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, norm=r.NORM)
-    last_stage = max({"res2": 2, "res3": 3, "res4": 4, "res5": 5}[f] for f in r.OUT_FEATURES)
+    last_stage = max(stage_numbers[f] for f in r.OUT_FEATURES)
     stages, in_channels = [], r.STEM_OUT_CHANNELS
     for index, num_blocks in enumerate(_BASIC_BLOCKS[r.DEPTH][: last_stage - 1]):
         out_channels = r.RES2_OUT_CHANNELS * 2**index
