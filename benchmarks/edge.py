@@ -60,7 +60,8 @@ def find_models(kd_runs, detector):
     best = max(distilled, key=lambda r: _results(r)["stages"][0]["AP50"])
     teacher = _teacher_run(best)
     # Compared at the best student's own budget: the same teacher and as many iterations.
-    plain = [r for r in plain if _teacher_run(r) == teacher and train_iters(r) == train_iters(best)]
+    budget = _train_iters(best)
+    plain = [r for r in plain if _teacher_run(r) == teacher and _train_iters(r) == budget]
     return {"teacher": teacher, **{_label(r, detector): r for r in plain}, _label(best, detector): best}
 
 
@@ -69,7 +70,7 @@ def _results(run):
         return json.load(f)
 
 
-def train_iters(run):
+def _train_iters(run):
     """The iterations a kd run (teacher or student) was trained for."""
     return _results(run)["config"]["SOLVER"]["MAX_ITER"]
 
@@ -145,14 +146,15 @@ def table(rows, detector, repeats, opts=()):
     settings = f"; every model with {' '.join(opts)}" if opts else ""
     lines = [f"Edge suite, {detector} (input {'x'.join(['256'] * 2)} px, median of {repeats} runs after warm-up"
              f"{settings})",
-             "", "| model | trained (iterations) | ONNX (MiB) | params (M) | GFLOPs | ORT 1 thread (ms) | ORT all cores (ms) | "
-                 "PyTorch 1 thread (ms) | speed-up vs teacher (ORT 1 thread) | AP50 (ORT) | AP50 (PyTorch) |",
+             "", "| model | trained (iterations) | ONNX (MiB) | params (M) | GFLOPs | ORT 1 thread (ms) | "
+                 "ORT all cores (ms) | PyTorch 1 thread (ms) | speed-up vs teacher (ORT 1 thread) | AP50 (ORT) | "
+                 "AP50 (PyTorch) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['train_iters']} | {r['onnx_mib']:.1f} | {r['params_m']:.2f} | {r['gflops']:.2f} | "
-                     f"{r['ort_1_thread_ms']:.1f} | {r['ort_all_cores_ms']:.1f} | {r['pytorch_1_thread_ms']:.1f} | "
-                     f"{teacher['ort_1_thread_ms'] / r['ort_1_thread_ms']:.2f}x | {r['AP50_ort']:.1f} | "
-                     f"{r['AP50_pytorch']:.1f} |")
+        lines.append(f"| {r['model']} | {r['train_iters']} | {r['onnx_mib']:.1f} | {r['params_m']:.2f} | "
+                     f"{r['gflops']:.2f} | {r['ort_1_thread_ms']:.1f} | {r['ort_all_cores_ms']:.1f} | "
+                     f"{r['pytorch_1_thread_ms']:.1f} | {teacher['ort_1_thread_ms'] / r['ort_1_thread_ms']:.2f}x | "
+                     f"{r['AP50_ort']:.1f} | {r['AP50_pytorch']:.1f} |")
     small = [r for r in rows[1:] if teacher["ort_1_thread_ms"] / r["ort_1_thread_ms"] >= 3]
     met = [r["model"] for r in small if teacher["AP50_ort"] - r["AP50_ort"] <= 5]
     lines += ["", "Target (a small model >= 3x faster than the teacher in ORT on 1 thread, within 5 AP50 of it): "
@@ -181,14 +183,14 @@ def main(argv=None):
     out = os.path.join(os.path.dirname(os.path.abspath(args.kd_runs)), "edge", args.detector)
     os.makedirs(out, exist_ok=True)
     entries = [(label, os.path.join(run, "stage_0", "model_final.pth"), os.path.join(run, "config.yaml"),
-                str(train_iters(run))) for label, run in models.items()]
+                str(_train_iters(run))) for label, run in models.items()]
     best_label, best_run = list(models.items())[-1]
     # Named by what it is pruned from and how, so a later, better student gets its own.
     pruned_dir = os.path.join(out, f"pruned_{os.path.basename(best_run)}_{args.prune_ratio}_{args.finetune_iters}it"
                                    + ("_self-distilled" if args.finetune_teacher else ""))
     pruned = prune(best_run, pruned_dir, args.prune_ratio, args.finetune_iters, args.finetune_teacher)
     entries.append((f"{best_label}, pruned {args.prune_ratio:.0%}", pruned, os.path.join(best_run, "config.yaml"),
-                    f"{train_iters(best_run)} + {args.finetune_iters}"))
+                    f"{_train_iters(best_run)} + {args.finetune_iters}"))
     rows = []
     for label, weights, config_file, iters in entries:
         print(f"[edge] measuring {label}", flush=True)

@@ -394,8 +394,8 @@ def test_one_stage_suite_plans_a_stage0_and_a_joint_run_per_detector_with_its_co
 
 
 def _edge_row(model, ms, ap50):
-    return {"model": model, "train_iters": "3200", "onnx_mib": 1.0, "params_m": 1.0, "gflops": 1.0, "ort_1_thread_ms": ms,
-            "ort_all_cores_ms": ms, "pytorch_1_thread_ms": ms, "AP50_ort": ap50, "AP50_pytorch": ap50}
+    return {"model": model, "train_iters": "3200", "onnx_mib": 1.0, "params_m": 1.0, "gflops": 1.0,
+            "ort_1_thread_ms": ms, "ort_all_cores_ms": ms, "pytorch_1_thread_ms": ms, "AP50_ort": ap50, "AP50_pytorch": ap50}
 
 
 def test_the_edge_target_needs_both_speed_and_accuracy_and_the_table_names_the_settings():
@@ -420,8 +420,9 @@ def test_the_edge_suite_takes_the_best_distilled_student_of_any_width_its_teache
         folder.mkdir()
         if ap50 is not None:
             weights = os.path.join(teacher, "stage_0", "model_final.pth")
-            (folder / "results.json").write_text(json.dumps({"stages": [{"AP50": ap50}], "teacher": {"weights": weights},
-                                                             "config": {"SOLVER": {"MAX_ITER": iters}}}))
+            results = {"stages": [{"AP50": ap50}], "teacher": {"weights": weights},
+                       "config": {"SOLVER": {"MAX_ITER": iters}}}
+            (folder / "results.json").write_text(json.dumps(results))
         return str(folder)
 
     teacher, other = run("teacher_faster_rcnn_20classes_1600it_seed0"), run("teacher_faster_rcnn_20classes_800it_seed0")
