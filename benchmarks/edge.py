@@ -8,15 +8,16 @@ runtime (ONNX Runtime on CPU).
 
 The models come from the kd suite's run folders (benchmarks/run.py --suite kd): of the
 finished distilled students (of any width), the one of best AP50, the teacher it was
-distilled from, and that teacher's "no KD" students trained as long as the best one (the
-default student, and a narrower one where the suite has it: the quarter-width Faster
-R-CNN). The pruned model is tools/prune.py's (residual-block inner channels, fine-tuned
-with the student's own config, distilled from its unpruned self with --finetune-teacher)
-in OUT/edge/. Per model: training iterations, ONNX file size, parameters, GFLOPs, ONNX
-Runtime latency per image on 1 thread and on all cores (median of --repeats after
-warm-up), PyTorch latency on the same input (1 thread), and AP50 on the test split
-through ONNX Runtime and in PyTorch. KEY VALUE overrides are test-time settings applied
-alike to every model, in PyTorch and in the exported file (e.g.
+distilled from, and the "no KD" students trained as long as the best one (the default
+student, and a narrower one where the suite has it: the quarter-width Faster R-CNN; those
+of the best student's teacher where it has them, another's where not, as their training
+never reads a teacher). The pruned model is tools/prune.py's (residual-block inner
+channels, fine-tuned with the student's own config, distilled from its unpruned self with
+--finetune-teacher) in OUT/edge/. Per model: training iterations, ONNX file size,
+parameters, GFLOPs, ONNX Runtime latency per image on 1 thread and on all cores (median of
+--repeats after warm-up), PyTorch latency on the same input (1 thread), and AP50 on the
+test split through ONNX Runtime and in PyTorch. KEY VALUE overrides are test-time settings
+applied alike to every model, in PyTorch and in the exported file (e.g.
 MODEL.RPN.POST_NMS_TOPK_TEST 100: fewer proposals for the box head).
 Results: benchmarks/results/edge_<detector>.json and .md.
 """
@@ -48,8 +49,8 @@ from benchmarks.suites import NARROW_STUDENTS  # noqa: E402
 
 def find_models(kd_runs, detector):
     """{label: run folder} of the best distilled student of any width, its teacher, and
-    each "no KD" student of that teacher trained as long (the default one, and a narrower
-    one where the suite has it: the quarter-width Faster R-CNN)."""
+    each "no KD" student trained as long (the default one, and a narrower one where the
+    suite has it: the quarter-width Faster R-CNN)."""
     students = [r for r in sorted(glob.glob(os.path.join(kd_runs, f"*_{detector}_*")))
                 if not os.path.basename(r).startswith("teacher") and os.path.isfile(os.path.join(r, "results.json"))]
     plain = [r for r in students if _row(r, detector).endswith("no KD")]
@@ -59,9 +60,11 @@ def find_models(kd_runs, detector):
                          f"benchmarks/run.py --suite kd --detectors {detector} first")
     best = max(distilled, key=lambda r: _results(r)["stages"][0]["AP50"])
     teacher = _teacher_run(best)
-    # Compared at the best student's own budget: the same teacher and as many iterations.
+    # Compared at the best student's own budget (as many iterations). An undistilled student's
+    # training never reads its teacher (the suite merely names one), so one of another teacher
+    # stands in where the best student's teacher has none; that teacher's own comes first.
     budget = _train_iters(best)
-    plain = [r for r in plain if _teacher_run(r) == teacher and _train_iters(r) == budget]
+    plain = sorted((r for r in plain if _train_iters(r) == budget), key=lambda r: _teacher_run(r) == teacher)
     return {"teacher": teacher, **{_label(r, detector): r for r in plain}, _label(best, detector): best}
 
 

@@ -427,7 +427,7 @@ def test_the_edge_suite_takes_the_best_distilled_student_of_any_width_its_teache
 
     teacher, other = run("teacher_faster_rcnn_20classes_1600it_seed0"), run("teacher_faster_rcnn_20classes_800it_seed0")
     plain = run("20_faster_rcnn_no_KD_1600+3200it_seed0", 80.0, teacher)
-    run("20_faster_rcnn_no_KD_800+3200it_seed0", 85.0, other)  # another teacher's student
+    other_plain = run("20_faster_rcnn_no_KD_800+3200it_seed0", 85.0, other)  # another teacher's student
     quarter_plain = run("20_faster_rcnn_quarter-width_student,_no_KD_1600+3200it_seed0", 60.0, teacher)
     run("20_faster_rcnn_output_1600+3200it_seed0", 70.0, teacher)
     quarter_output = run("20_faster_rcnn_quarter-width_student,_output_1600+3200it_seed0", 72.0, teacher)
@@ -437,6 +437,15 @@ def test_the_edge_suite_takes_the_best_distilled_student_of_any_width_its_teache
     assert find_models(str(tmp_path), "faster_rcnn") == {
         "teacher": teacher, "student, no KD": plain, "quarter-width student, no KD": quarter_plain,
         "quarter-width student, output": quarter_output}
+
+    # A better student of a teacher that has no undistilled students of its budget: another
+    # teacher's stand in (their training never reads one), the quarter-width one too.
+    stronger = run("teacher_faster_rcnn_20classes_3200it_seed0")
+    best = run("20_faster_rcnn_quarter-width_student,_output_3200+3200it_seed0", 75.0, stronger)
+    models = find_models(str(tmp_path), "faster_rcnn")
+    assert models.pop("student, no KD") in (plain, other_plain)
+    assert models == {"teacher": stronger, "quarter-width student, no KD": quarter_plain,
+                      "quarter-width student, output": best}
 
 
 @pytest.mark.parametrize("opts, message", [
