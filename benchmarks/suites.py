@@ -290,8 +290,12 @@ def _kd_variants():
             })  # fmt: skip
         else:
             rows.update({
-                # Knowledge review, fg/bg decoupled, with pyramid pooling (the config's defaults).
+                # Knowledge review, fg/bg decoupled, with pyramid pooling (the config's defaults),
+                # and its ablation: the review alone, then with the decoupling.
                 "review": (only("REVIEW"), ()),
+                "review alone": (only("REVIEW") + ("ILMIL.DISTILL.REVIEW.DECOUPLE", "False",
+                                                   "ILMIL.DISTILL.REVIEW.POOL_SIZES", "[]"), ()),
+                "review + decoupling": (only("REVIEW") + ("ILMIL.DISTILL.REVIEW.POOL_SIZES", "[]"), ()),
                 # M-KD: soft targets, attention, layer relations, and its exploration (learned
                 # uncertainty weights over the terms and the detection loss); then the same through
                 # a teacher assistant of three-quarter-width blocks.
