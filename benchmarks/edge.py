@@ -4,7 +4,8 @@ student and that student pruned, each exported to ONNX and measured on the targe
 runtime (ONNX Runtime on CPU).
 
     python benchmarks/edge.py --detector faster_rcnn [--kd-runs benchmarks/runs/kd_full] \\
-        [--prune-ratio 0.5 --finetune-iters 200 [--finetune-teacher]] [--repeats 50] [KEY VALUE ...]
+        [--teacher-iters N] [--prune-ratio 0.5 --finetune-iters 200 [--finetune-teacher]] [--repeats 50] \\
+        [KEY VALUE ...]
 
 The models come from the kd suite's run folders (benchmarks/run.py --suite kd): of the
 finished distilled students (of any width), the one of best AP50, the teacher it was
@@ -47,17 +48,20 @@ from benchmarks.measures import machine  # noqa: E402
 from benchmarks.suites import NARROW_STUDENTS  # noqa: E402
 
 
-def find_models(kd_runs, detector):
-    """{label: run folder} of the best distilled student of any width, its teacher, and
-    each "no KD" student trained as long (the default one, and a narrower one where the
-    suite has it: the quarter-width Faster R-CNN)."""
+def find_models(kd_runs, detector, teacher_iters=None):
+    """{label: run folder} of the best distilled student of any width (of a teacher trained
+    ``teacher_iters`` iterations, if given), its teacher, and each "no KD" student trained as
+    long (the default one, and a narrower one where the suite has it: the quarter-width
+    Faster R-CNN)."""
     students = [r for r in sorted(glob.glob(os.path.join(kd_runs, f"*_{detector}_*")))
                 if not os.path.basename(r).startswith("teacher") and os.path.isfile(os.path.join(r, "results.json"))]
     plain = [r for r in students if _row(r, detector).endswith("no KD")]
-    distilled = [r for r in students if r not in plain]
+    distilled = [r for r in students if r not in plain
+                 and (teacher_iters is None or _train_iters(_teacher_run(r)) == teacher_iters)]
     if not plain or not distilled:
-        raise SystemExit(f"error: {kd_runs} lacks a finished 'no KD' or distilled {detector} run; fix: run "
-                         f"benchmarks/run.py --suite kd --detectors {detector} first")
+        of_teacher = f" of a {teacher_iters}-iteration teacher" if teacher_iters is not None else ""
+        raise SystemExit(f"error: {kd_runs} lacks a finished 'no KD' or distilled {detector} run{of_teacher}; fix: "
+                         f"run benchmarks/run.py --suite kd --detectors {detector} first")
     best = max(distilled, key=lambda r: _results(r)["stages"][0]["AP50"])
     teacher = _teacher_run(best)
     # Compared at the best student's own budget (as many iterations). An undistilled student's
@@ -174,6 +178,8 @@ def main(argv=None):
     parser.add_argument("--finetune-teacher", action="store_true",
                         help="fine-tune the pruned student distilled from its unpruned self (tools/prune.py's flag)")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--teacher-iters", type=int,
+                        help="only students of the teacher trained this many iterations (default: any teacher)")
     parser.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
                         help="test-time config overrides applied to every model (module docstring)")
@@ -182,7 +188,7 @@ def main(argv=None):
         get_ilmil_cfg(opts=args.opts)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    models = find_models(args.kd_runs, args.detector)
+    models = find_models(args.kd_runs, args.detector, args.teacher_iters)
     out = os.path.join(os.path.dirname(os.path.abspath(args.kd_runs)), "edge", args.detector)
     os.makedirs(out, exist_ok=True)
     entries = [(label, os.path.join(run, "stage_0", "model_final.pth"), os.path.join(run, "config.yaml"),

@@ -424,14 +424,17 @@ def test_the_edge_suite_takes_the_best_distilled_student_of_any_width_its_teache
     def run(name, ap50=None, teacher=None, iters=3200):
         folder = tmp_path / name
         folder.mkdir()
-        if ap50 is not None:
+        if name.startswith("teacher"):
+            (folder / "results.json").write_text(json.dumps({"config": {"SOLVER": {"MAX_ITER": iters}}}))
+        elif ap50 is not None:
             weights = os.path.join(teacher, "stage_0", "model_final.pth")
             results = {"stages": [{"AP50": ap50}], "teacher": {"weights": weights},
                        "config": {"SOLVER": {"MAX_ITER": iters}}}
             (folder / "results.json").write_text(json.dumps(results))
         return str(folder)
 
-    teacher, other = run("teacher_faster_rcnn_20classes_1600it_seed0"), run("teacher_faster_rcnn_20classes_800it_seed0")
+    teacher = run("teacher_faster_rcnn_20classes_1600it_seed0", iters=1600)
+    other = run("teacher_faster_rcnn_20classes_800it_seed0", iters=800)
     plain = run("20_faster_rcnn_no_KD_1600+3200it_seed0", 80.0, teacher)
     other_plain = run("20_faster_rcnn_no_KD_800+3200it_seed0", 85.0, other)  # another teacher's student
     quarter_plain = run("20_faster_rcnn_quarter-width_student,_no_KD_1600+3200it_seed0", 60.0, teacher)
@@ -446,12 +449,17 @@ def test_the_edge_suite_takes_the_best_distilled_student_of_any_width_its_teache
 
     # A better student of a teacher that has no undistilled students of its budget: another
     # teacher's stand in (their training never reads one), the quarter-width one too.
-    stronger = run("teacher_faster_rcnn_20classes_3200it_seed0")
+    stronger = run("teacher_faster_rcnn_20classes_3200it_seed0", iters=3200)
     best = run("20_faster_rcnn_quarter-width_student,_output_3200+3200it_seed0", 75.0, stronger)
     models = find_models(str(tmp_path), "faster_rcnn")
     assert models.pop("student, no KD") in (plain, other_plain)
     assert models == {"teacher": stronger, "quarter-width student, no KD": quarter_plain,
                       "quarter-width student, output": best}
+    # --teacher-iters: the best student of that teacher, the others' left out.
+    of_first = find_models(str(tmp_path), "faster_rcnn", teacher_iters=1600)
+    assert of_first["teacher"] == teacher and of_first["quarter-width student, output"] == quarter_output
+    with pytest.raises(SystemExit, match="^error: .* of a 400-iteration teacher"):
+        find_models(str(tmp_path), "faster_rcnn", teacher_iters=400)
 
 
 @pytest.mark.parametrize("opts, message", [
