@@ -105,6 +105,11 @@ ABLATIONS = (
     Variant("RCN logits unbiased_kl", "ilmil", ("ILMIL.DISTILL.RCN.LOGITS", "unbiased_kl")),
     # Not an ablation: what the faster bfloat16 teacher pass (the speed suite) costs in AP.
     Variant("bfloat16 teacher", "ilmil", ("ILMIL.TEACHER.PRECISION", "bfloat16")),
+    # Not ablations: the compression methods' terms added to the recipe (fg/bg from the new
+    # classes' GT and the pseudo-labels), so the better one can join it.
+    Variant("plus knowledge review", "ilmil", ("ILMIL.DISTILL.REVIEW.ENABLED", "True")),
+    Variant("plus attention and FSP relations", "ilmil",
+            ("ILMIL.DISTILL.AT.ENABLED", "True", "ILMIL.DISTILL.FSP.ENABLED", "True")),
     Variant("ilmil (all terms)", "ilmil"),
 )
 
