@@ -129,8 +129,10 @@ def kd_table(records):
         teacher = runs[0]["teacher_model"]
         if detector not in shown:  # before its students: the default one first, then narrower ones
             shown.add(detector)
-            lines.append(f"| {detector} | teacher | {_mean_spread([r['teacher_AP50'] for r in plain.values()])} | "
-                         f"{_mean_spread([r['teacher_AP'] for r in plain.values()])} | | | | | | | "
+            # Every student of a seed names the same teacher: one record per seed, distilled or not.
+            taught = list({r["seed"]: r for r in runs}.values())
+            lines.append(f"| {detector} | teacher | {_mean_spread([r['teacher_AP50'] for r in taught])} | "
+                         f"{_mean_spread([r['teacher_AP'] for r in taught])} | | | | | | | "
                          f"{teacher['params'] / 1e6:.2f} | {teacher['gflops']:.2f} |")
         if student:
             detector = f"{detector}, {student}"

@@ -381,6 +381,9 @@ def test_kd_table_compares_a_narrower_student_with_its_own_no_kd_row():
     table = kd_table([_kd_record("output", 40.0, 1.0, "quarter-width student"),
                       _kd_record("no KD", 20.0, 0.5, "quarter-width student")])
     assert [line.split("|")[2].strip() for line in table.splitlines()[2:]] == ["teacher", "no KD", "output"]
+    # A section of distilled students only still gives the teacher's AP (their records name it).
+    teacher_row = kd_table([_kd_record("output", 40.0, 1.0, "quarter-width student")]).splitlines()[2]
+    assert [cell.strip() for cell in teacher_row.split("|")[2:5]] == ["teacher", "60.0", "30.0"]
 
 
 def test_one_stage_suite_plans_a_stage0_and_a_joint_run_per_detector_with_its_config(tmp_path):
