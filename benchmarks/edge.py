@@ -165,7 +165,7 @@ def table(rows, detector, repeats, opts=()):
     small = [r for r in rows[1:] if teacher["ort_1_thread_ms"] / r["ort_1_thread_ms"] >= 3]
     met = [r["model"] for r in small if teacher["AP50_ort"] - r["AP50_ort"] <= 5]
     lines += ["", "Target (a small model >= 3x faster than the teacher in ORT on 1 thread, within 5 AP50 of it): "
-              + (f"met by {', '.join(met)}" if met else "not met")]
+              + (f"met by {'; '.join(met)}" if met else "not met")]
     return "\n".join(lines) + "\n"
 
 

@@ -419,6 +419,10 @@ def test_the_edge_target_needs_both_speed_and_accuracy_and_the_table_names_the_s
                  ["MODEL.RPN.POST_NMS_TOPK_TEST", "100"])
     assert page.rstrip().endswith("met by small")
     assert "every model with MODEL.RPN.POST_NMS_TOPK_TEST 100" in page.splitlines()[0]
+    # Labels hold commas: the models that meet it are separated by semicolons.
+    page = table([teacher, _edge_row("small, no KD", 30.0, 65.0), _edge_row("small, output", 29.0, 66.0)],
+                 "faster_rcnn", 50)
+    assert page.rstrip().endswith("met by small, no KD; small, output")
 
 
 def test_the_edge_suite_takes_the_best_distilled_student_of_any_width_its_teacher_and_its_no_kd_students(tmp_path):
