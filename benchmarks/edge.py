@@ -59,9 +59,10 @@ def find_models(kd_runs, detector, teacher_iters=None):
     distilled = [r for r in students if r not in plain
                  and (teacher_iters is None or _train_iters(_teacher_run(r)) == teacher_iters)]
     if not plain or not distilled:
-        of_teacher = f" of a {teacher_iters}-iteration teacher" if teacher_iters is not None else ""
+        of_teacher, budget = ((f" of a {teacher_iters}-iteration teacher", f" --base-iters {teacher_iters}")
+                              if teacher_iters is not None else ("", ""))
         raise SystemExit(f"error: {kd_runs} lacks a finished 'no KD' or distilled {detector} run{of_teacher}; fix: "
-                         f"run benchmarks/run.py --suite kd --detectors {detector} first")
+                         f"run benchmarks/run.py --suite kd --detectors {detector}{budget} first")
     best = max(distilled, key=lambda r: _results(r)["stages"][0]["AP50"])
     teacher = _teacher_run(best)
     # Compared at the best student's own budget (as many iterations). An undistilled student's

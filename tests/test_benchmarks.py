@@ -465,7 +465,7 @@ def test_the_edge_suite_takes_the_best_distilled_student_of_any_width_its_teache
     # --teacher-iters: the best student of that teacher, the others' left out.
     of_first = find_models(str(tmp_path), "faster_rcnn", teacher_iters=1600)
     assert of_first["teacher"] == teacher and of_first["quarter-width student, output"] == quarter_output
-    with pytest.raises(SystemExit, match="^error: .* of a 400-iteration teacher"):
+    with pytest.raises(SystemExit, match="^error: .* of a 400-iteration teacher; fix: .* --base-iters 400 first"):
         find_models(str(tmp_path), "faster_rcnn", teacher_iters=400)
 
 
