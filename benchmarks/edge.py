@@ -67,7 +67,8 @@ def find_models(kd_runs, detector, teacher_iters=None):
     teacher = _teacher_run(best)
     # Compared at the best student's own budget (as many iterations). An undistilled student's
     # training never reads its teacher (the suite merely names one), so one of another teacher
-    # stands in where the best student's teacher has none; that teacher's own comes first.
+    # stands in where the best student's teacher has none: that teacher's own are sorted last,
+    # so they take their label in the dict below wherever both exist.
     budget = _train_iters(best)
     plain = sorted((r for r in plain if _train_iters(r) == budget), key=lambda r: _teacher_run(r) == teacher)
     return {"teacher": teacher, **{_label(r, detector): r for r in plain}, _label(best, detector): best}
