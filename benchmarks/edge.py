@@ -23,6 +23,7 @@ MODEL.RPN.POST_NMS_TOPK_TEST 100: fewer proposals for the box head).
 Results: benchmarks/results/edge_<detector>.json and .md.
 """
 import argparse
+import functools
 import glob
 import json
 import os
@@ -74,6 +75,7 @@ def find_models(kd_runs, detector, teacher_iters=None):
     return {"teacher": teacher, **{_label(r, detector): r for r in plain}, _label(best, detector): best}
 
 
+@functools.cache  # a finished run's results.json does not change; find_models asks for each several times
 def _results(run):
     with open(os.path.join(run, "results.json")) as f:
         return json.load(f)
