@@ -178,6 +178,10 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DISTILL.REVIEW.WEIGHT = 1.0
     cfg.ILMIL.DISTILL.REVIEW.LAYERS = ["p2", "p3", "p4", "p5", "p6"]
     cfg.ILMIL.DISTILL.REVIEW.MID_CHANNELS = 64
+    # Compare per-channel standardised maps (as PKD): features trained from scratch are
+    # not of unit scale, and the raw squared error then outweighs the detection loss
+    # by orders of magnitude (RetinaNet, 6400-iteration teacher: 2e4 against 1.6).
+    cfg.ILMIL.DISTILL.REVIEW.NORMALIZE = True
     cfg.ILMIL.DISTILL.REVIEW.DECOUPLE = True
     cfg.ILMIL.DISTILL.REVIEW.FG_WEIGHT = 1.0
     # The background, most of each map, gets the larger weight.

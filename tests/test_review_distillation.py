@@ -65,6 +65,18 @@ def test_review_is_zero_when_the_fused_student_is_the_teacher_and_positive_other
     assert loss(student, _maps(6, seed=1), _context()).item() > 0
 
 
+def test_normalized_review_ignores_the_scale_of_the_teachers_features():
+    # Per-channel standardisation: a teacher grown to 100x the scale (from-scratch features)
+    # costs the same; the raw distance (NORMALIZE False) grows with it.
+    student, teacher = _maps(4), _maps(6, seed=1)
+    scaled = {n: 100 * t + 3 for n, t in teacher.items()}
+    loss = _review()
+    assert loss(student, scaled, _context()).item() == pytest.approx(loss(student, teacher, _context()).item(),
+                                                                      rel=1e-4)
+    loss.normalize = False
+    assert loss(student, scaled, _context()).item() > 1000 * loss(student, teacher, _context()).item()
+
+
 def test_review_fuses_coarse_to_fine_and_trains_the_student_and_its_fusions_only():
     loss = _review()
     student, teacher = _maps(4, requires_grad=True), _maps(6, requires_grad=True, seed=1)

@@ -15,6 +15,11 @@ higher levels. With T_l the teacher's map and M_l the GT-box mask of the level
           (without DECOUPLE: d_k = mean(D_k))
     L = sum_l sum_k 2^-k d_k / sum_k 2^-k
 
+With NORMALIZE, O_l and T_l are first standardised per channel over (N, H, W), as
+PKD does: the published method compares pretrained features of about unit scale,
+while detectors trained from scratch grow features whose raw squared error outweighs
+the detection loss by orders of magnitude.
+
 A pool size not smaller than the map is skipped (it would repeat the full size).
 """
 import torch
@@ -27,6 +32,7 @@ from ...config import ConfigError
 from ..connectors import AttentionFusion, match_size
 from ..masks import gt_box_mask
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
+from .feature import standardize
 
 __all__ = ["KnowledgeReview", "pyramid_distance"]
 
@@ -60,7 +66,8 @@ class KnowledgeReview(DistillLoss):
     config_key = "REVIEW"
 
     @configurable
-    def __init__(self, *, layers, fusions=None, decouple=True, fg_weight=1.0, bg_weight=1.0, pool_sizes=(4, 2, 1)):
+    def __init__(self, *, layers, fusions=None, normalize=True, decouple=True, fg_weight=1.0, bg_weight=1.0,
+                 pool_sizes=(4, 2, 1)):
         super().__init__()
         if not layers:
             raise ConfigError("ILMIL.DISTILL.REVIEW.LAYERS is empty; fix: name the levels, fine to coarse, "
@@ -71,6 +78,7 @@ class KnowledgeReview(DistillLoss):
         self.layers = tuple(layers)
         # Empty when built without the models' shapes (the config check); the distiller builds it with them.
         self.fusions = fusions if fusions is not None else nn.ModuleList()
+        self.normalize = normalize
         self.decouple = decouple
         self.fg_weight, self.bg_weight = fg_weight, bg_weight
         self.pool_sizes = tuple(pool_sizes)
@@ -85,7 +93,7 @@ class KnowledgeReview(DistillLoss):
                 AttentionFusion(student_shapes[name].channels, review.MID_CHANNELS, teacher_shapes[name].channels,
                                 fuse=i + 1 < len(layers))
                 for i, name in enumerate(layers))  # fmt: skip
-        return {"layers": layers, "fusions": fusions, "decouple": review.DECOUPLE, "fg_weight": review.FG_WEIGHT,
+        return {"layers": layers, "fusions": fusions, "normalize": review.NORMALIZE, "decouple": review.DECOUPLE, "fg_weight": review.FG_WEIGHT,
                 "bg_weight": review.BG_WEIGHT, "pool_sizes": tuple(review.POOL_SIZES)}
 
     def records(self):
@@ -102,8 +110,10 @@ class KnowledgeReview(DistillLoss):
     def forward(self, student, teacher, context):
         total = 0.0
         for name, out in zip(self.layers, self.review(student)):
-            t = teacher[name].detach()
+            t, out = teacher[name].detach(), match_size(out, teacher[name])
+            if self.normalize:
+                t, out = standardize(t), standardize(out)
             mask = gt_box_mask(context.gt_instances, t.shape[-2:], context.strides[name]) if self.decouple else None
-            total = total + pyramid_distance(match_size(out, t), t, mask, self.pool_sizes,
+            total = total + pyramid_distance(out, t, mask, self.pool_sizes,
                                              self.fg_weight, self.bg_weight)
         return total
