@@ -11,7 +11,7 @@ from detectron2.modeling import RetinaNet, build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from ilmil.config import CONFIGS_DIR, get_ilmil_cfg, set_num_classes
+from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg, set_num_classes
 from ilmil.distill import DenseHeadDistillation, IncrementalRetinaNet
 from ilmil.modeling import FCOS, load_expanded
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, metrics_lines, read_json, run_tool, tail
@@ -51,6 +51,20 @@ def test_dense_term_is_the_binary_kl_of_the_old_classes_plus_confident_boxes():
     cls = (kl(2.0, 1.0) + kl(-1.0, 0.0) + kl(-3.0, -3.0) + kl(-4.0, -4.0)) / 4
     # Location 0: sigmoid(2) = 0.88 >= 0.5 (confident): |1 - 0| x 4 coordinates; location 1 is not.
     assert loss.item() == pytest.approx(cls + 4.0, rel=1e-5)
+    # NORMALIZER objects: the KL summed, over the teacher's soft object count, the best
+    # old-class score per location: sigmoid(2) + sigmoid(-3) (below 1: counted as 1).
+    objects = DenseHeadDistillation(temperature=1.0, box_score_thresh=0.5, normalizer="objects")(
+        {"head": _head(z_s, r_s)}, {"head": _head(z_t, r_t)}, None)
+    assert torch.sigmoid(torch.tensor(2.0)) + torch.sigmoid(torch.tensor(-3.0)) < 1
+    assert objects.item() == pytest.approx(4 * cls + 4.0, rel=1e-5)
+    # A teacher sure of two objects (score sigmoid(3) at both locations): the sum over 2 sigmoid(3).
+    z_sure = torch.tensor([[[[3.0], [3.0]], [[-1.0], [-4.0]]]])
+    sure = DenseHeadDistillation(temperature=1.0, box_score_thresh=0.99, normalizer="objects")(
+        {"head": _head(z_s, r_s)}, {"head": _head(z_sure, r_t)}, None)
+    summed = kl(3.0, 1.0) + kl(-1.0, 0.0) + kl(3.0, -3.0) + kl(-4.0, -4.0)
+    assert sure.item() == pytest.approx(summed / (2 * float(torch.sigmoid(torch.tensor(3.0)))), rel=1e-5)
+    with pytest.raises(ConfigError, match="DENSE.NORMALIZER 'sum': choose one of mean, objects"):
+        DenseHeadDistillation(normalizer="sum")
 
 
 def test_dense_term_is_zero_for_equal_outputs_and_gives_the_student_gradients_only():

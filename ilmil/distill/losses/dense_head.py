@@ -12,6 +12,13 @@ student's), with sigmoid probabilities p = sigma(z / tau) at TEMPERATURE tau:
 L_cls keeps the old classes' scores everywhere (most anchors are background, where
 it keeps them low too); L_box keeps the boxes where the teacher sees an old object.
 
+NORMALIZER ``objects`` sums L_cls over anchors and classes instead and divides it by
+the teacher's soft object count, n_T = sum_a max_k sigma(z_T) (at least 1), as the
+focal loss divides by the number of foreground anchors: the mean over every anchor
+and class (``mean``) weighs an element ~1e-6 against the focal loss's ~1 / n_fg, so
+on a dense head it barely moves the class scores. (A head with objectness, below, is
+normalised by the teacher's objectness already.)
+
 A head with objectness o (YOLO; the context's ``teacher_outputs["objectness"]``) has
 its class scores trained only where there is an object, so there, with q = sigma(o_T):
 
@@ -26,11 +33,13 @@ from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
+from ...config import check_choice
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
 
-__all__ = ["DenseHeadDistillation"]
+__all__ = ["DENSE_NORMALIZERS", "DenseHeadDistillation"]
 
 HEAD = "head"
+DENSE_NORMALIZERS = ("mean", "objects")
 
 
 def _flatten(levels, channels_per_anchor):
@@ -45,15 +54,18 @@ class DenseHeadDistillation(DistillLoss):
     config_key = "DENSE"
 
     @configurable
-    def __init__(self, *, temperature=1.0, box_score_thresh=0.5):
+    def __init__(self, *, temperature=1.0, box_score_thresh=0.5, normalizer="mean"):
         super().__init__()
+        check_choice("ILMIL.DISTILL.DENSE.NORMALIZER", normalizer, DENSE_NORMALIZERS)
+        self.normalizer = normalizer
         self.temperature = temperature
         self.box_score_thresh = box_score_thresh
 
     @classmethod
     def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):
         dense = cfg.ILMIL.DISTILL.DENSE
-        return {"temperature": dense.TEMPERATURE, "box_score_thresh": dense.BOX_SCORE_THRESH}
+        return {"temperature": dense.TEMPERATURE, "box_score_thresh": dense.BOX_SCORE_THRESH,
+                "normalizer": dense.NORMALIZER}
 
     def records(self):
         return (HEAD,)
@@ -68,7 +80,9 @@ class DenseHeadDistillation(DistillLoss):
         kl = _binary_kl(z_s, z_t, self.temperature)
         score = z_t.sigmoid().max(dim=2).values
         objectness = context.teacher_outputs.get("objectness") if context is not None else None
-        if objectness is None:
+        if objectness is None and self.normalizer == "objects":
+            loss = kl.sum() / score.detach().sum().clamp(min=1.0)
+        elif objectness is None:
             loss = kl.mean()
         else:
             o_t = _flatten([x.detach() for x in objectness], 1)[..., 0]
