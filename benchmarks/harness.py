@@ -45,6 +45,21 @@ class BenchError(ValueError):
     """A benchmark invocation that cannot run as asked; the message says why and the fix."""
 
 
+# The trainings in flight: a harness stopped by a signal stops them too rather than
+# leaving them to run on, unwatched, into the folder a restarted harness resumes.
+_TRAININGS = set()
+_STOPPING = []
+
+
+def stop_trainings(signum, frame=None):
+    """Signal handler: terminate the trainings in flight (each keeps its last checkpoint,
+    so the same command resumes), start no other, and exit."""
+    _STOPPING.append(signum)
+    for proc in list(_TRAININGS):
+        proc.terminate()
+    raise SystemExit(128 + signum)
+
+
 def log(message):
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -240,8 +255,14 @@ def train(run, fresh=False):
     cmd = run.command()
     start = time.perf_counter()
     with open(os.path.join(run.out_dir, "bench_stdout.log"), "a") as logfile:
+        if _STOPPING:
+            raise BenchError("stopped by a signal; re-run the same command to resume")
         proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status_code, usage = os.wait4(proc.pid, 0)
+        _TRAININGS.add(proc)
+        try:
+            _, status_code, usage = os.wait4(proc.pid, 0)
+        finally:
+            _TRAININGS.discard(proc)
     if os.waitstatus_to_exitcode(status_code) != 0:
         raise BenchError(f"training failed ({' '.join(cmd[1:])}), {run.out_dir}/bench_stdout.log; "
                          "fix what its last lines name and re-run the same command (finished runs are reused)")

@@ -21,6 +21,7 @@ budget is kept) and the suite's tables are regenerated from all of them into
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import time
 
@@ -29,7 +30,7 @@ if not __package__:  # run as a script: make the benchmarks package importable
 
 import ilmil  # noqa: F401,E402  (detectron2 compatibility adjustments come first)
 from benchmarks import records  # noqa: E402
-from benchmarks.harness import ROOT, BenchError, describe, execute, log, plan  # noqa: E402
+from benchmarks.harness import ROOT, BenchError, describe, execute, log, plan, stop_trainings  # noqa: E402
 from benchmarks.suites import SUITES  # noqa: E402
 from benchmarks.tables import suite_page  # noqa: E402
 from ilmil.engine import RUN_ERRORS  # noqa: E402
@@ -123,6 +124,7 @@ def main(argv=None):
         jobs = args.jobs or 1
         if jobs > 1:  # one torch thread pool per run, sized so the runs share the cores
             os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+        signal.signal(signal.SIGTERM, stop_trainings)
         start = time.perf_counter()
         outcomes = execute(list(planned.values()), jobs, suite.fresh)
         new = suite.records(suite_setting, setting, planned, outcomes, args.opts)

@@ -3,13 +3,17 @@ the reuse check, record merging, refused flags)."""
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from conftest import REPO_ROOT, TINY_SHAPES
 
 from benchmarks import records
+from benchmarks import harness
 from benchmarks.harness import CONFIG_RECORD, BenchError, Run, describe, plan, reuse_status, train
 from benchmarks.run import main as bench_main
 from benchmarks.suites import ABLATION, ACCURACY, KD, ONE_STAGE, STAGE_IMAGES
@@ -215,6 +219,37 @@ def test_a_stale_run_is_moved_aside_only_when_retrained(tmp_path, monkeypatch):
     (stale,) = tmp_path.glob("30+30_ilmil.stale-*")
     assert json.loads((stale / CONFIG_RECORD).read_text())["fingerprint"] == "another config"
     assert json.loads((tmp_path / "30+30_ilmil" / CONFIG_RECORD).read_text())["fingerprint"] == run.fingerprint()
+
+
+def test_a_stopped_harness_stops_its_trainings_and_starts_no_other(tmp_path, monkeypatch):
+    # A training that would run for a minute, in a worker thread as execute() runs them.
+    monkeypatch.setattr(Run, "command", lambda self: [sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(harness, "_STOPPING", [])
+    run = Run(str(tmp_path / "10+10_ilmil"), "10+10", "ilmil", 0, 4, 8, 4, ())
+    errors = []
+
+    def worker():
+        try:
+            train(run)
+        except BenchError as e:
+            errors.append(str(e))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    for _ in range(100):
+        if harness._TRAININGS:
+            break
+        time.sleep(0.05)
+    (proc,) = harness._TRAININGS
+    with pytest.raises(SystemExit) as stopped:
+        harness.stop_trainings(signal.SIGTERM)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    thread.join(timeout=10)
+    assert errors and "training failed" in errors[0]
+    with pytest.raises(ProcessLookupError):  # terminated and reaped
+        os.kill(proc.pid, 0)
+    with pytest.raises(BenchError, match="stopped by a signal"):
+        train(run)
 
 
 def test_merging_keeps_every_other_record():
