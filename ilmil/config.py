@@ -168,6 +168,8 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DISTILL.FGFI.WEIGHT = 1.0
     cfg.ILMIL.DISTILL.FGFI.LAYERS = ["p2", "p3", "p4", "p5", "p6"]
     cfg.ILMIL.DISTILL.FGFI.PSI = 0.5
+    # Standardise both maps per channel first (as REVIEW.NORMALIZE, below).
+    cfg.ILMIL.DISTILL.FGFI.NORMALIZE = True
 
     # Knowledge review with fg/bg decoupling: the student's LAYERS (fine to coarse) fused
     # coarse to fine by attention modules (at MID_CHANNELS, then the teacher's width), each

@@ -318,7 +318,7 @@ def test_fgfi_mask_keeps_anchors_above_half_the_best_iou_of_a_box():
 
 
 def test_fgfi_loss_is_the_masked_squared_error_over_twice_the_masked_area():
-    loss_fn = FGFIImitation(layers=["p3"])
+    loss_fn = FGFIImitation(layers=["p3"], normalize=False)
     context = DistillContext(gt_instances=[_gt([[0, 0, 16, 16]])], image_sizes=[(32, 32)], strides={"p3": 8})
     teacher = {"p3": torch.zeros(1, 3, 4, 4)}
     assert loss_fn({"p3": teacher["p3"].clone()}, teacher, context).item() == 0.0
@@ -331,6 +331,18 @@ def test_fgfi_loss_is_the_masked_squared_error_over_twice_the_masked_area():
     assert loss.item() == pytest.approx(3 / 8)
     loss.backward()
     assert student.grad[0, :, 3, 3].abs().sum() == 0 and student.grad[0, :, 0, 0].abs().sum() > 0
+
+
+def test_normalized_fgfi_ignores_the_scale_of_the_teachers_features():
+    context = DistillContext(gt_instances=[_gt([[0, 0, 16, 16]])], image_sizes=[(32, 32)], strides={"p3": 8})
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(1, 3, 4, 4, generator=gen), torch.randn(1, 3, 4, 4, generator=gen)
+    normalized = FGFIImitation(layers=["p3"])  # NORMALIZE's default
+    cost = normalized({"p3": student}, {"p3": teacher}, context).item()
+    assert cost > 0
+    assert normalized({"p3": student}, {"p3": 100 * teacher + 3}, context).item() == pytest.approx(cost, rel=1e-4)
+    raw = FGFIImitation(layers=["p3"], normalize=False)
+    assert raw({"p3": student}, {"p3": 100 * teacher + 3}, context).item() > 1000 * cost
 
 
 def test_fgfi_runs_as_a_term_of_a_distilled_step(teacher_path):

@@ -6,6 +6,11 @@ overlap a GT box at more than psi times that box's best anchor IoU; without anch
 on that level, the GT-box mask) and a(.) the connector:
 
     L = sum_l sum_{x,y,c} M_l (a(S_l) - T_l)^2 / (2 sum_l sum_{x,y} M_l)
+
+With NORMALIZE, a(S_l) and T_l are first standardised per channel over (N, H, W), as
+PKD does: the raw form assumes pretrained features of about unit scale, and on
+features trained from scratch it outweighs the detection loss by orders of magnitude
+(RetinaNet, 6400-iteration teacher: ~950 against 0.8).
 """
 import torch
 
@@ -14,7 +19,7 @@ from detectron2.config import configurable
 from ..connectors import match_size
 from ..masks import fgfi_mask, gt_box_mask
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
-from .feature import feature_connectors
+from .feature import feature_connectors, standardize
 
 __all__ = ["FGFIImitation", "weighted_imitation"]
 
@@ -26,16 +31,17 @@ class FGFIImitation(DistillLoss):
     config_key = "FGFI"
 
     @configurable
-    def __init__(self, *, layers, psi=0.5, connectors=None):
+    def __init__(self, *, layers, psi=0.5, normalize=True, connectors=None):
         super().__init__()
         self.layers = tuple(layers)
         self.psi = psi
+        self.normalize = normalize
         self.connectors = connectors if connectors is not None else torch.nn.ModuleDict()
 
     @classmethod
     def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):
         fgfi = cfg.ILMIL.DISTILL.FGFI
-        return {"layers": fgfi.LAYERS, "psi": fgfi.PSI,
+        return {"layers": fgfi.LAYERS, "psi": fgfi.PSI, "normalize": fgfi.NORMALIZE,
                 "connectors": feature_connectors(fgfi.LAYERS, student_shapes or {}, teacher_shapes or {},
                                                  cfg.ILMIL.DISTILL.CONNECTOR, "ILMIL.DISTILL.FGFI.LAYERS")}
 
@@ -54,18 +60,22 @@ class FGFIImitation(DistillLoss):
         return masks
 
     def forward(self, student, teacher, context):
-        return weighted_imitation(student, teacher, self.layers, self.connectors, self.masks(teacher, context))
+        return weighted_imitation(student, teacher, self.layers, self.connectors, self.masks(teacher, context),
+                                  normalize=self.normalize)
 
 
-def weighted_imitation(student, teacher, layers, connectors, weights, min_area=1.0):
+def weighted_imitation(student, teacher, layers, connectors, weights, min_area=1.0, normalize=False):
     """sum_l sum_{n,x,y,c} W_l (a(S_l) - T_l)^2 / (2 max(sum_l sum_{n,x,y} W_l, ``min_area``)),
-    ``weights``: {layer: [N, H, W] map W_l at the teacher's size}; ``connectors`` a(.) where given."""
+    ``weights``: {layer: [N, H, W] map W_l at the teacher's size}; ``connectors`` a(.) where given;
+    ``normalize``: a(S_l) and T_l standardised per channel first."""
     total, area = 0.0, 0.0
     for name in layers:
         s, t = student[name], teacher[name].detach()
         if name in connectors:
             s = connectors[name](s)
         s = match_size(s, t)
+        if normalize:
+            s, t = standardize(s), standardize(t)
         weight = weights[name][:, None]
         total = total + ((s - t).pow(2) * weight).sum()
         area = area + weight.sum()
