@@ -258,9 +258,9 @@ def _kd_variants():
             "output, bfloat16 teacher": (only(output) + output_opts + ("ILMIL.TEACHER.PRECISION", "bfloat16"), ()),
         }  # fmt: skip
         if detector in ("retinanet", "fcos"):
-            # The class KL summed and divided by the teacher's soft object count, as the focal
-            # loss is by its foreground, instead of averaged over every anchor and class.
-            rows["output, object-normalised"] = (only(output) + ("ILMIL.DISTILL.DENSE.NORMALIZER", "objects"), ())
+            # The class KL averaged over every anchor and class instead of divided by the
+            # teacher's soft object count (the default).
+            rows["output, mean over anchors"] = (only(output) + ("ILMIL.DISTILL.DENSE.NORMALIZER", "mean"), ())
         if detector == "yolov3":
             backbone, neck = ["dark3", "dark4", "dark5"], ["p3", "p4", "p5"]
             rows.update({

@@ -223,9 +223,9 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DISTILL.DENSE.WEIGHT = 1.0
     cfg.ILMIL.DISTILL.DENSE.TEMPERATURE = 1.0
     cfg.ILMIL.DISTILL.DENSE.BOX_SCORE_THRESH = 0.5
-    # L_cls averaged over every anchor and class (mean) | summed and divided by the
-    # teacher's soft object count (objects), as the focal loss divides by its foreground.
-    cfg.ILMIL.DISTILL.DENSE.NORMALIZER = "mean"
+    # L_cls summed and divided by the teacher's soft object count, as the focal loss is by
+    # its foreground (objects) | averaged over every anchor and class (mean).
+    cfg.ILMIL.DISTILL.DENSE.NORMALIZER = "objects"
 
     # MMA's unbiased classification: the box head's loss on a proposal labelled background
     # targets "background or an old class" (old objects are unlabeled in a later stage's

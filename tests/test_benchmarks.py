@@ -309,7 +309,7 @@ def test_variants_narrow_the_plan_and_an_unknown_one_is_refused(tmp_path, capsys
 
 # The terms each kd row switches on, in the order the distiller logs them.
 KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dense"],
-                "output, bfloat16 teacher": ["dense"], "output, object-normalised": ["dense"], "review": ["review"],
+                "output, bfloat16 teacher": ["dense"], "output, mean over anchors": ["dense"], "review": ["review"],
                 "review alone": ["review"], "review + decoupling": ["review"],
                 "M-KD": ["dense", "at", "fsp"], "M-KD + assistant": ["dense", "at", "fsp"],
                 # YOLO's own rows: multi-layer alignment and the information map with its ablations.
@@ -342,8 +342,8 @@ def test_kd_rows_switch_on_their_terms_only():
         (True, [4, 2, 1]), (False, []), (True, [])]
     normalisers = {name: run.config().ILMIL.DISTILL.DENSE.NORMALIZER for (_, name, _), run in planned.items()
                    if variants[name].row.startswith("output")}
-    assert {name for name, normaliser in normalisers.items() if normaliser == "objects"} == {
-        "retinanet output, object-normalised", "fcos output, object-normalised"}
+    assert {name for name, normaliser in normalisers.items() if normaliser == "mean"} == {
+        "retinanet output, mean over anchors", "fcos output, mean over anchors"}
     yolo = {name.split(" ", 1)[1]: run.config().ILMIL.DISTILL for (_, name, _), run in planned.items()
             if name.startswith("yolov3")}
     assert yolo["alignment"].FEAT.DISTANCE == "l2" and yolo["alignment"].FEAT.LAYER_WEIGHTING == "adaptive"

@@ -41,7 +41,7 @@ def test_dense_term_is_the_binary_kl_of_the_old_classes_plus_confident_boxes():
     z_s = torch.tensor([[[[1.0], [-3.0]], [[0.0], [-4.0]], [[5.0], [5.0]]]])  # new class (row 2) ignored
     r_t = torch.zeros(1, 4, 2, 1)
     r_s = torch.ones(1, 4, 2, 1)
-    loss = DenseHeadDistillation(temperature=1.0, box_score_thresh=0.5)(
+    loss = DenseHeadDistillation(temperature=1.0, box_score_thresh=0.5, normalizer="mean")(
         {"head": _head(z_s, r_s)}, {"head": _head(z_t, r_t)}, None)
 
     def kl(t, s):
@@ -51,9 +51,9 @@ def test_dense_term_is_the_binary_kl_of_the_old_classes_plus_confident_boxes():
     cls = (kl(2.0, 1.0) + kl(-1.0, 0.0) + kl(-3.0, -3.0) + kl(-4.0, -4.0)) / 4
     # Location 0: sigmoid(2) = 0.88 >= 0.5 (confident): |1 - 0| x 4 coordinates; location 1 is not.
     assert loss.item() == pytest.approx(cls + 4.0, rel=1e-5)
-    # NORMALIZER objects: the KL summed, over the teacher's soft object count, the best
-    # old-class score per location: sigmoid(2) + sigmoid(-3) (below 1: counted as 1).
-    objects = DenseHeadDistillation(temperature=1.0, box_score_thresh=0.5, normalizer="objects")(
+    # NORMALIZER objects (the default): the KL summed, over the teacher's soft object count,
+    # the best old-class score per location: sigmoid(2) + sigmoid(-3) (below 1: counted as 1).
+    objects = DenseHeadDistillation(temperature=1.0, box_score_thresh=0.5)(
         {"head": _head(z_s, r_s)}, {"head": _head(z_t, r_t)}, None)
     assert torch.sigmoid(torch.tensor(2.0)) + torch.sigmoid(torch.tensor(-3.0)) < 1
     assert objects.item() == pytest.approx(4 * cls + 4.0, rel=1e-5)
