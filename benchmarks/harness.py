@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,13 +49,13 @@ class BenchError(ValueError):
 # The trainings in flight: a harness stopped by a signal stops them too rather than
 # leaving them to run on, unwatched, into the folder a restarted harness resumes.
 _TRAININGS = set()
-_STOPPING = []
+_STOPPING = threading.Event()
 
 
 def stop_trainings(signum, frame=None):
     """Signal handler: terminate the trainings in flight (each keeps its last checkpoint,
     so the same command resumes), start no other, and exit."""
-    _STOPPING.append(signum)
+    _STOPPING.set()
     for proc in list(_TRAININGS):
         proc.terminate()
     raise SystemExit(128 + signum)
@@ -242,6 +243,8 @@ def reuse_status(run):
 
 def train(run, fresh=False):
     """Train ``run`` (setting a stale folder aside first); returns wall time, peak RSS (MiB), command."""
+    if _STOPPING.is_set():  # before the folder is touched: --fresh would delete it
+        raise BenchError("stopped by a signal; re-run the same command to resume")
     status = reuse_status(run)
     if status == "stale":
         stale = f"{run.out_dir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -255,8 +258,6 @@ def train(run, fresh=False):
     cmd = run.command()
     start = time.perf_counter()
     with open(os.path.join(run.out_dir, "bench_stdout.log"), "a") as logfile:
-        if _STOPPING:
-            raise BenchError("stopped by a signal; re-run the same command to resume")
         proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, cwd=ROOT)
         _TRAININGS.add(proc)
         try:

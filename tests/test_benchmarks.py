@@ -224,7 +224,7 @@ def test_a_stale_run_is_moved_aside_only_when_retrained(tmp_path, monkeypatch):
 def test_a_stopped_harness_stops_its_trainings_and_starts_no_other(tmp_path, monkeypatch):
     # A training that would run for a minute, in a worker thread as execute() runs them.
     monkeypatch.setattr(Run, "command", lambda self: [sys.executable, "-c", "import time; time.sleep(60)"])
-    monkeypatch.setattr(harness, "_STOPPING", [])
+    monkeypatch.setattr(harness, "_STOPPING", threading.Event())
     run = Run(str(tmp_path / "10+10_ilmil"), "10+10", "ilmil", 0, 4, 8, 4, ())
     errors = []
 
