@@ -80,10 +80,8 @@ class DenseHeadDistillation(DistillLoss):
         kl = _binary_kl(z_s, z_t, self.temperature)
         score = z_t.sigmoid().max(dim=2).values
         objectness = context.teacher_outputs.get("objectness") if context is not None else None
-        if objectness is None and self.normalizer == "objects":
-            loss = kl.sum() / score.sum().clamp(min=1.0)
-        elif objectness is None:
-            loss = kl.mean()
+        if objectness is None:
+            loss = kl.sum() / score.sum().clamp(min=1.0) if self.normalizer == "objects" else kl.mean()
         else:
             o_t = _flatten([x.detach() for x in objectness], 1)[..., 0]
             o_s = _flatten(student[HEAD][2], 1)[..., 0]

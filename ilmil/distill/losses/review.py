@@ -93,8 +93,8 @@ class KnowledgeReview(DistillLoss):
                 AttentionFusion(student_shapes[name].channels, review.MID_CHANNELS, teacher_shapes[name].channels,
                                 fuse=i + 1 < len(layers))
                 for i, name in enumerate(layers))  # fmt: skip
-        return {"layers": layers, "fusions": fusions, "normalize": review.NORMALIZE, "decouple": review.DECOUPLE, "fg_weight": review.FG_WEIGHT,
-                "bg_weight": review.BG_WEIGHT, "pool_sizes": tuple(review.POOL_SIZES)}
+        return {"layers": layers, "fusions": fusions, "normalize": review.NORMALIZE, "decouple": review.DECOUPLE,
+                "fg_weight": review.FG_WEIGHT, "bg_weight": review.BG_WEIGHT, "pool_sizes": tuple(review.POOL_SIZES)}
 
     def records(self):
         return self.layers
@@ -114,6 +114,5 @@ class KnowledgeReview(DistillLoss):
             if self.normalize:
                 t, out = standardize(t), standardize(out)
             mask = gt_box_mask(context.gt_instances, t.shape[-2:], context.strides[name]) if self.decouple else None
-            total = total + pyramid_distance(out, t, mask, self.pool_sizes,
-                                             self.fg_weight, self.bg_weight)
+            total = total + pyramid_distance(out, t, mask, self.pool_sizes, self.fg_weight, self.bg_weight)
         return total
