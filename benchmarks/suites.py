@@ -296,6 +296,14 @@ def _kd_variants():
                 "information map, background 0.1, weight 0.02": (
                     only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.BACKGROUND_WEIGHT", "0.1",
                                        "ILMIL.DISTILL.INFOMAP.WEIGHT", "0.02"), ()),
+                # Both maps standardised per channel (NORMALIZE): the raw error's scale no longer
+                # depends on the layer, only on its channel count; 0.05 puts it near the detection loss.
+                "information map, standardised": (
+                    only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.NORMALIZE", "True", "ILMIL.DISTILL.INFOMAP.WEIGHT", "0.05"),
+                    ()),
+                "uniform map, standardised": (
+                    only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.NORMALIZE", "True", "ILMIL.DISTILL.INFOMAP.WEIGHTING",
+                                       "uniform", "ILMIL.DISTILL.INFOMAP.WEIGHT", "0.05"), ()),
             })  # fmt: skip
         else:
             rows.update({

@@ -201,6 +201,9 @@ def add_ilmil_config(cfg):
     # The least weight of any location of the information map: 0 is the published map (the
     # background carries almost none), 1 makes it uniform; in between the background keeps a share.
     cfg.ILMIL.DISTILL.INFOMAP.BACKGROUND_WEIGHT = 0.0
+    # Standardise both maps per channel before the distance (as FGFI.NORMALIZE); off is the
+    # published raw error, which on features trained from scratch needs a small WEIGHT.
+    cfg.ILMIL.DISTILL.INFOMAP.NORMALIZE = False
 
     # M-KD's attention transfer: normalised spatial attention maps (channel mean of the
     # squared activations) of LAYERS, any widths.

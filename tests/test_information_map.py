@@ -33,10 +33,11 @@ def test_soft_gt_mask_by_hand():
     assert torch.all(mask[:, 2:] == 0)  # columns 2 and 3 (centres x = 20, 28) are outside the box
 
 
-def _loss(weighting="information", student_width=4, teacher_width=6, background_weight=0.0):
+def _loss(weighting="information", student_width=4, teacher_width=6, background_weight=0.0, normalize=False):
     cfg = get_ilmil_cfg(None, ["ILMIL.DISTILL.INFOMAP.LAYERS", list(LAYERS),
                                "ILMIL.DISTILL.INFOMAP.WEIGHTING", weighting,
-                               "ILMIL.DISTILL.INFOMAP.BACKGROUND_WEIGHT", background_weight])
+                               "ILMIL.DISTILL.INFOMAP.BACKGROUND_WEIGHT", background_weight,
+                               "ILMIL.DISTILL.INFOMAP.NORMALIZE", normalize])
     student = {n: ShapeSpec(channels=student_width, stride=s) for n, s in STRIDES.items()}
     teacher = {n: ShapeSpec(channels=teacher_width, stride=s) for n, s in STRIDES.items()}
     torch.manual_seed(0)
@@ -80,6 +81,19 @@ def test_the_term_by_hand_with_a_uniform_map():
     # Each layer: 16 cells x 6 channels of squared error 1, weight 1: 2 * 96 / (2 * 2 * 16).
     assert loss(student, teacher, _context()).item() == pytest.approx(3.0)
     assert loss.records() == LAYERS  # no head needed for a uniform map
+
+
+def test_the_standardised_term_ignores_the_scale_of_the_teachers_features():
+    objectness = torch.zeros(1, 2, 4, 4)
+    student, teacher = _maps(6, seed=2), _maps(6, seed=1)
+    scaled = {n: 100 * t + 3 for n, t in teacher.items()}
+    normalized = _loss(student_width=6, normalize=True)
+    cost = normalized(student, {**teacher, "head": _head(objectness)}, _context([objectness])).item()
+    assert cost > 0
+    assert normalized(student, {**scaled, "head": _head(objectness)}, _context([objectness])).item() == pytest.approx(
+        cost, rel=1e-4)
+    raw = _loss(student_width=6)  # NORMALIZE's default: the published raw error
+    assert raw(student, {**scaled, "head": _head(objectness)}, _context([objectness])).item() > 1000 * cost
 
 
 def test_the_term_is_zero_at_equality_positive_otherwise_and_trains_the_student_and_connectors_only():

@@ -17,6 +17,11 @@ class probability instead. b is BACKGROUND_WEIGHT, the least weight of any locat
 
 WEIGHTING ``uniform`` sets I = 1 everywhere: plain imitation of the same layers,
 the ablation that shows what the information map adds.
+
+With NORMALIZE, a(S_l) and T_l are first standardised per channel over (N, H, W), as
+FGFI and the knowledge review may be: the raw error of features trained from scratch
+is hundreds of times the detection loss (YOLO on shapes), which the raw form can only
+offset by a small WEIGHT.
 """
 import torch
 import torch.nn.functional as F
@@ -59,7 +64,7 @@ class InformationMapDistillation(DistillLoss):
     config_key = "INFOMAP"
 
     @configurable
-    def __init__(self, *, layers, weighting="information", background_weight=0.0, connectors=None):
+    def __init__(self, *, layers, weighting="information", background_weight=0.0, normalize=False, connectors=None):
         super().__init__()
         if not layers:
             raise ConfigError("ILMIL.DISTILL.INFOMAP.LAYERS is empty; fix: name backbone and neck layers, "
@@ -70,12 +75,14 @@ class InformationMapDistillation(DistillLoss):
             raise ConfigError(f"ILMIL.DISTILL.INFOMAP.BACKGROUND_WEIGHT {background_weight}: the least weight of a "
                               "location lies in [0, 1]; fix: 0 for the published map, e.g. 0.1 to keep the background")
         self.background_weight = float(background_weight)
+        self.normalize = normalize
         self.connectors = connectors if connectors is not None else torch.nn.ModuleDict()
 
     @classmethod
     def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):
         info = cfg.ILMIL.DISTILL.INFOMAP
         return {"layers": info.LAYERS, "weighting": info.WEIGHTING, "background_weight": info.BACKGROUND_WEIGHT,
+                "normalize": info.NORMALIZE,
                 "connectors": feature_connectors(info.LAYERS, student_shapes or {}, teacher_shapes or {},
                                                  cfg.ILMIL.DISTILL.CONNECTOR, "ILMIL.DISTILL.INFOMAP.LAYERS")}
 
@@ -94,4 +101,4 @@ class InformationMapDistillation(DistillLoss):
 
     def forward(self, student, teacher, context):
         return weighted_imitation(student, teacher, self.layers, self.connectors, self.importance(teacher, context),
-                                  min_area=1e-6)
+                                  min_area=1e-6, normalize=self.normalize)
