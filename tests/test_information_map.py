@@ -85,15 +85,15 @@ def test_the_term_by_hand_with_a_uniform_map():
 
 def test_the_standardised_term_ignores_the_scale_of_the_teachers_features():
     objectness = torch.zeros(1, 2, 4, 4)
+    head, context = {"head": _head(objectness)}, _context([objectness])
     student, teacher = _maps(6, seed=2), _maps(6, seed=1)
-    scaled = {n: 100 * t + 3 for n, t in teacher.items()}
+    scaled = {**{n: 100 * t + 3 for n, t in teacher.items()}, **head}
     normalized = _loss(student_width=6, normalize=True)
-    cost = normalized(student, {**teacher, "head": _head(objectness)}, _context([objectness])).item()
+    cost = normalized(student, {**teacher, **head}, context).item()
     assert cost > 0
-    assert normalized(student, {**scaled, "head": _head(objectness)}, _context([objectness])).item() == pytest.approx(
-        cost, rel=1e-4)
+    assert normalized(student, scaled, context).item() == pytest.approx(cost, rel=1e-4)
     raw = _loss(student_width=6)  # NORMALIZE's default: the published raw error
-    assert raw(student, {**scaled, "head": _head(objectness)}, _context([objectness])).item() > 1000 * cost
+    assert raw(student, scaled, context).item() > 1000 * cost
 
 
 def test_the_term_is_zero_at_equality_positive_otherwise_and_trains_the_student_and_connectors_only():
