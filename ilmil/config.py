@@ -229,6 +229,9 @@ def add_ilmil_config(cfg):
     # L_cls summed and divided by the teacher's soft object count, as the focal loss is by
     # its foreground (objects) | averaged over every anchor and class (mean).
     cfg.ILMIL.DISTILL.DENSE.NORMALIZER = "objects"
+    # Leave out the anchors on a GT box of a new class (incremental runs), where the
+    # old-class teacher's scores would contradict the new class's GT.
+    cfg.ILMIL.DISTILL.DENSE.EXCLUDE_NEW_GT = False
 
     # MMA's unbiased classification: the box head's loss on a proposal labelled background
     # targets "background or an old class" (old objects are unlabeled in a later stage's

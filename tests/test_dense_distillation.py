@@ -12,7 +12,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg, set_num_classes
-from ilmil.distill import DenseHeadDistillation, IncrementalRetinaNet
+from ilmil.distill import DenseHeadDistillation, DistillContext, IncrementalRetinaNet
 from ilmil.modeling import FCOS, load_expanded
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, metrics_lines, read_json, run_tool, tail
 
@@ -82,6 +82,39 @@ def test_dense_term_is_zero_for_equal_outputs_and_gives_the_student_gradients_on
     grad = z_s.grad.view(2, 9, 5, 4, 4)
     assert grad[:, :, :3].abs().sum() > 0 and (grad[:, :, 3:] == 0).all()  # old classes only
     assert z_t.grad is None
+
+
+def test_dense_term_leaves_out_the_anchors_on_a_new_class_gt_box():
+    # One level of stride 8, 2 x 2 cells (centres at 4 and 12 px), 1 anchor, 2 old classes.
+    # A new-class GT box covers cell (0, 0) only, a pseudo-label (old class) cell (1, 1).
+    z_t = torch.full((1, 2, 2, 2), -2.0)
+    z_t[0, 0, 0, 0] = z_t[0, 1, 1, 1] = 3.0  # the teacher is confident at both boxed cells
+    z_s = torch.full((1, 3, 2, 2), -2.0)
+    z_s[0, 1, 1, 1] = 3.0
+    z_s[0, 0, 0, 0] = -1.0  # only the cell on the new object differs...
+    r_t, r_s = torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    r_s[:, :, 0, 0] = 1.0  # ...in scores and in boxes
+    gt = Instances((16, 16))
+    gt.gt_boxes = Boxes(torch.tensor([[0.0, 0.0, 7.0, 7.0], [9.0, 9.0, 16.0, 16.0]]))
+    gt.gt_classes = torch.tensor([2, 1])  # class 2 is new, class 1 an old class's pseudo-label
+    context = DistillContext(gt_instances=[gt], image_sizes=[(16, 16)], head_strides=[8], num_old_classes=2)
+    z_s.requires_grad_()
+    args = ({"head": _head(z_s, r_s)}, {"head": _head(z_t, r_t)}, context)
+    assert DenseHeadDistillation(box_score_thresh=0.5)(*args).item() > 1.0  # KL plus |1 - 0| x 4
+    excluded = DenseHeadDistillation(box_score_thresh=0.5, exclude_new_gt=True)(*args)
+    assert excluded.item() == 0.0
+    # Everywhere else the term is as before: a difference at the pseudo-labelled cell counts.
+    with torch.no_grad():
+        z_s[0, 1, 1, 1] = 0.0
+    p = torch.sigmoid(torch.tensor(3.0))
+    kl = p * torch.log(p / 0.5) + (1 - p) * torch.log((1 - p) / 0.5)
+    loss = DenseHeadDistillation(box_score_thresh=0.5, exclude_new_gt=True, normalizer="mean")(*args)
+    assert loss.item() == pytest.approx(kl.item() / 8, rel=1e-5)  # 4 cells x 2 old classes
+    loss.backward()
+    assert z_s.grad[0, :, 0, 0].abs().sum() == 0 and z_s.grad[0, 1, 1, 1] != 0
+    # A compression run (every class old) has nothing to leave out.
+    old_only = DistillContext(gt_instances=[gt[1:]], image_sizes=[(16, 16)], num_old_classes=2)
+    assert DenseHeadDistillation(exclude_new_gt=True)(args[0], args[1], old_only).item() > 0
 
 
 # --------------------------------------------------------------------------- the students

@@ -65,6 +65,7 @@ class DenseStudent(DistillationStudent):
                 gt_instances=gt_instances,
                 image_sizes=[tuple(x["image"].shape[-2:]) for x in batched_inputs],
                 strides=self._strides,
+                head_strides=[self._strides[f] for f in self.head_in_features],
                 num_old_classes=self.teacher.num_classes,
                 teacher_outputs=self.teacher_outputs(detections),
             )

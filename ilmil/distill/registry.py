@@ -36,6 +36,7 @@ class DistillContext:
         ``gt_classes``), in the student's input coordinates.
     image_sizes: per image, (height, width) before padding.
     strides: layer name -> stride of the recorded feature maps that have one.
+    head_strides: a dense head's levels' strides, in the order of its outputs.
     anchors: layer name -> the student's anchors on that level (``Boxes``, position-major),
         for anchor-based detectors.
     num_old_classes: the teacher's classes (the first ones of the student's).
@@ -47,6 +48,7 @@ class DistillContext:
     gt_instances: list
     image_sizes: list
     strides: dict = field(default_factory=dict)
+    head_strides: list = field(default_factory=list)
     anchors: dict = field(default_factory=dict)
     num_old_classes: int = 0
     teacher_outputs: dict = field(default_factory=dict)

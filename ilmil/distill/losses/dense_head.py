@@ -13,6 +13,12 @@ student's), with sigmoid probabilities p = sigma(z / tau) at TEMPERATURE tau:
 L_cls keeps the old classes' scores everywhere (most anchors are background, where
 it keeps them low too); L_box keeps the boxes where the teacher sees an old object.
 
+With EXCLUDE_NEW_GT, the anchors whose cell centre lies in a GT box of a new class are
+left out of every sum above (the normaliser n_T unchanged): there the detection loss
+trains the new class, and the old-class teacher, which has never seen it, often scores
+it as the old class it most resembles; the KL would hold that score up against the GT
+(FCOS 10+10: new-class AP50 46.2 with the term on every anchor, BENCHMARKS.md).
+
 The KL is divided by the teacher's soft object count n_T as the focal loss is by its
 number of foreground anchors. NORMALIZER ``mean`` averages it over every anchor and
 class instead, which weighs an element ~1e-6 against the focal loss's ~1 / n_fg: on
@@ -34,6 +40,7 @@ from detectron2.layers import cat
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
 from ...config import check_choice
+from ..masks import gt_box_mask
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
 
 __all__ = ["DENSE_NORMALIZERS", "DenseHeadDistillation"]
@@ -54,18 +61,19 @@ class DenseHeadDistillation(DistillLoss):
     config_key = "DENSE"
 
     @configurable
-    def __init__(self, *, temperature=1.0, box_score_thresh=0.5, normalizer="objects"):
+    def __init__(self, *, temperature=1.0, box_score_thresh=0.5, normalizer="objects", exclude_new_gt=False):
         super().__init__()
         check_choice("ILMIL.DISTILL.DENSE.NORMALIZER", normalizer, DENSE_NORMALIZERS)
         self.normalizer = normalizer
         self.temperature = temperature
         self.box_score_thresh = box_score_thresh
+        self.exclude_new_gt = exclude_new_gt
 
     @classmethod
     def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):
         dense = cfg.ILMIL.DISTILL.DENSE
         return {"temperature": dense.TEMPERATURE, "box_score_thresh": dense.BOX_SCORE_THRESH,
-                "normalizer": dense.NORMALIZER}
+                "normalizer": dense.NORMALIZER, "exclude_new_gt": dense.EXCLUDE_NEW_GT}
 
     def records(self):
         return (HEAD,)
@@ -77,8 +85,11 @@ class DenseHeadDistillation(DistillLoss):
         num_old = t_logits[0].shape[1] // anchors
         z_s = _flatten(s_logits, s_logits[0].shape[1] // anchors)[..., :num_old]
         z_t = _flatten([x.detach() for x in t_logits], num_old)
+        keep = self._keep(context, t_logits, anchors) if self.exclude_new_gt else None
         kl = _binary_kl(z_s, z_t, self.temperature)
         score = z_t.sigmoid().max(dim=2).values
+        if keep is not None:
+            kl = kl * keep[..., None]
         objectness = context.teacher_outputs.get("objectness") if context is not None else None
         if objectness is None:
             loss = kl.sum() / score.sum().clamp(min=1.0) if self.normalizer == "objects" else kl.mean()
@@ -86,14 +97,35 @@ class DenseHeadDistillation(DistillLoss):
             o_t = _flatten([x.detach() for x in objectness], 1)[..., 0]
             o_s = _flatten(student[HEAD][2], 1)[..., 0]
             q = o_t.sigmoid()
-            loss = (kl.mean(dim=2) * q).sum() / q.sum().clamp(min=1e-6) + _binary_kl(o_s, o_t, self.temperature).mean()
+            kl_obj = _binary_kl(o_s, o_t, self.temperature)
+            if keep is not None:
+                q, kl_obj = q * keep, kl_obj * keep
+            loss = (kl.mean(dim=2) * q).sum() / q.sum().clamp(min=1e-6) + kl_obj.mean()
             score = score * q
+        if keep is not None:
+            score = score * keep
         confident = score >= self.box_score_thresh
         if confident.any():
             r_s = _flatten(s_boxes, 4)
             r_t = _flatten([x.detach() for x in t_boxes], 4)
             loss = loss + (r_s - r_t)[confident].abs().sum(dim=1).mean()
         return loss
+
+    @staticmethod
+    def _keep(context, levels, anchors):
+        """[N, all anchors] of 0 where the cell centre lies in a GT box of a new class, else
+        1; None when no image has one (a compression run, where every class is old)."""
+        new_gt = [inst[inst.gt_classes >= context.num_old_classes] for inst in context.gt_instances]
+        if not any(len(inst) for inst in new_gt):
+            return None
+        if len(context.head_strides) != len(levels):
+            raise ValueError(f"DENSE.EXCLUDE_NEW_GT needs the head's {len(levels)} level strides in "
+                             f"the context, got {context.head_strides}")
+        masks = []
+        for x, stride in zip(levels, context.head_strides):
+            inside = gt_box_mask(new_gt, x.shape[-2:], stride)  # [N, H, W]
+            masks.append(inside[..., None].expand(-1, -1, -1, anchors).flatten(1))  # position-major
+        return 1.0 - cat(masks, dim=1)
 
 
 def _binary_kl(z_s, z_t, tau):
