@@ -445,6 +445,9 @@ def test_one_stage_suite_plans_a_stage0_and_a_joint_run_per_detector_with_its_co
         assert f"--config-file {config}" in command and "--method ilmil" in command
         # The one-stage recipe: its preset, not Faster R-CNN's.
         assert ilmil.config().ILMIL.DISTILL.DENSE.ENABLED and not ilmil.config().ILMIL.DISTILL.RPN.ENABLED
+        assert not ilmil.config().ILMIL.DISTILL.FEAT.ENABLED
+    # YOLO's recipe adds the multi-layer alignment.
+    assert runs["yolov3 ilmil"].config().ILMIL.DISTILL.FEAT.ENABLED
 
 
 def _edge_row(model, ms, ap50):

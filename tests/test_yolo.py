@@ -151,7 +151,7 @@ def incremental(tiny_datasets_root, tmp_path_factory):
     proc = run_tool("train_incremental.py", [
         "--config-file", TEACHER_CONFIG, "--stages", "2+2", "--method", "ilmil", "--output-dir", str(out),
         *SHAPES_OPTS, *TRAIN_OPTS, *SMALL, "MODEL.YOLO.ANCHORS", "[]", "MODEL.YOLO.NUM_ANCHORS", "1",
-        "MODEL.YOLO.SCORE_THRESH_TEST", "0.001",
+        "MODEL.YOLO.SCORE_THRESH_TEST", "0.001", "ILMIL.DISTILL.FEAT.ENABLED", "True",  # YOLO's alignment
     ], tiny_datasets_root, timeout=300)
     assert proc.returncode == 0, tail(proc)
     return out
