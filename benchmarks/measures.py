@@ -19,13 +19,18 @@ def machine():
     import detectron2
     import torch
 
+    gpu = {"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "detectron2": detectron2.__version__}
+            "detectron2": detectron2.__version__, **gpu}
+
+
+def _iteration_times(run, stage):
+    with open(os.path.join(run.out_dir, f"stage_{stage}", "iteration_times.json")) as f:
+        return json.load(f)
 
 
 def step_times(run, stage):
-    with open(os.path.join(run.out_dir, f"stage_{stage}", "iteration_times.json")) as f:
-        return json.load(f)["seconds"]
+    return _iteration_times(run, stage)["seconds"]
 
 
 def _without_per_class(stage):
@@ -132,13 +137,15 @@ def speed_records(suite, setting, planned, outcomes, extra):
     warm-up steps), their ratios to finetune, inference and generation speed."""
     measured = {}
     for (_, name, _), run in planned.items():
-        times = step_times(run, 1)[setting.warmup:]
+        iterations = _iteration_times(run, 1)
+        times = iterations["seconds"][setting.warmup:]
         with open(os.path.join(run.out_dir, "stage_1", "metrics_eval.json")) as f:
             evaluation = json.load(f)
         outcome = outcomes[run.out_dir]
+        gpu = {"peak_cuda_memory_mib": iterations["peak_cuda_memory_mib"]} if "peak_cuda_memory_mib" in iterations else {}
         measured[name] = {
             "step_time_median_s": statistics.median(times), "steps_timed": len(times),
-            "peak_rss_mib": outcome["peak_rss_mib"],
+            "peak_rss_mib": outcome["peak_rss_mib"], **gpu,
             "eval_s_per_100_images": 100 * evaluation["eval_time_s"] / evaluation["num_images"],
             "command": outcome["command"],
         }  # fmt: skip

@@ -62,8 +62,13 @@ def parse_args(argv=None):
                         help="regenerate the suite's tables from its recorded results, train nothing")
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "benchmarks", "runs"))
     parser.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every run")
-    return parser.parse_args(argv)
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="KEY VALUE config overrides for every run; after a list option (--variants, "
+                             "--specs, --seeds, --detectors) put -- before them")
+    args = parser.parse_args(argv)
+    if args.opts[:1] == ["--"]:
+        args.opts = args.opts[1:]
+    return args
 
 
 def resolve_setting(suite, args):

@@ -191,6 +191,13 @@ def speed_table(records):
             ["peak resident memory (MiB)", f"{f['peak_rss_mib']:.0f}", f"{i['peak_rss_mib']:.0f}",
              f"{record['peak_memory_ratio']:.2f}",
              *([f"{b['peak_rss_mib']:.0f}", f"{b['peak_rss_mib'] / f['peak_rss_mib']:.2f}"] if b else [])],
+        ]
+        if "peak_cuda_memory_mib" in i:  # runs on a GPU
+            rows.append(["peak GPU memory allocated (MiB)", f"{f['peak_cuda_memory_mib']:.0f}",
+                         f"{i['peak_cuda_memory_mib']:.0f}", f"{i['peak_cuda_memory_mib'] / f['peak_cuda_memory_mib']:.2f}",
+                         *([f"{b['peak_cuda_memory_mib']:.0f}",
+                            f"{b['peak_cuda_memory_mib'] / f['peak_cuda_memory_mib']:.2f}"] if b else [])])
+        rows += [
             ["evaluation time per 100 images (s)", f"{f['eval_s_per_100_images']:.1f}",
              f"{i['eval_s_per_100_images']:.1f}", ""],
             ["inference + evaluation (images/s)", "", f"{record['inference_images_per_s']:.1f}", ""],
@@ -206,8 +213,8 @@ def _machines(records):
     for r in records:
         m = r.get("machine")
         if m:
-            text = (f"{m['cpu']}, {m['cores']} cores; Python {m['python']}, torch {m['torch']}, "
-                    f"detectron2 {m['detectron2']}")
+            text = (f"{m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if m.get("gpu") else "")
+                    + f"; Python {m['python']}, torch {m['torch']}, detectron2 {m['detectron2']}")
             seen[text] = None
     return "; ".join(seen) or "not recorded"
 

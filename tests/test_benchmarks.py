@@ -307,6 +307,11 @@ def test_variants_narrow_the_plan_and_an_unknown_one_is_refused(tmp_path, capsys
     assert bench_main(["--suite", "accuracy", "--variants", "ilmil", "lwf", *common]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: --variants lwf: not a variant of the accuracy suite") and "finetune" in line
+    # Config overrides after a list option: "--" ends the list.
+    assert bench_main(["--suite", "accuracy", *common, "--variants", "ilmil", "--", "MODEL.DEVICE", "cpu"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert bench_main(["--suite", "accuracy", *common, "--variants", "ilmil", "MODEL.DEVICE", "cpu"]) == 1
+    assert "error: --variants MODEL.DEVICE cpu: not a variant" in capsys.readouterr().err
 
 
 # The terms each kd row switches on, in the order the distiller logs them.

@@ -1,5 +1,7 @@
 """Tests of the embedded shapes dataset generator (small sets, real files)."""
+import hashlib
 import json
+import multiprocessing
 import os
 import xml.etree.ElementTree as ET
 
@@ -179,6 +181,31 @@ def test_cached_and_regenerated_when_incomplete(tmp_path):
     assert _generate(tmp_path) == path
     assert os.path.isfile(meta) and os.path.isfile(jpg)
     assert not os.path.exists(os.path.join(path, "stale.txt"))
+
+
+def test_the_generated_files_are_pinned(dataset):
+    # Every benchmark number was measured on these bytes: a change of the generator (or of
+    # the pinned Pillow and OpenCV) that alters them must come with a new GENERATOR_VERSION.
+    # This small set includes text clutter, drawn through an 8-bit mask since OpenCV 5.
+    digest = hashlib.sha256()
+    for rel in _listing(dataset):
+        digest.update(rel.encode())
+        with open(os.path.join(dataset, rel), "rb") as f:
+            digest.update(f.read())
+    assert digest.hexdigest() == "ebb9e61e47f01461cf3e4477900c8acfa80d7dddd421763402a01edaf617e1c6"
+
+
+def test_processes_generating_one_dataset_at_once_each_get_it_whole(dataset, tmp_path):
+    # Parallel benchmark runs start by generating the same dataset: none may delete or
+    # read another's half-written folder.
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        paths = pool.map(_generate, [tmp_path] * 4)
+    assert len(set(paths)) == 1 and os.listdir(tmp_path) == [os.path.basename(paths[0])]
+    files = _listing(dataset)
+    assert _listing(paths[0]) == files
+    for rel in files:
+        with open(os.path.join(dataset, rel), "rb") as a, open(os.path.join(paths[0], rel), "rb") as b:
+            assert a.read() == b.read(), rel
 
 
 def test_class_names():

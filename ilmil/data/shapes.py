@@ -145,8 +145,11 @@ def generate_shapes_dataset(root: str, num_classes=20, num_train=2000, num_test=
     Layout: ``JPEGImages/<id>.jpg``, ``Annotations/<id>.xml`` (VOC),
     ``ImageSets/Main/{train,test}.txt``, ``annotations/instances_{train,test}.json``
     (COCO) and ``meta.json``. Train images get ids ``0..num_train-1``, test images
-    the following ids. ``meta.json`` is written last and marks a complete folder; a
-    folder without it is a leftover of an interrupted run and is regenerated.
+    the following ids. The folder is written under a name of this process
+    (``<folder>.partial-<pid>``) and renamed when complete, so processes generating the
+    same dataset at once (parallel benchmark runs) never see or delete each other's
+    half-written files; the first to finish provides it. ``meta.json`` marks a complete
+    folder: one without it (written by an older version) is regenerated.
     ``difficulty`` names one of ``DIFFICULTIES``: "hard" (the benchmark set) or "easy".
     """
     class_names = shape_class_names(num_classes)
@@ -168,12 +171,12 @@ def generate_shapes_dataset(root: str, num_classes=20, num_train=2000, num_test=
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.isfile(meta_path):
         return out_dir
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
+    folder = os.path.basename(out_dir)
+    final_dir, out_dir = out_dir, f"{out_dir}.partial-{os.getpid()}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # this process's own leftover
     for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main"), "annotations"):
         os.makedirs(os.path.join(out_dir, sub))
 
-    folder = os.path.basename(out_dir)
     splits = (("train", 0, num_train, 0), ("test", 1, num_test, num_train))
     with tqdm(total=num_train + num_test, desc="shapes", disable=not progress) as bar:
         for split, split_code, count, first_id in splits:
@@ -215,11 +218,17 @@ def generate_shapes_dataset(root: str, num_classes=20, num_train=2000, num_test=
     meta = {"generator_version": GENERATOR_VERSION, "num_classes": num_classes,
             "num_train": num_train, "num_test": num_test, "image_size": image_size,
             "seed": seed, "difficulty": difficulty, "knobs": asdict(knobs), "class_names": class_names}
-    tmp_path = meta_path + ".tmp"
-    with open(tmp_path, "w") as f:
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
-    os.replace(tmp_path, meta_path)
-    return out_dir
+    if os.path.exists(final_dir) and not os.path.isfile(meta_path):
+        shutil.rmtree(final_dir, ignore_errors=True)
+    try:
+        os.rename(out_dir, final_dir)
+    except OSError:
+        if not os.path.isfile(meta_path):  # not another process's finished copy
+            raise
+        shutil.rmtree(out_dir)
+    return final_dir
 
 
 # --------------------------------------------------------------------------- shapes
@@ -591,8 +600,12 @@ def _clutter_item(rng, image, image_size):
     elif kind == "text":
         text = "".join(rng.choice(list(string.ascii_letters + string.digits),
                                   int(rng.integers(1, 6))))
-        cv2.putText(image, text, _random_point(rng, image_size), cv2.FONT_HERSHEY_SIMPLEX,
-                    rng.uniform(0.22, 0.42) * scale, colour, 1)
+        # OpenCV 5 draws text on 8-bit images only: drawn on an 8-bit mask without
+        # anti-aliasing, then painted, it sets the same pixels to the same colour as 4.x did.
+        mask = np.zeros(image.shape[:2], np.uint8)
+        cv2.putText(mask, text, _random_point(rng, image_size), cv2.FONT_HERSHEY_SIMPLEX,
+                    rng.uniform(0.22, 0.42) * scale, 255, 1)
+        image[mask > 0] = colour
     else:  # scribble: a short random walk
         steps = rng.normal(0, 1, (int(rng.integers(4, 10)), 2)) * rng.uniform(3, 9) * scale
         pts = np.cumsum(steps, 0) + _random_point(rng, image_size)

@@ -31,12 +31,16 @@ class NonFiniteLossError(FloatingPointError):
 
 class _IterationTimesWriter(hooks.HookBase):
     """Saves every iteration's step time (``iteration_times.json``): the event log
-    keeps only 20-iteration medians, benchmarks want the distribution."""
+    keeps only 20-iteration medians, benchmarks want the distribution. On a GPU it
+    adds the peak of the memory torch allocated there (the process's resident
+    memory, which benchmarks read on CPUs, does not see it)."""
 
     def after_train(self):
         if comm.is_main_process() and "time" in self.trainer.storage.histories():
             times = [t for t, _ in self.trainer.storage.history("time").values()]
             record = {"start_iter": self.trainer.start_iter, "seconds": times}
+            if str(self.trainer.cfg.MODEL.DEVICE).startswith("cuda"):
+                record["peak_cuda_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
             atomic_write(os.path.join(self.trainer.cfg.OUTPUT_DIR, "iteration_times.json"),
                          lambda f: json.dump(record, f), mode="w")
 

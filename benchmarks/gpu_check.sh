@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The CUDA path, checked end to end on a machine with one GPU, and its step times:
+#   1. the speed suite (finetune, ilmil, ilmil with a bfloat16 teacher) in float32;
+#   2. the kd suite's quick budget on every detector and method (eight runs at a time);
+#   3. the speed suite with mixed-precision training (SOLVER.AMP.ENABLED);
+#   4. the one-stage suite's quick budget (incremental RetinaNet, FCOS, YOLO).
+# Each part has its own time limit and the next runs even if one fails; the log says
+# which passed. Results: OUT/<part>/ (tables as in benchmarks/results/), OUT/<part>.log,
+# step times and peak GPU memory in each run's stage_N/iteration_times.json.
+#
+#   benchmarks/gpu_check.sh [OUT]      (default OUT: output/gpu_check; PYTHON=... to choose)
+#   PARTS="speed speed_amp" benchmarks/gpu_check.sh      (some parts only)
+#
+# On an H200 every run costs 35-50 s besides its steps (start-up, the dataset check,
+# evaluation of the test images), so the speed parts take about 4 minutes each and all
+# four parts about 15: give each part a call of its own where calls are time-limited.
+#
+# NCCL needs one GPU per process, so on one GPU the torchrun path (NCCL from two
+# processes) cannot be checked; a machine with two GPUs runs it with the README's command.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-output/gpu_check}
+PY=${PYTHON:-python}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())" \
+    | tee -a "$OUT/gpu.txt"
+
+PARTS=${PARTS:-speed kd speed_amp one_stage}
+part() {  # part NAME SECONDS ARGS...: one benchmarks/run.py invocation, logged and timed
+    local name=$1 limit=$2
+    shift 2
+    [[ " $PARTS " == *" $name "* ]] || return 0
+    local start=$SECONDS
+    timeout "$limit" $PY benchmarks/run.py --runs-dir "$OUT/runs/$name" --results-dir "$OUT/$name" "$@" \
+        > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "part $name: $([ $rc = 0 ] && echo passed || echo "FAILED (exit $rc)") in $((SECONDS - start)) s" \
+        | tee -a "$OUT/summary.txt"
+    [ $rc = 0 ] || tail -n 30 "$OUT/$name.log"
+}
+
+part speed "${SPEED_LIMIT:-300}" --suite speed MODEL.DEVICE cuda
+kd_rows=()
+for d in faster_rcnn retinanet fcos; do
+    kd_rows+=("$d no KD" "$d PKD" "$d FGFI" "$d output" "$d output, bfloat16 teacher" "$d review" "$d M-KD"
+              "$d M-KD + assistant")
+done
+kd_rows+=("yolov3 no KD" "yolov3 output" "yolov3 alignment" "yolov3 information map")
+part kd "${KD_LIMIT:-300}" --suite kd --quick --jobs 8 --variants "${kd_rows[@]}" -- MODEL.DEVICE cuda
+part speed_amp "${AMP_LIMIT:-300}" --suite speed MODEL.DEVICE cuda SOLVER.AMP.ENABLED True
+part one_stage "${ONE_STAGE_LIMIT:-240}" --suite one_stage --quick --jobs 6 MODEL.DEVICE cuda
+cat "$OUT/summary.txt" 2>/dev/null
