@@ -44,6 +44,14 @@ def _listing(path):
                   for d, _, files in os.walk(path) for f in files)
 
 
+def _assert_same_files(expected, actual):
+    files = _listing(expected)
+    assert _listing(actual) == files
+    for rel in files:
+        with open(os.path.join(expected, rel), "rb") as a, open(os.path.join(actual, rel), "rb") as b:
+            assert a.read() == b.read(), rel
+
+
 def test_layout(dataset):
     assert os.path.basename(dataset) == dataset_dirname(20, 12, 4, 128, 3)
     assert os.path.basename(dataset) == "shapes_c20_train12_test4_s128_seed3_v5"
@@ -157,12 +165,8 @@ def test_several_classes_per_image(dataset):
 
 def test_deterministic(dataset, tmp_path):
     again = _generate(tmp_path)
-    files = _listing(dataset)
-    assert files == _listing(again)
-    assert any(f.endswith(".jpg") for f in files)
-    for rel in files:
-        with open(os.path.join(dataset, rel), "rb") as a, open(os.path.join(again, rel), "rb") as b:
-            assert a.read() == b.read(), rel
+    assert any(f.endswith(".jpg") for f in _listing(dataset))
+    _assert_same_files(dataset, again)
 
 
 def test_cached_and_regenerated_when_incomplete(tmp_path):
@@ -201,11 +205,7 @@ def test_processes_generating_one_dataset_at_once_each_get_it_whole(dataset, tmp
     with multiprocessing.get_context("fork").Pool(4) as pool:
         paths = pool.map(_generate, [tmp_path] * 4)
     assert len(set(paths)) == 1 and os.listdir(tmp_path) == [os.path.basename(paths[0])]
-    files = _listing(dataset)
-    assert _listing(paths[0]) == files
-    for rel in files:
-        with open(os.path.join(dataset, rel), "rb") as a, open(os.path.join(paths[0], rel), "rb") as b:
-            assert a.read() == b.read(), rel
+    _assert_same_files(dataset, paths[0])
 
 
 def test_class_names():

@@ -172,10 +172,10 @@ def generate_shapes_dataset(root: str, num_classes=20, num_train=2000, num_test=
     if os.path.isfile(meta_path):
         return out_dir
     folder = os.path.basename(out_dir)
-    final_dir, out_dir = out_dir, f"{out_dir}.partial-{os.getpid()}"
-    shutil.rmtree(out_dir, ignore_errors=True)  # this process's own leftover
+    partial_dir = f"{out_dir}.partial-{os.getpid()}"
+    shutil.rmtree(partial_dir, ignore_errors=True)  # this process's own leftover
     for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main"), "annotations"):
-        os.makedirs(os.path.join(out_dir, sub))
+        os.makedirs(os.path.join(partial_dir, sub))
 
     splits = (("train", 0, num_train, 0), ("test", 1, num_test, num_train))
     with tqdm(total=num_train + num_test, desc="shapes", disable=not progress) as bar:
@@ -187,9 +187,9 @@ def generate_shapes_dataset(root: str, num_classes=20, num_train=2000, num_test=
                 rng = np.random.default_rng([seed, split_code, index])
                 image, objects = _render_image(rng, image_size, num_classes, knobs)
                 Image.fromarray(image).save(
-                    os.path.join(out_dir, "JPEGImages", stem + ".jpg"),
+                    os.path.join(partial_dir, "JPEGImages", stem + ".jpg"),
                     format="JPEG", quality=JPEG_QUALITY)
-                with open(os.path.join(out_dir, "Annotations", stem + ".xml"), "wb") as f:
+                with open(os.path.join(partial_dir, "Annotations", stem + ".xml"), "wb") as f:
                     f.write(_voc_xml(folder, stem, image_size, objects, class_names))
                 coco_images.append({"id": image_id, "file_name": stem + ".jpg",
                                     "width": image_size, "height": image_size})
@@ -201,7 +201,7 @@ def generate_shapes_dataset(root: str, num_classes=20, num_train=2000, num_test=
                         "bbox": [x0, y0, x1 - x0, y1 - y0],
                         "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
                 bar.update(1)
-            with open(os.path.join(out_dir, "ImageSets", "Main", split + ".txt"), "w") as f:
+            with open(os.path.join(partial_dir, "ImageSets", "Main", split + ".txt"), "w") as f:
                 f.writelines(f"{img['file_name'][:-4]}\n" for img in coco_images)
             coco = {
                 "info": {"description": f"ilmil shapes dataset ({folder})",
@@ -212,23 +212,23 @@ def generate_shapes_dataset(root: str, num_classes=20, num_train=2000, num_test=
                 "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
                                for i, n in enumerate(class_names)],
             }
-            with open(os.path.join(out_dir, "annotations", f"instances_{split}.json"), "w") as f:
+            with open(os.path.join(partial_dir, "annotations", f"instances_{split}.json"), "w") as f:
                 json.dump(coco, f)
 
     meta = {"generator_version": GENERATOR_VERSION, "num_classes": num_classes,
             "num_train": num_train, "num_test": num_test, "image_size": image_size,
             "seed": seed, "difficulty": difficulty, "knobs": asdict(knobs), "class_names": class_names}
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+    with open(os.path.join(partial_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
-    if os.path.exists(final_dir) and not os.path.isfile(meta_path):
-        shutil.rmtree(final_dir, ignore_errors=True)
+    if os.path.exists(out_dir) and not os.path.isfile(meta_path):
+        shutil.rmtree(out_dir, ignore_errors=True)
     try:
-        os.rename(out_dir, final_dir)
+        os.rename(partial_dir, out_dir)
     except OSError:
         if not os.path.isfile(meta_path):  # not another process's finished copy
             raise
-        shutil.rmtree(out_dir)
-    return final_dir
+        shutil.rmtree(partial_dir)
+    return out_dir
 
 
 # --------------------------------------------------------------------------- shapes
