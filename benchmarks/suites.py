@@ -261,6 +261,11 @@ def _kd_variants():
             # The class KL averaged over every anchor and class instead of divided by the
             # teacher's soft object count (the default).
             rows["output, mean over anchors"] = (only(output) + ("ILMIL.DISTILL.DENSE.NORMALIZER", "mean"), ())
+            # The class KL alone, its box part off (no teacher score reaches 1.01): FCOS's box
+            # outputs are distances in strides (~1-8), an L1 on them outweighs its GIoU loss.
+            class_only = ("ILMIL.DISTILL.DENSE.BOX_SCORE_THRESH", "1.01")
+            rows["output, class scores only"] = (only(output) + class_only, ())
+            rows["M-KD, class scores only"] = (mkd + class_only, ())
         if detector == "yolov3":
             backbone, neck = ["dark3", "dark4", "dark5"], ["p3", "p4", "p5"]
             rows.update({
