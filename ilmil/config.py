@@ -8,7 +8,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 
-__all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "add_yolo_config", "changed_from_defaults",
+__all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "add_retinanet_config", "add_yolo_config", "changed_from_defaults",
            "check_choice", "check_optimizer", "config_items", "default_cfg", "derived_cfg", "get_ilmil_cfg",
            "method_preset", "method_presets", "num_classes_changes", "set_num_classes", "uses_teacher",
            "DEFAULT_CONFIG", "METHOD_PRESETS"]
@@ -301,6 +301,15 @@ def add_fcos_config(cfg):
     cfg.MODEL.FCOS.NMS_THRESH_TEST = 0.6
 
 
+def add_retinanet_config(cfg):
+    """Add ilmil's ``MODEL.RETINANET`` keys (ilmil/modeling/retinanet.py) to detectron2's."""
+    # How anchors become foreground: "iou" (detectron2's IOU_THRESHOLDS) or "atss" (adaptive
+    # training sample selection: per box, an IoU threshold from its nearest anchors' statistics).
+    cfg.MODEL.RETINANET.ASSIGNER = "iou"
+    # ATSS: the anchors nearest each box's centre, per level, its threshold is computed from.
+    cfg.MODEL.RETINANET.ATSS_TOPK = 9
+
+
 def add_yolo_config(cfg):
     """Add ``MODEL.YOLO`` (ilmil/modeling/yolo.py, the YOLOv3-style detector) to ``cfg``."""
     cfg.MODEL.YOLO = CN()
@@ -412,6 +421,7 @@ def default_cfg():
     method preset, no file)."""
     cfg = get_cfg()
     add_fcos_config(cfg)
+    add_retinanet_config(cfg)
     add_yolo_config(cfg)
     add_ilmil_config(cfg)
     for add_config in _CONFIG_EXTENSIONS:

@@ -36,6 +36,11 @@ DENSE = ("RetinaNet", "FCOS")
 NUM_OLD, NUM_NEW = 3, 2
 PRIOR = 0.01  # MODEL.RETINANET.PRIOR_PROB and MODEL.FCOS.PRIOR_PROB at their defaults
 CLASSES = shape_class_names(20)[:4]
+# RetinaNet's classic layout, 3 scales x 3 aspect ratios per location (the shapes config has
+# one anchor): with several anchors per location a misplaced class row in the expansion shows.
+NINE_ANCHORS = {"RetinaNet": ("MODEL.ANCHOR_GENERATOR.SIZES", [[12, 15, 19], [24, 30, 38], [48, 60, 76],
+                                                               [96, 121, 152], [192, 242, 305]],
+                              "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[0.5, 1.0, 2.0]])}
 
 
 def _config_file(arch):
@@ -165,9 +170,10 @@ def _class_scores(model, image):
 @pytest.fixture(scope="module", params=DENSE)
 def expanded(request, image):
     arch = request.param
-    teacher = _make_distinctive(_model(arch, NUM_OLD, 0))
-    student = load_expanded(_model(arch, NUM_OLD + NUM_NEW, 1), teacher.state_dict(), NUM_OLD).eval()
-    fresh = _model(arch, NUM_OLD + NUM_NEW, 1)  # the student before the old weights came in
+    opts = NINE_ANCHORS.get(arch, ())
+    teacher = _make_distinctive(_model(arch, NUM_OLD, 0, *opts))
+    student = load_expanded(_model(arch, NUM_OLD + NUM_NEW, 1, *opts), teacher.state_dict(), NUM_OLD).eval()
+    fresh = _model(arch, NUM_OLD + NUM_NEW, 1, *opts)  # the student before the old weights came in
     return SimpleNamespace(arch=arch, teacher=teacher, student=student, fresh=fresh,
                            t_scores=_class_scores(teacher, image), s_scores=_class_scores(student, image))
 
@@ -221,7 +227,7 @@ def test_everything_but_the_classifier_is_copied(expanded):
 
 def test_a_wrong_old_class_count_is_refused(expanded):
     with pytest.raises(ValueError, match=f"old model has {NUM_OLD} classes, the schedule says 2"):
-        load_expanded(_model(expanded.arch, 4, 2), expanded.teacher.state_dict(), 2)
+        load_expanded(_model(expanded.arch, 4, 2, *NINE_ANCHORS.get(expanded.arch, ())), expanded.teacher.state_dict(), 2)
 
 
 # ------------------------------------------------------------------ class count of a checkpoint
@@ -233,7 +239,7 @@ def test_a_wrong_old_class_count_is_refused(expanded):
     ("FCOS", NUM_OLD),
 ])  # fmt: skip
 def test_the_class_count_is_read_from_each_detectors_checkpoint(arch, classifier_rows, tmp_path):
-    state = _model(arch, NUM_OLD, 0).state_dict()
+    state = _model(arch, NUM_OLD, 0, *NINE_ANCHORS.get(arch, ())).state_dict()
     key = "roi_heads.box_predictor.cls_score.weight" if arch == "IncrementalRCNN" else "head.cls_score.weight"
     assert state[key].shape[0] == classifier_rows
     assert state_dict_num_classes(state) == NUM_OLD

@@ -18,10 +18,11 @@ The forward is the detector's own: nothing of RetinaNet's or FCOS's is re-implem
 import torch
 
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
 
 from ..modeling.fcos import FCOS
+from ..modeling.retinanet import RetinaNet
 from ..modeling.yolo import YOLOV3
 from ..modeling.pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt
 from .registry import DistillContext
@@ -117,7 +118,8 @@ class DenseStudent(DistillationStudent):
 
 @META_ARCH_REGISTRY.register()
 class IncrementalRetinaNet(DenseStudent, RetinaNet):
-    """detectron2's RetinaNet as a student (a plain RetinaNet without a teacher)."""
+    """RetinaNet (detectron2's, with ilmil's choice of anchor assignment) as a student (a
+    plain RetinaNet without a teacher)."""
 
     detector_architecture = "RetinaNet"
 

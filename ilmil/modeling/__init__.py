@@ -1,5 +1,5 @@
 """Modeling: building detectors (in a pruned checkpoint's layout), head expansion,
-pseudo-labels, the unbiased classification loss, yacs-built FCOS, the YOLOv3-style
+pseudo-labels, the unbiased classification loss, yacs-built FCOS, RetinaNet with ATSS, the YOLOv3-style
 detector with its k-means anchors and ResNet-18/34 FPN backbones of any width (imported
 here so that they register themselves)."""
 from .anchor_kmeans import kmeans_anchors, with_yolo_anchors, yolo_anchors
@@ -8,10 +8,13 @@ from .expansion import expand_predictor_state_dict, load_expanded
 from .fcos import FCOS
 from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 from .resnet import build_any_width_resnet
+from .retinanet import RetinaNet, atss_assignment
 from .yolo import YOLOV3
 
 __all__ = [
     "FCOS",
+    "RetinaNet",
+    "atss_assignment",
     "YOLOV3",
     "build_detector",
     "load_detector",
