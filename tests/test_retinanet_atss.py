@@ -50,6 +50,12 @@ def test_an_anchor_chosen_by_two_boxes_goes_to_the_one_it_overlaps_most():
     assert matched[0].item() == 1
 
 
+def test_a_single_candidate_is_its_own_threshold():
+    level = _boxes([0, 0, 10, 10], [30, 30, 40, 40])
+    _, foreground = atss_assignment([level], _boxes([0, 0, 12, 12]), topk=1)
+    assert foreground.tolist() == [True, False]
+
+
 def test_no_boxes_means_all_background():
     matched, foreground = atss_assignment([_boxes([0, 0, 10, 10], [5, 5, 9, 9])], _boxes(), topk=9)
     assert not foreground.any() and matched.tolist() == [0, 0]
