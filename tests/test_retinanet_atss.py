@@ -119,7 +119,7 @@ def test_retinanet_trains_with_atss():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("MODEL.RETINANET.ASSIGNER", "atts", r"MODEL.RETINANET.ASSIGNER is 'atts'; fix: one of iou, atss"),
+    ("MODEL.RETINANET.ASSIGNER", "atts", r"MODEL.RETINANET.ASSIGNER 'atts': choose one of iou, atss"),
     ("MODEL.RETINANET.ATSS_TOPK", 0, r"MODEL.RETINANET.ATSS_TOPK is 0; fix: a positive number"),
 ])
 def test_a_bad_assigner_setting_is_refused_with_the_fix(key, value, message):

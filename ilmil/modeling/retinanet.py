@@ -29,7 +29,7 @@ from detectron2.config import configurable
 from detectron2.modeling.meta_arch import retinanet
 from detectron2.structures import Boxes, pairwise_iou
 
-from ..config import ConfigError
+from ..config import ConfigError, check_choice
 
 __all__ = ["RetinaNet", "atss_assignment"]
 
@@ -96,8 +96,7 @@ class RetinaNet(retinanet.RetinaNet):
     @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.RETINANET
-        if c.ASSIGNER not in ASSIGNERS:
-            raise ConfigError(f"MODEL.RETINANET.ASSIGNER is {c.ASSIGNER!r}; fix: one of {', '.join(ASSIGNERS)}")
+        check_choice("MODEL.RETINANET.ASSIGNER", c.ASSIGNER, ASSIGNERS)
         if c.ATSS_TOPK < 1:
             raise ConfigError(f"MODEL.RETINANET.ATSS_TOPK is {c.ATSS_TOPK}; fix: a positive number of candidates")
         return {**super().from_config(cfg), "assigner": c.ASSIGNER, "atss_topk": c.ATSS_TOPK}
