@@ -218,14 +218,17 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.DISTILL.FSP.WEIGHT = 1.0
     cfg.ILMIL.DISTILL.FSP.PAIRS = [["res3", "res4"], ["res4", "res5"]]
 
-    # Dense-head distillation (RetinaNet, FCOS): binary KL of the old classes' scores at every
-    # anchor, softened by TEMPERATURE, and L1 of the boxes where the teacher's best old-class
-    # score reaches BOX_SCORE_THRESH.
+    # Dense-head distillation (RetinaNet, FCOS, YOLO): binary KL of the old classes' scores at
+    # every anchor, softened by TEMPERATURE, and the boxes where the teacher's best old-class
+    # score reaches BOX_SCORE_THRESH compared by BOX_LOSS.
     cfg.ILMIL.DISTILL.DENSE = CN()
     cfg.ILMIL.DISTILL.DENSE.ENABLED = False
     cfg.ILMIL.DISTILL.DENSE.WEIGHT = 1.0
     cfg.ILMIL.DISTILL.DENSE.TEMPERATURE = 1.0
     cfg.ILMIL.DISTILL.DENSE.BOX_SCORE_THRESH = 0.5
+    # l1: L1 of the head's box deltas, whose scale is the detector's (FCOS: distances in
+    # strides) | giou: 1 - GIoU of the decoded boxes, in [0, 2] on every detector.
+    cfg.ILMIL.DISTILL.DENSE.BOX_LOSS = "l1"
     # L_cls summed and divided by the teacher's soft object count, as the focal loss is by
     # its foreground (objects) | averaged over every anchor and class (mean).
     cfg.ILMIL.DISTILL.DENSE.NORMALIZER = "objects"

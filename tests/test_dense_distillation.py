@@ -13,7 +13,7 @@ from detectron2.utils.events import EventStorage
 
 from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg, set_num_classes
 from ilmil.distill import DenseHeadDistillation, DistillContext, IncrementalRetinaNet
-from ilmil.modeling import FCOS, load_expanded
+from ilmil.modeling import FCOS, decode_head_boxes, load_expanded
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, metrics_lines, read_json, run_tool, tail
 
 NUM_OLD, NUM_ALL = 3, 5
@@ -117,6 +117,92 @@ def test_dense_term_leaves_out_the_anchors_on_a_new_class_gt_box():
     assert DenseHeadDistillation(exclude_new_gt=True)(args[0], args[1], old_only).item() > 0
 
 
+def _as_boxes(box_levels):
+    """A stand-in decoder: the box outputs read as XYXY boxes in pixels."""
+    return torch.cat([x.permute(0, 2, 3, 1).reshape(len(x), -1, 4) for x in box_levels], dim=1)
+
+
+def test_dense_box_term_giou_is_one_minus_the_giou_of_the_decoded_boxes_at_any_scale():
+    # 1 image, 1 anchor per location, 2 x 1 locations, 1 old class; the teacher is confident
+    # at location 0 only. There the student's box (0, 0, 2, 2) and the teacher's (1, 1, 3, 3)
+    # overlap in 1 of a union of 7 inside an enclosing box of 9: GIoU = 1/7 - (9 - 7)/9.
+    z = torch.tensor([[[[4.0], [-4.0]]]])
+    r_s = torch.tensor([0.0, 0, 2, 2, 5, 5, 6, 6]).view(1, 2, 1, 4).permute(0, 3, 1, 2)  # [1, 4, 2, 1]
+    r_t = torch.tensor([1.0, 1, 3, 3, 0, 0, 1, 1]).view(1, 2, 1, 4).permute(0, 3, 1, 2)
+    context = DistillContext(gt_instances=[], image_sizes=[], box_decoders={"student": _as_boxes, "teacher": _as_boxes})
+    giou = DenseHeadDistillation(box_loss="giou")
+    loss = giou({"head": _head(z, r_s)}, {"head": _head(z, r_t)}, context)
+    assert loss.item() == pytest.approx(1 - (1 / 7 - 2 / 9), rel=1e-5)  # the KL is 0: equal scores
+    # Both boxes 8x larger (FCOS's distances at stride 8): GIoU unchanged, L1 8x.
+    assert giou({"head": _head(z, 8 * r_s)}, {"head": _head(z, 8 * r_t)}, context).item() == pytest.approx(
+        loss.item(), rel=1e-5)
+    l1 = DenseHeadDistillation(box_loss="l1")
+    assert l1({"head": _head(z, 8 * r_s)}, {"head": _head(z, 8 * r_t)}, None).item() == pytest.approx(32.0)
+    assert giou({"head": _head(z, r_t.clone())}, {"head": _head(z, r_t)}, context).item() == pytest.approx(0, abs=1e-6)
+    # A teacher box of no area (FCOS's distances clamped to 0) is no box to keep.
+    flat = torch.ones(1, 4, 2, 1)
+    assert giou({"head": _head(z, r_s)}, {"head": _head(z, flat)}, context).item() == 0.0
+    with pytest.raises(ValueError, match="box_decoders"):
+        giou({"head": _head(z, r_s)}, {"head": _head(z, r_t)}, None)
+    with pytest.raises(ConfigError, match="DENSE.BOX_LOSS 'l2': choose one of l1, giou"):
+        DenseHeadDistillation(box_loss="l2")
+
+
+def _one_location_levels(detector, size, deltas):
+    """Per level of ``detector``'s head, zero box outputs for one anchor per location on a
+    ``size`` image, but ``deltas`` at cell (1, 2) of the finest level."""
+    strides = [detector.backbone.output_shape()[f].stride for f in detector.head_in_features]
+    levels = [torch.zeros(1, 4, -(-size // s), -(-size // s)) for s in strides]
+    levels[0][0, :, 1, 2] = torch.tensor(deltas)
+    return levels
+
+
+def test_head_boxes_decode_fcos_distances_and_retinanet_deltas_in_pixels():
+    # The finest level has stride 8, 8 x 8 cells on a 64 px image: cell (1, 2) is anchor
+    # 1 x 8 + 2 = 10, its centre (2.5 x 8, 1.5 x 8) = (20, 12).
+    fcos = build_model(_cfg("FCOS", NUM_OLD, method="finetune"))
+    # FCOS: distances to the left, top, right and bottom sides in strides.
+    boxes = decode_head_boxes(fcos, _one_location_levels(fcos, 64, [1.0, 2.0, 3.0, 4.0]))
+    assert boxes.shape == (1, 8 * 8 + 4 * 4 + 2 * 2 + 1 + 1, 4)
+    assert boxes[0, 10].tolist() == pytest.approx([20 - 8, 12 - 16, 20 + 24, 12 + 32])
+    # RetinaNet: one 32 px anchor per location at stride 8, centred on the cell's corner
+    # (2 x 8, 1 x 8) = (16, 8) (MODEL.ANCHOR_GENERATOR.OFFSET 0); the centre moves by half the
+    # anchor's width, the width doubles.
+    retinanet = build_model(_cfg("RetinaNet", NUM_OLD, method="finetune"))
+    boxes = decode_head_boxes(retinanet, _one_location_levels(retinanet, 64, [0.5, 0.0, math.log(2.0), 0.0]))
+    assert boxes[0, 10].tolist() == pytest.approx([32 - 32, 8 - 16, 32 + 32, 8 + 16])
+    assert boxes[0, 0].tolist() == pytest.approx([-16, -16, 16, 16])  # zero deltas: the anchor
+
+
+def _saved_teacher(arch, num_classes, tmp_path):
+    """A freshly initialised ``arch`` of ``num_classes`` classes and its checkpoint's path."""
+    teacher = build_model(_cfg(arch, num_classes, method="finetune"))
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": teacher.state_dict()}, path)
+    return teacher, path
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_the_giou_box_term_trains_a_students_box_outputs_on_the_detectors_anchors(arch, tmp_path):
+    torch.manual_seed(0)
+    teacher, path = _saved_teacher(arch, NUM_ALL, tmp_path)
+    # Every anchor confident (threshold 0): the box term compares the whole head's boxes.
+    student = build_model(_cfg(arch, NUM_ALL, "ILMIL.TEACHER.WEIGHTS", str(path), "ILMIL.PSEUDO_LABELS.ENABLED",
+                               "False", "ILMIL.DISTILL.DENSE.ENABLED", "True", "ILMIL.DISTILL.DENSE.BOX_LOSS",
+                               "giou", "ILMIL.DISTILL.DENSE.BOX_SCORE_THRESH", "0.0", method="finetune"))
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    student.freeze_bn_stats()
+    with EventStorage():
+        assert student.train()(_batch())["loss_distill_dense"].item() == pytest.approx(0.0, abs=1e-5)
+        with torch.no_grad():
+            student.head.bbox_pred.bias.add_(0.3)
+        loss = student(_batch())["loss_distill_dense"]
+    loss.backward()
+    assert loss.item() > 1e-3
+    assert student.head.bbox_pred.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in student.teacher.parameters())
+
+
 # --------------------------------------------------------------------------- the students
 
 
@@ -136,9 +222,7 @@ def _batch():
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_an_expanded_dense_student_equals_its_teacher_then_learns_from_it(arch, tmp_path):
     torch.manual_seed(0)
-    teacher = build_model(_cfg(arch, NUM_OLD, method="finetune"))
-    path = tmp_path / "teacher.pth"
-    torch.save({"model": teacher.state_dict()}, path)
+    teacher, path = _saved_teacher(arch, NUM_OLD, tmp_path)
     # The recipe plus the feature term, which it leaves off on these detectors.
     student = build_model(_cfg(arch, NUM_ALL, "ILMIL.TEACHER.WEIGHTS", str(path), "ILMIL.DISTILL.FEAT.ENABLED", "True"))
     assert type(student.teacher) is PLAIN[arch] and isinstance(student, PLAIN[arch])
@@ -168,9 +252,7 @@ def test_an_expanded_dense_student_equals_its_teacher_then_learns_from_it(arch, 
 ])  # fmt: skip
 def test_the_teacher_pass_runs_only_as_far_as_the_terms_need(tmp_path, pseudo, term, head_runs):
     torch.manual_seed(0)
-    teacher = build_model(_cfg("RetinaNet", NUM_ALL, method="finetune"))
-    path = tmp_path / "teacher.pth"
-    torch.save({"model": teacher.state_dict()}, path)
+    _, path = _saved_teacher("RetinaNet", NUM_ALL, tmp_path)
     student = build_model(_cfg("RetinaNet", NUM_ALL, "ILMIL.TEACHER.WEIGHTS", str(path),
                                "ILMIL.PSEUDO_LABELS.ENABLED", pseudo, f"ILMIL.DISTILL.{term}.ENABLED", "True",
                                method="finetune"))

@@ -20,7 +20,7 @@ from detectron2.structures import Boxes, Instances
 from conftest import REPO_ROOT
 from ilmil.checkpoint import safe_load, state_dict_num_classes
 from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg, set_num_classes
-from ilmil.modeling import YOLOV3, kmeans_anchors
+from ilmil.modeling import YOLOV3, decode_head_boxes, kmeans_anchors
 from ilmil.modeling.expansion import expand_predictor_state_dict
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _env, read_json, run_tool, tail
 
@@ -101,6 +101,17 @@ def test_kmeans_recovers_planted_anchor_clusters():
 def test_too_few_boxes_for_the_anchors_are_refused_with_the_fix():
     with pytest.raises(ConfigError, match="NUM_ANCHORS"):
         kmeans_anchors(np.ones((2, 2)), 3)
+
+
+def test_head_boxes_decode_yolo_cell_offsets_and_anchor_multiples():
+    # One 16 px anchor on a level of stride 8, a 2 x 3 map: cell (1, 2) at index (1 x 3 + 2) = 5
+    # with t = (0, 0, log 2, 0) decodes to centre ((2 + 0.5) 8, (1 + 0.5) 8), size 32 x 16.
+    deltas = torch.zeros(1, 4, 2, 3)
+    deltas[0, :, 1, 2] = torch.tensor([0.0, 0.0, math.log(2.0), 0.0])
+    boxes = decode_head_boxes(_hand_built_model(), [deltas])
+    assert boxes.shape == (1, 6, 4)
+    assert boxes[0, 5].tolist() == pytest.approx([20 - 16, 12 - 8, 20 + 16, 12 + 8])
+    assert boxes[0, 0].tolist() == pytest.approx([4 - 8, 4 - 8, 4 + 8, 4 + 8])
 
 
 def _model(num_classes, seed):

@@ -15,6 +15,8 @@ With a teacher, a training step:
 
 The forward is the detector's own: nothing of RetinaNet's or FCOS's is re-implemented.
 """
+import functools
+
 import torch
 
 from detectron2.config import configurable
@@ -22,6 +24,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
 
 from ..modeling.fcos import FCOS
+from ..modeling.head_boxes import decode_head_boxes
 from ..modeling.retinanet import RetinaNet
 from ..modeling.yolo import YOLOV3
 from ..modeling.pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt
@@ -69,6 +72,8 @@ class DenseStudent(DistillationStudent):
                 head_strides=[self._strides[f] for f in self.head_in_features],
                 num_old_classes=self.teacher.num_classes,
                 teacher_outputs=self.teacher_outputs(detections),
+                box_decoders={"student": functools.partial(decode_head_boxes, self),
+                              "teacher": functools.partial(decode_head_boxes, self.teacher)},
             )
             losses = self.distiller.weigh_detection(losses)
             losses.update(self.distiller(student, detections["records"], context))

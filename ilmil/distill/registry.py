@@ -43,6 +43,9 @@ class DistillContext:
     teacher_outputs: the teacher's outputs by name (Faster R-CNN: ``"proposals"``,
         ``"box_outputs"``; one-stage with pseudo-labels: ``"detections"``), for losses
         that weigh or select by the teacher's confidence.
+    box_decoders: one-stage detectors, ``"student"`` and ``"teacher"`` -> a function of
+        that model's per-level head box outputs giving [N, P, 4] boxes in input pixels
+        (``ilmil.modeling.decode_head_boxes``), for losses that compare boxes, not deltas.
     """
 
     gt_instances: list
@@ -52,6 +55,7 @@ class DistillContext:
     anchors: dict = field(default_factory=dict)
     num_old_classes: int = 0
     teacher_outputs: dict = field(default_factory=dict)
+    box_decoders: dict = field(default_factory=dict)
 
 
 class DistillLoss(nn.Module):

@@ -6,6 +6,7 @@ from .anchor_kmeans import kmeans_anchors, with_yolo_anchors, yolo_anchors
 from .build import build_detector, load_detector, with_checkpoint_layout
 from .expansion import expand_predictor_state_dict, load_expanded
 from .fcos import FCOS
+from .head_boxes import decode_head_boxes
 from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 from .resnet import build_any_width_resnet
 from .retinanet import RetinaNet, atss_assignment
@@ -15,6 +16,7 @@ __all__ = [
     "FCOS",
     "RetinaNet",
     "atss_assignment",
+    "decode_head_boxes",
     "YOLOV3",
     "build_detector",
     "load_detector",

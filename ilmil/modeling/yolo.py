@@ -55,6 +55,7 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
 from ..config import ConfigError
+from .head_boxes import flatten_head_boxes
 
 __all__ = ["YOLOV3", "YOLOHead", "level_anchor_boxes", "build_darknet_backbone", "build_darknet_tiny_backbone"]
 
@@ -387,6 +388,11 @@ class YOLOV3(DenseDetector):
         counts = [len(a) for a in anchors]
         return cat([decode_boxes(d.reshape(-1, 4), a.repeat(len(deltas), 1), s).reshape(len(deltas), -1, 4)
                     for d, a, s in zip(deltas.split(counts, dim=1), anchors, self.strides)], dim=1)
+
+    def decode_head_boxes(self, box_levels):
+        """[N, P, 4] boxes of the head's per-level box outputs [N, A 4, H, W] (distillation
+        compares two heads' boxes decoded: ilmil/modeling/head_boxes.py)."""
+        return self._decoded(flatten_head_boxes(box_levels), self.level_anchors(box_levels))
 
     def assign(self, gt_instances, anchors, sizes):
         """Per image, (anchor indices, GT indices) of the positive anchors (module docstring)."""

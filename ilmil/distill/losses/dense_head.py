@@ -7,11 +7,19 @@ student's), with sigmoid probabilities p = sigma(z / tau) at TEMPERATURE tau:
 
     KL_{a,k} = p_T log(p_T / p_S) + (1 - p_T) log((1 - p_T) / (1 - p_S))         (binary KL)
     L_cls = tau^2 sum_{a,k} KL_{a,k} / max(1, n_T),   n_T = sum_a max_k sigma(z_T)  (NORMALIZER objects)
-    L_box = mean over anchors where max_k sigma(z_T) >= BOX_SCORE_THRESH of sum_4 |r_S - r_T|
+    L_box = mean over anchors where max_k sigma(z_T) >= BOX_SCORE_THRESH of
+            sum_4 |r_S - r_T|               (BOX_LOSS l1: the head's box deltas r)
+            1 - GIoU(b_S, b_T)              (BOX_LOSS giou: the boxes b they decode to,
+                                             where the teacher's has an area)
     L_dense = L_cls + L_box
 
 L_cls keeps the old classes' scores everywhere (most anchors are background, where
 it keeps them low too); L_box keeps the boxes where the teacher sees an old object.
+The deltas' scale is the detector's: RetinaNet's are about 0-1, FCOS's the distances
+to the box sides in strides (1-8 on shapes), where the L1 outweighed the detection
+loss's own GIoU term ~15x and cost the kd students AP (BENCHMARKS.md). The GIoU of the
+decoded boxes is in [0, 2] on every detector and level (IoU does not change when both
+boxes are shifted or scaled alike).
 
 With EXCLUDE_NEW_GT, the anchors whose cell centre lies in a GT box of a new class are
 left out of every sum above (the normaliser n_T unchanged): there the detection loss
@@ -34,6 +42,7 @@ its class scores trained only where there is an object, so there, with q = sigma
     L_dense = L_cls + L_obj + L_box
 """
 import torch.nn.functional as F
+from fvcore.nn import giou_loss
 
 from detectron2.config import configurable
 from detectron2.layers import cat
@@ -43,10 +52,11 @@ from ...config import check_choice
 from ..masks import gt_box_mask
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
 
-__all__ = ["DENSE_NORMALIZERS", "DenseHeadDistillation"]
+__all__ = ["DENSE_BOX_LOSSES", "DENSE_NORMALIZERS", "DenseHeadDistillation"]
 
 HEAD = "head"
 DENSE_NORMALIZERS = ("mean", "objects")
+DENSE_BOX_LOSSES = ("l1", "giou")
 
 
 def _flatten(levels, channels_per_anchor):
@@ -61,9 +71,11 @@ class DenseHeadDistillation(DistillLoss):
     config_key = "DENSE"
 
     @configurable
-    def __init__(self, *, temperature=1.0, box_score_thresh=0.5, normalizer="objects", exclude_new_gt=False):
+    def __init__(self, *, temperature=1.0, box_score_thresh=0.5, box_loss="l1", normalizer="objects",
+                 exclude_new_gt=False):
         super().__init__()
         check_choice("ILMIL.DISTILL.DENSE.NORMALIZER", normalizer, DENSE_NORMALIZERS)
+        self.box_loss = check_choice("ILMIL.DISTILL.DENSE.BOX_LOSS", box_loss, DENSE_BOX_LOSSES)
         self.normalizer = normalizer
         self.temperature = temperature
         self.box_score_thresh = box_score_thresh
@@ -73,7 +85,7 @@ class DenseHeadDistillation(DistillLoss):
     def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):
         dense = cfg.ILMIL.DISTILL.DENSE
         return {"temperature": dense.TEMPERATURE, "box_score_thresh": dense.BOX_SCORE_THRESH,
-                "normalizer": dense.NORMALIZER, "exclude_new_gt": dense.EXCLUDE_NEW_GT}
+                "box_loss": dense.BOX_LOSS, "normalizer": dense.NORMALIZER, "exclude_new_gt": dense.EXCLUDE_NEW_GT}
 
     def records(self):
         return (HEAD,)
@@ -106,10 +118,23 @@ class DenseHeadDistillation(DistillLoss):
             score = score * keep
         confident = score >= self.box_score_thresh
         if confident.any():
-            r_s = _flatten(s_boxes, 4)
-            r_t = _flatten([x.detach() for x in t_boxes], 4)
-            loss = loss + (r_s - r_t)[confident].abs().sum(dim=1).mean()
+            loss = loss + self._box_term(s_boxes, [x.detach() for x in t_boxes], confident, context)
         return loss
+
+    def _box_term(self, s_boxes, t_boxes, confident, context):
+        if self.box_loss == "l1":
+            return (_flatten(s_boxes, 4) - _flatten(t_boxes, 4))[confident].abs().sum(dim=1).mean()
+        decoders = context.box_decoders if context is not None else {}
+        if not decoders:
+            raise ValueError("DENSE.BOX_LOSS giou decodes the head's boxes: it needs the context's "
+                             "box_decoders (a one-stage student sets them)")
+        b_s = decoders["student"](s_boxes)[confident].float()
+        b_t = decoders["teacher"](t_boxes)[confident].float()
+        # A teacher box of no area (FCOS clamps negative distances to 0) is no box to keep.
+        has_area = (b_t[:, 2:] > b_t[:, :2]).all(dim=1)
+        if not has_area.any():
+            return b_s.sum() * 0.0
+        return giou_loss(b_s[has_area], b_t[has_area], reduction="mean")
 
     @staticmethod
     def _keep(context, levels, anchors):

@@ -1,0 +1,35 @@
+"""Boxes, in input pixels, of a one-stage head's box outputs.
+
+A dense head's box outputs are deltas from its anchors, and their scale differs
+between detectors: RetinaNet's are centre offsets in anchor sizes and log size
+ratios (about 0-1), FCOS's the distances to the box sides in strides (1-8 on
+shapes), YOLO's cell offsets and log anchor multiples. A loss that compares two
+heads' boxes with one formula on every detector compares them decoded.
+"""
+from detectron2.layers import cat
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+from detectron2.structures import Boxes
+
+__all__ = ["decode_head_boxes", "flatten_head_boxes"]
+
+
+def flatten_head_boxes(box_levels):
+    """Per-level [N, A 4, H, W] box outputs -> [N, P, 4] over the P anchors of every level,
+    position-major (index (i W + j) A + a), as detectron2 flattens dense outputs."""
+    return cat([permute_to_N_HWA_K(x, 4) for x in box_levels], dim=1)
+
+
+def decode_head_boxes(detector, box_levels):
+    """[N, P, 4] XYXY boxes of a dense head's per-level box outputs ``box_levels``, at the
+    ``detector``'s anchors of those map sizes: its own ``decode_head_boxes`` where it has one
+    (YOLO), else its ``box2box_transform`` at its ``anchor_generator``'s anchors (detectron2's
+    RetinaNet and FCOS, and ilmil's)."""
+    own = getattr(detector, "decode_head_boxes", None)
+    if own is not None:
+        return own(box_levels)
+    deltas = flatten_head_boxes(box_levels)
+    # The anchor generator reads only the maps' sizes and device.
+    anchors = Boxes.cat(detector.anchor_generator(box_levels)).tensor
+    num_images, num_anchors = deltas.shape[:2]
+    boxes = detector.box2box_transform.apply_deltas(deltas.reshape(-1, 4), anchors.repeat(num_images, 1))
+    return boxes.view(num_images, num_anchors, 4)
