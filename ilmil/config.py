@@ -333,6 +333,9 @@ def add_yolo_config(cfg):
     cfg.MODEL.YOLO.PRIOR_PROB = 0.01
     # A GT box trains its best anchor (width/height IoU) and every anchor above this IoU with it.
     cfg.MODEL.YOLO.MATCH_IOU_THRESH = 0.3
+    # Train the same anchors in the two adjacent cells nearest the GT centre too (YOLOv5's
+    # assignment, ~3x the positives), centres decoding over -0.5 .. 1.5 cells to reach it.
+    cfg.MODEL.YOLO.NEIGHBOUR_CELLS = False
     # Predictions overlapping a GT box above this IoU are no objectness negatives.
     cfg.MODEL.YOLO.IGNORE_THRESH = 0.5
     # Loss weights (of per-batch means, times the batch size), and the objectness weight per level.

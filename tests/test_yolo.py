@@ -21,6 +21,7 @@ from conftest import REPO_ROOT
 from ilmil.checkpoint import safe_load, state_dict_num_classes
 from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg, set_num_classes
 from ilmil.modeling import YOLOV3, decode_head_boxes, kmeans_anchors
+from ilmil.modeling.yolo import decode_boxes, level_anchor_boxes
 from ilmil.modeling.expansion import expand_predictor_state_dict
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _env, read_json, run_tool, tail
 
@@ -61,6 +62,36 @@ def test_the_loss_of_one_gt_box_equals_its_hand_computed_value():
     # Objectness BCE of logit 0: log 2 at each of the 16 cells (no other prediction
     # overlaps the GT at IoU > 0.5, so none is ignored).
     assert losses["loss_yolo_obj"].item() == pytest.approx(1.0 * math.log(2), rel=1e-5)
+
+
+def test_neighbour_cells_train_the_two_adjacent_cells_nearest_the_gt_centre():
+    # A 4 x 4 map of stride 8, one 16 x 16 anchor. The GT centre (10, 13) is in cell (row 1,
+    # col 1), a quarter cell from its left side and 5/8 of a cell down: its neighbours are
+    # the cell on the left (1, 0) and the one below (2, 1); slot = row x 4 + col.
+    gt = Instances((32, 32), gt_boxes=Boxes(torch.tensor([[2.0, 5.0, 18.0, 21.0]])), gt_classes=torch.tensor([1]))
+    anchors = [level_anchor_boxes((4, 4), 8, [(16.0, 16.0)])]
+    assert _hand_built_model().assign([gt], anchors, [(4, 4)])[0][0].tolist() == [5]
+    model = _hand_built_model(neighbour_cells=True)
+    slots, gt_index = model.assign([gt], anchors, [(4, 4)])[0]
+    assert slots.tolist() == [5, 4, 9] and gt_index.tolist() == [0, 0, 0]
+    # In the corner cell, both nearer neighbours are off the map.
+    corner = Instances((32, 32), gt_boxes=Boxes(torch.tensor([[0.0, 0.0, 6.0, 6.0]])), gt_classes=torch.tensor([0]))
+    assert model.assign([corner], anchors, [(4, 4)])[0][0].tolist() == [0]
+    # The loss averages the three boxes' 1 - GIoU; t = 0 decodes to the anchor at each cell's
+    # centre: [4, 4, 20, 20], [-4, 4, 12, 20] and [4, 12, 20, 28] against the GT [2, 5, 18, 21]
+    # (intersection / union, enclosing box).
+    predictions = ([torch.zeros(1, 2, 4, 4)], [torch.zeros(1, 4, 4, 4)], [torch.zeros(1, 1, 4, 4)])
+    losses = model.forward_training(None, [torch.zeros(1, 8, 4, 4)], predictions, [gt])
+    gious = [210 / 302 - (306 - 302) / 306, 150 / 362 - (374 - 362) / 374, 126 / 386 - (414 - 386) / 414]
+    assert losses["loss_yolo_box"].item() == pytest.approx(0.05 * sum(1 - g for g in gious) / 3, rel=1e-5)
+
+
+def test_neighbour_cells_decode_centres_over_minus_half_to_one_and_a_half_cells():
+    anchor = torch.tensor([[4.0, 4.0, 20.0, 20.0]])  # centred on cell (1, 1) of stride 8: corner (8, 8)
+    for t, reach, centre in ((0.0, False, 12.0), (0.0, True, 12.0), (20.0, False, 16.0), (20.0, True, 20.0),
+                             (-20.0, False, 8.0), (-20.0, True, 4.0)):
+        box = decode_boxes(torch.tensor([[t, t, 0.0, 0.0]]), anchor, 8, neighbour_reach=reach)
+        assert ((box[0, :2] + box[0, 2:]) / 2).tolist() == pytest.approx([centre, centre], abs=1e-4), (t, reach)
 
 
 def test_predictions_that_overlap_a_gt_box_are_not_objectness_negatives():

@@ -27,7 +27,13 @@ x = (j + sigma(t_x)) s, y = (i + sigma(t_y)) s, w = w_a exp(t_w), h = h_a exp(t_
 
 Training (per batch of N images): every GT box is assigned to the anchor of best
 width/height IoU over all levels, and to every other anchor whose IoU with it
-exceeds ``MATCH_IOU_THRESH``, in the cell holding its centre. Then
+exceeds ``MATCH_IOU_THRESH``, in the cell holding its centre. With
+``NEIGHBOUR_CELLS`` (YOLOv5's assignment), the same anchors of the two adjacent
+cells nearest the centre (left or right, above or below) are trained too, and the
+centre decodes as x = (j + 2 sigma(t_x) - 0.5) s (same for y), so that a neighbour
+cell's prediction can reach it. YOLOv3's assignment trains about 2 feature
+locations per object on shapes, FCOS's about 9: the classifier learns from few
+positives, which is why it learns slowly. Then
 
     loss_box = BOX_WEIGHT N mean_pos (1 - GIoU(decoded box, GT))      (GIoU, not YOLOv3's xy-BCE + wh-L2:
                                                                         one term, scale-free)
@@ -287,12 +293,16 @@ def level_anchor_boxes(size, stride, anchor_sizes, device=None):
     return torch.cat([centres - wh / 2, centres + wh / 2], dim=-1).reshape(-1, 4)
 
 
-def decode_boxes(deltas, anchors, stride):
-    """YOLO's decoding (module docstring) of [P, 4] ``deltas`` at their [P, 4] anchor boxes."""
+def decode_boxes(deltas, anchors, stride, neighbour_reach=False):
+    """YOLO's decoding (module docstring) of [P, 4] ``deltas`` at their [P, 4] anchor boxes;
+    with ``neighbour_reach`` the centre offset spans -0.5 .. 1.5 cells instead of 0 .. 1."""
     centres = (anchors[:, :2] + anchors[:, 2:]) / 2
     sizes = anchors[:, 2:] - anchors[:, :2]
+    offset = deltas[:, :2].sigmoid()
+    if neighbour_reach:
+        offset = 2 * offset - 0.5
     # The cell's top-left corner is the anchor centre less half a stride.
-    xy = centres - stride / 2 + deltas[:, :2].sigmoid() * stride
+    xy = centres - stride / 2 + offset * stride
     # Clamped as detectron2's Box2BoxTransform does: a wild t_w in early training stays finite.
     wh = sizes * deltas[:, 2:].clamp(max=math.log(1000.0 / 16)).exp()
     return torch.cat([xy - wh / 2, xy + wh / 2], dim=1)
@@ -313,13 +323,14 @@ class YOLOV3(DenseDetector):
 
     @configurable
     def __init__(self, *, backbone, head, head_in_features, anchors, num_classes, match_iou_thresh=0.3,
-                 ignore_thresh=0.5, loss_weights=(0.05, 0.5, 1.0), obj_level_weights=(4.0, 1.0, 0.4),
+                 neighbour_cells=False, ignore_thresh=0.5, loss_weights=(0.05, 0.5, 1.0), obj_level_weights=(4.0, 1.0, 0.4),
                  test_score_thresh=0.05, test_topk_candidates=1000, test_nms_thresh=0.5,
                  max_detections_per_image=100, pixel_mean, pixel_std):
         super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
         self.anchors = [list(map(tuple, level)) for level in anchors]
         self.num_classes = num_classes
         self.match_iou_thresh = match_iou_thresh
+        self.neighbour_cells = neighbour_cells
         self.ignore_thresh = ignore_thresh
         self.box_weight, self.cls_weight, self.obj_weight = loss_weights
         self.obj_level_weights = tuple(obj_level_weights)
@@ -363,6 +374,7 @@ class YOLOV3(DenseDetector):
             "anchors": y.ANCHORS,
             "num_classes": y.NUM_CLASSES,
             "match_iou_thresh": y.MATCH_IOU_THRESH,
+            "neighbour_cells": y.NEIGHBOUR_CELLS,
             "ignore_thresh": y.IGNORE_THRESH,
             "loss_weights": (y.BOX_WEIGHT, y.CLS_WEIGHT, y.OBJ_WEIGHT),
             "obj_level_weights": y.OBJ_LEVEL_WEIGHTS,
@@ -386,7 +398,8 @@ class YOLOV3(DenseDetector):
     def _decoded(self, deltas, anchors):
         """[N, P, 4] boxes of all levels' ``deltas`` [N, P, 4]."""
         counts = [len(a) for a in anchors]
-        return cat([decode_boxes(d.reshape(-1, 4), a.repeat(len(deltas), 1), s).reshape(len(deltas), -1, 4)
+        return cat([decode_boxes(d.reshape(-1, 4), a.repeat(len(deltas), 1), s, self.neighbour_cells)
+                    .reshape(len(deltas), -1, 4)
                     for d, a, s in zip(deltas.split(counts, dim=1), anchors, self.strides)], dim=1)
 
     def decode_head_boxes(self, box_levels):
@@ -411,10 +424,24 @@ class YOLOV3(DenseDetector):
             matched[torch.arange(len(boxes)), iou.argmax(dim=1)] = True
             gt_index, anchor_index = matched.nonzero(as_tuple=True)
             level = self._level_of[anchor_index]
-            centres = (boxes[gt_index, :2] + boxes[gt_index, 2:]) / 2
-            cells = (centres / self._level_strides[level, None]).floor().long()
+            centres = (boxes[gt_index, :2] + boxes[gt_index, 2:]) / 2 / self._level_strides[level, None]
+            cells = centres.floor().long()
             col = torch.minimum(cells[:, 0].clamp(min=0), widths[level] - 1)
             row = torch.minimum(cells[:, 1].clamp(min=0), heights[level] - 1)
+            cols, rows, gts, anchor_ids = [col], [row], [gt_index], [anchor_index]
+            if self.neighbour_cells:
+                # The adjacent cell on the side of the centre, in x and in y, where it exists.
+                near = centres - cells < 0.5
+                for d_col, d_row, side in ((1, 0, near[:, 0]), (0, 1, near[:, 1])):
+                    step = torch.where(side, -1, 1)
+                    n_col, n_row = col + d_col * step, row + d_row * step
+                    inside = (n_col >= 0) & (n_col < widths[level]) & (n_row >= 0) & (n_row < heights[level])
+                    cols.append(n_col[inside])
+                    rows.append(n_row[inside])
+                    gts.append(gt_index[inside])
+                    anchor_ids.append(anchor_index[inside])
+            col, row, gt_index, anchor_index = cat(cols), cat(rows), cat(gts), cat(anchor_ids)
+            level = self._level_of[anchor_index]
             slot = offsets[level] + (row * widths[level] + col) * self._level_anchors[level] \
                 + self._anchor_in_level[anchor_index]
             assignments.append((slot, gt_index))
@@ -472,7 +499,8 @@ class YOLOV3(DenseDetector):
                 index = index[order[: self.test_topk_candidates]]
                 scores = scores[: self.test_topk_candidates]
                 anchor_index, classes = index // self.num_classes, index % self.num_classes
-                levels.append((decode_boxes(t[n, anchor_index], a[anchor_index], s), scores, classes))
+                boxes = decode_boxes(t[n, anchor_index], a[anchor_index], s, self.neighbour_cells)
+                levels.append((boxes, scores, classes))
             boxes, scores, classes = (cat(list(parts)) for parts in zip(*levels))
             keep = batched_nms(boxes, scores, classes, self.test_nms_thresh)[: self.max_detections_per_image]
             result = Instances(image_size)
