@@ -13,7 +13,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from ..config import ConfigError, derived_cfg
 from .yolo import YOLOV3
 
-__all__ = ["kmeans_anchors", "training_box_sizes", "with_yolo_anchors", "yolo_anchors"]
+__all__ = ["kmeans_anchors", "resize_scale", "training_box_sizes", "with_yolo_anchors", "yolo_anchors"]
 
 
 def _iou(wh, centroids):
@@ -47,15 +47,20 @@ def kmeans_anchors(wh, k, seed=0, max_iter=300):
     return centroids[np.argsort(centroids.prod(axis=1))]
 
 
+def resize_scale(height, width, min_size, max_size):
+    """The factor by which ResizeShortestEdge(min_size, max_size) scales a height x width image."""
+    scale = min_size / min(height, width)
+    if max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return scale
+
+
 def training_box_sizes(dataset_dicts, min_size, max_size):
     """[B, 2] widths and heights of every box of ``dataset_dicts`` (XYXY_ABS or XYWH_ABS),
     scaled as ResizeShortestEdge(min_size, max_size) scales its image."""
     sizes = []
     for record in dataset_dicts:
-        height, width = record["height"], record["width"]
-        scale = min_size / min(height, width)
-        if max(height, width) * scale > max_size:
-            scale = max_size / max(height, width)
+        scale = resize_scale(record["height"], record["width"], min_size, max_size)
         for annotation in record.get("annotations", []):
             x0, y0, x1, y1 = annotation["bbox"]
             if annotation.get("bbox_mode", 0) == 1:  # BoxMode.XYWH_ABS

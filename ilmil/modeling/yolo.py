@@ -32,8 +32,8 @@ exceeds ``MATCH_IOU_THRESH``, in the cell holding its centre. With
 cells nearest the centre (left or right, above or below) are trained too, and the
 centre decodes as x = (j + 2 sigma(t_x) - 0.5) s (same for y), so that a neighbour
 cell's prediction can reach it. YOLOv3's assignment trains about 2 feature
-locations per object on shapes, FCOS's about 9: the classifier learns from few
-positives, which is why it learns slowly. Then
+locations per object on shapes, FCOS's 8.1: a classifier trained on few positives
+learns slowly, as YOLO's does here. Then
 
     loss_box = BOX_WEIGHT N mean_pos (1 - GIoU(decoded box, GT))      (GIoU, not YOLOv3's xy-BCE + wh-L2:
                                                                         one term, scale-free)
