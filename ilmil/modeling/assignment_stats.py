@@ -4,9 +4,10 @@ A dense detector's classifier learns an object from the anchors its assignment
 makes positive, and the feature locations they sit at are what its convolutions
 see. Counted over shapes training images: RetinaNet's IoU assignment on 9 anchors
 gives 1.7 locations per object, ATSS on one anchor per location 6.8, FCOS 8.1,
-YOLOv3's 2.1 (6.4 with YOLOv5's neighbour cells); the detectors with few learned
-at half FCOS's pace or less. ``tools/positives_per_object.py`` prints the count of
-a config.
+YOLOv3's 2.1 (6.4 with YOLOv5's neighbour cells). RetinaNet with 1.7 learned at
+half FCOS's pace or less, with 6.8 at FCOS's; YOLO's classifier did not speed up
+with 6.4 (BENCHMARKS.md), so the count is one cause, not the only one.
+``tools/positives_per_object.py`` prints the count of a config.
 
 Each image is taken at the size the detector sees it (the test-time resize, padded
 to the backbone's size divisibility); the detector's own assignment labels it:

@@ -31,9 +31,9 @@ exceeds ``MATCH_IOU_THRESH``, in the cell holding its centre. With
 ``NEIGHBOUR_CELLS`` (YOLOv5's assignment), the same anchors of the two adjacent
 cells nearest the centre (left or right, above or below) are trained too, and the
 centre decodes as x = (j + 2 sigma(t_x) - 0.5) s (same for y), so that a neighbour
-cell's prediction can reach it. YOLOv3's assignment trains about 2 feature
-locations per object on shapes, FCOS's 8.1: a classifier trained on few positives
-learns slowly, as YOLO's does here. Then
+cell's prediction can reach it: about 6 feature locations per object on shapes
+instead of 2 (FCOS: 8), though at 400 iterations it did not speed up the classifier
+(BENCHMARKS.md). Then
 
     loss_box = BOX_WEIGHT N mean_pos (1 - GIoU(decoded box, GT))      (GIoU, not YOLOv3's xy-BCE + wh-L2:
                                                                         one term, scale-free)
