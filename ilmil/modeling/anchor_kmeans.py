@@ -9,11 +9,12 @@ centroids, sorted by area, go to the levels finest first, ``NUM_ANCHORS`` each.
 import numpy as np
 
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.structures import BoxMode
 
 from ..config import ConfigError, derived_cfg
 from .yolo import YOLOV3
 
-__all__ = ["kmeans_anchors", "resize_scale", "training_box_sizes", "with_yolo_anchors", "yolo_anchors"]
+__all__ = ["kmeans_anchors", "record_boxes", "resize_scale", "training_box_sizes", "with_yolo_anchors", "yolo_anchors"]
 
 
 def _iou(wh, centroids):
@@ -55,18 +56,22 @@ def resize_scale(height, width, min_size, max_size):
     return scale
 
 
+def record_boxes(record):
+    """[B, 4] XYXY_ABS boxes of a dataset record's annotations (any absolute ``bbox_mode``;
+    XYXY_ABS where it has none)."""
+    boxes = [BoxMode.convert(list(a["bbox"]), a.get("bbox_mode", BoxMode.XYXY_ABS), BoxMode.XYXY_ABS)
+             for a in record.get("annotations", [])]
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+
+
 def training_box_sizes(dataset_dicts, min_size, max_size):
     """[B, 2] widths and heights of every box of ``dataset_dicts`` (XYXY_ABS or XYWH_ABS),
     scaled as ResizeShortestEdge(min_size, max_size) scales its image."""
-    sizes = []
+    sizes = [np.zeros((0, 2))]
     for record in dataset_dicts:
-        scale = resize_scale(record["height"], record["width"], min_size, max_size)
-        for annotation in record.get("annotations", []):
-            x0, y0, x1, y1 = annotation["bbox"]
-            if annotation.get("bbox_mode", 0) == 1:  # BoxMode.XYWH_ABS
-                x1, y1 = x0 + x1, y0 + y1
-            sizes.append(((x1 - x0) * scale, (y1 - y0) * scale))
-    return np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
+        boxes = record_boxes(record)
+        sizes.append((boxes[:, 2:] - boxes[:, :2]) * resize_scale(record["height"], record["width"], min_size, max_size))
+    return np.concatenate(sizes).astype(np.float64)
 
 
 def yolo_anchors(cfg, dataset_dicts, seed=0):

@@ -22,7 +22,7 @@ import torch
 from detectron2.structures import Boxes, Instances
 
 from ..config import ConfigError
-from .anchor_kmeans import resize_scale
+from .anchor_kmeans import record_boxes, resize_scale
 from .yolo import YOLOV3
 
 __all__ = ["PositivesPerObject", "positives_per_object"]
@@ -69,15 +69,9 @@ def positives_per_object(model, dataset_dicts, min_size, max_size):
 def _scaled_gt(record, min_size, max_size):
     """(the record's boxes as ``Instances`` at the detector's input size, that size)."""
     scale = resize_scale(record["height"], record["width"], min_size, max_size)
-    boxes = []
-    for annotation in record.get("annotations", []):
-        x0, y0, x1, y1 = annotation["bbox"]
-        if annotation.get("bbox_mode", 0) == 1:  # BoxMode.XYWH_ABS
-            x1, y1 = x0 + x1, y0 + y1
-        boxes.append([x0 * scale, y0 * scale, x1 * scale, y1 * scale])
+    boxes = torch.as_tensor(record_boxes(record) * scale, dtype=torch.float32)
     size = (int(record["height"] * scale + 0.5), int(record["width"] * scale + 0.5))
-    gt = Instances(size, gt_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)),
-                   gt_classes=torch.zeros(len(boxes), dtype=torch.int64))
+    gt = Instances(size, gt_boxes=Boxes(boxes), gt_classes=torch.zeros(len(boxes), dtype=torch.int64))
     return gt, size
 
 
