@@ -318,7 +318,7 @@ def test_variants_narrow_the_plan_and_an_unknown_one_is_refused(tmp_path, capsys
 KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dense"],
                 "output, bfloat16 teacher": ["dense"], "output, mean over anchors": ["dense"],
                 "output, class scores only": ["dense"], "M-KD, class scores only": ["dense", "at", "fsp"],
-                "output, GIoU boxes": ["dense"], "M-KD, GIoU boxes": ["dense", "at", "fsp"], "review": ["review"],
+                "output, L1 boxes": ["dense"], "M-KD, L1 boxes": ["dense", "at", "fsp"], "review": ["review"],
                 "review alone": ["review"], "review + decoupling": ["review"],
                 "M-KD": ["dense", "at", "fsp"], "M-KD + assistant": ["dense", "at", "fsp"],
                 # YOLO's own rows: multi-layer alignment and the information map with its ablations.
@@ -359,8 +359,8 @@ def test_kd_rows_switch_on_their_terms_only():
     assert box_thresholds == {f"{d} {row}, class scores only": 1.01 for d in ("retinanet", "fcos") for row in ("output", "M-KD")}
     box_losses = {name: run.config().ILMIL.DISTILL.DENSE.BOX_LOSS for (_, name, _), run in planned.items()
                   if variants[name].row.startswith(("output", "M-KD"))}
-    assert {name for name, box_loss in box_losses.items() if box_loss == "giou"} == {
-        f"{d} {row}, GIoU boxes" for d in ("retinanet", "fcos") for row in ("output", "M-KD")}
+    assert {name for name, box_loss in box_losses.items() if box_loss == "l1"} == {
+        f"{d} {row}, L1 boxes" for d in ("retinanet", "fcos") for row in ("output", "M-KD")}
     yolo = {name.split(" ", 1)[1]: run.config().ILMIL.DISTILL for (_, name, _), run in planned.items()
             if name.startswith("yolov3")}
     assert yolo["alignment"].FEAT.DISTANCE == "l2" and yolo["alignment"].FEAT.LAYER_WEIGHTING == "adaptive"

@@ -41,7 +41,7 @@ def test_dense_term_is_the_binary_kl_of_the_old_classes_plus_confident_boxes():
     z_s = torch.tensor([[[[1.0], [-3.0]], [[0.0], [-4.0]], [[5.0], [5.0]]]])  # new class (row 2) ignored
     r_t = torch.zeros(1, 4, 2, 1)
     r_s = torch.ones(1, 4, 2, 1)
-    loss = DenseHeadDistillation(temperature=1.0, box_score_thresh=0.5, normalizer="mean")(
+    loss = DenseHeadDistillation(box_loss="l1", temperature=1.0, box_score_thresh=0.5, normalizer="mean")(
         {"head": _head(z_s, r_s)}, {"head": _head(z_t, r_t)}, None)
 
     def kl(t, s):
@@ -53,13 +53,13 @@ def test_dense_term_is_the_binary_kl_of_the_old_classes_plus_confident_boxes():
     assert loss.item() == pytest.approx(cls + 4.0, rel=1e-5)
     # NORMALIZER objects (the default): the KL summed, over the teacher's soft object count,
     # the best old-class score per location: sigmoid(2) + sigmoid(-3) (below 1: counted as 1).
-    objects = DenseHeadDistillation(temperature=1.0, box_score_thresh=0.5)(
+    objects = DenseHeadDistillation(box_loss="l1", temperature=1.0, box_score_thresh=0.5)(
         {"head": _head(z_s, r_s)}, {"head": _head(z_t, r_t)}, None)
     assert torch.sigmoid(torch.tensor(2.0)) + torch.sigmoid(torch.tensor(-3.0)) < 1
     assert objects.item() == pytest.approx(4 * cls + 4.0, rel=1e-5)
     # A teacher sure of two objects (score sigmoid(3) at both locations): the sum over 2 sigmoid(3).
     z_sure = torch.tensor([[[[3.0], [3.0]], [[-1.0], [-4.0]]]])
-    sure = DenseHeadDistillation(temperature=1.0, box_score_thresh=0.99, normalizer="objects")(
+    sure = DenseHeadDistillation(box_loss="l1", temperature=1.0, box_score_thresh=0.99, normalizer="objects")(
         {"head": _head(z_s, r_s)}, {"head": _head(z_sure, r_t)}, None)
     summed = kl(3.0, 1.0) + kl(-1.0, 0.0) + kl(3.0, -3.0) + kl(-4.0, -4.0)
     assert sure.item() == pytest.approx(summed / (2 * float(torch.sigmoid(torch.tensor(3.0)))), rel=1e-5)
@@ -70,7 +70,7 @@ def test_dense_term_is_the_binary_kl_of_the_old_classes_plus_confident_boxes():
 def test_dense_term_is_zero_for_equal_outputs_and_gives_the_student_gradients_only():
     gen = torch.Generator().manual_seed(0)
     z_t, r_t = torch.randn(2, 9 * 3, 4, 4, generator=gen), torch.randn(2, 9 * 4, 4, 4, generator=gen)
-    loss_fn = DenseHeadDistillation(temperature=2.0)
+    loss_fn = DenseHeadDistillation(box_loss="l1", temperature=2.0)
     z_s = torch.cat([z_t.view(2, 9, 3, 4, 4), torch.randn(2, 9, 2, 4, 4, generator=gen)], dim=2).view(2, 45, 4, 4)
     teacher = {"head": _head(z_t, r_t)}
     assert loss_fn({"head": _head(z_s, r_t.clone())}, teacher, None).item() == pytest.approx(0.0, abs=1e-6)
@@ -100,21 +100,21 @@ def test_dense_term_leaves_out_the_anchors_on_a_new_class_gt_box():
     context = DistillContext(gt_instances=[gt], image_sizes=[(16, 16)], head_strides=[8], num_old_classes=2)
     z_s.requires_grad_()
     args = ({"head": _head(z_s, r_s)}, {"head": _head(z_t, r_t)}, context)
-    assert DenseHeadDistillation(box_score_thresh=0.5)(*args).item() > 1.0  # KL plus |1 - 0| x 4
-    excluded = DenseHeadDistillation(box_score_thresh=0.5, exclude_new_gt=True)(*args)
+    assert DenseHeadDistillation(box_loss="l1", box_score_thresh=0.5)(*args).item() > 1.0  # KL plus |1 - 0| x 4
+    excluded = DenseHeadDistillation(box_loss="l1", box_score_thresh=0.5, exclude_new_gt=True)(*args)
     assert excluded.item() == 0.0
     # Everywhere else the term is as before: a difference at the pseudo-labelled cell counts.
     with torch.no_grad():
         z_s[0, 1, 1, 1] = 0.0
     p = torch.sigmoid(torch.tensor(3.0))
     kl = p * torch.log(p / 0.5) + (1 - p) * torch.log((1 - p) / 0.5)
-    loss = DenseHeadDistillation(box_score_thresh=0.5, exclude_new_gt=True, normalizer="mean")(*args)
+    loss = DenseHeadDistillation(box_loss="l1", box_score_thresh=0.5, exclude_new_gt=True, normalizer="mean")(*args)
     assert loss.item() == pytest.approx(kl.item() / 8, rel=1e-5)  # 4 cells x 2 old classes
     loss.backward()
     assert z_s.grad[0, :, 0, 0].abs().sum() == 0 and z_s.grad[0, 1, 1, 1] != 0
     # A compression run (every class old) has nothing to leave out.
     old_only = DistillContext(gt_instances=[gt[1:]], image_sizes=[(16, 16)], num_old_classes=2)
-    assert DenseHeadDistillation(exclude_new_gt=True)(args[0], args[1], old_only).item() > 0
+    assert DenseHeadDistillation(box_loss="l1", exclude_new_gt=True)(args[0], args[1], old_only).item() > 0
 
 
 def _as_boxes(box_levels):

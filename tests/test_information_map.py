@@ -127,7 +127,8 @@ def _dense_head(seed, requires_grad=False):
 
 
 def test_the_output_term_with_objectness_is_zero_at_equality_and_trains_objectness_too():
-    cfg = get_ilmil_cfg(None, ["ILMIL.DISTILL.DENSE.BOX_SCORE_THRESH", "0.0"])
+    # The raw head tensors here have no anchors to decode: the box part as the deltas' L1.
+    cfg = get_ilmil_cfg(None, ["ILMIL.DISTILL.DENSE.BOX_SCORE_THRESH", "0.0", "ILMIL.DISTILL.DENSE.BOX_LOSS", "l1"])
     term = DenseHeadDistillation(cfg)
     teacher = _dense_head(seed=0)
     context = _context(teacher[2])

@@ -8,9 +8,10 @@ student's), with sigmoid probabilities p = sigma(z / tau) at TEMPERATURE tau:
     KL_{a,k} = p_T log(p_T / p_S) + (1 - p_T) log((1 - p_T) / (1 - p_S))         (binary KL)
     L_cls = tau^2 sum_{a,k} KL_{a,k} / max(1, n_T),   n_T = sum_a max_k sigma(z_T)  (NORMALIZER objects)
     L_box = mean over anchors where max_k sigma(z_T) >= BOX_SCORE_THRESH of
-            sum_4 |r_S - r_T|               (BOX_LOSS l1: the head's box deltas r)
-            1 - GIoU(b_S, b_T)              (BOX_LOSS giou: the boxes b they decode to,
-                                             where the teacher's has an area)
+            1 - GIoU(b_S, b_T)              (BOX_LOSS giou, the default: the boxes b the
+                                             head's box deltas r decode to, where the
+                                             teacher's has an area)
+            sum_4 |r_S - r_T|               (BOX_LOSS l1: the deltas themselves)
     L_dense = L_cls + L_box
 
 L_cls keeps the old classes' scores everywhere (most anchors are background, where
@@ -71,7 +72,7 @@ class DenseHeadDistillation(DistillLoss):
     config_key = "DENSE"
 
     @configurable
-    def __init__(self, *, temperature=1.0, box_score_thresh=0.5, box_loss="l1", normalizer="objects",
+    def __init__(self, *, temperature=1.0, box_score_thresh=0.5, box_loss="giou", normalizer="objects",
                  exclude_new_gt=False):
         super().__init__()
         check_choice("ILMIL.DISTILL.DENSE.NORMALIZER", normalizer, DENSE_NORMALIZERS)
