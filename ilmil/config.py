@@ -332,6 +332,9 @@ def add_yolo_config(cfg):
     cfg.MODEL.YOLO.NUM_ANCHORS = 3
     # Initial objectness and class probability: the output biases start at -log((1-p)/p).
     cfg.MODEL.YOLO.PRIOR_PROB = 0.01
+    # The class logits read a 3x3 conv of their own (RetinaNet's and FCOS's heads keep class
+    # and box towers apart) instead of the one they share with boxes and objectness.
+    cfg.MODEL.YOLO.CLASS_CONV = False
     # A GT box trains its best anchor (width/height IoU) and every anchor above this IoU with it.
     cfg.MODEL.YOLO.MATCH_IOU_THRESH = 0.3
     # Train the same anchors in the two adjacent cells nearest the GT centre too (YOLOv5's

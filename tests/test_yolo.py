@@ -145,14 +145,15 @@ def test_head_boxes_decode_yolo_cell_offsets_and_anchor_multiples():
     assert boxes[0, 0].tolist() == pytest.approx([4 - 8, 4 - 8, 4 + 8, 4 + 8])
 
 
-def _model(num_classes, seed):
-    cfg = set_num_classes(get_ilmil_cfg(TEACHER_CONFIG, SMALL), num_classes)
+def _model(num_classes, seed, opts=()):
+    cfg = set_num_classes(get_ilmil_cfg(TEACHER_CONFIG, SMALL + list(opts)), num_classes)
     torch.manual_seed(seed)
     return build_model(cfg).eval()
 
 
-def test_class_expansion_keeps_every_old_output_exactly():
-    old, new = _model(3, seed=0), _model(5, seed=1)
+@pytest.mark.parametrize("opts", [(), ("MODEL.YOLO.CLASS_CONV", "True")], ids=["shared conv", "class conv"])
+def test_class_expansion_keeps_every_old_output_exactly(opts):
+    old, new = _model(3, seed=0, opts=opts), _model(5, seed=1, opts=opts)
     merged = expand_predictor_state_dict(old.state_dict(), new.state_dict(), 3)
     new.load_state_dict(merged)
     assert state_dict_num_classes(merged) == 5
@@ -169,6 +170,21 @@ def test_class_expansion_keeps_every_old_output_exactly():
         assert torch.allclose(z_new[:, :, 3:].sigmoid().mean(), torch.tensor(0.01), atol=2e-3)
     for old_level, new_level in zip(before[1] + before[2], after[1] + after[2]):
         assert torch.equal(old_level, new_level)
+
+
+def test_a_class_conv_of_its_own_feeds_the_class_logits_only():
+    model = _model(3, seed=0, opts=("MODEL.YOLO.CLASS_CONV", "True"))
+    features = [torch.rand(1, s.channels, 4, 4) for s in model.backbone.output_shape().values()]
+    before = model.head(features)
+    with torch.no_grad():
+        for conv in model.head.cls_convs:
+            conv.weight.add_(1.0)  # the class conv's 3x3 weights moved
+    after = model.head(features)
+    assert all(not torch.allclose(z0, z1) for z0, z1 in zip(before[0], after[0]))
+    for outputs_before, outputs_after in zip(before[1:], after[1:]):  # boxes and objectness unchanged
+        assert all(torch.equal(x0, x1) for x0, x1 in zip(outputs_before, outputs_after))
+    # Without it, the class logits read the conv the box and objectness outputs read.
+    assert _model(3, seed=0).head.cls_convs is None
 
 
 def test_wrong_anchor_levels_are_refused_with_the_fix():

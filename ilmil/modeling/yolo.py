@@ -17,7 +17,8 @@
 * The head has, per level, a 3x3 conv and three 1x1 outputs for its A anchors:
   ``cls_score`` (A K class logits, anchor a's class k at channel a K + k, as
   RetinaNet), ``bbox_pred`` (A 4: t_x, t_y, t_w, t_h) and ``objectness`` (A).
-  Class and objectness biases start at -log((1-p)/p), p = ``PRIOR_PROB``.
+  Class and objectness biases start at -log((1-p)/p), p = ``PRIOR_PROB``. With
+  ``CLASS_CONV`` the class logits read a 3x3 conv of their own (``cls_convs``).
 * Anchors: ``MODEL.YOLO.ANCHORS``, per level (finest first) a list of [w, h] in
   input pixels; empty, they are computed at the start of a run by k-means over the
   training boxes (ilmil/modeling/anchor_kmeans.py) and recorded in its config.yaml.
@@ -258,12 +259,15 @@ def build_darknet_tiny_backbone(cfg, input_shape=None):
 
 
 class YOLOHead(nn.Module):
-    """Per level: conv3x3 to twice the width, then the class, box and objectness 1x1 outputs."""
+    """Per level: conv3x3 to twice the width, then the class, box and objectness 1x1 outputs;
+    with ``class_conv`` the class output reads a second conv3x3 of its own."""
 
-    def __init__(self, input_shapes, num_anchors, num_classes, prior_prob=0.01, norm="BN"):
+    def __init__(self, input_shapes, num_anchors, num_classes, prior_prob=0.01, norm="BN", class_conv=False):
         super().__init__()
         self.num_classes = num_classes
         self.convs = nn.ModuleList(conv_bn_leaky(s.channels, 2 * s.channels, 3, norm=norm) for s in input_shapes)
+        self.cls_convs = nn.ModuleList(conv_bn_leaky(s.channels, 2 * s.channels, 3, norm=norm)
+                                       for s in input_shapes) if class_conv else None
         self.cls_score = nn.ModuleList(nn.Conv2d(2 * s.channels, a * num_classes, 1)
                                        for s, a in zip(input_shapes, num_anchors))
         self.bbox_pred = nn.ModuleList(nn.Conv2d(2 * s.channels, a * 4, 1) for s, a in zip(input_shapes, num_anchors))
@@ -276,7 +280,8 @@ class YOLOHead(nn.Module):
 
     def forward(self, features):
         hidden = [conv(x) for conv, x in zip(self.convs, features)]
-        return ([layer(x) for layer, x in zip(self.cls_score, hidden)],
+        cls_hidden = [conv(x) for conv, x in zip(self.cls_convs, features)] if self.cls_convs else hidden
+        return ([layer(x) for layer, x in zip(self.cls_score, cls_hidden)],
                 [layer(x) for layer, x in zip(self.bbox_pred, hidden)],
                 [layer(x) for layer, x in zip(self.objectness, hidden)])
 
@@ -366,7 +371,8 @@ class YOLOV3(DenseDetector):
         if len(y.OBJ_LEVEL_WEIGHTS) != len(levels):
             raise ConfigError(f"MODEL.YOLO.OBJ_LEVEL_WEIGHTS {list(y.OBJ_LEVEL_WEIGHTS)}: give one weight per "
                               f"level ({', '.join(levels)})")
-        head = YOLOHead([shapes[f] for f in levels], [len(a) for a in y.ANCHORS], y.NUM_CLASSES, y.PRIOR_PROB, y.NORM)
+        head = YOLOHead([shapes[f] for f in levels], [len(a) for a in y.ANCHORS], y.NUM_CLASSES, y.PRIOR_PROB, y.NORM,
+                        y.CLASS_CONV)
         return {
             "backbone": backbone,
             "head": head,
