@@ -64,6 +64,23 @@ def test_the_loss_of_one_gt_box_equals_its_hand_computed_value():
     assert losses["loss_yolo_obj"].item() == pytest.approx(1.0 * math.log(2), rel=1e-5)
 
 
+def test_the_focal_class_loss_counts_every_anchor_divided_by_the_positives():
+    model = _hand_built_model(class_loss="focal")
+    features = [torch.zeros(1, 8, 4, 4)]
+    predictions = ([torch.zeros(1, 2, 4, 4)], [torch.zeros(1, 4, 4, 4)], [torch.zeros(1, 1, 4, 4)])
+    gt = Instances((32, 32), gt_boxes=Boxes(torch.tensor([[2.0, 2.0, 22.0, 22.0]])), gt_classes=torch.tensor([1]))
+    losses = model.forward_training(None, features, predictions, [gt])
+    # Every logit 0 (p = 1/2): the positive's class 1 costs alpha (1 - p)^2 log 2 = 0.0625 log 2,
+    # each of the other 31 (anchor, class) pairs (1 - alpha) p^2 log 2 = 0.1875 log 2; one positive.
+    assert losses["loss_yolo_cls"].item() == pytest.approx(0.5 * (0.0625 + 31 * 0.1875) * math.log(2), rel=1e-5)
+    # An image without objects still trains the class scores down.
+    empty = Instances((32, 32), gt_boxes=Boxes(torch.zeros(0, 4)), gt_classes=torch.zeros(0, dtype=torch.long))
+    assert model.forward_training(None, features, predictions, [empty])["loss_yolo_cls"].item() == pytest.approx(
+        0.5 * 32 * 0.1875 * math.log(2), rel=1e-5)
+    with pytest.raises(ConfigError, match="MODEL.YOLO.CLASS_LOSS 'ce': choose one of bce, focal"):
+        _hand_built_model(class_loss="ce")
+
+
 def test_neighbour_cells_train_the_two_adjacent_cells_nearest_the_gt_centre():
     # A 4 x 4 map of stride 8, one 16 x 16 anchor. The GT centre (10, 13) is in cell (row 1,
     # col 1), a quarter cell from its left side and 5/8 of a cell down: its neighbours are

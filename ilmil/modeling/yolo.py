@@ -38,10 +38,12 @@ instead of 2 (FCOS: 8), though at 400 iterations it did not speed up the classif
 
     loss_box = BOX_WEIGHT N mean_pos (1 - GIoU(decoded box, GT))      (GIoU, not YOLOv3's xy-BCE + wh-L2:
                                                                         one term, scale-free)
-    loss_cls = CLS_WEIGHT N mean_{pos, k} BCE(z_k, onehot_k)
+    loss_cls = CLS_WEIGHT N mean_{pos, k} BCE(z_k, onehot_k)               (CLASS_LOSS bce)
+             = CLS_WEIGHT N sum_{every anchor, k} FL(z_k, onehot_k) / P      (CLASS_LOSS focal)
     loss_obj = OBJ_WEIGHT N sum_l balance_l mean_l BCE(o, 1[pos])
 
-where the objectness mean of level l leaves out the negatives whose decoded box
+with FL the sigmoid focal loss (``FOCAL_ALPHA``, ``FOCAL_GAMMA``; the one-hot is zero
+away from the positives), and where the objectness mean of level l leaves out the negatives whose decoded box
 overlaps some GT at IoU > ``IGNORE_THRESH`` (YOLOv3's ignored predictions), and
 balance_l (``OBJ_LEVEL_WEIGHTS``) weighs finer levels more, as they hold more cells.
 Inference: score = sigma(o) sigma(z_k), then the usual dense-detector filtering
@@ -52,7 +54,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from fvcore.nn import giou_loss
+from fvcore.nn import giou_loss, sigmoid_focal_loss
 from torch import nn
 
 from detectron2.config import configurable
@@ -61,7 +63,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, Backbone
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
-from ..config import ConfigError
+from ..config import ConfigError, check_choice
 from .head_boxes import flatten_head_boxes
 
 __all__ = ["YOLOV3", "YOLOHead", "level_anchor_boxes", "build_darknet_backbone", "build_darknet_tiny_backbone"]
@@ -70,6 +72,7 @@ __all__ = ["YOLOV3", "YOLOHead", "level_anchor_boxes", "build_darknet_backbone",
 DARKNET53_STAGES = ((64, 1), (128, 2), (256, 8), (512, 8), (1024, 4))
 # YOLOv3-tiny: the widths of its conv + 2x2 max-pool stages (stride 2 .. 32 after each pool).
 TINY_WIDTHS = (16, 32, 64, 128, 256, 512)
+CLASS_LOSSES = ("bce", "focal")
 
 
 def _width(channels, multiplier):
@@ -329,6 +332,7 @@ class YOLOV3(DenseDetector):
     @configurable
     def __init__(self, *, backbone, head, head_in_features, anchors, num_classes, match_iou_thresh=0.3,
                  neighbour_cells=False, ignore_thresh=0.5, loss_weights=(0.05, 0.5, 1.0), obj_level_weights=(4.0, 1.0, 0.4),
+                 class_loss="bce", focal_alpha=0.25, focal_gamma=2.0,
                  test_score_thresh=0.05, test_topk_candidates=1000, test_nms_thresh=0.5,
                  max_detections_per_image=100, pixel_mean, pixel_std):
         super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
@@ -339,6 +343,8 @@ class YOLOV3(DenseDetector):
         self.ignore_thresh = ignore_thresh
         self.box_weight, self.cls_weight, self.obj_weight = loss_weights
         self.obj_level_weights = tuple(obj_level_weights)
+        self.class_loss = check_choice("MODEL.YOLO.CLASS_LOSS", class_loss, CLASS_LOSSES)
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
@@ -384,6 +390,9 @@ class YOLOV3(DenseDetector):
             "ignore_thresh": y.IGNORE_THRESH,
             "loss_weights": (y.BOX_WEIGHT, y.CLS_WEIGHT, y.OBJ_WEIGHT),
             "obj_level_weights": y.OBJ_LEVEL_WEIGHTS,
+            "class_loss": y.CLASS_LOSS,
+            "focal_alpha": y.FOCAL_ALPHA,
+            "focal_gamma": y.FOCAL_GAMMA,
             "test_score_thresh": y.SCORE_THRESH_TEST,
             "test_topk_candidates": y.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": y.NMS_THRESH_TEST,
@@ -461,6 +470,7 @@ class YOLOV3(DenseDetector):
         counts = [len(a) for a in anchors]
         obj_target = torch.zeros_like(objectness)
         obj_weight = torch.ones_like(objectness)
+        cls_target = torch.zeros_like(logits) if self.class_loss == "focal" else None
         pos_boxes, pos_gt, pos_logits, pos_classes = [], [], [], []
         for n, (gt, (slot, gt_index)) in enumerate(zip(gt_instances, self.assign(gt_instances, anchors, sizes))):
             if len(gt) > 0:
@@ -473,6 +483,8 @@ class YOLOV3(DenseDetector):
             pos_gt.append(gt.gt_boxes.tensor[gt_index])
             pos_logits.append(logits[n, slot])
             pos_classes.append(gt.gt_classes[gt_index])
+            if cls_target is not None:
+                cls_target[n, slot, gt.gt_classes[gt_index]] = 1.0
         num_images = len(gt_instances)
         obj_bce = F.binary_cross_entropy_with_logits(objectness, obj_target, reduction="none") * obj_weight
         loss_obj = sum(w * part.sum() / part_weight.sum().clamp(min=1.0) for w, part, part_weight in
@@ -485,6 +497,9 @@ class YOLOV3(DenseDetector):
             loss_box = giou_loss(cat(pos_boxes), cat(pos_gt), reduction="mean")
             onehot = F.one_hot(cat(pos_classes), self.num_classes).to(pos_logits.dtype)
             loss_cls = F.binary_cross_entropy_with_logits(pos_logits, onehot)
+        if cls_target is not None:  # every anchor, negatives included, even with no GT in the batch
+            loss_cls = sigmoid_focal_loss(logits, cls_target, self.focal_alpha, self.focal_gamma,
+                                          reduction="sum") / max(1, len(pos_logits))
         return {
             "loss_yolo_box": self.box_weight * num_images * loss_box,
             "loss_yolo_cls": self.cls_weight * num_images * loss_cls,
