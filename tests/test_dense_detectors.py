@@ -306,6 +306,7 @@ def _check_results(out, stages):
     assert [(s["stage"], s["old_classes"], s["new_classes"]) for s in results["stages"]] == stages
     for entry in results["stages"]:
         assert _is_percent(entry["AP50"]) and _is_percent(entry["AP50_new"])
+        assert _is_percent(entry["AP50_class_agnostic"]) and _is_percent(entry["AP_class_agnostic"])
         assert list(entry["per_class"]) == entry["old_classes"] + entry["new_classes"]
     assert (out / "report.md").is_file() and (out / "per_class_ap.csv").is_file()
     return results

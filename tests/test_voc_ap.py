@@ -10,7 +10,8 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode, Boxes, Instances
 
-from ilmil.evaluation import IncrementalEvaluator, coco_ground_truth, per_class_coco_ap, voc_ap, voc_per_class_ap
+from ilmil.evaluation import (IncrementalEvaluator, class_agnostic_coco_ap, coco_ground_truth, per_class_coco_ap, voc_ap,
+                              voc_per_class_ap)
 
 
 def _record(image_id, boxes, size=100):
@@ -48,6 +49,19 @@ def test_tp_fp_tp_ranking():
     assert ap["VOC07_AP50"] == pytest.approx(100 * (6 * 1 + 5 * 2 / 3) / 11)  # t = 0..0.5 -> 1, t = 0.6..1 -> 2/3
     # COCO samples the same envelope at 101 recall points: 51 at precision 1, 50 at 2/3.
     assert _coco_ap50(records, detections)[0][1] == pytest.approx(100 * (51 + 50 * 2 / 3) / 101)
+
+
+def test_class_agnostic_ap_matches_boxes_whatever_their_class():
+    # Both objects found with the other's class: no AP50 per class, all of it pooled.
+    records = [_record(0, [(*A, 0, 0), (*B, 1, 0)])]
+    swapped = [_det(0, A, 0.9, category=1), _det(0, B, 0.8, category=0)]
+    gt = coco_ground_truth(records, ["c0", "c1"])
+    assert [ap50 for _, ap50 in per_class_coco_ap(gt, swapped, 2).values()] == [0.0, 0.0]
+    assert class_agnostic_coco_ap(gt, swapped)[1] == pytest.approx(100.0)
+    # A miss ranked between them: TP, FP, TP as in the ranking test above.
+    ranked = swapped + [_det(0, FAR, 0.85, category=1)]
+    assert class_agnostic_coco_ap(gt, ranked)[1] == pytest.approx(100 * (51 + 50 * 2 / 3) / 101)
+    assert class_agnostic_coco_ap(gt, []) == (0.0, 0.0)
 
 
 def test_voc_ap_of_recall_precision_arrays():

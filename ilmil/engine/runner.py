@@ -8,7 +8,7 @@ Output layout (``OUT``)::
     stages.json            the schedule: per stage its classes and image counts
     config.yaml            the resolved config
     results.json           per stage: AP, AP50, AP_old, AP50_old, AP_new, AP50_new, per_class,
-                           forgetting; written after every stage
+                           AP(50)_class_agnostic, forgetting; written after every stage
     stage_K/model_final.pth, metrics.json (event log), metrics_eval.json, detections.json
     per_class_ap*.csv, *.png, report.md    at the end (ilmil/evaluation/run_outputs.py)
 

@@ -2,7 +2,13 @@
 old/new/all averages, forgetting and retention, and the files of a finished run."""
 from .comparison import compare_runs
 from .forgetting import add_forgetting, per_class_metrics
-from .incremental_evaluator import IncrementalEvaluator, coco_ground_truth, per_class_coco_ap, summarize_old_new
+from .incremental_evaluator import (
+    IncrementalEvaluator,
+    class_agnostic_coco_ap,
+    coco_ground_truth,
+    per_class_coco_ap,
+    summarize_old_new,
+)
 from .model_evaluation import evaluate_checkpoint, evaluate_model, evaluate_run
 from .report import format_report, format_results_table
 from .run_outputs import (
@@ -22,6 +28,7 @@ __all__ = [
     "PER_CLASS_CSV",
     "VOC_METRICS",
     "add_forgetting",
+    "class_agnostic_coco_ap",
     "compare_runs",
     "coco_ground_truth",
     "evaluate_checkpoint",

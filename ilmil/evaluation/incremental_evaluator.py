@@ -11,7 +11,11 @@ stage's), every metric M gets::
 
     M_old = mean_{c in old} M_c      M_new = mean_{c in new} M_c      M = mean_{c in old + new} M_c
 
-skipping classes without test objects (M_c NaN). ``detections.json`` (written when
+skipping classes without test objects (M_c NaN). ``AP_class_agnostic`` and
+``AP50_class_agnostic`` pool every class (pycocotools' ``useCats = 0``): a detection
+matches any object, whatever the class, so they measure finding and boxing objects
+apart from naming them (a detector whose classifier lags has these high and AP50
+low). ``detections.json`` (written when
 the evaluator has an ``output_dir``) lists the stage's detections in COCO result
 format: ``image_id`` is the test record's ``image_id`` (the dataset's own id: the
 COCO image id, the VOC file id), ``category_id`` the class index in the stage's
@@ -38,7 +42,8 @@ from detectron2.utils import comm
 from ..file_io import atomic_write
 from .voc_ap import voc_per_class_ap
 
-__all__ = ["IncrementalEvaluator", "coco_ground_truth", "per_class_coco_ap", "summarize_old_new"]
+__all__ = ["IncrementalEvaluator", "class_agnostic_coco_ap", "coco_ground_truth", "per_class_coco_ap",
+           "summarize_old_new"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +100,23 @@ def per_class_coco_ap(coco_gt, detections, num_classes):
         ap50 = float(np.mean(p50[p50 > -1])) * 100 if np.any(p50 > -1) else math.nan
         result[c] = (ap, ap50)
     return result
+
+
+def class_agnostic_coco_ap(coco_gt, detections):
+    """``(AP, AP50)`` in percent with every class pooled: a detection matches the objects
+    of any class (NaN without ground truth)."""
+    if not coco_gt.getAnnIds():
+        return math.nan, math.nan
+    if not detections:
+        return 0.0, 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(detections), "bbox")
+        coco_eval.params.useCats = 0
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    precision = coco_eval.eval["precision"][:, :, 0, 0, -1]  # the one pooled "class", area all, 100 dets
+    return (float(np.mean(precision[precision > -1])) * 100,
+            float(np.mean(precision[0][precision[0] > -1])) * 100)
 
 
 def _nanmean(values):
@@ -158,6 +180,7 @@ class IncrementalEvaluator(DatasetEvaluator):
         if self._output_dir:
             self._save_detections(detections)
         summary = summarize_old_new(per_class, self._old, self._new)
+        summary["AP_class_agnostic"], summary["AP50_class_agnostic"] = class_agnostic_coco_ap(coco_gt, detections)
         summary["num_detections"] = len(detections)
         summary["num_images"] = len(self._records)
         # Images the model saw, over all processes; each exactly once when it equals num_images.
@@ -166,8 +189,9 @@ class IncrementalEvaluator(DatasetEvaluator):
             logger.warning("%s: %d of %d test images were evaluated (a sharding problem?)",
                            self._dataset_name, len(set(map(str, evaluated))), len(self._records))
         logger.info(
-            "%s: AP50 %.1f (old %.1f, new %.1f), AP %.1f",
+            "%s: AP50 %.1f (old %.1f, new %.1f), AP %.1f; class-agnostic AP50 %.1f",
             self._dataset_name, summary["AP50"], summary["AP50_old"], summary["AP50_new"], summary["AP"],
+            summary["AP50_class_agnostic"],
         )
         return {"bbox": summary}
 
