@@ -43,9 +43,10 @@ instead of 2 (FCOS: 8), though at 400 iterations it did not speed up the classif
     loss_obj = OBJ_WEIGHT N sum_l balance_l mean_l BCE(o, 1[pos])
 
 with FL the sigmoid focal loss (``FOCAL_ALPHA``, ``FOCAL_GAMMA``; the one-hot is zero
-away from the positives), and where the objectness mean of level l leaves out the negatives whose decoded box
-overlaps some GT at IoU > ``IGNORE_THRESH`` (YOLOv3's ignored predictions), and
-balance_l (``OBJ_LEVEL_WEIGHTS``) weighs finer levels more, as they hold more cells.
+away from the positives), and where the objectness mean of level l leaves out the
+negatives whose decoded box overlaps some GT at IoU > ``IGNORE_THRESH`` (YOLOv3's
+ignored predictions), and balance_l (``OBJ_LEVEL_WEIGHTS``) weighs finer levels more,
+as they hold more cells.
 Inference: score = sigma(o) sigma(z_k), then the usual dense-detector filtering
 (score threshold, top-k per level, per-class NMS, ``TEST.DETECTIONS_PER_IMAGE``).
 """
@@ -283,7 +284,7 @@ class YOLOHead(nn.Module):
 
     def forward(self, features):
         hidden = [conv(x) for conv, x in zip(self.convs, features)]
-        cls_hidden = [conv(x) for conv, x in zip(self.cls_convs, features)] if self.cls_convs else hidden
+        cls_hidden = [conv(x) for conv, x in zip(self.cls_convs, features)] if self.cls_convs is not None else hidden
         return ([layer(x) for layer, x in zip(self.cls_score, cls_hidden)],
                 [layer(x) for layer, x in zip(self.bbox_pred, hidden)],
                 [layer(x) for layer, x in zip(self.objectness, hidden)])
