@@ -348,8 +348,8 @@ def add_yolo_config(cfg):
     # bce: YOLOv3's class BCE at the positives only | focal: the sigmoid focal loss at every
     # anchor (RetinaNet's and FCOS's), so the class scores learn "no object" too.
     cfg.MODEL.YOLO.CLASS_LOSS = "bce"
-    cfg.MODEL.YOLO.FOCAL_ALPHA = 0.25
-    cfg.MODEL.YOLO.FOCAL_GAMMA = 2.0
+    cfg.MODEL.YOLO.FOCAL_LOSS_ALPHA = 0.25  # named as detectron2's RetinaNet and FCOS keys
+    cfg.MODEL.YOLO.FOCAL_LOSS_GAMMA = 2.0
     cfg.MODEL.YOLO.OBJ_WEIGHT = 1.0
     cfg.MODEL.YOLO.OBJ_LEVEL_WEIGHTS = [4.0, 1.0, 0.4]
     # Test: score = objectness x class probability; below the threshold dropped, the best

@@ -92,14 +92,16 @@ def per_class_coco_ap(coco_gt, detections, num_classes):
     # precision: [IoU thresholds, recall points, classes, area ranges, max dets];
     # area "all" and 100 detections per image; -1 marks "no ground truth".
     precision = coco_eval.eval["precision"][:, :, :, 0, -1]
-    result = {}
-    for c in range(num_classes):
-        p = precision[:, :, c]
-        ap = float(np.mean(p[p > -1])) * 100 if np.any(p > -1) else math.nan
-        p50 = precision[0, :, c]
-        ap50 = float(np.mean(p50[p50 > -1])) * 100 if np.any(p50 > -1) else math.nan
-        result[c] = (ap, ap50)
-    return result
+    return {c: _ap_and_ap50(precision[:, :, c]) for c in range(num_classes)}
+
+
+def _ap_and_ap50(precision):
+    """(AP, AP50) in percent of one class's [IoU thresholds, recall points] precision,
+    whose -1 marks "no ground truth" (NaN where all are)."""
+    def mean(p):
+        return float(np.mean(p[p > -1])) * 100 if np.any(p > -1) else math.nan
+
+    return mean(precision), mean(precision[0])
 
 
 def class_agnostic_coco_ap(coco_gt, detections):
@@ -114,9 +116,7 @@ def class_agnostic_coco_ap(coco_gt, detections):
         coco_eval.params.useCats = 0
         coco_eval.evaluate()
         coco_eval.accumulate()
-    precision = coco_eval.eval["precision"][:, :, 0, 0, -1]  # the one pooled "class", area all, 100 dets
-    return (float(np.mean(precision[precision > -1])) * 100,
-            float(np.mean(precision[0][precision[0] > -1])) * 100)
+    return _ap_and_ap50(coco_eval.eval["precision"][:, :, 0, 0, -1])  # the one pooled "class", area all, 100 dets
 
 
 def _nanmean(values):

@@ -42,7 +42,7 @@ instead of 2 (FCOS: 8), though at 400 iterations it did not speed up the classif
              = CLS_WEIGHT N sum_{every anchor, k} FL(z_k, onehot_k) / P      (CLASS_LOSS focal)
     loss_obj = OBJ_WEIGHT N sum_l balance_l mean_l BCE(o, 1[pos])
 
-with FL the sigmoid focal loss (``FOCAL_ALPHA``, ``FOCAL_GAMMA``; the one-hot is zero
+with FL the sigmoid focal loss (``FOCAL_LOSS_ALPHA``, ``FOCAL_LOSS_GAMMA``; the one-hot is zero
 away from the positives), and where the objectness mean of level l leaves out the
 negatives whose decoded box overlaps some GT at IoU > ``IGNORE_THRESH`` (YOLOv3's
 ignored predictions), and balance_l (``OBJ_LEVEL_WEIGHTS``) weighs finer levels more,
@@ -392,8 +392,8 @@ class YOLOV3(DenseDetector):
             "loss_weights": (y.BOX_WEIGHT, y.CLS_WEIGHT, y.OBJ_WEIGHT),
             "obj_level_weights": y.OBJ_LEVEL_WEIGHTS,
             "class_loss": y.CLASS_LOSS,
-            "focal_alpha": y.FOCAL_ALPHA,
-            "focal_gamma": y.FOCAL_GAMMA,
+            "focal_alpha": y.FOCAL_LOSS_ALPHA,
+            "focal_gamma": y.FOCAL_LOSS_GAMMA,
             "test_score_thresh": y.SCORE_THRESH_TEST,
             "test_topk_candidates": y.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": y.NMS_THRESH_TEST,
@@ -496,8 +496,9 @@ class YOLOV3(DenseDetector):
             loss_box = loss_cls = zero
         else:
             loss_box = giou_loss(cat(pos_boxes), cat(pos_gt), reduction="mean")
-            onehot = F.one_hot(cat(pos_classes), self.num_classes).to(pos_logits.dtype)
-            loss_cls = F.binary_cross_entropy_with_logits(pos_logits, onehot)
+            if cls_target is None:
+                onehot = F.one_hot(cat(pos_classes), self.num_classes).to(pos_logits.dtype)
+                loss_cls = F.binary_cross_entropy_with_logits(pos_logits, onehot)
         if cls_target is not None:  # every anchor, negatives included, even with no GT in the batch
             loss_cls = sigmoid_focal_loss(logits, cls_target, self.focal_alpha, self.focal_gamma,
                                           reduction="sum") / max(1, len(pos_logits))
