@@ -368,10 +368,18 @@ KD = Suite(
 # recipe adds the multi-layer alignment with adaptive weights (the feature term), the
 # YOLO systems' incremental method.
 ONE_STAGE_OPTS = {("yolov3", "ilmil"): ("ILMIL.DISTILL.FEAT.ENABLED", "True")}
+# Not methods of their own: the compression suite's best new term (the knowledge review,
+# fg from the new classes' GT and the pseudo-labels) added to the recipe, at its kd weight
+# and at a tenth of it (every term that holds the student to the teacher costs new classes).
+ONE_STAGE_PLUS = {"ilmil + review": ("ILMIL.DISTILL.REVIEW.ENABLED", "True"),
+                  "ilmil + review, weight 0.1": ("ILMIL.DISTILL.REVIEW.ENABLED", "True",
+                                                 "ILMIL.DISTILL.REVIEW.WEIGHT", "0.1")}
 ONE_STAGE_VARIANTS = tuple(
     Variant(f"{detector} {method}", method, opts=ONE_STAGE_OPTS.get((detector, method), ()), detector=detector,
             config_file=DETECTOR_CONFIGS[detector])
-    for detector in ("retinanet", "fcos", "yolov3") for method in ("finetune", "ilmil", "joint"))
+    for detector in ("retinanet", "fcos", "yolov3") for method in ("finetune", "ilmil", "joint")) + tuple(
+    Variant(f"{detector} {row}", "ilmil", opts=opts, detector=detector, config_file=DETECTOR_CONFIGS[detector])
+    for detector in ("retinanet", "fcos") for row, opts in ONE_STAGE_PLUS.items())
 ONE_STAGE = Suite(
     "one_stage",
     full=Setting(("10+10", "10+5+5"), ONE_STAGE_VARIANTS, iters=800, base_iters=6400, **DATA["full"]),

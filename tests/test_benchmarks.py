@@ -460,6 +460,12 @@ def test_one_stage_suite_plans_a_stage0_and_a_joint_run_per_detector_with_its_co
         # The one-stage recipe: its preset, not Faster R-CNN's.
         assert ilmil.config().ILMIL.DISTILL.DENSE.ENABLED and not ilmil.config().ILMIL.DISTILL.RPN.ENABLED
         assert not ilmil.config().ILMIL.DISTILL.FEAT.ENABLED
+        # The review added to the recipe, from the same stage 0, at its kd weight and a tenth.
+        for row, weight in (("ilmil + review", 1.0), ("ilmil + review, weight 0.1", 0.1)):
+            plus = runs[f"{detector} {row}"].config().ILMIL.DISTILL
+            assert runs[f"{detector} {row}"].stage0 == ilmil.stage0
+            assert plus.REVIEW.ENABLED and plus.REVIEW.WEIGHT == weight
+            assert plus.DENSE.ENABLED and plus.DENSE.WEIGHT == 0.05 and not plus.FEAT.ENABLED
     # YOLO's recipe adds the multi-layer alignment.
     assert runs["yolov3 ilmil"].config().ILMIL.DISTILL.FEAT.ENABLED
 
