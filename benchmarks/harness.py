@@ -2,12 +2,17 @@
 
 Each run is a real ``tools/train_incremental.py`` process with its own folder under
 ``--runs-dir``. A folder is named by spec, variant, budget and seed, and records a
-fingerprint of the config it was trained with (``bench_config.json``): a finished
-run of the same fingerprint is reused, a run of another is *stale* and is moved
-aside (``NAME.stale-DATE``) only when it is about to be retrained. The toolkit's
-own ``run.json`` guards the folder too, but its identity holds a hash of the
-dataset, which the harness cannot compute without loading the data; the
-fingerprint is what the recorded folders hold, so it stays the reuse rule.
+record of the config it was trained with (``bench_config.json``): every resolved
+value, and the fingerprint of older harnesses. A finished run whose record matches
+is reused, a run of another config is *stale* and is moved aside
+(``NAME.stale-DATE``) only when it is about to be retrained. The values are compared
+key by key, so a key added to the toolkit since (at its default) leaves a folder
+reusable, and a changed default makes the folders trained under the old one stale
+whether or not their suite pinned the key. A folder of an older harness holds only
+the fingerprint (a hash of the values that differ from *today's* defaults), which a
+changed default misleads; it stays the rule there. The toolkit's own ``run.json``
+guards the folder too, but its identity holds a hash of the dataset, which the
+harness cannot compute without loading the data.
 
 A spec's stage 0 has no teacher, so it trains the same for every variant: it is
 trained once, as a one-stage run keyed by its data (the spec's dataset, its
@@ -28,14 +33,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
-from ilmil.config import changed_from_defaults, get_ilmil_cfg
+from ilmil.config import changed_from_defaults, config_items, default_cfg, get_ilmil_cfg
 from ilmil.data import parse_stage_spec, shapes_num_classes
 from ilmil.file_io import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "tools", "train_incremental.py")
 COMPRESS = os.path.join(ROOT, "tools", "train_compression.py")
-CONFIG_RECORD = "bench_config.json"  # the fingerprint of what a run folder was trained with
+CONFIG_RECORD = "bench_config.json"  # the config a run folder was trained with
 # Wall time, peak memory and command of the training that finished a run folder, so a
 # record made by a later invocation (which reuses the run) still has them.
 OUTCOME_RECORD = "bench_outcome.json"
@@ -103,14 +108,36 @@ class Run:
         config_file = os.path.join(ROOT, self.config_file) if self.config_file else None
         return get_ilmil_cfg(config_file, self.overrides(), method=self.method)
 
+    def schedule(self):
+        """What the run trains besides its config: spec, method, seed and training flags;
+        not the code, and not where its stage 0 comes from."""
+        return [self.spec, self.method, self.seed, list(self.flags)]
+
+    def resolved(self):
+        """``{"SECTION.KEY": repr(value)}`` of every value the run trains with."""
+        return {key: repr(value) for key, value in config_items(self.config()).items()}
+
     def fingerprint(self):
-        """What the run trains with: its schedule, training flags and the resolved
-        config's values that differ from the defaults (the method's preset, the config
-        file, the overrides), so a key added to the toolkit at its default leaves every
-        fingerprint as it was; not the code, and not where its stage 0 comes from."""
+        """The schedule and the resolved config's values that differ from today's defaults
+        (the reuse rule of the folders that older harnesses recorded)."""
         changed = sorted((key, repr(value)) for key, value in changed_from_defaults(self.config()).items())
-        identity = json.dumps([self.spec, self.method, self.seed, list(self.flags), changed])
+        identity = json.dumps([*self.schedule(), changed])
         return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+    def record(self):
+        """The folder's ``bench_config.json``."""
+        return {"schedule": self.schedule(), "config": self.resolved(), "fingerprint": self.fingerprint()}
+
+    def trained_as(self, record):
+        """Whether a folder's record says it was trained as this run is: same schedule and,
+        key by key, the same values; a key the record lacks (added to the toolkit since)
+        must be at its default. A record of an older harness: the same fingerprint."""
+        if "config" not in record:
+            return record["fingerprint"] == self.fingerprint()
+        if record["schedule"] != self.schedule():
+            return False
+        defaults = {key: repr(value) for key, value in config_items(default_cfg()).items()}
+        return all(record["config"].get(key, defaults.get(key)) == value for key, value in self.resolved().items())
 
     def command(self):
         config = ("--config-file", self.config_file) if self.config_file else ()
@@ -232,7 +259,7 @@ def reuse_status(run):
     record = os.path.join(run.out_dir, CONFIG_RECORD)
     if os.path.exists(record):
         with open(record) as f:
-            if json.load(f)["fingerprint"] != run.fingerprint():
+            if not run.trained_as(json.load(f)):
                 return "stale"
     results = read_results(run)
     # A run started at stage 1 records its given stage 0 too: the last stage decides.
@@ -254,7 +281,7 @@ def train(run, fresh=False):
         shutil.rmtree(run.out_dir)
     os.makedirs(run.out_dir, exist_ok=True)
     atomic_write(os.path.join(run.out_dir, CONFIG_RECORD),
-                 lambda f: json.dump({"fingerprint": run.fingerprint()}, f), mode="w")
+                 lambda f: json.dump(run.record(), f, indent=1), mode="w")
     cmd = run.command()
     start = time.perf_counter()
     with open(os.path.join(run.out_dir, "bench_stdout.log"), "a") as logfile:

@@ -207,6 +207,34 @@ def test_the_reuse_check_renames_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2+2_ilmil_6+4it_seed0"]
 
 
+def test_a_folder_is_reused_only_if_every_value_it_was_trained_with_is_todays(tmp_path):
+    run = Run(str(tmp_path / "20_output"), "20", "finetune", 0, 4, 8, 4, ("ILMIL.DISTILL.DENSE.ENABLED", "True"),
+              config_file="configs/shapes/retinanet_R18_FPN_cpu.yaml")
+    (tmp_path / "20_output").mkdir()
+    (tmp_path / "20_output" / "results.json").write_text(json.dumps({"stages": [{"stage": 0}]}))
+
+    def status_of(record):
+        (tmp_path / "20_output" / CONFIG_RECORD).write_text(json.dumps(record))
+        return reuse_status(run)
+
+    record = run.record()
+    assert status_of(record) == "finished"
+    # Trained when the box part's default was L1 (today's is GIoU): not this run, though
+    # neither the run nor the suite names the key (the old fingerprint could not tell).
+    assert record["config"]["ILMIL.DISTILL.DENSE.BOX_LOSS"] == "'giou'"
+    assert status_of(dict(record, config=dict(record["config"], **{"ILMIL.DISTILL.DENSE.BOX_LOSS": "'l1'"}))) == "stale"
+    # A key added to the toolkit since the folder was trained counts as trained at its default...
+    older = dict(record, config={k: v for k, v in record["config"].items() if k != "ILMIL.DISTILL.DENSE.BOX_LOSS"})
+    assert status_of(older) == "finished"
+    # ...so a run that sets it otherwise is not that folder's.
+    l1 = dataclasses.replace(run, opts=run.opts + ("ILMIL.DISTILL.DENSE.BOX_LOSS", "l1"))
+    assert l1.trained_as(older) is False and l1.trained_as(l1.record())
+    assert status_of(dict(record, schedule=["20", "finetune", 1, []])) == "stale"  # another seed
+    # A folder of an older harness: its fingerprint decides.
+    assert status_of({"fingerprint": run.fingerprint()}) == "finished"
+    assert status_of({"fingerprint": l1.fingerprint()}) == "stale"
+
+
 def test_a_stale_run_is_moved_aside_only_when_retrained(tmp_path, monkeypatch):
     # A run the toolkit refuses at once (more classes than the data has): the training
     # fails, but the stale folder was set aside first, as the retraining needs.
@@ -218,7 +246,7 @@ def test_a_stale_run_is_moved_aside_only_when_retrained(tmp_path, monkeypatch):
         train(run)
     (stale,) = tmp_path.glob("30+30_ilmil.stale-*")
     assert json.loads((stale / CONFIG_RECORD).read_text())["fingerprint"] == "another config"
-    assert json.loads((tmp_path / "30+30_ilmil" / CONFIG_RECORD).read_text())["fingerprint"] == run.fingerprint()
+    assert json.loads((tmp_path / "30+30_ilmil" / CONFIG_RECORD).read_text()) == run.record()
 
 
 def test_a_stopped_harness_stops_its_trainings_and_starts_no_other(tmp_path, monkeypatch):
