@@ -323,6 +323,9 @@ def _kd_variants():
                 "review alone": (only("REVIEW") + ("ILMIL.DISTILL.REVIEW.DECOUPLE", "False",
                                                    "ILMIL.DISTILL.REVIEW.POOL_SIZES", "[]"), ()),
                 "review + decoupling": (only("REVIEW") + ("ILMIL.DISTILL.REVIEW.POOL_SIZES", "[]"), ()),
+                # The review near PKD's strength: per level it weighs a background location's squared
+                # error 2/N (BG_WEIGHT) where PKD weighs it 1/(2N), 4x; 0.25 evens that out.
+                "review, weight 0.25": (only("REVIEW") + ("ILMIL.DISTILL.REVIEW.WEIGHT", "0.25"), ()),
                 # M-KD: soft targets, attention, layer relations, and its exploration (learned
                 # uncertainty weights over the terms and the detection loss); then the same through
                 # a teacher assistant of three-quarter-width blocks.
