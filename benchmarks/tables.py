@@ -32,26 +32,30 @@ def _grouped(records, *fields):
     return groups
 
 
-def accuracy_table(records):
-    by_key = _grouped(records, "spec", "method")
+def accuracy_table(records, row="method"):
+    """One row per spec and ``row`` (a record field: the method, or the variant where a
+    method has several), means over seeds; AP50_all as a share of the spec's joint run."""
+    by_key = _grouped(records, "spec", row)
     lines = [
         "| spec | method | AP50_old | AP50_new | AP50_all | AP_all | forgetting AP50 | AP50_all / joint |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for (spec, method), runs in by_key.items():
+    for (spec, label), runs in by_key.items():
         joint = {r["seed"]: r["last_stage"]["AP50"] for r in by_key.get((spec, "joint"), [])}
         ratios = [r["last_stage"]["AP50"] / joint[r["seed"]] for r in runs if joint.get(r["seed"])]
         cells = [_mean_spread([r["last_stage"].get(k) for r in runs]) for k in ("AP50_old", "AP50_new", "AP50", "AP")]
         forgetting = _mean_spread([r["last_stage"].get("forgetting_AP50") for r in runs])
         ratio = _mean_spread([100 * x for x in ratios])
-        lines.append(f"| {spec} | {method} | {' | '.join(cells)} | {forgetting} | {ratio} % |")
+        lines.append(f"| {spec} | {label} | {' | '.join(cells)} | {forgetting} | {ratio} % |")
     return "\n".join(lines)
 
 
 def one_stage_table(records):
-    """The accuracy table of each detector's records."""
-    return "\n\n".join(f"{detector}:\n\n{accuracy_table(group)}"
-                        for (detector,), group in _grouped(records, "detector").items())
+    """The accuracy table of each detector's records, a row per variant (``ilmil + review``
+    is ilmil's method with a term added, not another seed of it)."""
+    rows = [dict(r, row=r["variant"].removeprefix(f"{r['detector']} ")) for r in records]
+    return "\n\n".join(f"{detector}:\n\n{accuracy_table(group, row='row')}"
+                        for (detector,), group in _grouped(rows, "detector").items())
 
 
 def ablation_table(records):

@@ -17,7 +17,7 @@ from benchmarks import harness
 from benchmarks.harness import CONFIG_RECORD, BenchError, Run, describe, plan, reuse_status, train
 from benchmarks.run import main as bench_main
 from benchmarks.suites import ABLATION, ACCURACY, KD, ONE_STAGE, STAGE_IMAGES
-from benchmarks.tables import kd_table, stage_images_table
+from benchmarks.tables import kd_table, one_stage_table, stage_images_table
 from ilmil.data import shapes_num_classes
 from ilmil.distill import enabled_terms
 
@@ -496,6 +496,20 @@ def test_one_stage_suite_plans_a_stage0_and_a_joint_run_per_detector_with_its_co
             assert plus.DENSE.ENABLED and plus.DENSE.WEIGHT == 0.05 and not plus.FEAT.ENABLED
     # YOLO's recipe adds the multi-layer alignment.
     assert runs["yolov3 ilmil"].config().ILMIL.DISTILL.FEAT.ENABLED
+
+
+def test_the_one_stage_table_keeps_a_term_added_to_ilmil_apart_from_ilmil():
+    def record(variant, method, ap50, seed=0):
+        return {"spec": "10+10", "variant": f"retinanet {variant}", "method": method, "detector": "retinanet",
+                "seed": seed, "last_stage": {"AP50_old": ap50, "AP50_new": ap50, "AP50": ap50, "AP": ap50 / 2}}
+
+    table = one_stage_table([record("ilmil", "ilmil", 76.0), record("ilmil", "ilmil", 78.0, seed=1),
+                             record("ilmil + review", "ilmil", 70.0), record("joint", "joint", 80.0),
+                             record("joint", "joint", 80.0, seed=1)])
+    rows = {line.split("|")[2].strip(): line for line in table.splitlines()[4:]}
+    assert sorted(rows) == ["ilmil", "ilmil + review", "joint"]
+    assert "| 77.0 ± 1.0 |" in rows["ilmil"] and rows["ilmil"].endswith("| 96.2 ± 1.2 % |")  # two seeds
+    assert rows["ilmil + review"].endswith("| 87.5 % |")
 
 
 def _edge_row(model, ms, ap50):
