@@ -348,6 +348,7 @@ KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dens
                 "output, class scores only": ["dense"], "M-KD, class scores only": ["dense", "at", "fsp"],
                 "output, L1 boxes": ["dense"], "M-KD, L1 boxes": ["dense", "at", "fsp"], "review": ["review"],
                 "review alone": ["review"], "review + decoupling": ["review"], "review, weight 0.25": ["review"],
+                "review, fg 0.25, bg 1": ["review"],
                 "M-KD": ["dense", "at", "fsp"], "M-KD + assistant": ["dense", "at", "fsp"],
                 # YOLO's own rows: multi-layer alignment and the information map with its ablations.
                 "alignment": ["feat"], "information map": ["infomap"], "uniform map": ["infomap"],
@@ -376,8 +377,9 @@ def test_kd_rows_switch_on_their_terms_only():
     # The review's ablation: alone (one full-size distance), + decoupling, + pooling (the default).
     review = {name: run.config().ILMIL.DISTILL.REVIEW for (_, name, _), run in planned.items()
               if name.startswith("retinanet review")}
-    assert [(r.DECOUPLE, list(r.POOL_SIZES), r.WEIGHT) for r in review.values()] == [
-        (True, [4, 2, 1], 1.0), (False, [], 1.0), (True, [], 1.0), (True, [4, 2, 1], 0.25)]
+    assert [(r.DECOUPLE, list(r.POOL_SIZES), r.WEIGHT, r.FG_WEIGHT, r.BG_WEIGHT) for r in review.values()] == [
+        (True, [4, 2, 1], 1.0, 1.0, 2.0), (False, [], 1.0, 1.0, 2.0), (True, [], 1.0, 1.0, 2.0),
+        (True, [4, 2, 1], 0.25, 1.0, 2.0), (True, [4, 2, 1], 1.0, 0.25, 1.0)]
     normalisers = {name: run.config().ILMIL.DISTILL.DENSE.NORMALIZER for (_, name, _), run in planned.items()
                    if variants[name].row.startswith("output")}
     assert {name for name, normaliser in normalisers.items() if normaliser == "mean"} == {
