@@ -50,6 +50,21 @@ def test_fsp_matrix_and_loss_by_hand():
     assert FSPRelation(pairs=[["res3", "res4"]])({"res3": f1, "res4": f2}, {"res3": f1, "res4": f2}).item() == 0
 
 
+@pytest.mark.parametrize("second_size", [(3, 5), (4, 7), (6, 10), (12, 20)])
+def test_fsp_matrix_equals_the_one_of_the_second_map_resized_to_the_first(second_size):
+    # The definition: the second map resized (bilinear) to the first's size, then F1 F2^T / (H W).
+    gen = torch.Generator().manual_seed(0)
+    first = torch.randn(2, 3, 6, 10, generator=gen, dtype=torch.float64, requires_grad=True)
+    second = torch.randn(2, 4, *second_size, generator=gen, dtype=torch.float64, requires_grad=True)
+    resized = torch.nn.functional.interpolate(second, size=(6, 10), mode="bilinear", align_corners=False)
+    expected = torch.bmm(first.flatten(2), resized.flatten(2).transpose(1, 2)) / 60
+    weights = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    got = fsp_matrix(first, second)
+    torch.testing.assert_close(got, expected)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (first, second))
+    torch.testing.assert_close(torch.autograd.grad((got * weights).sum(), (first, second)), expected_grads)
+
+
 def test_fsp_maps_a_narrow_student_through_connectors_trained_with_it():
     cfg = get_ilmil_cfg(None, ["ILMIL.DISTILL.FSP.PAIRS", [["res3", "res4"]]])
     loss = FSPRelation(cfg, {"res3": ShapeSpec(channels=4, stride=8), "res4": ShapeSpec(channels=8, stride=16)},

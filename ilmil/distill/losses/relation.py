@@ -9,6 +9,7 @@ first, so their widths are the teacher's):
     L = sum_pairs mean_images mean_{C1 x C2} (G(S1, S2) - G(T1, T2))^2
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import configurable
@@ -21,10 +22,27 @@ from .feature import feature_connectors
 __all__ = ["FSPRelation", "fsp_matrix"]
 
 
+def _resize_matrix(out_size, in_size, like):
+    """[out_size, in_size] weights of 1-D bilinear resizing (as ``match_size``), so that a
+    map X [in_h, in_w] resized is A_h X A_w^T."""
+    identity = torch.eye(in_size, dtype=like.dtype, device=like.device)[None, None]
+    return F.interpolate(identity, size=(in_size, out_size), mode="bilinear", align_corners=False)[0, 0].t()
+
+
 def fsp_matrix(first, second):
-    """[N, C1, C2] FSP matrices of [N, C1, H, W] ``first`` and [N, C2, h, w] ``second``."""
-    second = match_size(second, first)
+    """[N, C1, C2] FSP matrices of [N, C1, H, W] ``first`` and [N, C2, h, w] ``second``.
+
+    A coarser ``second`` is not upsampled: with its resizing A_H F2 A_W^T, the sum over
+    the H x W grid of F1 resize(F2)^T equals the sum over the h x w grid of
+    (A_H^T F1 A_W) F2^T, the same matrix from a quarter of the products per octave
+    (upsampled, the ResNet-stage pairs were most of what M-KD costs over output
+    distillation on RetinaNet)."""
     height, width = first.shape[-2:]
+    if second.shape[-2] * second.shape[-1] < height * width:
+        first = _resize_matrix(height, second.shape[-2], first).t() @ first @ _resize_matrix(
+            width, second.shape[-1], first)
+    else:
+        second = match_size(second, first)
     return torch.bmm(first.flatten(2), second.flatten(2).transpose(1, 2)) / (height * width)
 
 
