@@ -311,6 +311,11 @@ def _kd_variants():
                 "information map, standardised": (
                     only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.NORMALIZE", "True", "ILMIL.DISTILL.INFOMAP.WEIGHT", "0.05"),
                     ()),
+                # The standardised map floored at 0.5: the uniform map (above) beat the map, so the
+                # background keeps half the objects' weight instead of almost none.
+                "information map, standardised, background 0.5": (
+                    only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.NORMALIZE", "True", "ILMIL.DISTILL.INFOMAP.WEIGHT", "0.05",
+                                       "ILMIL.DISTILL.INFOMAP.BACKGROUND_WEIGHT", "0.5"), ()),
                 "uniform map, standardised": (
                     only("INFOMAP") + ("ILMIL.DISTILL.INFOMAP.NORMALIZE", "True", "ILMIL.DISTILL.INFOMAP.WEIGHTING",
                                        "uniform", "ILMIL.DISTILL.INFOMAP.WEIGHT", "0.05"), ()),

@@ -356,7 +356,8 @@ KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dens
                 "information map, backbone, background 0.1": ["infomap"], "uniform map, backbone": ["infomap"],
                 "information map, weight 0.02": ["infomap"], "uniform map, weight 0.02": ["infomap"],
                 "information map, weight 0.01": ["infomap"], "information map, background 0.1, weight 0.02": ["infomap"],
-                "information map, standardised": ["infomap"], "uniform map, standardised": ["infomap"]}
+                "information map, standardised": ["infomap"], "uniform map, standardised": ["infomap"],
+                "information map, standardised, background 0.5": ["infomap"]}
 
 
 def test_kd_rows_switch_on_their_terms_only():
@@ -402,8 +403,10 @@ def test_kd_rows_switch_on_their_terms_only():
     floored, uniform = yolo["information map, backbone, background 0.1"].INFOMAP, yolo["uniform map, backbone"].INFOMAP
     assert list(floored.LAYERS) == list(uniform.LAYERS) == ["dark3", "dark4", "dark5"]
     assert (floored.BACKGROUND_WEIGHT, floored.WEIGHTING, uniform.WEIGHTING) == (0.1, "information", "uniform")
-    standardised = {name: yolo[name].INFOMAP for name in ("information map, standardised", "uniform map, standardised")}
-    assert [(m.NORMALIZE, m.WEIGHTING) for m in standardised.values()] == [(True, "information"), (True, "uniform")]
+    standardised = {name: yolo[name].INFOMAP for name in ("information map, standardised", "uniform map, standardised",
+                                                          "information map, standardised, background 0.5")}
+    assert [(m.NORMALIZE, m.WEIGHTING, m.BACKGROUND_WEIGHT) for m in standardised.values()] == [
+        (True, "information", 0.0), (True, "uniform", 0.0), (True, "information", 0.5)]
     assert not any(d.INFOMAP.NORMALIZE for name, d in yolo.items() if name not in standardised)
 
 
