@@ -51,7 +51,7 @@ def training_records(suite, setting, planned, outcomes, extra):
         outcome = outcomes.get(run.out_dir) or read_outcome(run)
         records.append({
             "suite": suite.name, "spec": spec, "variant": name, "method": run.method,
-            "detector": variants[name].detector,
+            "detector": variants[name].detector, "row": variants[name].row,
             "opts": list(variants[name].opts), "seed": seed,
             "budget": budget_name(setting), "num_train": setting.num_train, "num_test": setting.num_test,
             "extra_opts": list(extra),
@@ -83,7 +83,7 @@ def pruning_records(suite, setting, planned, outcomes, extra):
 
 
 def kd_records(suite, setting, planned, outcomes, extra):
-    """The training record of each student with its detector and baseline, its AP and
+    """The training record of each student with its AP and
     its teacher's (evaluated by the compression run on the same test data), and the
     parameters and GFLOPs of both models."""
     variants = {v.name: v for v in setting.variants}
@@ -98,7 +98,7 @@ def kd_records(suite, setting, planned, outcomes, extra):
     for record, run in zip(training_records(suite, setting, planned, outcomes, extra), planned.values()):
         variant = variants[record["variant"]]
         teacher = read_results(run)["teacher"]
-        records.append({**record, "baseline": variant.row, "student": variant.student,
+        records.append({**record, "student": variant.student,
                         "AP50": record["last_stage"]["AP50"], "AP": record["last_stage"]["AP"],
                         "teacher_AP50": teacher["AP50"], "teacher_AP": teacher["AP"],
                         "student_model": model_size(run), "teacher_model": model_size(run.stage0)})

@@ -31,7 +31,7 @@ class Variant:
 
     @property
     def row(self):
-        """The variant's row of a compression table: its name without detector and student."""
+        """The variant's row in its detector's table: its name without detector and student."""
         return self.name[len(self.detector):].strip().removeprefix(f"{self.student}, " if self.student else "")
 
     @property

@@ -53,9 +53,8 @@ def accuracy_table(records, row="method"):
 def one_stage_table(records):
     """The accuracy table of each detector's records, a row per variant (``ilmil + review``
     is ilmil's method with a term added, not another seed of it)."""
-    rows = [dict(r, row=r["variant"].removeprefix(f"{r['detector']} ")) for r in records]
     return "\n\n".join(f"{detector}:\n\n{accuracy_table(group, row='row')}"
-                        for (detector,), group in _grouped(rows, "detector").items())
+                        for (detector,), group in _grouped(records, "detector").items())
 
 
 def ablation_table(records):
@@ -129,7 +128,7 @@ def kd_table(records):
     records = [{"student": "", **r} for r in records]  # records of before narrower students: the default one
     shown = set()  # detectors whose teacher row is written
     for (detector, student), runs in sorted(_grouped(records, "detector", "student").items()):
-        plain = {r["seed"]: r for r in runs if r["baseline"] == "no KD"}
+        plain = {r["seed"]: r for r in runs if r["row"] == "no KD"}
         teacher = runs[0]["teacher_model"]
         if detector not in shown:  # before its students: the default one first, then narrower ones
             shown.add(detector)
@@ -141,7 +140,7 @@ def kd_table(records):
         if student:
             detector = f"{detector}, {student}"
         # The student without distillation first: the rows below are measured against it.
-        for (baseline,), group in sorted(_grouped(runs, "baseline").items(), key=lambda item: item[0] != ("no KD",)):
+        for (row,), group in sorted(_grouped(runs, "row").items(), key=lambda item: item[0] != ("no KD",)):
             def relative(key, of=None):
                 pairs = [(r, plain.get(r["seed"])) for r in group]
                 pairs = [(r, p) for r, p in pairs if p is not None and r.get(key) is not None and p.get(key)]
@@ -156,15 +155,15 @@ def kd_table(records):
                 values = [r[key] / p[key] for r, p in pairs]
                 return f"{statistics.mean(values):.2f}x" if values else "–"
 
-            gaps = ["", ""] if baseline == "no KD" else [relative("AP50", "AP50"), relative("AP", "AP")]
+            gaps = ["", ""] if row == "no KD" else [relative("AP50", "AP50"), relative("AP", "AP")]
             student = group[0]["student_model"]
             lines.append(
-                f"| {detector} | {baseline} | {_mean_spread([r['AP50'] for r in group])} | "
+                f"| {detector} | {row} | {_mean_spread([r['AP50'] for r in group])} | "
                 f"{_mean_spread([r['AP'] for r in group])} | {' | '.join(gaps)} | "
                 f"{_mean([r['step_time_s'] for r in group], 3)} | "
-                f"{'' if baseline == 'no KD' else relative('step_time_s')} | "
+                f"{'' if row == 'no KD' else relative('step_time_s')} | "
                 f"{_mean([r['peak_rss_mib'] for r in group], 0)} | "
-                f"{'' if baseline == 'no KD' else relative('peak_rss_mib')} | "
+                f"{'' if row == 'no KD' else relative('peak_rss_mib')} | "
                 f"{student['params'] / 1e6:.2f} | {student['gflops']:.2f} |")
     return "\n".join(lines)
 

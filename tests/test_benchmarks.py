@@ -421,26 +421,26 @@ def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(ti
     test_size = ("ILMIL.SHAPES.IMAGE_SIZE", "160", "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "160")
     _run_harness("kd", tiny_datasets_root, tmp_path, *args, opts=test_size)
     with open(tmp_path / "results" / "kd_quick.json") as f:
-        records_ = {r["baseline"]: r for r in json.load(f)["records"]}
+        records_ = {r["row"]: r for r in json.load(f)["records"]}
     assert list(records_) == rows
     runs = tmp_path / "runs" / "kd_quick"
     teacher = runs / f"teacher_fcos_{classes}classes_6it_seed0"
     assert _last_iteration(teacher / "stage_0") == 5
-    for baseline, record in records_.items():
+    for row, record in records_.items():
         assert record["detector"] == "fcos" and 0.0 <= record["AP50"] <= 100.0
         assert record["step_time_s"] > 0 and record["peak_rss_mib"] > 0
         # Every student is the narrow one, its teacher the one trained above and evaluated in its run.
         assert record["student_model"]["params"] < 0.9 * record["teacher_model"]["params"]
-        run = runs / f"{classes}_fcos_{baseline.replace(' ', '_')}_6+4it_seed0"
+        run = runs / f"{classes}_fcos_{row.replace(' ', '_')}_6+4it_seed0"
         results = json.loads((run / "results.json").read_text())
         assert results["teacher"]["weights"] == str(teacher / "stage_0" / "model_final.pth")
         assert record["teacher_AP50"] == results["teacher"]["AP50"]
         logged = (run / "stage_0" / "metrics.json").read_text()
         terms = ("feat", "fgfi", "dense", "review", "at", "fsp")
-        assert [t for t in terms if f"loss_distill_{t}" in logged] == KD_ROW_TERMS[baseline]
-        assert ("loss_detection_uncertainty" in logged) == baseline.startswith("M-KD")
+        assert [t for t in terms if f"loss_distill_{t}" in logged] == KD_ROW_TERMS[row]
+        assert ("loss_detection_uncertainty" in logged) == row.startswith("M-KD")
         # The chain's teacher is the suite's; its assistant taught the student.
-        assert ("assistant" in results) == (baseline == "M-KD + assistant")
+        assert ("assistant" in results) == (row == "M-KD + assistant")
     table = (tmp_path / "results" / "kd_quick.md").read_text()
     table_rows = [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| fcos |")]
     assert table_rows == ["teacher", *rows]
@@ -450,8 +450,8 @@ def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(ti
     assert all(r["peak_rss_mib"] for r in json.loads((tmp_path / "results" / "kd_quick.json").read_text())["records"])
 
 
-def _kd_record(baseline, ap50, step_time, student=None):
-    record = {"detector": "faster_rcnn", "baseline": baseline, "seed": 0, "AP50": ap50, "AP": ap50 / 2,
+def _kd_record(row, ap50, step_time, student=None):
+    record = {"detector": "faster_rcnn", "row": row, "seed": 0, "AP50": ap50, "AP": ap50 / 2,
               "teacher_AP50": 60.0, "teacher_AP": 30.0, "step_time_s": step_time, "peak_rss_mib": 1000.0,
               "student_model": {"params": 1e6, "gflops": 0.5}, "teacher_model": {"params": 12e6, "gflops": 3.0}}
     return record if student is None else {**record, "student": student}  # older records name no student
@@ -505,8 +505,8 @@ def test_one_stage_suite_plans_a_stage0_and_a_joint_run_per_detector_with_its_co
 
 def test_the_one_stage_table_keeps_a_term_added_to_ilmil_apart_from_ilmil():
     def record(variant, method, ap50, seed=0):
-        return {"spec": "10+10", "variant": f"retinanet {variant}", "method": method, "detector": "retinanet",
-                "seed": seed, "last_stage": {"AP50_old": ap50, "AP50_new": ap50, "AP50": ap50, "AP": ap50 / 2}}
+        return {"spec": "10+10", "variant": f"retinanet {variant}", "row": variant, "method": method,
+                "detector": "retinanet", "seed": seed, "last_stage": {"AP50_old": ap50, "AP50_new": ap50, "AP50": ap50, "AP": ap50 / 2}}
 
     table = one_stage_table([record("ilmil", "ilmil", 76.0), record("ilmil", "ilmil", 78.0, seed=1),
                              record("ilmil + review", "ilmil", 70.0), record("joint", "joint", 80.0),
