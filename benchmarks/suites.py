@@ -342,6 +342,11 @@ def _kd_variants():
                 "M-KD": (mkd, ()),
                 "M-KD + assistant": (mkd, ("--assistant-config",
                                            f"configs/shapes/kd/{detector}_R18_FPN_assistant_cpu.yaml")),
+                # M-KD's ablation: each other kind of knowledge alone (the soft targets alone are
+                # `output`), and all three with fixed weights instead of the exploration's learned ones.
+                "attention": (only("AT"), ()),
+                "layer relations": (only("FSP"), ()),
+                "M-KD without exploration": (only(output, "AT", "FSP") + output_opts, ()),
             })  # fmt: skip
         for name, (opts, flags) in rows.items():
             variants.append(Variant(f"{detector} {name}", "finetune", opts, flags, detector=detector,

@@ -350,6 +350,7 @@ KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dens
                 "review alone": ["review"], "review + decoupling": ["review"], "review, weight 0.25": ["review"],
                 "review, fg 0.25, bg 1": ["review"],
                 "M-KD": ["dense", "at", "fsp"], "M-KD + assistant": ["dense", "at", "fsp"],
+                "attention": ["at"], "layer relations": ["fsp"], "M-KD without exploration": ["dense", "at", "fsp"],
                 # YOLO's own rows: multi-layer alignment and the information map with its ablations.
                 "alignment": ["feat"], "information map": ["infomap"], "uniform map": ["infomap"],
                 "information map, backbone": ["infomap"], "information map, neck": ["infomap"],
@@ -381,6 +382,13 @@ def test_kd_rows_switch_on_their_terms_only():
     assert [(r.DECOUPLE, list(r.POOL_SIZES), r.WEIGHT, r.FG_WEIGHT, r.BG_WEIGHT) for r in review.values()] == [
         (True, [4, 2, 1], 1.0, 1.0, 2.0), (False, [], 1.0, 1.0, 2.0), (True, [], 1.0, 1.0, 2.0),
         (True, [4, 2, 1], 0.25, 1.0, 2.0), (True, [4, 2, 1], 1.0, 0.25, 1.0)]
+    # M-KD's exploration: learned weights over its terms and the detection loss, off in its ablation row.
+    weightings = {(variants[name].detector, variants[name].row): (run.config().ILMIL.DISTILL.TERM_WEIGHTS,
+                                                                  run.config().ILMIL.DISTILL.DETECTION_WEIGHT)
+                  for (_, name, _), run in planned.items() if variants[name].row.startswith("M-KD")}
+    assert {key for key, weighting in weightings.items() if weighting != ("uncertainty", "uncertainty")} == {
+        (d, "M-KD without exploration") for d in ("faster_rcnn", "retinanet", "fcos")}
+    assert all(weighting == ("fixed", "fixed") for (_, row), weighting in weightings.items() if "exploration" in row)
     normalisers = {name: run.config().ILMIL.DISTILL.DENSE.NORMALIZER for (_, name, _), run in planned.items()
                    if variants[name].row.startswith("output")}
     assert {name for name, normaliser in normalisers.items() if normaliser == "mean"} == {
