@@ -83,9 +83,8 @@ def pruning_records(suite, setting, planned, outcomes, extra):
 
 
 def kd_records(suite, setting, planned, outcomes, extra):
-    """The training record of each student with its AP and
-    its teacher's (evaluated by the compression run on the same test data), and the
-    parameters and GFLOPs of both models."""
+    """The training record of each student with its AP and its teacher's (evaluated by
+    the compression run on the same test data), and the parameters and GFLOPs of both models."""
     variants = {v.name: v for v in setting.variants}
     measured = {}  # the teachers' models, measured once each
 

@@ -514,7 +514,8 @@ def test_one_stage_suite_plans_a_stage0_and_a_joint_run_per_detector_with_its_co
 def test_the_one_stage_table_keeps_a_term_added_to_ilmil_apart_from_ilmil():
     def record(variant, method, ap50, seed=0):
         return {"spec": "10+10", "variant": f"retinanet {variant}", "row": variant, "method": method,
-                "detector": "retinanet", "seed": seed, "last_stage": {"AP50_old": ap50, "AP50_new": ap50, "AP50": ap50, "AP": ap50 / 2}}
+                "detector": "retinanet", "seed": seed,
+                "last_stage": {"AP50_old": ap50, "AP50_new": ap50, "AP50": ap50, "AP": ap50 / 2}}
 
     table = one_stage_table([record("ilmil", "ilmil", 76.0), record("ilmil", "ilmil", 78.0, seed=1),
                              record("ilmil + review", "ilmil", 70.0), record("joint", "joint", 80.0),
