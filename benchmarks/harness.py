@@ -8,7 +8,8 @@ is reused, a run of another config is *stale* and is moved aside
 (``NAME.stale-DATE``) only when it is about to be retrained. The values are compared
 key by key, so a key added to the toolkit since (at its default) leaves a folder
 reusable, and a changed default makes the folders trained under the old one stale
-whether or not their suite pinned the key. A folder of an older harness holds only
+whether or not their suite pinned the key, unless the key belongs to a distillation
+term the run leaves off (its ``ENABLED`` still counts). A folder of an older harness holds only
 the fingerprint (a hash of the values that differ from *today's* defaults), which a
 changed default misleads; it stays the rule there. The toolkit's own ``run.json``
 guards the folder too, but its identity holds a hash of the dataset, which the
@@ -117,6 +118,15 @@ class Run:
         """``{"SECTION.KEY": repr(value)}`` of every value the run trains with."""
         return {key: repr(value) for key, value in config_items(self.config()).items()}
 
+    def compared(self):
+        """The resolved values that decide reuse: all but the settings of the distillation
+        terms the run leaves off, which it never reads; their ``ENABLED`` flags count."""
+        cfg = self.config()
+        off = tuple(f"ILMIL.DISTILL.{section}." for section, node in cfg.ILMIL.DISTILL.items()
+                    if isinstance(node, dict) and not node.get("ENABLED", True))
+        return {key: repr(value) for key, value in config_items(cfg).items()
+                if not key.startswith(off) or key.endswith(".ENABLED")}
+
     def fingerprint(self):
         """The schedule and the resolved config's values that differ from today's defaults
         (the reuse rule of the folders that older harnesses recorded)."""
@@ -130,14 +140,14 @@ class Run:
 
     def trained_as(self, record):
         """Whether a folder's record says it was trained as this run is: same schedule and,
-        key by key, the same values; a key the record lacks (added to the toolkit since)
-        must be at its default. A record of an older harness: the same fingerprint."""
+        key by key, the same values (``compared``); a key the record lacks (added to the
+        toolkit since) must be at its default. A record of an older harness: the same fingerprint."""
         if "config" not in record:
             return record["fingerprint"] == self.fingerprint()
         if record["schedule"] != self.schedule():
             return False
         defaults = {key: repr(value) for key, value in config_items(default_cfg()).items()}
-        return all(record["config"].get(key, defaults.get(key)) == value for key, value in self.resolved().items())
+        return all(record["config"].get(key, defaults.get(key)) == value for key, value in self.compared().items())
 
     def command(self):
         config = ("--config-file", self.config_file) if self.config_file else ()
@@ -300,6 +310,18 @@ def train(run, fresh=False):
     return outcome
 
 
+def complete_record(run):
+    """Give a reused folder of an older harness (its fingerprint only) the full record: the
+    fingerprint matched under today's defaults, and a default changed later would mislead it."""
+    path = os.path.join(run.out_dir, CONFIG_RECORD)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        if "config" in json.load(f):
+            return
+    atomic_write(path, lambda f: json.dump(run.record(), f, indent=1), mode="w")
+
+
 def describe(runs, fresh=False):
     """What an invocation would do with each distinct run: a dict out_dir -> status."""
     statuses = {}
@@ -318,12 +340,14 @@ def execute(runs, jobs=1, fresh=False):
     that start from one, so no worker waits on a stage 0 while another could start."""
     statuses = describe(runs, fresh)
     distinct = {run.out_dir: run for run in runs}
+    every_run = {r.out_dir: r for run in runs for r in (run.stage0, run) if r}
     to_train = [run for run in distinct.values() if statuses[run.out_dir] != "finished"]
     stage0s = {run.stage0.out_dir: run.stage0 for run in to_train
                if run.stage0 and statuses[run.stage0.out_dir] != "finished"}
     for out_dir, status in statuses.items():
         if status == "finished":
             log(f"reusing {out_dir}")
+            complete_record(every_run[out_dir])
         elif status == "stale":
             log(f"{out_dir} was trained with another config: it will be moved aside and retrained")
     log(f"{len(stage0s) + len(to_train)} runs to train, {jobs} at a time")

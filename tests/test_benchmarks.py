@@ -14,7 +14,7 @@ from conftest import REPO_ROOT, TINY_SHAPES
 
 from benchmarks import records
 from benchmarks import harness
-from benchmarks.harness import CONFIG_RECORD, BenchError, Run, describe, plan, reuse_status, train
+from benchmarks.harness import CONFIG_RECORD, BenchError, Run, describe, execute, plan, reuse_status, train
 from benchmarks.run import main as bench_main
 from benchmarks.suites import ABLATION, ACCURACY, KD, ONE_STAGE, STAGE_IMAGES
 from benchmarks.tables import kd_table, one_stage_table, stage_images_table
@@ -230,9 +230,23 @@ def test_a_folder_is_reused_only_if_every_value_it_was_trained_with_is_todays(tm
     l1 = dataclasses.replace(run, opts=run.opts + ("ILMIL.DISTILL.DENSE.BOX_LOSS", "l1"))
     assert l1.trained_as(older) is False and l1.trained_as(l1.record())
     assert status_of(dict(record, schedule=["20", "finetune", 1, []])) == "stale"  # another seed
+    # The settings of a term the run leaves off are never read: a default changed there keeps the
+    # folder; the term switched on, or a run that uses it, does not.
+    other_split = dict(record, config=dict(record["config"], **{"ILMIL.DISTILL.REVIEW.BG_WEIGHT": "7.0"}))
+    assert status_of(other_split) == "finished"
+    assert status_of(dict(record, config=dict(record["config"], **{"ILMIL.DISTILL.REVIEW.ENABLED": "True"}))) == "stale"
+    review = dataclasses.replace(run, opts=run.opts + ("ILMIL.DISTILL.REVIEW.ENABLED", "True"))
+    assert review.trained_as(review.record())
+    review_record = review.record()
+    review_record["config"]["ILMIL.DISTILL.REVIEW.BG_WEIGHT"] = "7.0"
+    assert not review.trained_as(review_record)
     # A folder of an older harness: its fingerprint decides.
     assert status_of({"fingerprint": run.fingerprint()}) == "finished"
     assert status_of({"fingerprint": l1.fingerprint()}) == "stale"
+    # Reused, it gets the full record, which a default changed later cannot mislead.
+    assert status_of({"fingerprint": run.fingerprint()}) == "finished"
+    assert execute([run]) == {}
+    assert json.loads((tmp_path / "20_output" / CONFIG_RECORD).read_text()) == run.record()
 
 
 def test_a_stale_run_is_moved_aside_only_when_retrained(tmp_path, monkeypatch):
