@@ -232,6 +232,8 @@ STUDENT_CONFIGS = {
     "fcos": "configs/shapes/kd/fcos_R18_FPN32_student_cpu.yaml",
     "yolov3": "configs/shapes/kd/yolov3_tiny_student_cpu.yaml",
 }
+# The knowledge review's fg/bg split of the rows measured before FG 0.25 : BG 1 became the default.
+REVIEW_SPLIT_1_2 = ("ILMIL.DISTILL.REVIEW.FG_WEIGHT", "1.0", "ILMIL.DISTILL.REVIEW.BG_WEIGHT", "2.0")
 
 
 def _kd_variants():
@@ -322,18 +324,21 @@ def _kd_variants():
             })  # fmt: skip
         else:
             rows.update({
-                # Knowledge review, fg/bg decoupled, with pyramid pooling (the config's defaults),
-                # and its ablation: the review alone, then with the decoupling.
-                "review": (only("REVIEW"), ()),
-                "review alone": (only("REVIEW") + ("ILMIL.DISTILL.REVIEW.DECOUPLE", "False",
-                                                   "ILMIL.DISTILL.REVIEW.POOL_SIZES", "[]"), ()),
-                "review + decoupling": (only("REVIEW") + ("ILMIL.DISTILL.REVIEW.POOL_SIZES", "[]"), ()),
+                # Knowledge review, fg/bg decoupled, with pyramid pooling, at the split of its first
+                # measurements (FG 1 : BG 2, then the default), and its ablation: the review alone,
+                # then with the decoupling.
+                "review": (only("REVIEW") + REVIEW_SPLIT_1_2, ()),
+                "review alone": (only("REVIEW") + REVIEW_SPLIT_1_2 + ("ILMIL.DISTILL.REVIEW.DECOUPLE", "False",
+                                                                      "ILMIL.DISTILL.REVIEW.POOL_SIZES", "[]"), ()),
+                "review + decoupling": (only("REVIEW") + REVIEW_SPLIT_1_2 + ("ILMIL.DISTILL.REVIEW.POOL_SIZES", "[]"),
+                                        ()),
                 # The review near PKD's strength: per level it weighs a background location's squared
                 # error 2/N (BG_WEIGHT) where PKD weighs it 1/(2N), 4x; 0.25 evens that out.
-                "review, weight 0.25": (only("REVIEW") + ("ILMIL.DISTILL.REVIEW.WEIGHT", "0.25"), ()),
+                "review, weight 0.25": (only("REVIEW") + REVIEW_SPLIT_1_2 + ("ILMIL.DISTILL.REVIEW.WEIGHT", "0.25"), ()),
                 # Objects cover 14 % of a shapes image, so the review without the split weighs the
-                # background's mean error 6x the foreground's (0.86 : 0.14) where the default weighs
-                # it 2x (1 : 2); 0.25 : 1 (4x) sits between, the background at about its weight there.
+                # background's mean error 6x the foreground's (0.86 : 0.14) where 1 : 2 weighs it
+                # 2x; 0.25 : 1 (4x, the default since) sits between, the background at about its
+                # weight there.
                 "review, fg 0.25, bg 1": (only("REVIEW") + ("ILMIL.DISTILL.REVIEW.FG_WEIGHT", "0.25",
                                                             "ILMIL.DISTILL.REVIEW.BG_WEIGHT", "1.0"), ()),
                 # M-KD: soft targets, attention, layer relations, and its exploration (learned
@@ -389,8 +394,9 @@ ONE_STAGE_OPTS = {("yolov3", "ilmil"): ("ILMIL.DISTILL.FEAT.ENABLED", "True")}
 # Not methods of their own: the compression suite's best new term (the knowledge review,
 # fg from the new classes' GT and the pseudo-labels) added to the recipe, at its kd weight
 # and at a tenth of it (every term that holds the student to the teacher costs new classes).
-ONE_STAGE_PLUS = {"ilmil + review": ("ILMIL.DISTILL.REVIEW.ENABLED", "True"),
-                  "ilmil + review, weight 0.1": ("ILMIL.DISTILL.REVIEW.ENABLED", "True",
+# Both measured at the review's first split (FG 1 : BG 2).
+ONE_STAGE_PLUS = {"ilmil + review": ("ILMIL.DISTILL.REVIEW.ENABLED", "True", *REVIEW_SPLIT_1_2),
+                  "ilmil + review, weight 0.1": ("ILMIL.DISTILL.REVIEW.ENABLED", "True", *REVIEW_SPLIT_1_2,
                                                  "ILMIL.DISTILL.REVIEW.WEIGHT", "0.1")}
 ONE_STAGE_VARIANTS = tuple(
     Variant(f"{detector} {method}", method, opts=ONE_STAGE_OPTS.get((detector, method), ()), detector=detector,
