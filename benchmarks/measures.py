@@ -7,8 +7,11 @@ import tempfile
 import time
 
 from ilmil.data import generate_shapes_dataset
+from ilmil.file_io import atomic_write
 
 from .harness import budget_name, read_outcome, read_results
+
+MEASURE_RECORD = "model_measures.json"  # {stage: size, GFLOPs, latency} of a run's final models
 
 
 def machine():
@@ -105,7 +108,21 @@ def kd_records(suite, setting, planned, outcomes, extra):
 
 
 def measure_final_model(run, stage):
-    """Parameters, GFLOPs and CPU latency of a run's stage model on its first test image."""
+    """Parameters, GFLOPs and CPU latency of a run's stage model on its first test image,
+    measured once and kept in the run's folder: the latency depends on the machine's load,
+    and records are rebuilt from reused runs at every invocation."""
+    path = os.path.join(run.out_dir, MEASURE_RECORD)
+    measures = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            measures = json.load(f)
+    if str(stage) not in measures:
+        measures[str(stage)] = _measure_model(run, stage)
+        atomic_write(path, lambda f: json.dump(measures, f), mode="w")
+    return measures[str(stage)]
+
+
+def _measure_model(run, stage):
     import torch
     from detectron2.data import detection_utils
 

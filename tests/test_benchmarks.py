@@ -466,10 +466,14 @@ def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(ti
     table = (tmp_path / "results" / "kd_quick.md").read_text()
     table_rows = [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| fcos |")]
     assert table_rows == ["teacher", *rows]
-    # A later invocation reuses every run and still has each one's peak memory.
+    # A later invocation reuses every run, still has each one's peak memory, and does not
+    # re-time the models (a latency measured under another load).
     again = _run_harness("kd", tiny_datasets_root, tmp_path, *args, opts=test_size)
     assert "0 runs to train" in again
-    assert all(r["peak_rss_mib"] for r in json.loads((tmp_path / "results" / "kd_quick.json").read_text())["records"])
+    reused = {r["row"]: r for r in json.loads((tmp_path / "results" / "kd_quick.json").read_text())["records"]}
+    assert all(r["peak_rss_mib"] for r in reused.values())
+    assert [(r["student_model"], r["teacher_model"]) for r in reused.values()] == [
+        (r["student_model"], r["teacher_model"]) for r in records_.values()]
 
 
 def _kd_record(row, ap50, step_time, student=None):
