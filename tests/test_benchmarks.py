@@ -414,8 +414,8 @@ def test_kd_rows_switch_on_their_terms_only():
                   if variants[name].row.startswith(("output", "M-KD"))}
     assert {name for name, box_loss in box_losses.items() if box_loss == "l1"} == {
         f"{d} {row}, L1 boxes" for d in ("retinanet", "fcos") for row in ("output", "M-KD")}
-    yolo = {name.split(" ", 1)[1]: run.config().ILMIL.DISTILL for (_, name, _), run in planned.items()
-            if name.startswith("yolov3")}
+    yolo = {variants[name].row: run.config().ILMIL.DISTILL for (_, name, _), run in planned.items()
+            if variants[name].detector == "yolov3"}
     assert yolo["alignment"].FEAT.DISTANCE == "l2" and yolo["alignment"].FEAT.LAYER_WEIGHTING == "adaptive"
     assert yolo["uniform map"].INFOMAP.WEIGHTING == "uniform"
     assert list(yolo["information map, backbone"].INFOMAP.LAYERS) == ["dark3", "dark4", "dark5"]
