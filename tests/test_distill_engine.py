@@ -272,8 +272,10 @@ def test_the_readme_example_loss_is_one_file_plus_config(tmp_path, teacher_path)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["equal"] == pytest.approx(0.0, abs=1e-6)  # the expanded student equals its teacher
     assert out["perturbed"] > 1e-4 and out["grad"] > 0
+    # The expanded student equals its teacher: zero up to the rounding of the teacher's
+    # BatchNorms folded into its convolutions (2e-6 on an AVX2-only CPU, against ~0.4).
+    assert out["equal"] < 1e-3 * out["perturbed"]
 
 
 def test_an_expanded_student_starts_with_every_term_at_zero(teacher_path, teacher_state):
