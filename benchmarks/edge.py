@@ -45,7 +45,7 @@ from ilmil.evaluation import evaluate_checkpoint  # noqa: E402
 from ilmil.file_io import atomic_write  # noqa: E402
 from ilmil.pruning import measure_model  # noqa: E402
 
-from benchmarks.measures import machine  # noqa: E402
+from benchmarks.harness import machine  # noqa: E402
 from benchmarks.suites import NARROW_STUDENTS  # noqa: E402
 
 

@@ -25,6 +25,7 @@ run too (one stage of all classes, its detector's config): each student is a
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -251,6 +252,33 @@ def read_results(run):
         return json.load(f)
 
 
+def machine():
+    """The machine a run trains on. A virtual machine's CPU name often gives only the line
+    ("AMD EPYC"): its family and model tell two generations of it apart, whose step times
+    differ several-fold."""
+    cpu, model = "unknown CPU", {}
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n", 1)[0].splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        cpu = fields.get("model name", cpu)
+        if "cpu family" in fields and "model" in fields:
+            model = {"cpu_model": f"family {fields['cpu family']}, model {fields['model']}"}
+    import detectron2
+    import torch
+
+    gpu = {"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}
+    return {"cpu": cpu, **model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "detectron2": detectron2.__version__, **gpu}
+
+
+def same_machine(a, b):
+    """Whether two records' machines are the same kind, as far as both tell (a record of an
+    older harness has no ``cpu_model``)."""
+    model = "cpu_model" not in a or "cpu_model" not in b or a["cpu_model"] == b["cpu_model"]
+    return model and all(a.get(key) == b.get(key) for key in ("cpu", "cores", "gpu"))
+
+
 def read_outcome(run):
     """What ``train`` measured when it finished ``run`` ({} for a folder of an older harness)."""
     path = os.path.join(run.out_dir, OUTCOME_RECORD)
@@ -279,7 +307,8 @@ def reuse_status(run):
 
 
 def train(run, fresh=False):
-    """Train ``run`` (setting a stale folder aside first); returns wall time, peak RSS (MiB), command."""
+    """Train ``run`` (setting a stale folder aside first); returns wall time, peak RSS (MiB),
+    command and machine."""
     if _STOPPING.is_set():  # before the folder is touched: --fresh would delete it
         raise BenchError("stopped by a signal; re-run the same command to resume")
     status = reuse_status(run)
@@ -305,7 +334,7 @@ def train(run, fresh=False):
         raise BenchError(f"training failed ({' '.join(cmd[1:])}), {run.out_dir}/bench_stdout.log; "
                          "fix what its last lines name and re-run the same command (finished runs are reused)")
     outcome = {"wall_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024,
-               "command": " ".join(cmd[1:])}
+               "command": " ".join(cmd[1:]), "machine": machine()}
     atomic_write(os.path.join(run.out_dir, OUTCOME_RECORD), lambda f: json.dump(outcome, f), mode="w")
     return outcome
 

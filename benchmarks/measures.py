@@ -1,7 +1,6 @@
 """A suite's records from its finished runs: the numbers each table reads."""
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -9,22 +8,9 @@ import time
 from ilmil.data import generate_shapes_dataset
 from ilmil.file_io import atomic_write
 
-from .harness import budget_name, read_outcome, read_results
+from .harness import budget_name, machine, read_outcome, read_results
 
 MEASURE_RECORD = "model_measures.json"  # {stage: size, GFLOPs, latency} of a run's final models
-
-
-def machine():
-    cpu = "unknown CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    import detectron2
-    import torch
-
-    gpu = {"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "detectron2": detectron2.__version__, **gpu}
 
 
 def _iteration_times(run, stage):
@@ -62,7 +48,8 @@ def training_records(suite, setting, planned, outcomes, extra):
             "last_stage": _without_per_class(last), "summary": results.get("summary", {}),
             "step_time_s": statistics.median(times) if times else None,
             "peak_rss_mib": outcome.get("peak_rss_mib"), "wall_s": outcome.get("wall_s"),
-            "command": outcome.get("command"), "machine": env,
+            # Where it trained (a folder of an older harness: where it is merged).
+            "command": outcome.get("command"), "machine": outcome.get("machine", env),
         })  # fmt: skip
     return records
 

@@ -3,6 +3,7 @@ that holds them: one section per protocol, so runs of another budget never mix."
 import dataclasses
 import statistics
 
+from .harness import same_machine
 from .records import PROTOCOL_FIELDS
 
 
@@ -152,6 +153,11 @@ def kd_table(records):
                     if not values and pairs:
                         return "teacher below no KD"
                     return _mean_spread([100 * v for v in values]) + " %" if values else "–"
+                if key == "step_time_s":  # a ratio of two machines' times says nothing of the method
+                    timed = [(r, p) for r, p in pairs if same_machine(r.get("machine", {}), p.get("machine", {}))]
+                    if pairs and not timed:
+                        return "other machine"
+                    pairs = timed
                 values = [r[key] / p[key] for r, p in pairs]
                 return f"{statistics.mean(values):.2f}x" if values else "–"
 
@@ -216,7 +222,8 @@ def _machines(records):
     for r in records:
         m = r.get("machine")
         if m:
-            text = (f"{m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if m.get("gpu") else "")
+            cpu = f"{m['cpu']} ({m['cpu_model']})" if m.get("cpu_model") else m["cpu"]
+            text = (f"{cpu}, {m['cores']} cores" + (f", {m['gpu']}" if m.get("gpu") else "")
                     + f"; Python {m['python']}, torch {m['torch']}, detectron2 {m['detectron2']}")
             seen[text] = None
     return "; ".join(seen) or "not recorded"

@@ -14,7 +14,8 @@ from conftest import REPO_ROOT, TINY_SHAPES
 
 from benchmarks import records
 from benchmarks import harness
-from benchmarks.harness import CONFIG_RECORD, BenchError, Run, describe, execute, plan, reuse_status, train
+from benchmarks.harness import (CONFIG_RECORD, OUTCOME_RECORD, BenchError, Run, describe, execute, machine, plan,
+                                reuse_status, same_machine, train)
 from benchmarks.run import main as bench_main
 from benchmarks.suites import ABLATION, ACCURACY, KD, ONE_STAGE, STAGE_IMAGES
 from benchmarks.tables import kd_table, one_stage_table, stage_images_table
@@ -466,12 +467,18 @@ def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(ti
     table = (tmp_path / "results" / "kd_quick.md").read_text()
     table_rows = [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| fcos |")]
     assert table_rows == ["teacher", *rows]
+    # Each run keeps the machine it trained on; a record names that machine, not the one merging it.
+    outcome = runs / f"{classes}_fcos_output_6+4it_seed0" / OUTCOME_RECORD
+    assert json.loads(outcome.read_text())["machine"] == records_["output"]["machine"] == machine()
+    outcome.write_text(json.dumps({**json.loads(outcome.read_text()),
+                                   "machine": {**machine(), "cpu_model": "family 0, model 0"}}))
     # A later invocation reuses every run, still has each one's peak memory, and does not
     # re-time the models (a latency measured under another load).
     again = _run_harness("kd", tiny_datasets_root, tmp_path, *args, opts=test_size)
     assert "0 runs to train" in again
     reused = {r["row"]: r for r in json.loads((tmp_path / "results" / "kd_quick.json").read_text())["records"]}
     assert all(r["peak_rss_mib"] for r in reused.values())
+    assert reused["output"]["machine"]["cpu_model"] == "family 0, model 0"
     assert [(r["student_model"], r["teacher_model"]) for r in reused.values()] == [
         (r["student_model"], r["teacher_model"]) for r in records_.values()]
 
@@ -502,6 +509,22 @@ def test_kd_table_compares_a_narrower_student_with_its_own_no_kd_row():
     # A section of distilled students only still gives the teacher's AP (their records name it).
     teacher_row = kd_table([_kd_record("output", 40.0, 1.0, "quarter-width student")]).splitlines()[2]
     assert [cell.strip() for cell in teacher_row.split("|")[2:5]] == ["teacher", "60.0", "30.0"]
+
+
+def test_kd_table_times_a_row_against_no_kd_only_on_the_same_machine():
+    fast = {"cpu": "AMD EPYC", "cpu_model": "family 25, model 1", "cores": 2}
+    slow = {**fast, "cpu_model": "family 23, model 1"}
+    older = {"cpu": "AMD EPYC", "cores": 2}  # a record of before the CPU's family and model were kept
+
+    def step_time_cell(no_kd_machine, row_machine):
+        table = kd_table([{**_kd_record("no KD", 40.0, 1.0), "machine": no_kd_machine},
+                          {**_kd_record("output", 50.0, 3.0), "machine": row_machine}])
+        return table.splitlines()[-1].split("|")[8].strip()
+
+    assert step_time_cell(slow, slow) == "3.00x"
+    assert step_time_cell(fast, slow) == "other machine"
+    assert step_time_cell(older, slow) == "3.00x"  # as far as the older record tells, the same machine
+    assert not same_machine(slow, {**slow, "gpu": "NVIDIA H100"})
 
 
 def test_one_stage_suite_plans_a_stage0_and_a_joint_run_per_detector_with_its_config(tmp_path):
