@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from tool_runs import (SHAPES_OPTS, TRAIN_OPTS, _env, kill_when_exists, metrics_lines, read_json, run_tool,
-                       start_tool, tail)
+                       run_tool_here, start_tool, tail)
 
 from ilmil.checkpoint import safe_load
 
@@ -77,11 +77,13 @@ def test_a_rerun_reuses_the_finished_run(student, teacher, tiny_datasets_root):
     (["--stages", "3"], r"--teacher-weights: checkpoint .* holds 4 unnamed classes|--teacher-weights: .* holds \["),
     (["--teacher-config", "nope.yaml"], r"ILMIL.TEACHER.CONFIG_FILE nope.yaml: no such file"),
 ])  # fmt: skip
-def test_mistakes_end_in_one_error_line_before_training(extra, message, teacher, tiny_datasets_root, tmp_path):
+def test_mistakes_end_in_one_error_line_before_training(extra, message, teacher, tiny_datasets_root, tmp_path,
+                                                        monkeypatch, capsys):
     args = ["--teacher-weights", str(teacher), "--output-dir", str(tmp_path / "run"), *SHAPES_OPTS, *TRAIN_OPTS]
     stages = [] if "--stages" in extra else ["--stages", "4"]
-    proc = run_tool("train_compression.py", [*stages, *extra, *args, "ILMIL.DISTILL.FEAT.ENABLED", "True"],
-                    tiny_datasets_root)
+    # In this process (its entry is every tool's run_tool_main, whose process test_cli_errors.py checks).
+    proc = run_tool_here("train_compression.py", [*stages, *extra, *args, "ILMIL.DISTILL.FEAT.ENABLED", "True"],
+                         tiny_datasets_root, monkeypatch, capsys)
     assert proc.returncode == 1, tail(proc)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-2000:]

@@ -11,7 +11,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from ilmil.config import CONFIGS_DIR
-from tool_runs import SHAPES_OPTS, TRAIN_OPTS, read_json, run_tool, tail
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, read_json, run_tool, run_tool_here, tail
 
 CONFIGS = {
     "faster_rcnn": "faster_rcnn_R18_FPN_cpu.yaml",
@@ -129,7 +129,7 @@ def _error_line(proc):
     return lines[0]
 
 
-def test_bad_inputs_end_in_one_error_line(trained, tiny_datasets_root, tmp_path):
+def test_bad_inputs_end_in_one_error_line(trained, tiny_datasets_root, tmp_path, monkeypatch, capsys):
     run = trained("retinanet")
     weights = str(run / "stage_0" / "model_final.pth")
     (tmp_path / "empty").mkdir()
@@ -145,8 +145,12 @@ def test_bad_inputs_end_in_one_error_line(trained, tiny_datasets_root, tmp_path)
         (["--weights", str(orphan), "--input", str(broken)], "--config-file"),
         (["--weights", weights, "--input", str(tmp_path / "missing")], "no such file or folder"),
     ]
-    for args, message in cases:
-        proc = run_tool("predict.py", [*args, "--output-dir", str(tmp_path / "out")], tiny_datasets_root)
+    for i, (args, message) in enumerate(cases):
+        args = [*args, "--output-dir", str(tmp_path / "out")]
+        # The first as a real process (its exit status, nothing else on stderr), the others in this one.
+        proc = (run_tool("predict.py", args, tiny_datasets_root) if i == 0 else
+                run_tool_here("predict.py", args, tiny_datasets_root, monkeypatch, capsys))
         assert message in _error_line(proc)
-    proc = run_tool("eval_incremental.py", ["--weights", str(broken / "photo.onnx")], tiny_datasets_root)
+    proc = run_tool_here("eval_incremental.py", ["--weights", str(broken / "photo.onnx")], tiny_datasets_root,
+                         monkeypatch, capsys)
     assert "no such ONNX file" in _error_line(proc)

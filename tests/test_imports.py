@@ -104,12 +104,13 @@ def test_module_level_imports_have_no_cycle():
     assert cycle is None, "import cycle between ilmil modules: " + " -> ".join(cycle)
 
 
-# One interpreter loads the third-party libraries once (seconds), then forks a child per
+# One interpreter loads the third-party libraries once (seconds; torchvision.ops brings
+# torch._dynamo, 6 s on a slow CPU), then forks a child per
 # module that imports it first of every ilmil and detectron2 module (~0.3 s each): a
 # fresh interpreter per module spent ~5 minutes of the suite re-importing torch.
 _IMPORT_EACH_IN_A_FORK = """
 import importlib, os, sys, traceback
-import cv2, matplotlib, numpy, onnx, onnxruntime, scipy, torch, torchvision
+import cv2, fvcore.nn, matplotlib, numpy, onnx, onnxruntime, pycocotools.coco, scipy, torch, torchvision.ops
 for module in sys.argv[1:]:
     pid = os.fork()
     if pid == 0:

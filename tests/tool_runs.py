@@ -1,12 +1,20 @@
-"""Running the command-line tools as real subprocesses, and reading what they write."""
+"""Running the command-line tools, as real subprocesses or in this process, and reading
+what they write."""
+import functools
+import importlib.util
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 from conftest import REPO_ROOT, TINY_SHAPES
+from detectron2.utils.logger import setup_logger
+
+from ilmil.engine.cli import run_tool_main
 
 # Overrides that point the CLI at the tiny shapes set and train a few 128 px iterations.
 SHAPES_OPTS = [
@@ -36,6 +44,43 @@ def run_tool(tool, args, datasets_root, timeout=120):
     proc.wall = time.perf_counter() - start
     proc.log = proc.stdout + proc.stderr
     return proc
+
+
+def run_tool_here(tool, args, datasets_root, monkeypatch, capsys):
+    """``tools/<tool>`` with ``args`` through the entry its ``__main__`` runs, in this process:
+    the checks and the error line of ``run_tool`` without a new interpreter's start-up (10-15 s
+    of imports on a slow CPU). For what a tool checks; what the process itself shows (exit
+    status, nothing else on stderr) is for ``run_tool``. The result is shaped as ``run_tool``'s."""
+    monkeypatch.setenv("ILMIL_DATASETS", str(datasets_root))
+    monkeypatch.chdir(REPO_ROOT)
+    capsys.readouterr()
+    handlers = _log_handlers()
+    try:
+        returncode = run_tool_main(_tool_module(tool).main, list(args))
+    except SystemExit as e:  # argparse's own refusals
+        returncode = e.code
+    finally:
+        # A logger set up by the tool writes to this test's captured streams, closed after it:
+        # the next run sets up its own (detectron2 caches setup_logger's handlers per output folder).
+        for logger, handler in _log_handlers() - handlers:
+            logger.removeHandler(handler)
+        setup_logger.cache_clear()
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=returncode, stdout=out, stderr=err, log=out + err)
+
+
+def _log_handlers():
+    loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(x, logging.Logger))]
+    return {(logger, handler) for logger in loggers for handler in logger.handlers}
+
+
+@functools.cache
+def _tool_module(tool):
+    spec = importlib.util.spec_from_file_location(f"tool_{tool[:-3]}", os.path.join(REPO_ROOT, "tools", tool))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def start_tool(tool, args, datasets_root, log_file):
