@@ -7,6 +7,7 @@ process's own output (exit status, a warning at import, a traceback) is held to 
 line. All of them fail in the checks before any training.
 """
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -367,10 +368,14 @@ def test_a_bad_input_ends_in_one_error_line(name, tmp_path, tiny_datasets_root, 
     before = _snapshot(bad.kept)
     before_files = {p for p in tmp_path.rglob("*")}
     args = [str(a) for a in bad.args]
+    ilmil_logger = logging.getLogger("ilmil")
+    logger_before = (ilmil_logger.propagate, ilmil_logger.level, list(ilmil_logger.handlers))
     if name in IN_A_SUBPROCESS:
         proc = run_tool(case.tool, args, tiny_datasets_root, timeout=90)
     else:
         proc = run_tool_here(case.tool, args, tiny_datasets_root, monkeypatch, capsys)
+    # A tool run in this process leaves the loggers as they were (later tests read their records).
+    assert (ilmil_logger.propagate, ilmil_logger.level, list(ilmil_logger.handlers)) == logger_before
     assert proc.returncode == 1, tail(proc)
     assert "Traceback" not in proc.log, tail(proc)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -54,25 +54,30 @@ def run_tool_here(tool, args, datasets_root, monkeypatch, capsys):
     monkeypatch.setenv("ILMIL_DATASETS", str(datasets_root))
     monkeypatch.chdir(REPO_ROOT)
     capsys.readouterr()
-    handlers = _log_handlers()
+    loggers = _logger_states()
     try:
         returncode = run_tool_main(_tool_module(tool).main, list(args))
     except SystemExit as e:  # argparse's own refusals
         returncode = e.code
     finally:
-        # A logger set up by the tool writes to this test's captured streams, closed after it:
-        # the next run sets up its own (detectron2 caches setup_logger's handlers per output folder).
-        for logger, handler in _log_handlers() - handlers:
-            logger.removeHandler(handler)
+        # The loggers as they were: a handler the tool set up writes to this test's captured
+        # streams, closed after it, and setup_logger stops its logger's propagation, which
+        # would hide the records from later tests' caplog. (detectron2 caches setup_logger's
+        # handlers: the next run sets up its own.)
+        for logger in _logger_states():
+            handlers, logger.propagate, level = loggers.get(logger, ([], True, logging.NOTSET))
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
         setup_logger.cache_clear()
     out, err = capsys.readouterr()
     return SimpleNamespace(returncode=returncode, stdout=out, stderr=err, log=out + err)
 
 
-def _log_handlers():
+def _logger_states():
+    """{logger: (handlers, propagate, level)} of the root logger and every named one."""
     loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values()
                                       if isinstance(x, logging.Logger))]
-    return {(logger, handler) for logger in loggers for handler in logger.handlers}
+    return {logger: (list(logger.handlers), logger.propagate, logger.level) for logger in loggers}
 
 
 @functools.cache
