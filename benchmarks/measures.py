@@ -76,13 +76,6 @@ def kd_records(suite, setting, planned, outcomes, extra):
     """The training record of each student with its AP and its teacher's (evaluated by
     the compression run on the same test data), and the parameters and GFLOPs of both models."""
     variants = {v.name: v for v in setting.variants}
-    measured = {}  # the teachers' models, measured once each
-
-    def model_size(run):
-        if run.out_dir not in measured:
-            measured[run.out_dir] = measure_final_model(run, 0)
-        return measured[run.out_dir]
-
     records = []
     for record, run in zip(training_records(suite, setting, planned, outcomes, extra), planned.values()):
         variant = variants[record["variant"]]
@@ -90,7 +83,9 @@ def kd_records(suite, setting, planned, outcomes, extra):
         records.append({**record, "student": variant.student,
                         "AP50": record["last_stage"]["AP50"], "AP": record["last_stage"]["AP"],
                         "teacher_AP50": teacher["AP50"], "teacher_AP": teacher["AP"],
-                        "student_model": model_size(run), "teacher_model": model_size(run.stage0)})
+                        # Each model measured once, its teacher's too: kept in the run's folder.
+                        "student_model": measure_final_model(run, 0),
+                        "teacher_model": measure_final_model(run.stage0, 0)})
     return records
 
 
