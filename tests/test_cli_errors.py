@@ -359,6 +359,8 @@ def _snapshot(paths):
 # The cases run as real subprocesses: each tool, an argument, a config, a dataset and a checkpoint check.
 IN_A_SUBPROCESS = ("config_missing", "override_unknown_key", "coco_truncated", "teacher_truncated",
                    "eval_weights_missing", "prune_weights_missing", "plot_no_results")
+# A misspelt name would quietly run its case in-process.
+assert set(IN_A_SUBPROCESS) <= set(CASES), set(IN_A_SUBPROCESS) - set(CASES)
 
 
 @pytest.mark.parametrize("name", CASES)
