@@ -51,12 +51,23 @@ def _last_iteration(stage_dir):
     return json.loads((stage_dir / "metrics.json").read_text().splitlines()[-1])["iteration"]
 
 
-def test_accuracy_harness_shares_stage0_and_reuses_finished_runs(tiny_datasets_root, tmp_path):
-    # Two workers: the parallel path, whose stage 0 must still be trained once, before its users.
-    args = ("--specs", "2+2", "--iters", "4", "--base-iters", "6", "--jobs", "2")
-    _run_harness("accuracy", tiny_datasets_root, tmp_path, *args)
+# The accuracy suite's budget of the harness tests: the pruning and ablation suites run at it
+# too, so they reuse its stage 0 and its plain methods and train only their own variants.
+BUDGET = ("--iters", "4", "--base-iters", "6")
 
-    with open(tmp_path / "results" / "accuracy_quick.json") as f:
+
+@pytest.fixture(scope="module")
+def accuracy_runs(tiny_datasets_root, tmp_path_factory):
+    """A folder whose runs and results hold the accuracy suite's tiny 10+10 (two workers: the
+    parallel path, whose stage 0 must still be trained once, before its users); the
+    harness's stdout."""
+    root = tmp_path_factory.mktemp("bench")
+    return root, _run_harness("accuracy", tiny_datasets_root, root, "--specs", "10+10", *BUDGET, "--jobs", "2")
+
+
+def test_accuracy_harness_shares_stage0_and_reuses_finished_runs(accuracy_runs, tiny_datasets_root):
+    root, _ = accuracy_runs
+    with open(root / "results" / "accuracy_quick.json") as f:
         data = json.load(f)
     records_ = {r["method"]: r for r in data["records"]}
     assert set(records_) == {"finetune", "faster-ilod", "ilmil", "joint"}
@@ -70,29 +81,32 @@ def test_accuracy_harness_shares_stage0_and_reuses_finished_runs(tiny_datasets_r
     assert records_["finetune"]["last_stage"]["forgetting_AP50"] is not None
     # One stage-0 model of 6 iterations; every method starts from it (--start-stage 1) and
     # evaluates it as its stage 0, nothing is copied into their folders, and stage 1 trains its own 4.
-    runs = tmp_path / "runs" / "accuracy_quick"
-    assert _last_iteration(runs / "base_2classes_6it_seed0" / "stage_0") == 5
+    runs = root / "runs" / "accuracy_quick"
+    assert _last_iteration(runs / "base_10classes_6it_seed0" / "stage_0") == 5
     for method in ("finetune", "ilmil"):
-        run = runs / f"2+2_{method}_6+4it_seed0"
+        run = runs / f"10+10_{method}_6+4it_seed0"
         assert not (run / "stage_0" / "model_final.pth").exists() and _last_iteration(run / "stage_1") == 3
         assert json.loads((run / CONFIG_RECORD).read_text())["fingerprint"]
         assert "--start-stage 1 --teacher-weights" in json.loads((run / "run.json").read_text())["command"]
 
-    table = (tmp_path / "results" / "accuracy_quick.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| 2+2 |")]
+    table = (root / "results" / "accuracy_quick.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 10+10 |")]
     assert [line.split("|")[2].strip() for line in rows] == ["finetune", "faster-ilod", "ilmil", "joint"]
-    assert "python benchmarks/run.py --suite accuracy --quick --specs 2+2" in table
+    # 10+10 is the suite's spec: the command names the budget only.
+    assert "python benchmarks/run.py --suite accuracy --quick --base-iters 6 --iters 4 --num-train" in table
 
     # Again: everything is reused, nothing trained, the records are the same ones.
-    again = _run_harness("accuracy", tiny_datasets_root, tmp_path, *args)
+    again = _run_harness("accuracy", tiny_datasets_root, root, "--specs", "10+10", *BUDGET)
     assert "0 runs to train" in again
-    assert len(json.loads((tmp_path / "results" / "accuracy_quick.json").read_text())["records"]) == 4
+    assert len(json.loads((root / "results" / "accuracy_quick.json").read_text())["records"]) == 4
 
 
 def test_pruning_harness_prunes_the_shared_stage0_and_finetunes_it_with_and_without_teacher(
-        tiny_datasets_root, tmp_path):
-    _run_harness("pruning", tiny_datasets_root, tmp_path, "--iters", "4")
-    with open(tmp_path / "results" / "pruning_quick.json") as f:
+        accuracy_runs, tiny_datasets_root):
+    root, _ = accuracy_runs
+    out = _run_harness("pruning", tiny_datasets_root, root, *BUDGET)
+    assert "2 runs to train" in out  # the stage 0 and the unpruned ilmil run are the accuracy suite's
+    with open(root / "results" / "pruning_quick.json") as f:
         records_ = {r["variant"]: r for r in json.load(f)["records"]}
     assert list(records_) == ["ilmil", "ilmil_prune0.5_finetune", "ilmil_prune0.5_finetune_teacher"]
     unpruned, plain, teacher = records_.values()
@@ -105,39 +119,37 @@ def test_pruning_harness_prunes_the_shared_stage0_and_finetunes_it_with_and_with
         assert 0.0 <= pruned["stage1_start_AP50"] <= 100.0
     # The unpruned row is the accuracy suite's ilmil run; each pruned run pruned that run's
     # stage-0 model (--prune with --start-stage 1), trained once, inside itself.
-    runs = tmp_path / "runs"
-    stage0 = runs / "accuracy_quick" / "base_10classes_4it_seed0" / "stage_0" / "model_final.pth"
-    assert (runs / "accuracy_quick" / "10+10_ilmil_4+4it_seed0" / "results.json").exists()
+    runs = root / "runs"
+    stage0 = runs / "accuracy_quick" / "base_10classes_6it_seed0" / "stage_0" / "model_final.pth"
     for slug, distilled in (("finetune", False), ("finetune_teacher", True)):
-        run = runs / "pruning_quick" / f"10+10_ilmil_prune0.5_{slug}_4+4it_seed0"
+        run = runs / "pruning_quick" / f"10+10_ilmil_prune0.5_{slug}_6+4it_seed0"
         assert json.loads((run / "results.json").read_text())["pruning"]["weights"] == str(stage0)
         assert not (run / "stage_0" / "model_final.pth").exists()
         logged = (run / "stage_0" / "pruned" / "finetune" / "metrics.json").read_text()
         assert ("loss_distill_feat" in logged) == distilled
         assert ("its unpruned self as teacher" in (run / "report.md").read_text()) == distilled
-    page = (tmp_path / "results" / "pruning_quick.md").read_text()
+    page = (root / "results" / "pruning_quick.md").read_text()
     assert "| 50% | 20 it, plain |" in page and "| 50% | 20 it, unpruned model as teacher |" in page
 
 
-def test_ablation_harness_switches_one_term_off_per_variant(tiny_datasets_root, tmp_path):
+def test_ablation_harness_switches_one_term_off_per_variant(accuracy_runs, tiny_datasets_root):
     # Two ablated variants beside the two methods they sit between (each variant is one more
     # training; the other variants differ only in their overrides).
+    root, _ = accuracy_runs
     variants = ["finetune", "without pseudo-labels", "without RCN term", "ilmil (all terms)"]
-    _run_harness("ablation", tiny_datasets_root, tmp_path, "--specs", "2+2", "--iters", "4", "--variants", *variants)
-    with open(tmp_path / "results" / "ablation_quick.json") as f:
+    out = _run_harness("ablation", tiny_datasets_root, root, "--specs", "10+10", *BUDGET, "--variants", *variants)
+    assert "2 runs to train" in out  # the plain methods and their stage 0 are the accuracy suite's
+    with open(root / "results" / "ablation_quick.json") as f:
         records_ = json.load(f)["records"]
     assert [r["variant"] for r in records_] == variants
-    runs = tmp_path / "runs"
+    runs = root / "runs"
     # Each variant's run really had its term off: its resolved config says so.
-    config = (runs / "ablation_quick" / "2+2_without_RCN_term_4+4it_seed0" / "config.yaml").read_text()
+    config = (runs / "ablation_quick" / "10+10_without_RCN_term_6+4it_seed0" / "config.yaml").read_text()
     assert "RCN:" in config and config.split("RCN:")[1].split("ENABLED:")[1].split()[0] == "false"
-    # The plain methods are the accuracy suite's runs, every variant from its stage 0.
-    assert (runs / "accuracy_quick" / "2+2_ilmil_4+4it_seed0" / "results.json").exists()
-    assert (runs / "accuracy_quick" / "base_2classes_4it_seed0" / "stage_0" / "model_final.pth").exists()
-    ablated = runs / "ablation_quick" / "2+2_without_pseudo-labels_4+4it_seed0"
+    ablated = runs / "ablation_quick" / "10+10_without_pseudo-labels_6+4it_seed0"
     assert (ablated / "results.json").exists() and not (ablated / "stage_0" / "model_final.pth").exists()
     assert all(0.0 <= r["last_stage"]["AP50_old"] <= 100.0 for r in records_)
-    page = (tmp_path / "results" / "ablation_quick.md").read_text()
+    page = (root / "results" / "ablation_quick.md").read_text()
     table = [line.split("|")[1].strip() for line in page.splitlines() if line.startswith("| ") and "variant" not in line]
     assert table[:3] == ["finetune", "ilmil (all terms)", "without pseudo-labels"]
     assert "| without pseudo-labels | `ILMIL.PSEUDO_LABELS.ENABLED False` |" in page
