@@ -210,7 +210,7 @@ def _checkpoint_iteration(stage_dir):
 def test_a_run_killed_mid_stage_resumes_from_its_checkpoint(tiny_datasets_root, tmp_path):
     out = tmp_path / "run"
     args = ["--stages", "2+2", "--method", "finetune", "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS,
-            "SOLVER.MAX_ITER", "60", "SOLVER.STEPS", "(50,)", "SOLVER.CHECKPOINT_PERIOD", "10"]
+            "SOLVER.MAX_ITER", "30", "SOLVER.STEPS", "(25,)", "SOLVER.CHECKPOINT_PERIOD", "5"]
     proc = start_tool("train_incremental.py", args, tiny_datasets_root, tmp_path / "first.log")
     stage1 = out / "stage_1"
     status = kill_when_exists(proc, stage1 / "last_checkpoint", timeout=240)
@@ -225,9 +225,9 @@ def test_a_run_killed_mid_stage_resumes_from_its_checkpoint(tiny_datasets_root, 
     assert resumed.returncode == 0, tail(resumed)
     assert "Stage 0: " in resumed.log and "exists, not retraining" in resumed.log
     assert stage0_weights.stat().st_mtime == stage0_mtime
-    assert f"Stage 1: resuming at iteration {killed_at + 1} of 60" in resumed.log
+    assert f"Stage 1: resuming at iteration {killed_at + 1} of 30" in resumed.log
     assert read_json(stage1 / "iteration_times.json")["start_iter"] == killed_at + 1
-    assert safe_load(str(stage1 / "model_final.pth"))["iteration"] == 59
+    assert safe_load(str(stage1 / "model_final.pth"))["iteration"] == 29
     assert [s["stage"] for s in read_json(out / "results.json")["stages"]] == [0, 1]
 
 
