@@ -22,6 +22,7 @@ with ``--start-stage 1 --teacher-weights``. A compression suite's teacher is suc
 run too (one stage of all classes, its detector's config): each student is a
 ``tools/train_compression.py`` run that it teaches.
 """
+import functools
 import hashlib
 import json
 import os
@@ -72,6 +73,13 @@ def log(message):
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+@functools.lru_cache(maxsize=None)
+def _resolved_config(config_file, overrides, method):
+    cfg = get_ilmil_cfg(os.path.join(ROOT, config_file) if config_file else None, overrides, method=method)
+    cfg.freeze()
+    return cfg
+
+
 @dataclass(frozen=True)
 class Run:
     """One tools/train_incremental.py (or train_compression.py) process. The reuse check
@@ -107,8 +115,9 @@ class Run:
         ]  # fmt: skip
 
     def config(self):
-        config_file = os.path.join(ROOT, self.config_file) if self.config_file else None
-        return get_ilmil_cfg(config_file, self.overrides(), method=self.method)
+        """The resolved config, frozen: the reuse check, the records and the tables ask for
+        it many times, and each resolution reads yaml files."""
+        return _resolved_config(self.config_file, tuple(self.overrides()), self.method)
 
     def schedule(self):
         """What the run trains besides its config: spec, method, seed and training flags;
