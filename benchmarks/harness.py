@@ -23,6 +23,7 @@ run too (one stage of all classes, its detector's config): each student is a
 ``tools/train_compression.py`` run that it teaches.
 """
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -315,6 +316,26 @@ def reuse_status(run):
     return "finished" if last == schedule_end else "partial"
 
 
+def progress(out_dir):
+    """Where a partial run stands: the folder it trained last, the last iteration it logged
+    there and the one a resume starts at ("" when it logged none)."""
+    logs = glob.glob(os.path.join(out_dir, "**", "metrics.json"), recursive=True)
+    if not logs:
+        return ""
+    folder = os.path.dirname(max(logs, key=os.path.getmtime))
+    with open(os.path.join(folder, "metrics.json")) as f:
+        logged = [json.loads(line)["iteration"] for line in f if line.strip().endswith("}")]
+    checkpoint = os.path.join(folder, "last_checkpoint")
+    resumes = "resumes at 0"
+    if os.path.exists(checkpoint):
+        with open(checkpoint) as f:
+            name = f.read().strip()  # model_0000749.pth
+        digits = name[len("model_"):-len(".pth")]
+        resumes = f"resumes at {int(digits) + 1}" if digits.isdigit() else f"resumes from {name}"
+    where = os.path.relpath(folder, out_dir)
+    return f"{where}: logged to iteration {logged[-1] + 1 if logged else 0}, {resumes}"
+
+
 def train(run, fresh=False):
     """Train ``run`` (setting a stale folder aside first); returns wall time, peak RSS (MiB),
     command and machine."""
@@ -406,7 +427,8 @@ def execute(runs, jobs=1, fresh=False):
 
 
 def _train_logged(run, fresh=False):
-    log(f"{os.path.basename(run.out_dir)}: training")
+    where = progress(run.out_dir) if not fresh and reuse_status(run) == "partial" else ""
+    log(f"{os.path.basename(run.out_dir)}: training" + (f" ({where})" if where else ""))
     outcome = train(run, fresh)
     log(f"{os.path.basename(run.out_dir)}: finished in {outcome['wall_s'] / 60:.1f} min")
     return outcome

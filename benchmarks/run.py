@@ -30,7 +30,7 @@ if not __package__:  # run as a script: make the benchmarks package importable
 
 import ilmil  # noqa: F401,E402  (detectron2 compatibility adjustments come first)
 from benchmarks import records  # noqa: E402
-from benchmarks.harness import ROOT, BenchError, describe, execute, log, plan, stop_trainings  # noqa: E402
+from benchmarks.harness import ROOT, BenchError, describe, execute, log, plan, progress, stop_trainings  # noqa: E402
 from benchmarks.suites import SUITES  # noqa: E402
 from benchmarks.tables import suite_page  # noqa: E402
 from ilmil.engine import RUN_ERRORS  # noqa: E402
@@ -123,7 +123,8 @@ def main(argv=None):
         planned = plan(suite_setting, args.quick, setting.specs, setting.seeds, args.runs_dir, args.opts)
         if args.dry_run:
             for out_dir, status in describe(planned.values(), suite.fresh).items():
-                print(f"{status:9} {out_dir}")
+                where = progress(out_dir) if status == "partial" else ""
+                print(f"{status:9} {out_dir}" + (f"  ({where})" if where else ""))
             return 0
         os.environ.setdefault("ILMIL_DATASETS", os.path.join(ROOT, "datasets"))
         jobs = args.jobs or 1

@@ -307,6 +307,24 @@ def test_a_stopped_harness_stops_its_trainings_and_starts_no_other(tmp_path, mon
         train(run)
 
 
+def test_a_dry_run_says_where_a_partial_run_stands(tmp_path, capsys):
+    common = ["--suite", "accuracy", "--variants", "ilmil", "--specs", "10+10", "--dry-run",
+              "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]
+    assert bench_main(common) == 0
+    stage0 = capsys.readouterr().out.splitlines()[0].split()[1]
+    # Killed at iteration 47: logged up to 39 (the last line cut mid-write), checkpointed at 29.
+    stage_dir = tmp_path / stage0 / "stage_0"
+    stage_dir.mkdir(parents=True)
+    (stage_dir / "metrics.json").write_text('{"iteration": 19}\n{"iteration": 39}\n{"iterat')
+    (stage_dir / "last_checkpoint").write_text("model_0000029.pth")
+    assert harness.progress(str(tmp_path / stage0)) == "stage_0: logged to iteration 40, resumes at 30"
+    assert bench_main(common) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"partial   {tmp_path / stage0}  (stage_0: logged to iteration 40, resumes at 30)")
+    (stage_dir / "last_checkpoint").unlink()
+    assert harness.progress(str(tmp_path / stage0)) == "stage_0: logged to iteration 40, resumes at 0"
+
+
 def test_merging_keeps_every_other_record():
     def record(spec, seed, ap, budget="3200+800"):
         return {"suite": "accuracy", "spec": spec, "variant": "ilmil", "seed": seed, "budget": budget,
