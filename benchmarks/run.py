@@ -102,8 +102,8 @@ def resolve_setting(suite, args):
         unknown = [name for name in args.detectors if name not in known]
         if unknown:
             choices = f"give some of: {', '.join(known)}" if known else "drop --detectors"
-            raise BenchError(f"--detectors {' '.join(unknown)}: not a detector of the {suite.name} suite, {where}; "
-                             f"{choices}")
+            of = "the --variants given" if args.variants else f"the {suite.name} suite"
+            raise BenchError(f"--detectors {' '.join(unknown)}: not a detector of {of}, {where}; {choices}")
         setting = dataclasses.replace(setting, variants=tuple(v for v in setting.variants
                                                               if v.detector in args.detectors))
     # A zero stage-0 budget is the per-stage one (--quick).

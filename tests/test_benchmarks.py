@@ -385,6 +385,13 @@ def test_variants_narrow_the_plan_and_an_unknown_one_is_refused(tmp_path, capsys
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
     assert bench_main(["--suite", "accuracy", *common, "--variants", "ilmil", "MODEL.DEVICE", "cpu"]) == 1
     assert "error: --variants MODEL.DEVICE cpu: not a variant" in capsys.readouterr().err
+    # A detector none of the given variants trains: the error says it is the variants' choice.
+    kd = ["--suite", "kd", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path), "--dry-run"]
+    assert bench_main([*kd, "--detectors", "fcos", "retinanet", "--variants", "fcos PKD"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --detectors retinanet: not a detector of the --variants given") and "fcos" in line
+    assert bench_main([*kd, "--detectors", "ssd"]) == 1
+    assert "error: --detectors ssd: not a detector of the kd suite" in capsys.readouterr().err
 
 
 # The terms each kd row switches on, in the order the distiller logs them.
