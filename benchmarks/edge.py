@@ -45,7 +45,7 @@ from ilmil.evaluation import evaluate_checkpoint  # noqa: E402
 from ilmil.file_io import atomic_write  # noqa: E402
 from ilmil.pruning import measure_model  # noqa: E402
 
-from benchmarks.harness import machine  # noqa: E402
+from benchmarks.harness import STALE_MARK, machine  # noqa: E402
 from benchmarks.suites import NARROW_STUDENTS  # noqa: E402
 
 
@@ -55,7 +55,8 @@ def find_models(kd_runs, detector, teacher_iters=None):
     long (the default one, and a narrower one where the suite has it: the quarter-width
     Faster R-CNN)."""
     students = [r for r in sorted(glob.glob(os.path.join(kd_runs, f"*_{detector}_*")))
-                if not os.path.basename(r).startswith("teacher") and os.path.isfile(os.path.join(r, "results.json"))]
+                if not os.path.basename(r).startswith("teacher") and STALE_MARK not in os.path.basename(r)
+                and os.path.isfile(os.path.join(r, "results.json"))]
     plain = [r for r in students if _row(r, detector).endswith("no KD")]
     distilled = [r for r in students if r not in plain
                  and (teacher_iters is None or _train_iters(_teacher_run(r)) == teacher_iters)]

@@ -70,6 +70,10 @@ def stop_trainings(signum, frame=None):
     raise SystemExit(128 + signum)
 
 
+# A folder trained with another config is renamed NAME + STALE_MARK + date before it is retrained.
+STALE_MARK = ".stale-"
+
+
 def log(message):
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -343,7 +347,7 @@ def train(run, fresh=False):
         raise BenchError("stopped by a signal; re-run the same command to resume")
     status = reuse_status(run)
     if status == "stale":
-        stale = f"{run.out_dir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+        stale = f"{run.out_dir}{STALE_MARK}{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(run.out_dir, stale)
         log(f"{run.out_dir} was trained with another config: moved to {stale}, training anew")
     elif fresh and status != "new":

@@ -244,7 +244,8 @@ def _reproduce(suite, quick, setting, records):
     for name, value in given.items():
         if value and name not in suite.refuses and value != getattr(defaults, name):
             args += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
-    args += first.get("extra_opts") or []
+    if first.get("extra_opts"):  # after a list option, "--" ends it
+        args += ["--", *first["extra_opts"]]
     return " ".join(args)
 
 

@@ -93,7 +93,10 @@ def test_accuracy_harness_shares_stage0_and_reuses_finished_runs(accuracy_runs, 
     rows = [line for line in table.splitlines() if line.startswith("| 10+10 |")]
     assert [line.split("|")[2].strip() for line in rows] == ["finetune", "faster-ilod", "ilmil", "joint"]
     # 10+10 is the suite's spec: the command names the budget only.
-    assert "python benchmarks/run.py --suite accuracy --quick --base-iters 6 --iters 4 --num-train" in table
+    command = next(line for line in table.splitlines() if line.startswith("- command: "))
+    assert "python benchmarks/run.py --suite accuracy --quick --base-iters 6 --iters 4 --num-train" in command
+    # The overrides follow "--": after a list option they would be read as its values.
+    assert " --num-test 8 -- ILMIL.SHAPES.NUM_CLASSES 20 " in command
 
     # Again: everything is reused, nothing trained, the records are the same ones.
     again = _run_harness("accuracy", tiny_datasets_root, root, "--specs", "10+10", *BUDGET)
@@ -653,6 +656,7 @@ def test_the_edge_suite_takes_the_best_distilled_student_of_any_width_its_teache
     run("20_faster_rcnn_no_KD_1600+6400it_seed0", 90.0, teacher, iters=6400)  # not the best student's budget
     run("20_faster_rcnn_PKD_1600+3200it_seed0")  # unfinished: no results
     run("20_fcos_output_1600+3200it_seed0", 90.0, teacher)  # another detector's
+    run("20_faster_rcnn_output_1600+3200it_seed0.stale-20261205-120000", 95.0, teacher)  # set aside: another config
     assert find_models(str(tmp_path), "faster_rcnn") == {
         "teacher": teacher, "student, no KD": plain, "quarter-width student, no KD": quarter_plain,
         "quarter-width student, output": quarter_output}
