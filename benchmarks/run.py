@@ -36,9 +36,8 @@ from benchmarks.tables import suite_page  # noqa: E402
 from ilmil.engine import RUN_ERRORS  # noqa: E402
 from ilmil.file_io import atomic_write  # noqa: E402
 
-# Options that change a suite's runs, as (argparse dest, the Setting field they set).
-SETTING_OPTIONS = {"specs": "specs", "seeds": "seeds", "iters": "iters", "base_iters": "base_iters",
-                   "num_train": "num_train", "num_test": "num_test"}
+# Options that change a suite's runs: each sets the Setting field of its name.
+SETTING_OPTIONS = ("specs", "seeds", "iters", "base_iters", "num_train", "num_test")
 
 
 def parse_args(argv=None):
@@ -74,7 +73,7 @@ def parse_args(argv=None):
 def resolve_setting(suite, args):
     """The suite's setting with the command line's options, refusing those it cannot honour."""
     where = f"benchmarks/run.py --suite {suite.name}"
-    for dest in (*SETTING_OPTIONS, "jobs"):
+    for dest in (*SETTING_OPTIONS, "jobs", "variants"):
         value = getattr(args, dest)
         if value is not None and dest in suite.refuses:
             flag = f"--{dest.replace('_', '-')}"
@@ -87,8 +86,8 @@ def resolve_setting(suite, args):
         raise BenchError(f"config overrides {' '.join(args.opts)} are not KEY VALUE pairs, {where}; "
                          "give each key its value")
     setting = suite.setting(args.quick)
-    given = {field: tuple(v) if isinstance(v, list) else v
-             for dest, field in SETTING_OPTIONS.items() if (v := getattr(args, dest)) is not None}
+    given = {name: tuple(v) if isinstance(v, list) else v
+             for name in SETTING_OPTIONS if (v := getattr(args, name)) is not None}
     setting = dataclasses.replace(setting, **given)
     if args.variants:
         known = {variant.name: variant for variant in setting.variants}

@@ -171,7 +171,7 @@ SPEED = Suite(
              "the first {warmup} left out of the median",
     refuses={"specs": "the suite times stage 1 of 10+10", "seeds": "the suite times one seed",
              "iters": "the suite's timed budget is fixed", "base_iters": "the suite's stage 0 is fixed",
-             "jobs": ONE_RUN_AT_A_TIME},
+             "jobs": ONE_RUN_AT_A_TIME, "variants": "its table compares ilmil (with either teacher) with finetune"},
 )
 PRUNING = Suite(
     "pruning",

@@ -365,6 +365,7 @@ def test_the_recorded_results_still_make_their_tables(tmp_path):
 @pytest.mark.parametrize("args, flag", [
     (["--suite", "speed", "--seeds", "0", "1"], "--seeds"),
     (["--suite", "speed", "--jobs", "2"], "--jobs"),
+    (["--suite", "speed", "--variants", "finetune", "ilmil"], "--variants"),
     (["--suite", "pruning", "--specs", "15+5"], "--specs"),
     (["--suite", "pruning", "--seeds", "0", "1"], "--seeds"),
 ])  # fmt: skip
