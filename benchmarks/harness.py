@@ -433,6 +433,11 @@ def execute(runs, jobs=1, fresh=False):
 def _train_logged(run, fresh=False):
     where = progress(run.out_dir) if not fresh and reuse_status(run) == "partial" else ""
     log(f"{os.path.basename(run.out_dir)}: training" + (f" ({where})" if where else ""))
-    outcome = train(run, fresh)
+    try:
+        outcome = train(run, fresh)
+    except BenchError as error:
+        # Said now, not after the runs still training (hours, maybe), which go on to their end.
+        log(f"{os.path.basename(run.out_dir)}: failed: {error}")
+        raise
     log(f"{os.path.basename(run.out_dir)}: finished in {outcome['wall_s'] / 60:.1f} min")
     return outcome

@@ -328,6 +328,17 @@ def test_a_dry_run_says_where_a_partial_run_stands(tmp_path, capsys):
     assert harness.progress(str(tmp_path / stage0)) == "stage_0: logged to iteration 40, resumes at 0"
 
 
+def test_a_failed_run_is_reported_at_once_while_the_others_finish(tmp_path, monkeypatch, capsys):
+    script = {"bad": "import sys; sys.exit(1)", "good": "import time; time.sleep(3)"}
+    monkeypatch.setattr(Run, "command", lambda self: [sys.executable, "-c", script[os.path.basename(self.out_dir)]])
+    runs = [Run(str(tmp_path / name), "10+10", "ilmil", 0, 4, 8, 4, ()) for name in ("good", "bad")]
+    with pytest.raises(BenchError, match="training failed"):
+        execute(runs, jobs=2)
+    logged = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    failed = next(i for i, line in enumerate(logged) if line.startswith("bad: failed: training failed"))
+    assert failed < logged.index(next(line for line in logged if line.startswith("good: finished")))
+
+
 def test_merging_keeps_every_other_record():
     def record(spec, seed, ap, budget="3200+800"):
         return {"suite": "accuracy", "spec": spec, "variant": "ilmil", "seed": seed, "budget": budget,
