@@ -8,7 +8,7 @@ the 10+10 records in place.
 import json
 import os
 
-from ilmil.checkpoint import atomic_write
+from ilmil.file_io import atomic_write
 
 # What makes two runs of a spec, variant and seed comparable: the budget
 # ("STAGE0+LATER" iterations), the data size and the command line's overrides.
@@ -20,12 +20,21 @@ def record_key(record):
     return json.dumps([record.get(field) for field in KEY_FIELDS])
 
 
+class RecordsError(ValueError):
+    """A records file that cannot be read; the message names it and the fix."""
+
+
 def load(path):
     """The records of ``path``, or [] when there is none yet."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return json.load(f)["records"]
+    try:
+        with open(path) as f:
+            return json.load(f)["records"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RecordsError(f"{path} is not a records file ({type(e).__name__}: {e}); fix: restore it "
+                           f"(git checkout -- {path}) or move it aside and re-run the suite, which reuses "
+                           "its finished runs") from None
 
 
 def merge(old, new):

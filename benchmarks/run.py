@@ -113,10 +113,10 @@ def main(argv=None):
     args = parse_args(argv)
     suite = SUITES[args.suite]
     size = "quick" if args.quick else "full"
-    if args.tables_only:
-        write_results(suite, args.quick, args.results_dir)
-        return 0
     try:
+        if args.tables_only:
+            write_results(suite, args.quick, args.results_dir)
+            return 0
         setting = resolve_setting(suite, args)
         suite_setting = dataclasses.replace(suite, **{size: setting})
         planned = plan(suite_setting, args.quick, setting.specs, setting.seeds, args.runs_dir, args.opts)
@@ -133,10 +133,10 @@ def main(argv=None):
         start = time.perf_counter()
         outcomes = execute(list(planned.values()), jobs, suite.fresh)
         new = suite.records(suite_setting, setting, planned, outcomes, args.opts)
-    except (BenchError, *RUN_ERRORS) as e:
+        merged = write_results(suite, args.quick, args.results_dir, new)
+    except (BenchError, records.RecordsError, *RUN_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    merged = write_results(suite, args.quick, args.results_dir, new)
     log(f"{len(new)} records merged ({len(merged)} in all) in {(time.perf_counter() - start) / 60:.1f} min")
     return 0
 
@@ -146,6 +146,9 @@ def write_results(suite, quick, results_dir, new=()):
     name = f"{suite.name}_{'quick' if quick else 'full'}"
     path = os.path.join(results_dir, f"{name}.json")
     merged = records.merge(records.load(path), list(new))
+    if not merged:
+        raise BenchError(f"no records in {path}, benchmarks/run.py --suite {suite.name}; fix: run the suite "
+                         "first (without --tables-only), or give the --results-dir that holds them")
     if new:
         records.save(path, merged)
     page = suite_page(suite, quick, merged)

@@ -352,6 +352,19 @@ def test_merging_keeps_every_other_record():
         ("19+1", 0, "3200+800", 83.6), ("10+10", 0, "6400+800", 80.0)]
 
 
+def test_tables_only_without_readable_records_is_one_error_line(tmp_path, capsys):
+    args = ["--suite", "accuracy", "--tables-only", "--results-dir", str(tmp_path / "results")]
+    assert bench_main(args) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: no records in {tmp_path / 'results' / 'accuracy_full.json'}") and "fix: " in line
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "accuracy_full.json").write_text('{"records": [')  # cut off mid-write
+    assert bench_main(args) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "is not a records file (JSONDecodeError" in line and "git checkout" in line
+    assert not (tmp_path / "results" / "accuracy_full.md").exists()
+
+
 def test_the_recorded_results_still_make_their_tables(tmp_path):
     for name in ("accuracy_full", "ablation_full", "speed_full", "speed_quick", "pruning_full", "kd_full"):
         path = os.path.join(REPO_ROOT, "benchmarks", "results", f"{name}.json")
