@@ -36,16 +36,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import ilmil  # noqa: E402,F401  (detectron2 compatibility adjustments come first)
-from ilmil.config import ConfigError, derived_cfg, get_ilmil_cfg  # noqa: E402
+from ilmil.config import derived_cfg, get_ilmil_cfg  # noqa: E402
 from ilmil.data import load_dataset_source  # noqa: E402
 from ilmil.deploy import (OnnxDetector, check_export, export_onnx, latency_ms, load_trained_model,  # noqa: E402
                           preprocess)
 from ilmil.deploy.predict import read_image  # noqa: E402
+from ilmil.engine import RUN_ERRORS  # noqa: E402
 from ilmil.evaluation import evaluate_checkpoint  # noqa: E402
 from ilmil.file_io import atomic_write  # noqa: E402
 from ilmil.pruning import measure_model  # noqa: E402
 
-from benchmarks.harness import STALE_MARK, machine  # noqa: E402
+from benchmarks.harness import STALE_MARK, BenchError, machine  # noqa: E402
 from benchmarks.suites import NARROW_STUDENTS  # noqa: E402
 
 
@@ -78,7 +79,11 @@ def find_models(kd_runs, detector, teacher_iters=None):
 
 @functools.cache  # a finished run's results.json does not change; find_models asks for each several times
 def _results(run):
-    with open(os.path.join(run, "results.json")) as f:
+    path = os.path.join(run, "results.json")
+    if not os.path.isfile(path):  # a teacher folder named by a student's results, since moved or deleted
+        raise BenchError(f"{path} is missing; fix: re-run the kd suite's command that trained {os.path.basename(run)} "
+                         "(benchmarks/run.py --suite kd ...), or give --teacher-iters of a teacher still there")
+    with open(path) as f:
         return json.load(f)
 
 
@@ -111,12 +116,15 @@ def prune(best, out, ratio, finetune_iters, finetune_teacher=False):
     (the teacher is built from the student's own config: ``ILMIL.TEACHER.CONFIG_FILE`` "")."""
     weights = os.path.join(out, "model_pruned.pth")
     if not os.path.isfile(weights):
-        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prune.py"), "--weights",
-                        os.path.join(best, "stage_0", "model_final.pth"), "--config-file",
-                        os.path.join(best, "config.yaml"), "--ratio", str(ratio), "--finetune-iters",
-                        str(finetune_iters), "--output-dir", out]
-                       + (["--finetune-teacher"] if finetune_teacher else []) + ["ILMIL.TEACHER.CONFIG_FILE", ""],
-                       check=True, cwd=ROOT)
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prune.py"), "--weights",
+                               os.path.join(best, "stage_0", "model_final.pth"), "--config-file",
+                               os.path.join(best, "config.yaml"), "--ratio", str(ratio), "--finetune-iters",
+                               str(finetune_iters), "--output-dir", out]
+                              + (["--finetune-teacher"] if finetune_teacher else []) + ["ILMIL.TEACHER.CONFIG_FILE", ""],
+                              cwd=ROOT)
+        if proc.returncode:
+            raise BenchError(f"tools/prune.py failed on {best}; fix: what its error line above names, then re-run "
+                             "(the kd runs and a finished pruning are reused)")
     return weights
 
 
@@ -189,15 +197,20 @@ def main(argv=None):
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
                         help="test-time config overrides applied to every model (module docstring)")
     args = parser.parse_args(argv)
-    try:  # the overrides are checked before anything is pruned, exported or measured
-        get_ilmil_cfg(opts=args.opts)
-    except ConfigError as e:
+    try:
+        get_ilmil_cfg(opts=args.opts)  # the overrides are checked before anything is pruned, exported or measured
+        return measure_models(args)
+    except (BenchError, *RUN_ERRORS) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def measure_models(args):
+    """Prune the best student, measure it and the models it is compared with, write the page."""
     models = find_models(args.kd_runs, args.detector, args.teacher_iters)
-    out = os.path.join(os.path.dirname(os.path.abspath(args.kd_runs)), "edge", args.detector)
-    os.makedirs(out, exist_ok=True)
     entries = [(label, os.path.join(run, "stage_0", "model_final.pth"), os.path.join(run, "config.yaml"),
                 str(_train_iters(run))) for label, run in models.items()]
+    out = os.path.join(os.path.dirname(os.path.abspath(args.kd_runs)), "edge", args.detector)
+    os.makedirs(out, exist_ok=True)
     best_label, best_run = list(models.items())[-1]
     # Named by what it is pruned from and how, so a later, better student gets its own.
     pruned_dir = os.path.join(out, f"pruned_{os.path.basename(best_run)}_{args.prune_ratio}_{args.finetune_iters}it"

@@ -710,3 +710,18 @@ def test_the_edge_suite_refuses_bad_overrides_before_anything_runs(tmp_path, opt
 
     with pytest.raises(SystemExit, match=f"^error: .*{message}"):
         edge_main(["--kd-runs", str(tmp_path / "no_runs_here"), *opts])
+
+
+def test_the_edge_suite_names_a_teacher_folder_gone_in_one_error_line(tmp_path):
+    from benchmarks.edge import main as edge_main
+
+    runs = tmp_path / "kd_full"
+    gone = runs / "teacher_faster_rcnn_20classes_1600it_seed0"  # never there: moved or deleted
+    for name, ap50 in (("20_faster_rcnn_no_KD_1600+800it_seed0", 40.0), ("20_faster_rcnn_output_1600+800it_seed0", 50.0)):
+        (runs / name).mkdir(parents=True)
+        results = {"stages": [{"AP50": ap50}], "teacher": {"weights": str(gone / "stage_0" / "model_final.pth")},
+                   "config": {"SOLVER": {"MAX_ITER": 800}}}
+        (runs / name / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match=f"^error: {gone}/results.json is missing; fix: re-run .*--suite kd"):
+        edge_main(["--kd-runs", str(runs)])
+    assert not (tmp_path / "edge").exists()  # nothing pruned or measured
