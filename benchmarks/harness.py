@@ -98,7 +98,7 @@ class Run:
     num_train: int
     num_test: int
     opts: tuple = ()  # KEY VALUE config overrides, after the protocol's
-    flags: tuple = ()  # CLI flags of tools/train_incremental.py that change what is trained
+    flags: tuple = ()  # command-line flags of the training tool that change what is trained
     # The run whose stage-0 model this one needs: the shared stage 0 it starts from or, for a
     # compression run, its teacher.
     stage0: "Run" = None
@@ -157,8 +157,8 @@ class Run:
         """Whether a folder's record says it was trained as this run is: same schedule and,
         key by key, the same values (``compared``); a key the record lacks (added to the
         toolkit since) must be at its default. A record of an older harness: the same fingerprint."""
-        if "config" not in record:
-            return record["fingerprint"] == self.fingerprint()
+        if "config" not in record:  # no fingerprint either: a record of unknown make, retrained
+            return record.get("fingerprint") == self.fingerprint()
         if record["schedule"] != self.schedule():
             return False
         defaults = {key: repr(value) for key, value in config_items(default_cfg()).items()}
@@ -316,8 +316,7 @@ def reuse_status(run):
     results = read_results(run)
     # A run started at stage 1 records its given stage 0 too: the last stage decides.
     last = results["stages"][-1]["stage"] if results and results["stages"] else None
-    schedule_end = 0 if run.method == "joint" else run.num_stages - 1
-    return "finished" if last == schedule_end else "partial"
+    return "finished" if last == run.num_stages - 1 else "partial"  # joint runs: one stage of every class
 
 
 def progress(out_dir):

@@ -28,8 +28,9 @@ def _without_per_class(stage):
 
 def training_records(suite, setting, planned, outcomes, extra):
     """One record per (spec, variant, seed): its last stage, the run summary, the
-    median step time of its last stage and, when trained by this invocation, its
-    wall time, peak memory and command."""
+    median step time of its last stage, and its wall time, peak memory, command and
+    machine as measured when it was trained (by this invocation or, for a reused
+    folder, by the one that trained it)."""
     env = machine()
     variants = {v.name: v for v in setting.variants}
     records = []

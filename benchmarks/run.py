@@ -48,11 +48,12 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="+",
                         help="train only these of the suite's variants (names as in its table, e.g. ilmil)")
     parser.add_argument("--detectors", nargs="+",
-                        help="compression suites: train only these detectors' runs (e.g. retinanet fcos)")
+                        help="kd and one_stage suites: train only these detectors' runs (e.g. retinanet fcos)")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: 0)")
     parser.add_argument("--iters", type=int, help="iterations of each stage after stage 0")
     parser.add_argument("--base-iters", type=int,
-                        help="iterations of stage 0, shared by every method (default: 3200, --quick: --iters)")
+                        help="iterations of stage 0 (kd: of the teacher), shared by every method "
+                             "(default: the suite's, --dry-run shows it in the folder names)")
     parser.add_argument("--num-train", type=int, help="shapes train images")
     parser.add_argument("--num-test", type=int, help="shapes test images")
     parser.add_argument("--jobs", type=int, help="runs trained at once, each with cores / jobs threads")

@@ -13,8 +13,9 @@ from .measures import kd_records, pruning_records, speed_records, training_recor
 
 @dataclass(frozen=True)
 class Variant:
-    """What a suite trains: a method with config overrides and CLI flags of
-    tools/train_incremental.py (both part of the run's fingerprint)."""
+    """What a suite trains: a method with config overrides and command-line flags of
+    its training tool (tools/train_incremental.py, or train_compression.py for an
+    assistant chain); both decide whether a finished folder is reused."""
 
     name: str
     method: str
@@ -60,7 +61,7 @@ class Suite:
     full: Setting
     quick: Setting
     table: object  # records -> markdown
-    records: object = training_records  # (suite, outcomes) -> records
+    records: object = training_records  # (suite, setting, planned, outcomes, extra opts) -> records
     protocol: str = ""  # the suite's protocol in words, formatted with the setting's fields
     # "shared": one stage-0 model per data, first-stage classes, seed and budget, every
     # variant starting from it (--start-stage 1 --teacher-weights); "own": each run trains it;

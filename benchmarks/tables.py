@@ -102,14 +102,15 @@ def stage_images_table(records):
 def pruning_table(records):
     """One row per variant, compared with the unpruned one. Records made before the
     fine-tuning was recorded show "–" for it."""
-    base = next((r for r in records if r["ratio"] == 0), records[0])
+    base = next((r for r in records if r["ratio"] == 0), None)  # none: the unpruned row was not run
     lines = ["| pruned | fine-tuning of the pruned stage-0 model | parameters (M) | GFLOPs (detector) | "
              "GFLOPs (backbone+FPN) | CPU latency (ms) | stage-1 start AP50 (old classes) | AP50_all | AP50_old | "
              "AP50_new | vs unpruned |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        change = (f"params {100 * (r['params'] / base['params'] - 1):+.0f} %, GFLOPs "
-                  f"{100 * (r['gflops'] / base['gflops'] - 1):+.0f} %, AP50 {r['AP50_all'] - base['AP50_all']:+.1f}")
+        change = "–" if base is None else (
+            f"params {100 * (r['params'] / base['params'] - 1):+.0f} %, GFLOPs "
+            f"{100 * (r['gflops'] / base['gflops'] - 1):+.0f} %, AP50 {r['AP50_all'] - base['AP50_all']:+.1f}")
         lines.append(f"| {r['ratio']:.0%} | {_finetuning(r)} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | "
                      f"{r['gflops_backbone']:.2f} | {r['latency_ms']:.0f} | {_fmt(r.get('stage1_start_AP50'))} | "
                      f"{_fmt(r['AP50_all'])} | {_fmt(r['AP50_old'])} | {_fmt(r['AP50_new'])} | "
@@ -138,8 +139,7 @@ def kd_table(records):
             lines.append(f"| {detector} | teacher | {_mean_spread([r['teacher_AP50'] for r in taught])} | "
                          f"{_mean_spread([r['teacher_AP'] for r in taught])} | | | | | | | "
                          f"{teacher['params'] / 1e6:.2f} | {teacher['gflops']:.2f} |")
-        if student:
-            detector = f"{detector}, {student}"
+        label = f"{detector}, {student}" if student else detector
         # The student without distillation first: the rows below are measured against it.
         for (row,), group in sorted(_grouped(runs, "row").items(), key=lambda item: item[0] != ("no KD",)):
             def relative(key, of=None):
@@ -162,15 +162,15 @@ def kd_table(records):
                 return f"{statistics.mean(values):.2f}x" if values else "–"
 
             gaps = ["", ""] if row == "no KD" else [relative("AP50", "AP50"), relative("AP", "AP")]
-            student = group[0]["student_model"]
+            size = group[0]["student_model"]
             lines.append(
-                f"| {detector} | {row} | {_mean_spread([r['AP50'] for r in group])} | "
+                f"| {label} | {row} | {_mean_spread([r['AP50'] for r in group])} | "
                 f"{_mean_spread([r['AP'] for r in group])} | {' | '.join(gaps)} | "
                 f"{_mean([r['step_time_s'] for r in group], 3)} | "
                 f"{'' if row == 'no KD' else relative('step_time_s')} | "
                 f"{_mean([r['peak_rss_mib'] for r in group], 0)} | "
                 f"{'' if row == 'no KD' else relative('peak_rss_mib')} | "
-                f"{student['params'] / 1e6:.2f} | {student['gflops']:.2f} |")
+                f"{size['params'] / 1e6:.2f} | {size['gflops']:.2f} |")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from benchmarks.harness import (CONFIG_RECORD, OUTCOME_RECORD, BenchError, Run, 
                                 reuse_status, same_machine, train)
 from benchmarks.run import main as bench_main
 from benchmarks.suites import ABLATION, ACCURACY, KD, ONE_STAGE, STAGE_IMAGES
-from benchmarks.tables import kd_table, one_stage_table, stage_images_table
+from benchmarks.tables import kd_table, one_stage_table, pruning_table, stage_images_table
 from ilmil.data import shapes_num_classes
 from ilmil.distill import enabled_terms
 
@@ -547,6 +547,15 @@ def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(ti
     assert reused["no KD"]["machine"]["cpu_model"] == "family 0, model 0"
     assert [(r["student_model"], r["teacher_model"]) for r in reused.values()] == [
         (r["student_model"], r["teacher_model"]) for r in records_.values()]
+
+
+def test_a_pruning_table_without_its_unpruned_row_compares_with_nothing():
+    pruned = {"ratio": 0.5, "params": 5e6, "gflops": 1.0, "gflops_backbone": 0.5, "latency_ms": 10.0,
+              "AP50_all": 50.0, "AP50_old": 55.0, "AP50_new": 45.0, "finetune_iters": 20, "finetune_teacher": False}
+    unpruned = {**pruned, "ratio": 0.0, "params": 10e6, "gflops": 2.0, "AP50_all": 52.0, "finetune_iters": 0}
+    assert pruning_table([pruned]).splitlines()[-1].endswith("| 50.0 | 55.0 | 45.0 | – |")
+    assert pruning_table([unpruned, pruned]).splitlines()[-1].endswith(
+        "| 50.0 | 55.0 | 45.0 | params -50 %, GFLOPs -50 %, AP50 -2.0 |")
 
 
 def _kd_record(row, ap50, step_time, student=None):
