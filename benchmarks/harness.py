@@ -85,6 +85,11 @@ def _resolved_config(config_file, overrides, method):
     return cfg
 
 
+@functools.lru_cache(maxsize=None)
+def _default_values():
+    return {key: repr(value) for key, value in config_items(default_cfg()).items()}
+
+
 @dataclass(frozen=True)
 class Run:
     """One tools/train_incremental.py (or train_compression.py) process. The reuse check
@@ -161,7 +166,7 @@ class Run:
             return record.get("fingerprint") == self.fingerprint()
         if record["schedule"] != self.schedule():
             return False
-        defaults = {key: repr(value) for key, value in config_items(default_cfg()).items()}
+        defaults = _default_values()
         return all(record["config"].get(key, defaults.get(key)) == value for key, value in self.compared().items())
 
     def command(self):
