@@ -191,6 +191,12 @@ def budget_name(setting):
     return f"{setting.base_iters}+{setting.iters}"
 
 
+def parse_budget(budget):
+    """``(base_iters, iters)`` of a record's ``budget_name``."""
+    base_iters, iters = budget.split("+")
+    return int(base_iters), int(iters)
+
+
 def _detector_prefix(variant):
     """A folder-name prefix for the runs of a variant's own detector ("" for the default one)."""
     return f"{variant.detector}_" if variant.detector else ""
@@ -225,9 +231,9 @@ def teacher_run(runs_dir, variant, spec, seed, setting, extra):
 def plan(suite, quick, specs, seeds, runs_dir, extra):
     """``{(spec, variant name, seed): Run}`` of the suite; runs shared by several
     keys (joint, by specs of the same classes) are one ``Run``."""
-    setting, size = suite.setting(quick), "quick" if quick else "full"
-    own_dir = os.path.join(runs_dir, f"{suite.name}_{size}")
-    shared_dir = os.path.join(runs_dir, f"{suite.runs_group}_{size}")
+    setting = suite.setting(quick)
+    own_dir = os.path.join(runs_dir, suite.label(quick))
+    shared_dir = os.path.join(runs_dir, suite.label(quick, suite.runs_group))
     runs = {}
     for seed in seeds:
         for spec in specs:

@@ -144,7 +144,7 @@ def main(argv=None):
 
 def write_results(suite, quick, results_dir, new=()):
     """Merge ``new`` into the suite's records and regenerate its page from all of them."""
-    name = f"{suite.name}_{'quick' if quick else 'full'}"
+    name = suite.label(quick)
     path = os.path.join(results_dir, f"{name}.json")
     merged = records.merge(records.load(path), list(new))
     if not merged:

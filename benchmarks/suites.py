@@ -77,6 +77,10 @@ class Suite:
     def setting(self, quick):
         return self.quick if quick else self.full
 
+    def label(self, quick, name=None):
+        """``SUITE_SIZE`` (``name`` in place of the suite's): its records' and runs' folder name."""
+        return f"{name or self.name}_{'quick' if quick else 'full'}"
+
     @property
     def runs_group(self):
         """The folder (under --runs-dir, with the size) of its shared stage 0s and plain runs."""
