@@ -425,12 +425,12 @@ def execute(runs, jobs=1, fresh=False):
             log(f"{out_dir} was trained with another config: it will be moved aside and retrained")
     log(f"{len(stage0s) + len(to_train)} runs to train, {jobs} at a time")
     with ThreadPoolExecutor(jobs) as pool:
-        stage0_done = {out_dir: pool.submit(_train_logged, run) for out_dir, run in stage0s.items()}
+        stage0_done = {out_dir: pool.submit(_train_logged, run, statuses[out_dir]) for out_dir, run in stage0s.items()}
 
         def train_after_stage0(run):
             if run.stage0 and run.stage0.out_dir in stage0_done:
                 stage0_done[run.stage0.out_dir].result()
-            return _train_logged(run, fresh)
+            return _train_logged(run, statuses[run.out_dir], fresh)
 
         queued = sorted(to_train, key=lambda run: run.stage0 is not None)
         trained = {run.out_dir: pool.submit(train_after_stage0, run) for run in queued}
@@ -440,8 +440,9 @@ def execute(runs, jobs=1, fresh=False):
     return outcomes
 
 
-def _train_logged(run, fresh=False):
-    where = progress(run.out_dir) if not fresh and reuse_status(run) == "partial" else ""
+def _train_logged(run, status, fresh=False):
+    """``train`` with its start, end or failure logged; ``status`` is ``describe``'s ("fresh" under --fresh)."""
+    where = progress(run.out_dir) if status == "partial" else ""
     log(f"{os.path.basename(run.out_dir)}: training" + (f" ({where})" if where else ""))
     try:
         outcome = train(run, fresh)

@@ -59,14 +59,14 @@ BUDGET = ("--iters", "4", "--base-iters", "6")
 @pytest.fixture(scope="module")
 def accuracy_runs(tiny_datasets_root, tmp_path_factory):
     """A folder whose runs and results hold the accuracy suite's tiny 10+10 (two workers: the
-    parallel path, whose stage 0 must still be trained once, before its users); the
-    harness's stdout."""
+    parallel path, whose stage 0 must still be trained once, before its users)."""
     root = tmp_path_factory.mktemp("bench")
-    return root, _run_harness("accuracy", tiny_datasets_root, root, "--specs", "10+10", *BUDGET, "--jobs", "2")
+    _run_harness("accuracy", tiny_datasets_root, root, "--specs", "10+10", *BUDGET, "--jobs", "2")
+    return root
 
 
 def test_accuracy_harness_shares_stage0_and_reuses_finished_runs(accuracy_runs, tiny_datasets_root):
-    root, _ = accuracy_runs
+    root = accuracy_runs
     with open(root / "results" / "accuracy_quick.json") as f:
         data = json.load(f)
     records_ = {r["method"]: r for r in data["records"]}
@@ -106,7 +106,7 @@ def test_accuracy_harness_shares_stage0_and_reuses_finished_runs(accuracy_runs, 
 
 def test_pruning_harness_prunes_the_shared_stage0_and_finetunes_it_with_and_without_teacher(
         accuracy_runs, tiny_datasets_root):
-    root, _ = accuracy_runs
+    root = accuracy_runs
     out = _run_harness("pruning", tiny_datasets_root, root, *BUDGET)
     assert "2 runs to train" in out  # the stage 0 and the unpruned ilmil run are the accuracy suite's
     with open(root / "results" / "pruning_quick.json") as f:
@@ -138,7 +138,7 @@ def test_pruning_harness_prunes_the_shared_stage0_and_finetunes_it_with_and_with
 def test_ablation_harness_switches_one_term_off_per_variant(accuracy_runs, tiny_datasets_root):
     # Two ablated variants beside the two methods they sit between (each variant is one more
     # training; the other variants differ only in their overrides).
-    root, _ = accuracy_runs
+    root = accuracy_runs
     variants = ["finetune", "without pseudo-labels", "without RCN term", "ilmil (all terms)"]
     out = _run_harness("ablation", tiny_datasets_root, root, "--specs", "10+10", *BUDGET, "--variants", *variants)
     assert "2 runs to train" in out  # the plain methods and their stage 0 are the accuracy suite's
