@@ -10,10 +10,13 @@
 #
 #   benchmarks/gpu_check.sh [OUT]      (default OUT: output/gpu_check; PYTHON=... to choose)
 #   PARTS="speed speed_amp" benchmarks/gpu_check.sh      (some parts only)
+#   KD_DETECTORS="fcos yolov3" PARTS=kd benchmarks/gpu_check.sh   (the kd part on some detectors)
+#   SPEED_ARGS=--quick PARTS=speed benchmarks/gpu_check.sh       (the speed suite's short budget)
 #
-# On an H200 every run costs 35-50 s besides its steps (start-up, the dataset check,
-# evaluation of the test images), so the speed parts take about 4 minutes each and all
-# four parts about 15: give each part a call of its own where calls are time-limited.
+# Every run costs 20-50 s besides its steps (start-up, the dataset check, evaluation of
+# the test images). On an H100 with 16 cores (2026-12-05) the parts took: speed 115 s
+# (63 s with --quick), kd 113 s (Faster R-CNN, FCOS and YOLO rows), speed_amp 109 s,
+# one_stage 90 s; where calls are time-limited, leave each part room to finish.
 #
 # NCCL needs one GPU per process, so on one GPU the torchrun path (NCCL from two
 # processes) cannot be checked; a machine with two GPUs runs it with the README's command.
@@ -41,13 +44,16 @@ part() {  # part NAME SECONDS ARGS...: one benchmarks/run.py invocation, logged 
     [ $rc = 0 ] || tail -n 30 "$OUT/$name.log"
 }
 
-part speed "${SPEED_LIMIT:-300}" --suite speed MODEL.DEVICE cuda
+part speed "${SPEED_LIMIT:-300}" --suite speed ${SPEED_ARGS:-} MODEL.DEVICE cuda
 kd_rows=()
-for d in faster_rcnn retinanet fcos; do
-    kd_rows+=("$d no KD" "$d PKD" "$d FGFI" "$d output" "$d output, bfloat16 teacher" "$d review" "$d M-KD"
-              "$d M-KD + assistant")
+for d in ${KD_DETECTORS:-faster_rcnn retinanet fcos yolov3}; do
+    if [ "$d" = yolov3 ]; then
+        kd_rows+=("$d no KD" "$d output" "$d alignment" "$d information map")
+    else
+        kd_rows+=("$d no KD" "$d PKD" "$d FGFI" "$d output" "$d output, bfloat16 teacher" "$d review" "$d M-KD"
+                  "$d M-KD + assistant")
+    fi
 done
-kd_rows+=("yolov3 no KD" "yolov3 output" "yolov3 alignment" "yolov3 information map")
 part kd "${KD_LIMIT:-300}" --suite kd --quick --jobs 8 --variants "${kd_rows[@]}" -- MODEL.DEVICE cuda
 part speed_amp "${AMP_LIMIT:-300}" --suite speed MODEL.DEVICE cuda SOLVER.AMP.ENABLED True
 part one_stage "${ONE_STAGE_LIMIT:-240}" --suite one_stage --quick --jobs 6 MODEL.DEVICE cuda

@@ -155,7 +155,9 @@ def speed_records(suite, setting, planned, outcomes, extra):
         generation = count / (time.perf_counter() - start)
     f, i = measured["finetune"], measured["ilmil"]
     return [{
-        "suite": suite.name, "variant": "quick" if setting is suite.quick else "full", **measured,
+        "suite": suite.name, "variant": "quick" if setting is suite.quick else "full",
+        # Overrides (a GPU, mixed precision) are a protocol of their own: keyed apart, named on the page.
+        "num_train": setting.num_train, "num_test": setting.num_test, "extra_opts": list(extra), **measured,
         "step_time_ratio": i["step_time_median_s"] / f["step_time_median_s"],
         "step_time_ratio_bfloat16_teacher":
             measured["ilmil_bfloat16_teacher"]["step_time_median_s"] / f["step_time_median_s"],

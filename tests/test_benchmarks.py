@@ -734,3 +734,31 @@ def test_the_edge_suite_names_a_teacher_folder_gone_in_one_error_line(tmp_path):
     with pytest.raises(SystemExit, match=f"^error: {gone}/results.json is missing; fix: re-run .*--suite kd"):
         edge_main(["--kd-runs", str(runs)])
     assert not (tmp_path / "edge").exists()  # nothing pruned or measured
+
+
+def test_a_speed_record_under_overrides_is_kept_apart_and_its_page_names_them(tmp_path):
+    from benchmarks.measures import speed_records
+    from benchmarks.suites import SPEED
+    from benchmarks.tables import suite_page
+
+    setting = SPEED.quick  # the first 10 steps are warm-up
+    planned, outcomes = {}, {}
+    for k, name in enumerate(("finetune", "ilmil", "ilmil_bfloat16_teacher")):
+        stage = tmp_path / name / "stage_1"
+        stage.mkdir(parents=True)
+        seconds = [9.0] * setting.warmup + [0.1 * (k + 1), 0.2 * (k + 1), 0.3 * (k + 1)]
+        (stage / "iteration_times.json").write_text(json.dumps({"seconds": seconds, "peak_cuda_memory_mib": 100.0 * (k + 1)}))
+        (stage / "metrics_eval.json").write_text(json.dumps({"eval_time_s": 2.0, "num_images": 50}))
+        planned["10+10", name, 0] = Run(str(tmp_path / name), "10+10", "finetune", 0, 30, 400, 100)
+        outcomes[str(tmp_path / name)] = {"peak_rss_mib": 1000.0 + k, "command": f"train {name}"}
+    extra = ["MODEL.DEVICE", "cuda"]
+    (gpu,) = speed_records(SPEED, setting, planned, outcomes, extra)
+    # Medians of the steps after the warm-up: 0.2 and 0.4 s.
+    assert gpu["finetune"]["step_time_median_s"] == pytest.approx(0.2) and gpu["step_time_ratio"] == pytest.approx(2.0)
+    assert (gpu["num_train"], gpu["num_test"], gpu["extra_opts"]) == (400, 100, extra)
+    cpu = {**gpu, "extra_opts": []}
+    merged = records.merge([cpu], [gpu])
+    assert merged == [cpu, gpu]  # a GPU measurement does not replace the CPU one
+    page = suite_page(SPEED, True, merged)
+    assert "overrides `MODEL.DEVICE cuda`" in page and "`python benchmarks/run.py --suite speed --quick -- MODEL.DEVICE cuda`" in page
+    assert page.count("| peak GPU memory allocated (MiB) | 100 | 200 | 2.00 | 300 | 3.00 |") == 2
