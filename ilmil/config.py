@@ -9,7 +9,8 @@ from detectron2.config import get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 
 __all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "add_retinanet_config", "add_yolo_config", "changed_from_defaults",
-           "check_choice", "check_optimizer", "config_items", "default_cfg", "derived_cfg", "get_ilmil_cfg",
+           "check_choice", "check_mixed_precision", "check_optimizer", "config_items", "default_cfg", "derived_cfg",
+           "get_ilmil_cfg",
            "method_preset", "method_presets", "num_classes_changes", "set_num_classes", "uses_teacher",
            "DEFAULT_CONFIG", "METHOD_PRESETS"]
 
@@ -31,6 +32,16 @@ def check_choice(key, value, choices):
 def check_optimizer(cfg):
     """``cfg.SOLVER.OPTIMIZER``, refused with the choices when unknown."""
     return check_choice("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER, OPTIMIZERS)
+
+
+def check_mixed_precision(cfg):
+    """``SOLVER.AMP.ENABLED`` on a device it can run on. detectron2's AMPTrainer autocasts
+    on CUDA only and otherwise stops at its first step, after the run's set-up."""
+    if cfg.SOLVER.AMP.ENABLED and not str(cfg.MODEL.DEVICE).startswith("cuda"):
+        raise ConfigError(f"SOLVER.AMP.ENABLED True needs a CUDA device, got MODEL.DEVICE {cfg.MODEL.DEVICE!r} "
+                          "(detectron2's mixed-precision trainer runs on CUDA only); fix: MODEL.DEVICE cuda, or "
+                          "SOLVER.AMP.ENABLED False (on a CPU, ILMIL.TEACHER.PRECISION bfloat16 speeds up the "
+                          "teacher's pass where the CPU has native bfloat16)")
 
 
 def add_ilmil_config(cfg):

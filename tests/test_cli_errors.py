@@ -291,6 +291,8 @@ CASES = {
     "distance": _choice("ILMIL.DISTILL.FEAT.DISTANCE", "cosine", names="ILMIL.DISTILL.FEAT.DISTANCE 'cosine'"),
     "optimizer": _choice("SOLVER.OPTIMIZER", "Adam", names="SOLVER.OPTIMIZER 'Adam'"),
     "precision": _choice("ILMIL.TEACHER.PRECISION", "half", names="ILMIL.TEACHER.PRECISION 'half'"),
+    "amp_on_cpu": _choice("SOLVER.AMP.ENABLED", "True", names="SOLVER.AMP.ENABLED True needs a CUDA device, got "
+                                                              "MODEL.DEVICE 'cpu'"),
     "stage_images": _choice("ILMIL.STAGE_IMAGES", "disjoint", names="ILMIL.STAGE_IMAGES 'disjoint'"),
     "prune_ratio": _choice("--prune", "1.5", names="ILMIL.PRUNING.RATIO (--ratio, --prune) 1.5"),
     # config files and overrides

@@ -17,7 +17,8 @@ keyword given twice. Here:
   ``RetinaNetHead.from_config`` and its anchor count never run (an FCOS location
   is one anchor point, which ``FCOSHead`` already says).
 
-Training, matching, losses and inference are detectron2's, unchanged.
+Training, matching, losses and inference are detectron2's; only the losses' inputs
+are cast to float32 first (:meth:`FCOS.losses`), which mixed-precision training needs.
 """
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
@@ -37,6 +38,17 @@ class FCOS(fcos.FCOS):
     def __init__(self, **kwargs):
         """Arguments of detectron2's ``FCOS``."""
         super().__init__(**kwargs)
+
+    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness):
+        """detectron2's losses on float32 predictions. Under autocast (``SOLVER.AMP.ENABLED``)
+        the head outputs float16, detectron2's ``Box2BoxTransformLinear`` keeps that dtype
+        when it decodes, and fvcore's ``giou_loss`` then writes float32 values into a float16
+        tensor, which torch refuses; losses belong in float32 under mixed precision anyway."""
+        def as_float(tensors):
+            return [t.float() for t in tensors]
+
+        return super().losses(anchors, as_float(pred_logits), gt_labels, as_float(pred_anchor_deltas), gt_boxes,
+                              as_float(pred_centerness))
 
     @classmethod
     def from_config(cls, cfg):

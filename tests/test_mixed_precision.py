@@ -1,0 +1,72 @@
+"""Training under mixed precision (``SOLVER.AMP.ENABLED``: detectron2's AMPTrainer runs
+the forward under autocast). Every detector, with the distillation terms its kd rows
+use, gives finite losses whose gradients reach the student. The GPU run is
+benchmarks/gpu_check.sh; here the same code runs under the CPU's autocast in float16,
+CUDA's AMP dtype, where the same mixes of dtypes fail and the same sums overflow."""
+import pytest
+import torch
+
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from ilmil.distill.distiller import Distiller
+from ilmil.distill.losses.relation import FSPRelation
+from student_models import distilled_student
+
+
+def _on(*terms):
+    return [x for term in terms for x in (f"ILMIL.DISTILL.{term}.ENABLED", "True")]
+
+
+CASES = {
+    # student config, its teacher's, the terms switched on (M-KD's with learned weights)
+    "faster_rcnn": ("kd/faster_rcnn_R18_FPN32_student_cpu.yaml", "faster_rcnn_R18_FPN_cpu.yaml",
+                    _on("FEAT", "RPN", "RCN", "FGFI", "REVIEW", "AT", "FSP")),
+    "retinanet": ("kd/retinanet_R18_FPN32_student_cpu.yaml", "retinanet_R18_FPN_cpu.yaml",
+                  _on("FEAT", "FGFI", "DENSE", "REVIEW", "AT", "FSP")),
+    "fcos": ("kd/fcos_R18_FPN32_student_cpu.yaml", "fcos_R18_FPN_cpu.yaml",
+             _on("FEAT", "FGFI", "DENSE", "REVIEW", "AT", "FSP")),
+    "yolov3": ("kd/yolov3_tiny_student_cpu.yaml", "yolov3_cpu.yaml", _on("FEAT", "DENSE", "INFOMAP")),
+}
+LEARNED_WEIGHTS = ["ILMIL.DISTILL.TERM_WEIGHTS", "uncertainty", "ILMIL.DISTILL.DETECTION_WEIGHT", "uncertainty"]
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(3)
+    image = torch.rand(3, 128, 128, generator=gen) * 255
+    instances = Instances((128, 128))
+    instances.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 50.0, 54.0], [60.0, 30.0, 118.0, 100.0]]))
+    instances.gt_classes = torch.tensor([0, 2])
+    return [{"image": image, "instances": instances}, {"image": image.flip(2), "instances": instances}]
+
+
+@pytest.mark.parametrize("detector", list(CASES))
+def test_a_distilled_training_step_under_autocast_gives_finite_losses_and_student_gradients(tmp_path, detector):
+    config, teacher_config, terms = CASES[detector]
+    opts = [*terms, *LEARNED_WEIGHTS, "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128"]
+    model = distilled_student(tmp_path, config, teacher_config, 3, opts)
+    torch.manual_seed(0)
+    with EventStorage(), torch.autocast("cpu", dtype=torch.float16):
+        losses = model(_batch())
+    assert all(torch.isfinite(v).all() for v in losses.values()), losses
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_the_terms_run_in_float32_where_float16_overflows():
+    # Two correlated maps of 32 x 32: an FSP matrix's diagonal sums ~1024 products of ~100,
+    # past float16's largest value (65504) before its division by H x W.
+    gen = torch.Generator().manual_seed(0)
+    first = torch.randn(2, 8, 32, 32, generator=gen) * 10
+    maps = {"a": first, "b": first + torch.randn(2, 8, 32, 32, generator=gen)}
+    student = {name: x.half() for name, x in maps.items()}  # as recorded under float16 autocast
+    teacher = {name: (0.9 * x).half() for name, x in maps.items()}
+    fsp = FSPRelation(pairs=[["a", "b"]])
+    expected = fsp({n: x.float() for n, x in student.items()}, {n: x.float() for n, x in teacher.items()})
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not torch.isfinite(fsp(student, teacher)).all()  # the term itself, under autocast
+        value = Distiller({"FSP": fsp}, {"FSP": 1.0})(student, teacher, None)["loss_distill_fsp"]
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, expected)
