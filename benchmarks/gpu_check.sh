@@ -2,8 +2,9 @@
 # The CUDA path, checked end to end on a machine with one GPU, and its step times:
 #   1. the speed suite (finetune, ilmil, ilmil with a bfloat16 teacher) in float32;
 #   2. the kd suite's quick budget on every detector and method (eight runs at a time);
-#   3. the speed suite with mixed-precision training (SOLVER.AMP.ENABLED);
-#   4. the one-stage suite's quick budget (incremental RetinaNet, FCOS, YOLO).
+#   3. the same kd runs with mixed-precision training (SOLVER.AMP.ENABLED);
+#   4. the speed suite with mixed-precision training;
+#   5. the one-stage suite's quick budget (incremental RetinaNet, FCOS, YOLO).
 # Each part has its own time limit and the next runs even if one fails; the log says
 # which passed. Results: OUT/<part>/ (tables as in benchmarks/results/), OUT/<part>.log,
 # step times and peak GPU memory in each run's stage_N/iteration_times.json.
@@ -30,7 +31,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())" \
     | tee -a "$OUT/gpu.txt"
 
-PARTS=${PARTS:-speed kd speed_amp one_stage}
+PARTS=${PARTS:-speed kd kd_amp speed_amp one_stage}
 part() {  # part NAME SECONDS ARGS...: one benchmarks/run.py invocation, logged and timed
     local name=$1 limit=$2
     shift 2
@@ -55,6 +56,8 @@ for d in ${KD_DETECTORS:-faster_rcnn retinanet fcos yolov3}; do
     fi
 done
 part kd "${KD_LIMIT:-300}" --suite kd --quick --jobs 8 --variants "${kd_rows[@]}" -- MODEL.DEVICE cuda
+part kd_amp "${KD_AMP_LIMIT:-300}" --suite kd --quick --jobs 8 --variants "${kd_rows[@]}" -- MODEL.DEVICE cuda \
+    SOLVER.AMP.ENABLED True
 part speed_amp "${AMP_LIMIT:-300}" --suite speed MODEL.DEVICE cuda SOLVER.AMP.ENABLED True
 part one_stage "${ONE_STAGE_LIMIT:-240}" --suite one_stage --quick --jobs 6 MODEL.DEVICE cuda
 cat "$OUT/summary.txt" 2>/dev/null
