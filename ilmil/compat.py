@@ -45,6 +45,10 @@ if not hasattr(Image, "LINEAR"):
 # ``indexing``; today's torch warns on each, which buries the training log.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
+# Its AMPTrainer (SOLVER.AMP.ENABLED) builds torch.cuda.amp's autocast and GradScaler, which
+# today's torch deprecates with a warning in every mixed-precision run's log.
+warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.(autocast|GradScaler)\(args\.\.\.\)` is deprecated",
+                        category=FutureWarning)
 
 
 def use_local_process_group(group):
