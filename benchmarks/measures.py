@@ -28,7 +28,7 @@ def _without_per_class(stage):
 
 def training_records(suite, setting, planned, outcomes, extra):
     """One record per (spec, variant, seed): its last stage, the run summary, the
-    median step time of its last stage, and its wall time, peak memory, command and
+    median step time of its last stage (less the setting's warm-up steps), and its wall time, peak memory, command and
     machine as measured when it was trained (by this invocation or, for a reused
     folder, by the one that trained it)."""
     env = machine()
@@ -37,7 +37,7 @@ def training_records(suite, setting, planned, outcomes, extra):
     for (spec, name, seed), run in planned.items():
         results = read_results(run)
         last = results["stages"][-1]
-        times = step_times(run, last["stage"])
+        times = step_times(run, last["stage"])[setting.warmup:]
         outcome = outcomes.get(run.out_dir) or read_outcome(run)
         records.append({
             "suite": suite.name, "spec": spec, "variant": name, "method": run.method,

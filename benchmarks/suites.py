@@ -390,6 +390,27 @@ KD = Suite(
              "2 cores (one thread each)",
 )
 
+# The kd rows whose step time KD_SPEED measures: the baselines and each paper's method.
+KD_SPEED_ROWS = ("no KD", "PKD", "FGFI", "output", "review, fg 0.25, bg 1", "M-KD", "alignment", "information map")
+KD_SPEED_VARIANTS = tuple(v for v in KD_VARIANTS if v.row in KD_SPEED_ROWS and not v.student)
+KD_SPEED = Suite(
+    "kd_speed",
+    # The kd suite's step times come from two runs sharing the cores, so their ratios depend
+    # on what shared them; here each student trains alone, a short run from a short teacher
+    # (a step costs the same whatever the teacher learned).
+    full=Setting(("20",), KD_SPEED_VARIANTS, iters=40, base_iters=100, warmup=10, **DATA["quick"]),
+    quick=Setting(("20",), KD_SPEED_VARIANTS, iters=8, base_iters=8, warmup=2, **DATA["quick"]),
+    table=tables.kd_speed_table,
+    stage0="teacher",
+    fresh=True,
+    protocol="the kd suite's students (one stage of all shapes classes, {num_train} train / {num_test} test, "
+             "256 px, batch 4), each trained {iters} iterations alone on the machine from a teacher of "
+             "{base_iters} iterations; step time = median after the first {warmup}",
+    refuses={"specs": "the suite times the kd suite's one stage", "seeds": "the suite times one seed",
+             "iters": "the suite's timed budget is fixed", "base_iters": "the step time does not depend on it",
+             "jobs": ONE_RUN_AT_A_TIME},
+)
+
 # Incremental RetinaNet, FCOS and YOLO: the one-stage recipe of configs/methods/dense/ against
 # finetune and joint, from a stage 0 trained to convergence (a one-stage detector trained
 # from scratch converges later than Faster R-CNN: AP50 8-14 after 800 iterations). YOLO's
@@ -419,4 +440,4 @@ ONE_STAGE = Suite(
              "methods), {iters} for each later stage (joint: the sum)",
 )
 
-SUITES = {suite.name: suite for suite in (ACCURACY, ABLATION, SPEED, PRUNING, STAGE_IMAGES, KD, ONE_STAGE)}
+SUITES = {suite.name: suite for suite in (ACCURACY, ABLATION, SPEED, PRUNING, STAGE_IMAGES, KD, KD_SPEED, ONE_STAGE)}

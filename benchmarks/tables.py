@@ -174,6 +174,24 @@ def kd_table(records):
     return "\n".join(lines)
 
 
+def kd_speed_table(records):
+    """Per detector: each student's median step time and peak memory, and their ratios to
+    the student without distillation timed on the same machine."""
+    lines = ["| detector | model | step time (s) | vs no KD | peak memory (MiB) | vs no KD |", "|---|---|---|---|---|---|"]
+    for (detector,), runs in sorted(_grouped(records, "detector").items()):
+        plain = next((r for r in runs if r["row"] == "no KD"), None)
+        for r in sorted(runs, key=lambda r: r is not plain):
+            if r is plain or plain is None:
+                ratios = ["", ""]
+            elif not same_machine(r.get("machine", {}), plain.get("machine", {})):
+                ratios = ["other machine", "other machine"]
+            else:
+                ratios = [f"{r[key] / plain[key]:.2f}x" for key in ("step_time_s", "peak_rss_mib")]
+            lines.append(f"| {detector} | {r['row']} | {r['step_time_s']:.3f} | {ratios[0]} | "
+                         f"{r['peak_rss_mib']:.0f} | {ratios[1]} |")
+    return "\n".join(lines)
+
+
 def _finetuning(record):
     if record["ratio"] == 0:
         return ""

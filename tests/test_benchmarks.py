@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -547,6 +548,28 @@ def test_kd_harness_trains_one_teacher_per_detector_and_compares_its_students(ti
     assert reused["no KD"]["machine"]["cpu_model"] == "family 0, model 0"
     assert [(r["student_model"], r["teacher_model"]) for r in reused.values()] == [
         (r["student_model"], r["teacher_model"]) for r in records_.values()]
+
+
+def test_kd_speed_times_each_student_alone_after_its_warm_up_and_retrains_them_every_time(
+        tiny_datasets_root, tmp_path):
+    classes = str(TINY_SHAPES["num_classes"])
+    args = ("--variants", "fcos no KD", "fcos PKD", "--detectors", "fcos")
+    test_size = ("ILMIL.SHAPES.IMAGE_SIZE", "160", "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "160")
+    out = _run_harness("kd_speed", tiny_datasets_root, tmp_path, *args, opts=test_size)
+    assert "3 runs to train, 1 at a time" in out
+    records_ = {r["row"]: r for r in json.loads((tmp_path / "results" / "kd_speed_quick.json").read_text())["records"]}
+    assert list(records_) == ["no KD", "PKD"]
+    runs = tmp_path / "runs" / "kd_speed_quick"
+    for row, record in records_.items():
+        seconds = json.loads((runs / f"{classes}_fcos_{row.replace(' ', '_')}_8+8it_seed0" / "stage_0" /
+                              "iteration_times.json").read_text())["seconds"]
+        assert len(seconds) > 2 and record["step_time_s"] == pytest.approx(statistics.median(seconds[2:]))
+    ratio = records_["PKD"]["step_time_s"] / records_["no KD"]["step_time_s"]
+    assert f"| fcos | PKD | {records_['PKD']['step_time_s']:.3f} | {ratio:.2f}x |" in (
+        tmp_path / "results" / "kd_speed_quick.md").read_text()
+    # Timings are of this invocation: the students train again, the teacher is reused.
+    again = _run_harness("kd_speed", tiny_datasets_root, tmp_path, *args, opts=test_size)
+    assert "2 runs to train" in again and f"reusing {runs / f'teacher_fcos_{classes}classes_8it_seed0'}" in again
 
 
 def test_a_pruning_table_without_its_unpruned_row_compares_with_nothing():
