@@ -1,5 +1,5 @@
 """Training under mixed precision (``SOLVER.AMP.ENABLED``: detectron2's AMPTrainer runs
-the forward under autocast). Every detector, with the distillation terms its kd rows
+the forward under autocast), and with a reduced-precision teacher (``ILMIL.TEACHER.PRECISION``). Every detector, with the distillation terms its kd rows
 use, gives finite losses whose gradients reach the student. The GPU run is
 benchmarks/gpu_check.sh; here the same code runs under the CPU's autocast in float16,
 CUDA's AMP dtype, where the same mixes of dtypes fail and the same sums overflow."""
@@ -11,6 +11,7 @@ from detectron2.utils.events import EventStorage
 
 from ilmil.distill.distiller import Distiller
 from ilmil.distill.losses.relation import FSPRelation
+from ilmil.distill.teacher import FrozenTeacher
 from student_models import distilled_student
 
 
@@ -70,3 +71,24 @@ def test_the_terms_run_in_float32_where_float16_overflows():
         value = Distiller({"FSP": fsp}, {"FSP": 1.0})(student, teacher, None)["loss_distill_fsp"]
     assert value.dtype == torch.float32
     torch.testing.assert_close(value, expected)
+
+
+def test_a_bfloat16_teacher_gives_a_one_stage_student_its_pseudo_labels(tmp_path):
+    # FCOS: its untrained teacher has detections above its test threshold (RetinaNet's and
+    # YOLO's have none, and no NMS runs); their scores and boxes come out in bfloat16.
+    config, teacher_config, _ = CASES["fcos"]
+    opts = ["ILMIL.TEACHER.PRECISION", "bfloat16", "ILMIL.PSEUDO_LABELS.ENABLED", "True",
+            "ILMIL.PSEUDO_LABELS.SCORE_THRESH", "0.0", *_on("DENSE")]
+    model = distilled_student(tmp_path, config, teacher_config, 5, opts)
+    with EventStorage() as storage:
+        losses = model(_batch())
+        assert storage.latest()["pseudo_boxes_per_image"][0] > 0
+    assert all(torch.isfinite(v).all() for v in losses.values())
+
+
+def test_a_float32_teacher_stays_float32_inside_mixed_precision_training():
+    teacher = FrozenTeacher(torch.nn.Conv2d(3, 4, 3), "float32")
+    with torch.autocast("cpu", dtype=torch.float16):
+        with teacher.autocast():
+            assert teacher.module(torch.rand(1, 3, 8, 8)).dtype == torch.float32
+        assert teacher.module(torch.rand(1, 3, 8, 8)).dtype == torch.float16  # the student's pass

@@ -28,6 +28,7 @@ from ..modeling.head_boxes import decode_head_boxes
 from ..modeling.retinanet import RetinaNet
 from ..modeling.yolo import YOLOV3
 from ..modeling.pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt
+from .precision import as_float32
 from .registry import DistillContext
 from .student import DistillationStudent
 
@@ -92,13 +93,14 @@ class DenseStudent(DistillationStudent):
             if self._teacher_head_needed:
                 features = [features[f] for f in teacher.head_in_features]
                 predictions = teacher.head(features)
-        records = self._teacher_recorder.collect()
+        records = as_float32(self._teacher_recorder.collect())
         if self.pseudo_labels is None:
             return {"instances": None, "records": records}
         # detectron2's FCOS inference takes the sigmoid of its inputs in place: it gets copies,
-        # so that the recorded head outputs stay the teacher's logits.
-        copies = [[x.clone() for x in level_outputs] for level_outputs in predictions]
-        return {"instances": teacher.forward_inference(images, features, copies), "records": records}
+        # so that the recorded head outputs stay the teacher's logits. In float32: its NMS
+        # refuses boxes and scores of two dtypes.
+        copies = [[x.float().clone() for x in level_outputs] for level_outputs in predictions]
+        return {"instances": teacher.forward_inference(images, as_float32(features), copies), "records": records}
 
     def teacher_outputs(self, detections):
         """The teacher outputs the losses may weigh by: its detections (with pseudo-labels)

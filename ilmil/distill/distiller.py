@@ -14,10 +14,10 @@ The distiller is a submodule of the student, so its trainable parts (connectors,
 learned weights) train and are synchronised with it, and its running state is
 resumed with it; it is no part of the detector (``DISTILLER_PREFIX``).
 
-The terms run in float32, outside autocast: under mixed precision the recorded maps
-are float16, where a sum over a map overflows (an FSP matrix sums H x W products).
+The terms run in float32, outside autocast (precision.py): under mixed precision the
+recorded maps are float16, where a sum over a map overflows (an FSP matrix sums H x W
+products).
 """
-import contextlib
 import dataclasses
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 from detectron2.config import CfgNode
 
 from ..config import ConfigError, check_choice
+from .precision import as_float32, autocast_off
 from .registry import registered_terms
 
 __all__ = ["DISTILLER_PREFIX", "TERM_WEIGHTINGS", "Distiller", "build_distiller", "enabled_terms"]
@@ -49,28 +50,6 @@ def enabled_terms(cfg):
                               f"or enable one of {', '.join(sorted(registered))}")
         terms[section] = registered[section]
     return terms
-
-
-def _float32(value):
-    """``value`` (a recorded output, or dicts / lists / tuples of them) with its floating
-    tensors in float32; other values (``Instances``, ints) as they are."""
-    if torch.is_tensor(value):
-        return value.float() if value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {key: _float32(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_float32(item) for item in value)
-    return value
-
-
-@contextlib.contextmanager
-def _without_autocast():
-    """Autocast off on every device where it is on (detectron2's AMPTrainer turns it on)."""
-    with contextlib.ExitStack() as stack:
-        for device in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(device):
-                stack.enter_context(torch.autocast(device, enabled=False))
-        yield
 
 
 class Distiller(nn.Module):
@@ -114,11 +93,11 @@ class Distiller(nn.Module):
 
     def forward(self, student, teacher, context):
         """``{"loss_distill_<section>": weighted term}`` for the recorded outputs, in float32."""
-        student, teacher = _float32(student), _float32(teacher)
+        student, teacher = as_float32(student), as_float32(teacher)
         if context is not None:
-            context = dataclasses.replace(context, teacher_outputs=_float32(context.teacher_outputs))
+            context = dataclasses.replace(context, teacher_outputs=as_float32(context.teacher_outputs))
         losses = {}
-        with _without_autocast():
+        with autocast_off():
             for name, loss in self.terms.items():
                 value = self.weights[name] * loss(student, teacher, context)
                 if self.log_variances is not None:

@@ -26,22 +26,11 @@ from ..config import ConfigError, uses_teacher
 from ..modeling.pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 from ..modeling.unbiased import unbiased_cross_entropy
 from .losses import RCNDistillation
+from .precision import as_float32
 from .registry import DistillContext
 from .student import DistillationStudent
 
 __all__ = ["IncrementalRCNN"]
-
-
-def _float32(outputs):
-    """``outputs`` (tensors in dicts, lists and tuples; other values as they are)
-    with every floating-point tensor in float32."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs.float() if outputs.is_floating_point() else outputs
-    if isinstance(outputs, dict):
-        return {key: _float32(value) for key, value in outputs.items()}
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(_float32(value) for value in outputs)
-    return outputs
 
 
 @META_ARCH_REGISTRY.register()
@@ -174,9 +163,7 @@ class IncrementalRCNN(DistillationStudent, GeneralizedRCNN):
         if batched_inputs is not None:
             images = self._teacher.images(batched_inputs, images, self)
         with self._teacher.autocast():
-            out = self._teacher_pass(images)
-        if self._teacher.dtype is not None:
-            out = _float32(out)
+            out = as_float32(self._teacher_pass(images))
         rcn = self._rcn_term()
         if rcn is not None:
             out["rcn_boxes"], out["records"][rcn.ROIS] = rcn.select_rois(

@@ -10,7 +10,6 @@ mode without gradients (BatchNorm folded into the convolutions, optionally under
 reduced precision), and is held outside the student's module tree: not in its
 state dict, its optimizer or DistributedDataParallel.
 """
-import contextlib
 import os
 
 import torch
@@ -23,6 +22,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from ..checkpoint import DISTILLATION_STATE_PREFIXES, CheckpointError, load_checked_checkpoint
 from ..config import ConfigError, check_choice, get_ilmil_cfg, set_num_classes
 from ..modeling.build import load_detector
+from .precision import autocast_off
 
 __all__ = ["TEACHER_PRECISIONS", "FrozenTeacher", "build_teacher", "fold_batchnorm", "teacher_cfg"]
 
@@ -119,7 +119,8 @@ class FrozenTeacher:
         return student_images if same else teacher.preprocess_image(batched_inputs)
 
     def autocast(self):
-        """The context of a teacher pass at the configured precision."""
+        """The context of a teacher pass at the configured precision: float32 means autocast
+        off, also inside mixed-precision training."""
         if self.dtype is None:
-            return contextlib.nullcontext()
+            return autocast_off()
         return torch.autocast(self.module.device.type, dtype=self.dtype)
