@@ -18,7 +18,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer
-from ilmil.config import ConfigError, get_ilmil_cfg
+from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg
 from ilmil.distill import (
     DistillContext,
     Distiller,
@@ -85,6 +85,31 @@ def test_a_layer_the_model_lacks_is_refused_before_training_with_the_available_n
     with pytest.raises(ConfigError, match=r"ILMIL\.DISTILL\.FEAT\.LAYERS: .* no layer 'p9'.*p2, p3.*res2") as e:
         check_distill_config(cfg)
     assert "proposal_generator.rpn_head" in str(e.value)
+
+
+def _shapes_cfg(config, *opts):
+    return get_ilmil_cfg(os.path.join(CONFIGS_DIR, "shapes", config), ["MODEL.DEVICE", "cpu", *opts], method="finetune")
+
+
+@pytest.mark.parametrize("cfg, message", [
+    # A term that needs each layer's stride (its GT mask) or width (review's fusions) refuses a module path.
+    (lambda: _cfg(NUM_ALL, "ILMIL.DISTILL.REVIEW.ENABLED", True, "ILMIL.DISTILL.REVIEW.LAYERS",
+                  ["p3", "backbone.bottom_up.res4"]),
+     r"ILMIL\.DISTILL\.REVIEW\.LAYERS: backbone\.bottom_up\.res4 is not a feature map .*fix: name feature maps \(.*p3"),
+    (lambda: _cfg(NUM_ALL, "ILMIL.DISTILL.FGFI.ENABLED", True, "ILMIL.DISTILL.FGFI.LAYERS", ["backbone.fpn_output3"]),
+     r"ILMIL\.DISTILL\.FGFI\.LAYERS: backbone\.fpn_output3 is not a feature map"),
+    (lambda: _shapes_cfg("yolov3_cpu.yaml", "ILMIL.DISTILL.INFOMAP.ENABLED", True, "ILMIL.DISTILL.INFOMAP.LAYERS",
+                         ["backbone.bottom_up.dark3"]),
+     r"ILMIL\.DISTILL\.INFOMAP\.LAYERS: backbone\.bottom_up\.dark3 is not a feature map .*dark3"),
+    (lambda: _cfg(NUM_ALL, "ILMIL.DISTILL.FGFI.ENABLED", True, "ILMIL.DISTILL.FGFI.LAYERS", []),
+     r"ILMIL\.DISTILL\.FGFI\.LAYERS is empty"),
+    # The RCN term distils a box head: a one-stage detector has none.
+    (lambda: _shapes_cfg("fcos_R18_FPN_cpu.yaml", "ILMIL.DISTILL.RCN.ENABLED", True),
+     r"ILMIL\.DISTILL\.RCN\.ENABLED True: .* which IncrementalFCOS has not; fix: set it False"),
+])
+def test_a_term_the_model_cannot_feed_is_refused_before_training(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        check_distill_config(cfg())
 
 
 def test_module_paths_are_recorded_during_a_recording_pass_only(teacher_state):

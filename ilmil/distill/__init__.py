@@ -5,7 +5,7 @@ and the students that use them (student.py; rcnn.py: ``IncrementalRCNN``; dense.
 ``IncrementalRetinaNet``, ``IncrementalFCOS``, ``IncrementalYOLOV3``, registered meta-architectures)."""
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 
-from ..config import check_choice, derived_cfg
+from ..config import ConfigError, check_choice, derived_cfg
 from .connectors import CONNECTOR_REGISTRY, AttentionFusion, build_connector, match_size
 from .distiller import DISTILLER_PREFIX, TERM_WEIGHTINGS, Distiller, build_distiller, enabled_terms
 from .losses import (
@@ -92,6 +92,10 @@ def check_distill_config(cfg):
     if not enabled_terms(cfg):
         return
     student = _plain_detector(cfg)
+    if d.RCN.ENABLED and not hasattr(student, "roi_heads"):
+        raise ConfigError(f"ILMIL.DISTILL.RCN.ENABLED True: the RCN term distils a box head on proposals, which "
+                          f"{cfg.MODEL.META_ARCHITECTURE} has not; fix: set it False (a one-stage head's outputs: "
+                          "ILMIL.DISTILL.DENSE)")
     teacher = _plain_detector(teacher_cfg(cfg, cfg.MODEL.ROI_HEADS.NUM_CLASSES))
     distiller = build_distiller(cfg, feature_shapes(student.backbone), feature_shapes(teacher.backbone))
     for section, loss in distiller.terms.items():

@@ -53,6 +53,17 @@ FEATURE_DISTANCES = {"l2": _l2, "normalized": _normalized, "filtered_l1": _filte
 LAYER_WEIGHTINGS = ("uniform", "adaptive")
 
 
+def require_feature_maps(layers, student_shapes, key):
+    """Refuse ``layers`` (config key ``key``) that are not the backbone's feature maps, for a
+    term that needs each layer's stride or width: a module path has neither. Nothing is
+    checked without the shapes (a term built for its keys' values alone)."""
+    if student_shapes:
+        others = [name for name in layers if name not in student_shapes]
+        if others:
+            raise ConfigError(f"{key}: {', '.join(others)} is not a feature map of the backbone, and this term "
+                              f"needs each layer's stride; fix: name feature maps ({', '.join(student_shapes)})")
+
+
 def feature_connectors(layers, student_shapes, teacher_shapes, connector, key):
     """``nn.ModuleDict`` of a connector per layer whose widths differ (``connector``:
     a CONNECTOR_REGISTRY name, empty = none allowed); ``key`` names the layer list."""

@@ -16,10 +16,11 @@ import torch
 
 from detectron2.config import configurable
 
+from ...config import ConfigError
 from ..connectors import match_size
 from ..masks import fgfi_mask, gt_box_mask
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
-from .feature import feature_connectors, standardize
+from .feature import feature_connectors, require_feature_maps, standardize
 
 __all__ = ["FGFIImitation", "weighted_imitation"]
 
@@ -33,6 +34,8 @@ class FGFIImitation(DistillLoss):
     @configurable
     def __init__(self, *, layers, psi=0.5, normalize=True, connectors=None):
         super().__init__()
+        if not layers:
+            raise ConfigError("ILMIL.DISTILL.FGFI.LAYERS is empty; fix: name at least one feature map, e.g. p3")
         self.layers = tuple(layers)
         self.psi = psi
         self.normalize = normalize
@@ -41,6 +44,7 @@ class FGFIImitation(DistillLoss):
     @classmethod
     def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):
         fgfi = cfg.ILMIL.DISTILL.FGFI
+        require_feature_maps(fgfi.LAYERS, student_shapes, "ILMIL.DISTILL.FGFI.LAYERS")
         return {"layers": fgfi.LAYERS, "psi": fgfi.PSI, "normalize": fgfi.NORMALIZE,
                 "connectors": feature_connectors(fgfi.LAYERS, student_shapes or {}, teacher_shapes or {},
                                                  cfg.ILMIL.DISTILL.CONNECTOR, "ILMIL.DISTILL.FGFI.LAYERS")}

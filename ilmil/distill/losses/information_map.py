@@ -32,7 +32,7 @@ from ...config import ConfigError, check_choice
 from ..masks import gaussian_box_mask
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
 from .dense_head import HEAD
-from .feature import feature_connectors
+from .feature import feature_connectors, require_feature_maps
 from .fgfi import weighted_imitation
 
 __all__ = ["INFORMATION_WEIGHTINGS", "InformationMapDistillation", "teacher_object_maps"]
@@ -81,6 +81,7 @@ class InformationMapDistillation(DistillLoss):
     @classmethod
     def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):
         info = cfg.ILMIL.DISTILL.INFOMAP
+        require_feature_maps(info.LAYERS, student_shapes, "ILMIL.DISTILL.INFOMAP.LAYERS")
         return {"layers": info.LAYERS, "weighting": info.WEIGHTING, "background_weight": info.BACKGROUND_WEIGHT,
                 "normalize": info.NORMALIZE,
                 "connectors": feature_connectors(info.LAYERS, student_shapes or {}, teacher_shapes or {},

@@ -32,7 +32,7 @@ from ...config import ConfigError
 from ..connectors import AttentionFusion, match_size
 from ..masks import gt_box_mask
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
-from .feature import standardize
+from .feature import require_feature_maps, standardize
 
 __all__ = ["KnowledgeReview", "pyramid_distance"]
 
@@ -87,8 +87,9 @@ class KnowledgeReview(DistillLoss):
     def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):
         review = cfg.ILMIL.DISTILL.REVIEW
         layers = list(review.LAYERS)
+        require_feature_maps(layers, student_shapes, "ILMIL.DISTILL.REVIEW.LAYERS")
         fusions = None
-        if student_shapes and teacher_shapes and all(n in student_shapes and n in teacher_shapes for n in layers):
+        if student_shapes and teacher_shapes and all(name in teacher_shapes for name in layers):
             fusions = nn.ModuleList(
                 AttentionFusion(student_shapes[name].channels, review.MID_CHANNELS, teacher_shapes[name].channels,
                                 fuse=i + 1 < len(layers))
