@@ -103,6 +103,12 @@ def _shapes_cfg(config, *opts):
      r"ILMIL\.DISTILL\.INFOMAP\.LAYERS: backbone\.bottom_up\.dark3 is not a feature map .*dark3"),
     (lambda: _cfg(NUM_ALL, "ILMIL.DISTILL.FGFI.ENABLED", True, "ILMIL.DISTILL.FGFI.LAYERS", []),
      r"ILMIL\.DISTILL\.FGFI\.LAYERS is empty"),
+    (lambda: _cfg(NUM_ALL, "ILMIL.DISTILL.FEAT.WEIGHT_RANGE", (0.5,)),
+     r"ILMIL\.DISTILL\.FEAT\.WEIGHT_RANGE \[0\.5\]: .*fix: two numbers"),
+    (lambda: _shapes_cfg("fcos_R18_FPN_cpu.yaml", "ILMIL.DISTILL.FEAT.ENABLED", True, "MODEL.BACKBONE.NAME",
+                         "build_any_width_retinanet_resnet_fpn_backbone", "MODEL.RESNETS.OUT_FEATURES",
+                         ["res3", "res4"], "MODEL.FPN.IN_FEATURES", ["res3", "res4"]),
+     r"MODEL\.RESNETS\.OUT_FEATURES \['res3', 'res4'\]: this FPN makes p6 and p7 from res5; fix: include res5"),
     # The RCN term distils a box head: a one-stage detector has none.
     (lambda: _shapes_cfg("fcos_R18_FPN_cpu.yaml", "ILMIL.DISTILL.RCN.ENABLED", True),
      r"ILMIL\.DISTILL\.RCN\.ENABLED True: .* which IncrementalFCOS has not; fix: set it False"),
@@ -110,6 +116,14 @@ def _shapes_cfg(config, *opts):
 def test_a_term_the_model_cannot_feed_is_refused_before_training(cfg, message):
     with pytest.raises(ConfigError, match=message):
         check_distill_config(cfg())
+
+
+def test_a_module_path_of_another_width_is_refused_by_name_at_the_first_step():
+    term = FeatureDistillation(layers=["backbone.bottom_up.res4.0"])
+    student, teacher = {"backbone.bottom_up.res4.0": torch.rand(1, 4, 8, 8)}, {"backbone.bottom_up.res4.0": torch.rand(1, 8, 8, 8)}
+    with pytest.raises(ConfigError, match=r"FEAT\.LAYERS: backbone\.bottom_up\.res4\.0 is \(1, 4, 8, 8\) in the student "
+                                          r"and \(1, 8, 8, 8\) in the teacher; fix: name a feature map"):
+        term(student, teacher)
 
 
 def test_module_paths_are_recorded_during_a_recording_pass_only(teacher_state):

@@ -60,7 +60,11 @@ def build_any_width_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
 def build_any_width_retinanet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """RetinaNet's and FCOS's FPN (p3-p7, p6 from res5, as detectron2's) on the ResNet above."""
     bottom_up = build_any_width_resnet(cfg, input_shape)
+    shapes = bottom_up.output_shape()
+    if "res5" not in shapes:
+        raise ConfigError(f"MODEL.RESNETS.OUT_FEATURES {list(cfg.MODEL.RESNETS.OUT_FEATURES)}: this FPN makes p6 and "
+                          "p7 from res5; fix: include res5")
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     return FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES, out_channels=out_channels,
                norm=cfg.MODEL.FPN.NORM, fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-               top_block=LastLevelP6P7(bottom_up.output_shape()["res5"].channels, out_channels))
+               top_block=LastLevelP6P7(shapes["res5"].channels, out_channels))

@@ -97,6 +97,9 @@ class FeatureDistillation(DistillLoss):
         check_choice("ILMIL.DISTILL.FEAT.LAYER_WEIGHTING", weighting, LAYER_WEIGHTINGS)
         if not layers:
             raise ConfigError("ILMIL.DISTILL.FEAT.LAYERS is empty; fix: name at least one layer, e.g. p2")
+        if len(weight_range) != 2 or not 0 < weight_range[0] <= weight_range[1]:
+            raise ConfigError(f"ILMIL.DISTILL.FEAT.WEIGHT_RANGE {list(weight_range)}: the least and the largest "
+                              "layer weight; fix: two numbers, 0 < low <= high, e.g. (0.5, 2.0)")
         self.layers = tuple(layers)
         self.distance = FEATURE_DISTANCES[distance]
         self.weighting = weighting
@@ -148,8 +151,10 @@ class FeatureDistillation(DistillLoss):
             if name in self.connectors:
                 s = self.connectors[name](s)
             s = match_size(s, t)
-            if s.shape != t.shape:
-                raise ValueError(f"feature {name}: student shape {tuple(s.shape)} != teacher {tuple(t.shape)}")
+            if s.shape != t.shape:  # a module path (connectors are built for feature maps only)
+                raise ConfigError(f"ILMIL.DISTILL.FEAT.LAYERS: {name} is {tuple(s.shape)} in the student and "
+                                  f"{tuple(t.shape)} in the teacher; fix: name a feature map (a connector maps its "
+                                  "width) or a module path of the same width in both")
             if self.training and self.free_channels > 0:
                 kept = self.imitated_channels(t.shape[1], s.device)
                 s, t = s[:, kept], t[:, kept]
