@@ -10,13 +10,13 @@ from detectron2.layers import cat
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.structures import Boxes
 
-__all__ = ["decode_head_boxes", "flatten_head_boxes"]
+__all__ = ["decode_head_boxes", "flatten_levels"]
 
 
-def flatten_head_boxes(box_levels):
-    """Per-level [N, A 4, H, W] box outputs -> [N, P, 4] over the P anchors of every level,
+def flatten_levels(levels, channels_per_anchor):
+    """Per-level [N, A C, H, W] head outputs -> [N, P, C] over the P anchors of every level,
     position-major (index (i W + j) A + a), as detectron2 flattens dense outputs."""
-    return cat([permute_to_N_HWA_K(x, 4) for x in box_levels], dim=1)
+    return cat([permute_to_N_HWA_K(x, channels_per_anchor) for x in levels], dim=1)
 
 
 def decode_head_boxes(detector, box_levels):
@@ -27,7 +27,7 @@ def decode_head_boxes(detector, box_levels):
     own = getattr(detector, "decode_head_boxes", None)
     if own is not None:
         return own(box_levels)
-    deltas = flatten_head_boxes(box_levels)
+    deltas = flatten_levels(box_levels, 4)
     # The anchor generator reads only the maps' sizes and device.
     anchors = Boxes.cat(detector.anchor_generator(box_levels)).tensor
     num_images, num_anchors = deltas.shape[:2]

@@ -61,11 +61,11 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, batched_nms, cat, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, Backbone
-from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
 from ..config import ConfigError, check_choice
-from .head_boxes import flatten_head_boxes
+from .head_boxes import flatten_levels
 
 __all__ = ["YOLOV3", "YOLOHead", "level_anchor_boxes", "build_darknet_backbone", "build_darknet_tiny_backbone"]
 
@@ -421,7 +421,7 @@ class YOLOV3(DenseDetector):
     def decode_head_boxes(self, box_levels):
         """[N, P, 4] boxes of the head's per-level box outputs [N, A 4, H, W] (distillation
         compares two heads' boxes decoded: ilmil/modeling/head_boxes.py)."""
-        return self._decoded(flatten_head_boxes(box_levels), self.level_anchors(box_levels))
+        return self._decoded(flatten_levels(box_levels, 4), self.level_anchors(box_levels))
 
     def assign(self, gt_instances, anchors, sizes):
         """Per image, (anchor indices, GT indices) of the positive anchors (module docstring)."""

@@ -47,9 +47,9 @@ from fvcore.nn import giou_loss
 
 from detectron2.config import configurable
 from detectron2.layers import cat
-from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
 from ...config import check_choice
+from ...modeling.head_boxes import flatten_levels
 from ..masks import gt_box_mask
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
 
@@ -58,11 +58,6 @@ __all__ = ["DENSE_BOX_LOSSES", "DENSE_NORMALIZERS", "DenseHeadDistillation"]
 HEAD = "head"
 DENSE_NORMALIZERS = ("mean", "objects")
 DENSE_BOX_LOSSES = ("l1", "giou")
-
-
-def _flatten(levels, channels_per_anchor):
-    """Per-level [N, A C, H, W] maps -> [N, all anchors, C]."""
-    return cat([permute_to_N_HWA_K(x, channels_per_anchor) for x in levels], dim=1)
 
 
 @DISTILL_LOSS_REGISTRY.register()
@@ -96,8 +91,8 @@ class DenseHeadDistillation(DistillLoss):
         t_logits, t_boxes = teacher[HEAD][:2]
         anchors = t_boxes[0].shape[1] // 4
         num_old = t_logits[0].shape[1] // anchors
-        z_s = _flatten(s_logits, s_logits[0].shape[1] // anchors)[..., :num_old]
-        z_t = _flatten([x.detach() for x in t_logits], num_old)
+        z_s = flatten_levels(s_logits, s_logits[0].shape[1] // anchors)[..., :num_old]
+        z_t = flatten_levels([x.detach() for x in t_logits], num_old)
         keep = self._keep(context, t_logits, anchors) if self.exclude_new_gt else None
         kl = _binary_kl(z_s, z_t, self.temperature)
         score = z_t.sigmoid().max(dim=2).values
@@ -107,8 +102,8 @@ class DenseHeadDistillation(DistillLoss):
         if objectness is None:
             loss = kl.sum() / score.sum().clamp(min=1.0) if self.normalizer == "objects" else kl.mean()
         else:
-            o_t = _flatten([x.detach() for x in objectness], 1)[..., 0]
-            o_s = _flatten(student[HEAD][2], 1)[..., 0]
+            o_t = flatten_levels([x.detach() for x in objectness], 1)[..., 0]
+            o_s = flatten_levels(student[HEAD][2], 1)[..., 0]
             q = o_t.sigmoid()
             kl_obj = _binary_kl(o_s, o_t, self.temperature)
             if keep is not None:
@@ -124,7 +119,7 @@ class DenseHeadDistillation(DistillLoss):
 
     def _box_term(self, s_boxes, t_boxes, confident, context):
         if self.box_loss == "l1":
-            return (_flatten(s_boxes, 4) - _flatten(t_boxes, 4))[confident].abs().sum(dim=1).mean()
+            return (flatten_levels(s_boxes, 4) - flatten_levels(t_boxes, 4))[confident].abs().sum(dim=1).mean()
         decoders = context.box_decoders if context is not None else {}
         if not decoders:
             raise ValueError("DENSE.BOX_LOSS giou decodes the head's boxes: it needs the context's "

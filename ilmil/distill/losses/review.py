@@ -22,7 +22,6 @@ the detection loss by orders of magnitude.
 
 A pool size not smaller than the map is skipped (it would repeat the full size).
 """
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -7,11 +7,11 @@ Over all anchors, with objectness logits o and box deltas r:
 The student is pulled up only where the teacher is more confident (an old object
 the student is losing), and its boxes there towards the teacher's.
 """
-import torch
 import torch.nn.functional as F
 
 from detectron2.config import configurable
 
+from ...modeling.head_boxes import flatten_levels
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
 
 __all__ = ["RPNDistillation", "flatten_rpn_outputs"]
@@ -21,12 +21,7 @@ RPN_HEAD = "proposal_generator.rpn_head"
 
 def flatten_rpn_outputs(logits, deltas):
     """Per-level RPN head outputs -> [N, all anchors] logits and [N, all anchors, 4] deltas."""
-    flat_logits = torch.cat([x.permute(0, 2, 3, 1).flatten(1) for x in logits], dim=1)
-    flat_deltas = []
-    for x in deltas:
-        n, _, h, w = x.shape
-        flat_deltas.append(x.view(n, -1, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
-    return flat_logits, torch.cat(flat_deltas, dim=1)
+    return flatten_levels(logits, 1)[..., 0], flatten_levels(deltas, 4)
 
 
 @DISTILL_LOSS_REGISTRY.register()
