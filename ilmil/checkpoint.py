@@ -47,6 +47,7 @@ __all__ = [
     "load_checked_checkpoint",
     "safe_load",
     "state_dict_num_classes",
+    "unwrapped_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,13 @@ class StageRecord:
             raise ValueError(
                 f"checkpoint classes {state['class_names']} differ from this stage's {self.class_names}"
             )
+
+
+def unwrapped_state(state):
+    """``state`` without the ``module.`` prefix of a model saved from DistributedDataParallel."""
+    if state and all(name.startswith("module.") for name in state):
+        return {name[len("module."):]: value for name, value in state.items()}
+    return state
 
 
 def checkpoint_class_names(checkpoint):

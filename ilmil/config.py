@@ -118,7 +118,8 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.PSEUDO_LABELS = CN()
     cfg.ILMIL.PSEUDO_LABELS.ENABLED = False
     cfg.ILMIL.PSEUDO_LABELS.SCORE_THRESH = 0.5
-    # Per-class NMS among the teacher's detections.
+    # Per-class NMS among the teacher's detections (Faster R-CNN; a one-stage teacher's
+    # detections come from its own test-time NMS and score threshold).
     cfg.ILMIL.PSEUDO_LABELS.NMS_THRESH = 0.3
     # Dropped where IoU with a new-class GT box reaches this.
     cfg.ILMIL.PSEUDO_LABELS.NEW_GT_IOU_THRESH = 0.7

@@ -97,7 +97,7 @@ def test_dense_term_leaves_out_the_anchors_on_a_new_class_gt_box():
     gt = Instances((16, 16))
     gt.gt_boxes = Boxes(torch.tensor([[0.0, 0.0, 7.0, 7.0], [9.0, 9.0, 16.0, 16.0]]))
     gt.gt_classes = torch.tensor([2, 1])  # class 2 is new, class 1 an old class's pseudo-label
-    context = DistillContext(gt_instances=[gt], image_sizes=[(16, 16)], head_strides=[8], num_old_classes=2)
+    context = DistillContext(gt_instances=[gt], head_strides=[8], num_old_classes=2)
     z_s.requires_grad_()
     args = ({"head": _head(z_s, r_s)}, {"head": _head(z_t, r_t)}, context)
     assert DenseHeadDistillation(box_loss="l1", box_score_thresh=0.5)(*args).item() > 1.0  # KL plus |1 - 0| x 4
@@ -113,7 +113,7 @@ def test_dense_term_leaves_out_the_anchors_on_a_new_class_gt_box():
     loss.backward()
     assert z_s.grad[0, :, 0, 0].abs().sum() == 0 and z_s.grad[0, 1, 1, 1] != 0
     # A compression run (every class old) has nothing to leave out.
-    old_only = DistillContext(gt_instances=[gt[1:]], image_sizes=[(16, 16)], num_old_classes=2)
+    old_only = DistillContext(gt_instances=[gt[1:]], num_old_classes=2)
     assert DenseHeadDistillation(box_loss="l1", exclude_new_gt=True)(args[0], args[1], old_only).item() > 0
 
 
@@ -129,7 +129,7 @@ def test_dense_box_term_giou_is_one_minus_the_giou_of_the_decoded_boxes_at_any_s
     z = torch.tensor([[[[4.0], [-4.0]]]])
     r_s = torch.tensor([0.0, 0, 2, 2, 5, 5, 6, 6]).view(1, 2, 1, 4).permute(0, 3, 1, 2)  # [1, 4, 2, 1]
     r_t = torch.tensor([1.0, 1, 3, 3, 0, 0, 1, 1]).view(1, 2, 1, 4).permute(0, 3, 1, 2)
-    context = DistillContext(gt_instances=[], image_sizes=[], box_decoders={"student": _as_boxes, "teacher": _as_boxes})
+    context = DistillContext(gt_instances=[], box_decoders={"student": _as_boxes, "teacher": _as_boxes})
     giou = DenseHeadDistillation(box_loss="giou")
     loss = giou({"head": _head(z, r_s)}, {"head": _head(z, r_t)}, context)
     assert loss.item() == pytest.approx(1 - (1 / 7 - 2 / 9), rel=1e-5)  # the KL is 0: equal scores

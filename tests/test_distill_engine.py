@@ -360,7 +360,7 @@ def test_fgfi_mask_keeps_anchors_above_half_the_best_iou_of_a_box():
 
 def test_fgfi_loss_is_the_masked_squared_error_over_twice_the_masked_area():
     loss_fn = FGFIImitation(layers=["p3"], normalize=False)
-    context = DistillContext(gt_instances=[_gt([[0, 0, 16, 16]])], image_sizes=[(32, 32)], strides={"p3": 8})
+    context = DistillContext(gt_instances=[_gt([[0, 0, 16, 16]])], strides={"p3": 8})
     teacher = {"p3": torch.zeros(1, 3, 4, 4)}
     assert loss_fn({"p3": teacher["p3"].clone()}, teacher, context).item() == 0.0
     student = torch.zeros(1, 3, 4, 4, requires_grad=True)
@@ -375,7 +375,7 @@ def test_fgfi_loss_is_the_masked_squared_error_over_twice_the_masked_area():
 
 
 def test_normalized_fgfi_ignores_the_scale_of_the_teachers_features():
-    context = DistillContext(gt_instances=[_gt([[0, 0, 16, 16]])], image_sizes=[(32, 32)], strides={"p3": 8})
+    context = DistillContext(gt_instances=[_gt([[0, 0, 16, 16]])], strides={"p3": 8})
     gen = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(1, 3, 4, 4, generator=gen), torch.randn(1, 3, 4, 4, generator=gen)
     normalized = FGFIImitation(layers=["p3"])  # NORMALIZE's default

@@ -21,7 +21,7 @@ STRIDES = {"dark3": 8, "p3": 8}
 def _context(objectness=None):
     inst = Instances((32, 32), gt_boxes=Boxes(torch.tensor([[0.0, 0.0, 16.0, 32.0]])), gt_classes=torch.tensor([0]))
     outputs = {"objectness": objectness} if objectness is not None else {}
-    return DistillContext(gt_instances=[inst], image_sizes=[(32, 32)], strides=STRIDES, teacher_outputs=outputs)
+    return DistillContext(gt_instances=[inst], strides=STRIDES, teacher_outputs=outputs)
 
 
 def test_soft_gt_mask_by_hand():

@@ -53,7 +53,7 @@ def _context():
     inst = Instances((64, 64))
     inst.gt_boxes = Boxes(torch.tensor([[8.0, 8.0, 40.0, 40.0]]))
     inst.gt_classes = torch.tensor([0])
-    return DistillContext(gt_instances=[inst, inst], image_sizes=[(64, 64)] * 2, strides=STRIDES)
+    return DistillContext(gt_instances=[inst, inst], strides=STRIDES)
 
 
 def test_review_is_zero_when_the_fused_student_is_the_teacher_and_positive_otherwise():

@@ -3,7 +3,7 @@ of both models (recorder.py), connectors between their widths (connectors.py), t
 loss registry and its terms (registry.py, losses/), their weighted sum (distiller.py),
 and the students that use them (student.py; rcnn.py: ``IncrementalRCNN``; dense.py:
 ``IncrementalRetinaNet``, ``IncrementalFCOS``, ``IncrementalYOLOV3``, registered meta-architectures)."""
-from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.modeling import build_model
 
 from ..config import ConfigError, check_choice, derived_cfg
 from .connectors import CONNECTOR_REGISTRY, AttentionFusion, build_connector, match_size
@@ -28,7 +28,8 @@ from .rcnn import IncrementalRCNN
 from .recorder import Recorder, feature_shapes, recordable_names
 from .registry import DISTILL_LOSS_REGISTRY, DistillContext, DistillLoss, registered_terms
 from .student import DistillationStudent, is_student_architecture
-from .teacher import TEACHER_PRECISIONS, FrozenTeacher, build_teacher, fold_batchnorm, teacher_cfg
+from .teacher import (TEACHER_PRECISIONS, FrozenTeacher, build_teacher, detector_architecture, fold_batchnorm,
+                      teacher_cfg)
 
 __all__ = [
     "AttentionFusion",
@@ -107,6 +108,5 @@ def check_distill_config(cfg):
 
 def _plain_detector(cfg):
     """An untrained detector of ``cfg``'s architecture, without a teacher of its own."""
-    arch = cfg.MODEL.META_ARCHITECTURE
-    plain = getattr(META_ARCH_REGISTRY.get(arch), "detector_architecture", arch)
+    plain = detector_architecture(cfg.MODEL.META_ARCHITECTURE)
     return build_model(derived_cfg(cfg, {"MODEL.META_ARCHITECTURE": plain, "MODEL.DEVICE": "cpu"}))

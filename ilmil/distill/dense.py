@@ -21,13 +21,11 @@ import torch
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.utils.events import get_event_storage
 
 from ..modeling.fcos import FCOS
 from ..modeling.head_boxes import decode_head_boxes
 from ..modeling.retinanet import RetinaNet
 from ..modeling.yolo import YOLOV3
-from ..modeling.pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt
 from .precision import as_float32
 from .registry import DistillContext
 from .student import DistillationStudent
@@ -68,7 +66,6 @@ class DenseStudent(DistillationStudent):
         if self.distiller is not None:
             context = DistillContext(
                 gt_instances=gt_instances,
-                image_sizes=[tuple(x["image"].shape[-2:]) for x in batched_inputs],
                 strides=self._strides,
                 head_strides=[self._strides[f] for f in self.head_in_features],
                 num_old_classes=self.teacher.num_classes,
@@ -112,15 +109,10 @@ class DenseStudent(DistillationStudent):
         return outputs
 
     def add_pseudo_labels(self, detections, gt_instances):
-        cfg = self.pseudo_labels
-        merged, count = [], 0
-        for gt, det in zip(gt_instances, detections):
-            det = det[det.scores >= cfg["score_thresh"]]
-            det = drop_boxes_on_new_gt(det, gt, cfg["iou_thresh"])
-            count += len(det)
-            merged.append(add_pseudo_labels(gt, det))
-        get_event_storage().put_scalar("pseudo_boxes_per_image", count / max(len(gt_instances), 1))
-        return merged
+        """The teacher's test-time detections (its own NMS) at the pseudo-label score threshold
+        merged into ``gt_instances``."""
+        thresh = self.pseudo_labels["score_thresh"]
+        return self.merge_pseudo_labels([det[det.scores >= thresh] for det in detections], gt_instances)
 
 
 @META_ARCH_REGISTRY.register()

@@ -20,10 +20,9 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes
-from detectron2.utils.events import get_event_storage
 
 from ..config import ConfigError, uses_teacher
-from ..modeling.pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
+from ..modeling.pseudo_labels import teacher_detections
 from ..modeling.unbiased import unbiased_cross_entropy
 from .losses import RCNDistillation
 from .precision import as_float32
@@ -115,7 +114,6 @@ class IncrementalRCNN(DistillationStudent, GeneralizedRCNN):
         if self.distiller is not None:
             context = DistillContext(
                 gt_instances=gt_instances,
-                image_sizes=images.image_sizes,
                 strides=self._strides,
                 anchors=self._anchors(features),
                 num_old_classes=self.teacher.roi_heads.num_classes,
@@ -194,10 +192,4 @@ class IncrementalRCNN(DistillationStudent, GeneralizedRCNN):
             cfg["score_thresh"],
             cfg["nms_thresh"],
         )
-        merged, count = [], 0
-        for gt, det in zip(gt_instances, detections):
-            det = drop_boxes_on_new_gt(det, gt, cfg["iou_thresh"])
-            count += len(det)
-            merged.append(add_pseudo_labels(gt, det))
-        get_event_storage().put_scalar("pseudo_boxes_per_image", count / max(len(gt_instances), 1))
-        return merged
+        return self.merge_pseudo_labels(detections, gt_instances)

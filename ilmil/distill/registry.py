@@ -7,9 +7,9 @@ section's other keys are the loss's own. A term is logged as
 ``loss_distill_<section in lower case>``.
 
 ``forward(student, teacher, context)`` receives the recorded outputs of both
-models (``Recorded``: layer name -> tensor, see recorder.py) and a
-:class:`DistillContext`, and returns a scalar. The teacher's tensors come
-detached; every loss is zero when the student's outputs equal the teacher's.
+models (dicts: each name of ``records()`` -> that layer's output, see recorder.py),
+in float32 with autocast off, and a :class:`DistillContext`, and returns a scalar.
+Every loss is zero when the student's outputs equal the teacher's.
 """
 from dataclasses import dataclass, field
 
@@ -34,22 +34,21 @@ class DistillContext:
 
     gt_instances: per image, the stage's GT boxes plus the pseudo-labels (``gt_boxes``,
         ``gt_classes``), in the student's input coordinates.
-    image_sizes: per image, (height, width) before padding.
     strides: layer name -> stride of the recorded feature maps that have one.
     head_strides: a dense head's levels' strides, in the order of its outputs.
     anchors: layer name -> the student's anchors on that level (``Boxes``, position-major),
         for anchor-based detectors.
     num_old_classes: the teacher's classes (the first ones of the student's).
     teacher_outputs: the teacher's outputs by name (Faster R-CNN: ``"proposals"``,
-        ``"box_outputs"``; one-stage with pseudo-labels: ``"detections"``), for losses
-        that weigh or select by the teacher's confidence.
+        ``"box_outputs"``; one-stage with pseudo-labels: ``"detections"``; a head with
+        objectness (YOLO): ``"objectness"``), for losses that weigh or select by the
+        teacher's confidence.
     box_decoders: one-stage detectors, ``"student"`` and ``"teacher"`` -> a function of
         that model's per-level head box outputs giving [N, P, 4] boxes in input pixels
         (``ilmil.modeling.decode_head_boxes``), for losses that compare boxes, not deltas.
     """
 
     gt_instances: list
-    image_sizes: list
     strides: dict = field(default_factory=dict)
     head_strides: list = field(default_factory=list)
     anchors: dict = field(default_factory=dict)
@@ -61,8 +60,8 @@ class DistillContext:
 class DistillLoss(nn.Module):
     """Base class of the registered losses.
 
-    Subclasses set ``config_key`` and, when they read recorded outputs other than
-    the backbone's feature maps, list those module paths in ``records()``.
+    Subclasses set ``config_key`` and list in ``records()`` every output they read,
+    feature maps and module paths alike: only those are recorded.
     """
 
     config_key = ""

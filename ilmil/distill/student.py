@@ -10,8 +10,10 @@ is a detectron2 detector plus this mixin and its own ``forward``; without a teac
 from torch import nn
 
 from detectron2.data import MetadataCatalog
+from detectron2.utils.events import get_event_storage
 
 from ..config import uses_teacher
+from ..modeling.pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt
 from .distiller import DISTILLER_PREFIX, build_distiller
 from .recorder import Recorder, feature_shapes
 from .teacher import FrozenTeacher, build_teacher
@@ -63,6 +65,17 @@ class DistillationStudent:
                               "iou_thresh": pseudo.NEW_GT_IOU_THRESH} if pseudo.ENABLED else None,
             "teacher_precision": ilmil.TEACHER.PRECISION,
         }
+
+    def merge_pseudo_labels(self, detections, gt_instances):
+        """Per image, the GT with the teacher's ``detections`` (at the pseudo-label score
+        threshold already) added as labels, except those on a GT box; the count is logged."""
+        merged, count = [], 0
+        for gt, det in zip(gt_instances, detections):
+            det = drop_boxes_on_new_gt(det, gt, self.pseudo_labels["iou_thresh"])
+            count += len(det)
+            merged.append(add_pseudo_labels(gt, det))
+        get_event_storage().put_scalar("pseudo_boxes_per_image", count / max(len(gt_instances), 1))
+        return merged
 
     @property
     def teacher(self):

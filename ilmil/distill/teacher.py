@@ -19,12 +19,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY
 
-from ..checkpoint import DISTILLATION_STATE_PREFIXES, CheckpointError, load_checked_checkpoint
+from ..checkpoint import DISTILLATION_STATE_PREFIXES, CheckpointError, load_checked_checkpoint, unwrapped_state
 from ..config import ConfigError, check_choice, get_ilmil_cfg, set_num_classes
 from ..modeling.build import load_detector
 from .precision import autocast_off
 
-__all__ = ["TEACHER_PRECISIONS", "FrozenTeacher", "build_teacher", "fold_batchnorm", "teacher_cfg"]
+__all__ = ["TEACHER_PRECISIONS", "FrozenTeacher", "build_teacher", "detector_architecture", "fold_batchnorm",
+           "teacher_cfg"]
 
 # ILMIL.TEACHER.PRECISION -> the autocast dtype of the teacher pass (None: no autocast).
 TEACHER_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,6 +48,14 @@ def fold_batchnorm(model):
     return model
 
 
+def detector_architecture(name):
+    """The detector a student meta-architecture extends (IncrementalRCNN: GeneralizedRCNN);
+    any other name as it is."""
+    if name not in META_ARCH_REGISTRY:
+        return name
+    return getattr(META_ARCH_REGISTRY.get(name), "detector_architecture", name)
+
+
 def teacher_cfg(cfg, num_classes):
     """The teacher's config: ``ILMIL.TEACHER.CONFIG_FILE`` (else the student's), as a
     plain detector of ``num_classes`` classes without distillation of its own."""
@@ -60,10 +69,7 @@ def teacher_cfg(cfg, num_classes):
     else:
         teacher = cfg.clone()
         teacher.defrost()
-    arch = teacher.MODEL.META_ARCHITECTURE
-    if arch in META_ARCH_REGISTRY:
-        # A student meta-architecture names the detector it extends (IncrementalRCNN: GeneralizedRCNN).
-        teacher.MODEL.META_ARCHITECTURE = getattr(META_ARCH_REGISTRY.get(arch), "detector_architecture", arch)
+    teacher.MODEL.META_ARCHITECTURE = detector_architecture(teacher.MODEL.META_ARCHITECTURE)
     set_num_classes(teacher, num_classes)
     teacher.MODEL.WEIGHTS = ""
     teacher.ILMIL.TEACHER.WEIGHTS = ""
@@ -75,8 +81,7 @@ def _check_no_unexpected_keys(model, state, weights):
     """Refuse checkpoint tensors the teacher has no place for (detectron2 would drop them
     with a warning): weights of another model, or a teacher config that does not fit."""
     own = model.state_dict()
-    if state and all(name.startswith("module.") for name in state):  # saved from DistributedDataParallel
-        state = {name[len("module."):]: value for name, value in state.items()}
+    state = unwrapped_state(state)
     unexpected = [name for name in state if name not in own and not name.startswith(DISTILLATION_STATE_PREFIXES)]
     if unexpected:
         listed = ", ".join(unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")

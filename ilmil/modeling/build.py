@@ -1,7 +1,7 @@
 """Building a detector in the channel layout of a (possibly pruned) checkpoint."""
 from detectron2.modeling import build_model
 
-from ..checkpoint import CheckpointError, IncrementalCheckpointer, checkpoint_channel_layout, safe_load
+from ..checkpoint import CheckpointError, IncrementalCheckpointer, checkpoint_channel_layout, safe_load, unwrapped_state
 from ..config import derived_cfg
 from ..pruning import apply_channel_layout
 
@@ -31,8 +31,7 @@ def _check_architecture(model, state, weights):
     """Refuse weights of another architecture: detectron2 would only warn and leave
     the layers that do not fit at their random initialisation."""
     own = model.state_dict()
-    if state and all(name.startswith("module.") for name in state):  # saved from a DistributedDataParallel model
-        state = {name[len("module."):]: value for name, value in state.items()}
+    state = unwrapped_state(state)
     found = {name: tuple(getattr(state[name], "shape", ())) if name in state else "missing" for name in own}
     misfits = [(name, found[name]) for name, value in own.items() if found[name] != tuple(value.shape)]
     if misfits:

@@ -46,7 +46,8 @@ def expand_predictor_state_dict(old_state, new_state, num_old):
     classifier = tuple(cls_score for cls_score, _ in dense) if dense else (_CLS, _BOX)
     merged = {k: v.clone() for k, v in new_state.items()}
     for key, value in old_state.items():
-        # The old model's distillation state belongs to its own stage: the student's starts afresh.
+        # The classifiers are expanded below; the old model's distillation state belongs to its own
+        # stage: the student's starts afresh.
         if key.startswith(classifier + DISTILLATION_STATE_PREFIXES):
             continue
         if key in merged and merged[key].shape != value.shape:

@@ -39,11 +39,11 @@ instead of 2 (FCOS: 8), though at 400 iterations it did not speed up the classif
     loss_box = BOX_WEIGHT N mean_pos (1 - GIoU(decoded box, GT))      (GIoU, not YOLOv3's xy-BCE + wh-L2:
                                                                         one term, scale-free)
     loss_cls = CLS_WEIGHT N mean_{pos, k} BCE(z_k, onehot_k)               (CLASS_LOSS bce)
-             = CLS_WEIGHT N sum_{every anchor, k} FL(z_k, onehot_k) / P      (CLASS_LOSS focal)
+             = CLS_WEIGHT N sum_{every anchor, k} FL(z_k, onehot_k) / n_pos  (CLASS_LOSS focal)
     loss_obj = OBJ_WEIGHT N sum_l balance_l mean_l BCE(o, 1[pos])
 
 with FL the sigmoid focal loss (``FOCAL_LOSS_ALPHA``, ``FOCAL_LOSS_GAMMA``; the one-hot is zero
-away from the positives), and where the objectness mean of level l leaves out the
+away from the positives), n_pos the batch's positive anchors (at least 1), and where the objectness mean of level l leaves out the
 negatives whose decoded box overlaps some GT at IoU > ``IGNORE_THRESH`` (YOLOv3's
 ignored predictions), and balance_l (``OBJ_LEVEL_WEIGHTS``) weighs finer levels more,
 as they hold more cells.

@@ -21,7 +21,7 @@ __all__ = ["AttentionTransfer", "attention_map"]
 
 def attention_map(features):
     """[N, 1, H, W] spatial attention of [N, C, H, W] ``features``: the channel mean of
-    the squared activations (normalised with the whole map, after any resizing)."""
+    the squared activations (the loss normalises it, after any resizing)."""
     return features.pow(2).mean(dim=1, keepdim=True)
 
 

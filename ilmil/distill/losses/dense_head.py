@@ -23,9 +23,10 @@ decoded boxes is in [0, 2] on every detector and level (IoU does not change when
 boxes are shifted or scaled alike).
 
 With EXCLUDE_NEW_GT, the anchors whose cell centre lies in a GT box of a new class are
-left out of every sum above (the normaliser n_T unchanged): there the detection loss
-trains the new class, and the old-class teacher, which has never seen it, often scores
-it as the old class it most resembles; the KL would hold that score up against the GT
+left out of every sum above (n_T unchanged; with objectness, its weights q are masked
+too and so is their sum): there the detection loss trains the new class, and the
+old-class teacher, which has never seen it, often scores it as the old class it most
+resembles; the KL would hold that score up against the GT
 (FCOS 10+10: new-class AP50 46.2 with the term on every anchor, BENCHMARKS.md).
 
 The KL is divided by the teacher's soft object count n_T as the focal loss is by its
