@@ -8,8 +8,10 @@ import shutil
 
 import onnx
 import pytest
+from PIL import Image
 from pycocotools.coco import COCO
 
+from ilmil import deploy
 from ilmil.config import CONFIGS_DIR
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, read_json, run_tool, run_tool_here, tail
 
@@ -65,6 +67,28 @@ def test_each_detector_exports_and_onnx_runtime_reproduces_it(detector, trained,
     info = json.loads(metadata["ilmil"])
     assert len(info["class_names"]) == 4 and info["input_size"] == [128, 128]
     assert "META_ARCHITECTURE" in metadata["ilmil.config"]
+    assert not (tmp_path / "model.unchecked.onnx").exists()  # checked, it replaced --output
+
+
+def test_an_export_that_fails_its_check_leaves_the_file_of_before(trained, tiny_datasets_root, tmp_path, monkeypatch,
+                                                                  capsys):
+    output = tmp_path / "model.onnx"
+    output.write_bytes(b"the model of before")
+    # The tool takes the check from ilmil.deploy when it is loaded (run_tool_here loads it anew).
+    check = deploy.check_export
+    monkeypatch.setattr(deploy, "check_export", lambda *args, **kwargs: {**check(*args, **kwargs), "passed": False})
+    weights = str(trained("retinanet") / "stage_0" / "model_final.pth")
+    args = ["--weights", weights, "--output", str(output)]
+    opts = [*SHAPES_OPTS, *TRAIN_OPTS]
+    line = _error_line(run_tool_here("export.py", [*args, "--check-images", "1", *opts], tiny_datasets_root,
+                                     monkeypatch, capsys))
+    assert f"{tmp_path / 'model.unchecked.onnx'}: ONNX Runtime does not reproduce" in line and "left as it was" in line
+    assert output.read_bytes() == b"the model of before"
+    assert read_json(tmp_path / "model.unchecked.check.json")["passed"] is False
+    for flags, message in ((["--check-images", "0"], "--check-images 0: the check needs 1 image or more"),
+                           (["--input-size", "0", "64"], "--input-size 0 64: give a height and width")):
+        proc = run_tool_here("export.py", [*args, *flags, *opts], tiny_datasets_root, monkeypatch, capsys)
+        assert proc.returncode == 2 and message in proc.stderr
 
 
 def test_an_exported_model_is_evaluated_through_onnx_runtime_with_the_same_ap(trained, tiny_datasets_root, tmp_path):
@@ -106,15 +130,17 @@ def test_a_pruned_model_exports_at_its_real_widths(trained, tiny_datasets_root, 
 def test_predict_draws_each_image_and_writes_a_coco_json(trained, tiny_datasets_root, tiny_shapes_dir, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    for name in sorted(os.listdir(os.path.join(tiny_shapes_dir, "JPEGImages")))[:3]:
+    names = sorted(os.listdir(os.path.join(tiny_shapes_dir, "JPEGImages")))[:3]
+    for name in names[:2]:
         shutil.copy(os.path.join(tiny_shapes_dir, "JPEGImages", name), images / name)
+    Image.open(os.path.join(tiny_shapes_dir, "JPEGImages", names[2])).save(images / "photo.bmp")
     out = tmp_path / "preds"
     run = trained("retinanet")
     proc = run_tool("predict.py", ["--weights", str(run / "stage_0" / "model_final.pth"), "--input", str(images),
                                    "--output-dir", str(out), "--score-thresh", "0.01", "--max-detections", "5",
                                    "--quiet"], tiny_datasets_root)
     assert proc.returncode == 0, tail(proc)
-    assert sorted(os.listdir(images)) == sorted(p for p in os.listdir(out) if p != "detections.json")
+    assert sorted(os.listdir(out)) == sorted([*names[:2], "detections.json", "photo.bmp.png"])
     coco = COCO(str(out / "detections.json"))
     assert len(coco.getImgIds()) == 3 and len(coco.getCatIds()) == 4
     per_image = [len(coco.getAnnIds(imgIds=[i])) for i in coco.getImgIds()]
@@ -154,3 +180,11 @@ def test_bad_inputs_end_in_one_error_line(trained, tiny_datasets_root, tmp_path,
     proc = run_tool_here("eval_incremental.py", ["--weights", str(broken / "photo.onnx")], tiny_datasets_root,
                          monkeypatch, capsys)
     assert "no such ONNX file" in _error_line(proc)
+    # Drawn copies into the images' own folder would overwrite them: refused, the images kept.
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 64)).save(images / "photo.jpg")
+    before = (images / "photo.jpg").read_bytes()
+    proc = run_tool_here("predict.py", ["--weights", weights, "--input", str(images), "--output-dir", str(images)],
+                         tiny_datasets_root, monkeypatch, capsys)
+    assert "holds the input image" in _error_line(proc) and (images / "photo.jpg").read_bytes() == before

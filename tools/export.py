@@ -9,11 +9,13 @@ The whole detector goes into the file, post-processing (NMS) included: input a
 float32 [3, H, W] image in the config's INPUT.FORMAT, resized as at test time;
 outputs boxes, scores, classes (README, Deploying a model). Fixed input size by default
 (--input-size H W; default the test-time maximum, rounded up to 32), any size with
---dynamic. A pruned model is exported at its real widths. Before it is kept, the
-file runs in ONNX Runtime on --check-images test images of the model's dataset:
+--dynamic. A pruned model is exported at its real widths. Before it replaces --output,
+the file runs in ONNX Runtime on --check-images test images of the model's dataset:
 each PyTorch detection is matched by an ONNX one of the same class whose box is within
 --tolerance (relative); every detection of score >= 0.5 and 99 % of all must be
-matched. The figures are printed and written to model.check.json.
+matched. The figures are printed and written to model.check.json. A file that fails
+the check stays beside it as model.unchecked.onnx (with model.unchecked.check.json),
+and a model.onnx of before is left as it was.
 """
 import argparse
 import os
@@ -42,19 +44,24 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.dynamic and args.input_size:
         parser.error("--dynamic and --input-size exclude each other")
+    if args.input_size and min(args.input_size) < 1:
+        parser.error(f"--input-size {' '.join(map(str, args.input_size))}: give a height and width of 1 px or more")
+    if args.check_images < 1:
+        parser.error(f"--check-images {args.check_images}: the check needs 1 image or more")
     if not args.output.endswith(".onnx"):
         raise DeployError(f"--output {args.output}: give a .onnx file name")
     trained = load_trained_model(args.weights, args.config_file, args.opts)
-    metadata = export_onnx(trained, args.output, args.input_size, args.dynamic)
+    unchecked = args.output[: -len(".onnx")] + ".unchecked.onnx"
+    metadata = export_onnx(trained, unchecked, args.input_size, args.dynamic)
     size = "dynamic" if args.dynamic else "x".join(map(str, metadata["input_size"]))
     print(f"exported {args.weights} ({trained.cfg.MODEL.META_ARCHITECTURE}, {len(trained.class_names)} classes, "
-          f"input {size}) to {args.output} ({os.path.getsize(args.output) / 2**20:.1f} MiB)")
+          f"input {size}) to {unchecked} ({os.path.getsize(unchecked) / 2**20:.1f} MiB)")
     # The check reads a few test images: the whole-dataset image check of a training run is skipped.
     source = load_dataset_source(derived_cfg(trained.cfg, {"ILMIL.DATA.CHECK_IMAGES": False}))
     images = [preprocess(trained.cfg, read_image(r["file_name"], trained.cfg.INPUT.FORMAT))
               for r in source.test[: args.check_images]]
-    figures = check_export(trained, OnnxDetector(args.output), images, args.tolerance)
-    path = write_check(args.output, figures)
+    figures = check_export(trained, OnnxDetector(unchecked), images, args.tolerance)
+    path = write_check(args.output if figures["passed"] else unchecked, figures)
     print(f"check on {figures['images']} {source.name} test images: {figures['detections_matched']} of "
           f"{figures['detections_compared']} PyTorch detections matched by class (of score >= 0.5: "
           f"{figures['confident_detections_matched']} of {figures['confident_detections_compared']}), "
@@ -62,8 +69,11 @@ def main(argv=None):
           f"{figures['max_relative_box_difference']:.2e} (tolerance {args.tolerance:g}), largest score difference "
           f"{figures['max_score_difference']:.2e}; written to {path}")
     if not figures["passed"]:
-        raise DeployError(f"{args.output}: ONNX Runtime does not reproduce the PyTorch model ({path}); the file is "
-                          "kept for inspection; fix: export with a fixed --input-size, or report the detector")
+        raise DeployError(f"{unchecked}: ONNX Runtime does not reproduce the PyTorch model ({path}); the file is "
+                          f"kept for inspection, {args.output} is left as it was; fix: export with a fixed "
+                          "--input-size, or report the detector")
+    os.replace(unchecked, args.output)
+    print(f"{args.output} written")
 
 
 if __name__ == "__main__":

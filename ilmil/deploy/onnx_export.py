@@ -199,6 +199,7 @@ def check_export(trained, detector, images, tolerance=1e-3):
             reference = trained.model([{"image": detector.graph_input(image)}])[0]["instances"]
         boxes, scores, classes = detector.run(image)
         counts.append((len(reference), len(boxes)))
+        reference = reference.to("cpu")  # a model on a GPU
         for box, score, label in zip(reference.pred_boxes.tensor.numpy(), reference.scores.numpy(),
                                      reference.pred_classes.numpy()):
             if score < threshold:

@@ -55,9 +55,21 @@ def preprocess(cfg, image):
     return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
 
 
+def drawn_image_path(output_dir, path):
+    """Where the drawn copy of image ``path`` goes: its name, as a PNG unless it is a JPEG
+    or PNG (``photo.bmp`` -> ``photo.bmp.png``, apart from a ``photo.png`` beside it)."""
+    name = os.path.basename(path)
+    return os.path.join(output_dir, name if name.lower().endswith((".jpg", ".jpeg", ".png")) else name + ".png")
+
+
 def predict_images(trained, paths, output_dir, progress=True):
     """Detections of ``trained`` (a :class:`TrainedModel`) on the images ``paths``; the
     drawn images and ``detections.json`` go to ``output_dir``. Returns the json's path."""
+    for path in paths:
+        drawn = drawn_image_path(output_dir, path)
+        if os.path.exists(drawn) and os.path.samefile(drawn, path):
+            raise DeployError(f"--output-dir {output_dir} holds the input image {path}, which its drawn copy would "
+                              "overwrite; fix: give another folder")
     os.makedirs(output_dir, exist_ok=True)
     cfg, model = trained.cfg, trained.model
     images, annotations = [], []
@@ -75,7 +87,7 @@ def predict_images(trained, paths, output_dir, progress=True):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
                                 "score": score, "iscrowd": 0})
-        _draw(image, instances, trained.class_names, cfg.INPUT.FORMAT, os.path.join(output_dir, name))
+        _draw(image, instances, trained.class_names, cfg.INPUT.FORMAT, drawn_image_path(output_dir, path))
     detections = {"images": images, "annotations": annotations,
                   "categories": [{"id": k + 1, "name": c} for k, c in enumerate(trained.class_names)]}
     path = os.path.join(output_dir, "detections.json")
@@ -88,5 +100,4 @@ def _draw(image, instances, class_names, image_format, path):
     visualizer = Visualizer(rgb)
     labels = [f"{class_names[c]} {s:.2f}" for c, s in zip(instances.pred_classes.tolist(), instances.scores.tolist())]
     drawn = visualizer.overlay_instances(boxes=instances.pred_boxes.tensor.numpy(), labels=labels).get_image()
-    root, ext = os.path.splitext(path)
-    Image.fromarray(drawn).save(root + (ext if ext.lower() in (".jpg", ".jpeg", ".png") else ".png"))
+    Image.fromarray(drawn).save(path)
