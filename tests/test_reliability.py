@@ -461,6 +461,8 @@ def test_a_folder_of_another_run_is_refused_unless_forced(tmp_path):
     claim_run_dir(str(tmp_path), IDENTITY, seed=0)
     (tmp_path / "stage_0").mkdir()
     (tmp_path / "stage_0" / "model_final.pth").write_bytes(b"weights")
+    (tmp_path / "teacher").mkdir()  # a compression run's evaluation of its teacher
+    (tmp_path / "teacher" / "metrics_eval.json").write_text('{"AP50": 50.0}')
     (tmp_path / "notes.txt").write_text("mine")
     claim_run_dir(str(tmp_path), IDENTITY, seed=0)  # the same run: accepted, outputs kept
     assert (tmp_path / "stage_0" / "model_final.pth").exists()
@@ -473,6 +475,7 @@ def test_a_folder_of_another_run_is_refused_unless_forced(tmp_path):
     assert "--force" in message
     record = claim_run_dir(str(tmp_path), other, seed=0, force=True)
     assert not (tmp_path / "stage_0").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "teacher").exists()  # another teacher's figures would be reported as this one's
     assert read_json(tmp_path / "run.json")["identity"] == other == record["identity"]
 
 

@@ -36,8 +36,10 @@ _NOT_IN_IDENTITY = ("OUTPUT_DIR", "MODEL.DEVICE", "DATALOADER.NUM_WORKERS", "SOL
                     "DATASETS.", "SEED", "ILMIL.DATASET", "ILMIL.DATA.", "ILMIL.SHAPES.", "ILMIL.STAGES",
                     "ILMIL.CLASS_ORDER", "ILMIL.METHOD")
 # What the toolkit writes into a run folder; --force removes these and nothing else.
+# ("teacher": a compression run's evaluation of its teacher, reused while the folder lives.)
 _RUN_OUTPUTS = ("stage_*", "results.json", "stages.json", "config.yaml", "report.md", "per_class_*.csv",
-                "forgetting_curve.png", "per_class_heatmap.png", "per_class_first_vs_final.png", PREFLIGHT_FILE, RUN_FILE)
+                "forgetting_curve.png", "per_class_heatmap.png", "per_class_first_vs_final.png", "teacher",
+                PREFLIGHT_FILE, RUN_FILE)
 
 
 class RunDirError(ValueError):
