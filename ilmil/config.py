@@ -2,6 +2,7 @@
 import contextlib
 import os
 
+import torch
 import yaml
 
 from detectron2.config import CfgNode as CN
@@ -9,7 +10,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 
 __all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "add_retinanet_config", "add_yolo_config", "changed_from_defaults",
-           "check_choice", "check_mixed_precision", "check_optimizer", "config_items", "default_cfg", "derived_cfg",
+           "check_choice", "check_device", "check_mixed_precision", "check_optimizer", "config_items", "default_cfg", "derived_cfg",
            "get_ilmil_cfg",
            "method_preset", "method_presets", "num_classes_changes", "set_num_classes", "uses_teacher",
            "DEFAULT_CONFIG", "METHOD_PRESETS"]
@@ -32,6 +33,12 @@ def check_choice(key, value, choices):
 def check_optimizer(cfg):
     """``cfg.SOLVER.OPTIMIZER``, refused with the choices when unknown."""
     return check_choice("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER, OPTIMIZERS)
+
+
+def check_device(cfg):
+    """``MODEL.DEVICE`` on a device this machine has."""
+    if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"MODEL.DEVICE {cfg.MODEL.DEVICE}: this machine has no CUDA device; fix: MODEL.DEVICE cpu")
 
 
 def check_mixed_precision(cfg):

@@ -8,11 +8,14 @@ import shutil
 
 import onnx
 import pytest
+import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
 from ilmil import deploy
-from ilmil.config import CONFIGS_DIR
+from ilmil.config import CONFIGS_DIR, ConfigError, derived_cfg
+from ilmil.deploy import load_trained_model
+from ilmil.engine import IncrementalRun
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, read_json, run_tool, run_tool_here, tail
 
 CONFIGS = {
@@ -188,3 +191,19 @@ def test_bad_inputs_end_in_one_error_line(trained, tiny_datasets_root, tmp_path,
     proc = run_tool_here("predict.py", ["--weights", weights, "--input", str(images), "--output-dir", str(images)],
                          tiny_datasets_root, monkeypatch, capsys)
     assert "holds the input image" in _error_line(proc) and (images / "photo.jpg").read_bytes() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_model_trained_on_a_gpu_runs_here_on_the_cpu_and_an_explicit_cuda_is_refused(trained, tmp_path):
+    run = trained("retinanet")
+    shutil.copytree(run / "stage_0", tmp_path / "stage_0")
+    config = (run / "config.yaml").read_text()
+    assert "DEVICE: cpu" in config
+    (tmp_path / "config.yaml").write_text(config.replace("DEVICE: cpu", "DEVICE: cuda"))
+    weights = str(tmp_path / "stage_0" / "model_final.pth")
+    assert load_trained_model(weights).cfg.MODEL.DEVICE == "cpu"
+    with pytest.raises(ConfigError, match="MODEL.DEVICE cuda: this machine has no CUDA device; fix: MODEL.DEVICE cpu"):
+        load_trained_model(weights, opts=["MODEL.DEVICE", "cuda"])
+    with pytest.raises(ConfigError, match="no CUDA device"):  # training is refused before it starts
+        IncrementalRun(derived_cfg(load_trained_model(weights).cfg, {"MODEL.DEVICE": "cuda",
+                                                                   "OUTPUT_DIR": str(tmp_path / "train")}))

@@ -4,8 +4,10 @@ one given) and its channel layout (a pruned model is rebuilt at its real widths)
 import os
 from dataclasses import dataclass
 
+import torch
+
 from ..checkpoint import CheckpointError, checkpoint_class_names, safe_load
-from ..config import derived_cfg, get_ilmil_cfg, num_classes_changes
+from ..config import check_device, derived_cfg, get_ilmil_cfg, num_classes_changes
 from ..modeling import load_detector
 
 __all__ = ["TrainedModel", "load_trained_model", "run_config_of", "score_thresh_key"]
@@ -67,6 +69,9 @@ def load_trained_model(weights, config_file=None, opts=(), score_thresh=None, ma
                               "from)")
     cfg = get_ilmil_cfg(config_file, opts)
     changes = {**num_classes_changes(len(class_names)), "MODEL.WEIGHTS": "", "ILMIL.TEACHER.WEIGHTS": ""}
+    if "MODEL.DEVICE" not in list(opts)[::2] and not torch.cuda.is_available():
+        changes["MODEL.DEVICE"] = "cpu"  # trained on a GPU, run here: the weights are the same
+    check_device(derived_cfg(cfg, changes))
     if score_thresh is not None:
         changes[score_thresh_key(cfg)] = float(score_thresh)
     if max_detections is not None:
