@@ -347,6 +347,8 @@ CASES = {
     "prune_three_stage_ratios": _prune("--stage-ratios) [0.1, 0.2, 0.3]: needs 4 values", "--stage-ratios",
                                        "0.1,0.2,0.3"),
     "prune_output_dir_is_a_file": Case("prune.py", _prune_output_dir_is_a_file),
+    # A KEY VALUE override of a key a flag also sets reaches the check when the flag is not given.
+    "prune_ratio_override": _prune("ILMIL.PRUNING.RATIO (--ratio, --prune) 1.5", "ILMIL.PRUNING.RATIO", "1.5"),
     # plot_forgetting.py
     "plot_no_results": _plot(None, "{results} not found"),
     "plot_results_a_list": _plot("[]", "{results} is not a run's results"),

@@ -153,3 +153,7 @@ def test_single_checkpoint_on_a_class_subset(tiny_run, tiny_datasets_root, monke
         main(["--weights", weights, "--config-file", config, "--classes", reordered, "--quiet"])
     with pytest.raises(SystemExit):
         main(["--weights", weights, "--stages", "0"])  # --stages is for --run-dir
+    results = (tiny_run.out / "results.json").read_bytes()
+    with pytest.raises(SystemExit):  # its results.json would be overwritten
+        main(["--run-dir", str(tiny_run.out), "--output-dir", str(tiny_run.out)])
+    assert "is the run folder" in capsys.readouterr().err and (tiny_run.out / "results.json").read_bytes() == results

@@ -14,6 +14,7 @@ stage_K/detections.json, per_class_ap*.csv, the plots and report.md. Trailing
 ``KEY VALUE`` pairs override config keys (e.g. MODEL.DEVICE cuda).
 """
 import argparse
+import os
 import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
@@ -45,6 +46,10 @@ def parse_args(argv=None):
     misplaced = [flag for flag, value in (run_only if args.weights else checkpoint_only).items() if value]
     if misplaced:
         parser.error(f"{', '.join(misplaced)} cannot be used with {'--weights' if args.weights else '--run-dir'}")
+    if args.run_dir and args.output_dir and os.path.isdir(args.output_dir) and os.path.samefile(args.run_dir,
+                                                                                                 args.output_dir):
+        parser.error(f"--output-dir {args.output_dir} is the run folder, whose results.json and report the "
+                     "evaluation would overwrite; give another folder")
     try:
         args.stages = [int(k) for k in args.stages.split(",")] if args.stages else None
     except ValueError:

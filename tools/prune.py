@@ -38,11 +38,15 @@ def _ratios(text):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True, help="an ilmil checkpoint (it records its class names)")
-    parser.add_argument("--ratio", type=float, default=0.0, help="fraction of residual-block inner channels removed")
+    # Each flag sets its ILMIL.PRUNING key when given; the config's value (or a KEY VALUE override) stays otherwise.
+    parser.add_argument("--ratio", type=float, help="fraction of residual-block inner channels removed "
+                                                    "(ILMIL.PRUNING.RATIO, default 0)")
     parser.add_argument("--stage-ratios", type=_ratios, help="per ResNet stage res2,res3,res4,res5 (overrides --ratio)")
-    parser.add_argument("--box-head-ratio", type=float, default=0.0, help="fraction of box-head hidden units removed")
-    parser.add_argument("--finetune-iters", type=int, default=0, help="fine-tuning iterations after pruning")
-    parser.add_argument("--finetune-teacher", action="store_true",
+    parser.add_argument("--box-head-ratio", type=float, help="fraction of box-head hidden units removed "
+                                                             "(ILMIL.PRUNING.BOX_HEAD_RATIO, default 0)")
+    parser.add_argument("--finetune-iters", type=int, help="fine-tuning iterations after pruning "
+                                                           "(ILMIL.PRUNING.FINETUNE_ITERS, default 0)")
+    parser.add_argument("--finetune-teacher", action="store_true", default=None,
                         help="fine-tune with the unpruned model as teacher: the feature term, and the RPN / RCN "
                              "terms if the config enables them")
     parser.add_argument("--output-dir", required=True, help="where model_pruned.pth and pruning.json go")
@@ -57,11 +61,11 @@ def main(argv=None):
     cfg = get_ilmil_cfg(args.config_file or None, args.opts)
     if args.dataset is not None:
         cfg.ILMIL.DATASET = args.dataset
-    pruning = cfg.ILMIL.PRUNING
-    pruning.RATIO, pruning.BOX_HEAD_RATIO, pruning.FINETUNE_ITERS = args.ratio, args.box_head_ratio, args.finetune_iters
-    pruning.FINETUNE_TEACHER = args.finetune_teacher
-    if args.stage_ratios:
-        pruning.STAGE_RATIOS = args.stage_ratios
+    given = {"RATIO": args.ratio, "STAGE_RATIOS": args.stage_ratios, "BOX_HEAD_RATIO": args.box_head_ratio,
+             "FINETUNE_ITERS": args.finetune_iters, "FINETUNE_TEACHER": args.finetune_teacher}
+    for key, value in given.items():
+        if value is not None:
+            cfg.ILMIL.PRUNING[key] = value
     cfg.OUTPUT_DIR = args.output_dir
     check_pruning_config(cfg)
     classes = checkpoint_class_names(safe_load(args.weights))
