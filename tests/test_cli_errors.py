@@ -78,6 +78,10 @@ def _choice(*args, names):
     return Case("train_incremental.py", lambda tmp_path, _: Bad(_train(tmp_path, *args), names))
 
 
+def _shapes_key(key, value, names):  # after the tiny set's own ILMIL.SHAPES values, so it wins
+    return Case("train_incremental.py", lambda tmp_path, _: Bad([*_train(tmp_path), key, value], names))
+
+
 def _config_file(text, names):
     def build(tmp_path, _):
         config = tmp_path / "config.yaml"
@@ -291,6 +295,9 @@ CASES = {
     "distance": _choice("ILMIL.DISTILL.FEAT.DISTANCE", "cosine", names="ILMIL.DISTILL.FEAT.DISTANCE 'cosine'"),
     "optimizer": _choice("SOLVER.OPTIMIZER", "Adam", names="SOLVER.OPTIMIZER 'Adam'"),
     "precision": _choice("ILMIL.TEACHER.PRECISION", "half", names="ILMIL.TEACHER.PRECISION 'half'"),
+    "shapes_image_size": _shapes_key("ILMIL.SHAPES.IMAGE_SIZE", "32", "ILMIL.SHAPES.IMAGE_SIZE 32: the shapes are "
+                                                                     "drawn on images of 64 px or more; fix: e.g. 256"),
+    "shapes_num_train": _shapes_key("ILMIL.SHAPES.NUM_TRAIN", "-5", "ILMIL.SHAPES.NUM_TRAIN -5: a count or seed"),
     "amp_on_cpu": _choice("SOLVER.AMP.ENABLED", "True", names="SOLVER.AMP.ENABLED True needs a CUDA device, got "
                                                               "MODEL.DEVICE 'cpu'"),
     "stage_images": _choice("ILMIL.STAGE_IMAGES", "disjoint", names="ILMIL.STAGE_IMAGES 'disjoint'"),

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from ..config import check_choice
+from ..config import ConfigError, check_choice, default_cfg
 from .shapes import MAX_CLASSES as MAX_SHAPE_CLASSES
 from .shapes import DIFFICULTIES, generate_shapes_dataset
 from .stages import StageSpecError, parse_stage_spec, stage_test_dicts, stage_train_dicts
@@ -343,6 +343,10 @@ def shapes_num_classes(shapes_cfg, stages):
     return shapes_cfg.NUM_CLASSES or max(20, sum(parse_stage_spec(stages)))
 
 
+def _default_shapes():
+    return default_cfg().ILMIL.SHAPES
+
+
 def _shapes_source(cfg):
     shapes = cfg.ILMIL.SHAPES
     num_classes = shapes_num_classes(shapes, cfg.ILMIL.STAGES)
@@ -351,6 +355,13 @@ def _shapes_source(cfg):
             f"ILMIL.STAGES {cfg.ILMIL.STAGES!r} needs {num_classes} classes; the shapes dataset has at most "
             f"{MAX_SHAPE_CLASSES}: lower the counts"
         )
+    for key in ("NUM_TRAIN", "NUM_TEST", "SEED"):
+        if shapes[key] < 0:
+            raise ConfigError(f"ILMIL.SHAPES.{key} {shapes[key]}: a count or seed of 0 or more; fix: e.g. "
+                              f"{_default_shapes()[key]}")
+    if shapes.IMAGE_SIZE < 64:
+        raise ConfigError(f"ILMIL.SHAPES.IMAGE_SIZE {shapes.IMAGE_SIZE}: the shapes are drawn on images of 64 px or "
+                          f"more; fix: e.g. {_default_shapes().IMAGE_SIZE}")
     root = generate_shapes_dataset(
         os.path.join(datasets_root(), "shapes"),
         num_classes=num_classes,
