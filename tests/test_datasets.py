@@ -1,6 +1,8 @@
 """VOC-XML and COCO-json loading, built-in dataset names, validation and stage
 registration, on small real folders written into tmp_path."""
+import json
 import os
+import re
 
 import pytest
 
@@ -344,6 +346,34 @@ def test_invalid_voc_xml_is_named(voc_dir):
     with pytest.raises(DatasetError, match="not valid XML") as info:
         load_voc_split(voc_dir, "trainval")
     assert xml_file in str(info.value)
+
+
+def test_a_voc_difficult_flag_that_is_not_a_number_is_named(voc_dir):
+    xml_file = os.path.join(voc_dir, "Annotations", "000002.xml")
+    with open(xml_file) as f:
+        text = f.read()
+    with open(xml_file, "w") as f:
+        f.write(text.replace("</name>", "</name><difficult>yes</difficult>", 1))
+    with pytest.raises(DatasetError, match=re.escape(f"{xml_file}: field <difficult> 'yes' is not a number")):
+        load_voc_split(voc_dir, "trainval")
+
+
+@pytest.mark.parametrize("field, value, detail", [
+    ("bbox", [1.0, 2.0, 3.0], "annotations[0] field 'bbox' [1.0, 2.0, 3.0] is not a list of 4 numbers"),
+    ("bbox", ["1", "2", "3", "4"], "annotations[0] field 'bbox' ['1', '2', '3', '4'] is not a list of 4 numbers"),
+    ("width", "64", "images[0] field 'width' '64' is not an integer"),
+])
+def test_coco_fields_of_the_wrong_kind_are_named(tmp_path, coco_files, field, value, detail):
+    train, _, images = coco_files
+    with open(train) as f:
+        data = json.load(f)
+    data["annotations" if field == "bbox" else "images"][0][field] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=re.escape(f"{bad}: {detail}")):
+        load_coco_json(str(bad), images)
+    with pytest.raises(DatasetError, match=re.escape(f"COCO annotation file {tmp_path} is a folder")):
+        load_coco_json(str(tmp_path), images)
 
 
 # ----------------------------------------------------------------- built-in names

@@ -91,9 +91,12 @@ def datasets_root():
     return os.environ.get("ILMIL_DATASETS", "datasets")
 
 
-def _require(path, what, hint):
+def _require(path, what, hint, folder=False):
+    """``path``, refused unless it is a file (a folder with ``folder``)."""
     if not os.path.exists(path):
         raise DatasetError(f"{what} not found: {path}; fix: {hint}")
+    if os.path.isdir(path) != folder:
+        raise DatasetError(f"{what} {path} is {'a file' if folder else 'a folder'}; fix: {hint}")
     return path
 
 
@@ -116,7 +119,7 @@ def load_voc_split(voc_dir, split):
     """Records of ``ImageSets/Main/{split}.txt`` of a Pascal-VOC-layout folder."""
     layout_hint = "a VOC folder holds Annotations/, JPEGImages/ and ImageSets/Main/ (datasets/README.md)"
     split_file = _require(os.path.join(voc_dir, "ImageSets", "Main", f"{split}.txt"), "VOC split file", layout_hint)
-    _require(os.path.join(voc_dir, "JPEGImages"), "VOC image folder", layout_hint)
+    _require(os.path.join(voc_dir, "JPEGImages"), "VOC image folder", layout_hint, folder=True)
     with open(split_file) as f:
         file_ids = [line.split()[0] for line in f if line.strip()]
     records = []
@@ -148,7 +151,8 @@ def load_voc_split(voc_dir, split):
                     "category_name": _xml_text(obj, "name", xml_file),
                     "bbox": [x0 - 1.0, y0 - 1.0, x1, y1],
                     "bbox_mode": BoxMode.XYXY_ABS,
-                    "difficult": int(difficult.text) if difficult is not None and difficult.text else 0,
+                    "difficult": _xml_number(obj, "difficult", xml_file, int)
+                    if difficult is not None and difficult.text else 0,
                 }
             )
         records.append(
@@ -167,7 +171,8 @@ def load_voc_split(voc_dir, split):
 def load_coco_json(json_file, image_root):
     """Records and category names (in category-id order) of a COCO-format json."""
     _require(json_file, "COCO annotation file", "give the path of an instances json (datasets/README.md)")
-    _require(image_root, "COCO image folder", "give the folder that the json's file_name entries are relative to")
+    _require(image_root, "COCO image folder", "give the folder that the json's file_name entries are relative to",
+             folder=True)
     data = _read_coco_json(json_file)
     categories = sorted(data["categories"], key=lambda c: c["id"])
     id_to_name = {c["id"]: c["name"] for c in categories}
@@ -205,6 +210,20 @@ _COCO_FIELDS = {"images": ("id", "file_name", "width", "height"), "annotations":
                 "categories": ("id", "name")}
 
 
+# The fields read as numbers: "int" an integer, "box" a list of 4 numbers (x, y, w, h).
+_COCO_TYPES = {"images": {"width": "int", "height": "int"}, "annotations": {"bbox": "box"}}
+_COCO_TYPE_NAMES = {"int": "an integer", "box": "a list of 4 numbers [x, y, width, height]"}
+
+
+def _is_number(value, wanted):
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if wanted == "int":
+        return number(value) and float(value).is_integer()
+    return isinstance(value, list) and len(value) == 4 and all(map(number, value))
+
+
 def _read_coco_json(json_file):
     """The contents of a COCO instances json, refused (naming the file, the field and
     the fix) unless it is one: valid JSON, the three lists, their fields, unique categories."""
@@ -227,6 +246,10 @@ def _read_coco_json(json_file):
             missing = [field for field in fields if not isinstance(entry, dict) or field not in entry]
             if missing:
                 raise DatasetError(f"{json_file}: {key}[{i}] lacks field(s) {', '.join(map(repr, missing))}; {fix}")
+            for field, wanted in _COCO_TYPES.get(key, {}).items():
+                if not _is_number(entry[field], wanted):
+                    raise DatasetError(f"{json_file}: {key}[{i}] field {field!r} {entry[field]!r} is not "
+                                       f"{_COCO_TYPE_NAMES[wanted]}; {fix}")
     for field, other in (("id", "name"), ("name", "id")):
         seen = {}
         for category in data["categories"]:
