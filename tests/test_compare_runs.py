@@ -37,7 +37,9 @@ def test_table_sentence_plot_and_report(tmp_path, tiny_datasets_root):
     finetune = _run_dir(tmp_path, "finetune", (4.0, 3.0), 90.0)  # old mean 3.5 = 5 % of 70
     ilmil = _run_dir(tmp_path, "ilmil", (76.0, 57.0), 70.0)  # old mean 66.5 = 95 % of 70
     out = tmp_path / "compare"
-    proc = run_tool("compare_runs.py", [str(finetune), str(ilmil), "--out", str(out)], tiny_datasets_root)
+    # A run given by its results.json is the run of that folder: its label and its report's link.
+    proc = run_tool("compare_runs.py", [str(finetune), str(ilmil / "results.json"), "--out", str(out)],
+                    tiny_datasets_root)
     assert proc.returncode == 0, proc.log
     assert _table_rows(proc.stdout) == [
         ["finetune", "70.0", "3.5", "5 %", "90.0", "32.3"],

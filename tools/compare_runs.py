@@ -7,7 +7,7 @@ Prints the table of each run's last stage (the teacher's AP50 on the old classes
 the run's AP50 on old, new and all classes, the share of the teacher's old-class
 AP50 it kept) and one sentence saying what it shows, and writes OUT/report.md
 with them, the forgetting curves of all runs on one chart and links to each
-run's report. Each RUN is a run folder holding results.json.
+run's report. Each RUN is a run folder (holding results.json) or its results.json.
 """
 import argparse
 import sys
@@ -18,7 +18,7 @@ from ilmil.evaluation import compare_runs
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder (holding results.json)")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder (holding results.json) or its results.json")
     parser.add_argument("--out", required=True, help="folder for report.md and forgetting_curve.png")
     args = parser.parse_args(argv)
     require_output_dir(args.out, "--out")

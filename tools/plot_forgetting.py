@@ -13,12 +13,8 @@ import os
 import sys
 
 from ilmil.engine import require_output_dir, run_tool_main
-from ilmil.evaluation import load_run_results
+from ilmil.evaluation import load_run_results, run_folder
 from ilmil.visualization import plot_runs
-
-def _name(run):
-    run = os.path.abspath(run)
-    return os.path.basename(os.path.dirname(run) if os.path.isfile(run) else run)
 
 
 def main(argv=None):
@@ -28,7 +24,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     runs = [load_run_results(run) for run in args.runs]
     require_output_dir(args.out, "--out")
-    for path in plot_runs(runs, args.out, [_name(run) for run in args.runs]):
+    for path in plot_runs(runs, args.out, [os.path.basename(run_folder(run)) for run in args.runs]):
         print(path)
 
 

@@ -31,7 +31,8 @@ class TrainedModel:
 
 
 def run_config_of(weights):
-    """The ``config.yaml`` of the run folder holding ``weights`` (its folder or one above), or None."""
+    """The ``config.yaml`` of the run folder holding ``weights`` (its folder or one of the
+    ``_RUN_DEPTH - 1`` above), or None."""
     folder = os.path.dirname(os.path.abspath(weights))
     for _ in range(_RUN_DEPTH):
         candidate = os.path.join(folder, "config.yaml")

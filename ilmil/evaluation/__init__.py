@@ -17,6 +17,7 @@ from .run_outputs import (
     finalize_run,
     load_run_results,
     read_results,
+    run_folder,
     write_per_class_csv,
     write_run_outputs,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "per_class_coco_ap",
     "per_class_metrics",
     "read_results",
+    "run_folder",
     "summarize_old_new",
     "voc_ap",
     "voc_per_class_ap",

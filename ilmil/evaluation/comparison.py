@@ -14,7 +14,7 @@ import os
 from ..file_io import atomic_write
 from ..visualization import plot_forgetting_curve, run_labels
 from .report import ap_cell, markdown_table
-from .run_outputs import load_run_results
+from .run_outputs import load_run_results, run_folder
 
 __all__ = ["compare_runs", "comparison_rows", "retention_sentence"]
 
@@ -69,11 +69,12 @@ def retention_sentence(runs, labels):
             "of the teacher's AP50 on the old classes.")
 
 
-def compare_runs(run_dirs, out_dir, names=None):
+def compare_runs(run_dirs, out_dir):
     """Write ``out_dir/report.md`` and ``out_dir/forgetting_curve.png`` comparing the runs
-    in ``run_dirs`` (folders holding results.json); returns (table text, sentence, report path)."""
+    in ``run_dirs`` (run folders or their results.json); returns (table text, sentence, report path)."""
     runs = [load_run_results(d) for d in run_dirs]
-    labels = run_labels(runs, names or [os.path.basename(os.path.abspath(d)) for d in run_dirs])
+    run_dirs = [run_folder(d) for d in run_dirs]
+    labels = run_labels(runs, [os.path.basename(d) for d in run_dirs])
     os.makedirs(out_dir, exist_ok=True)
     table = markdown_table(COLUMNS, comparison_rows(runs, labels))
     sentence = retention_sentence(runs, labels)

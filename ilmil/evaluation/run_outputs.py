@@ -23,7 +23,8 @@ from ..visualization import plot_runs
 from .forgetting import add_forgetting, per_class_metrics
 from .report import format_report
 
-__all__ = ["PER_CLASS_CSV", "NotARunError", "finalize_run", "load_run_results", "read_results", "write_json", "write_per_class_csv", "write_run_outputs"]
+__all__ = ["PER_CLASS_CSV", "NotARunError", "finalize_run", "load_run_results", "read_results", "run_folder",
+           "write_json", "write_per_class_csv", "write_run_outputs"]
 
 # The per-class CSV of each metric; AP50 (the primary metric) gets the plain name.
 PER_CLASS_CSV = {
@@ -63,6 +64,12 @@ STAGE_FIELDS = {"stage", "old_classes", "new_classes", "per_class"}
 def read_results(run_dir):
     with open(os.path.join(run_dir, "results.json")) as f:
         return json.load(f)
+
+
+def run_folder(run):
+    """The run folder of ``run`` (a run folder or its results.json)."""
+    run = os.path.abspath(run)
+    return os.path.dirname(run) if os.path.isfile(run) else run
 
 
 def load_run_results(run):
