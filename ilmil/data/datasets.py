@@ -474,6 +474,14 @@ def load_dataset_source(cfg, problems=None):
     return DatasetSource(name, tuple(class_names), train, test, is_voc)
 
 
+def _register(name, get_dicts):
+    """``name`` in detectron2's catalogs, replacing a dataset of that name and its metadata."""
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, get_dicts)
+
+
 def register_stage_datasets(prefix, source, stage, exclusive=None):
     """Register ``{prefix}_stage{k}_train`` / ``_test`` in detectron2's catalogs;
     with ``exclusive`` (an ``ExclusiveStageImages``) the training images are those
@@ -488,10 +496,7 @@ def register_stage_datasets(prefix, source, stage, exclusive=None):
         ("test", stage_test_dicts(source.test, stage)),
     ):
         name = f"{prefix}_stage{stage.index}_{split}"
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda dicts=dicts: dicts)
+        _register(name, lambda dicts=dicts: dicts)
         MetadataCatalog.get(name).set(
             thing_classes=list(stage.seen_classes),
             old_classes=list(stage.old_classes),
@@ -508,10 +513,7 @@ def with_every_class_old(train_dataset):
     student whose teacher holds every class (a compression run, a pruned model's
     fine-tuning with its unpruned self), which a student checks its teacher against."""
     name = f"{train_dataset}_every_class_old"
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: DatasetCatalog.get(train_dataset))
+    _register(name, lambda: DatasetCatalog.get(train_dataset))
     meta = {k: v for k, v in MetadataCatalog.get(train_dataset).as_dict().items() if k != "name"}
     MetadataCatalog.get(name).set(**{**meta, "old_classes": list(meta["thing_classes"]), "new_classes": []})
     return name
