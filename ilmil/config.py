@@ -10,8 +10,8 @@ from detectron2.config import get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 
 __all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "add_retinanet_config", "add_yolo_config", "changed_from_defaults",
-           "check_choice", "check_device", "check_mixed_precision", "check_optimizer", "config_items", "default_cfg", "derived_cfg",
-           "get_ilmil_cfg",
+           "check_choice", "check_device", "check_mixed_precision", "check_optimizer", "config_items", "default_cfg",
+           "derived_cfg", "get_ilmil_cfg",
            "method_preset", "method_presets", "num_classes_changes", "set_num_classes", "uses_teacher",
            "DEFAULT_CONFIG", "METHOD_PRESETS"]
 
