@@ -44,9 +44,9 @@ instead of 2 (FCOS: 8), though at 400 iterations it did not speed up the classif
 
 with FL the sigmoid focal loss (``FOCAL_LOSS_ALPHA``, ``FOCAL_LOSS_GAMMA``; the one-hot is zero
 away from the positives), n_pos the batch's positive anchors (at least 1), and where the
-objectness mean of level l leaves out the negatives whose decoded box overlaps some GT at IoU > ``IGNORE_THRESH`` (YOLOv3's
-ignored predictions), and balance_l (``OBJ_LEVEL_WEIGHTS``) weighs finer levels more,
-as they hold more cells.
+objectness mean of level l leaves out the negatives whose decoded box overlaps some GT at
+IoU > ``IGNORE_THRESH`` (YOLOv3's ignored predictions), and balance_l
+(``OBJ_LEVEL_WEIGHTS``) weighs finer levels more, as they hold more cells.
 Inference: score = sigma(o) sigma(z_k), then the usual dense-detector filtering
 (score threshold, top-k per level, per-class NMS, ``TEST.DETECTIONS_PER_IMAGE``).
 """
