@@ -207,3 +207,11 @@ def test_a_model_trained_on_a_gpu_runs_here_on_the_cpu_and_an_explicit_cuda_is_r
     with pytest.raises(ConfigError, match="no CUDA device"):  # training is refused before it starts
         IncrementalRun(derived_cfg(load_trained_model(weights).cfg, {"MODEL.DEVICE": "cuda",
                                                                    "OUTPUT_DIR": str(tmp_path / "train")}))
+
+
+def test_a_checkpoint_is_evaluated_with_its_runs_config_by_default(trained, tiny_datasets_root, monkeypatch, capsys):
+    weights = str(trained("retinanet") / "stage_0" / "model_final.pth")  # not the default config's detector
+    proc = run_tool_here("eval_incremental.py", ["--weights", weights, "--quiet", *SHAPES_OPTS, *TRAIN_OPTS],
+                         tiny_datasets_root, monkeypatch, capsys)
+    assert not proc.returncode and "error" not in proc.stderr, proc.log[-2000:]
+    assert "finetune on shapes 4" in proc.stdout  # the stage table

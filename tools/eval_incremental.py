@@ -5,7 +5,7 @@
     python tools/eval_incremental.py --run-dir OUT [--stages 0,1] [--output-dir EVAL]
     # one checkpoint on a class subset of the config's dataset (first --num-old classes are "old")
     python tools/eval_incremental.py --weights W.pth --classes a,b,c [--num-old 2] \\
-        [--config-file CFG] [--dataset NAME] [--output-dir EVAL]
+        [--config-file CFG] [--dataset NAME] [--output-dir EVAL]    # CFG: default its run's config.yaml
     # an exported model through ONNX Runtime, on the test set of the data it was trained on
     python tools/eval_incremental.py --weights model.onnx [--output-dir EVAL]
 
@@ -19,7 +19,7 @@ import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.config import get_ilmil_cfg
-from ilmil.deploy import OnnxDetector
+from ilmil.deploy import OnnxDetector, run_config_of
 from ilmil.engine import require_output_dir, run_tool_main
 from ilmil.evaluation import evaluate_checkpoint, evaluate_run, format_results_table
 
@@ -34,7 +34,8 @@ def parse_args(argv=None):
                                           "(default: those the checkpoint records)")
     parser.add_argument("--num-old", type=int, default=0, help="with --weights: how many of the classes are old")
     parser.add_argument("--config-file", default="", help="with --weights: yaml config, e.g. a run's config.yaml "
-                                                          "(default: the shapes CPU config)")
+                                                          "(default: the config.yaml of the checkpoint's run, else "
+                                                          "the shapes CPU config)")
     parser.add_argument("--dataset", help="with --weights: dataset name (default: the config's ILMIL.DATASET)")
     parser.add_argument("--output-dir", help="write results.json, detections, CSVs, plots and report.md here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -68,7 +69,7 @@ def main(argv=None):
         if args.weights.endswith(".onnx") and not args.config_file:
             cfg = OnnxDetector(args.weights).config(args.opts)  # the config it was exported with
         else:
-            cfg = get_ilmil_cfg(args.config_file or None, args.opts)
+            cfg = get_ilmil_cfg(args.config_file or run_config_of(args.weights), args.opts)
         cfg.defrost()
         if args.dataset:
             cfg.ILMIL.DATASET = args.dataset
