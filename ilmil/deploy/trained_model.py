@@ -72,12 +72,12 @@ def load_trained_model(weights, config_file=None, opts=(), score_thresh=None, ma
     changes = {**num_classes_changes(len(class_names)), "MODEL.WEIGHTS": "", "ILMIL.TEACHER.WEIGHTS": ""}
     if "MODEL.DEVICE" not in list(opts)[::2] and not torch.cuda.is_available():
         changes["MODEL.DEVICE"] = "cpu"  # trained on a GPU, run here: the weights are the same
-    check_device(derived_cfg(cfg, changes))
     if score_thresh is not None:
         changes[score_thresh_key(cfg)] = float(score_thresh)
     if max_detections is not None:
         changes["TEST.DETECTIONS_PER_IMAGE"] = int(max_detections)
     cfg = derived_cfg(cfg, changes)
+    check_device(cfg)
     cfg.freeze()
     model = load_detector(cfg, weights, checkpoint).eval()
     return TrainedModel(model, cfg, list(class_names), weights)
