@@ -211,15 +211,15 @@ _COCO_FIELDS = {"images": ("id", "file_name", "width", "height"), "annotations":
 
 
 # The fields read as numbers: "int" an integer, "box" a list of 4 numbers (x, y, w, h).
-_COCO_TYPES = {"images": {"width": "int", "height": "int"}, "annotations": {"bbox": "box"}}
-_COCO_TYPE_NAMES = {"int": "an integer", "box": "a list of 4 numbers [x, y, width, height]"}
+_COCO_KINDS = {"images": {"width": "int", "height": "int"}, "annotations": {"bbox": "box"}}
+_COCO_KIND_NAMES = {"int": "an integer", "box": "a list of 4 numbers [x, y, width, height]"}
 
 
-def _is_number(value, wanted):
+def _of_kind(value, kind):
     def number(x):
         return isinstance(x, (int, float)) and not isinstance(x, bool)
 
-    if wanted == "int":
+    if kind == "int":
         return number(value) and float(value).is_integer()
     return isinstance(value, list) and len(value) == 4 and all(map(number, value))
 
@@ -246,10 +246,10 @@ def _read_coco_json(json_file):
             missing = [field for field in fields if not isinstance(entry, dict) or field not in entry]
             if missing:
                 raise DatasetError(f"{json_file}: {key}[{i}] lacks field(s) {', '.join(map(repr, missing))}; {fix}")
-            for field, wanted in _COCO_TYPES.get(key, {}).items():
-                if not _is_number(entry[field], wanted):
+            for field, kind in _COCO_KINDS.get(key, {}).items():
+                if not _of_kind(entry[field], kind):
                     raise DatasetError(f"{json_file}: {key}[{i}] field {field!r} {entry[field]!r} is not "
-                                       f"{_COCO_TYPE_NAMES[wanted]}; {fix}")
+                                       f"{_COCO_KIND_NAMES[kind]}; {fix}")
     for field, other in (("id", "name"), ("name", "id")):
         seen = {}
         for category in data["categories"]:
