@@ -111,10 +111,12 @@ def test_an_exported_model_is_evaluated_through_onnx_runtime_with_the_same_ap(tr
 
 def test_a_pruned_model_exports_at_its_real_widths(trained, tiny_datasets_root, tmp_path):
     run = trained("faster_rcnn")
+    # No --config-file and no input sizes: the tool takes the run's config.yaml (128-pixel inputs).
     proc = run_tool("prune.py", ["--weights", str(run / "stage_0" / "model_final.pth"), "--ratio", "0.5",
-                                 "--config-file", str(run / "config.yaml"), "--output-dir", str(tmp_path / "pruned"),
-                                 *SHAPES_OPTS, *TRAIN_OPTS], tiny_datasets_root, timeout=300)
+                                 "--output-dir", str(tmp_path / "pruned"), *SHAPES_OPTS], tiny_datasets_root,
+                    timeout=300)
     assert proc.returncode == 0, tail(proc)
+    assert read_json(tmp_path / "pruned" / "pruning.json")["image_size"] == [128, 128]
     sizes = {}
     for name, weights in (("full", run / "stage_0" / "model_final.pth"),
                           ("pruned", tmp_path / "pruned" / "model_pruned.pth")):

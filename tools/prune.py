@@ -5,12 +5,13 @@
     python tools/prune.py --weights W --stage-ratios 0.2,0.3,0.4,0.5 --box-head-ratio 0.5 \\
         --finetune-iters 300 --output-dir P
     python tools/prune.py --weights W --ratio 0.3 --finetune-iters 400 --finetune-teacher \\
-        --config-file RUN/config.yaml --output-dir P      # distilled from its unpruned self
+        --output-dir P                                     # distilled from its unpruned self
 
 Writes OUT/model_pruned.pth (its channel layout recorded: every tool rebuilds it
 from the checkpoint alone) and OUT/pruning.json (parameters, GFLOPs, CPU latency
-and AP50 on the test data of the model's classes, before and after). The dataset
-is the config's (default: the embedded shapes set); trailing KEY VALUE pairs
+and AP50 on the test data of the model's classes, before and after). The config is
+the one the model was trained with: the config.yaml of the run folder holding
+--weights, or --config-file; its dataset is the test data; trailing KEY VALUE pairs
 override any config key.
 """
 import argparse
@@ -23,6 +24,7 @@ from ilmil.checkpoint import checkpoint_class_names, safe_load
 from ilmil.config import get_ilmil_cfg, set_num_classes
 from ilmil.data import DatasetError, load_dataset_source, register_stage_datasets
 from ilmil.data.stages import Stage
+from ilmil.deploy import run_config_of
 from ilmil.engine import require_output_dir, run_tool_main
 from ilmil.engine.pruning_stage import check_pruning_config, prune_checkpoint
 from ilmil.pruning import format_pruning_table
@@ -50,7 +52,9 @@ def parse_args(argv=None):
                         help="fine-tune with the unpruned model as teacher: the feature term, and the RPN / RCN "
                              "terms if the config enables them")
     parser.add_argument("--output-dir", required=True, help="where model_pruned.pth and pruning.json go")
-    parser.add_argument("--config-file", default="", help="the config the model was trained with (a run's config.yaml)")
+    parser.add_argument("--config-file", default="", help="the config the model was trained with (default: the "
+                                                          "config.yaml of the run folder holding --weights, else "
+                                                          "the shapes config)")
     parser.add_argument("--dataset", help="dataset of the model's classes (default: the config's ILMIL.DATASET)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser.parse_args(argv)
@@ -58,7 +62,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = get_ilmil_cfg(args.config_file or None, args.opts)
+    cfg = get_ilmil_cfg(args.config_file or run_config_of(args.weights), args.opts)
     if args.dataset is not None:
         cfg.ILMIL.DATASET = args.dataset
     given = {"RATIO": args.ratio, "STAGE_RATIOS": args.stage_ratios, "BOX_HEAD_RATIO": args.box_head_ratio,
