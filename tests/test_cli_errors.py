@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import TINY_SHAPES
-from ilmil.config import get_ilmil_cfg
+from ilmil.config import CONFIGS_DIR, get_ilmil_cfg
 from ilmil.data.shapes import shape_class_names
 from ilmil.modeling import build_detector
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, run_tool, run_tool_here, tail
@@ -302,6 +302,18 @@ CASES = {
                                                               "MODEL.DEVICE 'cpu'"),
     "stage_images": _choice("ILMIL.STAGE_IMAGES", "disjoint", names="ILMIL.STAGE_IMAGES 'disjoint'"),
     "prune_ratio": _choice("--prune", "1.5", names="ILMIL.PRUNING.RATIO (--ratio, --prune) 1.5"),
+    # Pruning that would never happen: after the last stage, before the run's first, in a one-stage run.
+    "prune_after_last_stage": _choice("--prune", "0.3", "ILMIL.PRUNING.AFTER_STAGE", "1",
+                                      names="ILMIL.PRUNING.AFTER_STAGE 1: this run's stages a later stage starts "
+                                            "from are 0..0; fix: one of those"),
+    "prune_after_negative_stage": _choice("--prune", "0.3", "ILMIL.PRUNING.AFTER_STAGE", "-1",
+                                          names="ILMIL.PRUNING.AFTER_STAGE -1"),
+    "prune_joint": _choice("--prune", "0.3", "--method", "joint", names="this run has one stage (--method joint"),
+    # Pruning that cannot happen: a backbone without ResNet blocks, GroupNorm in the blocks.
+    "prune_darknet": _choice("--prune", "0.3", "--config-file", os.path.join(CONFIGS_DIR, "shapes", "yolov3_cpu.yaml"),
+                             names="MODEL.BACKBONE.NAME build_darknet_backbone has no ResNet residual blocks"),
+    "prune_groupnorm": _choice("--prune", "0.3", "MODEL.RESNETS.NORM", "GN",
+                               names="MODEL.RESNETS.NORM GN cannot be narrowed"),
     # config files and overrides
     "config_missing": Case("train_incremental.py", lambda tmp_path, _: Bad(
         _train(tmp_path, "--config-file", str(tmp_path / "nope.yaml")), f"--config-file {tmp_path / 'nope.yaml'}")),

@@ -129,6 +129,17 @@ def test_groupnorm_blocks_are_refused_with_the_fix():
         prune_l1(model, _ratios(0.3))
 
 
+def test_syncbn_blocks_are_narrowed_with_their_norms():
+    # detectron2's SyncBN is torch's SyncBatchNorm, which is not a BatchNorm2d.
+    model = _model("MODEL.RESNETS.NORM", "SyncBN")
+    block = model.backbone.bottom_up.res3[0]
+    assert isinstance(block.conv1.norm, torch.nn.SyncBatchNorm)
+    prune_l1(model, _ratios(0.5))
+    assert block.conv1.out_channels == block.conv1.norm.num_features == block.conv1.norm.running_mean.numel() == 64
+    with torch.no_grad():
+        assert model.eval()(_inputs())[0]["instances"].pred_boxes.tensor.isfinite().all()
+
+
 def test_pruning_makes_the_model_smaller_and_cheaper():
     model = _model()
     image = torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8)

@@ -33,7 +33,8 @@ from ..modeling import load_detector
 from ..pruning import PruningError, format_pruning_table, measure_model, prune_l1
 from .trainer import IncrementalTrainer
 
-__all__ = ["PRUNED_NAME", "check_pruning_config", "pruning_enabled", "pruning_ratios", "prune_checkpoint"]
+__all__ = ["PRUNED_NAME", "check_pruning_config", "check_pruning_stage", "pruning_enabled", "pruning_ratios",
+           "prune_checkpoint"]
 
 logger = logging.getLogger("ilmil")
 
@@ -46,10 +47,26 @@ def pruning_enabled(cfg):
     return p.RATIO > 0 or any(r > 0 for r in p.STAGE_RATIOS) or p.BOX_HEAD_RATIO > 0
 
 
+# detectron2's norm names whose layers prune_l1 can narrow (BatchNorm kinds, or no norm);
+# GroupNorm's group count would have to divide every new width.
+PRUNABLE_NORMS = ("", "BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "FrozenBN")
+
+
 def check_pruning_config(cfg):
     """Refuse ``ILMIL.PRUNING`` keys that cannot be applied, naming the key (before any work)."""
     p = cfg.ILMIL.PRUNING
-    _stage_ratios(cfg)
+    stage_ratios = _stage_ratios(cfg)
+    if p.RATIO > 0 or any(r > 0 for r in stage_ratios):
+        key = "ILMIL.PRUNING.RATIO (--ratio, --prune)" if p.RATIO > 0 else "ILMIL.PRUNING.STAGE_RATIOS"
+        # Backbone pruning narrows ResNet residual blocks (prunable_layers): a Darknet has none.
+        if "resnet" not in cfg.MODEL.BACKBONE.NAME:
+            raise PruningError(f"{key}: MODEL.BACKBONE.NAME {cfg.MODEL.BACKBONE.NAME} has no ResNet residual "
+                               "blocks to prune; fix: a ResNet backbone (Faster R-CNN, RetinaNet, FCOS), or no "
+                               "pruning")
+        if cfg.MODEL.RESNETS.NORM not in PRUNABLE_NORMS:
+            raise PruningError(f"{key}: MODEL.RESNETS.NORM {cfg.MODEL.RESNETS.NORM} cannot be narrowed (its group "
+                               "count would have to divide every new width); fix: set MODEL.RESNETS.NORM to BN, "
+                               "SyncBN or FrozenBN")
     arch = cfg.MODEL.META_ARCHITECTURE
     dense = arch in META_ARCH_REGISTRY and issubclass(META_ARCH_REGISTRY.get(arch), DenseDetector)  # RetinaNet, FCOS
     if p.BOX_HEAD_RATIO > 0 and dense:
@@ -66,6 +83,22 @@ def check_pruning_config(cfg):
     if arch in META_ARCH_REGISTRY and not is_student_architecture(META_ARCH_REGISTRY.get(arch)):
         raise PruningError(f"{key} needs a student MODEL.META_ARCHITECTURE (IncrementalRCNN, IncrementalRetinaNet, "
                            f"IncrementalFCOS, IncrementalYOLOV3) to hold the teacher, got {arch}; fix: set one of those")
+
+
+def check_pruning_stage(cfg, start_stage, num_stages):
+    """Refuse an ``ILMIL.PRUNING.AFTER_STAGE`` of a run of ``num_stages`` stages from
+    ``start_stage`` whose model no later stage of the run starts from (it would not be pruned)."""
+    if not pruning_enabled(cfg):
+        return
+    after = cfg.ILMIL.PRUNING.AFTER_STAGE
+    if num_stages < 2:
+        raise PruningError(f"ILMIL.PRUNING (--prune): this run has one stage (--method joint, or --stages N), "
+                           "and pruning prunes a stage's model for the next stage to start from; fix: prune its "
+                           "model afterwards with tools/prune.py, or give --stages of 2 or more stages")
+    first = max(0, start_stage - 1)  # the stage before --start-stage is the given model
+    if not first <= after <= num_stages - 2:
+        raise PruningError(f"ILMIL.PRUNING.AFTER_STAGE {after}: this run's stages a later stage starts from are "
+                           f"{first}..{num_stages - 2}; fix: one of those")
 
 
 def _stage_ratios(cfg):

@@ -57,7 +57,7 @@ from ..file_io import atomic_write
 from ..modeling import load_detector, load_expanded, with_checkpoint_layout, with_yolo_anchors
 from ..pruning import PruningError
 from .launch import main_process_first
-from .pruning_stage import check_pruning_config, prune_checkpoint, pruning_enabled
+from .pruning_stage import check_pruning_config, check_pruning_stage, prune_checkpoint, pruning_enabled
 from .run_dir import (
     RunDirError,
     RunValidationError,
@@ -147,6 +147,7 @@ class IncrementalRun:
         if start_stage > 0 and not teacher_weights:
             raise ConfigError(f"--start-stage {start_stage} needs --teacher-weights: the model of stages "
                               f"0..{start_stage - 1}; fix: give that checkpoint, or start at stage 0")
+        check_pruning_stage(cfg, start_stage, len(self.schedule))
         if teacher_weights:  # refuse a wrong start model (classes, architecture) before any work
             try:
                 _check_start_model(cfg, teacher_weights, self.schedule[start_stage].old_classes)
@@ -404,8 +405,6 @@ class IncrementalRun:
         when this boundary does not prune."""
         if not pruning_enabled(self.cfg) or stage.index != self.cfg.ILMIL.PRUNING.AFTER_STAGE:
             return None
-        if stage.index == len(self.schedule) - 1:
-            return None  # no later stage to start from it
         folder = os.path.join(self.stage_dir(stage), "pruned")
         summary_path = os.path.join(folder, "pruning.json")
         if os.path.isfile(summary_path):

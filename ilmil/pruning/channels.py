@@ -129,7 +129,8 @@ def _keep(layer, consumers, keep):
 
 
 def _keep_norm(norm, keep):
-    if isinstance(norm, (nn.BatchNorm2d, FrozenBatchNorm2d)):  # SyncBatchNorm is a BatchNorm2d
+    # detectron2's SyncBN is torch's SyncBatchNorm (not a BatchNorm2d); its naiveSyncBN is one.
+    if isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)):
         for key in ("weight", "bias", "running_mean", "running_var"):
             value = getattr(norm, key)
             selected = value[keep].clone()
