@@ -15,6 +15,7 @@ import pytest
 
 from conftest import REPO_ROOT, TINY_SHAPES
 from ilmil.data import load_coco_json
+from ilmil.evaluation import NotARunError
 
 TRAIN = os.path.join(REPO_ROOT, "tools", "train_incremental.py")
 EVAL = os.path.join(REPO_ROOT, "tools", "eval_incremental.py")
@@ -124,6 +125,23 @@ def test_reevaluating_the_run_reproduces_its_results(tiny_run, reevaluated):
                                    [d["bbox"] + [d["score"]] for d in trained], atol=1e-4)
 
 
+def test_reevaluating_a_start_stage_run_evaluates_its_given_model_too(tiny_run, tiny_datasets_root, tmp_path):
+    # Stage 1 trained from the run's stage-0 model: stage 0 is given, not trained, so its
+    # folder holds no model_final.pth; results.json names the model.
+    run = tmp_path / "from_stage_1"
+    _run(TRAIN, ["--stages", "2+2", "--method", "finetune", "--class-order", ",".join(tiny_run.classes),
+                 "--start-stage", "1", "--teacher-weights", str(tiny_run.out / "stage_0" / "model_final.pth"),
+                 "--output-dir", str(run), *OPTS], tiny_datasets_root)
+    original = _read_json(run / "results.json")["stages"]
+    assert not (run / "stage_0" / "model_final.pth").exists()
+    _run(EVAL, ["--run-dir", str(run), "--output-dir", str(tmp_path / "eval")], tiny_datasets_root)
+    again = _read_json(tmp_path / "eval" / "results.json")["stages"]
+    assert [e["stage"] for e in again] == [0, 1]
+    for before, after in zip(original, again):
+        assert after["AP50"] == pytest.approx(before["AP50"]) and after["AP"] == pytest.approx(before["AP"])
+    assert again[1]["forgetting_AP50"] == pytest.approx(original[1]["forgetting_AP50"])
+
+
 def test_eval_tool_prints_the_table_and_writes_a_report(reevaluated):
     assert "finetune on shapes 2+2" in reevaluated.proc.stdout
     assert "| 1       | 2+2 " in reevaluated.proc.stdout
@@ -138,7 +156,7 @@ def _eval_main():
     return module.main
 
 
-def test_single_checkpoint_on_a_class_subset(tiny_run, tiny_datasets_root, monkeypatch, capsys):
+def test_single_checkpoint_with_old_and_new_classes(tiny_run, tiny_datasets_root, monkeypatch, capsys):
     monkeypatch.setenv("ILMIL_DATASETS", str(tiny_datasets_root))
     main = _eval_main()
     weights = str(tiny_run.out / "stage_1" / "model_final.pth")
@@ -157,3 +175,6 @@ def test_single_checkpoint_on_a_class_subset(tiny_run, tiny_datasets_root, monke
     with pytest.raises(SystemExit):  # its results.json would be overwritten
         main(["--run-dir", str(tiny_run.out), "--output-dir", str(tiny_run.out)])
     assert "is the run folder" in capsys.readouterr().err and (tiny_run.out / "results.json").read_bytes() == results
+    missing = str(tiny_run.out.parent / "no_such_run")  # beside an existing --output-dir: one error line
+    with pytest.raises(NotARunError, match="no_such_run: no such folder; fix: give the --output-dir"):
+        main(["--run-dir", missing, "--output-dir", str(tiny_run.out.parent), "--quiet"])

@@ -3,8 +3,8 @@
 
     # every stage of a run (its config.yaml, stages.json and stage_K/model_final.pth)
     python tools/eval_incremental.py --run-dir OUT [--stages 0,1] [--output-dir EVAL]
-    # one checkpoint on a class subset of the config's dataset (first --num-old classes are "old")
-    python tools/eval_incremental.py --weights W.pth --classes a,b,c [--num-old 2] \\
+    # one checkpoint on the test set of its classes (the first --num-old count as old)
+    python tools/eval_incremental.py --weights W.pth [--num-old 2] [--classes a,b,c] \\
         [--config-file CFG] [--dataset NAME] [--output-dir EVAL]    # CFG: default its run's config.yaml
     # an exported model through ONNX Runtime, on the test set of the data it was trained on
     python tools/eval_incremental.py --weights model.onnx [--output-dir EVAL]
@@ -30,8 +30,8 @@ def parse_args(argv=None):
     target.add_argument("--run-dir", help="run folder of tools/train_incremental.py: evaluate its stages")
     target.add_argument("--weights", help="one checkpoint, or a .onnx file of tools/export.py, to evaluate")
     parser.add_argument("--stages", help="with --run-dir: comma-separated stage indices (default: every trained stage)")
-    parser.add_argument("--classes", help="with --weights: comma-separated classes in the model's order "
-                                          "(default: those the checkpoint records)")
+    parser.add_argument("--classes", help="with --weights: comma-separated classes in the model's order, for a "
+                                          "checkpoint that does not record them (default: those it records)")
     parser.add_argument("--num-old", type=int, default=0, help="with --weights: how many of the classes are old")
     parser.add_argument("--config-file", default="", help="with --weights: yaml config, e.g. a run's config.yaml "
                                                           "(default: the config.yaml of the checkpoint's run, else "
@@ -47,8 +47,8 @@ def parse_args(argv=None):
     misplaced = [flag for flag, value in (run_only if args.weights else checkpoint_only).items() if value]
     if misplaced:
         parser.error(f"{', '.join(misplaced)} cannot be used with {'--weights' if args.weights else '--run-dir'}")
-    if args.run_dir and args.output_dir and os.path.isdir(args.output_dir) and os.path.samefile(args.run_dir,
-                                                                                                 args.output_dir):
+    if (args.run_dir and args.output_dir and os.path.isdir(args.run_dir) and os.path.isdir(args.output_dir)
+            and os.path.samefile(args.run_dir, args.output_dir)):
         parser.error(f"--output-dir {args.output_dir} is the run folder, whose results.json and report the "
                      "evaluation would overwrite; give another folder")
     try:

@@ -384,8 +384,8 @@ class IncrementalRun:
             if pruning:
                 results["pruning"] = {"after_stage": stage.index, **pruning}
             entry = {"stage": stage.index, **info, **metrics}
-            if given:
-                entry["weights"] = final_weights
+            if given:  # absolute: a re-evaluation from another folder finds it
+                entry["weights"] = os.path.abspath(final_weights)
             results["stages"].append(entry)
             write_json(results_path, results)
             logger.info(

@@ -7,8 +7,9 @@ a run's saved models reproduces the numbers of its results.json.
 
 Re-evaluating a run rebuilds each stage from the run folder: the config from
 ``config.yaml``, the stage's classes from ``stages.json``, its weights from
-``stage_K/model_final.pth``, and its test set (all test images, ground truth of
-the classes seen so far) from the dataset the config names.
+``stage_K/model_final.pth`` (for the stage before ``--start-stage``, the given
+model that results.json names), and its test set (all test images, ground truth
+of the classes seen so far) from the dataset the config names.
 """
 import json
 import logging
@@ -124,6 +125,7 @@ def evaluate_run(run_dir, output_dir=None, stages=None, opts=(), progress=True):
     schedule = _run_schedule(run_dir)
     cfg = get_ilmil_cfg(os.path.join(run_dir, "config.yaml"), opts)
     weights = {info["index"]: os.path.join(run_dir, f"stage_{info['index']}", "model_final.pth") for info in schedule}
+    weights.update(_given_models(run_dir))
     if stages is None:
         stages = [k for k in weights if os.path.isfile(weights[k])]
         if not stages:
@@ -145,10 +147,23 @@ def evaluate_run(run_dir, output_dir=None, stages=None, opts=(), progress=True):
     return _finish(_results(cfg, entries, evaluated_run=os.path.abspath(run_dir)), output_dir)
 
 
+def _given_models(run_dir):
+    """``{stage: weights}`` of the stage a ``--start-stage`` run was given instead of
+    training it (results.json records its weights), if any."""
+    try:
+        with open(os.path.join(run_dir, "results.json")) as f:
+            entries = json.load(f).get("stages", [])
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return {}  # no stage finished yet, or not readable: the stage folders tell
+    return {e["stage"]: e["weights"] for e in entries if isinstance(e, dict) and "stage" in e and "weights" in e}
+
+
 def _run_schedule(run_dir):
     """The stages of ``stages.json`` in the run folder ``run_dir``, refused (naming the
     file) when the folder is not a run folder or the file is not a schedule."""
     fix = "fix: give the --output-dir of a tools/train_incremental.py run"
+    if not os.path.isdir(run_dir):
+        raise NotARunError(f"--run-dir {run_dir}: no such folder; {fix}")
     path = os.path.join(run_dir, "stages.json")
     for needed in (path, os.path.join(run_dir, "config.yaml")):
         if not os.path.isfile(needed):
