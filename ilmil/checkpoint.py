@@ -42,6 +42,7 @@ __all__ = [
     "RNGStates",
     "StageRecord",
     "TeacherMismatchError",
+    "checkpoint_anchors",
     "checkpoint_channel_layout",
     "checkpoint_class_names",
     "load_checked_checkpoint",
@@ -151,8 +152,9 @@ class RNGStates:
 
 class StageRecord:
     """Checkpointable record of the model's classes (in logit order), its channel
-    layout and the schedule, saved under the ``ilmil`` key: the next stage checks
-    its teacher against it, and every loader rebuilds a pruned model's shapes from it."""
+    layout, a YOLO detector's anchors and the schedule, saved under the ``ilmil`` key:
+    the next stage checks its teacher against it, and every loader rebuilds a pruned
+    model's shapes and a YOLO model's anchors from it."""
 
     def __init__(self, model, class_names, schedule):
         self.model = getattr(model, "module", model)  # unwrap DistributedDataParallel
@@ -160,7 +162,11 @@ class StageRecord:
         self.schedule = dict(schedule)
 
     def state_dict(self):
-        return {"class_names": self.class_names, "channel_layout": channel_layout(self.model), **self.schedule}
+        state = {"class_names": self.class_names, "channel_layout": channel_layout(self.model), **self.schedule}
+        anchors = getattr(self.model, "anchors", None)  # YOLO's per-level [w, h] (MODEL.YOLO.ANCHORS)
+        if anchors is not None:
+            state["anchors"] = [[[float(v) for v in wh] for wh in level] for level in anchors]
+        return state
 
     def load_state_dict(self, state):
         if list(state["class_names"]) != self.class_names:
@@ -185,6 +191,12 @@ def checkpoint_channel_layout(checkpoint):
     """The channel layout an ilmil checkpoint records ({} for one saved unpruned
     before layouts were recorded, or by plain detectron2)."""
     return dict(checkpoint.get("ilmil", {}).get("channel_layout") or {})
+
+
+def checkpoint_anchors(checkpoint):
+    """The YOLO anchors an ilmil checkpoint records (per level, [w, h] each), or None
+    (another detector, or one saved before anchors were recorded)."""
+    return checkpoint.get("ilmil", {}).get("anchors")
 
 
 # The classifier weight of each detector family, as a state dict names it: Faster R-CNN's

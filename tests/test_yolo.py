@@ -20,7 +20,7 @@ from detectron2.structures import Boxes, Instances
 from conftest import REPO_ROOT
 from ilmil.checkpoint import safe_load, state_dict_num_classes
 from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg, set_num_classes
-from ilmil.modeling import YOLOV3, decode_head_boxes, kmeans_anchors
+from ilmil.modeling import YOLOV3, decode_head_boxes, kmeans_anchors, load_detector
 from ilmil.modeling.yolo import decode_boxes, level_anchor_boxes
 from ilmil.modeling.expansion import expand_predictor_state_dict
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _env, read_json, run_tool, tail
@@ -247,6 +247,31 @@ def test_anchors_computed_at_start_up_are_recorded_in_the_run_config(incremental
     assert len(anchors) == 3 and all(len(level) == 1 for level in anchors)
     areas = [w * h for level in anchors for w, h in level]
     assert areas == sorted(areas)
+
+
+def test_a_checkpoint_carries_its_anchors_to_every_loader(incremental):
+    weights = str(incremental / "stage_0" / "model_final.pth")
+    anchors = get_ilmil_cfg(str(incremental / "config.yaml")).MODEL.YOLO.ANCHORS
+    assert safe_load(weights)["ilmil"]["anchors"] == [[list(wh) for wh in level] for level in anchors]
+    # A config of other anchors (the shapes config's three per level) builds the model with the
+    # checkpoint's one per level: its boxes are decoded as they were trained.
+    cfg = get_ilmil_cfg(TEACHER_CONFIG, SMALL)
+    set_num_classes(cfg, 2)
+    assert [len(level) for level in cfg.MODEL.YOLO.ANCHORS] == [3, 3, 3]
+    model = load_detector(cfg, weights)
+    assert [[list(wh) for wh in level] for level in model.anchors] == [[list(wh) for wh in level] for level in anchors]
+
+
+def test_a_start_stage_run_computes_its_anchors_before_checking_its_given_model(incremental, tiny_datasets_root,
+                                                                                tmp_path):
+    out = tmp_path / "from_stage_1"
+    proc = run_tool("train_incremental.py", [
+        "--config-file", TEACHER_CONFIG, "--stages", "2+2", "--method", "finetune", "--output-dir", str(out),
+        "--start-stage", "1", "--teacher-weights", str(incremental / "stage_0" / "model_final.pth"),
+        *SHAPES_OPTS, *TRAIN_OPTS, *SMALL, "MODEL.YOLO.ANCHORS", "[]", "MODEL.YOLO.NUM_ANCHORS", "1",
+    ], tiny_datasets_root, timeout=300)
+    assert proc.returncode == 0, tail(proc)
+    assert [s["stage"] for s in read_json(out / "results.json")["stages"]] == [0, 1]
 
 
 def test_a_tiny_student_is_distilled_with_the_information_map(incremental, tiny_datasets_root, tmp_path):

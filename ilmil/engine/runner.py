@@ -148,11 +148,6 @@ class IncrementalRun:
             raise ConfigError(f"--start-stage {start_stage} needs --teacher-weights: the model of stages "
                               f"0..{start_stage - 1}; fix: give that checkpoint, or start at stage 0")
         check_pruning_stage(cfg, start_stage, len(self.schedule))
-        if teacher_weights:  # refuse a wrong start model (classes, architecture) before any work
-            try:
-                _check_start_model(cfg, teacher_weights, self.schedule[start_stage].old_classes)
-            except (CheckpointClassesError, CheckpointError) as e:
-                problems.append(f"--teacher-weights: {e}")
         self.start_stage = start_stage
         self.teacher_weights = teacher_weights
         self.class_order = class_order
@@ -164,6 +159,12 @@ class IncrementalRun:
                            for s in self.schedule]
         # A YOLO config without anchors gets them from the first stage's training boxes.
         self.cfg = cfg = with_yolo_anchors(cfg, DatasetCatalog.get(self.registered[0][0]))
+        # A wrong start model (classes, architecture) is refused before any work (YOLO's anchors are set by now).
+        if teacher_weights:
+            try:
+                _check_start_model(cfg, teacher_weights, self.schedule[start_stage].old_classes)
+            except (CheckpointClassesError, CheckpointError) as e:
+                problems.append(f"--teacher-weights: {e}")
         check_distill_config(cfg)
         self._log_stage_images()
         problems += self._schedule_problems()

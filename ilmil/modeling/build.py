@@ -1,7 +1,9 @@
-"""Building a detector in the channel layout of a (possibly pruned) checkpoint."""
+"""Building a detector in the layout of a checkpoint: the channel widths of a (possibly
+pruned) model, and a YOLO model's anchors."""
 from detectron2.modeling import build_model
 
-from ..checkpoint import CheckpointError, IncrementalCheckpointer, checkpoint_channel_layout, safe_load, unwrapped_state
+from ..checkpoint import (CheckpointError, IncrementalCheckpointer, checkpoint_anchors, checkpoint_channel_layout,
+                          safe_load, unwrapped_state)
 from ..config import derived_cfg
 from ..pruning import apply_channel_layout
 
@@ -45,6 +47,13 @@ def _check_architecture(model, state, weights):
 
 
 def with_checkpoint_layout(cfg, checkpoint):
-    """A copy of ``cfg`` whose ``ILMIL.PRUNING.CHANNELS`` is the layout ``checkpoint`` records."""
+    """A copy of ``cfg`` whose ``ILMIL.PRUNING.CHANNELS`` is the layout ``checkpoint``
+    records, and whose ``MODEL.YOLO.ANCHORS`` are its anchors if it records them (a
+    YOLO model decodes its boxes with the anchors it was trained with, whatever the
+    config says)."""
     layout = checkpoint_channel_layout(checkpoint)
-    return derived_cfg(cfg, {"ILMIL.PRUNING.CHANNELS": [[name, int(width)] for name, width in layout.items()]})
+    changes = {"ILMIL.PRUNING.CHANNELS": [[name, int(width)] for name, width in layout.items()]}
+    anchors = checkpoint_anchors(checkpoint)
+    if anchors:
+        changes["MODEL.YOLO.ANCHORS"] = anchors
+    return derived_cfg(cfg, changes)
