@@ -52,6 +52,12 @@ def test_spec_with_repeats_exceeding_the_class_count_is_rejected():
         parse_stage_spec("16+1x5", 20)
 
 
+def test_a_huge_repeat_is_refused_before_its_stages_are_listed():
+    # 10^10 one-class stages would take ~80 GB as a list: the total is checked first.
+    with pytest.raises(StageSpecError, match=r"needs 10000000010 classes .* has 20"):
+        parse_stage_spec("10+1x10000000000", 20)
+
+
 @pytest.mark.parametrize("spec, term", [("0+10", "0"), ("10x0", "10x0"), ("10+0x3", "0x3")])
 def test_zero_counts_are_rejected(spec, term):
     with pytest.raises(StageSpecError, match="zero count") as info:

@@ -146,9 +146,15 @@ def test_kmeans_recovers_planted_anchor_clusters():
     np.testing.assert_array_equal(kmeans_anchors(wh, 3, seed=1), found)
 
 
-def test_too_few_boxes_for_the_anchors_are_refused_with_the_fix():
-    with pytest.raises(ConfigError, match="NUM_ANCHORS"):
-        kmeans_anchors(np.ones((2, 2)), 3)
+@pytest.mark.parametrize("wh, message", [
+    (np.ones((2, 2)), "2 training boxes of 1 distinct sizes"),
+    # Many boxes of fewer sizes than anchors (one class of fixed-size objects), boxes of no area.
+    ([[10, 10]] * 20, "20 training boxes of 1 distinct sizes"),
+    ([[10, 10], [20, 20]] * 5 + [[0, 5], [0, 0]], "10 training boxes of 2 distinct sizes"),
+])  # fmt: skip
+def test_too_few_box_sizes_for_the_anchors_are_refused_with_the_fix(wh, message):
+    with pytest.raises(ConfigError, match=f"{message} cannot give 3 anchors; fix: fewer MODEL.YOLO.NUM_ANCHORS"):
+        kmeans_anchors(wh, 3)
 
 
 def test_head_boxes_decode_yolo_cell_offsets_and_anchor_multiples():
@@ -204,9 +210,23 @@ def test_a_class_conv_of_its_own_feeds_the_class_logits_only():
     assert _model(3, seed=0).head.cls_convs is None
 
 
-def test_wrong_anchor_levels_are_refused_with_the_fix():
-    cfg = get_ilmil_cfg(TEACHER_CONFIG, SMALL + ["MODEL.YOLO.ANCHORS", "[[[10.0, 10.0]]]"])
-    with pytest.raises(ConfigError, match="tools/yolo_anchors.py"):
+@pytest.mark.parametrize("anchors", [
+    "[[[10.0, 10.0]]]",  # one level of three
+    "[[10, 13], [16, 30], [33, 23]]",  # three pairs, not three levels of pairs
+    "[[], [], [[30, 30]]]",  # a level without anchors
+    "[[[10, 10]], [[20, 20]], [[-5, 40]]]",  # a negative size
+])  # fmt: skip
+def test_wrong_anchors_are_refused_with_the_fix(anchors):
+    cfg = get_ilmil_cfg(TEACHER_CONFIG, SMALL + ["MODEL.YOLO.ANCHORS", anchors])
+    with pytest.raises(ConfigError, match=r"MODEL.YOLO.ANCHORS: 3 levels .* need a list of \[w, h\] anchors "
+                                          r"\(w, h > 0\) each, .*fix: tools/yolo_anchors.py"):
+        build_model(cfg)
+
+
+@pytest.mark.parametrize("features", [["dark3", "dark5"], ["dark5", "dark4", "dark3"]])
+def test_neck_levels_out_of_order_or_with_gaps_are_refused(features):
+    cfg = get_ilmil_cfg(TEACHER_CONFIG, SMALL + ["MODEL.YOLO.IN_FEATURES", str(features)])
+    with pytest.raises(ConfigError, match=r"the neck joins adjacent levels, finest first \(strides \[.*\]\); fix"):
         build_model(cfg)
 
 

@@ -363,7 +363,7 @@ def dataset_problems_error(problems, what):
 def shapes_num_classes(shapes_cfg, stages):
     """The classes of the shapes data a run of stage spec ``stages`` trains on:
     ``ILMIL.SHAPES.NUM_CLASSES``, or with 0 as many as the spec needs, at least 20."""
-    return shapes_cfg.NUM_CLASSES or max(20, sum(parse_stage_spec(stages)))
+    return shapes_cfg.NUM_CLASSES or max(20, sum(parse_stage_spec(stages, MAX_SHAPE_CLASSES)))
 
 
 def _default_shapes():

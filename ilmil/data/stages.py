@@ -61,7 +61,7 @@ def parse_stage_spec(spec, num_classes=None):
     text = str(spec).strip().replace(" ", "")
     if not text:
         raise StageSpecError("empty stage spec: give class counts such as 10+10 or 15+1x5")
-    counts = []
+    terms = []
     for term in text.split("+"):
         match = _TERM.match(term)
         if match is None:
@@ -72,14 +72,14 @@ def parse_stage_spec(spec, num_classes=None):
         size, repeat = int(match.group(1)), int(match.group(2) or 1)
         if size == 0 or repeat == 0:
             raise StageSpecError(f"stage spec {spec!r}: term {term!r} has a zero count")
-        counts.extend([size] * repeat)
-    total = sum(counts)
+        terms.append((size, repeat))
+    total = sum(size * repeat for size, repeat in terms)  # checked before a typo's 1x10000000000 is listed
     if num_classes is not None and total > num_classes:
         raise StageSpecError(
             f"stage spec {spec!r} needs {total} classes but the dataset has {num_classes}: "
             "lower the counts"
         )
-    return counts
+    return [size for size, repeat in terms for _ in range(repeat)]
 
 
 def build_schedule(class_order, counts):

@@ -26,10 +26,13 @@ def kmeans_anchors(wh, k, seed=0, max_iter=300):
     """``k`` centroids [k, 2] of the box sizes ``wh`` [B, 2] under the 1 - IoU distance,
     sorted by area. Seeded k-means++ initialisation, then Lloyd iterations until no box
     changes cluster; a cluster left empty keeps its centroid."""
-    wh = np.asarray(wh, dtype=np.float64)
-    if len(wh) < k:
-        raise ConfigError(f"{len(wh)} training boxes cannot give {k} anchors; fix: fewer MODEL.YOLO.NUM_ANCHORS "
-                         "or levels, or give MODEL.YOLO.ANCHORS")
+    wh = np.asarray(wh, dtype=np.float64).reshape(-1, 2)
+    wh = wh[(wh > 0).all(axis=1)]  # a box of no area overlaps no anchor
+    # k-means++ draws each next centroid among the sizes not yet chosen: k needs k sizes.
+    sizes = len(np.unique(wh, axis=0))
+    if sizes < k:
+        raise ConfigError(f"{len(wh)} training boxes of {sizes} distinct sizes cannot give {k} anchors; fix: fewer "
+                          "MODEL.YOLO.NUM_ANCHORS or levels, or give MODEL.YOLO.ANCHORS")
     rng = np.random.default_rng(seed)
     centroids = wh[[rng.integers(len(wh))]]
     while len(centroids) < k:

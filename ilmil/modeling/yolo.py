@@ -236,11 +236,24 @@ def _neck(cfg, bottom_up, kind):
 def _check_strides(cfg, bottom_up, kind):
     widths, _ = _NECK[kind]
     shapes = bottom_up.output_shape()
-    bad = [f for f in cfg.MODEL.YOLO.IN_FEATURES if f not in shapes or shapes[f].stride not in widths]
+    features = list(cfg.MODEL.YOLO.IN_FEATURES)
+    choices = ", ".join(n for n, s in shapes.items() if s.stride in widths)
+    bad = [f for f in features if f not in shapes or shapes[f].stride not in widths]
     if bad:
-        raise ConfigError(f"MODEL.YOLO.IN_FEATURES {list(cfg.MODEL.YOLO.IN_FEATURES)}: {', '.join(bad)} is not a "
-                          f"level of the {kind} neck; fix: choose among "
-                          f"{', '.join(n for n, s in shapes.items() if s.stride in widths)}")
+        raise ConfigError(f"MODEL.YOLO.IN_FEATURES {features}: {', '.join(bad)} is not a level of the {kind} neck; "
+                          f"fix: choose among {choices}")
+    # The neck upsamples each level 2x onto the next finer one.
+    strides = [shapes[f].stride for f in features]
+    if any(coarse != 2 * fine for fine, coarse in zip(strides, strides[1:])):
+        raise ConfigError(f"MODEL.YOLO.IN_FEATURES {features}: the neck joins adjacent levels, finest first "
+                          f"(strides {strides}); fix: levels in that order without gaps, among {choices}")
+
+
+def _anchor_level(level):
+    """Whether ``level`` is a non-empty list of [w, h] anchors of positive sizes."""
+    return (isinstance(level, (list, tuple)) and len(level) > 0 and all(
+        isinstance(wh, (list, tuple)) and len(wh) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in wh)
+        for wh in level))
 
 
 @BACKBONE_REGISTRY.register()
@@ -372,9 +385,10 @@ class YOLOV3(DenseDetector):
         if not y.ANCHORS:
             raise ConfigError("MODEL.YOLO.ANCHORS is empty; fix: run through tools/train_*.py (which compute them "
                               "from the training boxes), or give them: tools/yolo_anchors.py prints them")
-        if len(y.ANCHORS) != len(levels) or any(len(wh) != 2 for level in y.ANCHORS for wh in level):
+        if len(y.ANCHORS) != len(levels) or not all(_anchor_level(level) for level in y.ANCHORS):
             raise ConfigError(f"MODEL.YOLO.ANCHORS: {len(levels)} levels ({', '.join(levels)}) need a list of "
-                              f"[w, h] anchors each, got {list(y.ANCHORS)}; fix: tools/yolo_anchors.py prints them")
+                              f"[w, h] anchors (w, h > 0) each, got {list(y.ANCHORS)}; fix: tools/yolo_anchors.py "
+                              "prints them")
         if len(y.OBJ_LEVEL_WEIGHTS) != len(levels):
             raise ConfigError(f"MODEL.YOLO.OBJ_LEVEL_WEIGHTS {list(y.OBJ_LEVEL_WEIGHTS)}: give one weight per "
                               f"level ({', '.join(levels)})")
