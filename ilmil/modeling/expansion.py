@@ -19,7 +19,9 @@ Which classifier a state dict holds is told by its keys:
   (and FCOS centerness, YOLO objectness) outputs are class-agnostic and copied as they are.
 
 Every other parameter is copied as is, so before any training the student's
-old-class scores and boxes equal the teacher's; only the old student's
+old-class logits and boxes equal the teacher's (a dense head's sigmoid scores too;
+Faster R-CNN's softmax spreads over the new classes as well, so its old-class
+scores shrink by a common factor); only the old student's
 distillation state (its layer weights' running average) is left out, as it
 belongs to the old model's own stage.
 """

@@ -131,10 +131,10 @@ class Darknet53(Backbone):
 
 class DarknetTiny(Backbone):
     """YOLOv3-tiny's backbone: conv3x3 + max-pool stages, then a stride-1 pool and a
-    wide conv; outputs ``dark4`` (stride 16) and ``dark5`` (stride 32), and ``dark3``
-    (stride 8) for a three-level neck (YOLOv3-tiny-3l)."""
+    wide conv; outputs ``dark3`` (stride 8), ``dark4`` (16) and ``dark5`` (32): YOLOv3-tiny's
+    neck reads the last two, a three-level one (YOLOv3-tiny-3l) all three."""
 
-    def __init__(self, width=1.0, norm="BN", out_features=("dark4", "dark5")):
+    def __init__(self, width=1.0, norm="BN", out_features=("dark3", "dark4", "dark5")):
         super().__init__()
         widths = [_width(c, width) for c in TINY_WIDTHS]
         layers, channels = [], 3
