@@ -75,6 +75,16 @@ def test_a_run_started_at_a_later_stage_has_no_teacher_for_its_first_stage():
     assert second["retention_AP50"] == pytest.approx((145 / 3) / 70)
 
 
+def test_a_selection_of_stages_measures_forgetting_from_the_stages_it_holds():
+    # Stages 0 and 2 re-evaluated (--stages 0,2): a and b from stage 0, c never seen; no stage 1 to retain from.
+    results = _results()
+    results["stages"] = [results["stages"][0], results["stages"][2]]
+    _, third = add_forgetting(results)["stages"]
+    assert {c: f["AP50"] for c, f in third["forgetting_per_class"].items()} == {"a": 20, "b": 20, "c": None}
+    assert third["forgetting_AP50"] == pytest.approx(20)
+    assert third["retention_AP50"] is None and third["AP50_old_teacher"] is None
+
+
 def test_single_stage_run_has_a_summary_without_forgetting():
     results = add_forgetting(_results(PER_STAGE[:1], SCHEDULE[:1]))
     assert results["summary"]["average_incremental_AP50"] == pytest.approx(70)

@@ -10,9 +10,10 @@ on VOC datasets, VOC07_AP50 and VOC_AREA_AP50 too), at stage k with old classes 
     average_incremental_M = mean_k M(k)                             (M = AP over all seen classes)
 
 Classes without test objects (M_c NaN / null) are left out of the means, and a
-retention's two means run over the classes with a number at both stages. Stage 0,
-and a stage whose previous one is not in the results (a run started with
-``--start-stage``), has no forgetting or retention (null).
+retention's two means run over the classes with a number at both stages. F_c needs
+c at an earlier stage of the results and retention the stage k - 1 itself: stage 0
+has neither (null); a re-evaluation of some stages (``--stages 0,2``) measures
+forgetting from the stages it holds and has no retention where k - 1 is missing.
 """
 import math
 
