@@ -142,6 +142,15 @@ def test_several_runs_share_one_forgetting_chart(tmp_path):
         _assert_png(path)
 
 
+def test_runs_of_one_method_in_folders_of_one_name_keep_a_plot_each(tmp_path):
+    # exp1/ilmil and exp2/ilmil: the same method and folder name.
+    runs = [synthetic_results("10+2x5", "ilmil", seed=seed) for seed in (1, 2)]
+    paths = plot_runs(runs, str(tmp_path), ["ilmil", "ilmil"])
+    heatmaps = sorted(os.path.basename(p) for p in paths if "heatmap" in p)
+    assert heatmaps == ["per_class_heatmap_ilmil_ilmil_1.png", "per_class_heatmap_ilmil_ilmil_2.png"]
+    assert len(set(paths)) == len(paths) == 5
+
+
 def test_eighty_class_figures_grow_with_the_class_count(tmp_path):
     small = plot_runs([synthetic_results("10+10", "finetune")], str(tmp_path / "small"))
     large = plot_runs([synthetic_results("40+40", "finetune", num_classes=80)], str(tmp_path / "large"))

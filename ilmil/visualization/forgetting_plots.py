@@ -59,10 +59,14 @@ def method_label(results):
 
 
 def run_labels(runs, names=None):
-    """Legend labels: each run's method, with its name (e.g. its folder) where two share a method."""
+    """Legend labels: each run's method, with its name (e.g. its folder) where two share a
+    method, and numbered where they share that too (exp1/ilmil, exp2/ilmil): each run's
+    plots are files of its own label."""
     methods = [method_label(results) for results in runs]
     names = names or [str(i) for i in range(len(runs))]
-    return [m if methods.count(m) == 1 else f"{m} ({n})" for m, n in zip(methods, names)]
+    labels = [m if methods.count(m) == 1 else f"{m} ({n})" for m, n in zip(methods, names)]
+    return [label if labels.count(label) == 1 else f"{label} #{labels[:i].count(label) + 1}"
+            for i, label in enumerate(labels)]
 
 
 def _mean_over(per_class, classes, metric):
