@@ -85,6 +85,12 @@ def test_difficult_boxes_are_neither_tp_nor_fp():
     # a difficult-only class has no positives: NaN, as COCO's -1
     only_difficult = _voc([_record(0, [(*A, 0, 1)])], [_det(0, A, 0.9)])[0]
     assert math.isnan(only_difficult["VOC07_AP50"]) and math.isnan(only_difficult["VOC_AREA_AP50"])
+    # and so in COCO's AP, whether the model detects nothing or only another class
+    records = [_record(0, [(*A, 0, 1), (*B, 1, 0)])]
+    for detections in ([], [_det(0, B, 0.9, category=1)]):
+        assert all(math.isnan(v) for v in _coco_ap50(records, detections, num_classes=2)[0]), detections
+    gt = coco_ground_truth([_record(0, [(*A, 0, 1)])], ["c0"])
+    assert all(math.isnan(v) for v in class_agnostic_coco_ap(gt, []))
 
 
 def test_duplicates_are_false_positives_and_misses_cap_recall():

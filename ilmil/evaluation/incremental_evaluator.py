@@ -81,8 +81,8 @@ def per_class_coco_ap(coco_gt, detections, num_classes):
 
     ``detections`` are COCO-format dicts whose ``image_id`` indexes the records.
     """
-    if not detections:
-        return {c: (0.0 if coco_gt.getAnnIds(catIds=[c]) else math.nan,) * 2 for c in range(num_classes)}
+    if not detections:  # 0 where the class has objects to find; difficult / crowd ones alone are none (NaN)
+        return {c: (0.0 if coco_gt.getAnnIds(catIds=[c], iscrowd=0) else math.nan,) * 2 for c in range(num_classes)}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(detections)
         coco_eval = COCOeval(coco_gt, coco_dt, "bbox")
@@ -107,7 +107,7 @@ def _ap_and_ap50(precision):
 def class_agnostic_coco_ap(coco_gt, detections):
     """``(AP, AP50)`` in percent with every class pooled: a detection matches the objects
     of any class (NaN without ground truth)."""
-    if not coco_gt.getAnnIds():
+    if not coco_gt.getAnnIds(iscrowd=0):
         return math.nan, math.nan
     if not detections:
         return 0.0, 0.0
