@@ -17,7 +17,7 @@ from ilmil.data.stages import Stage
 from ilmil.distill import student as distill_student
 from ilmil.engine.pruning_stage import check_pruning_config, prune_checkpoint
 from ilmil.modeling import build_detector, with_checkpoint_layout
-from ilmil.pruning import PruningError, channel_layout, measure_model, prunable_layers, prune_l1
+from ilmil.pruning import PruningError, channel_layout, format_pruning_table, measure_model, prunable_layers, prune_l1
 
 IMAGE = (3, 64, 96)
 
@@ -149,6 +149,8 @@ def test_pruning_makes_the_model_smaller_and_cheaper():
     assert after["params"] < 0.8 * before["params"]
     assert 0 < after["gflops_backbone"] < 0.8 * before["gflops_backbone"]
     assert after["gflops"] > after["gflops_backbone"] and after["latency_ms"] > 0
+    assert after["latency_device"] == "cpu"
+    assert "| CPU latency (ms / image) |" in format_pruning_table({"before": before, "after": after})
 
 
 # ------------------------------------------- fine-tuning with the unpruned teacher

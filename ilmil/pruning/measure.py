@@ -1,5 +1,5 @@
-"""Size and speed of a detector: parameters, GFLOPs (fvcore's counter) and CPU
-latency per image."""
+"""Size and speed of a detector: parameters, GFLOPs (fvcore's counter) and latency
+per image on the device it is on."""
 import statistics
 import time
 
@@ -18,9 +18,11 @@ def measure_model(model, image, latency_repeats=20):
     Returns:
         dict with ``params``, ``gflops`` (whole detector: backbone, FPN, RPN, box
         head on the proposals of this image), ``gflops_backbone`` (backbone + FPN,
-        independent of the proposals) and ``latency_ms`` (median of
-        ``latency_repeats`` timed passes after 2 warm-up passes).
+        independent of the proposals), ``latency_ms`` (median of
+        ``latency_repeats`` timed passes after 2 warm-up passes) and
+        ``latency_device`` (``cpu`` or ``cuda``: the model's device).
     """
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     inputs = [{"image": image, "height": image.shape[1], "width": image.shape[2]}]
@@ -32,6 +34,8 @@ def measure_model(model, image, latency_repeats=20):
             for i in range(latency_repeats + 2):
                 start = time.perf_counter()
                 model(inputs)
+                if device.type == "cuda":  # CUDA runs asynchronously: the pass ends when the GPU is done
+                    torch.cuda.synchronize(device)
                 if i >= 2:
                     times.append(time.perf_counter() - start)
         return {
@@ -39,6 +43,7 @@ def measure_model(model, image, latency_repeats=20):
             "gflops": gflops,
             "gflops_backbone": gflops_backbone,
             "latency_ms": 1000 * statistics.median(times),
+            "latency_device": device.type,
         }
     finally:
         model.train(was_training)
@@ -80,7 +85,8 @@ def _flops(module, x):
 def format_pruning_table(summary):
     """A markdown table of a pruning summary: before, after, change."""
     rows = [("parameters (M)", "params", 1e-6), ("GFLOPs, whole detector", "gflops", 1),
-            ("GFLOPs, backbone + FPN", "gflops_backbone", 1), ("CPU latency (ms / image)", "latency_ms", 1),
+            ("GFLOPs, backbone + FPN", "gflops_backbone", 1),
+            (f"{summary['before'].get('latency_device', 'cpu').upper()} latency (ms / image)", "latency_ms", 1),
             ("AP50 (all classes)", "AP50", 1)]
     lines = ["| | before | after | change |", "|---|---|---|---|"]
     for label, key, scale in rows:
