@@ -150,7 +150,7 @@ class IncrementalEvaluator(DatasetEvaluator):
         self._is_voc = bool(meta.get("is_voc", False))
         self._records = DatasetCatalog.get(dataset_name)
         self._index_of = {r["image_id"]: i for i, r in enumerate(self._records)}
-        self._detections = []
+        self.reset()
 
     def reset(self):
         self._detections = []
