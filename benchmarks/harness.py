@@ -70,6 +70,8 @@ def stop_trainings(signum, frame=None):
     raise SystemExit(128 + signum)
 
 
+STOPPED = "stopped by a signal; fix: re-run the same command to resume"
+
 # A folder trained with another config is renamed NAME + STALE_MARK + date before it is retrained.
 STALE_MARK = ".stale-"
 
@@ -316,7 +318,8 @@ def read_outcome(run):
 def reuse_status(run):
     """``"finished"``, ``"stale"`` (trained with another config), ``"partial"`` or
     ``"new"``; reads the folder and changes nothing. A folder without a
-    fingerprint (an older harness) is taken as is."""
+    fingerprint (an older harness) is taken as is. (``describe`` also calls a run stale
+    whose stage 0 is to be trained.)"""
     if not os.path.isdir(run.out_dir):
         return "new"
     record = os.path.join(run.out_dir, CONFIG_RECORD)
@@ -350,17 +353,18 @@ def progress(out_dir):
     return f"{where}: logged to iteration {logged[-1] + 1 if logged else 0}, {resumes}"
 
 
-def train(run, fresh=False):
+def train(run, fresh=False, status=None):
     """Train ``run`` (setting a stale folder aside first); returns wall time, peak RSS (MiB),
-    command and machine."""
+    command and machine. ``status``: ``describe``'s, which knows the run's stage 0 (default:
+    ``reuse_status``'s, of the folder alone)."""
     if _STOPPING.is_set():  # before the folder is touched: --fresh would delete it
-        raise BenchError("stopped by a signal; re-run the same command to resume")
-    status = reuse_status(run)
+        raise BenchError(STOPPED)
+    status = status or reuse_status(run)
     if status == "stale":
         stale = f"{run.out_dir}{STALE_MARK}{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(run.out_dir, stale)
-        log(f"{run.out_dir} was trained with another config: moved to {stale}, training anew")
-    elif fresh and status != "new":
+        log(f"{run.out_dir} was trained with another config or stage 0: moved to {stale}, training anew")
+    elif fresh and os.path.isdir(run.out_dir):
         shutil.rmtree(run.out_dir)
     os.makedirs(run.out_dir, exist_ok=True)
     atomic_write(os.path.join(run.out_dir, CONFIG_RECORD),
@@ -401,6 +405,10 @@ def describe(runs, fresh=False):
     for run in runs:
         for r in (run.stage0, run) if run.stage0 else (run,):
             statuses.setdefault(r.out_dir, reuse_status(r))
+    # A run begun from a stage 0 that is to be trained (anew) learned from another model.
+    for run in runs:
+        if run.stage0 and statuses[run.stage0.out_dir] != "finished" and statuses[run.out_dir] != "new":
+            statuses[run.out_dir] = "stale"
     if fresh:
         statuses.update({run.out_dir: "fresh" for run in runs})
     return statuses
@@ -422,7 +430,7 @@ def execute(runs, jobs=1, fresh=False):
             log(f"reusing {out_dir}")
             complete_record(every_run[out_dir])
         elif status == "stale":
-            log(f"{out_dir} was trained with another config: it will be moved aside and retrained")
+            log(f"{out_dir} was trained with another config or stage 0: it will be moved aside and retrained")
     log(f"{len(stage0s) + len(to_train)} runs to train, {jobs} at a time")
     with ThreadPoolExecutor(jobs) as pool:
         stage0_done = {out_dir: pool.submit(_train_logged, run, statuses[out_dir]) for out_dir, run in stage0s.items()}
@@ -442,10 +450,12 @@ def execute(runs, jobs=1, fresh=False):
 
 def _train_logged(run, status, fresh=False):
     """``train`` with its start, end or failure logged; ``status`` is ``describe``'s ("fresh" under --fresh)."""
+    if _STOPPING.is_set():  # a queued run after a signal: refused without a word per run
+        raise BenchError(STOPPED)
     where = progress(run.out_dir) if status == "partial" else ""
     log(f"{os.path.basename(run.out_dir)}: training" + (f" ({where})" if where else ""))
     try:
-        outcome = train(run, fresh)
+        outcome = train(run, fresh, status)
     except BenchError as error:
         # Said now, not after the runs still training (hours, maybe), which go on to their end.
         log(f"{os.path.basename(run.out_dir)}: failed: {error}")

@@ -130,7 +130,8 @@ def main(argv=None):
         jobs = args.jobs or 1
         if jobs > 1:  # one torch thread pool per run, sized so the runs share the cores
             os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-        signal.signal(signal.SIGTERM, stop_trainings)
+        for stop in (signal.SIGTERM, signal.SIGINT):  # kill, or Ctrl-C: no queued run starts after it
+            signal.signal(stop, stop_trainings)
         start = time.perf_counter()
         outcomes = execute(list(planned.values()), jobs, suite.fresh)
         new = suite.records(suite_setting, setting, planned, outcomes, args.opts)

@@ -3,12 +3,14 @@ the reuse check, record merging, refused flags)."""
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, TINY_SHAPES
@@ -224,6 +226,31 @@ def test_the_reuse_check_renames_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2+2_ilmil_6+4it_seed0"]
 
 
+def test_a_run_begun_from_a_stage0_that_is_to_be_trained_is_stale(tmp_path, monkeypatch):
+    base = Run(str(tmp_path / "base"), "10", "joint", 0, 8, 8, 4)
+    runs = [Run(str(tmp_path / name), "10+10", "ilmil", 0, 4, 8, 4, stage0=base, flags=("--start-stage", "1"))
+            for name in ("finished", "partial", "new")]
+    for run, stages in zip(runs, ([{"stage": 0}, {"stage": 1}], [{"stage": 0}], None)):
+        if stages is not None:
+            os.makedirs(run.out_dir)
+            (Path(run.out_dir) / CONFIG_RECORD).write_text(json.dumps(run.record()))
+            (Path(run.out_dir) / "results.json").write_text(json.dumps({"stages": stages}))
+    os.makedirs(base.out_dir)
+    (Path(base.out_dir) / CONFIG_RECORD).write_text(json.dumps(base.record()))
+    (Path(base.out_dir) / "results.json").write_text(json.dumps({"stages": [{"stage": 0}]}))
+    assert describe(runs) == {base.out_dir: "finished", runs[0].out_dir: "finished", runs[1].out_dir: "partial",
+                              runs[2].out_dir: "new"}
+    # The stage 0 retrained (here: its folder gone, as when it was lost): what began from it is set aside.
+    shutil.rmtree(base.out_dir)
+    assert describe(runs) == {base.out_dir: "new", runs[0].out_dir: "stale", runs[1].out_dir: "stale",
+                              runs[2].out_dir: "new"}
+    # Its training sets it aside, though the folder alone looks finished.
+    monkeypatch.setattr(Run, "command", lambda self: [sys.executable, "-c", "pass"])
+    assert harness.reuse_status(runs[0]) == "finished"
+    harness.train(runs[0], status=describe(runs)[runs[0].out_dir])
+    assert len(list(tmp_path.glob(f"finished{harness.STALE_MARK}*"))) == 1
+
+
 def test_a_folder_is_reused_only_if_every_value_it_was_trained_with_is_todays(tmp_path):
     run = Run(str(tmp_path / "20_output"), "20", "finetune", 0, 4, 8, 4, ("ILMIL.DISTILL.DENSE.ENABLED", "True"),
               config_file="configs/shapes/retinanet_R18_FPN_cpu.yaml")
@@ -309,6 +336,35 @@ def test_a_stopped_harness_stops_its_trainings_and_starts_no_other(tmp_path, mon
         os.kill(proc.pid, 0)
     with pytest.raises(BenchError, match="stopped by a signal"):
         train(run)
+
+
+# The harness with every training replaced by a 60-second sleep (run in its own process).
+SLEEPING_HARNESS = """
+import sys
+from benchmarks import harness
+from benchmarks.run import main
+harness.Run.command = lambda self: [sys.executable, "-c", "import time; time.sleep(60)"]
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_a_kill_stops_the_harness_and_its_queue(stop, tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPING_HARNESS, "--suite", "accuracy", "--quick", "--variants",
+                             "finetune", "ilmil", "joint", "--specs", "10+10", "--runs-dir", str(tmp_path / "runs"),
+                             "--results-dir", str(tmp_path)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # the first training (a stage 0) has started
+        lines.append(line)
+        if ": training" in line:
+            break
+    proc.send_signal(stop)
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=60) == 128 + stop
+    # No queued run started after the signal: one training began, in all.
+    assert sum(": training" in line for line in lines) == 1, "".join(lines)
 
 
 def test_a_dry_run_says_where_a_partial_run_stands(tmp_path, capsys):
