@@ -91,8 +91,8 @@ def kd_records(suite, setting, planned, outcomes, extra):
 
 
 def measure_final_model(run, stage):
-    """Parameters, GFLOPs and CPU latency of a run's stage model on its first test image,
-    measured once and kept in the run's folder: the latency depends on the machine's load,
+    """Parameters, GFLOPs and latency (on the run's device) of a run's stage model on its first
+    test image, measured once and kept in the run's folder: the latency depends on the machine's load,
     and records are rebuilt from reused runs at every invocation."""
     path = os.path.join(run.out_dir, MEASURE_RECORD)
     measures = {}

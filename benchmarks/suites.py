@@ -193,7 +193,7 @@ PRUNING = Suite(
              "for stage 0, {iters} for stage 1; the stage-0 model pruned (L1, residual-block inner channels) and, "
              "where the table says so, fine-tuned on its own data, plainly or with its unpruned self as teacher, "
              "before stage 1, whose teacher is unpruned; final model measured on one test image, latency = median "
-             "of 20 CPU passes",
+             "of 20 passes on the run's device (the table's header names it)",
     refuses={"specs": "the suite prunes 10+10", "seeds": "the pruning table shows one seed",
              "jobs": ONE_RUN_AT_A_TIME},
 )

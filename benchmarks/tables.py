@@ -99,12 +99,18 @@ def stage_images_table(records):
     return "\n".join(lines)
 
 
+def _latency_device(records):
+    """The device the records' latencies were timed on (records of before it was recorded: CPU)."""
+    return "/".join(dict.fromkeys(r.get("latency_device", "cpu").upper() for r in records))
+
+
 def pruning_table(records):
     """One row per variant, compared with the unpruned one. Records made before the
     fine-tuning was recorded show "–" for it."""
     base = next((r for r in records if r["ratio"] == 0), None)  # none: the unpruned row was not run
     lines = ["| pruned | fine-tuning of the pruned stage-0 model | parameters (M) | GFLOPs (detector) | "
-             "GFLOPs (backbone+FPN) | CPU latency (ms) | stage-1 start AP50 (old classes) | AP50_all | AP50_old | "
+             f"GFLOPs (backbone+FPN) | {_latency_device(records)} latency (ms) | stage-1 start AP50 (old classes) | "
+             "AP50_all | AP50_old | "
              "AP50_new | vs unpruned |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
@@ -144,7 +150,8 @@ def kd_table(records):
         for (row,), group in sorted(_grouped(runs, "row").items(), key=lambda item: item[0] != ("no KD",)):
             def relative(key, of=None):
                 pairs = [(r, plain.get(r["seed"])) for r in group]
-                pairs = [(r, p) for r, p in pairs if p is not None and r.get(key) is not None and p.get(key)]
+                pairs = [(r, p) for r, p in pairs if p is not None and r.get(key) is not None
+                         and p.get(key) is not None]
                 if of is not None:  # gap closed of the AP key ``of``
                     # A teacher at or below the student has no gap to close: the ratio's
                     # sign would turn a loss against no KD into a positive share.
@@ -158,7 +165,7 @@ def kd_table(records):
                     if pairs and not timed:
                         return "other machine"
                     pairs = timed
-                values = [r[key] / p[key] for r, p in pairs]
+                values = [r[key] / p[key] for r, p in pairs if p[key]]
                 return f"{statistics.mean(values):.2f}x" if values else "–"
 
             gaps = ["", ""] if row == "no KD" else [relative("AP50", "AP50"), relative("AP", "AP")]
@@ -262,6 +269,11 @@ def _reproduce(suite, quick, setting, records):
     for name, value in given.items():
         if value and name not in suite.refuses and value != getattr(defaults, name):
             args += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    # The section's variants when they are some of the suite's: the whole suite would train the others.
+    names = [v.name for v in setting.variants]
+    variants = list(dict.fromkeys(r["variant"] for r in records if r.get("variant")))
+    if "variants" not in suite.refuses and set(variants) < set(names):
+        args += ["--variants", *(f'"{v}"' if " " in v else v for v in variants)]
     if first.get("extra_opts"):  # after a list option, "--" ends it
         args += ["--", *first["extra_opts"]]
     return " ".join(args)

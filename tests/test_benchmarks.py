@@ -21,7 +21,7 @@ from benchmarks.harness import (CONFIG_RECORD, OUTCOME_RECORD, BenchError, Run, 
                                 reuse_status, same_machine, train)
 from benchmarks.run import main as bench_main
 from benchmarks.suites import ABLATION, ACCURACY, KD, ONE_STAGE, STAGE_IMAGES
-from benchmarks.tables import kd_table, one_stage_table, pruning_table, stage_images_table
+from benchmarks.tables import kd_table, one_stage_table, pruning_table, stage_images_table, suite_page
 from ilmil.data import shapes_num_classes
 from ilmil.distill import enabled_terms
 
@@ -663,6 +663,29 @@ def test_kd_table_compares_a_narrower_student_with_its_own_no_kd_row():
     # A section of distilled students only still gives the teacher's AP (their records name it).
     teacher_row = kd_table([_kd_record("output", 40.0, 1.0, "quarter-width student")]).splitlines()[2]
     assert [cell.strip() for cell in teacher_row.split("|")[2:5]] == ["teacher", "60.0", "30.0"]
+
+
+def test_kd_gap_closed_counts_an_undistilled_student_of_ap_0():
+    # (10 - 0) / (40 - 0): a no-KD AP of 0 is a value, not a missing one.
+    table = kd_table([{**_kd_record("no KD", 0.0, 1.0), "teacher_AP50": 40.0},
+                      {**_kd_record("PKD", 10.0, 1.5), "teacher_AP50": 40.0}])
+    cells = [cell.strip() for cell in table.splitlines()[-1].split("|")]
+    assert cells[2] == "PKD" and cells[5] == "25.0 %" and cells[8] == "1.50x"
+
+
+def test_a_section_of_some_variants_names_them_in_its_command():
+    page = suite_page(KD, False, [{**_kd_record(row, 50.0, 1.0), "variant": f"faster_rcnn {row}", "seed": 0,
+                                   "spec": "20", "budget": "1600+800", "num_train": 2000, "num_test": 500}
+                                  for row in ("no KD", "PKD")])
+    command = next(line for line in page.splitlines() if line.startswith("- command: "))
+    assert command.endswith('--suite kd --variants "faster_rcnn no KD" "faster_rcnn PKD"`')
+
+
+def test_a_pruning_table_names_the_device_its_latency_was_timed_on():
+    row = {"ratio": 0.0, "params": 5e6, "gflops": 1.0, "gflops_backbone": 0.5, "latency_ms": 10.0,
+           "AP50_all": 50.0, "AP50_old": 55.0, "AP50_new": 45.0}
+    assert "| CPU latency (ms) |" in pruning_table([row])  # records of before the device was recorded
+    assert "| CUDA latency (ms) |" in pruning_table([{**row, "latency_device": "cuda"}])
 
 
 def test_kd_table_times_a_row_against_no_kd_only_on_the_same_machine():
