@@ -7,7 +7,7 @@ OUT ?= output/demo
 env:
 	@tools/bootstrap.sh
 
-# Forgetting and its prevention in ~13 minutes on 2 CPU cores: one teacher of 5 shapes
+# Forgetting and its prevention in ~7 minutes on 2 CPU cores: one teacher of 5 shapes
 # classes (configs/shapes/demo.yaml), then 5 new classes learned from it by finetune
 # and by ilmil, compared in $(OUT)/report.md.
 DEMO := $(PY) tools/train_incremental.py --config-file configs/shapes/demo.yaml
@@ -24,7 +24,8 @@ TEST_WORKERS ?= 2
 test: env
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
-# A benchmark suite (accuracy | ablation | speed | pruning): records and tables in benchmarks/results/;
+# A benchmark suite (accuracy | ablation | speed | pruning | stage_images | kd | kd_speed | one_stage; the
+# README's "Benchmarks" says what each measures): records and tables in benchmarks/results/;
 # BENCH_ARGS=--quick for the short one, BENCH_ARGS="--jobs 2" to train two accuracy/ablation runs at once.
 SUITE ?= accuracy
 bench: env

@@ -155,6 +155,7 @@ def measure(label, weights, config_file, out, repeats, opts=()):
         "ort_all_cores_ms": latency_ms(lambda: every.run(image), repeats),
         "pytorch_1_thread_ms": torch_ms,
         "export_check_passed": check["passed"],
+        "input_size": list(image.shape[-2:]),
     }
     figures["AP50_ort"] = evaluate_checkpoint(eval_cfg, onnx_path, progress=False)["stages"][0]["AP50"]
     figures["AP50_pytorch"] = evaluate_checkpoint(eval_cfg, weights, progress=False)["stages"][0]["AP50"]
@@ -164,7 +165,8 @@ def measure(label, weights, config_file, out, repeats, opts=()):
 def table(rows, detector, repeats, opts=()):
     teacher = rows[0]
     settings = f"; every model with {' '.join(opts)}" if opts else ""
-    lines = [f"Edge suite, {detector} (input {'x'.join(['256'] * 2)} px, median of {repeats} runs after warm-up"
+    size = "x".join(map(str, teacher.get("input_size", [256, 256])))  # records of before it was kept: 256 px
+    lines = [f"Edge suite, {detector} (input {size} px, median of {repeats} runs after warm-up"
              f"{settings})",
              "", "| model | trained (iterations) | ONNX (MiB) | params (M) | GFLOPs | ORT 1 thread (ms) | "
                  "ORT all cores (ms) | PyTorch 1 thread (ms) | speed-up vs teacher (ORT 1 thread) | AP50 (ORT) | "

@@ -765,6 +765,9 @@ def test_the_edge_target_needs_both_speed_and_accuracy_and_the_table_names_the_s
     page = table([teacher, _edge_row("small, no KD", 30.0, 65.0), _edge_row("small, output", 29.0, 66.0)],
                  "faster_rcnn", 50)
     assert page.rstrip().endswith("met by small, no KD; small, output")
+    # The input size the models were measured at (older rows: 256 px).
+    assert "(input 256x256 px," in page.splitlines()[0]
+    assert "(input 128x192 px," in table([{**teacher, "input_size": [128, 192]}], "faster_rcnn", 50).splitlines()[0]
 
 
 def test_the_edge_suite_takes_the_best_distilled_student_of_any_width_its_teacher_and_its_no_kd_students(tmp_path):

@@ -19,6 +19,7 @@ from conftest import TINY_SHAPES
 from ilmil.config import CONFIGS_DIR, get_ilmil_cfg
 from ilmil.data.shapes import shape_class_names
 from ilmil.modeling import build_detector
+from ilmil.pruning import channel_layout
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, run_tool, run_tool_here, tail
 from voc_coco_files import write_coco_json, write_voc_folder
 
@@ -56,6 +57,12 @@ def checkpoints(tmp_path_factory):
         return path
 
     good = save("good.pth", SHAPES[:2])
+    # As the tools write it, with its channel layout: a Faster R-CNN's names its box head's layers.
+    cfg = get_ilmil_cfg(opts=["MODEL.ROI_HEADS.NUM_CLASSES", 2])
+    model = build_detector(cfg)
+    recorded = folder / "faster_rcnn_with_layout.pth"
+    torch.save({"model": model.state_dict(), "ilmil": {"class_names": list(SHAPES[:2]),
+                                                       "channel_layout": channel_layout(model)}}, recorded)
     truncated = folder / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     return {
@@ -63,6 +70,7 @@ def checkpoints(tmp_path_factory):
         "other_classes": save("other_classes.pth", SHAPES[2:4]),
         "other_architecture": save("other_architecture.pth", SHAPES[:2], "MODEL.FPN.OUT_CHANNELS", 32),
         "truncated": truncated,
+        "faster_rcnn_with_layout": recorded,
         "missing": folder / "missing.pth",
     }
 
@@ -207,11 +215,11 @@ def _voc_case(text, names):
     return Case("train_incremental.py", build)
 
 
-def _teacher(kind, names):
+def _teacher(kind, names, *args):
     def build(tmp_path, checkpoints):
         weights = checkpoints[kind]
-        args = _train(tmp_path, "--start-stage", "1", "--teacher-weights", str(weights))
-        return Bad(args, f"{weights}{names}", kept=(checkpoints["good"],))
+        args_ = _train(tmp_path, "--start-stage", "1", "--teacher-weights", str(weights), *args)
+        return Bad(args_, f"{weights}{names}", kept=(checkpoints["good"],))
     return Case("train_incremental.py", build)
 
 
@@ -350,6 +358,9 @@ CASES = {
     "teacher_truncated": _teacher("truncated", " ("),
     "teacher_other_classes": _teacher("other_classes", f" holds {SHAPES[2:4]}, but the schedule expects"),
     "teacher_other_architecture": _teacher("other_architecture", " does not fit the config's model"),
+    "teacher_other_detector": _teacher("faster_rcnn_with_layout", " does not fit the config's model: the channel "
+                                       "layout names layers this model does not have",
+                                       "--config-file", os.path.join(CONFIGS_DIR, "shapes", "fcos_R18_FPN_cpu.yaml")),
     # eval_incremental.py
     "eval_weights_missing": _eval_weights("missing", " not found"),
     "eval_weights_other_classes": _eval_weights("good", f" holds {SHAPES[:2]}, but it is evaluated on",

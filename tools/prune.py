@@ -8,8 +8,8 @@
         --output-dir P                                     # distilled from its unpruned self
 
 Writes OUT/model_pruned.pth (its channel layout recorded: every tool rebuilds it
-from the checkpoint alone) and OUT/pruning.json (parameters, GFLOPs, CPU latency
-and AP50 on the test data of the model's classes, before and after). The config is
+from the checkpoint alone) and OUT/pruning.json (parameters, GFLOPs, latency on the
+model's device and AP50 on the test data of the model's classes, before and after). The config is
 the one the model was trained with: the config.yaml of the run folder holding
 --weights, or --config-file; its dataset is the test data; trailing KEY VALUE pairs
 override any config key.

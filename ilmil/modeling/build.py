@@ -5,7 +5,7 @@ from detectron2.modeling import build_model
 from ..checkpoint import (CheckpointError, IncrementalCheckpointer, checkpoint_anchors, checkpoint_channel_layout,
                           safe_load, unwrapped_state)
 from ..config import derived_cfg
-from ..pruning import apply_channel_layout
+from ..pruning import PruningError, apply_channel_layout
 
 __all__ = ["build_detector", "load_detector", "with_checkpoint_layout"]
 
@@ -22,7 +22,11 @@ def load_detector(cfg, weights, checkpoint=None):
     ``checkpoint``: the file's contents, when the caller has read them already."""
     if checkpoint is None:
         checkpoint = safe_load(weights)
-    model = build_detector(with_checkpoint_layout(cfg, checkpoint))
+    try:
+        model = build_detector(with_checkpoint_layout(cfg, checkpoint))
+    except PruningError as e:  # a layout of another architecture's layers: a checkpoint of another model
+        raise CheckpointError(f"checkpoint {weights} does not fit the config's model: {e}; fix: give the "
+                              "--config-file the model was trained with (a run's config.yaml)") from None
     if not weights.endswith(".pkl"):  # model-zoo names are matched to the model's only when loading
         _check_architecture(model, checkpoint.get("model", checkpoint), weights)
     IncrementalCheckpointer(model).load(weights)
