@@ -80,12 +80,17 @@ def resolve_setting(suite, args):
             flag = f"--{dest.replace('_', '-')}"
             shown = " ".join(map(str, value)) if isinstance(value, list) else value
             raise BenchError(f"{flag} {shown} is not honoured by the {suite.name} suite ({suite.refuses[dest]}), "
-                             f"{where}; drop {flag}")
+                             f"{where}; fix: drop {flag}")
     if args.jobs is not None and args.jobs < 1:
-        raise BenchError(f"--jobs {args.jobs} must be at least 1, {where}; give --jobs 1 or more")
+        raise BenchError(f"--jobs {args.jobs} must be at least 1, {where}; fix: give --jobs 1 or more")
+    for dest in ("iters", "base_iters", "num_train", "num_test"):
+        value = getattr(args, dest)
+        if value is not None and value < 1:
+            flag = f"--{dest.replace('_', '-')}"
+            raise BenchError(f"{flag} {value} must be at least 1, {where}; fix: give {flag} 1 or more")
     if len(args.opts) % 2:
         raise BenchError(f"config overrides {' '.join(args.opts)} are not KEY VALUE pairs, {where}; "
-                         "give each key its value")
+                         "fix: give each key its value")
     setting = suite.setting(args.quick)
     given = {name: tuple(v) if isinstance(v, list) else v
              for name in SETTING_OPTIONS if (v := getattr(args, name)) is not None}

@@ -453,8 +453,18 @@ def test_the_recorded_results_still_make_their_tables(tmp_path):
 def test_a_flag_the_suite_cannot_honour_is_refused(tmp_path, capsys, args, flag):
     assert bench_main([*args, "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"error: {flag} ") and "not honoured" in line and f"drop {flag}" in line
+    assert line.startswith(f"error: {flag} ") and "not honoured" in line and f"; fix: drop {flag}" in line
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("flag", ["--iters", "--base-iters", "--num-train", "--num-test"])
+def test_a_budget_or_data_size_below_1_is_refused(tmp_path, capsys, flag):
+    args = ["--suite", "accuracy", flag, "0", "--dry-run", "--runs-dir", str(tmp_path / "runs"),
+            "--results-dir", str(tmp_path)]
+    assert bench_main(args) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: {flag} 0 must be at least 1, benchmarks/run.py --suite accuracy; "
+                    f"fix: give {flag} 1 or more")
 
 
 def test_variants_narrow_the_plan_and_an_unknown_one_is_refused(tmp_path, capsys):

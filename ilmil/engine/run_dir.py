@@ -108,7 +108,7 @@ def _differences(key, before, now):
 def output_dir_problem(output_dir, flag="--output-dir"):
     """Why ``output_dir`` (given as ``flag``) cannot hold the outputs, or None (it is created if missing)."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        return f"{flag} {output_dir} is a file, not a folder: fix: choose another {flag} or move the file away"
+        return f"{flag} {output_dir} is a file, not a folder; fix: choose another {flag} or move the file away"
     try:
         os.makedirs(output_dir, exist_ok=True)
         probe = os.path.join(output_dir, f".write_test.{os.getpid()}")
@@ -116,7 +116,7 @@ def output_dir_problem(output_dir, flag="--output-dir"):
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        return f"{flag} {output_dir} is not writable ({e.strerror}): fix: choose a folder you can write to"
+        return f"{flag} {output_dir} is not writable ({e.strerror}); fix: choose a folder you can write to"
     return None
 
 
