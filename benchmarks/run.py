@@ -121,6 +121,12 @@ def main(argv=None):
     size = "quick" if args.quick else "full"
     try:
         if args.tables_only:
+            # The tables show every record of the suite: options that choose runs choose none here.
+            given = [f"--{dest.replace('_', '-')}" for dest in (*SETTING_OPTIONS, "variants", "detectors", "jobs")
+                     if getattr(args, dest) is not None] + (["KEY VALUE overrides"] if args.opts else [])
+            if given:
+                raise BenchError(f"--tables-only regenerates the {suite.name} suite's tables from all its records, "
+                                 f"so {', '.join(given)} would change nothing; fix: drop them")
             write_results(suite, args.quick, args.results_dir)
             return 0
         setting = resolve_setting(suite, args)

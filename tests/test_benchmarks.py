@@ -457,6 +457,14 @@ def test_a_flag_the_suite_cannot_honour_is_refused(tmp_path, capsys, args, flag)
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
 
 
+def test_tables_only_refuses_the_options_that_choose_runs(tmp_path, capsys):
+    args = ["--suite", "speed", "--tables-only", "--seeds", "3", "--jobs", "4", "--results-dir", str(tmp_path)]
+    assert bench_main(args) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == ("error: --tables-only regenerates the speed suite's tables from all its records, so --seeds, "
+                    "--jobs would change nothing; fix: drop them")
+
+
 @pytest.mark.parametrize("flag", ["--iters", "--base-iters", "--num-train", "--num-test"])
 def test_a_budget_or_data_size_below_1_is_refused(tmp_path, capsys, flag):
     args = ["--suite", "accuracy", flag, "0", "--dry-run", "--runs-dir", str(tmp_path / "runs"),

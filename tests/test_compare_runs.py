@@ -4,11 +4,12 @@ import os
 
 from tool_runs import run_tool
 from ilmil.evaluation import add_forgetting
+from ilmil.evaluation.comparison import retention_sentence
 
 TEACHER = {"a": 80.0, "b": 60.0}  # AP50 of the stage-0 model on its two classes: mean 70
 
 
-def _run_dir(root, method, old_ap50, new_ap50):
+def _run_dir(root, method, old_ap50, new_ap50, teacher=TEACHER):
     """A finished 2+1 run folder whose stage 0 is the shared teacher."""
     def entry(stage, old, new, per_class):
         values = list(per_class.values())
@@ -19,7 +20,7 @@ def _run_dir(root, method, old_ap50, new_ap50):
                 "AP50_new": sum(per_class[c] for c in new) / len(new)}
 
     results = {"method": method, "dataset": "shapes", "stages_spec": "2+1", "seed": 0, "stages": [
-        entry(0, [], ["a", "b"], TEACHER),
+        entry(0, [], ["a", "b"], teacher),
         entry(1, ["a", "b"], ["c"], {"a": old_ap50[0], "b": old_ap50[1], "c": new_ap50}),
     ]}
     folder = root / method
@@ -53,6 +54,14 @@ def test_table_sentence_plot_and_report(tmp_path, tiny_datasets_root):
     assert "(../finetune/report.md)" in report and "(../ilmil/report.md)" in report
     assert (out / "forgetting_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_a_teacher_of_0_ap50_is_said_to_leave_nothing_to_keep(tmp_path):
+    run = json.loads((_run_dir(tmp_path, "ilmil", (0.0, 0.0), 50.0, {"a": 0.0, "b": 0.0}) / "results.json").read_text())
+    assert retention_sentence([run], ["ilmil"]) == ("The teacher scores 0 AP50 on the old classes: there is "
+                                                    "nothing of it to keep.")
+    without_teacher = dict(run, stages=run["stages"][1:])  # a run started at stage 1 of before: no teacher entry
+    assert retention_sentence([add_forgetting(without_teacher)], ["ilmil"]).startswith("No run holds")
 
 
 def test_a_folder_without_results_is_one_error_line(tmp_path, tiny_datasets_root):

@@ -55,6 +55,8 @@ def retention_sentence(runs, labels):
     kept = [(label, last) for label, last in zip(labels, map(_last_stage_vs_teacher, runs))
             if last.get("retention_AP50") is not None]
     if not kept:
+        if any(_last_stage_vs_teacher(r).get("AP50_old_teacher") is not None for r in runs):  # a teacher of 0 AP50
+            return "The teacher scores 0 AP50 on the old classes: there is nothing of it to keep."
         return "No run holds the evaluation of its last stage's teacher, so what each kept is not known."
     teachers = {round(last["AP50_old_teacher"], 1) for _, last in kept}
     last = kept[0][1]
