@@ -374,11 +374,17 @@ def train(run, fresh=False, status=None):
     with open(os.path.join(run.out_dir, "bench_stdout.log"), "a") as logfile:
         proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, cwd=ROOT)
         _TRAININGS.add(proc)
+        # A signal since the check above found no process of this run to stop: stopped here. (The
+        # handler sets _STOPPING before it lists the processes, so one of the two sees the other.)
+        if _STOPPING.is_set():
+            proc.terminate()
         try:
             _, status_code, usage = os.wait4(proc.pid, 0)
         finally:
             _TRAININGS.discard(proc)
     if os.waitstatus_to_exitcode(status_code) != 0:
+        if _STOPPING.is_set():  # terminated by the harness's stop, not failed
+            raise BenchError(STOPPED)
         raise BenchError(f"training failed ({' '.join(cmd[1:])}), {run.out_dir}/bench_stdout.log; "
                          "fix what its last lines name and re-run the same command (finished runs are reused)")
     outcome = {"wall_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024,
