@@ -36,9 +36,18 @@ def check_optimizer(cfg):
 
 
 def check_device(cfg):
-    """``MODEL.DEVICE`` on a device this machine has."""
-    if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
+    """``MODEL.DEVICE`` a device name torch knows (cpu, cuda, cuda:N), of this machine."""
+    try:
+        device = torch.device(str(cfg.MODEL.DEVICE))
+    except RuntimeError:
+        raise ConfigError(f"MODEL.DEVICE {cfg.MODEL.DEVICE!r} is not a device name; fix: cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"MODEL.DEVICE {cfg.MODEL.DEVICE}: this machine has no CUDA device; fix: MODEL.DEVICE cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"MODEL.DEVICE {cfg.MODEL.DEVICE}: this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s); fix: cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"MODEL.DEVICE {cfg.MODEL.DEVICE}: ilmil trains on cpu or cuda; fix: MODEL.DEVICE cpu or cuda")
 
 
 def check_mixed_precision(cfg):
@@ -381,7 +390,7 @@ def add_yolo_config(cfg):
 
 
 # The class count of every detector head ilmil builds: Faster R-CNN, RetinaNet, FCOS, YOLO. Each
-# meta-architecture reads its own key only, so setting all three fits whichever one a
+# meta-architecture reads its own key only, so setting all four fits whichever one a
 # config names (and its subclasses).
 NUM_CLASSES_KEYS = ("MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.RETINANET.NUM_CLASSES", "MODEL.FCOS.NUM_CLASSES",
                     "MODEL.YOLO.NUM_CLASSES")

@@ -125,6 +125,16 @@ def _existing_run_kept(tmp_path, _):
                kept=tuple(kept))
 
 
+def _other_run_kept(tmp_path, _):
+    """A good command aimed at another run's folder leaves its files alone (its config.yaml too)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"identity": {"dataset": "voc_2007"}, "created": "2026-12-01"}))
+    (out / "config.yaml").write_text("the other run's config")
+    return Bad(_train(tmp_path), "this folder holds another run (dataset: 'voc_2007' there",
+               kept=(out / "run.json", out / "config.yaml"))
+
+
 COCO_CLASSES = {1: "cat", 2: "dog"}
 
 
@@ -306,6 +316,7 @@ CASES = {
     "shapes_image_size": _shapes_key("ILMIL.SHAPES.IMAGE_SIZE", "32", "ILMIL.SHAPES.IMAGE_SIZE 32: the shapes are "
                                                                      "drawn on images of 64 px or more; fix: e.g. 256"),
     "shapes_num_train": _shapes_key("ILMIL.SHAPES.NUM_TRAIN", "-5", "ILMIL.SHAPES.NUM_TRAIN -5: a count or seed"),
+    "device_name": _choice("MODEL.DEVICE", "gpu", names="MODEL.DEVICE 'gpu' is not a device name; fix: cpu, cuda"),
     "amp_on_cpu": _choice("SOLVER.AMP.ENABLED", "True", names="SOLVER.AMP.ENABLED True needs a CUDA device, got "
                                                               "MODEL.DEVICE 'cpu'"),
     "stage_images": _choice("ILMIL.STAGE_IMAGES", "disjoint", names="ILMIL.STAGE_IMAGES 'disjoint'"),
@@ -337,6 +348,7 @@ CASES = {
     "output_dir_is_a_file": Case("train_incremental.py", _output_dir_is_a_file),
     "output_dir_not_writable": Case("train_incremental.py", _output_dir_in_a_file),
     "existing_run_untouched": Case("train_incremental.py", _existing_run_kept),
+    "other_run_untouched": Case("train_incremental.py", _other_run_kept),
     # annotation files
     "coco_truncated": _coco_case(_truncate, "not valid JSON"),
     "coco_empty": _coco_case(_empty, "empty file"),

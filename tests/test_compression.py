@@ -15,6 +15,8 @@ from tool_runs import (SHAPES_OPTS, TRAIN_OPTS, _env, kill_when_exists, metrics_
                        run_tool_here, start_tool, tail)
 
 from ilmil.checkpoint import safe_load
+from ilmil.config import ConfigError, get_ilmil_cfg
+from ilmil.engine.compression import assistant_cfg
 
 # A narrower student than its teacher of the default config (FPN 64 channels): 32-channel
 # FPN maps, compared with the teacher's through connectors.
@@ -105,6 +107,21 @@ def test_a_compression_run_under_torchrun_on_two_cpu_processes(teacher, tiny_dat
     results = read_json(out / "results.json")
     assert [s["stage"] for s in results["stages"]] == [0] and "teacher" in results
     assert "Stage 0 done:" not in (out / "log.txt.rank1").read_text()  # results written by rank 0 only
+
+
+def test_an_assistant_needs_its_config_file_and_the_teachers_own():
+    assistant = os.path.join(REPO_ROOT, "configs", "shapes", "kd", "faster_rcnn_R18_FPN_assistant_cpu.yaml")
+    cfg = get_ilmil_cfg(None, ["ILMIL.TEACHER.ASSISTANT_CONFIG_FILE", "nope.yaml"])
+    with pytest.raises(ConfigError, match=r"^ILMIL.TEACHER.ASSISTANT_CONFIG_FILE \(--assistant-config\) nope.yaml: "
+                                          "no such file; fix:"):
+        assistant_cfg(cfg)
+    # Without the teacher's config the assistant's run would build its teacher in the assistant's layout.
+    with pytest.raises(ConfigError, match=r"needs the teacher's own config, ILMIL.TEACHER.CONFIG_FILE "
+                                          r"\(--teacher-config\).*; fix: give it"):
+        assistant_cfg(get_ilmil_cfg(None, ["ILMIL.TEACHER.ASSISTANT_CONFIG_FILE", assistant]))
+    given = assistant_cfg(get_ilmil_cfg(None, ["ILMIL.TEACHER.ASSISTANT_CONFIG_FILE", assistant,
+                                               "ILMIL.TEACHER.CONFIG_FILE", NARROW[1]]))
+    assert given.ILMIL.TEACHER.CONFIG_FILE == NARROW[1] and given.OUTPUT_DIR.endswith("assistant")
 
 
 def test_a_teacher_assistant_chain_runs_end_to_end_and_resumes_a_killed_student(teacher, tiny_datasets_root,

@@ -20,6 +20,7 @@ from detectron2.structures import Boxes, Instances
 from conftest import REPO_ROOT
 from ilmil.checkpoint import safe_load, state_dict_num_classes
 from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg, set_num_classes
+from ilmil.engine.compression import CompressionChain
 from ilmil.modeling import YOLOV3, decode_head_boxes, kmeans_anchors, load_detector
 from ilmil.modeling.yolo import decode_boxes, level_anchor_boxes
 from ilmil.modeling.expansion import expand_predictor_state_dict
@@ -292,6 +293,21 @@ def test_a_start_stage_run_computes_its_anchors_before_checking_its_given_model(
     ], tiny_datasets_root, timeout=300)
     assert proc.returncode == 0, tail(proc)
     assert [s["stage"] for s in read_json(out / "results.json")["stages"]] == [0, 1]
+
+
+def test_a_chain_checks_a_yolo_student_with_anchors_left_to_the_run(incremental, tiny_datasets_root, tmp_path,
+                                                                    monkeypatch):
+    # Teacher and assistant: the run's model (one anchor per level); the student's anchors: k-means at start-up.
+    monkeypatch.setenv("ILMIL_DATASETS", str(tiny_datasets_root))
+    teacher_config = str(incremental / "config.yaml")
+    cfg = get_ilmil_cfg(STUDENT_CONFIG, [*SHAPES_OPTS, *TRAIN_OPTS, "MODEL.YOLO.WIDTH_MULTIPLIER", "0.25",
+                                         "MODEL.YOLO.ANCHORS", "[]", "MODEL.YOLO.NUM_ANCHORS", "1",
+                                         "ILMIL.STAGES", "2", "OUTPUT_DIR", str(tmp_path / "chain"),
+                                         "ILMIL.DISTILL.DENSE.ENABLED", "True",
+                                         "ILMIL.TEACHER.CONFIG_FILE", teacher_config,
+                                         "ILMIL.TEACHER.ASSISTANT_CONFIG_FILE", teacher_config], method="finetune")
+    chain = CompressionChain(cfg, str(incremental / "stage_0" / "model_final.pth"))
+    assert chain.student_cfg.MODEL.YOLO.ANCHORS == []  # its own run computes them, as the check did
 
 
 def test_a_tiny_student_is_distilled_with_the_information_map(incremental, tiny_datasets_root, tmp_path):

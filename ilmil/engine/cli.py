@@ -7,7 +7,7 @@ import sys
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import derived_cfg, get_ilmil_cfg
+from ..config import check_device, derived_cfg, get_ilmil_cfg
 from .launch import init_distributed
 from .run_dir import require_output_dir
 from .runner import RUN_ERRORS
@@ -42,6 +42,7 @@ def setup_run(args, method=None, **keys):
                             "OUTPUT_DIR": args.output_dir})
     cfg.freeze()
     require_output_dir(cfg.OUTPUT_DIR)
+    check_device(cfg)  # before the process group joins on it
     init_distributed(cfg.MODEL.DEVICE)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ilmil", abbrev_name="ilmil")
     return cfg

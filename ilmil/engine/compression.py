@@ -19,6 +19,7 @@ import json
 import logging
 import os
 
+from detectron2.data import DatasetCatalog
 from detectron2.utils import comm
 
 from ..checkpoint import CheckpointClassesError, CheckpointError, load_checked_checkpoint
@@ -28,6 +29,7 @@ from ..data.stages import StageSpecError
 from ..distill import build_teacher, check_distill_config
 from ..evaluation import evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
+from ..modeling import with_yolo_anchors
 from .run_dir import RunValidationError
 from .runner import IncrementalRun
 
@@ -46,6 +48,7 @@ class CompressionRun(IncrementalRun):
         if not teacher_weights:
             raise ConfigError("a compression run needs --teacher-weights: the trained teacher's checkpoint; "
                               "fix: train one (tools/train_incremental.py --stages N) and give its model_final.pth")
+        self.compression_teacher = teacher_weights  # part of the run's identity, which the checks compare
         super().__init__(cfg, resume=resume, force=force)
         if len(self.schedule) != 1:
             raise StageSpecError(f"ILMIL.STAGES {cfg.ILMIL.STAGES}: a compression run trains one stage of all its "
@@ -62,7 +65,6 @@ class CompressionRun(IncrementalRun):
         train_name, test_name = self.registered[0]
         # The student checks its teacher against the old classes of its data: here, all of them.
         self.registered[0] = (with_every_class_old(train_name), test_name)
-        self.compression_teacher = teacher_weights
 
     def identity(self):
         return {**super().identity(), "teacher_weights": os.path.abspath(self.compression_teacher)}
@@ -104,7 +106,15 @@ def assistant_cfg(cfg):
     """The assistant step's config: the student's (data, schedule, terms, teacher) with the
     detector of ``ILMIL.TEACHER.ASSISTANT_CONFIG_FILE`` (its MODEL and channel layout),
     run in ``OUTPUT_DIR/assistant``."""
-    own = get_ilmil_cfg(cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE, method="finetune")
+    assistant = cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE
+    if not os.path.isfile(assistant):
+        raise ConfigError(f"ILMIL.TEACHER.ASSISTANT_CONFIG_FILE (--assistant-config) {assistant}: no such file; "
+                          "fix: give the assistant's yaml config, e.g. configs/shapes/kd/*_assistant_cpu.yaml")
+    if not cfg.ILMIL.TEACHER.CONFIG_FILE:
+        # The assistant's run takes the assistant's MODEL: "the student's" would build the teacher in it.
+        raise ConfigError("ILMIL.TEACHER.ASSISTANT_CONFIG_FILE (--assistant-config) needs the teacher's own config, "
+                          "ILMIL.TEACHER.CONFIG_FILE (--teacher-config), for the assistant to learn from; fix: give it")
+    own = get_ilmil_cfg(assistant, method="finetune")
     return derived_cfg(cfg, {
         "MODEL": own.MODEL.clone(), "MODEL.DEVICE": cfg.MODEL.DEVICE,
         "ILMIL.PRUNING.CHANNELS": list(own.ILMIL.PRUNING.CHANNELS), "ILMIL.TEACHER.ASSISTANT_CONFIG_FILE": "",
@@ -119,9 +129,10 @@ class CompressionChain:
     def __init__(self, cfg, teacher_weights, resume=False, force=False):
         self.cfg, self.resume, self.force = cfg, resume, force
         self.assistant = CompressionRun(assistant_cfg(cfg), teacher_weights, resume, force)
-        # The student's teacher is the assistant: its terms and layers are checked against it now.
+        # The student's teacher is the assistant: its terms and layers are checked against it now
+        # (a YOLO student's anchors computed first, as its own run will).
         self.student_cfg = derived_cfg(cfg, {"ILMIL.TEACHER.CONFIG_FILE": cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE})
-        check_distill_config(self.student_cfg)
+        check_distill_config(with_yolo_anchors(self.student_cfg, DatasetCatalog.get(self.assistant.registered[0][0])))
 
     def run(self):
         logger.info("Teacher assistant: distilling %s first", self.cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE)

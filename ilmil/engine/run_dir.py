@@ -21,7 +21,7 @@ from ..file_io import atomic_write
 from ..data import problem_lines
 from ..evaluation.run_outputs import write_json
 
-__all__ = ["RUN_FILE", "RunDirError", "RunValidationError", "claim_run_dir", "dataset_fingerprint",
+__all__ = ["RUN_FILE", "RunDirError", "RunValidationError", "check_run_dir", "claim_run_dir", "dataset_fingerprint",
            "output_dir_problem", "require_output_dir", "training_config", "write_problem_report"]
 
 RUN_FILE = "run.json"
@@ -136,6 +136,44 @@ def _remove_run_outputs(output_dir):
     return removed
 
 
+def _recorded_run(output_dir):
+    """The folder's ``run.json`` record (None without one) and its path; RunDirError when unreadable."""
+    path = os.path.join(output_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        return None, path
+    try:
+        with open(path) as f:
+            return json.load(f), path
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path} is not valid JSON ({e}); fix: choose another --output-dir, or add "
+                          "--force to remove that run's outputs and start over") from None
+
+
+def check_run_dir(output_dir, identity, force=False):
+    """Refuse (RunDirError) an ``output_dir`` that holds another run, changing nothing:
+    what ``claim_run_dir`` checks before it writes, for a run to check before any work."""
+    if force:
+        return
+    recorded, path = _recorded_run(output_dir)
+    if recorded is None:
+        return
+    before = recorded.get("identity", {})
+    comparable = dict(identity)
+    if isinstance(before.get("config"), dict) and "config" in identity:
+        # Keys the recorded run's version lacked, still at their default, changed nothing.
+        defaults = training_config(default_cfg())
+        comparable["config"] = {k: v for k, v in identity["config"].items()
+                                if k in before["config"] or defaults.get(k) != v}
+    changed = [key for key in comparable if key in before and before[key] != comparable[key]]
+    if changed:
+        listed = "; ".join(clause for key in changed for clause in _differences(key, before[key], comparable[key]))
+        raise RunDirError(
+            f"{path}: this folder holds another run ({listed}), whose finished stages would be "
+            f"mixed into this one; fix: choose another --output-dir, or add --force to remove "
+            f"that run's outputs and start over"
+        )
+
+
 def claim_run_dir(output_dir, identity, seed, force=False, logger=None):
     """Record this run in ``output_dir/run.json``, refusing a folder of another run.
 
@@ -146,37 +184,15 @@ def claim_run_dir(output_dir, identity, seed, force=False, logger=None):
             is not compared.
         force: remove the folder's previous outputs and start over instead.
     """
+    check_run_dir(output_dir, identity, force)
     path = os.path.join(output_dir, RUN_FILE)
     recorded = None
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                recorded = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            if not force:
-                raise RunDirError(f"{path} is not valid JSON ({e}); fix: choose another --output-dir, or add "
-                                  "--force to remove that run's outputs and start over") from None
     if force:
         removed = _remove_run_outputs(output_dir)
         if removed and logger:
             logger.info("--force: removed the previous run's outputs from %s: %s", output_dir, ", ".join(removed))
-        recorded = None
-    elif recorded is not None:
-        before = recorded.get("identity", {})
-        comparable = dict(identity)
-        if isinstance(before.get("config"), dict) and "config" in identity:
-            # Keys the recorded run's version lacked, still at their default, changed nothing.
-            defaults = training_config(default_cfg())
-            comparable["config"] = {k: v for k, v in identity["config"].items()
-                                    if k in before["config"] or defaults.get(k) != v}
-        changed = [key for key in comparable if key in before and before[key] != comparable[key]]
-        if changed:
-            listed = "; ".join(clause for key in changed for clause in _differences(key, before[key], comparable[key]))
-            raise RunDirError(
-                f"{path}: this folder holds another run ({listed}), whose finished stages would be "
-                f"mixed into this one; fix: choose another --output-dir, or add --force to remove "
-                f"that run's outputs and start over"
-            )
+    else:
+        recorded, _ = _recorded_run(output_dir)
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     record = {
         "ilmil_version": __version__,

@@ -59,8 +59,10 @@ from ..pruning import PruningError
 from .launch import main_process_first
 from .pruning_stage import check_pruning_config, check_pruning_stage, prune_checkpoint, pruning_enabled
 from .run_dir import (
+    RUN_FILE,
     RunDirError,
     RunValidationError,
+    check_run_dir,
     claim_run_dir,
     dataset_fingerprint,
     output_dir_problem,
@@ -169,6 +171,11 @@ class IncrementalRun:
         self._log_stage_images()
         problems += self._schedule_problems()
         folder_problem = output_dir_problem(self.output_dir)
+        if folder_problem is None and os.path.isfile(os.path.join(self.output_dir, RUN_FILE)):
+            try:  # another run's folder: refused now, before detectron2's setup writes its config.yaml there
+                check_run_dir(self.output_dir, self.identity(), force)
+            except RunDirError as e:
+                folder_problem = str(e)
         problems = [p for p in problems + [folder_problem] if p]
         report = None
         if folder_problem is None and comm.is_main_process():
