@@ -151,12 +151,13 @@ def _recorded_run(output_dir):
 
 def check_run_dir(output_dir, identity, force=False):
     """Refuse (RunDirError) an ``output_dir`` that holds another run, changing nothing:
-    what ``claim_run_dir`` checks before it writes, for a run to check before any work."""
+    what ``claim_run_dir`` checks before it writes, for a run to check before any work.
+    Returns the folder's ``run.json`` record (None without one, or with ``force``)."""
     if force:
-        return
+        return None
     recorded, path = _recorded_run(output_dir)
     if recorded is None:
-        return
+        return None
     before = recorded.get("identity", {})
     comparable = dict(identity)
     if isinstance(before.get("config"), dict) and "config" in identity:
@@ -172,6 +173,7 @@ def check_run_dir(output_dir, identity, force=False):
             f"mixed into this one; fix: choose another --output-dir, or add --force to remove "
             f"that run's outputs and start over"
         )
+    return recorded
 
 
 def claim_run_dir(output_dir, identity, seed, force=False, logger=None):
@@ -184,15 +186,11 @@ def claim_run_dir(output_dir, identity, seed, force=False, logger=None):
             is not compared.
         force: remove the folder's previous outputs and start over instead.
     """
-    check_run_dir(output_dir, identity, force)
-    path = os.path.join(output_dir, RUN_FILE)
-    recorded = None
+    recorded = check_run_dir(output_dir, identity, force)
     if force:
         removed = _remove_run_outputs(output_dir)
         if removed and logger:
             logger.info("--force: removed the previous run's outputs from %s: %s", output_dir, ", ".join(removed))
-    else:
-        recorded, _ = _recorded_run(output_dir)
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     record = {
         "ilmil_version": __version__,
@@ -202,5 +200,5 @@ def claim_run_dir(output_dir, identity, seed, force=False, logger=None):
         "created": recorded["created"] if recorded else now,
         "last_started": now,
     }
-    write_json(path, record)
+    write_json(os.path.join(output_dir, RUN_FILE), record)
     return record

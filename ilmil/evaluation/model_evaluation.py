@@ -30,7 +30,7 @@ from ..deploy import OnnxDetector
 from ..modeling import load_detector
 from .forgetting import add_forgetting
 from .incremental_evaluator import IncrementalEvaluator
-from .run_outputs import NotARunError, write_run_outputs
+from .run_outputs import NotARunError, read_results, write_run_outputs
 
 __all__ = ["NotARunError", "evaluate_checkpoint", "evaluate_model", "evaluate_run"]
 
@@ -151,8 +151,7 @@ def _given_models(run_dir):
     """``{stage: weights}`` of the stage a ``--start-stage`` run was given instead of
     training it (results.json records its weights), if any."""
     try:
-        with open(os.path.join(run_dir, "results.json")) as f:
-            entries = json.load(f).get("stages", [])
+        entries = read_results(run_dir).get("stages", [])
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return {}  # no stage finished yet, or not readable: the stage folders tell
     return {e["stage"]: e["weights"] for e in entries if isinstance(e, dict) and "stage" in e and "weights" in e}
