@@ -92,6 +92,21 @@ def test_mistakes_end_in_one_error_line_before_training(extra, message, teacher,
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "stage_0").exists()
 
 
+def test_a_chain_aimed_at_another_runs_folder_is_refused_before_its_assistant_trains(teacher, tiny_datasets_root,
+                                                                                     monkeypatch, capsys):
+    # The student's folder is the chain's: here the teacher's finished run of another method.
+    folder = teacher.parent.parent
+    assistant = os.path.join(REPO_ROOT, "configs", "shapes", "kd", "faster_rcnn_R18_FPN_assistant_cpu.yaml")
+    proc = run_tool_here("train_compression.py", [
+        "--stages", "4", "--teacher-weights", str(teacher), "--output-dir", str(folder), *NARROW,
+        "--assistant-config", assistant, *SHAPES_OPTS, *TRAIN_OPTS, *NARROW_OPTS,
+    ], tiny_datasets_root, monkeypatch, capsys)
+    assert proc.returncode == 1, tail(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "this folder holds another run" in errors[0], proc.stderr[-2000:]
+    assert not (folder / "assistant" / "stage_0").exists()
+
+
 def test_a_compression_run_under_torchrun_on_two_cpu_processes(teacher, tiny_datasets_root, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -19,17 +19,15 @@ import json
 import logging
 import os
 
-from detectron2.data import DatasetCatalog
 from detectron2.utils import comm
 
 from ..checkpoint import CheckpointClassesError, CheckpointError, load_checked_checkpoint
 from ..config import ConfigError, derived_cfg, get_ilmil_cfg
 from ..data import with_every_class_old
 from ..data.stages import StageSpecError
-from ..distill import build_teacher, check_distill_config
+from ..distill import build_teacher
 from ..evaluation import evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
-from ..modeling import with_yolo_anchors
 from .run_dir import RunValidationError
 from .runner import IncrementalRun
 
@@ -44,7 +42,9 @@ ASSISTANT_DIR = "assistant"
 class CompressionRun(IncrementalRun):
     """One stage of all classes, distilled from ``teacher_weights`` (see the module docstring)."""
 
-    def __init__(self, cfg, teacher_weights, resume=False, force=False):
+    def __init__(self, cfg, teacher_weights, resume=False, force=False, teacher_trained_first=False):
+        """``teacher_trained_first``: the teacher is still to be trained (a chain's
+        assistant); everything else is checked now, the teacher by ``check_teacher`` later."""
         if not teacher_weights:
             raise ConfigError("a compression run needs --teacher-weights: the trained teacher's checkpoint; "
                               "fix: train one (tools/train_incremental.py --stages N) and give its model_final.pth")
@@ -53,18 +53,23 @@ class CompressionRun(IncrementalRun):
         if len(self.schedule) != 1:
             raise StageSpecError(f"ILMIL.STAGES {cfg.ILMIL.STAGES}: a compression run trains one stage of all its "
                                  "classes; fix: --stages N, e.g. --stages 20")
-        stage = self.schedule[0]
-        try:  # the same classes, and weights that fit the teacher's own config
-            load_checked_checkpoint(teacher_weights, stage.seen_classes, error=CheckpointClassesError,
-                                    use="the student learns the {n} classes",
-                                    fix="give a teacher of the student's classes, or --stages / --class-order "
-                                        "that name the teacher's")
-            build_teacher(self.stage_cfg(stage), teacher_weights, stage.seen_classes)
-        except (CheckpointClassesError, CheckpointError, ConfigError) as e:
-            raise RunValidationError([f"--teacher-weights: {e}"]) from None
         train_name, test_name = self.registered[0]
         # The student checks its teacher against the old classes of its data: here, all of them.
         self.registered[0] = (with_every_class_old(train_name), test_name)
+        if not teacher_trained_first:
+            self.check_teacher()
+
+    def check_teacher(self):
+        """The teacher's checkpoint holds the student's classes and fits the teacher's own config."""
+        stage = self.schedule[0]
+        try:
+            load_checked_checkpoint(self.compression_teacher, stage.seen_classes, error=CheckpointClassesError,
+                                    use="the student learns the {n} classes",
+                                    fix="give a teacher of the student's classes, or --stages / --class-order "
+                                        "that name the teacher's")
+            build_teacher(self.stage_cfg(stage), self.compression_teacher, stage.seen_classes)
+        except (CheckpointClassesError, CheckpointError, ConfigError) as e:
+            raise RunValidationError([f"--teacher-weights: {e}"]) from None
 
     def identity(self):
         return {**super().identity(), "teacher_weights": os.path.abspath(self.compression_teacher)}
@@ -123,23 +128,23 @@ def assistant_cfg(cfg):
 
 
 class CompressionChain:
-    """teacher -> assistant -> student (see the module docstring). The assistant's run is
-    validated before any training; the student's once the assistant it learns from exists."""
+    """teacher -> assistant -> student (see the module docstring). Both runs are validated
+    before any training (the student's folder, config and terms against the assistant's);
+    the student's teacher checkpoint once the assistant has trained it."""
 
     def __init__(self, cfg, teacher_weights, resume=False, force=False):
-        self.cfg, self.resume, self.force = cfg, resume, force
+        self.cfg = cfg
         self.assistant = CompressionRun(assistant_cfg(cfg), teacher_weights, resume, force)
-        # The student's teacher is the assistant: its terms and layers are checked against it now
-        # (a YOLO student's anchors computed first, as its own run will).
-        self.student_cfg = derived_cfg(cfg, {"ILMIL.TEACHER.CONFIG_FILE": cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE})
-        check_distill_config(with_yolo_anchors(self.student_cfg, DatasetCatalog.get(self.assistant.registered[0][0])))
+        student_cfg = derived_cfg(cfg, {"ILMIL.TEACHER.CONFIG_FILE": cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE})
+        weights = os.path.join(self.assistant.output_dir, "stage_0", "model_final.pth")
+        self.student = CompressionRun(student_cfg, weights, resume, force, teacher_trained_first=True)
 
     def run(self):
         logger.info("Teacher assistant: distilling %s first", self.cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE)
         first = self.assistant.run()
-        weights = os.path.join(self.assistant.output_dir, "stage_0", "model_final.pth")
-        logger.info("Teacher assistant done: the student learns from %s", weights)
-        results = CompressionRun(self.student_cfg, weights, self.resume, self.force).run()
+        logger.info("Teacher assistant done: the student learns from %s", self.student.compression_teacher)
+        self.student.check_teacher()
+        results = self.student.run()
         if not comm.is_main_process():
             return results
         # The student's teacher in its own evaluation is the assistant; the chain's is the first teacher.
