@@ -4,11 +4,13 @@ mistakes refused before training; and the same run under torchrun with two CPU
 processes."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT
 from tool_runs import (SHAPES_OPTS, TRAIN_OPTS, _env, kill_when_exists, metrics_lines, read_json, run_tool,
@@ -105,6 +107,26 @@ def test_a_chain_aimed_at_another_runs_folder_is_refused_before_its_assistant_tr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "this folder holds another run" in errors[0], proc.stderr[-2000:]
     assert not (folder / "assistant" / "stage_0").exists()
+
+
+def test_a_teacher_retrained_in_place_is_another_teacher(teacher, tiny_datasets_root, tmp_path, monkeypatch,
+                                                         capsys):
+    # The student's folder keeps its teacher's evaluation too: reused, it would be the old teacher's.
+    copy = tmp_path / "teacher.pth"
+    shutil.copy(teacher, copy)
+    out = tmp_path / "run"
+    args = ["--stages", "4", "--teacher-weights", str(copy), "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS]
+    kill_when_exists(start_tool("train_compression.py", args, tiny_datasets_root, tmp_path / "first.log"),
+                     out / "run.json")  # the folder is claimed: enough of the first run
+    assert (out / "run.json").is_file(), (tmp_path / "first.log").read_text()[-3000:]
+    checkpoint = safe_load(str(copy))
+    name = next(k for k, v in checkpoint["model"].items() if v.is_floating_point())
+    checkpoint["model"][name] = checkpoint["model"][name] + 1
+    torch.save(checkpoint, copy)
+    proc = run_tool_here("train_compression.py", args, tiny_datasets_root, monkeypatch, capsys)
+    assert proc.returncode == 1, tail(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "this folder holds another run (teacher_weights_sha256: " in errors[0], errors
 
 
 def test_a_compression_run_under_torchrun_on_two_cpu_processes(teacher, tiny_datasets_root, tmp_path):

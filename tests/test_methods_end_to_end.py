@@ -5,12 +5,15 @@ from a user-given teacher, and refusing a teacher of other classes."""
 import json
 import math
 import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from conftest import TINY_SHAPES
-from tool_runs import metrics_lines, read_json, run_tool, tail
+from tool_runs import kill_when_exists, metrics_lines, read_json, run_tool, start_tool, tail
+from ilmil.checkpoint import safe_load
 from ilmil.data import shape_class_names
 from ilmil.data.shapes import generate_shapes_dataset
 
@@ -185,6 +188,31 @@ def test_start_stage_trains_only_the_later_stages_from_the_given_teacher(ilmil_r
     assert proc.log.count("Starting training") == 2
     assert "initialised from a 2-class model" in proc.log and "initialised from a 3-class model" in proc.log
     assert all(_is_percent(s["AP_old"]) and _is_percent(s["AP_new"]) for s in results["stages"][1:])
+
+
+def _retrained_in_place(path):
+    """Other weights under the same path, as a model retrained there would be."""
+    checkpoint = safe_load(str(path))
+    name = next(k for k, v in checkpoint["model"].items() if v.is_floating_point())
+    checkpoint["model"][name] = checkpoint["model"][name] + 1
+    torch.save(checkpoint, path)
+
+
+def test_a_given_model_retrained_in_place_makes_another_run(ilmil_run, tiny_datasets_root, shapes_opts, tmp_path):
+    # The folder's finished stages learnt from the given model's weights, not from its path.
+    given = tmp_path / "stage_0.pth"
+    shutil.copy(ilmil_run.out / "stage_0" / "model_final.pth", given)
+    out = tmp_path / "from_stage_1"
+    args = ["--stages", "2+1", "--method", "finetune", "--start-stage", "1", "--teacher-weights", str(given),
+            "--output-dir", str(out), *shapes_opts, *TRAIN_OPTS]
+    kill_when_exists(start_tool("train_incremental.py", args, tiny_datasets_root, tmp_path / "first.log"),
+                     out / "run.json")  # the folder is claimed: enough of the first run
+    assert (out / "run.json").is_file(), (tmp_path / "first.log").read_text()[-3000:]
+    _retrained_in_place(given)
+    proc = _run(args, tiny_datasets_root, timeout=120)
+    assert proc.returncode == 1, tail(proc)
+    assert "this folder holds another run (given_weights_sha256: " in proc.stderr, tail(proc)
+    assert "Starting training" not in proc.log
 
 
 def _refused(proc, out, expected_old, teacher_classes):

@@ -28,7 +28,7 @@ from ..data.stages import StageSpecError
 from ..distill import build_teacher
 from ..evaluation import evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
-from .run_dir import RunValidationError
+from .run_dir import RunValidationError, file_digest
 from .runner import IncrementalRun
 
 __all__ = ["CompressionChain", "CompressionRun", "assistant_cfg", "compression_run", "run_compression"]
@@ -72,7 +72,8 @@ class CompressionRun(IncrementalRun):
             raise RunValidationError([f"--teacher-weights: {e}"]) from None
 
     def identity(self):
-        return {**super().identity(), "teacher_weights": os.path.abspath(self.compression_teacher)}
+        return {**super().identity(), "teacher_weights": os.path.abspath(self.compression_teacher),
+                "teacher_weights_sha256": file_digest(self.compression_teacher)}
 
     def stage_models(self, stage, previous_weights, pruned_weights=None):
         """The given teacher teaches; the student starts from its config's ``MODEL.WEIGHTS``."""

@@ -22,7 +22,7 @@ from ..data import problem_lines
 from ..evaluation.run_outputs import write_json
 
 __all__ = ["RUN_FILE", "RunDirError", "RunValidationError", "check_run_dir", "claim_run_dir", "dataset_fingerprint",
-           "output_dir_problem", "require_output_dir", "training_config", "write_problem_report"]
+           "file_digest", "output_dir_problem", "require_output_dir", "training_config", "write_problem_report"]
 
 RUN_FILE = "run.json"
 PREFLIGHT_FILE = "preflight_problems.txt"
@@ -82,6 +82,15 @@ def dataset_fingerprint(source):
             digest.update(json.dumps([os.path.basename(record["file_name"]), boxes]).encode())
         digest.update(b"|")
     return digest.hexdigest()[:16]
+
+
+def file_digest(path):
+    """A hash of a file's bytes (a given model, a teacher), None while it does not exist:
+    a checkpoint retrained in place is another model under the same path."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def training_config(cfg):

@@ -65,6 +65,7 @@ from .run_dir import (
     check_run_dir,
     claim_run_dir,
     dataset_fingerprint,
+    file_digest,
     output_dir_problem,
     training_config,
     write_problem_report,
@@ -249,6 +250,10 @@ class IncrementalRun:
             "method": self.method,
             "seed": self.cfg.SEED,
             "config": training_config(self.cfg),
+            # --start-stage's given model; a file's contents, not just its path, as a teacher's.
+            "start_stage": self.start_stage,
+            "given_weights": os.path.abspath(self.teacher_weights) if self.teacher_weights else None,
+            "given_weights_sha256": file_digest(self.teacher_weights) if self.teacher_weights else None,
         }
 
     def stage_dir(self, stage):
