@@ -203,8 +203,11 @@ def test_a_student_of_another_stride_is_resized_to_the_teacher():
     cfg = _cfg(NUM_ALL, "ILMIL.DISTILL.FEAT.LAYERS", ["p3"], "ILMIL.DISTILL.FEAT.DISTANCE", "l2",
                "ILMIL.DISTILL.FEAT.LAYER_WEIGHTING", "uniform")
     loss_fn = FeatureDistillation(cfg)
-    teacher = torch.ones(1, 4, 8, 8)
-    assert loss_fn({"p3": torch.ones(1, 4, 4, 4)}, {"p3": teacher}).item() == pytest.approx(0.0)
+    # Each row of the 2x2 student map is [0, 4]; bilinear (half-pixel centres) to 4x4 makes it
+    # [0, 1, 3, 4] (source x = -0.25 clamped, 0.25, 0.75, 1.25 clamped), so against a zero
+    # teacher the l2 distance is (0 + 1 + 9 + 16) / 4 = 6.5 (nearest: 8; a blurred map: 4).
+    student = torch.tensor([0.0, 4.0]).repeat(1, 4, 2, 1)
+    assert loss_fn({"p3": student}, {"p3": torch.zeros(1, 4, 4, 4)}).item() == pytest.approx(6.5)
 
 
 # --------------------------------------------------------------------------- the teacher

@@ -112,9 +112,15 @@ def test_per_class_csv_reads_back_in_class_order_with_blanks_before_learning(tmp
 
 
 def test_voc_runs_get_voc_csvs_and_report_columns(tmp_path):
-    out = _write_run(tmp_path, synthetic_results("15+5", "ilmil", voc=True))
+    results = synthetic_results("15+5", "ilmil", voc=True)
+    out = _write_run(tmp_path, results)
     finalize_run(str(out))
-    assert (out / "per_class_voc07_ap50.csv").is_file() and (out / "per_class_voc_area_ap50.csv").is_file()
+    # Each file holds its own metric (the synthetic VOC07 AP50 is AP50 - 1, the area one AP50 + 0.5).
+    for name, metric in (("per_class_voc07_ap50.csv", "VOC07_AP50"), ("per_class_voc_area_ap50.csv", "VOC_AREA_AP50")):
+        with open(out / name, newline="") as f:
+            by_class = {r[0]: r[1:] for r in list(csv.reader(f))[1:]}
+        expected = results["stages"][1]["per_class"]["class_00"][metric]
+        assert float(by_class["class_00"][1]) == pytest.approx(expected, abs=1e-4), name
     report = (out / "report.md").read_text()
     assert "VOC07_AP50_old" in report and "forgetting VOC_AREA_AP50" in report
 
