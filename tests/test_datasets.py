@@ -511,8 +511,14 @@ def test_registering_again_replaces_the_stage_datasets(voc_dir, coco_files, regi
 
 
 
-def test_the_layout_readme_that_errors_point_to_exists():
-    # Loader errors tell the user to read datasets/README.md for the layouts.
+def test_loader_errors_point_to_the_layout_readme_which_describes_both_layouts(tmp_path):
     from conftest import REPO_ROOT
 
-    assert os.path.isfile(os.path.join(REPO_ROOT, "datasets", "README.md"))
+    with pytest.raises(DatasetError, match=re.escape("(datasets/README.md)")):
+        load_voc_split(str(tmp_path), "trainval")  # no VOC layout here
+    with pytest.raises(DatasetError, match=re.escape("(datasets/README.md)")):
+        load_coco_json(str(tmp_path / "instances_train.json"), str(tmp_path))
+    with open(os.path.join(REPO_ROOT, "datasets", "README.md")) as f:
+        layouts = f.read()
+    assert "Annotations/" in layouts and "JPEGImages/" in layouts and "ImageSets/Main/" in layouts
+    assert "instances_" in layouts

@@ -6,8 +6,10 @@ import re
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, metrics_lines, read_json, run_tool, tail
+from ilmil.checkpoint import safe_load
 from ilmil.data import build_schedule, load_coco_json, shape_class_names, stage_train_dicts
 
 CLASSES = shape_class_names(20)[:4]
@@ -95,8 +97,23 @@ def test_each_stage_saves_its_final_model(finetune_run):
         assert metrics_lines(finetune_run.out / f"stage_{k}" / "metrics.json")[-1]["iteration"] == 5
 
 
-def test_second_stage_starts_from_the_expanded_first_model(finetune_run):
-    assert "initialised from a 2-class model" in finetune_run.proc.log
+def test_second_stage_starts_from_the_expanded_first_model(tiny_datasets_root, tmp_path):
+    # With a learning rate of 0 the stages change no weight: stage 1's model is stage 0's
+    # expanded (detectron2's classifier: a row per class, then the background's).
+    out = tmp_path / "frozen"
+    proc = _run([*_finetune_args(out), "SOLVER.BASE_LR", "0.0"], tiny_datasets_root)
+    assert proc.returncode == 0, tail(proc)
+    assert "initialised from a 2-class model" in proc.log
+    first, second = (safe_load(str(out / f"stage_{k}" / "model_final.pth"))["model"] for k in (0, 1))
+    grown = [k for k in first if first[k].shape != second[k].shape]
+    assert sorted(grown) == ["roi_heads.box_predictor.bbox_pred.bias", "roi_heads.box_predictor.bbox_pred.weight",
+                             "roi_heads.box_predictor.cls_score.bias", "roi_heads.box_predictor.cls_score.weight"]
+    for key in first.keys() - set(grown) - {k for k in first if "running_" in k or "num_batches" in k}:
+        assert torch.equal(first[key], second[key]), key
+    old, new = first["roi_heads.box_predictor.cls_score.weight"], second["roi_heads.box_predictor.cls_score.weight"]
+    assert torch.equal(new[:2], old[:2]) and torch.equal(new[-1], old[-1]) and new.shape[0] == 5
+    old, new = first["roi_heads.box_predictor.bbox_pred.weight"], second["roi_heads.box_predictor.bbox_pred.weight"]
+    assert torch.equal(new[:8], old) and new.shape[0] == 16
 
 
 def test_stdout_prints_the_per_stage_table(finetune_run):

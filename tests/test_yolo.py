@@ -2,6 +2,7 @@
 expansion of its per-level classifiers, and the tools with it end to end (incremental
 2+2 ilmil with anchors computed at start-up, a tiny-student compression run with the
 information map, torchrun on two CPU processes)."""
+import json
 import math
 import os
 import re
@@ -21,7 +22,8 @@ from conftest import REPO_ROOT
 from ilmil.checkpoint import safe_load, state_dict_num_classes
 from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg, set_num_classes
 from ilmil.engine.compression import CompressionChain
-from ilmil.modeling import YOLOV3, decode_head_boxes, kmeans_anchors, load_detector
+from ilmil.data import load_dataset_source
+from ilmil.modeling import YOLOV3, decode_head_boxes, kmeans_anchors, load_detector, yolo_anchors
 from ilmil.modeling.yolo import decode_boxes, level_anchor_boxes
 from ilmil.modeling.expansion import expand_predictor_state_dict
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _env, read_json, run_tool, tail
@@ -231,12 +233,18 @@ def test_neck_levels_out_of_order_or_with_gaps_are_refused(features):
         build_model(cfg)
 
 
-def test_the_yolo_anchor_tool_prints_anchors_of_the_training_boxes(tiny_datasets_root):
+def test_the_yolo_anchor_tool_prints_anchors_of_the_training_boxes(tiny_datasets_root, monkeypatch):
     proc = run_tool("yolo_anchors.py", ["--config-file", TEACHER_CONFIG, *SHAPES_OPTS, *TRAIN_OPTS],
                     tiny_datasets_root)
     assert proc.returncode == 0, tail(proc)
     levels = re.findall(r"\[(\[[\d.]+, [\d.]+\](?:, \[[\d.]+, [\d.]+\])*)\]", proc.stdout)
-    assert len(levels) == 3
+    printed = [json.loads(f"[{level}]") for level in levels]
+    # What a run of that config computes from the same training boxes.
+    monkeypatch.setenv("ILMIL_DATASETS", str(tiny_datasets_root))
+    cfg = get_ilmil_cfg(TEACHER_CONFIG, [*SHAPES_OPTS, *TRAIN_OPTS])
+    expected = yolo_anchors(cfg, load_dataset_source(cfg).train)
+    assert len(printed) == len(expected) == 3
+    assert np.asarray(printed) == pytest.approx(np.asarray(expected), abs=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +316,8 @@ def test_a_chain_checks_a_yolo_student_with_anchors_left_to_the_run(incremental,
                                          "ILMIL.TEACHER.ASSISTANT_CONFIG_FILE", teacher_config], method="finetune")
     chain = CompressionChain(cfg, str(incremental / "stage_0" / "model_final.pth"))
     # The student's run, checked before the assistant trains, computed them once (one per level).
-    assert len(chain.student.cfg.MODEL.YOLO.ANCHORS) == len(chain.student.cfg.MODEL.YOLO.IN_FEATURES)
+    anchors = chain.student.cfg.MODEL.YOLO.ANCHORS
+    assert len(anchors) == len(chain.student.cfg.MODEL.YOLO.IN_FEATURES) and all(len(a) == 1 for a in anchors)
 
 
 def test_a_tiny_student_is_distilled_with_the_information_map(incremental, tiny_datasets_root, tmp_path):
