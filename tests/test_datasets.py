@@ -1,10 +1,12 @@
 """VOC-XML and COCO-json loading, built-in dataset names, validation and stage
 registration, on small real folders written into tmp_path."""
 import json
+import logging
 import os
 import re
 
 import pytest
+from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
@@ -24,6 +26,7 @@ from ilmil.data import (
     stage_test_dicts,
     stage_train_dicts,
 )
+from ilmil.data.datasets import validate_records
 from conftest import TINY_SHAPES
 from voc_coco_files import write_coco_json, write_voc_folder
 
@@ -282,8 +285,109 @@ def test_coco_test_categories_must_match_train(tmp_path, coco_files):
     train, _, images = coco_files
     other = write_coco_json(str(tmp_path / "other.json"), images, _coco_images(["000003"]),
                             {2: "dog", 5: "cat", 7: "person", 8: "horse"}, write_images=False)
-    with pytest.raises(DatasetError, match="categories differ"):
+    with pytest.raises(DatasetError, match=re.escape("categories differ from those of") + ".*"
+                       + re.escape("(not in the train json: horse); fix: give both files the same")):
         load_dataset_source(_coco_cfg(train, other, images))
+    swapped = write_coco_json(str(tmp_path / "swapped.json"), images, _coco_images(["000003"]),
+                              {2: "cat", 5: "dog", 7: "person"}, write_images=False)
+    with pytest.raises(DatasetError, match=re.escape("(the same names in another id order)")):
+        load_dataset_source(_coco_cfg(train, swapped, images))
+
+
+@pytest.mark.parametrize("field", ["id", "file_name"])
+def test_an_image_listed_twice_is_refused_naming_both_entries(tmp_path, coco_files, field):
+    # A second entry of one id took the first's boxes; a file listed twice was scored once without its boxes.
+    train, _, images = coco_files
+    with open(train) as f:
+        data = json.load(f)
+    data["images"][1][field] = data["images"][0][field]
+    bad = tmp_path / "twice.json"
+    bad.write_text(json.dumps(data))
+    value = data["images"][0][field]
+    with pytest.raises(DatasetError, match=re.escape(f"{bad}: images[0] and images[1] share the {field} {value!r}; "
+                                                     "fix: list each image once")):
+        load_coco_json(str(bad), images)
+
+
+def test_annotations_of_unknown_images_are_listed_together_with_the_fix(tmp_path, coco_files):
+    train, _, images = coco_files
+    with open(train) as f:
+        data = json.load(f)
+    data["annotations"][0]["image_id"], data["annotations"][1]["image_id"] = 9, 8
+    bad = tmp_path / "orphans.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=re.escape(f"{bad}: 2 annotation(s) refer to an image_id no image has "
+                                                     "(id 1 -> image_id 9, id 2 -> image_id 8); fix: ")):
+        load_coco_json(str(bad), images)
+
+
+def test_a_byte_order_mark_is_read_past(tmp_path, voc_dir, coco_files):
+    train, _, images = coco_files
+    with_bom = tmp_path / "bom.json"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + open(train, "rb").read())
+    (records, classes), (expected_records, expected_classes) = load_coco_json(str(with_bom), images), load_coco_json(
+        train, images)
+    assert classes == expected_classes and _boxes(records) == _boxes(expected_records)
+    split = os.path.join(voc_dir, "ImageSets", "Main", "trainval.txt")
+    expected = _boxes(load_voc_split(voc_dir, "trainval"))
+    with open(split, "rb") as f:
+        text = f.read()
+    with open(split, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + text)
+    assert _boxes(load_voc_split(voc_dir, "trainval")) == expected
+
+
+def test_missing_voc_annotation_files_are_listed_together(voc_dir):
+    for file_id in ("000001", "000002"):
+        os.remove(os.path.join(voc_dir, "Annotations", f"{file_id}.xml"))
+    split = os.path.join(voc_dir, "ImageSets", "Main", "trainval.txt")
+    annotations = os.path.join(voc_dir, "Annotations")
+    with pytest.raises(DatasetError, match=re.escape(f"{split}: 2 listed image(s) have no annotation file "
+                                                     f"({annotations}/000002.xml, {annotations}/000001.xml); "
+                                                     "fix: add them, or remove their ids")):
+        load_voc_split(voc_dir, "trainval")
+
+
+def test_a_voc_image_of_another_extension_is_found_through_its_xml_filename(voc_dir):
+    jpeg = os.path.join(voc_dir, "JPEGImages", "000002.jpg")
+    Image.open(jpeg).save(jpeg[:-4] + ".png")
+    os.remove(jpeg)
+    xml_file = os.path.join(voc_dir, "Annotations", "000002.xml")
+    with open(xml_file) as f:
+        text = f.read()
+    with open(xml_file, "w") as f:
+        f.write(text.replace("<filename>000002.jpg</filename>", "<filename>000002.png</filename>"))
+    source = load_dataset_source(_voc_cfg(voc_dir))
+    assert jpeg[:-4] + ".png" in [r["file_name"] for r in source.train]
+
+
+def test_voc_object_names_that_differ_only_in_case_are_warned_of(tmp_path, caplog):
+    images = {"a": (40, 30, [{"name": "cat", "box": (3, 4, 20, 25)}]),
+              "b": (40, 30, [{"name": "Cat", "box": (3, 4, 20, 25)}])}
+    root = write_voc_folder(tmp_path / "voc", images, {"trainval": ["a", "b"], "test": ["a"]})
+    with caplog.at_level(logging.WARNING):
+        source = load_dataset_source(_voc_cfg(root))
+    assert source.class_names == ("Cat", "cat")
+    assert "object names 'Cat', 'cat' differ only in case and are 2 classes" in caplog.text
+
+
+@pytest.mark.parametrize("orientation, json_size, problem", [
+    (6, (64, 48), "fields 'width', 'height' say 64x48, but image file {} is 48x64 once turned as its EXIF "
+                  "orientation says"),
+    (6, (48, 64), None),  # the size of the turned image, as the loader reads it
+    (1, (64, 48), None),
+])
+def test_an_image_turned_by_its_exif_orientation_is_checked_at_its_turned_size(tmp_path, orientation, json_size,
+                                                                               problem):
+    path = tmp_path / "images" / "a.jpg"
+    path.parent.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", (64, 48), (90, 120, 200)).save(path, exif=exif)
+    record = {"file_name": str(path), "width": json_size[0], "height": json_size[1], "annotations": [],
+              "annotation_file": "train.json"}
+    _, problems = validate_records([record], ("dog",), "train")
+    assert problems == ([] if problem is None else [f"train.json: {problem.format(path)}"])
 
 
 def test_unknown_dataset_name_lists_the_valid_names():
@@ -362,12 +466,18 @@ def test_a_voc_difficult_flag_that_is_not_a_number_is_named(voc_dir):
     ("bbox", [1.0, 2.0, 3.0], "annotations[0] field 'bbox' [1.0, 2.0, 3.0] is not a list of 4 numbers"),
     ("bbox", ["1", "2", "3", "4"], "annotations[0] field 'bbox' ['1', '2', '3', '4'] is not a list of 4 numbers"),
     ("width", "64", "images[0] field 'width' '64' is not an integer"),
+    ("images.id", [101], "images[0] field 'id' [101] is not an integer or a string"),
+    ("categories.id", "2", "categories[0] field 'id' '2' is not an integer"),
+    ("categories.name", 2, "categories[0] field 'name' 2 is not a string"),
+    ("iscrowd", "0", "annotations[0] field 'iscrowd' '0' is not 0 or 1"),
 ])
 def test_coco_fields_of_the_wrong_kind_are_named(tmp_path, coco_files, field, value, detail):
     train, _, images = coco_files
     with open(train) as f:
         data = json.load(f)
-    data["annotations" if field == "bbox" else "images"][0][field] = value
+    section, field = field.split(".") if "." in field else ("annotations" if field in ("bbox", "iscrowd")
+                                                            else "images", field)
+    data[section][0][field] = value
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
     with pytest.raises(DatasetError, match=re.escape(f"{bad}: {detail}")):

@@ -64,7 +64,8 @@ def _classes_with_test_objects(shapes_dir, count=4):
 def tiny_run(tiny_datasets_root, tiny_shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_tools") / "run"
     classes = _classes_with_test_objects(tiny_shapes_dir)
-    _run(TRAIN, ["--stages", "2+2", "--method", "finetune", "--class-order", ",".join(classes),
+    # ", ": the names are read without the spaces around them.
+    _run(TRAIN, ["--stages", "2+2", "--method", "finetune", "--class-order", ", ".join(classes),
                  "--output-dir", str(out), *OPTS], tiny_datasets_root)
     return SimpleNamespace(out=out, classes=classes, results=_read_json(out / "results.json"))
 

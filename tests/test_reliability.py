@@ -11,15 +11,17 @@ import signal
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, kill_when_exists, read_json, run_tool, start_tool, tail
 from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, RNGStates, safe_load
 from ilmil.config import get_ilmil_cfg
+from ilmil.data import DatasetSource
 from ilmil.data.shapes import shape_class_names
 from ilmil.distill import Distiller, FeatureDistillation
 from ilmil.engine import IncrementalRun, RunDirError, RunValidationError
-from ilmil.engine.run_dir import claim_run_dir
+from ilmil.engine.run_dir import claim_run_dir, dataset_content_fingerprint, dataset_fingerprint
 from ilmil.file_io import atomic_write
 
 # --------------------------------------------------------------- checkpoint files
@@ -501,6 +503,31 @@ def test_a_key_added_since_the_record_counts_only_when_it_leaves_its_default(tmp
     added_elsewhere = {"SOLVER.BASE_LR": 0.02, "ILMIL.DISTILL.RCN.TEMPERATURE": 4.0}
     with pytest.raises(RunDirError, match="ILMIL.DISTILL.RCN.TEMPERATURE: None there, 4.0 now"):
         claim_run_dir(str(tmp_path), dict(IDENTITY, config=added_elsewhere), seed=0)
+
+
+def _two_image_source(root, crowd=0, swapped=False):
+    """Two images in sub-folders x/ and y/, one box on the first."""
+    first, second = ("y", "x") if swapped else ("x", "y")
+    records = [{"file_name": str(root / first / "a.jpg"), "width": 16, "height": 16,
+                "annotations": [{"category_name": "cat", "bbox": [1.0, 1.0, 9.0, 9.0], "iscrowd": crowd}]},
+               {"file_name": str(root / second / "a.jpg"), "width": 16, "height": 16, "annotations": []}]
+    return DatasetSource("coco_json", ("cat",), records, [], False)
+
+
+def test_the_content_fingerprint_tells_changed_data_from_a_moved_folder(tmp_path):
+    for seed, folder in enumerate("xy"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        noise = np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(tmp_path / "data" / folder / "a.jpg")
+    before = dataset_content_fingerprint(_two_image_source(tmp_path / "data"))
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")
+    assert dataset_content_fingerprint(_two_image_source(tmp_path / "moved")) == before
+    # What the first fingerprint (image names and boxes) does not see:
+    changed = [_two_image_source(tmp_path / "data", crowd=1), _two_image_source(tmp_path / "data", swapped=True)]
+    assert all(dataset_fingerprint(s) == dataset_fingerprint(_two_image_source(tmp_path / "data")) for s in changed)
+    assert all(dataset_content_fingerprint(s) != before for s in changed)
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "data" / "x" / "a.jpg")  # another picture, same name
+    assert dataset_content_fingerprint(_two_image_source(tmp_path / "data")) != before
 
 
 def test_the_cli_refuses_another_run_and_records_its_own(tiny_datasets_root, tmp_path):

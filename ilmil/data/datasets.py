@@ -69,6 +69,9 @@ DEFAULT_CLASS_ORDER = {
 # Problems listed in an error message; the rest are counted.
 MAX_LISTED_PROBLEMS = 20
 _PROGRESS_MIN_IMAGES = 1000  # smaller splits are checked without a progress bar
+# EXIF orientation tag and the values that turn an image by a quarter (width and height swap).
+_EXIF_ORIENTATION = 0x0112
+_EXIF_QUARTER_TURNS = (5, 6, 7, 8)
 DATA_PROBLEMS_FIX = "correct the files, or set ILMIL.DATA.SKIP_BAD_ANNOTATIONS True to skip them"
 
 
@@ -115,18 +118,33 @@ def _xml_number(node, tag, xml_file, kind=float):
         raise DatasetError(f"{xml_file}: field <{tag}> {text!r} is not a number; fix: correct the file") from None
 
 
+def _voc_image_file(voc_dir, file_id, tree):
+    """The image of ``file_id``: JPEGImages/ID.jpg, or the file the XML's <filename> names
+    there (a .png, say) when that one exists."""
+    named = tree.findtext("filename", "").strip()
+    if named:
+        path = os.path.join(voc_dir, "JPEGImages", os.path.basename(named))
+        if os.path.isfile(path):
+            return path
+    return os.path.join(voc_dir, "JPEGImages", f"{file_id}.jpg")
+
+
 def load_voc_split(voc_dir, split):
     """Records of ``ImageSets/Main/{split}.txt`` of a Pascal-VOC-layout folder."""
     layout_hint = "a VOC folder holds Annotations/, JPEGImages/ and ImageSets/Main/ (datasets/README.md)"
     split_file = _require(os.path.join(voc_dir, "ImageSets", "Main", f"{split}.txt"), "VOC split file", layout_hint)
     _require(os.path.join(voc_dir, "JPEGImages"), "VOC image folder", layout_hint, folder=True)
-    with open(split_file) as f:
+    with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is read past
         file_ids = [line.split()[0] for line in f if line.strip()]
+    missing = [i for i in file_ids if not os.path.isfile(os.path.join(voc_dir, "Annotations", f"{i}.xml"))]
+    if missing:
+        listed = ", ".join(os.path.join(voc_dir, "Annotations", f"{i}.xml") for i in missing[:3])
+        raise DatasetError(f"{split_file}: {len(missing)} listed image(s) have no annotation file ({listed}"
+                           f"{', ...' if len(missing) > 3 else ''}); fix: add them, or remove their ids from the "
+                           "split file")
     records = []
     for file_id in file_ids:
         xml_file = os.path.join(voc_dir, "Annotations", f"{file_id}.xml")
-        if not os.path.isfile(xml_file):
-            raise DatasetError(f"annotation file not found: {xml_file} (listed in {split_file})")
         try:
             tree = ET.parse(xml_file).getroot()
         except ET.ParseError as e:
@@ -137,7 +155,8 @@ def load_voc_split(voc_dir, split):
                                "annotation; fix: give VOC XML files in Annotations/")
         size = tree.find("size")
         if size is None:
-            raise DatasetError(f"{xml_file}: missing field <size>")
+            raise DatasetError(f"{xml_file}: missing field <size>; fix: add <size><width>W</width><height>H"
+                               "</height></size> with the image's size in pixels")
         annotations = []
         for obj in tree.findall("object"):
             bndbox = obj.find("bndbox")
@@ -157,7 +176,7 @@ def load_voc_split(voc_dir, split):
             )
         records.append(
             {
-                "file_name": os.path.join(voc_dir, "JPEGImages", f"{file_id}.jpg"),
+                "file_name": _voc_image_file(voc_dir, file_id, tree),
                 "image_id": file_id,
                 "height": _xml_number(size, "height", xml_file, int),
                 "width": _xml_number(size, "width", xml_file, int),
@@ -188,10 +207,14 @@ def load_coco_json(json_file, image_root):
         }
         records.append(record)
         by_image[image["id"]] = record
+    orphans = [ann for ann in data["annotations"] if ann["image_id"] not in by_image]
+    if orphans:
+        listed = ", ".join(f"id {a.get('id')} -> image_id {a['image_id']!r}" for a in orphans[:5])
+        raise DatasetError(f"{json_file}: {len(orphans)} annotation(s) refer to an image_id no image has ({listed}"
+                           f"{', ...' if len(orphans) > 5 else ''}); fix: give each annotation the id of its "
+                           "entry in 'images', or remove it")
     for ann in data["annotations"]:
-        record = by_image.get(ann["image_id"])
-        if record is None:
-            raise DatasetError(f"{json_file}: annotation id {ann.get('id')} refers to unknown image_id {ann['image_id']}")
+        record = by_image[ann["image_id"]]
         x, y, w, h = ann["bbox"]
         record["annotations"].append(
             {
@@ -210,9 +233,14 @@ _COCO_FIELDS = {"images": ("id", "file_name", "width", "height"), "annotations":
                 "categories": ("id", "name")}
 
 
-# The fields read as numbers: "int" an integer, "box" a list of 4 numbers (x, y, w, h).
-_COCO_KINDS = {"images": {"width": "int", "height": "int"}, "annotations": {"bbox": "box"}}
-_COCO_KIND_NAMES = {"int": "an integer", "box": "a list of 4 numbers [x, y, width, height]"}
+# The kinds of the fields read ("iscrowd" only where present): "int" an integer, "id" an
+# integer or a string (image ids of some exporters), "text" a string, "flag" 0 or 1, "box"
+# a list of 4 numbers (x, y, w, h).
+_COCO_KINDS = {"images": {"id": "id", "file_name": "text", "width": "int", "height": "int"},
+               "annotations": {"image_id": "id", "category_id": "int", "bbox": "box", "iscrowd": "flag"},
+               "categories": {"id": "int", "name": "text"}}
+_COCO_KIND_NAMES = {"int": "an integer", "id": "an integer or a string", "text": "a string", "flag": "0 or 1",
+                    "box": "a list of 4 numbers [x, y, width, height]"}
 
 
 def _of_kind(value, kind):
@@ -221,6 +249,12 @@ def _of_kind(value, kind):
 
     if kind == "int":
         return number(value) and float(value).is_integer()
+    if kind == "id":
+        return isinstance(value, str) or (number(value) and float(value).is_integer())
+    if kind == "text":
+        return isinstance(value, str) and value.strip() != ""
+    if kind == "flag":
+        return value in (0, 1) and not isinstance(value, bool)
     return isinstance(value, list) and len(value) == 4 and all(map(number, value))
 
 
@@ -229,7 +263,7 @@ def _read_coco_json(json_file):
     the fix) unless it is one: valid JSON, the three lists, their fields, unique categories."""
     fix = "fix: give a COCO instances json (datasets/README.md)"
     try:
-        with open(json_file) as f:
+        with open(json_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is read past
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         empty = os.path.getsize(json_file) == 0
@@ -246,10 +280,18 @@ def _read_coco_json(json_file):
             missing = [field for field in fields if not isinstance(entry, dict) or field not in entry]
             if missing:
                 raise DatasetError(f"{json_file}: {key}[{i}] lacks field(s) {', '.join(map(repr, missing))}; {fix}")
-            for field, kind in _COCO_KINDS.get(key, {}).items():
-                if not _of_kind(entry[field], kind):
+            for field, kind in _COCO_KINDS[key].items():
+                if field in entry and not _of_kind(entry[field], kind):
                     raise DatasetError(f"{json_file}: {key}[{i}] field {field!r} {entry[field]!r} is not "
                                        f"{_COCO_KIND_NAMES[kind]}; {fix}")
+    # One entry per image: a second would take the first's boxes, and its copy would be scored without them.
+    for field in ("id", "file_name"):
+        first = {}
+        for i, image in enumerate(data["images"]):
+            if image[field] in first:
+                raise DatasetError(f"{json_file}: images[{first[image[field]]}] and images[{i}] share the {field} "
+                                   f"{image[field]!r}; fix: list each image once, with its own id")
+            first[image[field]] = i
     for field, other in (("id", "name"), ("name", "id")):
         seen = {}
         for category in data["categories"]:
@@ -303,14 +345,18 @@ def _image_problem(record, decode):
     try:
         with Image.open(path) as image:
             size = image.size
+            rotated = image.getexif().get(_EXIF_ORIENTATION) in _EXIF_QUARTER_TURNS
             # JPEG: decode at 1/8 scale, several times faster and still reads every byte.
             image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
             image.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
         return f"{where}: image file {path} does not decode ({e}): replace it or remove it from the split"
+    if rotated:  # the loader turns the image as its EXIF orientation says: the boxes are on the turned one
+        size = size[::-1]
     if size != (record["width"], record["height"]):
+        turned = " once turned as its EXIF orientation says" if rotated else ""
         return (f"{where}: fields 'width', 'height' say {record['width']}x{record['height']}, "
-                f"but image file {path} is {size[0]}x{size[1]}")
+                f"but image file {path} is {size[0]}x{size[1]}{turned}")
     return None
 
 
@@ -411,8 +457,25 @@ def _coco_pair(train_json, train_images, test_json, test_images):
     train, class_names = load_coco_json(train_json, train_images)
     test, test_classes = load_coco_json(test_json, test_images)
     if test_classes != class_names:
-        raise DatasetError(f"{test_json}: categories differ from those of {train_json}")
+        missing = [c for c in class_names if c not in test_classes]
+        extra = [c for c in test_classes if c not in class_names]
+        how = "; ".join(part for part in (f"missing: {', '.join(missing)}" if missing else "",
+                                          f"not in the train json: {', '.join(extra)}" if extra else "") if part)
+        raise DatasetError(f"{test_json}: its categories differ from those of {train_json} "
+                           f"({how or 'the same names in another id order'}); fix: give both files the same "
+                           "'categories' list (ids and names)")
     return class_names, train, test, False
+
+
+def _warn_of_case_twins(class_names, where):
+    """Names that differ only in case are two classes: usually one class written two ways."""
+    by_lower = {}
+    for name in class_names:
+        by_lower.setdefault(name.lower(), []).append(name)
+    for names in by_lower.values():
+        if len(names) > 1:
+            logger.warning("%s: object names %s differ only in case and are %d classes; correct the files if "
+                           "they are one", where, ", ".join(map(repr, names)), len(names))
 
 
 def _required_key(cfg, key):
@@ -456,6 +519,7 @@ def load_dataset_source(cfg, problems=None):
         # A custom VOC folder has its own classes: the names of its training objects,
         # sorted, so the order (and the stages it makes) never depends on file order.
         class_names = tuple(sorted({a["category_name"] for r in train for a in r["annotations"]}))
+        _warn_of_case_twins(class_names, voc_dir)
         is_voc = True
     elif name == "coco_json":
         class_names, train, test, is_voc = _coco_pair(*(_required_key(cfg, k) for k in ("TRAIN_JSON", "TRAIN_IMAGES", "TEST_JSON", "TEST_IMAGES")))

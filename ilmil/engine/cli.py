@@ -37,7 +37,8 @@ def setup_run(args, method=None, **keys):
     OUT/config.yaml) is left to the tool, after the run has passed its checks."""
     cfg = get_ilmil_cfg(args.config_file or None, args.opts, method=method)
     given = {"ILMIL.DATASET": args.dataset, "ILMIL.STAGES": args.stages, "SEED": args.seed,
-             "ILMIL.CLASS_ORDER": args.class_order.split(",") if args.class_order else None, **keys}
+             "ILMIL.CLASS_ORDER": [name.strip() for name in args.class_order.split(",")] if args.class_order else None,
+             **keys}
     cfg = derived_cfg(cfg, {**{key: value for key, value in given.items() if value is not None},
                             "OUTPUT_DIR": args.output_dir})
     cfg.freeze()

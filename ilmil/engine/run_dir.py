@@ -21,8 +21,9 @@ from ..file_io import atomic_write
 from ..data import problem_lines
 from ..evaluation.run_outputs import write_json
 
-__all__ = ["RUN_FILE", "RunDirError", "RunValidationError", "check_run_dir", "claim_run_dir", "dataset_fingerprint",
-           "file_digest", "output_dir_problem", "require_output_dir", "training_config", "write_problem_report"]
+__all__ = ["RUN_FILE", "RunDirError", "RunValidationError", "check_run_dir", "claim_run_dir",
+           "dataset_content_fingerprint", "dataset_fingerprint", "file_digest", "output_dir_problem",
+           "require_output_dir", "training_config", "write_problem_report"]
 
 RUN_FILE = "run.json"
 PREFLIGHT_FILE = "preflight_problems.txt"
@@ -74,12 +75,33 @@ def write_problem_report(output_dir, problems):
 
 
 def dataset_fingerprint(source):
-    """A hash of the images and annotations a run trains and tests on."""
+    """A hash of the image names and boxes a run trains and tests on (the first
+    fingerprint, compared with folders recorded before ``dataset_content_fingerprint``)."""
     digest = hashlib.sha1()
     for split in (source.train, source.test):
         for record in split:
             boxes = sorted((a["category_name"], *(round(v, 2) for v in a["bbox"])) for a in record["annotations"])
             digest.update(json.dumps([os.path.basename(record["file_name"]), boxes]).encode())
+        digest.update(b"|")
+    return digest.hexdigest()[:16]
+
+
+def dataset_content_fingerprint(source):
+    """A hash of what the first fingerprint leaves out: each image's path below the
+    data's common folder (so a moved dataset is the same one), its size in bytes and in
+    pixels (an image replaced by another), and the boxes' crowd / difficult flags, which
+    decide the stages' images and what evaluation ignores."""
+    names = [r["file_name"] for split in (source.train, source.test) for r in split]
+    root = os.path.commonpath(names) if len(names) > 1 else os.path.dirname(names[0]) if names else ""
+    digest = hashlib.sha1()
+    for split in (source.train, source.test):
+        for record in split:
+            path = record["file_name"]
+            file_bytes = os.path.getsize(path) if os.path.isfile(path) else None
+            boxes = sorted((a["category_name"], *(round(v, 2) for v in a["bbox"]), int(a.get("iscrowd", 0)),
+                            int(a.get("difficult", 0))) for a in record["annotations"])
+            digest.update(json.dumps([os.path.relpath(path, root), file_bytes, record["width"], record["height"],
+                                      boxes]).encode())
         digest.update(b"|")
     return digest.hexdigest()[:16]
 

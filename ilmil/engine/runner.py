@@ -64,6 +64,7 @@ from .run_dir import (
     RunValidationError,
     check_run_dir,
     claim_run_dir,
+    dataset_content_fingerprint,
     dataset_fingerprint,
     file_digest,
     output_dir_problem,
@@ -245,6 +246,7 @@ class IncrementalRun:
         return {
             "dataset": self.source.name,
             "dataset_fingerprint": dataset_fingerprint(self.source),
+            "dataset_content_fingerprint": dataset_content_fingerprint(self.source),
             "stages": self.cfg.ILMIL.STAGES,
             "class_order": list(self.class_order),
             "method": self.method,
