@@ -5,15 +5,19 @@ import json
 import math
 import os
 import shutil
+from types import SimpleNamespace
 
+import numpy as np
 import onnx
 import pytest
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
+from detectron2.structures import Boxes, Instances
+
 from ilmil import deploy
-from ilmil.config import CONFIGS_DIR, ConfigError, derived_cfg
+from ilmil.config import CONFIGS_DIR, ConfigError, derived_cfg, get_ilmil_cfg
 from ilmil.deploy import load_trained_model
 from ilmil.engine import IncrementalRun
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, read_json, run_tool, run_tool_here, tail
@@ -185,6 +189,14 @@ def test_bad_inputs_end_in_one_error_line(trained, tiny_datasets_root, tmp_path,
     proc = run_tool_here("eval_incremental.py", ["--weights", str(broken / "photo.onnx")], tiny_datasets_root,
                          monkeypatch, capsys)
     assert "no such ONNX file" in _error_line(proc)
+    # An exported model holds its score threshold: a key that would change nothing is refused.
+    proc = run_tool_here("eval_incremental.py", ["--weights", str(broken / "photo.onnx"),
+                                                 "MODEL.RETINANET.SCORE_THRESH_TEST", "0.3"],
+                         tiny_datasets_root, monkeypatch, capsys)
+    assert "MODEL.RETINANET.SCORE_THRESH_TEST: " in _error_line(proc) and "export the checkpoint again" in proc.stderr
+    proc = run_tool_here("predict.py", ["--weights", str(broken / "photo.onnx"), "--input", str(broken),
+                                        "--output-dir", str(tmp_path / "out")], tiny_datasets_root, monkeypatch, capsys)
+    assert "an exported ONNX model, and this tool takes a .pth checkpoint" in _error_line(proc)
     # Drawn copies into the images' own folder would overwrite them: refused, the images kept.
     images = tmp_path / "images"
     images.mkdir()
@@ -193,6 +205,59 @@ def test_bad_inputs_end_in_one_error_line(trained, tiny_datasets_root, tmp_path,
     proc = run_tool_here("predict.py", ["--weights", weights, "--input", str(images), "--output-dir", str(images)],
                          tiny_datasets_root, monkeypatch, capsys)
     assert "holds the input image" in _error_line(proc) and (images / "photo.jpg").read_bytes() == before
+
+
+def test_an_unreadable_image_is_skipped_and_the_others_detections_are_kept(trained, tiny_datasets_root,
+                                                                           tiny_shapes_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    name = sorted(os.listdir(os.path.join(tiny_shapes_dir, "JPEGImages")))[0]
+    shutil.copy(os.path.join(tiny_shapes_dir, "JPEGImages", name), images / "a.jpg")
+    (images / "b.jpg").write_text("not an image")
+    Image.new("I;16", (32, 32), 60000).save(images / "c.png")  # read as 8 bits, it would be white
+    out = tmp_path / "preds"
+    weights = str(trained("retinanet") / "stage_0" / "model_final.pth")
+    proc = run_tool_here("predict.py", ["--weights", weights, "--input", str(images), "--output-dir", str(out),
+                                        "--quiet"], tiny_datasets_root, monkeypatch, capsys)
+    line = _error_line(proc)
+    assert "2 of 3 image(s) skipped: image " in line and "b.jpg cannot be read" in line and "(and 1 more)" in line
+    assert f"the detections of the other 1 are in {out / 'detections.json'}" in line
+    assert [i["file_name"] for i in read_json(out / "detections.json")["images"]] == ["a.jpg"]
+    with pytest.raises(deploy.DeployError, match=r"c.png has I;16 pixels \(16-bit or float\), which would be read as "
+                                                 r"white; fix: convert it to 8 bits per channel"):
+        deploy.predict.read_image(str(images / "c.png"), "BGR")
+
+
+def test_export_refuses_a_bad_output_or_input_size_before_exporting(trained, tiny_datasets_root, tmp_path,
+                                                                    monkeypatch, capsys):
+    weights = str(trained("retinanet") / "stage_0" / "model_final.pth")
+    (tmp_path / "folder.onnx").mkdir()
+    cases = [(["--output", str(tmp_path / "folder.onnx")], "is a folder; fix: give a .onnx file name"),
+             (["--output", str(tmp_path / "small.onnx"), "--input-size", "96", "96"],
+              "--input-size 96 96: the model's test-time resize (INPUT.MIN_SIZE_TEST 128, MAX_SIZE_TEST 128) gives "
+              "inputs up to 128 x 128 px; fix: a larger --input-size, or --dynamic")]
+    for args, message in cases:
+        proc = run_tool_here("export.py", ["--weights", weights, *args, *SHAPES_OPTS, *TRAIN_OPTS],
+                             tiny_datasets_root, monkeypatch, capsys)
+        assert message in _error_line(proc)
+    assert not list(tmp_path.glob("*.unchecked.onnx"))  # nothing exported
+
+
+def test_the_export_check_compares_with_pytorch_on_the_unpadded_image(tmp_path):
+    # What PyTorch is given, against what the fixed-size graph is given (padded to 64 x 64).
+    seen = []
+
+    def model(inputs):
+        seen.append(tuple(inputs[0]["image"].shape))
+        return [{"instances": Instances((40, 56), pred_boxes=Boxes(torch.zeros(0, 4)), scores=torch.zeros(0),
+                                        pred_classes=torch.zeros(0, dtype=torch.int64))}]
+
+    detector = SimpleNamespace(graph_input=lambda image: deploy.pad_to(image, (64, 64), [0.0, 0.0, 0.0]),
+                               run=lambda image: (np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64)))
+    trained = SimpleNamespace(cfg=get_ilmil_cfg(None), model=model)
+    deploy.check_export(trained, detector, [torch.zeros(3, 40, 56)])
+    assert seen == [(3, 40, 56)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")

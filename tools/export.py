@@ -26,8 +26,9 @@ from ilmil.config import derived_cfg
 from ilmil.data import load_dataset_source
 from ilmil.deploy import (DeployError, OnnxDetector, check_export, export_onnx, load_trained_model, preprocess,
                           write_check)
+from ilmil.deploy.onnx_export import export_size
 from ilmil.deploy.predict import read_image
-from ilmil.engine import run_tool_main
+from ilmil.engine import require_output_dir, run_tool_main
 
 
 def main(argv=None):
@@ -50,16 +51,28 @@ def main(argv=None):
         parser.error(f"--check-images {args.check_images}: the check needs 1 image or more")
     if not args.output.endswith(".onnx"):
         raise DeployError(f"--output {args.output}: give a .onnx file name")
+    if os.path.isdir(args.output):
+        raise DeployError(f"--output {args.output} is a folder; fix: give a .onnx file name")
+    require_output_dir(os.path.dirname(os.path.abspath(args.output)), flag="--output")
     trained = load_trained_model(args.weights, args.config_file, args.opts)
+    # The check's images (a few test images: the whole-dataset image check of a training run is skipped)
+    # and their fit in a fixed size, before the export.
+    source = load_dataset_source(derived_cfg(trained.cfg, {"ILMIL.DATA.CHECK_IMAGES": False}))
+    images = [preprocess(trained.cfg, read_image(r["file_name"], trained.cfg.INPUT.FORMAT))
+              for r in source.test[: args.check_images]]
+    if not args.dynamic:
+        height, width = export_size(trained.cfg, args.input_size)
+        largest = (max(i.shape[1] for i in images), max(i.shape[2] for i in images))
+        if largest[0] > height or largest[1] > width:
+            raise DeployError(f"--input-size {height} {width}: the model's test-time resize (INPUT.MIN_SIZE_TEST "
+                              f"{trained.cfg.INPUT.MIN_SIZE_TEST}, MAX_SIZE_TEST {trained.cfg.INPUT.MAX_SIZE_TEST}) "
+                              f"gives inputs up to {largest[0]} x {largest[1]} px; fix: a larger --input-size, "
+                              "or --dynamic")
     unchecked = args.output[: -len(".onnx")] + ".unchecked.onnx"
     metadata = export_onnx(trained, unchecked, args.input_size, args.dynamic)
     size = "dynamic" if args.dynamic else "x".join(map(str, metadata["input_size"]))
     print(f"exported {args.weights} ({trained.cfg.MODEL.META_ARCHITECTURE}, {len(trained.class_names)} classes, "
           f"input {size}) to {unchecked} ({os.path.getsize(unchecked) / 2**20:.1f} MiB)")
-    # The check reads a few test images: the whole-dataset image check of a training run is skipped.
-    source = load_dataset_source(derived_cfg(trained.cfg, {"ILMIL.DATA.CHECK_IMAGES": False}))
-    images = [preprocess(trained.cfg, read_image(r["file_name"], trained.cfg.INPUT.FORMAT))
-              for r in source.test[: args.check_images]]
     figures = check_export(trained, OnnxDetector(unchecked), images, args.tolerance)
     path = write_check(args.output if figures["passed"] else unchecked, figures)
     print(f"check on {figures['images']} {source.name} test images: {figures['detections_matched']} of "
@@ -69,9 +82,11 @@ def main(argv=None):
           f"{figures['max_relative_box_difference']:.2e} (tolerance {args.tolerance:g}), largest score difference "
           f"{figures['max_score_difference']:.2e}; written to {path}")
     if not figures["passed"]:
+        padded = not args.dynamic and any(tuple(i.shape[1:]) != tuple(metadata["input_size"]) for i in images)
+        fix = ("--dynamic: the fixed size pads these images, and the padding changes the detections" if padded
+               else "a fixed --input-size, or report the detector")
         raise DeployError(f"{unchecked}: ONNX Runtime does not reproduce the PyTorch model ({path}); the file is "
-                          f"kept for inspection, {args.output} is left as it was; fix: export with a fixed "
-                          "--input-size, or report the detector")
+                          f"kept for inspection, {args.output} is left as it was; fix: export with {fix}")
     os.replace(unchecked, args.output)
     print(f"{args.output} written")
 

@@ -39,11 +39,22 @@ def input_images(path):
     return images
 
 
+# PIL modes of more than 8 bits per channel: detectron2's conversion clips them to 255 (a white image).
+_WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
 def read_image(path, image_format):
     """The image of ``path`` as detectron2 reads it (HWC uint8 in ``image_format``)."""
     try:
+        with Image.open(path) as image:
+            mode = image.mode
+        if mode in _WIDE_MODES:
+            raise DeployError(f"image {path} has {mode} pixels (16-bit or float), which would be read as white; fix: "
+                              "convert it to 8 bits per channel")
         return detection_utils.read_image(path, format=image_format)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, DeployError):
+            raise
         raise DeployError(f"image {path} cannot be read ({type(e).__name__}: {e}); fix: give a readable "
                           f"{'/'.join(IMAGE_EXTENSIONS)} file") from None
 
@@ -72,9 +83,13 @@ def predict_images(trained, paths, output_dir, progress=True):
                               "overwrite; fix: give another folder")
     os.makedirs(output_dir, exist_ok=True)
     cfg, model = trained.cfg, trained.model
-    images, annotations = [], []
+    images, annotations, unreadable = [], [], []
     for image_id, path in enumerate(tqdm(paths, desc="predicting", unit="image", disable=not progress), start=1):
-        image = read_image(path, cfg.INPUT.FORMAT)
+        try:
+            image = read_image(path, cfg.INPUT.FORMAT)
+        except DeployError as e:  # the other images' detections are kept; the error comes after them
+            unreadable.append(str(e))
+            continue
         height, width = image.shape[:2]
         with torch.no_grad():
             instances = model([{"image": preprocess(cfg, image), "height": height, "width": width}])[0]["instances"]
@@ -92,6 +107,10 @@ def predict_images(trained, paths, output_dir, progress=True):
                   "categories": [{"id": k + 1, "name": c} for k, c in enumerate(trained.class_names)]}
     path = os.path.join(output_dir, "detections.json")
     atomic_write(path, lambda f: json.dump(detections, f), mode="w")
+    if unreadable:
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise DeployError(f"{len(unreadable)} of {len(paths)} image(s) skipped: {unreadable[0]}{more}; the "
+                          f"detections of the other {len(images)} are in {path}")
     return path
 
 
