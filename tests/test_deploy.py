@@ -229,6 +229,24 @@ def test_an_unreadable_image_is_skipped_and_the_others_detections_are_kept(train
         deploy.predict.read_image(str(images / "c.png"), "BGR")
 
 
+def test_predict_refuses_flags_out_of_range_and_two_images_drawn_to_one_file(trained, tiny_datasets_root, tmp_path,
+                                                                             monkeypatch, capsys):
+    weights = str(trained("retinanet") / "stage_0" / "model_final.pth")
+    images = tmp_path / "images"
+    (images / "sub.jpg").mkdir(parents=True)  # a folder, not an image: passed over
+    Image.new("RGB", (64, 64)).save(images / "x.bmp")
+    Image.new("RGB", (64, 64)).save(images / "x.bmp.png")
+    args = ["--weights", weights, "--input", str(images), "--output-dir", str(tmp_path / "out")]
+    for flags, message in ((["--score-thresh", "1.5"], "--score-thresh 1.5: give a score in [0, 1)"),
+                           (["--max-detections", "0"], "--max-detections 0: give 1 or more")):
+        proc = run_tool_here("predict.py", [*args, *flags], tiny_datasets_root, monkeypatch, capsys)
+        assert proc.returncode == 2 and message in proc.stderr
+    proc = run_tool_here("predict.py", args, tiny_datasets_root, monkeypatch, capsys)
+    assert (f"{images / 'x.bmp'} and {images / 'x.bmp.png'} would both be drawn to {tmp_path / 'out' / 'x.bmp.png'}"
+            in _error_line(proc))
+    assert deploy.input_images(str(images)) == [str(images / "x.bmp"), str(images / "x.bmp.png")]
+
+
 def test_export_refuses_a_bad_output_or_input_size_before_exporting(trained, tiny_datasets_root, tmp_path,
                                                                     monkeypatch, capsys):
     weights = str(trained("retinanet") / "stage_0" / "model_final.pth")

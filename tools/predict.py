@@ -31,6 +31,10 @@ def main(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
+    if not 0 <= args.score_thresh < 1:
+        parser.error(f"--score-thresh {args.score_thresh}: give a score in [0, 1)")
+    if args.max_detections < 1:
+        parser.error(f"--max-detections {args.max_detections}: give 1 or more")
     paths = input_images(args.input)
     require_output_dir(args.output_dir)
     trained = load_trained_model(args.weights, args.config_file, args.opts, args.score_thresh, args.max_detections)

@@ -139,7 +139,11 @@ class OnnxDetector:
             raise DeployError(f"{path} was not exported by ilmil (no '{_METADATA}' metadata): its classes and input "
                               "size are unknown; fix: export it with tools/export.py")
         self.path = path
-        self.metadata = json.loads(props[_METADATA])
+        try:
+            self.metadata = json.loads(props[_METADATA])
+        except json.JSONDecodeError as e:
+            raise DeployError(f"{path}: its '{_METADATA}' metadata is not valid JSON ({e}); fix: export it again "
+                              "with tools/export.py") from None
         self.config_text = props.get(f"{_METADATA}.config", "")
         self.class_names = self.metadata["class_names"]
 

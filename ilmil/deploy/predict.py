@@ -32,7 +32,7 @@ def input_images(path):
     if not os.path.isdir(path):
         raise DeployError(f"--input {path}: no such file or folder; fix: give an image or a folder of images")
     images = sorted(os.path.join(path, name) for name in os.listdir(path)
-                    if name.lower().endswith(IMAGE_EXTENSIONS))
+                    if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, name)))
     if not images:
         raise DeployError(f"--input {path}: the folder holds no image ({', '.join(IMAGE_EXTENSIONS)}); fix: give a "
                           "folder of images")
@@ -76,11 +76,15 @@ def drawn_image_path(output_dir, path):
 def predict_images(trained, paths, output_dir, progress=True):
     """Detections of ``trained`` (a :class:`TrainedModel`) on the images ``paths``; the
     drawn images and ``detections.json`` go to ``output_dir``. Returns the json's path."""
+    drawn_from = {}
     for path in paths:
         drawn = drawn_image_path(output_dir, path)
         if os.path.exists(drawn) and os.path.samefile(drawn, path):
             raise DeployError(f"--output-dir {output_dir} holds the input image {path}, which its drawn copy would "
                               "overwrite; fix: give another folder")
+        if drawn in drawn_from:
+            raise DeployError(f"{drawn_from[drawn]} and {path} would both be drawn to {drawn}; fix: rename one")
+        drawn_from[drawn] = path
     os.makedirs(output_dir, exist_ok=True)
     cfg, model = trained.cfg, trained.model
     images, annotations, unreadable = [], [], []
