@@ -417,6 +417,7 @@ def test_all_problems_come_in_one_report(tmp_path):
     assert message.startswith("5 problem(s) found before training; nothing was trained")
     assert "image file missing" in message and "zero or negative area" in message
     assert "stage 1 (dog): no image of the coco_json train data" in message  # its only box was the bad one
+    assert "or correct their boxes if they are among the malformed annotations" in message
     assert f"--output-dir {not_a_folder / 'out'} is not writable" in message
     assert f"--teacher-weights: cannot read checkpoint {teacher}" in message
 

@@ -171,7 +171,7 @@ class IncrementalRun:
                 problems.append(f"--teacher-weights: {e}")
         check_distill_config(cfg)
         self._log_stage_images()
-        problems += self._schedule_problems()
+        problems += self._schedule_problems(data_problems=bool(fixes))
         folder_problem = output_dir_problem(self.output_dir)
         if folder_problem is None and os.path.isfile(os.path.join(self.output_dir, RUN_FILE)):
             try:  # another run's folder: refused now, before detectron2's setup writes its config.yaml there
@@ -200,8 +200,9 @@ class IncrementalRun:
             logger.info("stage images (standard): %s; %d images are in 2+ stages "
                         "(ILMIL.STAGE_IMAGES exclusive gives each to one)", counts, shared)
 
-    def _schedule_problems(self):
-        """Stages that no training image can teach; classes without a training box are logged."""
+    def _schedule_problems(self, data_problems=False):
+        """Stages that no training image can teach; classes without a training box are logged.
+        ``data_problems``: malformed annotations were found (and left out), perhaps a stage's only boxes."""
         problems = []
         for stage, (train_name, _) in zip(self.schedule, self.registered):
             if stage.index < self.start_stage:
@@ -225,6 +226,8 @@ class IncrementalRun:
                 problems.append(
                     f"stage {stage.index} ({', '.join(stage.new_classes)}): no image of the {self.source.name} "
                     "train data holds these classes: fix: check --stages / ILMIL.CLASS_ORDER against the dataset"
+                    + (", or correct their boxes if they are among the malformed annotations" if data_problems
+                       else "")
                 )
             elif missing:
                 why = (f" (ILMIL.STAGE_IMAGES exclusive gave the images of {', '.join(given_away)} to other "
