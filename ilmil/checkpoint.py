@@ -101,6 +101,10 @@ def safe_load(path):
 
     Raises :class:`CheckpointError` naming the file when it is missing or cannot be read.
     """
+    if path.endswith(".onnx"):
+        raise CheckpointError(f"{path}: an exported ONNX model, and this takes a .pth checkpoint; fix: give the "
+                              "checkpoint it was exported from (an ONNX model runs in tools/predict.py and "
+                              "tools/eval_incremental.py)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found; fix: give the path of a .pth written by ilmil's tools "
                               "(e.g. OUT/stage_0/model_final.pth)")

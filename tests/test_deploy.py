@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
@@ -98,7 +99,8 @@ def test_an_export_that_fails_its_check_leaves_the_file_of_before(trained, tiny_
         assert proc.returncode == 2 and message in proc.stderr
 
 
-def test_an_exported_model_is_evaluated_through_onnx_runtime_with_the_same_ap(trained, tiny_datasets_root, tmp_path):
+def test_an_exported_model_is_evaluated_and_predicts_through_onnx_runtime_as_pytorch(trained, tiny_datasets_root,
+                                                                                       tiny_shapes_dir, tmp_path):
     run = trained("faster_rcnn")
     assert _export(run, tiny_datasets_root, tmp_path / "model.onnx").returncode == 0
     aps = []
@@ -111,6 +113,21 @@ def test_an_exported_model_is_evaluated_through_onnx_runtime_with_the_same_ap(tr
         assert proc.returncode == 0, tail(proc)
         aps.append(read_json(out / "results.json")["stages"][0]["AP50"])
     assert aps[0] == pytest.approx(aps[1], abs=0.5)
+    # On one's own images too: predict.py runs the file through ONNX Runtime, with the same detections.
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in sorted(os.listdir(os.path.join(tiny_shapes_dir, "JPEGImages")))[:2]:
+        shutil.copy(os.path.join(tiny_shapes_dir, "JPEGImages", name), images / name)
+    found = []
+    for weights in (tmp_path / "model.onnx", run / "stage_0" / "model_final.pth"):
+        out = tmp_path / f"preds_{weights.suffix[1:]}"
+        proc = run_tool("predict.py", ["--weights", str(weights), "--input", str(images), "--output-dir", str(out),
+                                       "--score-thresh", "0.05", "--max-detections", "5", "--quiet"],
+                        tiny_datasets_root)
+        assert proc.returncode == 0, tail(proc)
+        found.append(sorted((a["image_id"], a["category_id"], round(a["score"], 3))
+                            for a in read_json(out / "detections.json")["annotations"]))
+    assert found[0] and found[0] == found[1] and max(Counter(i for i, _, _ in found[0]).values()) <= 5
 
 
 def test_a_pruned_model_exports_at_its_real_widths(trained, tiny_datasets_root, tmp_path):
@@ -196,7 +213,10 @@ def test_bad_inputs_end_in_one_error_line(trained, tiny_datasets_root, tmp_path,
     assert "MODEL.RETINANET.SCORE_THRESH_TEST: " in _error_line(proc) and "export the checkpoint again" in proc.stderr
     proc = run_tool_here("predict.py", ["--weights", str(broken / "photo.onnx"), "--input", str(broken),
                                         "--output-dir", str(tmp_path / "out")], tiny_datasets_root, monkeypatch, capsys)
-    assert "an exported ONNX model, and this tool takes a .pth checkpoint" in _error_line(proc)
+    assert "no such ONNX file" in _error_line(proc)
+    proc = run_tool_here("prune.py", ["--weights", str(broken / "photo.onnx"), "--ratio", "0.5", "--output-dir",
+                                      str(tmp_path / "pruned")], tiny_datasets_root, monkeypatch, capsys)
+    assert "photo.onnx: an exported ONNX model, and this takes a .pth checkpoint" in _error_line(proc)
     # Drawn copies into the images' own folder would overwrite them: refused, the images kept.
     images = tmp_path / "images"
     images.mkdir()

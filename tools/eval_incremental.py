@@ -19,7 +19,7 @@ import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.config import get_ilmil_cfg
-from ilmil.deploy import DeployError, OnnxDetector, run_config_of
+from ilmil.deploy import OnnxDetector, check_onnx_opts, run_config_of
 from ilmil.engine import require_output_dir, run_tool_main
 from ilmil.evaluation import evaluate_checkpoint, evaluate_run, format_results_table
 
@@ -58,16 +58,6 @@ def parse_args(argv=None):
     return args
 
 
-def _refuse_model_keys(weights, opts):
-    """Keys an exported model holds in its graph (score threshold, detections per image,
-    the detector itself) would change nothing: refused, not silently ignored."""
-    baked = [key for key in opts[::2] if (key.startswith("MODEL.") and key != "MODEL.DEVICE")
-             or key == "TEST.DETECTIONS_PER_IMAGE"]
-    if baked:
-        raise DeployError(f"{', '.join(baked)}: {weights} holds the model as exported, so these keys would change "
-                          "nothing; fix: export the checkpoint again with them (tools/export.py ... KEY VALUE)")
-
-
 def main(argv=None):
     args = parse_args(argv)
     progress = not args.quiet
@@ -77,7 +67,7 @@ def main(argv=None):
         results = evaluate_run(args.run_dir, args.output_dir, args.stages, args.opts, progress)
     else:
         if args.weights.endswith(".onnx"):
-            _refuse_model_keys(args.weights, args.opts)
+            check_onnx_opts(args.weights, args.opts)
         if args.weights.endswith(".onnx") and not args.config_file:
             cfg = OnnxDetector(args.weights).config(args.opts)  # the config it was exported with
         else:

@@ -8,6 +8,8 @@ names and scores drawn, and every detection in one COCO-format json.
 
 The detector, its classes and its channel layout (pruned or not) come from the
 checkpoint and the config.yaml of its run folder (--config-file when it has none).
+A .onnx file of tools/export.py runs through ONNX Runtime, as on the device (its
+score threshold and detections per image can only be tightened).
 PREDS/detections.json holds ``images``, ``categories`` and ``annotations`` (boxes
 [x, y, w, h] in the original image's pixels, with ``score``); pycocotools' COCO()
 loads it. Trailing KEY VALUE pairs override config keys (e.g. MODEL.DEVICE cuda).
@@ -16,13 +18,14 @@ import argparse
 import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
-from ilmil.deploy import input_images, load_trained_model, predict_images
+from ilmil.deploy import input_images, load_onnx_model, load_trained_model, predict_images
 from ilmil.engine import require_output_dir, run_tool_main
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", required=True, help="a checkpoint written by ilmil's tools")
+    parser.add_argument("--weights", required=True,
+                        help="a checkpoint written by ilmil's tools, or a .onnx file of tools/export.py")
     parser.add_argument("--input", required=True, help="an image, or a folder of images")
     parser.add_argument("--output-dir", required=True, help="where the drawn images and detections.json go")
     parser.add_argument("--config-file", help="the config the model was trained with (default: its run's config.yaml)")
@@ -37,7 +40,11 @@ def main(argv=None):
         parser.error(f"--max-detections {args.max_detections}: give 1 or more")
     paths = input_images(args.input)
     require_output_dir(args.output_dir)
-    trained = load_trained_model(args.weights, args.config_file, args.opts, args.score_thresh, args.max_detections)
+    if args.weights.endswith(".onnx"):  # an exported model, run by ONNX Runtime as on the device
+        trained = load_onnx_model(args.weights, args.opts, args.score_thresh, args.max_detections)
+    else:
+        trained = load_trained_model(args.weights, args.config_file, args.opts, args.score_thresh,
+                                     args.max_detections)
     path = predict_images(trained, paths, args.output_dir, progress=not args.quiet)
     print(f"{len(paths)} image(s) with their detections drawn and {path} written")
 

@@ -38,9 +38,10 @@ from detectron2.structures import Boxes, Instances
 from ..config import get_ilmil_cfg
 from ..file_io import atomic_write
 from .predict import DeployError
-from .trained_model import score_thresh_key
+from .trained_model import TrainedModel, score_thresh_key
 
-__all__ = ["ONNX_OPSET", "OnnxDetector", "check_export", "export_onnx", "latency_ms", "pad_to", "write_check"]
+__all__ = ["ONNX_OPSET", "OnnxDetector", "check_export", "check_onnx_opts", "export_onnx", "latency_ms",
+           "load_onnx_model", "pad_to", "write_check"]
 
 ONNX_OPSET = 17
 # The export check (check_export): detections of this score or more must all be matched,
@@ -120,7 +121,7 @@ class OnnxDetector:
     ``threads``: ONNX Runtime's intra-op threads (None: its default, all cores).
     """
 
-    def __init__(self, path, threads=None):
+    def __init__(self, path, threads=None, score_thresh=None, max_detections=None):
         import onnxruntime
 
         if not os.path.isfile(path):
@@ -146,6 +147,15 @@ class OnnxDetector:
                               "with tools/export.py") from None
         self.config_text = props.get(f"{_METADATA}.config", "")
         self.class_names = self.metadata["class_names"]
+        # Limits applied to the graph's outputs: they can only tighten the ones it was exported with.
+        if score_thresh is not None:
+            key = score_thresh_key(self.config())
+            exported = functools.reduce(getattr, key.split("."), self.config())
+            if score_thresh < exported:
+                raise DeployError(f"score threshold {score_thresh}: {path} keeps detections of score {exported} or "
+                                  f"more ({key}); fix: {exported} or more, or export it again with {key} "
+                                  f"{score_thresh}")
+        self.score_thresh, self.max_detections = score_thresh, max_detections
 
     def config(self, opts=()):
         """The config the model was exported with (and ``opts``)."""
@@ -175,9 +185,34 @@ class OnnxDetector:
             instances = Instances(size, pred_boxes=Boxes(torch.from_numpy(boxes)),
                                   scores=torch.from_numpy(scores), pred_classes=torch.from_numpy(classes).long())
             instances.pred_boxes.clip(size)
+            if self.score_thresh is not None:
+                instances = instances[instances.scores >= self.score_thresh]
+            if self.max_detections is not None:
+                instances = instances[instances.scores.argsort(descending=True)[: self.max_detections]]
             outputs.append({"instances": detector_postprocess(instances, x.get("height", size[0]),
                                                               x.get("width", size[1]))})
         return outputs
+
+
+def check_onnx_opts(path, opts):
+    """``opts`` for running the exported model ``path``: the keys its graph holds (the
+    detector, its score threshold, its detections per image) would change nothing, so
+    they are refused rather than silently ignored; ``MODEL.DEVICE`` is left to the caller."""
+    baked = [key for key in list(opts)[::2] if (key.startswith("MODEL.") and key != "MODEL.DEVICE")
+             or key == "TEST.DETECTIONS_PER_IMAGE"]
+    if baked:
+        raise DeployError(f"{', '.join(baked)}: {path} holds the model as exported, so these keys would change "
+                          "nothing; fix: export the checkpoint again with them (tools/export.py ... KEY VALUE)")
+
+
+def load_onnx_model(path, opts=(), score_thresh=None, max_detections=None, threads=None):
+    """The exported model ``path`` as a :class:`TrainedModel` run by ONNX Runtime (what
+    ``predict_images`` takes), with ``score_thresh`` / ``max_detections`` applied to its outputs."""
+    check_onnx_opts(path, opts)
+    detector = OnnxDetector(path, threads, score_thresh, max_detections)
+    cfg = detector.config(opts)
+    cfg.freeze()
+    return TrainedModel(detector, cfg, list(detector.class_names), path)
 
 
 def check_export(trained, detector, images, tolerance=1e-3):

@@ -58,10 +58,6 @@ def load_trained_model(weights, config_file=None, opts=(), score_thresh=None, ma
             detections per image (None: the config's).
     Raises :class:`CheckpointError` for weights of no known run, naming the fix.
     """
-    if weights.endswith(".onnx"):
-        raise CheckpointError(f"--weights {weights}: an exported ONNX model, and this tool takes a .pth checkpoint; "
-                              "fix: give the checkpoint it was exported from (an ONNX model is evaluated by "
-                              "tools/eval_incremental.py --weights MODEL.onnx, run by ilmil.deploy.OnnxDetector)")
     checkpoint = safe_load(weights)
     class_names = checkpoint_class_names(checkpoint)
     if not class_names:
