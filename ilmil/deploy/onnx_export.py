@@ -149,8 +149,9 @@ class OnnxDetector:
         self.class_names = self.metadata["class_names"]
         # Limits applied to the graph's outputs: they can only tighten the ones it was exported with.
         if score_thresh is not None:
-            key = score_thresh_key(self.config())
-            exported = functools.reduce(getattr, key.split("."), self.config())
+            cfg = self.config()
+            key = score_thresh_key(cfg)
+            exported = functools.reduce(getattr, key.split("."), cfg)
             if score_thresh < exported:
                 raise DeployError(f"score threshold {score_thresh}: {path} keeps detections of score {exported} or "
                                   f"more ({key}); fix: {exported} or more, or export it again with {key} "
