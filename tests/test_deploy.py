@@ -4,6 +4,7 @@ tools/predict.py on a folder of images; each bad input is one error line."""
 import json
 import math
 import os
+import re
 import shutil
 from collections import Counter
 from types import SimpleNamespace
@@ -128,6 +129,10 @@ def test_an_exported_model_is_evaluated_and_predicts_through_onnx_runtime_as_pyt
         found.append(sorted((a["image_id"], a["category_id"], round(a["score"], 3))
                             for a in read_json(out / "detections.json")["annotations"]))
     assert found[0] and found[0] == found[1] and max(Counter(i for i, _, _ in found[0]).values()) <= 5
+    # The file keeps scores of 0.01 or more (its run's LOW_THRESH): a lower threshold cannot be had from it.
+    with pytest.raises(deploy.DeployError, match=re.escape("score threshold 0.001: ") + ".*" + re.escape(
+            "keeps detections of score 0.01 or more (MODEL.ROI_HEADS.SCORE_THRESH_TEST)")):
+        deploy.OnnxDetector(str(tmp_path / "model.onnx"), score_thresh=0.001)
 
 
 def test_a_pruned_model_exports_at_its_real_widths(trained, tiny_datasets_root, tmp_path):
