@@ -42,6 +42,7 @@ from ilmil.deploy import (OnnxDetector, check_export, export_onnx, latency_ms, l
                           preprocess)
 from ilmil.deploy.predict import read_image  # noqa: E402
 from ilmil.engine import RUN_ERRORS  # noqa: E402
+from ilmil.engine.run_dir import file_digest  # noqa: E402
 from ilmil.evaluation import evaluate_checkpoint  # noqa: E402
 from ilmil.file_io import atomic_write  # noqa: E402
 from ilmil.pruning import measure_model  # noqa: E402
@@ -162,6 +163,25 @@ def measure(label, weights, config_file, out, repeats, opts=()):
     return figures
 
 
+def measured_row(label, weights, config_file, out, args):
+    """``measure``'s figures, kept in OUT/edge/<detector>/<label>.row.json as soon as they are
+    taken and reused while the model file, the settings and the machine are the same: a
+    failure at one model loses none of the models measured before it."""
+    key = {"weights": weights, "weights_sha256": file_digest(weights), "config_file": config_file,
+           "repeats": args.repeats, "opts": list(args.opts), "machine": machine()}
+    path = os.path.join(out, f"{label.replace(' ', '_').replace(',', '')}.row.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            kept = json.load(f)
+        if kept.get("key") == key:
+            print(f"[edge] {label}: measured before ({path}), reused", flush=True)
+            return kept["figures"]
+    print(f"[edge] measuring {label}", flush=True)
+    figures = measure(label, weights, config_file, out, args.repeats, args.opts)
+    atomic_write(path, lambda f: json.dump({"key": key, "figures": figures}, f, indent=2), mode="w")
+    return figures
+
+
 def table(rows, detector, repeats, opts=()):
     teacher = rows[0]
     settings = f"; every model with {' '.join(opts)}" if opts else ""
@@ -222,8 +242,7 @@ def measure_models(args):
                     f"{_train_iters(best_run)} + {args.finetune_iters}"))
     rows = []
     for label, weights, config_file, iters in entries:
-        print(f"[edge] measuring {label}", flush=True)
-        rows.append({**measure(label, weights, config_file, out, args.repeats, args.opts), "train_iters": iters})
+        rows.append({**measured_row(label, weights, config_file, out, args), "train_iters": iters})
     page = table(rows, args.detector, args.repeats, args.opts)
     os.makedirs(args.results_dir, exist_ok=True)
     name = os.path.join(args.results_dir, f"edge_{args.detector}")

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO_ROOT, TINY_SHAPES
@@ -891,3 +892,21 @@ def test_a_speed_record_under_overrides_is_kept_apart_and_its_page_names_them(tm
     page = suite_page(SPEED, True, merged)
     assert "overrides `MODEL.DEVICE cuda`" in page and "`python benchmarks/run.py --suite speed --quick -- MODEL.DEVICE cuda`" in page
     assert page.count("| peak GPU memory allocated (MiB) | 100 | 200 | 2.00 | 300 | 3.00 |") == 2
+
+
+def test_an_edge_row_is_kept_when_measured_and_reused_while_model_settings_and_machine_stay(tmp_path, monkeypatch):
+    import benchmarks.edge as edge
+
+    weights = tmp_path / "model_final.pth"
+    weights.write_bytes(b"weights")
+    args = SimpleNamespace(repeats=5, opts=["MODEL.RPN.POST_NMS_TOPK_TEST", "100"])
+    calls = []
+    monkeypatch.setattr(edge, "measure", lambda label, *a, **k: calls.append(label) or {"model": label, "gflops": 1.0})
+    first = edge.measured_row("student, no KD", str(weights), "config.yaml", str(tmp_path), args)
+    again = edge.measured_row("student, no KD", str(weights), "config.yaml", str(tmp_path), args)
+    assert first == again == {"model": "student, no KD", "gflops": 1.0} and calls == ["student, no KD"]
+    weights.write_bytes(b"other weights")  # retrained in place: measured anew
+    edge.measured_row("student, no KD", str(weights), "config.yaml", str(tmp_path), args)
+    edge.measured_row("student, no KD", str(weights), "config.yaml", str(tmp_path),
+                      SimpleNamespace(repeats=50, opts=args.opts))
+    assert calls == ["student, no KD"] * 3
