@@ -294,6 +294,26 @@ def test_coco_test_categories_must_match_train(tmp_path, coco_files):
         load_dataset_source(_coco_cfg(train, swapped, images))
 
 
+def test_coco_flags_and_ids_of_other_exporters_load(tmp_path, coco_files):
+    # iscrowd as a JSON boolean; string ids for images and categories alike.
+    train, _, images = coco_files
+    with open(train) as f:
+        data = json.load(f)
+    for ann in data["annotations"]:
+        ann["iscrowd"], ann["image_id"], ann["category_id"] = False, f"img{ann['image_id']}", str(ann["category_id"])
+    for image in data["images"]:
+        image["id"] = f"img{image['id']}"
+    for category in data["categories"]:
+        category["id"] = str(category["id"])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    records, classes = load_coco_json(str(other), images)
+    expected_records, _ = load_coco_json(train, images)
+    assert _boxes(records) == _boxes(expected_records) and all(
+        a["iscrowd"] == 0 for r in records for a in r["annotations"])
+    assert classes == ("dog", "cat", "person")  # string ids "2" < "5" < "7": the same order here
+
+
 @pytest.mark.parametrize("field", ["id", "file_name"])
 def test_an_image_listed_twice_is_refused_naming_both_entries(tmp_path, coco_files, field):
     # A second entry of one id took the first's boxes; a file listed twice was scored once without its boxes.
@@ -346,6 +366,17 @@ def test_missing_voc_annotation_files_are_listed_together(voc_dir):
                                                      f"({annotations}/000002.xml, {annotations}/000001.xml); "
                                                      "fix: add them, or remove their ids")):
         load_voc_split(voc_dir, "trainval")
+
+
+def test_a_voc_xml_copied_from_another_image_keeps_its_own_image(voc_dir):
+    # 000002.xml names 000001.jpg (copied by a renaming script): the image of id 000002 is still 000002.jpg.
+    xml_file = os.path.join(voc_dir, "Annotations", "000002.xml")
+    with open(xml_file) as f:
+        text = f.read()
+    with open(xml_file, "w") as f:
+        f.write(text.replace("<filename>000002.jpg</filename>", "<filename>000001.jpg</filename>"))
+    files = {r["image_id"]: os.path.basename(r["file_name"]) for r in load_voc_split(voc_dir, "trainval")}
+    assert files == {"000001": "000001.jpg", "000002": "000002.jpg"}
 
 
 def test_a_voc_image_of_another_extension_is_found_through_its_xml_filename(voc_dir):
@@ -467,7 +498,8 @@ def test_a_voc_difficult_flag_that_is_not_a_number_is_named(voc_dir):
     ("bbox", ["1", "2", "3", "4"], "annotations[0] field 'bbox' ['1', '2', '3', '4'] is not a list of 4 numbers"),
     ("width", "64", "images[0] field 'width' '64' is not an integer"),
     ("images.id", [101], "images[0] field 'id' [101] is not an integer or a string"),
-    ("categories.id", "2", "categories[0] field 'id' '2' is not an integer"),
+    ("categories.id", "2", "the categories' ids mix integers and strings, which have no order; fix: give every"),
+    ("categories.id", [2], "categories[0] field 'id' [2] is not an integer or a string"),
     ("categories.name", 2, "categories[0] field 'name' 2 is not a string"),
     ("iscrowd", "0", "annotations[0] field 'iscrowd' '0' is not 0 or 1"),
 ])

@@ -7,6 +7,7 @@ import pickle
 import random
 import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -515,7 +516,7 @@ def _two_image_source(root, crowd=0, swapped=False):
     return DatasetSource("coco_json", ("cat",), records, [], False)
 
 
-def test_the_content_fingerprint_tells_changed_data_from_a_moved_folder(tmp_path):
+def test_the_content_fingerprint_tells_changed_data_from_a_moved_folder(tmp_path, monkeypatch):
     for seed, folder in enumerate("xy"):
         (tmp_path / "data" / folder).mkdir(parents=True)
         noise = np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)
@@ -523,6 +524,12 @@ def test_the_content_fingerprint_tells_changed_data_from_a_moved_folder(tmp_path
     before = dataset_content_fingerprint(_two_image_source(tmp_path / "data"))
     shutil.copytree(tmp_path / "data", tmp_path / "moved")
     assert dataset_content_fingerprint(_two_image_source(tmp_path / "moved")) == before
+    monkeypatch.chdir(tmp_path)  # relative file names (a relative image folder) are the same files
+    relative = _two_image_source(Path("data"))
+    assert dataset_content_fingerprint(DatasetSource("coco_json", ("cat",), relative.train,
+                                                     _two_image_source(tmp_path / "data").train, False)) \
+        == dataset_content_fingerprint(DatasetSource("coco_json", ("cat",), *[_two_image_source(tmp_path / "data")
+                                                                              .train] * 2, False))
     # What the first fingerprint (image names and boxes) does not see:
     changed = [_two_image_source(tmp_path / "data", crowd=1), _two_image_source(tmp_path / "data", swapped=True)]
     assert all(dataset_fingerprint(s) == dataset_fingerprint(_two_image_source(tmp_path / "data")) for s in changed)

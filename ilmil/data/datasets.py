@@ -119,14 +119,16 @@ def _xml_number(node, tag, xml_file, kind=float):
 
 
 def _voc_image_file(voc_dir, file_id, tree):
-    """The image of ``file_id``: JPEGImages/ID.jpg, or the file the XML's <filename> names
-    there (a .png, say) when that one exists."""
+    """The image of ``file_id``: JPEGImages/ID.jpg, or where there is none, the file the
+    XML's <filename> names there (a .png, say). ID.jpg comes first: an XML copied from
+    another image's often keeps that image's <filename>."""
+    path = os.path.join(voc_dir, "JPEGImages", f"{file_id}.jpg")
     named = tree.findtext("filename", "").strip()
-    if named:
-        path = os.path.join(voc_dir, "JPEGImages", os.path.basename(named))
-        if os.path.isfile(path):
-            return path
-    return os.path.join(voc_dir, "JPEGImages", f"{file_id}.jpg")
+    if not os.path.isfile(path) and named:
+        other = os.path.join(voc_dir, "JPEGImages", os.path.basename(named))
+        if os.path.splitext(os.path.basename(named))[0] == file_id and os.path.isfile(other):
+            return other
+    return path
 
 
 def load_voc_split(voc_dir, split):
@@ -221,7 +223,7 @@ def load_coco_json(json_file, image_root):
                 "category_name": id_to_name.get(ann["category_id"], f"<unknown category_id {ann['category_id']}>"),
                 "bbox": [x, y, x + w, y + h],
                 "bbox_mode": BoxMode.XYXY_ABS,
-                "iscrowd": ann.get("iscrowd", 0),
+                "iscrowd": int(ann.get("iscrowd", 0)),
                 "annotation_id": ann.get("id"),
             }
         )
@@ -237,8 +239,8 @@ _COCO_FIELDS = {"images": ("id", "file_name", "width", "height"), "annotations":
 # integer or a string (image ids of some exporters), "text" a string, "flag" 0 or 1, "box"
 # a list of 4 numbers (x, y, w, h).
 _COCO_KINDS = {"images": {"id": "id", "file_name": "text", "width": "int", "height": "int"},
-               "annotations": {"image_id": "id", "category_id": "int", "bbox": "box", "iscrowd": "flag"},
-               "categories": {"id": "int", "name": "text"}}
+               "annotations": {"image_id": "id", "category_id": "id", "bbox": "box", "iscrowd": "flag"},
+               "categories": {"id": "id", "name": "text"}}
 _COCO_KIND_NAMES = {"int": "an integer", "id": "an integer or a string", "text": "a string", "flag": "0 or 1",
                     "box": "a list of 4 numbers [x, y, width, height]"}
 
@@ -254,7 +256,7 @@ def _of_kind(value, kind):
     if kind == "text":
         return isinstance(value, str) and value.strip() != ""
     if kind == "flag":
-        return value in (0, 1) and not isinstance(value, bool)
+        return value in (0, 1)  # true / false too
     return isinstance(value, list) and len(value) == 4 and all(map(number, value))
 
 
@@ -284,6 +286,9 @@ def _read_coco_json(json_file):
                 if field in entry and not _of_kind(entry[field], kind):
                     raise DatasetError(f"{json_file}: {key}[{i}] field {field!r} {entry[field]!r} is not "
                                        f"{_COCO_KIND_NAMES[kind]}; {fix}")
+    if len({isinstance(c["id"], str) for c in data["categories"]}) > 1:  # the class order is the ids' order
+        raise DatasetError(f"{json_file}: the categories' ids mix integers and strings, which have no order; fix: "
+                           "give every category an integer id")
     # One entry per image: a second would take the first's boxes, and its copy would be scored without them.
     for field in ("id", "file_name"):
         first = {}

@@ -72,8 +72,8 @@ class CompressionRun(IncrementalRun):
             raise RunValidationError([f"--teacher-weights: {e}"]) from None
 
     def identity(self):
-        return {**super().identity(), "teacher_weights": os.path.abspath(self.compression_teacher),
-                "teacher_weights_sha256": file_digest(self.compression_teacher)}
+        # The teacher by its bytes, as a given model (its path may change with the machine).
+        return {**super().identity(), "teacher_weights_sha256": file_digest(self.compression_teacher)}
 
     def stage_models(self, stage, previous_weights, pruned_weights=None):
         """The given teacher teaches; the student starts from its config's ``MODEL.WEIGHTS``."""

@@ -87,16 +87,15 @@ def dataset_fingerprint(source):
 
 
 def dataset_content_fingerprint(source):
-    """A hash of what the first fingerprint leaves out: each image's path below the
-    data's common folder (so a moved dataset is the same one), its size in bytes and in
-    pixels (an image replaced by another), and the boxes' crowd / difficult flags, which
-    decide the stages' images and what evaluation ignores."""
-    names = [r["file_name"] for split in (source.train, source.test) for r in split]
-    root = os.path.commonpath(names) if len(names) > 1 else os.path.dirname(names[0]) if names else ""
+    """A hash of what the first fingerprint leaves out: each image's path below its
+    split's common folder (so a dataset moved, its splits apart or together, is the same
+    one), its size in bytes and in pixels (an image replaced by another), and the boxes'
+    crowd / difficult flags, which decide the stages' images and what evaluation ignores."""
     digest = hashlib.sha1()
     for split in (source.train, source.test):
-        for record in split:
-            path = record["file_name"]
+        names = [os.path.abspath(r["file_name"]) for r in split]
+        root = os.path.commonpath(names) if len(names) > 1 else os.path.dirname(names[0]) if names else ""
+        for record, path in zip(split, names):
             file_bytes = os.path.getsize(path) if os.path.isfile(path) else None
             boxes = sorted((a["category_name"], *(round(v, 2) for v in a["bbox"]), int(a.get("iscrowd", 0)),
                             int(a.get("difficult", 0))) for a in record["annotations"])
@@ -111,8 +110,11 @@ def file_digest(path):
     a checkpoint retrained in place is another model under the same path."""
     if not os.path.isfile(path):
         return None
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def training_config(cfg):

@@ -255,9 +255,9 @@ class IncrementalRun:
             "method": self.method,
             "seed": self.cfg.SEED,
             "config": training_config(self.cfg),
-            # --start-stage's given model; a file's contents, not just its path, as a teacher's.
+            # --start-stage's given model by its bytes: retrained in place it is another model,
+            # moved (another machine, another path) the same one.
             "start_stage": self.start_stage,
-            "given_weights": os.path.abspath(self.teacher_weights) if self.teacher_weights else None,
             "given_weights_sha256": file_digest(self.teacher_weights) if self.teacher_weights else None,
         }
 
