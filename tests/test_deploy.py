@@ -129,10 +129,12 @@ def test_an_exported_model_is_evaluated_and_predicts_through_onnx_runtime_as_pyt
         found.append(sorted((a["image_id"], a["category_id"], round(a["score"], 3))
                             for a in read_json(out / "detections.json")["annotations"]))
     assert found[0] and found[0] == found[1] and max(Counter(i for i, _, _ in found[0]).values()) <= 5
-    # The file keeps scores of 0.01 or more (its run's LOW_THRESH): a lower threshold cannot be had from it.
-    with pytest.raises(deploy.DeployError, match=re.escape("score threshold 0.001: ") + ".*" + re.escape(
-            "keeps detections of score 0.01 or more (MODEL.ROI_HEADS.SCORE_THRESH_TEST)")):
-        deploy.OnnxDetector(str(tmp_path / "model.onnx"), score_thresh=0.001)
+    # The file keeps scores of 0.01 or more (its run's LOW_THRESH), 100 per image: looser limits cannot be had.
+    for limits, message in (((0.001, None), "--score-thresh 0.001: {} was exported with "
+                                            "MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.01, which"),
+                            ((None, 200), "--max-detections 200: {} was exported with TEST.DETECTIONS_PER_IMAGE 100")):
+        with pytest.raises(deploy.DeployError, match=re.escape(message.format(tmp_path / "model.onnx"))):
+            deploy.load_onnx_model(str(tmp_path / "model.onnx"), (), *limits)
 
 
 def test_a_pruned_model_exports_at_its_real_widths(trained, tiny_datasets_root, tmp_path):
@@ -246,8 +248,8 @@ def test_an_unreadable_image_is_skipped_and_the_others_detections_are_kept(train
     proc = run_tool_here("predict.py", ["--weights", weights, "--input", str(images), "--output-dir", str(out),
                                         "--quiet"], tiny_datasets_root, monkeypatch, capsys)
     line = _error_line(proc)
-    assert "2 of 3 image(s) skipped: image " in line and "b.jpg cannot be read" in line and "(and 1 more)" in line
-    assert f"the detections of the other 1 are in {out / 'detections.json'}" in line
+    assert f"2 of 3 image(s) skipped (the detections of the other 1 are in {out / 'detections.json'}); the first: " \
+           f"image {images / 'b.jpg'} cannot be read" in line
     assert [i["file_name"] for i in read_json(out / "detections.json")["images"]] == ["a.jpg"]
     with pytest.raises(deploy.DeployError, match=r"c.png has I;16 pixels \(16-bit or float\), which would be read as "
                                                  r"white; fix: convert it to 8 bits per channel"):
@@ -288,19 +290,22 @@ def test_export_refuses_a_bad_output_or_input_size_before_exporting(trained, tin
 
 
 def test_the_export_check_compares_with_pytorch_on_the_unpadded_image(tmp_path):
-    # What PyTorch is given, against what the fixed-size graph is given (padded to 64 x 64).
+    # PyTorch is given the image (40 x 56) and clips its box to it; the fixed-size graph is
+    # given it padded (64 x 64) and clips to that: the check compares boxes clipped alike.
     seen = []
 
     def model(inputs):
         seen.append(tuple(inputs[0]["image"].shape))
-        return [{"instances": Instances((40, 56), pred_boxes=Boxes(torch.zeros(0, 4)), scores=torch.zeros(0),
-                                        pred_classes=torch.zeros(0, dtype=torch.int64))}]
+        return [{"instances": Instances((40, 56), pred_boxes=Boxes(torch.tensor([[10.0, 10.0, 56.0, 30.0]])),
+                                        scores=torch.tensor([0.9]), pred_classes=torch.tensor([0]))}]
 
-    detector = SimpleNamespace(graph_input=lambda image: deploy.pad_to(image, (64, 64), [0.0, 0.0, 0.0]),
-                               run=lambda image: (np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64)))
+    detector = SimpleNamespace(
+        graph_input=lambda image: deploy.pad_to(image, (64, 64), [0.0, 0.0, 0.0]),
+        run=lambda image: (np.array([[10.0, 10.0, 60.0, 30.0]]), np.array([0.9]), np.array([0])))
     trained = SimpleNamespace(cfg=get_ilmil_cfg(None), model=model)
-    deploy.check_export(trained, detector, [torch.zeros(3, 40, 56)])
+    figures = deploy.check_export(trained, detector, [torch.zeros(3, 40, 56)])
     assert seen == [(3, 40, 56)]
+    assert figures["passed"] and figures["detections_matched"] == 1 and figures["max_relative_box_difference"] == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")

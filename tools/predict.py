@@ -8,8 +8,9 @@ names and scores drawn, and every detection in one COCO-format json.
 
 The detector, its classes and its channel layout (pruned or not) come from the
 checkpoint and the config.yaml of its run folder (--config-file when it has none).
-A .onnx file of tools/export.py runs through ONNX Runtime, as on the device (its
-score threshold and detections per image can only be tightened).
+A .onnx file of tools/export.py runs through ONNX Runtime, as on the device, with
+the score threshold and detections per image it was exported with (the flags can
+only tighten them).
 PREDS/detections.json holds ``images``, ``categories`` and ``annotations`` (boxes
 [x, y, w, h] in the original image's pixels, with ``score``); pycocotools' COCO()
 loads it. Trailing KEY VALUE pairs override config keys (e.g. MODEL.DEVICE cuda).
@@ -29,22 +30,28 @@ def main(argv=None):
     parser.add_argument("--input", required=True, help="an image, or a folder of images")
     parser.add_argument("--output-dir", required=True, help="where the drawn images and detections.json go")
     parser.add_argument("--config-file", help="the config the model was trained with (default: its run's config.yaml)")
-    parser.add_argument("--score-thresh", type=float, default=0.3, help="detections below this score are dropped")
-    parser.add_argument("--max-detections", type=int, default=100, help="detections kept per image")
+    parser.add_argument("--score-thresh", type=float,
+                        help="detections below this score are dropped (default 0.3; a .onnx file: its own)")
+    parser.add_argument("--max-detections", type=int,
+                        help="detections kept per image (default 100; a .onnx file: its own)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
-    if not 0 <= args.score_thresh < 1:
+    if args.score_thresh is not None and not 0 <= args.score_thresh < 1:
         parser.error(f"--score-thresh {args.score_thresh}: give a score in [0, 1)")
-    if args.max_detections < 1:
+    if args.max_detections is not None and args.max_detections < 1:
         parser.error(f"--max-detections {args.max_detections}: give 1 or more")
+    onnx = args.weights.endswith(".onnx")
+    if onnx and args.config_file:
+        parser.error("--config-file: a .onnx file holds the config it was exported with; give none")
     paths = input_images(args.input)
     require_output_dir(args.output_dir)
-    if args.weights.endswith(".onnx"):  # an exported model, run by ONNX Runtime as on the device
+    if onnx:  # an exported model, run by ONNX Runtime as on the device
         trained = load_onnx_model(args.weights, args.opts, args.score_thresh, args.max_detections)
     else:
-        trained = load_trained_model(args.weights, args.config_file, args.opts, args.score_thresh,
-                                     args.max_detections)
+        trained = load_trained_model(args.weights, args.config_file, args.opts,
+                                     0.3 if args.score_thresh is None else args.score_thresh,
+                                     100 if args.max_detections is None else args.max_detections)
     path = predict_images(trained, paths, args.output_dir, progress=not args.quiet)
     print(f"{len(paths)} image(s) with their detections drawn and {path} written")
 

@@ -121,7 +121,7 @@ class OnnxDetector:
     ``threads``: ONNX Runtime's intra-op threads (None: its default, all cores).
     """
 
-    def __init__(self, path, threads=None, score_thresh=None, max_detections=None):
+    def __init__(self, path, threads=None):
         import onnxruntime
 
         if not os.path.isfile(path):
@@ -147,16 +147,8 @@ class OnnxDetector:
                               "with tools/export.py") from None
         self.config_text = props.get(f"{_METADATA}.config", "")
         self.class_names = self.metadata["class_names"]
-        # Limits applied to the graph's outputs: they can only tighten the ones it was exported with.
-        if score_thresh is not None:
-            cfg = self.config()
-            key = score_thresh_key(cfg)
-            exported = functools.reduce(getattr, key.split("."), cfg)
-            if score_thresh < exported:
-                raise DeployError(f"score threshold {score_thresh}: {path} keeps detections of score {exported} or "
-                                  f"more ({key}); fix: {exported} or more, or export it again with {key} "
-                                  f"{score_thresh}")
-        self.score_thresh, self.max_detections = score_thresh, max_detections
+        # Limits applied to the graph's outputs (None: the file's own); see load_onnx_model.
+        self.score_thresh = self.max_detections = None
 
     def config(self, opts=()):
         """The config the model was exported with (and ``opts``)."""
@@ -208,12 +200,25 @@ def check_onnx_opts(path, opts):
 
 def load_onnx_model(path, opts=(), score_thresh=None, max_detections=None, threads=None):
     """The exported model ``path`` as a :class:`TrainedModel` run by ONNX Runtime (what
-    ``predict_images`` takes), with ``score_thresh`` / ``max_detections`` applied to its outputs."""
+    ``predict_images`` takes). ``score_thresh`` / ``max_detections`` filter its outputs:
+    they can only tighten the limits the file was exported with (looser ones are refused,
+    naming the key to export again with); None keeps the file's."""
     check_onnx_opts(path, opts)
-    detector = OnnxDetector(path, threads, score_thresh, max_detections)
+    detector = OnnxDetector(path, threads)
     cfg = detector.config(opts)
+    key = score_thresh_key(cfg)
+    for flag, value, exported_key, looser in (
+            ("--score-thresh", score_thresh, key, lambda v, e: v < e),
+            ("--max-detections", max_detections, "TEST.DETECTIONS_PER_IMAGE", lambda v, e: v > e)):
+        exported = functools.reduce(getattr, exported_key.split("."), cfg)
+        if value is not None and looser(value, exported):
+            raise DeployError(f"{flag} {value}: {path} was exported with {exported_key} {exported}, which the "
+                              f"file's outputs already apply; fix: {flag} {exported} or tighter, or export the "
+                              f"checkpoint again with {exported_key} {value}")
+    detector.score_thresh, detector.max_detections = score_thresh, max_detections
     cfg.freeze()
     return TrainedModel(detector, cfg, list(detector.class_names), path)
+
 
 
 def check_export(trained, detector, images, tolerance=1e-3):
@@ -240,6 +245,8 @@ def check_export(trained, detector, images, tolerance=1e-3):
         with torch.no_grad():  # PyTorch as it runs unexported: a fixed-size graph's padding must not change the result
             reference = trained.model([{"image": image}])[0]["instances"]
         boxes, scores, classes = detector.run(image)
+        # Clipped to the image, as OnnxDetector does (a fixed-size graph clips to its padded size only).
+        boxes = np.clip(boxes, 0, [image.shape[2], image.shape[1]] * 2) if len(boxes) else boxes
         counts.append((len(reference), len(boxes)))
         reference = reference.to("cpu")  # a model on a GPU
         for box, score, label in zip(reference.pred_boxes.tensor.numpy(), reference.scores.numpy(),

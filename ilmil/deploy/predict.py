@@ -91,13 +91,13 @@ def predict_images(trained, paths, output_dir, progress=True):
     for image_id, path in enumerate(tqdm(paths, desc="predicting", unit="image", disable=not progress), start=1):
         try:
             image = read_image(path, cfg.INPUT.FORMAT)
+            height, width = image.shape[:2]
+            with torch.no_grad():  # an exported model of a fixed size refuses a larger input
+                output = model([{"image": preprocess(cfg, image), "height": height, "width": width}])
         except DeployError as e:  # the other images' detections are kept; the error comes after them
-            unreadable.append(str(e))
+            unreadable.append(str(e) if path in str(e) else f"image {path}: {e}")
             continue
-        height, width = image.shape[:2]
-        with torch.no_grad():
-            instances = model([{"image": preprocess(cfg, image), "height": height, "width": width}])[0]["instances"]
-        instances = instances.to("cpu")
+        instances = output[0]["instances"].to("cpu")
         name = os.path.basename(path)
         images.append({"id": image_id, "file_name": name, "height": height, "width": width})
         for box, score, label in zip(instances.pred_boxes.tensor.tolist(), instances.scores.tolist(),
@@ -112,9 +112,8 @@ def predict_images(trained, paths, output_dir, progress=True):
     path = os.path.join(output_dir, "detections.json")
     atomic_write(path, lambda f: json.dump(detections, f), mode="w")
     if unreadable:
-        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
-        raise DeployError(f"{len(unreadable)} of {len(paths)} image(s) skipped: {unreadable[0]}{more}; the "
-                          f"detections of the other {len(images)} are in {path}")
+        raise DeployError(f"{len(unreadable)} of {len(paths)} image(s) skipped (the detections of the other "
+                          f"{len(images)} are in {path}); the first: {unreadable[0]}")
     return path
 
 
