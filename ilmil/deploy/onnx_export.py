@@ -220,7 +220,6 @@ def load_onnx_model(path, opts=(), score_thresh=None, max_detections=None, threa
     return TrainedModel(detector, cfg, list(detector.class_names), path)
 
 
-
 def check_export(trained, detector, images, tolerance=1e-3):
     """Compare the ONNX Runtime outputs of ``detector`` with ``trained``'s PyTorch model on
     ``images`` (model inputs [3, h, w], each as PyTorch takes it: a fixed-size graph gets it

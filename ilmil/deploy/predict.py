@@ -48,15 +48,13 @@ def read_image(path, image_format):
     try:
         with Image.open(path) as image:
             mode = image.mode
-        if mode in _WIDE_MODES:
-            raise DeployError(f"image {path} has {mode} pixels (16-bit or float), which would be read as white; fix: "
-                              "convert it to 8 bits per channel")
-        return detection_utils.read_image(path, format=image_format)
+        if mode not in _WIDE_MODES:
+            return detection_utils.read_image(path, format=image_format)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        if isinstance(e, DeployError):
-            raise
         raise DeployError(f"image {path} cannot be read ({type(e).__name__}: {e}); fix: give a readable "
                           f"{'/'.join(IMAGE_EXTENSIONS)} file") from None
+    raise DeployError(f"image {path} has {mode} pixels (16-bit or float), which would be read as white; fix: "
+                      "convert it to 8 bits per channel")
 
 
 def preprocess(cfg, image):
