@@ -129,11 +129,16 @@ def prune(best, out, ratio, finetune_iters, finetune_teacher=False):
     return weights
 
 
+def _file_stem(label):
+    """The name of a model's files in OUT/edge/<detector>/ (its .onnx, its kept figures)."""
+    return label.replace(" ", "_").replace(",", "")
+
+
 def measure(label, weights, config_file, out, repeats, opts=()):
     """The figures of one model (see the module docstring) under the test-time
     overrides ``opts`` (KEY VALUE)."""
     trained = load_trained_model(weights, config_file, ["ILMIL.DATA.CHECK_IMAGES", "False", *opts])
-    onnx_path = os.path.join(out, f"{label.replace(' ', '_').replace(',', '')}.onnx")
+    onnx_path = os.path.join(out, f"{_file_stem(label)}.onnx")
     export_onnx(trained, onnx_path)
     cfg = trained.cfg
     eval_cfg = derived_cfg(cfg, {"ILMIL.DATA.CHECK_IMAGES": False})
@@ -169,7 +174,7 @@ def measured_row(label, weights, config_file, out, args):
     failure at one model loses none of the models measured before it."""
     key = {"weights": weights, "weights_sha256": file_digest(weights), "config_file": config_file,
            "repeats": args.repeats, "opts": list(args.opts), "machine": machine()}
-    path = os.path.join(out, f"{label.replace(' ', '_').replace(',', '')}.row.json")
+    path = os.path.join(out, f"{_file_stem(label)}.row.json")
     if os.path.isfile(path):
         with open(path) as f:
             kept = json.load(f)
