@@ -97,6 +97,21 @@ def test_mistakes_end_in_one_error_line_before_training(extra, message, teacher,
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "stage_0").exists()
 
 
+def test_an_incremental_run_refuses_a_teacher_assistant_it_would_ignore(tiny_datasets_root, tmp_path, monkeypatch,
+                                                                       capsys):
+    assistant = os.path.join(REPO_ROOT, "configs", "shapes", "kd", "faster_rcnn_R18_FPN_assistant_cpu.yaml")
+    proc = run_tool_here("train_incremental.py", [
+        "--stages", "4", "--output-dir", str(tmp_path / "run"), *SHAPES_OPTS, *TRAIN_OPTS,
+        "ILMIL.TEACHER.ASSISTANT_CONFIG_FILE", assistant,
+    ], tiny_datasets_root, monkeypatch, capsys)
+    assert proc.returncode == 1, tail(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(r"ILMIL.TEACHER.ASSISTANT_CONFIG_FILE .*assistant_cpu.yaml: a teacher "
+                                          r"assistant belongs to a compression run.*fix: tools/train_compression.py "
+                                          r"--assistant-config", errors[0]), proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "stage_0").exists()
+
+
 def test_a_chain_aimed_at_another_runs_folder_is_refused_before_its_assistant_trains(teacher, tiny_datasets_root,
                                                                                      monkeypatch, capsys):
     # The student's folder is the chain's: here the teacher's finished run of another method.

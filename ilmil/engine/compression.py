@@ -42,6 +42,8 @@ ASSISTANT_DIR = "assistant"
 class CompressionRun(IncrementalRun):
     """One stage of all classes, distilled from ``teacher_weights`` (see the module docstring)."""
 
+    takes_assistant = True  # compression_run makes a config naming one a CompressionChain
+
     def __init__(self, cfg, teacher_weights, resume=False, force=False, teacher_trained_first=False):
         """``teacher_trained_first``: the teacher is still to be trained (a chain's
         assistant); everything else is checked now, the teacher by ``check_teacher`` later."""

@@ -101,6 +101,9 @@ def resolve_class_order(custom_order, dataset_classes):
 class IncrementalRun:
     """One class-incremental run: a config, its schedule and its output folder."""
 
+    # A teacher assistant is a compression chain's step (``CompressionChain``), not a stage's.
+    takes_assistant = False
+
     def __init__(self, cfg, start_stage=0, teacher_weights=None, resume=False, force=False):
         """
         Args:
@@ -116,6 +119,11 @@ class IncrementalRun:
         """
         self.cfg = cfg
         self.output_dir = cfg.OUTPUT_DIR
+        if cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE and not self.takes_assistant:
+            raise ConfigError(
+                f"ILMIL.TEACHER.ASSISTANT_CONFIG_FILE {cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE}: a teacher assistant "
+                "belongs to a compression run, an incremental run would ignore it; fix: tools/train_compression.py "
+                "--assistant-config, or leave the key empty")
         self.method = check_choice("ILMIL.METHOD", cfg.ILMIL.METHOD, METHOD_PRESETS)
         check_optimizer(cfg)
         check_device(cfg)
