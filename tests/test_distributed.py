@@ -49,3 +49,20 @@ def test_evaluation_counts_every_test_image_once(torchrun_run):
     stages = read_json(torchrun_run / "stages.json")["stages"]
     for info, entry in zip(stages, read_json(torchrun_run / "results.json")["stages"]):
         assert entry["num_images_evaluated"] == entry["num_images"] == info["num_test_images"] > 1
+
+
+def test_a_non_finite_forward_pass_on_one_rank_is_skipped_by_both(tiny_datasets_root, tmp_path):
+    # detectron2 raises its non-finite-proposals error inside rank 1's forward pass; rank 0,
+    # whose pass was finite, must learn of it (not wait in an all-reduce rank 1 never joins).
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO_ROOT, "tests", "one_rank_diverges.py"),
+           "--stages", "4", "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS,
+           "ILMIL.SKIP_NONFINITE_ITERS", "1"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(tiny_datasets_root), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rank0, rank1 = (out / "log.txt").read_text(), (out / "log.txt.rank1").read_text()
+    assert "iteration 1: a loss term is not finite on another process; iteration skipped (1 of " in rank0
+    assert "iteration 1: Predicted boxes or scores contain Inf/NaN" in rank1 and "iteration skipped (1 of " in rank1
+    assert _digests(out / "log.txt")[0][1] == _digests(out / "log.txt.rank1")[0][1]  # still in step

@@ -146,8 +146,11 @@ class IncrementalTrainer(DefaultTrainer):
             super().run_step()
         except FloatingPointError as e:
             if not isinstance(e, NonFiniteLossError):
-                # detectron2's own check (non-finite proposals): the weights have already
-                # diverged, so name the terms of the last iteration that had finite losses.
+                # detectron2's own check (non-finite proposals), raised inside the forward
+                # pass: the other processes are waiting in _check_losses_finite's all-reduce.
+                self._any_process_nonfinite(True)
+                # The weights have already diverged: name the terms of the last iteration
+                # that had finite losses.
                 last = {name: float(value) for name, value in self._last_losses.items()}
                 last = ", ".join(f"{k} = {v:.3g}" for k, v in sorted(last.items(), key=lambda kv: -kv[1]))
                 e = NonFiniteLossError(f"iteration {self.iter}: {e} (losses of the iteration before, largest first: {last})")
@@ -166,16 +169,21 @@ class IncrementalTrainer(DefaultTrainer):
         values = {name: value.detach() for name, value in losses.items()}
         finite = torch.isfinite(torch.stack([v.reshape(()) for v in values.values()]))
         bad = {} if finite.all() else {name: float(values[name]) for name, ok in zip(values, finite) if not ok}
-        if comm.get_world_size() > 1:
-            # Every rank must skip or stop together, or the others wait in DDP's all-reduce forever.
-            flag = torch.tensor([float(bool(bad))], device=next(iter(losses.values())).device)
-            dist.all_reduce(flag)
-            if flag.item() and not bad:
-                raise NonFiniteLossError(f"iteration {self.iter}: a loss term is not finite on another process")
+        if self._any_process_nonfinite(bool(bad)) and not bad:
+            raise NonFiniteLossError(f"iteration {self.iter}: a loss term is not finite on another process")
         if bad:
             terms = ", ".join(f"{name} = {value}" for name, value in sorted(bad.items()))
             raise NonFiniteLossError(f"iteration {self.iter}: loss not finite: {terms}")
         self._last_losses = values
+
+    def _any_process_nonfinite(self, bad):
+        """Whether this or another process had a non-finite iteration: every process
+        must skip or stop together, or the others wait in DDP's all-reduce forever."""
+        if comm.get_world_size() == 1:
+            return bad
+        flag = torch.tensor([float(bad)], device=next(self._trainer.model.parameters()).device)
+        dist.all_reduce(flag)
+        return bool(flag.item())
 
     def _stop_message(self, error, allowed):
         saved = self.checkpointer.resume_candidates()
