@@ -234,19 +234,27 @@ def test_a_run_killed_mid_stage_resumes_from_its_checkpoint(tiny_datasets_root, 
     assert [s["stage"] for s in read_json(out / "results.json")["stages"]] == [0, 1]
 
 
-def test_a_resumed_stage_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
-    # One image per class: every batch of stage 1 is its one image, so the data loader,
-    # which restarts its stream on resume, feeds both runs alike. Everything else (the
-    # weights, the AdamW moments, the LR schedule, the adaptive layer weights' running
-    # average, the random states) must come from the checkpoint.
+def _two_image_run(tmp_path):
+    """A finished ilmil 1+1 run (8 iterations a stage, checkpoints after 4 and 8) on two
+    images, one per class; its folder and arguments."""
     json_path = _write_coco(tmp_path / "data", _good_images(), GOOD)
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight = tmp_path / "straight"
     data = ["ILMIL.DATA.TRAIN_JSON", str(json_path), "ILMIL.DATA.TRAIN_IMAGES", str(tmp_path / "data" / "images"),
             "ILMIL.DATA.TEST_JSON", str(json_path), "ILMIL.DATA.TEST_IMAGES", str(tmp_path / "data" / "images")]
     args = ["--dataset", "coco_json", "--stages", "1+1", "--method", "ilmil", *TRAIN_OPTS, *data,
             "SOLVER.MAX_ITER", "8", "SOLVER.STEPS", "(6,)", "SOLVER.CHECKPOINT_PERIOD", "4"]
     proc = run_tool("train_incremental.py", ["--output-dir", str(straight), *args], tmp_path, timeout=300)
     assert proc.returncode == 0, tail(proc)
+    return straight, args
+
+
+def test_a_resumed_stage_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
+    # One image per class: every batch of stage 1 is its one image, so the data loader,
+    # which restarts its stream on resume, feeds both runs alike. Everything else (the
+    # weights, the AdamW moments, the LR schedule, the adaptive layer weights' running
+    # average, the random states) must come from the checkpoint.
+    straight, args = _two_image_run(tmp_path)
+    resumed = tmp_path / "resumed"
 
     # Killed after the checkpoint of iteration 3.
     shutil.copytree(straight, resumed)
@@ -560,3 +568,25 @@ def test_the_cli_refuses_another_run_and_records_its_own(tiny_datasets_root, tmp
     proc = run_tool("train_incremental.py", [*args, "SOLVER.BASE_LR", "0.005"], tiny_datasets_root)
     assert proc.returncode == 1, tail(proc)
     assert f"SOLVER.BASE_LR: {base_lr!r} there, 0.005 now" in proc.stderr
+
+
+def test_a_kill_between_the_last_checkpoint_and_model_final_is_resumed(tmp_path):
+    # The last iteration's checkpoint and model_final are written one after the other; killed
+    # in between, the resumed stage has no iteration left to train.
+    straight, args = _two_image_run(tmp_path)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    stage1 = resumed / "stage_1"
+    for name in ("model_final.pth", "metrics_eval.json"):
+        (stage1 / name).unlink()
+    (resumed / "results.json").unlink()
+    (stage1 / "last_checkpoint").write_text("model_0000007.pth")
+
+    proc = run_tool("train_incremental.py", ["--output-dir", str(resumed), "--resume", *args], tmp_path, timeout=300)
+    assert proc.returncode == 0, tail(proc)
+    assert "Stage 1: resuming at iteration 8 of 8" in proc.log
+    final = safe_load(str(stage1 / "model_final.pth"))
+    assert final["iteration"] == 7
+    expected = safe_load(str(straight / "stage_1" / "model_final.pth"))["model"]
+    assert all(torch.equal(final["model"][key], expected[key]) for key in expected)
+    assert [s["stage"] for s in read_json(resumed / "results.json")["stages"]] == [0, 1]
