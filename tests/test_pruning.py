@@ -173,7 +173,7 @@ def unpruned_stage0(tiny_datasets_root, tmp_path, monkeypatch):
     return cfg, str(tmp_path / "model_final.pth"), classes, train_name, test_name
 
 
-def _prune_and_finetune(stage0, output_dir, monkeypatch, *opts):
+def _prune_and_finetune(stage0, output_dir, monkeypatch, *opts, resume=False):
     """``prune_checkpoint`` at ratio 0.5 with 3 fine-tuning iterations; returns its
     summary, the teachers built meanwhile and the loss terms the fine-tuning logged."""
     cfg, weights, classes, train_name, test_name = stage0
@@ -188,7 +188,7 @@ def _prune_and_finetune(stage0, output_dir, monkeypatch, *opts):
         return teachers[-1]
 
     monkeypatch.setattr(distill_student, "build_teacher", recording_build_teacher)
-    summary = prune_checkpoint(cfg, weights, str(output_dir), classes, train_name, test_name)
+    summary = prune_checkpoint(cfg, weights, str(output_dir), classes, train_name, test_name, resume)
     logged = set().union(*(line.keys() for line in metrics_lines(output_dir / "finetune" / "metrics.json")))
     return summary, teachers, logged
 
@@ -237,6 +237,26 @@ def test_a_teacher_without_finetuning_or_a_model_to_hold_it_is_refused(opts, mes
 
 
 # ------------------------------------------------------------------ the tools
+
+
+def test_the_fine_tuning_is_seeded_and_resumes_from_its_checkpoint(unpruned_stage0, tmp_path, monkeypatch):
+    # Twice in one process: the second starts from another global random state, as a
+    # re-run whose stage before was reused (not trained in this process) does.
+    opts = ("ILMIL.PRUNING.FINETUNE_ITERS", 6, "SOLVER.CHECKPOINT_PERIOD", 2)
+    first, _, _ = _prune_and_finetune(unpruned_stage0, tmp_path / "first", monkeypatch, *opts)
+    second, _, _ = _prune_and_finetune(unpruned_stage0, tmp_path / "second", monkeypatch, *opts)
+    expected = safe_load(first["pruned_weights"])["model"]
+    got = safe_load(second["pruned_weights"])["model"]
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+
+    # Killed after the fine-tuning's checkpoint of iteration 1: resumed from it.
+    finetune = tmp_path / "second" / "finetune"
+    for name in ("model_final.pth", "model_0000003.pth", "model_0000005.pth", "iteration_times.json"):
+        (finetune / name).unlink()
+    (finetune / "last_checkpoint").write_text("model_0000001.pth")
+    _prune_and_finetune(unpruned_stage0, tmp_path / "second", monkeypatch, *opts, resume=True)
+    assert read_json(finetune / "iteration_times.json")["start_iter"] == 2  # timed after 3 iterations
+    assert safe_load(str(finetune / "model_final.pth"))["iteration"] == 5
 
 
 def test_train_incremental_prunes_at_the_stage_boundary(tiny_datasets_root, tmp_path):

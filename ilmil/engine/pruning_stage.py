@@ -22,6 +22,7 @@ from detectron2.data import build_detection_test_loader
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch import DenseDetector
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 
 from ..checkpoint import IncrementalCheckpointer, StageRecord, load_checked_checkpoint
 from ..config import derived_cfg
@@ -134,7 +135,7 @@ def pruning_ratios(cfg):
     return ratio_of
 
 
-def prune_checkpoint(cfg, weights, output_dir, class_names, train_dataset, test_dataset):
+def prune_checkpoint(cfg, weights, output_dir, class_names, train_dataset, test_dataset, resume=False):
     """Prune ``weights`` per ``cfg.ILMIL.PRUNING``, fine-tune, measure; returns the summary.
 
     Args:
@@ -142,6 +143,7 @@ def prune_checkpoint(cfg, weights, output_dir, class_names, train_dataset, test_
         class_names: the checkpoint's classes (checked against its record).
         train_dataset, test_dataset: registered names of its training data (for
             fine-tuning) and test data (AP50 and a real image for GFLOPs / latency).
+        resume: continue the fine-tuning from its last checkpoint (after a kill).
     """
     check_pruning_config(cfg)
     os.makedirs(output_dir, exist_ok=True)
@@ -163,7 +165,7 @@ def prune_checkpoint(cfg, weights, output_dir, class_names, train_dataset, test_
     iters = p.FINETUNE_ITERS
     if iters > 0:
         teacher = weights if p.FINETUNE_TEACHER else None
-        model = _finetune(pruned_cfg, model, iters, os.path.join(output_dir, "finetune"), teacher)
+        model = _finetune(pruned_cfg, model, iters, os.path.join(output_dir, "finetune"), teacher, resume)
     IncrementalCheckpointer(model, output_dir, ilmil=StageRecord(model, class_names, {"pruned_from": weights})).save(
         PRUNED_NAME)
     after = {**measure_model(model, image), "AP50": evaluate_model(pruned_cfg, model).get("AP50")}
@@ -183,9 +185,10 @@ def prune_checkpoint(cfg, weights, output_dir, class_names, train_dataset, test_
     return summary
 
 
-def _finetune(cfg, model, iters, output_dir, teacher_weights=None):
+def _finetune(cfg, model, iters, output_dir, teacher_weights=None, resume=False):
     """``model`` (pruned) trained ``iters`` iterations on ``cfg``'s training data; with
-    ``teacher_weights`` (the unpruned checkpoint) as its frozen teacher, distilled from it."""
+    ``teacher_weights`` (the unpruned checkpoint) as its frozen teacher, distilled from it.
+    ``resume``: from the fine-tuning's last checkpoint when there is one."""
     changes = {
         "OUTPUT_DIR": output_dir,
         "SOLVER.MAX_ITER": iters,
@@ -206,13 +209,18 @@ def _finetune(cfg, model, iters, output_dir, teacher_weights=None):
             "DATASETS.TRAIN": (with_every_class_old(cfg.DATASETS.TRAIN[0]),),
         })
     cfg = derived_cfg(cfg, changes)
+    # Seeded as a stage is: the same fine-tuning whether or not the stage before trained in this process.
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
     # BatchNorm statistics are re-estimated with or without the teacher: pruning changed
     # the activations they describe.
     trainer = IncrementalTrainer(cfg, {"pruned_finetune": True})
     student = getattr(trainer.model, "module", trainer.model)  # unwrap DistributedDataParallel
-    # Strict, but the student's own distillation state (new with its loss terms) keeps its initial value.
-    student.load_state_dict({**student.state_dict(), **model.state_dict()})
-    logger.info("Fine-tuning the pruned model for %d iterations%s", iters,
-                f", its teacher the unpruned {teacher_weights}" if teacher_weights else "")
+    start_iter = trainer.resume_stage() if resume else None
+    if start_iter is None:
+        # Strict, but the student's own distillation state (new with its loss terms) keeps its initial value.
+        student.load_state_dict({**student.state_dict(), **model.state_dict()})
+    logger.info("Fine-tuning the pruned model for %d iterations%s%s", iters,
+                f", its teacher the unpruned {teacher_weights}" if teacher_weights else "",
+                f", resuming at iteration {start_iter}" if start_iter is not None else "")
     trainer.train()
     return student

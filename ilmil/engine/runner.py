@@ -444,7 +444,8 @@ class IncrementalRun:
         # Every process takes part (evaluation and fine-tuning are distributed too) and
         # gets the summary; prune_checkpoint builds the model in the checkpoint's layout.
         train_name, test_name = self.registered[stage.index]
-        return prune_checkpoint(self.stage_cfg(stage), weights, folder, stage.seen_classes, train_name, test_name)
+        return prune_checkpoint(self.stage_cfg(stage), weights, folder, stage.seen_classes, train_name, test_name,
+                                self.resume)
 
 
 def _check_start_model(cfg, weights, old_classes):
