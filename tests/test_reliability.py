@@ -7,6 +7,7 @@ import pickle
 import random
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,18 @@ def test_atomic_write_keeps_the_old_file_when_the_serializer_fails_midway(tmp_pa
     atomic_write(str(path), lambda f: json.dump(detections[:2], f), mode="w")
     assert json.loads(path.read_text()) == [{"score": 0.5}] * 2
     assert os.listdir(tmp_path) == ["detections.json"]
+
+
+def test_a_killed_writers_temporary_is_removed_when_the_file_is_next_written(tmp_path):
+    path = tmp_path / "model_0000009.pth"
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    (tmp_path / f"model_0000009.pth.tmp.{ended.pid}").write_bytes(b"half a checkpoint")  # its writer was killed
+    (tmp_path / "model_0000009.pth.tmp.1").write_bytes(b"being written")  # by a process that still runs
+    (tmp_path / "model_0000004.pth.tmp.7").write_bytes(b"another file's")
+    atomic_write(str(path), lambda f: f.write(b"whole"))
+    assert path.read_bytes() == b"whole"
+    assert sorted(os.listdir(tmp_path)) == ["model_0000004.pth.tmp.7", "model_0000009.pth", "model_0000009.pth.tmp.1"]
 
 
 class _Counter:
@@ -488,6 +501,16 @@ def test_a_folder_of_another_run_is_refused_unless_forced(tmp_path):
     assert not (tmp_path / "stage_0").exists() and (tmp_path / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "teacher").exists()  # another teacher's figures would be reported as this one's
     assert read_json(tmp_path / "run.json")["identity"] == other == record["identity"]
+
+
+@pytest.mark.parametrize("record", ["[]", '{"identity": "x"}', '{"seed": 0}'])
+def test_a_hand_edited_record_is_one_error_and_one_without_its_date_is_still_read(tmp_path, record):
+    (tmp_path / "run.json").write_text(record)
+    with pytest.raises(RunDirError, match=r"run.json is not a run record \(no \"identity\" object: edited by hand\?\); "
+                                          "fix: choose another --output-dir, or add --force"):
+        claim_run_dir(str(tmp_path), IDENTITY, seed=0)
+    (tmp_path / "run.json").write_text(json.dumps({"identity": IDENTITY}))  # "created" deleted
+    assert claim_run_dir(str(tmp_path), IDENTITY, seed=0)["created"]
 
 
 def test_a_changed_config_is_named_key_by_key_and_an_older_record_is_not_held_to_it(tmp_path):

@@ -174,12 +174,15 @@ def _recorded_run(output_dir):
     path = os.path.join(output_dir, RUN_FILE)
     if not os.path.isfile(path):
         return None, path
+    fix = "fix: choose another --output-dir, or add --force to remove that run's outputs and start over"
     try:
         with open(path) as f:
-            return json.load(f), path
+            recorded = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunDirError(f"{path} is not valid JSON ({e}); fix: choose another --output-dir, or add "
-                          "--force to remove that run's outputs and start over") from None
+        raise RunDirError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("identity"), dict):
+        raise RunDirError(f"{path} is not a run record (no \"identity\" object: edited by hand?); {fix}")
+    return recorded, path
 
 
 def check_run_dir(output_dir, identity, force=False):
@@ -230,7 +233,7 @@ def claim_run_dir(output_dir, identity, seed, force=False, logger=None):
         "command": " ".join(sys.argv),
         "seed": seed,
         "identity": identity,
-        "created": recorded["created"] if recorded else now,
+        "created": recorded.get("created", now) if recorded else now,
         "last_started": now,
     }
     write_json(os.path.join(output_dir, RUN_FILE), record)
