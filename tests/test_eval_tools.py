@@ -7,13 +7,16 @@ import importlib.util
 import json
 import os
 import subprocess
+import re
 import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import REPO_ROOT, TINY_SHAPES
+from tool_runs import run_tool_here, tail
 from ilmil.data import load_coco_json
 from ilmil.evaluation import NotARunError
 
@@ -179,3 +182,25 @@ def test_single_checkpoint_with_old_and_new_classes(tiny_run, tiny_datasets_root
     missing = str(tiny_run.out.parent / "no_such_run")  # beside an existing --output-dir: one error line
     with pytest.raises(NotARunError, match="no_such_run: no such folder; fix: give the --output-dir"):
         main(["--run-dir", missing, "--output-dir", str(tiny_run.out.parent), "--quiet"])
+
+
+@pytest.mark.parametrize("tool", ["eval_incremental.py", "prune.py"])
+def test_a_lone_checkpoint_of_other_classes_is_refused_before_any_data_is_made(tool, tiny_run, tmp_path, monkeypatch,
+                                                                             capsys):
+    # Outside a run folder the tools default to the shapes config: for a model of other
+    # classes they would generate and check the shapes data first, then refuse it.
+    checkpoint = torch.load(tiny_run.out / "stage_1" / "model_final.pth", weights_only=False)
+    checkpoint["ilmil"]["class_names"] = ["cat", "dog", "person", "circle_filled"]
+    (tmp_path / "lone").mkdir()
+    weights = tmp_path / "lone" / "m.pth"
+    torch.save(checkpoint, weights)
+    datasets = tmp_path / "datasets"
+    datasets.mkdir()
+    args = ["--weights", str(weights), "--output-dir", str(tmp_path / "out")] + (["--ratio", "0.5"] if tool == "prune.py" else [])
+    proc = run_tool_here(tool, args, datasets, monkeypatch, capsys)
+    assert proc.returncode == 1, tail(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(r"m.pth: no config.yaml in its folder or the 2 above, and its classes "
+                                          r"\(cat, dog, person\) are not the shapes data's, the default; fix: give "
+                                          r"--config-file", errors[0]), proc.stderr[-2000:]
+    assert not any(datasets.iterdir())

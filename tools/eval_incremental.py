@@ -19,7 +19,7 @@ import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.config import get_ilmil_cfg
-from ilmil.deploy import OnnxDetector, check_onnx_opts, run_config_of
+from ilmil.deploy import OnnxDetector, check_onnx_opts, checkpoint_config_file
 from ilmil.engine import require_output_dir, run_tool_main
 from ilmil.evaluation import evaluate_checkpoint, evaluate_run, format_results_table
 
@@ -71,7 +71,7 @@ def main(argv=None):
         if args.weights.endswith(".onnx") and not args.config_file:
             cfg = OnnxDetector(args.weights).config(args.opts)  # the config it was exported with
         else:
-            cfg = get_ilmil_cfg(args.config_file or run_config_of(args.weights), args.opts)
+            cfg = get_ilmil_cfg(checkpoint_config_file(args.weights, args.config_file), args.opts)
         cfg.defrost()
         if args.dataset:
             cfg.ILMIL.DATASET = args.dataset

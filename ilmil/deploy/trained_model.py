@@ -8,9 +8,11 @@ import torch
 
 from ..checkpoint import CheckpointError, checkpoint_class_names, safe_load
 from ..config import check_device, derived_cfg, get_ilmil_cfg, num_classes_changes
+from ..data import shape_class_names
+from ..data.shapes import MAX_CLASSES
 from ..modeling import load_detector
 
-__all__ = ["TrainedModel", "load_trained_model", "run_config_of", "score_thresh_key"]
+__all__ = ["TrainedModel", "checkpoint_config_file", "load_trained_model", "run_config_of", "score_thresh_key"]
 
 # The test-time score-threshold key of each one-stage detector ilmil builds, by the part of
 # its meta-architecture's name (IncrementalRetinaNet is a RetinaNet); Faster R-CNN's otherwise.
@@ -39,6 +41,23 @@ def run_config_of(weights):
         if os.path.isfile(candidate):
             return candidate
         folder = os.path.dirname(folder)
+    return None
+
+
+def checkpoint_config_file(weights, config_file=""):
+    """The config to evaluate or prune ``weights`` with: ``config_file``, else its run's
+    ``config.yaml``, else None (the default, shapes config), which is refused at once for a
+    checkpoint of other classes (its data would be generated and checked first)."""
+    config_file = config_file or run_config_of(weights)
+    if config_file:
+        return config_file
+    others = [name for name in checkpoint_class_names(safe_load(weights)) or ()
+              if name not in shape_class_names(MAX_CLASSES)]
+    if others:
+        raise CheckpointError(
+            f"--weights {weights}: no config.yaml in its folder or the {_RUN_DEPTH - 1} above, and its classes "
+            f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}) are not the shapes data's, the default; "
+            "fix: give --config-file (the config.yaml of the run it came from)")
     return None
 
 
