@@ -588,6 +588,10 @@ def _merge_file(cfg, path):
 
 def _merge_opts(cfg, opts):
     """``KEY VALUE`` overrides, refused (naming the pair) where yacs would only assert."""
+    flags = [str(o) for o in opts if str(o).startswith("--")]
+    if flags:  # argparse gives the overrides everything after the first KEY, flags included
+        raise ConfigError(f"{' '.join(flags)} after the KEY VALUE config overrides is read as one of them; "
+                          "fix: put the flags before the overrides")
     if len(opts) % 2:
         raise ConfigError(f"config overrides {' '.join(map(str, opts))}: a KEY without its VALUE; "
                           "fix: give overrides as KEY VALUE pairs, e.g. SOLVER.MAX_ITER 100")

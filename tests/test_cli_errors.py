@@ -344,6 +344,10 @@ CASES = {
     "override_without_value": Case("train_incremental.py", lambda tmp_path, _: Bad(
         ["--stages", "2+2", "--output-dir", str(tmp_path / "out"), "SOLVER.MAX_ITER"], "SOLVER.MAX_ITER")),
     "override_wrong_type": _choice("SOLVER.MAX_ITER", "many", names="for config key: SOLVER.MAX_ITER"),
+    # argparse hands the overrides every argument after the first KEY, a flag too.
+    "flag_after_overrides": Case("train_incremental.py", lambda tmp_path, _: Bad(
+        [*_train(tmp_path), "--resume", "--force"], "--resume --force after the KEY VALUE config overrides is "
+                                                    "read as one of them; fix: put the flags before the overrides")),
     # output folders
     "output_dir_is_a_file": Case("train_incremental.py", _output_dir_is_a_file),
     "output_dir_not_writable": Case("train_incremental.py", _output_dir_in_a_file),
