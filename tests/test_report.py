@@ -38,3 +38,12 @@ def test_every_ap_is_shown_with_one_decimal():
     rows = _rows(format_results_table(RESULTS))
     assert rows[0][2:] == ["-", "12.0", "12.0", "-", "5.0", "5.0"]
     assert rows[1][2:] == ["3.0", "40.0", "21.5", "1.0", "20.0", "10.5"]
+
+
+def test_a_compression_run_is_titled_by_its_terms_not_its_method_preset():
+    compression = {**RESULTS, "stages_spec": "20", "teacher": {"AP50": 60.0},
+                   "config": {"ILMIL": {"DISTILL": {"FEAT": {"ENABLED": True}, "RCN": {"ENABLED": True},
+                                                    "RPN": {"ENABLED": False}}}}}
+    assert format_results_table(compression).splitlines()[0] == "KD: feat+rcn on shapes 20"
+    undistilled = {**compression, "config": {"ILMIL": {"DISTILL": {"FEAT": {"ENABLED": False}}}}}
+    assert format_results_table(undistilled).splitlines()[0] == "no KD on shapes 20"

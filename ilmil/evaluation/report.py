@@ -5,6 +5,7 @@ import os
 from tabulate import tabulate
 
 from ..pruning.measure import format_pruning_table
+from ..visualization import method_label
 from .forgetting import per_class_metrics
 
 __all__ = ["ap_cell", "format_report", "format_results_table", "markdown_table"]
@@ -26,7 +27,7 @@ def format_results_table(results):
             ]
         )
     headers = ["stage", "classes", "AP50_old", "AP50_new", "AP50", "AP_old", "AP_new", "AP"]
-    title = f"{results['method']} on {results['dataset']} {results['stages_spec']}"
+    title = f"{method_label(results)} on {results['dataset']} {results['stages_spec']}"
     return title + "\n" + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -100,7 +101,7 @@ def format_report(results, output_dir, plot_paths=(), data_files=()):
     """
     metrics = sorted(per_class_metrics(results), key=lambda m: m != "AP50")  # the primary metric first
     parts = [
-        f"# {results['method']} on {results['dataset']} {results['stages_spec']}",
+        f"# {method_label(results)} on {results['dataset']} {results['stages_spec']}",
         f"{len(results['stages'])} stage(s), seed {results.get('seed', '-')}. AP values in %, "
         "AP = COCO AP@[.5:.95]; _old / _new = mean over the classes of earlier stages / of the stage.",
         "## Schedule",
