@@ -344,6 +344,8 @@ CASES = {
     "override_without_value": Case("train_incremental.py", lambda tmp_path, _: Bad(
         ["--stages", "2+2", "--output-dir", str(tmp_path / "out"), "SOLVER.MAX_ITER"], "SOLVER.MAX_ITER")),
     "override_wrong_type": _choice("SOLVER.MAX_ITER", "many", names="for config key: SOLVER.MAX_ITER"),
+    "stages_beyond_class_order": _choice("--class-order", ",".join(SHAPES[:2]), names="stage spec '2+2' needs 4 "
+                                         "classes but ILMIL.CLASS_ORDER (--class-order) has 2; fix: lower the counts"),
     # argparse hands the overrides every argument after the first KEY, a flag too.
     "flag_after_overrides": Case("train_incremental.py", lambda tmp_path, _: Bad(
         [*_train(tmp_path), "--resume", "--force"], "--resume --force after the KEY VALUE config overrides is "

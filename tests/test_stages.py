@@ -60,9 +60,17 @@ def test_a_huge_repeat_is_refused_before_its_stages_are_listed():
 
 @pytest.mark.parametrize("spec, term", [("0+10", "0"), ("10x0", "10x0"), ("10+0x3", "0x3")])
 def test_zero_counts_are_rejected(spec, term):
-    with pytest.raises(StageSpecError, match="zero count") as info:
+    with pytest.raises(StageSpecError, match="zero count; fix: every stage learns 1 class or more") as info:
         parse_stage_spec(spec, 20)
     assert repr(term) in str(info.value)
+
+
+def test_too_many_classes_name_where_the_classes_come_from():
+    with pytest.raises(StageSpecError, match=r"needs 20 classes but the dataset has 4; fix: lower the counts$"):
+        parse_stage_spec("10+10", 4)
+    with pytest.raises(StageSpecError, match=r"needs 20 classes but ILMIL.CLASS_ORDER \(--class-order\) has 2; "
+                                             "fix: lower the counts or name more classes"):
+        parse_stage_spec("10+10", 2, "ILMIL.CLASS_ORDER (--class-order)")
 
 
 @pytest.mark.parametrize("spec, term", [("a+10", "a"), ("10.5+5", "10.5"), ("10+", ""), ("+10", ""),
@@ -241,5 +249,5 @@ def test_unknown_class_in_custom_order_is_named():
 
 
 def test_duplicate_class_in_custom_order_is_rejected():
-    with pytest.raises(StageSpecError, match="twice"):
-        resolve_class_order(["a", "b", "a"], ("a", "b", "c"))
+    with pytest.raises(StageSpecError, match=r"^ILMIL.CLASS_ORDER lists a, b twice; fix: name each class once$"):
+        resolve_class_order(["a", "b", "a", "c", "b"], ("a", "b", "c"))

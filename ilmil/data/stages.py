@@ -52,11 +52,11 @@ class Stage:
         return self.old_classes + self.new_classes
 
 
-def parse_stage_spec(spec, num_classes=None):
+def parse_stage_spec(spec, num_classes=None, classes_from="the dataset"):
     """``"15+1x5"`` -> ``[15, 1, 1, 1, 1, 1]``.
 
-    With ``num_classes``, the counts must sum to at most it (fewer trains on a
-    prefix of the class order).
+    With ``num_classes`` (the number of classes ``classes_from`` names), the counts
+    must sum to at most it (fewer trains on a prefix of the class order).
     """
     text = str(spec).strip().replace(" ", "")
     if not text:
@@ -71,13 +71,14 @@ def parse_stage_spec(spec, num_classes=None):
             )
         size, repeat = int(match.group(1)), int(match.group(2) or 1)
         if size == 0 or repeat == 0:
-            raise StageSpecError(f"stage spec {spec!r}: term {term!r} has a zero count")
+            raise StageSpecError(f"stage spec {spec!r}: term {term!r} has a zero count; fix: every stage learns "
+                                 "1 class or more, e.g. 10+10 or 15+1x5")
         terms.append((size, repeat))
     total = sum(size * repeat for size, repeat in terms)  # checked before a typo's 1x10000000000 is listed
     if num_classes is not None and total > num_classes:
         raise StageSpecError(
-            f"stage spec {spec!r} needs {total} classes but the dataset has {num_classes}: "
-            "lower the counts"
+            f"stage spec {spec!r} needs {total} classes but {classes_from} has {num_classes}; "
+            "fix: lower the counts" + ("" if classes_from == "the dataset" else " or name more classes")
         )
     return [size for size, repeat in terms for _ in range(repeat)]
 

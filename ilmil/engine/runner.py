@@ -93,8 +93,9 @@ def resolve_class_order(custom_order, dataset_classes):
             f"ILMIL.CLASS_ORDER names classes not in the dataset: {', '.join(unknown)}; "
             f"the dataset has: {', '.join(dataset_classes)}"
         )
-    if len(set(custom_order)) != len(custom_order):
-        raise StageSpecError("ILMIL.CLASS_ORDER lists a class twice")
+    twice = sorted({c for c in custom_order if custom_order.count(c) > 1})
+    if twice:
+        raise StageSpecError(f"ILMIL.CLASS_ORDER lists {', '.join(twice)} twice; fix: name each class once")
     return tuple(custom_order)
 
 
@@ -146,7 +147,8 @@ class IncrementalRun:
         class_order = resolve_class_order(list(cfg.ILMIL.CLASS_ORDER), self.source.class_names)
         rule = "ILMIL.CLASS_ORDER" if cfg.ILMIL.CLASS_ORDER else DEFAULT_CLASS_ORDER[self.source.name]
         logger.info("class order (%s, %s): %s", self.source.name, rule, ", ".join(class_order))
-        counts = parse_stage_spec(cfg.ILMIL.STAGES, len(class_order))
+        counts = parse_stage_spec(cfg.ILMIL.STAGES, len(class_order),
+                                  "ILMIL.CLASS_ORDER (--class-order)" if cfg.ILMIL.CLASS_ORDER else "the dataset")
         if self.method == "joint":
             # The upper bound: every class of the spec at once, the same total budget.
             self.schedule = [Stage(0, (), tuple(class_order[: sum(counts)]))]
