@@ -115,7 +115,11 @@ def safe_load(path):
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / ... on bad files
-        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]  # torch's messages run to many lines
+        message = str(e)
+        if "WeightsUnpickler error:" in message:
+            # torch's safe loader wraps its reason in advice to load the file unsafely: the reason alone.
+            message = message.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        reason = " ".join(f"{type(e).__name__}: {message}".split())[:300]  # torch's messages run to many lines
         raise CheckpointError(f"cannot read checkpoint {path} ({reason}): the file is truncated, corrupt or "
                               "not a checkpoint; fix: give a complete checkpoint file") from e
     if not isinstance(data, dict):

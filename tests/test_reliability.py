@@ -196,6 +196,16 @@ def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path, monkeypatch, suf
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_a_file_that_is_no_checkpoint_is_refused_without_advice_to_load_it_unsafely(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("MODEL:\n  DEVICE: cpu\n")
+    with pytest.raises(CheckpointError) as info:
+        safe_load(str(path))
+    message = str(info.value)
+    assert message.startswith(f"cannot read checkpoint {path} (UnpicklingError: ") and "not a checkpoint" in message
+    assert "weights_only" not in message and "arbitrary code" not in message
+
+
 def test_model_zoo_pkl_weights_still_load(tmp_path):
     weights = {"conv1.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}
     path = tmp_path / "R-zoo.pkl"
