@@ -100,6 +100,17 @@ def test_an_export_that_fails_its_check_leaves_the_file_of_before(trained, tiny_
         assert proc.returncode == 2 and message in proc.stderr
 
 
+def test_an_export_check_that_compared_nothing_says_so(trained, tiny_datasets_root, tmp_path, monkeypatch, capsys):
+    weights = str(trained("retinanet") / "stage_0" / "model_final.pth")
+    proc = run_tool_here("export.py", ["--weights", weights, "--output", str(tmp_path / "model.onnx"),
+                                       "--check-images", "1", *SHAPES_OPTS, *TRAIN_OPTS,
+                                       "MODEL.RETINANET.SCORE_THRESH_TEST", "1.0"],  # no score reaches it
+                         tiny_datasets_root, monkeypatch, capsys)
+    assert not proc.returncode, proc.log[-2000:]
+    assert "0 of 0 PyTorch detections matched" in proc.stdout
+    assert "warning: the model detected nothing on these 1 images, so the check compared no boxes" in proc.stderr
+
+
 def test_an_exported_model_is_evaluated_and_predicts_through_onnx_runtime_as_pytorch(trained, tiny_datasets_root,
                                                                                        tiny_shapes_dir, tmp_path):
     run = trained("faster_rcnn")

@@ -81,6 +81,9 @@ def main(argv=None):
           f"largest relative box difference "
           f"{figures['max_relative_box_difference']:.2e} (tolerance {args.tolerance:g}), largest score difference "
           f"{figures['max_score_difference']:.2e}; written to {path}")
+    if not figures["detections_compared"]:
+        print(f"warning: the model detected nothing on these {figures['images']} images, so the check compared no "
+              "boxes; check it on more images (--check-images N) or train the model further", file=sys.stderr)
     if not figures["passed"]:
         padded = not args.dynamic and any(tuple(i.shape[1:]) != tuple(metadata["input_size"]) for i in images)
         fix = ("--dynamic: the fixed size pads these images, and the padding changes the detections" if padded
