@@ -258,9 +258,13 @@ def test_a_run_killed_mid_stage_resumes_from_its_checkpoint(tiny_datasets_root, 
 
 
 def _two_image_run(tmp_path):
-    """A finished ilmil 1+1 run (8 iterations a stage, checkpoints after 4 and 8) on two
-    images, one per class; its folder and arguments."""
-    json_path = _write_coco(tmp_path / "data", _good_images(), GOOD)
+    """A finished ilmil 1+1 run (8 iterations a stage, checkpoints after 4 and 8) on six
+    images, the first of class 1, five of class 2 with boxes of five sizes, so the batches
+    of stage 1 (2 images each) differ; its folder and arguments."""
+    images = {f"{i}.jpg": (64, 48, _jpeg(64, 48)) for i in range(6)}  # one aspect-ratio group
+    boxes = [(1, 1, [2.0, 2.0, 20.0, 20.0])] + [(i, 2, [2.0 * i, 4.0, 8.0 + 4 * i, 10.0 + 2 * i])
+                                                  for i in range(2, 7)]
+    json_path = _write_coco(tmp_path / "data", images, boxes)
     straight = tmp_path / "straight"
     data = ["ILMIL.DATA.TRAIN_JSON", str(json_path), "ILMIL.DATA.TRAIN_IMAGES", str(tmp_path / "data" / "images"),
             "ILMIL.DATA.TEST_JSON", str(json_path), "ILMIL.DATA.TEST_IMAGES", str(tmp_path / "data" / "images")]
@@ -272,10 +276,10 @@ def _two_image_run(tmp_path):
 
 
 def test_a_resumed_stage_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
-    # One image per class: every batch of stage 1 is its one image, so the data loader,
-    # which restarts its stream on resume, feeds both runs alike. Everything else (the
-    # weights, the AdamW moments, the LR schedule, the adaptive layer weights' running
-    # average, the random states) must come from the checkpoint.
+    # Everything must come from the checkpoint or continue from it: the weights, the AdamW
+    # moments, the LR schedule, the adaptive layer weights' running average, the random
+    # states, and the data stream (stage 1's iterations 4-7 take the images of 4-7, not
+    # those of 0-3 again; no loader workers, whose augmentations would start afresh).
     straight, args = _two_image_run(tmp_path)
     resumed = tmp_path / "resumed"
 

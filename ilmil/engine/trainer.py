@@ -1,6 +1,7 @@
 """The trainer of one incremental stage: detectron2's ``DefaultTrainer`` with our
 evaluator, crash-safe checkpoints that record the stage they belong to, and a
 guard that stops (or skips) an iteration whose loss is not finite."""
+import itertools
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from detectron2.data import MetadataCatalog
+from detectron2.data.common import ToIterableDataset
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -43,6 +45,27 @@ class _IterationTimesWriter(hooks.HookBase):
                 record["peak_cuda_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
             atomic_write(os.path.join(self.trainer.cfg.OUTPUT_DIR, "iteration_times.json"),
                          lambda f: json.dump(record, f), mode="w")
+
+
+class _ResumableSampler:
+    """detectron2's training sampler, started ``skip`` indices into its stream: a resumed
+    stage continues the data where its checkpoint left it instead of replaying the
+    stage's first batches."""
+
+    def __init__(self, sampler):
+        self.sampler, self.skip = sampler, 0
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+
+def _sampled_dataset(loader):
+    """The ``ToIterableDataset`` that draws ``loader``'s indices from its sampler (None for
+    a loader built otherwise). detectron2 0.6 returns a ``DataLoader`` over it, or, with
+    aspect-ratio grouping, an ``AspectRatioGroupedDataset`` over such a loader."""
+    torch_loader = loader if isinstance(loader, torch.utils.data.DataLoader) else loader.dataset
+    dataset = getattr(torch_loader, "dataset", None)
+    return dataset if isinstance(dataset, ToIterableDataset) else None
 
 
 class IncrementalTrainer(DefaultTrainer):
@@ -87,7 +110,8 @@ class IncrementalTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """detectron2's loader, its torch ``DataLoader`` given a generator of its own.
+        """detectron2's loader, its torch ``DataLoader`` given a generator of its own and
+        its sampler one that ``resume_stage`` can start where the checkpoint left it.
 
         The ``DataLoader`` draws its workers' base seed when its iterator starts, at
         the first step, which is after ``--resume`` has restored the random states:
@@ -97,6 +121,9 @@ class IncrementalTrainer(DefaultTrainer):
         loader = super().build_train_loader(cfg)
         torch_loader = loader if isinstance(loader, torch.utils.data.DataLoader) else loader.dataset
         torch_loader.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        sampled = _sampled_dataset(loader)
+        if sampled is not None:
+            sampled.sampler = _ResumableSampler(sampled.sampler)
         return loader
 
     @classmethod
@@ -139,6 +166,14 @@ class IncrementalTrainer(DefaultTrainer):
         if "iteration" not in extra:
             return None
         self.start_iter = extra["iteration"] + 1
+        sampled = _sampled_dataset(self._trainer.data_loader)
+        if sampled is not None and isinstance(sampled.sampler, _ResumableSampler):
+            # The images the iterations before took (exactly, when aspect-ratio grouping keeps
+            # every image in one group: then each batch takes the next images of the stream).
+            sampled.sampler.skip = self.start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
+            # detectron2 made the trainer's iterator when it was built; a loader without
+            # grouping and with worker processes started them then, with the sampler unskipped.
+            self._trainer._data_loader_iter = iter(self._trainer.data_loader)
         return self.start_iter
 
     def run_step(self):
