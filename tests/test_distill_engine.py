@@ -87,6 +87,15 @@ def test_a_layer_the_model_lacks_is_refused_before_training_with_the_available_n
     assert "proposal_generator.rpn_head" in str(e.value)
 
 
+def test_a_layer_only_the_teacher_lacks_names_the_teachers_config():
+    # A Faster R-CNN student imitating res2 of a teacher given FCOS's config (whose backbone starts at res3).
+    fcos = os.path.join(CONFIGS_DIR, "shapes", "fcos_R18_FPN_cpu.yaml")
+    cfg = _cfg(NUM_ALL, "ILMIL.DISTILL.FEAT.LAYERS", ["res2"], "ILMIL.TEACHER.CONFIG_FILE", fcos)
+    with pytest.raises(ConfigError, match=rf"^ILMIL\.DISTILL\.FEAT\.LAYERS, in the teacher of ILMIL\.TEACHER\.CONFIG_FILE "
+                                          rf"{re.escape(fcos)}: FCOS has no layer 'res2'; fix:"):
+        check_distill_config(cfg)
+
+
 def _shapes_cfg(config, *opts):
     return get_ilmil_cfg(os.path.join(CONFIGS_DIR, "shapes", config), ["MODEL.DEVICE", "cpu", *opts], method="finetune")
 

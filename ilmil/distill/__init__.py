@@ -102,8 +102,9 @@ def check_distill_config(cfg):
     for section, loss in distiller.terms.items():
         section = section.upper()
         key = f"ILMIL.DISTILL.{section}" + (".LAYERS" if "LAYERS" in d[section] else "")
-        for model in (student, teacher):
-            Recorder(model, loss.records(), key).remove()
+        Recorder(student, loss.records(), key).remove()
+        teacher_file = cfg.ILMIL.TEACHER.CONFIG_FILE or "(the student's)"
+        Recorder(teacher, loss.records(), f"{key}, in the teacher of ILMIL.TEACHER.CONFIG_FILE {teacher_file}").remove()
 
 
 def _plain_detector(cfg):
