@@ -119,6 +119,9 @@ def safe_load(path):
         if "WeightsUnpickler error:" in message:
             # torch's safe loader wraps its reason in advice to load the file unsafely: the reason alone.
             message = message.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+            unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+            if unsafe:
+                message = f"it holds a {unsafe.group(1)}, which is not weights and is not loaded"
         reason = " ".join(f"{type(e).__name__}: {message}".split())[:300]  # torch's messages run to many lines
         raise CheckpointError(f"cannot read checkpoint {path} ({reason}): the file is truncated, corrupt or "
                               "not a checkpoint; fix: give a complete checkpoint file") from e

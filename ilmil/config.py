@@ -530,6 +530,8 @@ def get_ilmil_cfg(config_file=None, opts=(), method=None):
     config_file = config_file or DEFAULT_CONFIG
     _check_config_file(config_file)
     opts = list(opts)
+    if opts[:1] == ["--"]:  # "... -- KEY VALUE": argparse keeps the separator in the overrides
+        opts = opts[1:]
     probe = default_cfg()
     _merge_file(probe, config_file)
     _merge_opts(probe, opts)
@@ -588,8 +590,11 @@ def _merge_file(cfg, path):
 
 def _merge_opts(cfg, opts):
     """``KEY VALUE`` overrides, refused (naming the pair) where yacs would only assert."""
-    flags = [str(o) for o in opts if str(o).startswith("--")]
-    if flags:  # argparse gives the overrides everything after the first KEY, flags included
+    # argparse gives the overrides everything after the first KEY, flags included (a VALUE may
+    # start with "--": only the KEY places are looked at).
+    first_flag = next((i for i in range(0, len(opts), 2) if str(opts[i]).startswith("--")), None)
+    if first_flag is not None:
+        flags = [str(o) for o in opts[first_flag:] if str(o).startswith("--")]
         raise ConfigError(f"{' '.join(flags)} after the KEY VALUE config overrides is read as one of them; "
                           "fix: put the flags before the overrides")
     if len(opts) % 2:

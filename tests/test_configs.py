@@ -7,7 +7,8 @@ import pytest
 
 from detectron2.modeling import build_model
 
-from ilmil.config import CONFIGS_DIR, DEFAULT_CONFIG, METHOD_PRESETS, derived_cfg, get_ilmil_cfg, method_presets
+from ilmil.config import (CONFIGS_DIR, DEFAULT_CONFIG, METHOD_PRESETS, ConfigError, derived_cfg, get_ilmil_cfg,
+                          method_presets)
 from ilmil.data import BUILTIN_DATASETS, parse_stage_spec
 from ilmil.checkpoint import state_dict_num_classes
 
@@ -49,6 +50,13 @@ def test_default_config_is_the_shapes_cpu_config():
 def test_overrides_are_applied_after_the_file():
     cfg = get_ilmil_cfg(None, ["ILMIL.STAGES", "15+1x5", "SOLVER.MAX_ITER", 7])
     assert cfg.ILMIL.STAGES == "15+1x5" and cfg.SOLVER.MAX_ITER == 7
+
+
+def test_a_separator_before_the_overrides_and_a_value_like_a_flag_are_overrides():
+    cfg = get_ilmil_cfg(None, ["--", "SOLVER.MAX_ITER", "5", "MODEL.WEIGHTS", "--odd-name.pkl"])
+    assert cfg.SOLVER.MAX_ITER == 5 and cfg.MODEL.WEIGHTS == "--odd-name.pkl"
+    with pytest.raises(ConfigError, match=r"^--resume --force after the KEY VALUE config overrides"):
+        get_ilmil_cfg(None, ["SOLVER.MAX_ITER", "5", "--resume", "--force"])
 
 
 def test_a_one_stage_spec_stays_text_from_overrides_and_from_a_saved_config(tmp_path):

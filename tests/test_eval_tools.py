@@ -202,5 +202,9 @@ def test_a_lone_checkpoint_of_other_classes_is_refused_before_any_data_is_made(t
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(r"m.pth: no config.yaml in its folder or the 2 above, and its classes "
                                           r"\(cat, dog, person\) are not the shapes data's, the default; fix: give "
-                                          r"--config-file", errors[0]), proc.stderr[-2000:]
+                                          r"--config-file .* or --dataset", errors[0]), proc.stderr[-2000:]
     assert not any(datasets.iterdir())
+    # Its data named: the classes are checked against that data's, not refused as not the shapes'.
+    proc = run_tool_here(tool, [*args, "--dataset", "voc_2007"], datasets, monkeypatch, capsys)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "VOC" in errors[0] and "shapes" not in errors[0], errors

@@ -257,6 +257,8 @@ def test_the_fine_tuning_is_seeded_and_resumes_from_its_checkpoint(unpruned_stag
     _prune_and_finetune(unpruned_stage0, tmp_path / "second", monkeypatch, *opts, resume=True)
     assert read_json(finetune / "iteration_times.json")["start_iter"] == 2  # timed after 3 iterations
     assert safe_load(str(finetune / "model_final.pth"))["iteration"] == 5
+    resumed = safe_load(second["pruned_weights"])["model"]  # no loader workers: the same weights
+    assert all(torch.equal(resumed[key], expected[key]) for key in expected)
 
 
 def test_train_incremental_prunes_at_the_stage_boundary(tiny_datasets_root, tmp_path):

@@ -204,6 +204,10 @@ def test_a_file_that_is_no_checkpoint_is_refused_without_advice_to_load_it_unsaf
     message = str(info.value)
     assert message.startswith(f"cannot read checkpoint {path} (UnpicklingError: ") and "not a checkpoint" in message
     assert "weights_only" not in message and "arbitrary code" not in message
+    torch.save({"model": {}, "step": np.float64(1.0)}, tmp_path / "numpy.pth")  # torch's advice: allow-list it
+    with pytest.raises(CheckpointError, match=r"\(UnpicklingError: it holds a numpy\S*scalar, which is not weights "
+                                              r"and is not loaded\)"):
+        safe_load(str(tmp_path / "numpy.pth"))
 
 
 def test_model_zoo_pkl_weights_still_load(tmp_path):

@@ -19,7 +19,7 @@ import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.config import get_ilmil_cfg
-from ilmil.deploy import OnnxDetector, check_onnx_opts, checkpoint_config_file
+from ilmil.deploy import OnnxDetector, check_default_config_fits, check_onnx_opts, run_config_of
 from ilmil.engine import require_output_dir, run_tool_main
 from ilmil.evaluation import evaluate_checkpoint, evaluate_run, format_results_table
 
@@ -70,11 +70,15 @@ def main(argv=None):
             check_onnx_opts(args.weights, args.opts)
         if args.weights.endswith(".onnx") and not args.config_file:
             cfg = OnnxDetector(args.weights).config(args.opts)  # the config it was exported with
+            config_file = args.weights
         else:
-            cfg = get_ilmil_cfg(checkpoint_config_file(args.weights, args.config_file), args.opts)
+            config_file = args.config_file or run_config_of(args.weights)
+            cfg = get_ilmil_cfg(config_file, args.opts)
         cfg.defrost()
         if args.dataset:
             cfg.ILMIL.DATASET = args.dataset
+        if not config_file:
+            check_default_config_fits(args.weights, cfg)
         classes = args.classes.split(",") if args.classes else None
         results = evaluate_checkpoint(cfg, args.weights, classes, args.num_old, args.output_dir, progress)
     print(format_results_table(results))

@@ -24,7 +24,7 @@ from ilmil.checkpoint import checkpoint_class_names, safe_load
 from ilmil.config import get_ilmil_cfg, set_num_classes
 from ilmil.data import DatasetError, load_dataset_source, register_stage_datasets
 from ilmil.data.stages import Stage
-from ilmil.deploy import checkpoint_config_file
+from ilmil.deploy import check_default_config_fits, run_config_of
 from ilmil.engine import require_output_dir, run_tool_main
 from ilmil.engine.pruning_stage import check_pruning_config, prune_checkpoint
 from ilmil.pruning import format_pruning_table
@@ -62,9 +62,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = get_ilmil_cfg(checkpoint_config_file(args.weights, args.config_file), args.opts)
+    config_file = args.config_file or run_config_of(args.weights)
+    cfg = get_ilmil_cfg(config_file, args.opts)
     if args.dataset is not None:
         cfg.ILMIL.DATASET = args.dataset
+    if not config_file:
+        check_default_config_fits(args.weights, cfg)
     given = {"RATIO": args.ratio, "STAGE_RATIOS": args.stage_ratios, "BOX_HEAD_RATIO": args.box_head_ratio,
              "FINETUNE_ITERS": args.finetune_iters, "FINETUNE_TEACHER": args.finetune_teacher}
     for key, value in given.items():

@@ -3,7 +3,7 @@ exported to ONNX (checked against PyTorch) and run through ONNX Runtime."""
 from .onnx_export import (ONNX_OPSET, OnnxDetector, check_export, check_onnx_opts, export_onnx, latency_ms,
                           load_onnx_model, pad_to, write_check)
 from .predict import IMAGE_EXTENSIONS, DeployError, input_images, predict_images, preprocess
-from .trained_model import TrainedModel, checkpoint_config_file, load_trained_model, run_config_of, score_thresh_key
+from .trained_model import TrainedModel, check_default_config_fits, load_trained_model, run_config_of, score_thresh_key
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -12,8 +12,8 @@ __all__ = [
     "OnnxDetector",
     "TrainedModel",
     "check_export",
+    "check_default_config_fits",
     "check_onnx_opts",
-    "checkpoint_config_file",
     "export_onnx",
     "input_images",
     "latency_ms",

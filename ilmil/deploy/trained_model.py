@@ -12,7 +12,7 @@ from ..data import shape_class_names
 from ..data.shapes import MAX_CLASSES
 from ..modeling import load_detector
 
-__all__ = ["TrainedModel", "checkpoint_config_file", "load_trained_model", "run_config_of", "score_thresh_key"]
+__all__ = ["TrainedModel", "check_default_config_fits", "load_trained_model", "run_config_of", "score_thresh_key"]
 
 # The test-time score-threshold key of each one-stage detector ilmil builds, by the part of
 # its meta-architecture's name (IncrementalRetinaNet is a RetinaNet); Faster R-CNN's otherwise.
@@ -44,21 +44,19 @@ def run_config_of(weights):
     return None
 
 
-def checkpoint_config_file(weights, config_file=""):
-    """The config to evaluate or prune ``weights`` with: ``config_file``, else its run's
-    ``config.yaml``, else None (the default, shapes config), which is refused at once for a
-    checkpoint of other classes (its data would be generated and checked first)."""
-    config_file = config_file or run_config_of(weights)
-    if config_file:
-        return config_file
+def check_default_config_fits(weights, cfg):
+    """For ``weights`` of no run, evaluated or pruned with the default config: when its data
+    is the shapes set, refuse a checkpoint of other classes now (the shapes data would be
+    generated and checked before the mismatch showed)."""
+    if cfg.ILMIL.DATASET != "shapes":
+        return
     others = [name for name in checkpoint_class_names(safe_load(weights)) or ()
               if name not in shape_class_names(MAX_CLASSES)]
     if others:
         raise CheckpointError(
             f"--weights {weights}: no config.yaml in its folder or the {_RUN_DEPTH - 1} above, and its classes "
             f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}) are not the shapes data's, the default; "
-            "fix: give --config-file (the config.yaml of the run it came from)")
-    return None
+            "fix: give --config-file (the config.yaml of the run it came from) or --dataset")
 
 
 def score_thresh_key(cfg):

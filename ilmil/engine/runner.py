@@ -347,7 +347,7 @@ class IncrementalRun:
         if not os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "model_final.pth")):
             # Killed between the last iteration's checkpoint and model_final (written one after
             # the other): its resume had no iteration left to train, so nothing wrote the file.
-            trainer.iter = cfg.SOLVER.MAX_ITER - 1
+            trainer.iter = trainer.max_iter - 1  # SOLVER.REFERENCE_WORLD_SIZE may have rescaled MAX_ITER
             trainer.checkpointer.save("model_final", iteration=trainer.iter)  # by the main process
         # Per process: in a distributed run every rank logs the same digest (DDP kept them in sync).
         logger.info("Stage %d: weights digest %s (rank %d)", stage.index, weights_digest(model), comm.get_rank())

@@ -168,8 +168,10 @@ class IncrementalTrainer(DefaultTrainer):
         self.start_iter = extra["iteration"] + 1
         sampled = _sampled_dataset(self._trainer.data_loader)
         if sampled is not None and isinstance(sampled.sampler, _ResumableSampler):
-            # The images the iterations before took (exactly, when aspect-ratio grouping keeps
-            # every image in one group: then each batch takes the next images of the stream).
+            # The images the iterations before took: exactly when aspect-ratio grouping (detectron2's
+            # default) keeps every image in one group, then each batch takes the next images of the
+            # stream; without grouping, exactly with 0 or 1 loader workers (2 or more take turns,
+            # each batching its own share of the stream), at the same point of the epoch otherwise.
             sampled.sampler.skip = self.start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
             # detectron2 made the trainer's iterator when it was built; a loader without
             # grouping and with worker processes started them then, with the sampler unskipped.
