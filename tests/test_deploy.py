@@ -22,7 +22,7 @@ from ilmil import deploy
 from ilmil.config import CONFIGS_DIR, ConfigError, derived_cfg, get_ilmil_cfg
 from ilmil.deploy import load_trained_model
 from ilmil.engine import IncrementalRun
-from tool_runs import SHAPES_OPTS, TRAIN_OPTS, read_json, run_tool, run_tool_here, tail
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _tool_module, read_json, run_tool, run_tool_here, tail
 
 CONFIGS = {
     "faster_rcnn": "faster_rcnn_R18_FPN_cpu.yaml",
@@ -83,9 +83,10 @@ def test_an_export_that_fails_its_check_leaves_the_file_of_before(trained, tiny_
                                                                   capsys):
     output = tmp_path / "model.onnx"
     output.write_bytes(b"the model of before")
-    # The tool takes the check from ilmil.deploy when it is loaded (run_tool_here loads it anew).
-    check = deploy.check_export
-    monkeypatch.setattr(deploy, "check_export", lambda *args, **kwargs: {**check(*args, **kwargs), "passed": False})
+    # The tool's own name of the check (run_tool_here loads each tool once; the patch is undone after this test).
+    tool = _tool_module("export.py")
+    check = tool.check_export
+    monkeypatch.setattr(tool, "check_export", lambda *args, **kwargs: {**check(*args, **kwargs), "passed": False})
     weights = str(trained("retinanet") / "stage_0" / "model_final.pth")
     args = ["--weights", weights, "--output", str(output)]
     opts = [*SHAPES_OPTS, *TRAIN_OPTS]
