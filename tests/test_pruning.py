@@ -292,12 +292,20 @@ def test_prune_tool_reports_before_and_after(tiny_datasets_root, tmp_path):
                     tiny_datasets_root)
     assert proc.returncode == 0, tail(proc)
     weights = str(out / "stage_0" / "model_final.pth")
-    proc = run_tool("prune.py", ["--weights", weights, "--ratio", "0.3", "--finetune-iters", "2", "--finetune-teacher",
-                                 "--output-dir", str(tmp_path / "pruned"), *SHAPES_OPTS, *TRAIN_OPTS],
-                    tiny_datasets_root)
+    args = ["--weights", weights, "--ratio", "0.3", "--finetune-iters", "2", "--finetune-teacher",
+            "--output-dir", str(tmp_path / "pruned"), *SHAPES_OPTS, *TRAIN_OPTS, "SOLVER.CHECKPOINT_PERIOD", "1"]
+    proc = run_tool("prune.py", args, tiny_datasets_root)
     assert proc.returncode == 0, tail(proc)
     summary = read_json(tmp_path / "pruned" / "pruning.json")
     assert summary["ratio"] == 0.3 and summary["finetune_iters"] == 2 and summary["finetune_teacher"] is True
     assert "loss_distill_feat" in metrics_lines(tmp_path / "pruned" / "finetune" / "metrics.json")[-1]
     assert summary["after"]["params"] < summary["before"]["params"]
     assert "| parameters (M) |" in proc.stdout and "AP50 (all classes)" in proc.stdout
+    # Killed after the fine-tuning's first iteration: --resume continues it.
+    finetune = tmp_path / "pruned" / "finetune"
+    for name in ("model_final.pth", "model_0000001.pth"):
+        (finetune / name).unlink()
+    (finetune / "last_checkpoint").write_text("model_0000000.pth")
+    proc = run_tool("prune.py", ["--resume", *args], tiny_datasets_root)
+    assert proc.returncode == 0, tail(proc)
+    assert "resuming at iteration 1" in proc.log and (finetune / "model_final.pth").is_file()

@@ -56,6 +56,8 @@ def parse_args(argv=None):
                                                           "config.yaml of the run folder holding --weights, else "
                                                           "the shapes config)")
     parser.add_argument("--dataset", help="dataset of the model's classes (default: the config's ILMIL.DATASET)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the fine-tuning from its last checkpoint in --output-dir (after a kill)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser.parse_args(argv)
 
@@ -89,7 +91,7 @@ def main(argv=None):
     train_name, test_name = register_stage_datasets("ilmil_prune", source, Stage(0, (), tuple(classes)))
     set_num_classes(cfg, len(classes))
     cfg.freeze()
-    summary = prune_checkpoint(cfg, args.weights, args.output_dir, classes, train_name, test_name)
+    summary = prune_checkpoint(cfg, args.weights, args.output_dir, classes, train_name, test_name, args.resume)
     print(format_pruning_table(summary))
 
 
