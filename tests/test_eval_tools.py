@@ -196,7 +196,8 @@ def test_a_lone_checkpoint_of_other_classes_is_refused_before_any_data_is_made(t
     torch.save(checkpoint, weights)
     datasets = tmp_path / "datasets"
     datasets.mkdir()
-    args = ["--weights", str(weights), "--output-dir", str(tmp_path / "out")] + (["--ratio", "0.5"] if tool == "prune.py" else [])
+    args = ["--weights", str(weights), "--output-dir", str(tmp_path / "out")]
+    args += ["--ratio", "0.5"] if tool == "prune.py" else []
     proc = run_tool_here(tool, args, datasets, monkeypatch, capsys)
     assert proc.returncode == 1, tail(proc)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

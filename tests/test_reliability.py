@@ -261,7 +261,7 @@ def test_a_run_killed_mid_stage_resumes_from_its_checkpoint(tiny_datasets_root, 
     assert [s["stage"] for s in read_json(out / "results.json")["stages"]] == [0, 1]
 
 
-def _two_image_run(tmp_path):
+def _six_image_run(tmp_path):
     """A finished ilmil 1+1 run (8 iterations a stage, checkpoints after 4 and 8) on six
     images, the first of class 1, five of class 2 with boxes of five sizes, so the batches
     of stage 1 (2 images each) differ; its folder and arguments."""
@@ -284,7 +284,7 @@ def test_a_resumed_stage_ends_exactly_where_the_uninterrupted_one_does(tmp_path)
     # moments, the LR schedule, the adaptive layer weights' running average, the random
     # states, and the data stream (stage 1's iterations 4-7 take the images of 4-7, not
     # those of 0-3 again; no loader workers, whose augmentations would start afresh).
-    straight, args = _two_image_run(tmp_path)
+    straight, args = _six_image_run(tmp_path)
     resumed = tmp_path / "resumed"
 
     # Killed after the checkpoint of iteration 3.
@@ -614,7 +614,7 @@ def test_the_cli_refuses_another_run_and_records_its_own(tiny_datasets_root, tmp
 def test_a_kill_between_the_last_checkpoint_and_model_final_is_resumed(tmp_path):
     # The last iteration's checkpoint and model_final are written one after the other; killed
     # in between, the resumed stage has no iteration left to train.
-    straight, args = _two_image_run(tmp_path)
+    straight, args = _six_image_run(tmp_path)
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
     stage1 = resumed / "stage_1"

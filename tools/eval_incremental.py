@@ -70,7 +70,7 @@ def main(argv=None):
             check_onnx_opts(args.weights, args.opts)
         if args.weights.endswith(".onnx") and not args.config_file:
             cfg = OnnxDetector(args.weights).config(args.opts)  # the config it was exported with
-            config_file = args.weights
+            config_file = args.weights  # its metadata holds the config: not the default one
         else:
             config_file = args.config_file or run_config_of(args.weights)
             cfg = get_ilmil_cfg(config_file, args.opts)

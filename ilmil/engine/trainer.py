@@ -59,12 +59,16 @@ class _ResumableSampler:
         return itertools.islice(iter(self.sampler), self.skip, None)
 
 
+def _torch_loader(loader):
+    """The torch ``DataLoader`` of detectron2 0.6's training loader: the loader itself, or,
+    with aspect-ratio grouping, the one an ``AspectRatioGroupedDataset`` groups."""
+    return loader if isinstance(loader, torch.utils.data.DataLoader) else loader.dataset
+
+
 def _sampled_dataset(loader):
     """The ``ToIterableDataset`` that draws ``loader``'s indices from its sampler (None for
-    a loader built otherwise). detectron2 0.6 returns a ``DataLoader`` over it, or, with
-    aspect-ratio grouping, an ``AspectRatioGroupedDataset`` over such a loader."""
-    torch_loader = loader if isinstance(loader, torch.utils.data.DataLoader) else loader.dataset
-    dataset = getattr(torch_loader, "dataset", None)
+    a loader built otherwise)."""
+    dataset = getattr(_torch_loader(loader), "dataset", None)
     return dataset if isinstance(dataset, ToIterableDataset) else None
 
 
@@ -119,8 +123,7 @@ class IncrementalTrainer(DefaultTrainer):
         proposal sampling) would be one draw off the uninterrupted stage's.
         """
         loader = super().build_train_loader(cfg)
-        torch_loader = loader if isinstance(loader, torch.utils.data.DataLoader) else loader.dataset
-        torch_loader.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        _torch_loader(loader).generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
         sampled = _sampled_dataset(loader)
         if sampled is not None:
             sampled.sampler = _ResumableSampler(sampled.sampler)
