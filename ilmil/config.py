@@ -10,7 +10,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 
 __all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "add_retinanet_config", "add_yolo_config", "changed_from_defaults",
-           "check_choice", "check_device", "check_mixed_precision", "check_optimizer", "config_items", "default_cfg",
+           "check_choice", "check_device", "check_mixed_precision", "check_optimizer", "config_items", "config_overrides", "default_cfg",
            "derived_cfg", "get_ilmil_cfg",
            "method_preset", "method_presets", "num_classes_changes", "set_num_classes", "uses_teacher",
            "DEFAULT_CONFIG", "METHOD_PRESETS"]
@@ -529,9 +529,7 @@ def get_ilmil_cfg(config_file=None, opts=(), method=None):
     """
     config_file = config_file or DEFAULT_CONFIG
     _check_config_file(config_file)
-    opts = list(opts)
-    if opts[:1] == ["--"]:  # "... -- KEY VALUE": argparse keeps the separator in the overrides
-        opts = opts[1:]
+    opts = config_overrides(opts)
     probe = default_cfg()
     _merge_file(probe, config_file)
     _merge_opts(probe, opts)
@@ -543,6 +541,13 @@ def get_ilmil_cfg(config_file=None, opts=(), method=None):
     _merge_opts(cfg, opts)
     cfg.ILMIL.METHOD = method
     return cfg
+
+
+def config_overrides(opts):
+    """A tool's ``KEY VALUE`` overrides as a list of pairs: argparse keeps the separator of
+    ``... -- KEY VALUE`` in them."""
+    opts = list(opts)
+    return opts[1:] if opts[:1] == ["--"] else opts
 
 
 _CONFIG_FIX = "fix: give a yaml config such as configs/shapes/faster_rcnn_R18_FPN_cpu.yaml or a run's config.yaml"

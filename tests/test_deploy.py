@@ -147,6 +147,8 @@ def test_an_exported_model_is_evaluated_and_predicts_through_onnx_runtime_as_pyt
                             ((None, 200), "--max-detections 200: {} was exported with TEST.DETECTIONS_PER_IMAGE 100")):
         with pytest.raises(deploy.DeployError, match=re.escape(message.format(tmp_path / "model.onnx"))):
             deploy.load_onnx_model(str(tmp_path / "model.onnx"), (), *limits)
+    with pytest.raises(deploy.DeployError, match="MODEL.ROI_HEADS.NUM_CLASSES: .* would change nothing"):
+        deploy.load_onnx_model(str(tmp_path / "model.onnx"), ["--", "MODEL.ROI_HEADS.NUM_CLASSES", "3"])
 
 
 def test_a_pruned_model_exports_at_its_real_widths(trained, tiny_datasets_root, tmp_path):
@@ -331,6 +333,8 @@ def test_a_model_trained_on_a_gpu_runs_here_on_the_cpu_and_an_explicit_cuda_is_r
     assert load_trained_model(weights).cfg.MODEL.DEVICE == "cpu"
     with pytest.raises(ConfigError, match="MODEL.DEVICE cuda: this machine has no CUDA device; fix: MODEL.DEVICE cpu"):
         load_trained_model(weights, opts=["MODEL.DEVICE", "cuda"])
+    with pytest.raises(ConfigError, match="no CUDA device"):  # also after the "--" of "... -- KEY VALUE"
+        load_trained_model(weights, opts=["--", "MODEL.DEVICE", "cuda"])
     with pytest.raises(ConfigError, match="no CUDA device"):  # training is refused before it starts
         IncrementalRun(derived_cfg(load_trained_model(weights).cfg, {"MODEL.DEVICE": "cuda",
                                                                    "OUTPUT_DIR": str(tmp_path / "train")}))

@@ -35,7 +35,7 @@ from torch import nn
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from ..config import get_ilmil_cfg
+from ..config import config_overrides, get_ilmil_cfg
 from ..file_io import atomic_write
 from .predict import DeployError
 from .trained_model import TrainedModel, score_thresh_key
@@ -191,7 +191,7 @@ def check_onnx_opts(path, opts):
     """``opts`` for running the exported model ``path``: the keys its graph holds (the
     detector, its score threshold, its detections per image) would change nothing, so
     they are refused rather than silently ignored; ``MODEL.DEVICE`` is left to the caller."""
-    baked = [key for key in list(opts)[::2] if (key.startswith("MODEL.") and key != "MODEL.DEVICE")
+    baked = [key for key in config_overrides(opts)[::2] if (key.startswith("MODEL.") and key != "MODEL.DEVICE")
              or key == "TEST.DETECTIONS_PER_IMAGE"]
     if baked:
         raise DeployError(f"{', '.join(baked)}: {path} holds the model as exported, so these keys would change "

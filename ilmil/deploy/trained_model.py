@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoint import CheckpointError, checkpoint_class_names, safe_load
-from ..config import check_device, derived_cfg, get_ilmil_cfg, num_classes_changes
+from ..config import check_device, config_overrides, derived_cfg, get_ilmil_cfg, num_classes_changes
 from ..data import shape_class_names
 from ..data.shapes import MAX_CLASSES
 from ..modeling import load_detector
@@ -87,7 +87,7 @@ def load_trained_model(weights, config_file=None, opts=(), score_thresh=None, ma
                               "from)")
     cfg = get_ilmil_cfg(config_file, opts)
     changes = {**num_classes_changes(len(class_names)), "MODEL.WEIGHTS": "", "ILMIL.TEACHER.WEIGHTS": ""}
-    if "MODEL.DEVICE" not in list(opts)[::2] and not torch.cuda.is_available():
+    if "MODEL.DEVICE" not in config_overrides(opts)[::2] and not torch.cuda.is_available():
         changes["MODEL.DEVICE"] = "cpu"  # trained on a GPU, run here: the weights are the same
     if score_thresh is not None:
         changes[score_thresh_key(cfg)] = float(score_thresh)
