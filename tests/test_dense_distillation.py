@@ -12,7 +12,8 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg, set_num_classes
-from ilmil.distill import DenseHeadDistillation, DistillContext, IncrementalRetinaNet
+from ilmil.distill import DenseHeadDistillation, DistillContext, FGFIImitation, IncrementalRetinaNet
+from ilmil.distill.masks import fgfi_mask, gt_box_mask
 from ilmil.modeling import FCOS, decode_head_boxes, load_expanded
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, metrics_lines, read_json, run_tool, tail
 
@@ -265,6 +266,39 @@ def test_the_teacher_pass_runs_only_as_far_as_the_terms_need(tmp_path, pseudo, t
         losses = student.train()(_batch())
     assert f"loss_distill_{term.lower()}" in losses
     assert bool(head_calls) == head_runs
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_fgfi_masks_a_retinanet_student_near_its_anchors_and_fcos_inside_the_gt_boxes(arch, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    _, path = _saved_teacher(arch, NUM_ALL, tmp_path)
+    student = build_model(_cfg(arch, NUM_ALL, "ILMIL.TEACHER.WEIGHTS", str(path), "ILMIL.PSEUDO_LABELS.ENABLED",
+                               "False", "ILMIL.DISTILL.FGFI.ENABLED", "True", "ILMIL.DISTILL.FGFI.LAYERS",
+                               "['p3', 'p4']", method="finetune"))
+    seen = {}
+    masks = FGFIImitation.masks
+
+    def recorded_masks(term, teacher, context):
+        seen["context"], seen["masks"] = context, masks(term, teacher, context)
+        return seen["masks"]
+
+    monkeypatch.setattr(FGFIImitation, "masks", recorded_masks)
+    with EventStorage():
+        assert student.train()(_batch())["loss_distill_fgfi"].item() > 0
+    gt = seen["context"].gt_instances
+    # A 96 x 128 input: p3 .. p7 of 12 x 16, 6 x 8, 3 x 4, 2 x 2, 1 x 1 locations.
+    sizes = {"p3": (12, 16), "p4": (6, 8), "p5": (3, 4), "p6": (2, 2), "p7": (1, 1)}
+    inside = {level: gt_box_mask(gt, sizes[level], stride) for level, stride in (("p3", 8), ("p4", 16))}
+    if arch == "FCOS":  # anchor-free: the GT-box mask
+        assert seen["context"].anchors == {}
+        expected = inside
+    else:  # the anchor mask, the best IoU of the box over the anchors of all five levels
+        anchors = dict(zip(sizes, student.anchor_generator([torch.zeros(1, 1, *size) for size in sizes.values()])))
+        expected = fgfi_mask(gt, anchors, {level: sizes[level] for level in ("p3", "p4")})
+        assert not torch.equal(expected["p3"], inside["p3"])
+    assert sorted(seen["masks"]) == ["p3", "p4"]
+    for level in ("p3", "p4"):
+        assert torch.equal(seen["masks"][level], expected[level]), level
 
 
 def test_a_plain_retinanet_is_the_student_without_a_teacher():

@@ -360,6 +360,18 @@ def test_fgfi_mask_keeps_anchors_above_half_the_best_iou_of_a_box():
     assert mask.tolist() == [[[1.0, 1.0], [0.0, 0.0]]]
 
 
+def test_fgfi_masks_a_level_by_the_best_iou_of_a_box_over_every_levels_anchors():
+    p3 = Boxes(torch.tensor([[0, 0, 16, 16], [16, 0, 32, 16], [0, 16, 16, 32], [16, 16, 32, 32]], dtype=torch.float32))
+    p4 = Boxes(torch.tensor([[0, 0, 32, 32]], dtype=torch.float32))
+    # GT [0,0,32,24]: IoU 768/1024 = 0.75 with the p4 anchor (the best); on p3 256/768 = 0.333 with the
+    # top anchors and 128/896 = 0.143 with the bottom ones: none above 0.5 x 0.75, so p3 is unmasked,
+    # where p3's anchors alone (best 0.333) would keep the top two (above 0.167).
+    gt = [_gt([[0, 0, 32, 24]])]
+    assert fgfi_mask(gt, {"p3": p3, "p4": p4}, {"p3": (2, 2)})["p3"].tolist() == [[[0.0, 0.0], [0.0, 0.0]]]
+    assert fgfi_mask(gt, {"p3": p3}, {"p3": (2, 2)})["p3"].tolist() == [[[1.0, 1.0], [0.0, 0.0]]]
+    assert list(fgfi_mask(gt, {"p3": p3, "p4": p4}, {"p3": (2, 2)})) == ["p3"]
+
+
 def test_fgfi_loss_is_the_masked_squared_error_over_twice_the_masked_area():
     loss_fn = FGFIImitation(layers=["p3"], normalize=False)
     context = DistillContext(gt_instances=[_gt([[0, 0, 16, 16]])], strides={"p3": 8})

@@ -23,7 +23,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
 from ..modeling.fcos import FCOS
-from ..modeling.head_boxes import decode_head_boxes
+from ..modeling.head_boxes import decode_head_boxes, head_anchor_boxes
 from ..modeling.retinanet import RetinaNet
 from ..modeling.yolo import YOLOV3
 from .precision import as_float32
@@ -37,12 +37,16 @@ class DenseStudent(DistillationStudent):
     """The distilled training step of a ``DenseDetector`` (see the module docstring)."""
 
     method_family = "dense"
+    # Whether the head's locations have anchor boxes, which FGFI's mask compares with the GT boxes.
+    has_anchor_boxes = True
 
     @configurable
     def __init__(self, *, teacher=None, distiller=None, pseudo_labels=None, teacher_precision="float32", **kwargs):
         """``init_student``'s arguments, and the detector's as ``kwargs``."""
         super().__init__(**kwargs)
-        self.init_student(teacher, distiller, pseudo_labels, teacher_precision)
+        # The head's input maps, for their anchors (recording keeps references, it computes nothing).
+        head_maps = self.head_in_features if distiller is not None and self.has_anchor_boxes else ()
+        self.init_student(teacher, distiller, pseudo_labels, teacher_precision, student_records=head_maps)
         # Feature terms alone need the teacher's backbone, not its head or NMS.
         self._teacher_head_needed = teacher is not None and (pseudo_labels is not None or any(
             not path.startswith("backbone") for path in self._teacher_recorder.module_paths))
@@ -68,6 +72,7 @@ class DenseStudent(DistillationStudent):
                 gt_instances=gt_instances,
                 strides=self._strides,
                 head_strides=[self._strides[f] for f in self.head_in_features],
+                anchors=self.anchors_of(student),
                 num_old_classes=self.teacher.num_classes,
                 teacher_outputs=self.teacher_outputs(detections),
                 box_decoders={"student": functools.partial(decode_head_boxes, self),
@@ -76,6 +81,13 @@ class DenseStudent(DistillationStudent):
             losses = self.distiller.weigh_detection(losses)
             losses.update(self.distiller(student, detections["records"], context))
         return losses
+
+    def anchors_of(self, student):
+        """{head level: its anchor boxes} at the sizes of the ``student``'s recorded maps ({} without anchors)."""
+        if not self.has_anchor_boxes:
+            return {}
+        levels = self.head_in_features
+        return dict(zip(levels, head_anchor_boxes(self, [student[level] for level in levels])))
 
     @torch.no_grad()
     def run_teacher(self, batched_inputs):
@@ -128,6 +140,8 @@ class IncrementalFCOS(DenseStudent, FCOS):
     """FCOS as a student (a plain FCOS without a teacher)."""
 
     detector_architecture = "FCOS"
+    # Its locations are points: the anchor generator's stride-sized squares only place them.
+    has_anchor_boxes = False
 
 
 @META_ARCH_REGISTRY.register()

@@ -47,11 +47,12 @@ def gt_box_mask(gt_instances, size, stride):
 
 
 def fgfi_mask(gt_instances, anchors, sizes, psi=0.5):
-    """``{level: [N, H, W] mask}`` of FGFI's near-object anchor locations.
+    """``{level: [N, H, W] mask}`` of FGFI's near-object anchor locations on the levels of
+    ``sizes``; a box's best IoU is taken over the anchors of every level of ``anchors``.
 
     Args:
         anchors: {level: Boxes of its H * W * A anchors, in detectron2's order (position-major)}.
-        sizes: {level: (H, W)}.
+        sizes: {level: (H, W)} of the levels to mask, a subset of ``anchors``'.
     """
     levels = list(anchors)
     counts = [len(anchors[level]) for level in levels]
@@ -64,9 +65,10 @@ def fgfi_mask(gt_instances, anchors, sizes, psi=0.5):
             iou = pairwise_iou(inst.gt_boxes, all_anchors)  # [B, all anchors]
             near = (iou > psi * iou.max(dim=1, keepdim=True).values).any(dim=0)
         for level, part in zip(levels, near.split(counts)):
-            height, width = sizes[level]
-            masks[level].append(part.view(height, width, -1).any(dim=2).float())
-    return {level: torch.stack(m) for level, m in masks.items()}
+            if level in sizes:
+                height, width = sizes[level]
+                masks[level].append(part.view(height, width, -1).any(dim=2).float())
+    return {level: torch.stack(masks[level]) for level in sizes}
 
 
 def gaussian_box_mask(gt_instances, size, stride):

@@ -34,9 +34,11 @@ class DistillationStudent:
     # Its method presets: configs/methods/<method_family>/<method>.yaml ("" = configs/methods/).
     method_family = ""
 
-    def init_student(self, teacher=None, distiller=None, pseudo_labels=None, teacher_precision="float32"):
+    def init_student(self, teacher=None, distiller=None, pseudo_labels=None, teacher_precision="float32",
+                     student_records=()):
         """Attach ``teacher`` (None: a plain detector), ``distiller`` and the pseudo-label
-        settings (None: off; else {"score_thresh", "nms_thresh", "iou_thresh"})."""
+        settings (None: off; else {"score_thresh", "nms_thresh", "iou_thresh"}).
+        ``student_records``: names the student's step needs recorded besides the terms'."""
         self._teacher = FrozenTeacher(teacher, teacher_precision) if teacher is not None else None
         self.distiller = distiller
         self.pseudo_labels = pseudo_labels
@@ -44,7 +46,7 @@ class DistillationStudent:
         if teacher is not None:
             teacher.to(self.device)
             records = distiller.records() if distiller is not None else ()
-            self._recorder = Recorder(self, records)
+            self._recorder = Recorder(self, (*records, *student_records))
             self._teacher_recorder = Recorder(teacher, records)
             self._strides = {name: shape.stride for name, shape in feature_shapes(self.backbone).items()}
 

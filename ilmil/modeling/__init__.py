@@ -7,7 +7,7 @@ from .assignment_stats import PositivesPerObject, positives_per_object
 from .build import build_detector, load_detector, with_checkpoint_layout
 from .expansion import expand_predictor_state_dict, load_expanded
 from .fcos import FCOS
-from .head_boxes import decode_head_boxes
+from .head_boxes import decode_head_boxes, head_anchor_boxes
 from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 from .resnet import build_any_width_resnet
 from .retinanet import RetinaNet, atss_assignment
@@ -18,6 +18,7 @@ __all__ = [
     "RetinaNet",
     "atss_assignment",
     "decode_head_boxes",
+    "head_anchor_boxes",
     "YOLOV3",
     "build_detector",
     "load_detector",

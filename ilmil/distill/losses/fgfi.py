@@ -56,8 +56,9 @@ class FGFIImitation(DistillLoss):
         """{layer: [N, H, W] mask} at the teacher's map sizes."""
         sizes = {name: tuple(teacher[name].shape[-2:]) for name in self.layers}
         anchored = [name for name in self.layers if name in context.anchors]
-        masks = fgfi_mask(context.gt_instances, {n: context.anchors[n] for n in anchored},
-                          {n: sizes[n] for n in anchored}, self.psi) if anchored else {}
+        # A box's best IoU is over the anchors of every level, imitated or not.
+        masks = fgfi_mask(context.gt_instances, context.anchors, {n: sizes[n] for n in anchored},
+                          self.psi) if anchored else {}
         for name in self.layers:
             if name not in masks:
                 masks[name] = gt_box_mask(context.gt_instances, sizes[name], context.strides[name])
