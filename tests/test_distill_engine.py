@@ -100,6 +100,25 @@ def _shapes_cfg(config, *opts):
     return get_ilmil_cfg(os.path.join(CONFIGS_DIR, "shapes", config), ["MODEL.DEVICE", "cpu", *opts], method="finetune")
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("ILMIL.DISTILL.FEAT.WEIGHT", -1.0, r"ILMIL\.DISTILL\.FEAT\.WEIGHT -1\.0: must be at least 0 .*; fix: e\.g\. "),
+    ("ILMIL.DISTILL.REVIEW.WEIGHT", -0.5, r"REVIEW\.WEIGHT -0\.5: must be at least 0"),  # checked while off too
+    ("ILMIL.DISTILL.RCN.TEMPERATURE", 0.0, r"RCN\.TEMPERATURE 0\.0: must be above 0; fix: e\.g\. .*TEMPERATURE 2\.0"),
+    ("ILMIL.DISTILL.DENSE.TEMPERATURE", -1.0, r"DENSE\.TEMPERATURE -1\.0: must be above 0"),
+    ("ILMIL.DISTILL.RCN.TOPK", 0, r"RCN\.TOPK 0: must be at least 1"),
+    ("ILMIL.DISTILL.RCN.NUM_SAMPLES", -3, r"RCN\.NUM_SAMPLES -3: must be at least 1"),
+    ("ILMIL.DISTILL.RCN.NEW_GT_IOU_THRESH", 1.5, r"RCN\.NEW_GT_IOU_THRESH 1\.5: must be in \[0, 1\]"),
+    ("ILMIL.DISTILL.FGFI.PSI", -1.0, r"FGFI\.PSI -1\.0: must be in \(0, 1\]"),
+    ("ILMIL.DISTILL.FEAT.EMA_MOMENTUM", 1.5, r"FEAT\.EMA_MOMENTUM 1\.5: must be in \[0, 1\)"),
+    ("ILMIL.DISTILL.REVIEW.BG_WEIGHT", -1.0, r"REVIEW\.BG_WEIGHT -1\.0: must be at least 0"),
+])
+def test_a_value_out_of_its_range_is_refused_before_training(key, value, message):
+    # A temperature of 0 made the term NaN at the first step, a negative one reversed the
+    # softmax, a negative weight trained away from the teacher, NUM_SAMPLES -3 kept all but 3.
+    with pytest.raises(ConfigError, match=message):
+        check_distill_config(_cfg(NUM_ALL, key, value))
+
+
 @pytest.mark.parametrize("cfg, message", [
     # A term that needs each layer's stride (its GT mask) or width (review's fusions) refuses a module path.
     (lambda: _cfg(NUM_ALL, "ILMIL.DISTILL.REVIEW.ENABLED", True, "ILMIL.DISTILL.REVIEW.LAYERS",

@@ -5,7 +5,7 @@ and the students that use them (student.py; rcnn.py: ``IncrementalRCNN``; dense.
 ``IncrementalRetinaNet``, ``IncrementalFCOS``, ``IncrementalYOLOV3``, registered meta-architectures)."""
 from detectron2.modeling import build_model
 
-from ..config import ConfigError, check_choice, derived_cfg
+from ..config import ConfigError, check_choice, check_value, derived_cfg
 from .connectors import CONNECTOR_REGISTRY, AttentionFusion, build_connector, match_size
 from .distiller import DISTILLER_PREFIX, TERM_WEIGHTINGS, Distiller, build_distiller, enabled_terms
 from .losses import (
@@ -89,6 +89,8 @@ def check_distill_config(cfg):
         check_choice("ILMIL.DISTILL.CONNECTOR", d.CONNECTOR, [name for name, _ in CONNECTOR_REGISTRY])
     for section, loss_class in registered_terms().items():
         if section in d:
+            weight = d[section].WEIGHT
+            check_value(f"ILMIL.DISTILL.{section}.WEIGHT", weight, weight >= 0, "at least 0 (0: the term off)", 1.0)
             loss_class(cfg)  # its keys' values, whether or not the term is on: a typo is not silently kept
     if not enabled_terms(cfg):
         return

@@ -49,7 +49,7 @@ from fvcore.nn import giou_loss
 from detectron2.config import configurable
 from detectron2.layers import cat
 
-from ...config import check_choice
+from ...config import check_choice, check_value
 from ...modeling.head_boxes import flatten_levels
 from ..masks import gt_box_mask
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
@@ -74,7 +74,7 @@ class DenseHeadDistillation(DistillLoss):
         check_choice("ILMIL.DISTILL.DENSE.NORMALIZER", normalizer, DENSE_NORMALIZERS)
         self.box_loss = check_choice("ILMIL.DISTILL.DENSE.BOX_LOSS", box_loss, DENSE_BOX_LOSSES)
         self.normalizer = normalizer
-        self.temperature = temperature
+        self.temperature = check_value("ILMIL.DISTILL.DENSE.TEMPERATURE", temperature, temperature > 0, "above 0", 1.0)
         self.box_score_thresh = box_score_thresh
         self.exclude_new_gt = exclude_new_gt
 

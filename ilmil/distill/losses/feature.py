@@ -23,7 +23,7 @@ from torch import nn
 
 from detectron2.config import configurable
 
-from ...config import ConfigError, check_choice
+from ...config import ConfigError, check_choice, check_value
 from ..connectors import build_connector, match_size
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
 
@@ -103,7 +103,7 @@ class FeatureDistillation(DistillLoss):
         self.layers = tuple(layers)
         self.distance = FEATURE_DISTANCES[distance]
         self.weighting = weighting
-        self.momentum = momentum
+        self.momentum = check_value("ILMIL.DISTILL.FEAT.EMA_MOMENTUM", momentum, 0 <= momentum < 1, "in [0, 1)", 0.9)
         self.weight_range = tuple(weight_range)
         self.free_channels = free_channels
         self.connectors = connectors if connectors is not None else nn.ModuleDict()

@@ -16,7 +16,7 @@ import torch
 
 from detectron2.config import configurable
 
-from ...config import ConfigError
+from ...config import ConfigError, check_value
 from ..connectors import match_size
 from ..masks import fgfi_mask, gt_box_mask
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
@@ -37,7 +37,8 @@ class FGFIImitation(DistillLoss):
         if not layers:
             raise ConfigError("ILMIL.DISTILL.FGFI.LAYERS is empty; fix: name at least one feature map, e.g. p3")
         self.layers = tuple(layers)
-        self.psi = psi
+        # psi <= 0 would keep every location, psi > 1 none.
+        self.psi = check_value("ILMIL.DISTILL.FGFI.PSI", psi, 0 < psi <= 1, "in (0, 1]", 0.5)
         self.normalize = normalize
         self.connectors = connectors if connectors is not None else torch.nn.ModuleDict()
 

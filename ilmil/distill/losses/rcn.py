@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes
 
-from ...config import check_choice
+from ...config import check_choice, check_value
 from ...modeling.pseudo_labels import away_from_gt
 from ...modeling.unbiased import unbiased_student_log_probs
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
@@ -47,10 +47,11 @@ class RCNDistillation(DistillLoss):
     def __init__(self, *, logits="l2", temperature=2.0, topk=128, num_samples=64, new_gt_iou=0.0):
         super().__init__()
         self.logits = check_choice("ILMIL.DISTILL.RCN.LOGITS", logits, RCN_LOGITS)
-        self.temperature = temperature
-        self.topk = topk
-        self.num_samples = num_samples
-        self.new_gt_iou = new_gt_iou
+        self.temperature = check_value("ILMIL.DISTILL.RCN.TEMPERATURE", temperature, temperature > 0, "above 0", 2.0)
+        self.topk = check_value("ILMIL.DISTILL.RCN.TOPK", topk, topk >= 1, "at least 1", 128)
+        self.num_samples = check_value("ILMIL.DISTILL.RCN.NUM_SAMPLES", num_samples, num_samples >= 1, "at least 1", 64)
+        self.new_gt_iou = check_value("ILMIL.DISTILL.RCN.NEW_GT_IOU_THRESH", new_gt_iou, 0 <= new_gt_iou <= 1,
+                                      "in [0, 1] (0: off)", 0.5)
 
     @classmethod
     def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):

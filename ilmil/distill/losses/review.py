@@ -27,7 +27,7 @@ from torch import nn
 
 from detectron2.config import configurable
 
-from ...config import ConfigError
+from ...config import ConfigError, check_value
 from ..connectors import AttentionFusion, match_size
 from ..masks import gt_box_mask
 from ..registry import DISTILL_LOSS_REGISTRY, DistillLoss
@@ -79,7 +79,8 @@ class KnowledgeReview(DistillLoss):
         self.fusions = fusions if fusions is not None else nn.ModuleList()
         self.normalize = normalize
         self.decouple = decouple
-        self.fg_weight, self.bg_weight = fg_weight, bg_weight
+        self.fg_weight = check_value("ILMIL.DISTILL.REVIEW.FG_WEIGHT", fg_weight, fg_weight >= 0, "at least 0", 0.25)
+        self.bg_weight = check_value("ILMIL.DISTILL.REVIEW.BG_WEIGHT", bg_weight, bg_weight >= 0, "at least 0", 1.0)
         self.pool_sizes = tuple(pool_sizes)
 
     @classmethod
