@@ -1,4 +1,5 @@
 """Config keys of ilmil, added to a detectron2 config by :func:`add_ilmil_config`."""
+import ast
 import contextlib
 import os
 
@@ -9,10 +10,10 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 
-__all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "add_retinanet_config", "add_yolo_config", "changed_from_defaults",
-           "check_choice", "check_device", "check_mixed_precision", "check_optimizer", "config_items", "config_overrides", "default_cfg",
-           "derived_cfg", "get_ilmil_cfg",
-           "method_preset", "method_presets", "num_classes_changes", "set_num_classes", "uses_teacher",
+__all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "add_retinanet_config",
+           "add_yolo_config", "changed_from_defaults", "check_choice", "check_device", "check_mixed_precision",
+           "check_optimizer", "check_value", "config_items", "config_overrides", "default_cfg", "derived_cfg",
+           "get_ilmil_cfg", "method_preset", "method_presets", "num_classes_changes", "set_num_classes", "uses_teacher",
            "DEFAULT_CONFIG", "METHOD_PRESETS"]
 
 
@@ -27,6 +28,14 @@ def check_choice(key, value, choices):
     """``value`` of config key ``key``, refused with the choices when unknown."""
     if value not in choices:
         raise ConfigError(f"{key} {value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def check_value(key, value, valid, must, example):
+    """``value`` of config key ``key``, refused (saying what it ``must`` be, with an
+    ``example``) unless ``valid``."""
+    if not valid:
+        raise ConfigError(f"{key} {value}: must be {must}; fix: e.g. {key} {example}")
     return value
 
 
@@ -571,23 +580,59 @@ def _check_config_file(path):
 
 
 @contextlib.contextmanager
-def _stage_spec_as_text(cfg, incoming):
-    """yacs reads text that looks like a number as that number, so a one-stage spec
-    (``ILMIL.STAGES 20``, or ``STAGES: '20'`` in a run's config.yaml) would be refused as
-    an int where the key holds text: it is merged into a number placeholder and turned
-    back into text."""
-    if isinstance(incoming, int) or (isinstance(incoming, str) and incoming.strip().strip("'\"").isdigit()):
-        cfg.ILMIL.STAGES = 0
+def _numbers_as_meant(cfg, incoming):
+    """yacs refuses a value whose type differs from the key's. Two such values are taken as
+    meant: a whole number for a decimal key (``ILMIL.DISTILL.DENSE.WEIGHT 1``), and a one-stage
+    spec that reads as a number (``ILMIL.STAGES 20``; ``STAGES: '20'`` in a run's config.yaml).
+    ``incoming``: {full key: value as read}. Each such key holds a number during the merge and is
+    turned back into its type after it."""
+    restore = {}
+    for key, value in incoming.items():
+        *path, leaf = key.split(".")
+        node = cfg
+        for part in path:
+            node = node.get(part) if isinstance(node, CN) else None
+        if not isinstance(node, CN) or leaf not in node:
+            continue  # unknown: yacs names it
+        if key == "ILMIL.STAGES":
+            if isinstance(value, int) or (isinstance(value, str) and value.strip().strip("'\"").isdigit()):
+                node[leaf], restore[key] = 0, str
+        elif isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
+            node[leaf], restore[key] = 0, float
     try:
         yield
     finally:
-        cfg.ILMIL.STAGES = str(cfg.ILMIL.STAGES)
+        for key, convert in restore.items():
+            *path, leaf = key.split(".")
+            node = cfg
+            for part in path:
+                node = node[part]
+            node[leaf] = convert(node[leaf])
+
+
+def _flat_keys(tree, prefix=""):
+    """{full key: value} of the leaves of a loaded yaml mapping."""
+    flat = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat_keys(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def _literal(text):
+    """An override's VALUE as yacs reads it (a Python literal where it is one, else the text)."""
+    try:
+        return ast.literal_eval(text) if isinstance(text, str) else text
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _merge_file(cfg, path):
     loaded = CN.load_yaml_with_base(path, allow_unsafe=True)
     try:
-        with _stage_spec_as_text(cfg, (loaded.get("ILMIL") or {}).get("STAGES")):
+        with _numbers_as_meant(cfg, _flat_keys(loaded)):
             cfg.merge_from_file(path)
     except (KeyError, ValueError) as e:  # yacs: an unknown key, a value of the wrong type
         raise ConfigError(f"--config-file {path}: {e.args[0]}; fix: correct or remove that key") from None
@@ -612,9 +657,8 @@ def _merge_opts(cfg, opts):
                 raise ConfigError(f"config override {key}: no such config key; fix: check its spelling "
                                   "(the keys are those of detectron2 and ilmil/config.py)")
             node = node[part]
-    stages = dict(zip(opts[0::2], opts[1::2])).get("ILMIL.STAGES")
     try:
-        with _stage_spec_as_text(cfg, stages):
+        with _numbers_as_meant(cfg, {key: _literal(value) for key, value in zip(opts[0::2], opts[1::2])}):
             cfg.merge_from_list(opts)
     except ValueError as e:  # yacs: a value of the wrong type
         raise ConfigError(f"config overrides: {e.args[0]}; fix: give a value of the key's type") from None

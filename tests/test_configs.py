@@ -70,6 +70,19 @@ def test_a_one_stage_spec_stays_text_from_overrides_and_from_a_saved_config(tmp_
     assert get_ilmil_cfg(str(saved), ["ILMIL.STAGES", "15+5"]).ILMIL.STAGES == "15+5"
 
 
+def test_a_whole_number_is_taken_for_a_decimal_key_from_overrides_and_from_a_file(tmp_path):
+    cfg = get_ilmil_cfg(None, ["ILMIL.DISTILL.DENSE.WEIGHT", "1", "SOLVER.BASE_LR", "2"])
+    assert type(cfg.ILMIL.DISTILL.DENSE.WEIGHT) is float and cfg.ILMIL.DISTILL.DENSE.WEIGHT == 1.0
+    assert type(cfg.SOLVER.BASE_LR) is float and cfg.SOLVER.BASE_LR == 2.0
+    config = tmp_path / "config.yaml"
+    config.write_text("_BASE_: %s\nILMIL:\n  DISTILL:\n    REVIEW:\n      BG_WEIGHT: 3\n" % DEFAULT_CONFIG)
+    assert type(get_ilmil_cfg(str(config)).ILMIL.DISTILL.REVIEW.BG_WEIGHT) is float
+    # A whole number stays refused where it is no number of the key's (a bool, a text key).
+    for key, value in (("ILMIL.DISTILL.DENSE.WEIGHT", "True"), ("MODEL.WEIGHTS", "3")):
+        with pytest.raises(ConfigError, match=rf"Type mismatch .* {key}"):
+            get_ilmil_cfg(None, [key, value])
+
+
 @pytest.mark.parametrize("frozen", [True, False])
 def test_derived_cfg_sets_the_changes_on_a_copy_frozen_as_the_original(frozen):
     cfg = get_ilmil_cfg(None, ["SOLVER.MAX_ITER", 7])
