@@ -1,7 +1,10 @@
 """Config keys of ilmil, added to a detectron2 config by :func:`add_ilmil_config`."""
 import ast
 import contextlib
+import importlib
+import importlib.util
 import os
+import sys
 
 import torch
 import yaml
@@ -13,7 +16,8 @@ from detectron2.modeling import META_ARCH_REGISTRY
 __all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "add_retinanet_config",
            "add_yolo_config", "changed_from_defaults", "check_choice", "check_device", "check_mixed_precision",
            "check_optimizer", "check_value", "config_items", "config_overrides", "default_cfg", "derived_cfg",
-           "get_ilmil_cfg", "method_preset", "method_presets", "num_classes_changes", "set_num_classes", "uses_teacher",
+           "get_ilmil_cfg", "import_plugins", "method_preset", "method_presets", "num_classes_changes",
+           "set_num_classes", "uses_teacher",
            "DEFAULT_CONFIG", "METHOD_PRESETS"]
 
 
@@ -81,6 +85,11 @@ def add_ilmil_config(cfg):
     # finetune | joint | pseudo | faster-ilod | mma | ilmil; sets the defaults of the terms below
     # (configs/methods/<method>.yaml); keys in a config file or on the command line override them.
     cfg.ILMIL.METHOD = "finetune"
+    # Python modules imported before a config is read, each adding its own keys and components
+    # (a new distillation loss, README "Writing a distillation loss"): module names on the Python
+    # path, or .py files (relative to the folder the tool runs in). A run's config.yaml keeps
+    # them, so its evaluation, export and prediction import them too.
+    cfg.ILMIL.PLUGINS = []
     # Training images of each stage (README, Leak-free stages): standard = every image
     # holding an object of the stage's classes, so an image can train several stages |
     # exclusive = each such image trains exactly one of its stages, drawn by the seed below.
@@ -539,6 +548,7 @@ def get_ilmil_cfg(config_file=None, opts=(), method=None):
     config_file = config_file or DEFAULT_CONFIG
     _check_config_file(config_file)
     opts = config_overrides(opts)
+    import_plugins(_plugins_named(config_file, opts))
     probe = default_cfg()
     _merge_file(probe, config_file)
     _merge_opts(probe, opts)
@@ -557,6 +567,44 @@ def config_overrides(opts):
     ``... -- KEY VALUE`` in them."""
     opts = list(opts)
     return opts[1:] if opts[:1] == ["--"] else opts
+
+
+_PLUGIN_FILES = {}  # real path of a plugin file -> its module, imported once per process
+
+
+def import_plugins(plugins):
+    """Import each of ``plugins`` (``ILMIL.PLUGINS``), a module name or a .py file's path,
+    once; one that fails is a ConfigError naming it."""
+    for plugin in plugins:
+        try:
+            if not plugin.endswith(".py"):
+                importlib.import_module(plugin)
+                continue
+            path = os.path.realpath(plugin)
+            if path in _PLUGIN_FILES:
+                continue
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no such file (from {os.getcwd()})")
+            name = f"ilmil_plugin_{len(_PLUGIN_FILES)}_{os.path.basename(path)[:-3]}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            _PLUGIN_FILES[path] = module
+        except Exception as e:  # the plugin's own code: any error of it is the plugin's
+            raise ConfigError(f"ILMIL.PLUGINS {plugin}: cannot import it ({type(e).__name__}: {e}); fix: give a "
+                              "module on the Python path or the path of a .py file, and correct the error") from None
+
+
+def _plugins_named(config_file, opts):
+    """The ``ILMIL.PLUGINS`` of ``config_file`` (with its bases) and ``opts``, before either is merged."""
+    loaded = CN.load_yaml_with_base(config_file, allow_unsafe=True)
+    named = list((loaded.get("ILMIL") or {}).get("PLUGINS") or [])
+    for key, value in zip(opts[0::2], opts[1::2]):
+        if key == "ILMIL.PLUGINS":
+            value = _literal(value)
+            named += [value] if isinstance(value, str) else list(value)
+    return [str(plugin) for plugin in dict.fromkeys(named)]
 
 
 _CONFIG_FIX = "fix: give a yaml config such as configs/shapes/faster_rcnn_R18_FPN_cpu.yaml or a run's config.yaml"
@@ -635,7 +683,8 @@ def _merge_file(cfg, path):
         with _numbers_as_meant(cfg, _flat_keys(loaded)):
             cfg.merge_from_file(path)
     except (KeyError, ValueError) as e:  # yacs: an unknown key, a value of the wrong type
-        raise ConfigError(f"--config-file {path}: {e.args[0]}; fix: correct or remove that key") from None
+        raise ConfigError(f"--config-file {path}: {e.args[0]}; fix: correct or remove that key (a plugin's key "
+                          "needs its module in ILMIL.PLUGINS)") from None
 
 
 def _merge_opts(cfg, opts):
@@ -654,8 +703,8 @@ def _merge_opts(cfg, opts):
         node = cfg
         for part in key.split("."):
             if not isinstance(node, CN) or part not in node:
-                raise ConfigError(f"config override {key}: no such config key; fix: check its spelling "
-                                  "(the keys are those of detectron2 and ilmil/config.py)")
+                raise ConfigError(f"config override {key}: no such config key; fix: check its spelling (the keys "
+                                  "are those of detectron2, ilmil/config.py and the modules of ILMIL.PLUGINS)")
             node = node[part]
     try:
         with _numbers_as_meant(cfg, {key: _literal(value) for key, value in zip(opts[0::2], opts[1::2])}):

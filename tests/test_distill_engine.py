@@ -31,6 +31,7 @@ from ilmil.distill import (
 )
 from ilmil.distill.masks import fgfi_mask, gt_box_mask
 from ilmil.modeling import load_expanded
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, metrics_lines, run_tool, tail
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_OLD, NUM_ALL = 3, 5
@@ -331,21 +332,57 @@ with EventStorage():
     loss.backward()
 out["perturbed"] = float(loss)
 out["grad"] = float(student.backbone.fpn_output3.weight.grad.abs().sum())
+# A compression student, its FPN of 32 channels against the teacher's 64: through a connector.
+narrow = build_model(get_ilmil_cfg({kd_student!r}, [
+    "MODEL.ROI_HEADS.NUM_CLASSES", 5, "MODEL.DEVICE", "cpu", "ILMIL.TEACHER.WEIGHTS", {teacher!r},
+    "ILMIL.TEACHER.CONFIG_FILE", {kd_teacher!r}, "ILMIL.DISTILL.FEAT.ENABLED", False,
+    "ILMIL.DISTILL.RCN.ENABLED", False, "ILMIL.DISTILL.FEAT_L1.ENABLED", True], method="finetune"))
+with EventStorage():
+    loss = narrow(_batch())["loss_distill_feat_l1"]
+    loss.backward()
+out["narrow"] = float(loss)
+out["connector_grad"] = float(sum(p.grad.abs().sum() for p in narrow.distiller.parameters()))
 print(json.dumps(out))
 """
 
 
 def test_the_readme_example_loss_is_one_file_plus_config(tmp_path, teacher_path):
     (tmp_path / "my_losses.py").write_text(_readme_example())
-    script = _EXAMPLE_RUN.format(tests=os.path.join(REPO_ROOT, "tests"), teacher=teacher_path)
+    shapes = os.path.join(CONFIGS_DIR, "shapes")
+    script = _EXAMPLE_RUN.format(tests=os.path.join(REPO_ROOT, "tests"), teacher=teacher_path,
+                                 kd_student=os.path.join(shapes, "kd", "faster_rcnn_R18_FPN32_student_cpu.yaml"),
+                                 kd_teacher=os.path.join(shapes, "faster_rcnn_R18_FPN_cpu.yaml"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO_ROOT]), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["perturbed"] > 1e-4 and out["grad"] > 0
+    assert out["narrow"] > 0 and out["connector_grad"] > 0
     # The expanded student equals its teacher: zero up to the rounding of the teacher's
     # BatchNorms folded into its convolutions (2e-6 on an AVX2-only CPU, against ~0.4).
     assert out["equal"] < 1e-3 * out["perturbed"]
+
+
+def test_the_tools_import_a_plugin_loss_named_in_the_config_and_so_does_the_runs_evaluation(tiny_datasets_root,
+                                                                                            tmp_path):
+    (tmp_path / "my_losses.py").write_text(_readme_example())
+    out = tmp_path / "run"
+    plugin = ["ILMIL.PLUGINS", f"['{tmp_path / 'my_losses.py'}']", "ILMIL.DISTILL.FEAT_L1.ENABLED", "True",
+              "ILMIL.DISTILL.FEAT_L1.LAYERS", "['p3', 'res4']"]
+    proc = run_tool("train_incremental.py", ["--stages", "2+2", "--method", "ilmil", "--output-dir", str(out),
+                                             *SHAPES_OPTS, *TRAIN_OPTS, *plugin], tiny_datasets_root, timeout=600)
+    assert proc.returncode == 0, tail(proc)
+    logged = [line["loss_distill_feat_l1"] for line in metrics_lines(out / "stage_1" / "metrics.json")
+              if "loss_distill_feat_l1" in line]
+    assert logged and all(value > 0 for value in logged)
+    assert "my_losses.py" in (out / "config.yaml").read_text()
+    proc = run_tool("eval_incremental.py", ["--run-dir", str(out), "--output-dir", str(tmp_path / "eval")],
+                    tiny_datasets_root, timeout=300)
+    assert proc.returncode == 0, tail(proc)
+    proc = run_tool("train_incremental.py", ["--stages", "2+2", "--output-dir", str(tmp_path / "bad"), *SHAPES_OPTS,
+                                             "ILMIL.PLUGINS", "['no_such_losses.py']"], tiny_datasets_root)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: ILMIL.PLUGINS no_such_losses.py: cannot import it (FileNotFoundError: no such file")
 
 
 # --------------------------------------------------------------------------- FGFI masks and loss

@@ -20,6 +20,7 @@ from .losses import (
     KnowledgeReview,
     RCNDistillation,
     RPNDistillation,
+    feature_connectors,
     old_class_logits,
     pyramid_distance,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "build_teacher",
     "check_distill_config",
     "enabled_terms",
+    "feature_connectors",
     "feature_shapes",
     "is_student_architecture",
     "fold_batchnorm",

@@ -1,7 +1,7 @@
 """The registered distillation losses (imported here so that they register themselves)."""
 from .attention import AttentionTransfer, attention_map
 from .dense_head import DenseHeadDistillation
-from .feature import FEATURE_DISTANCES, LAYER_WEIGHTINGS, FeatureDistillation
+from .feature import FEATURE_DISTANCES, LAYER_WEIGHTINGS, FeatureDistillation, feature_connectors
 from .fgfi import FGFIImitation
 from .information_map import INFORMATION_WEIGHTINGS, InformationMapDistillation, teacher_object_maps
 from .rcn import RCN_LOGITS, RCNDistillation, old_class_logits
@@ -12,4 +12,4 @@ from .rpn import RPNDistillation
 __all__ = ["FEATURE_DISTANCES", "INFORMATION_WEIGHTINGS", "LAYER_WEIGHTINGS", "RCN_LOGITS", "AttentionTransfer",
            "DenseHeadDistillation", "FGFIImitation", "FSPRelation", "FeatureDistillation",
            "InformationMapDistillation", "KnowledgeReview", "RCNDistillation", "RPNDistillation", "attention_map",
-           "fsp_matrix", "old_class_logits", "pyramid_distance", "teacher_object_maps"]
+           "feature_connectors", "fsp_matrix", "old_class_logits", "pyramid_distance", "teacher_object_maps"]
