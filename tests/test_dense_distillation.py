@@ -118,6 +118,28 @@ def test_dense_term_leaves_out_the_anchors_on_a_new_class_gt_box():
     assert DenseHeadDistillation(box_loss="l1", exclude_new_gt=True)(args[0], args[1], old_only).item() > 0
 
 
+def test_yolos_objectness_kl_is_averaged_over_the_anchors_left_in():
+    # One level of stride 8, 2 x 2 cells, 1 anchor, 2 old classes; the class logits and boxes
+    # agree, the objectness differs at cell (1, 1) only: teacher 0, student 2. A new-class GT box
+    # covers cell (0, 0), which EXCLUDE_NEW_GT leaves out: the KL is averaged over 3 cells, not 4.
+    z = torch.full((1, 2, 2, 2), -5.0)
+    boxes = torch.zeros(1, 4, 2, 2)
+    o_t, o_s = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)
+    o_s[0, 0, 1, 1] = 2.0
+    gt = Instances((16, 16))
+    gt.gt_boxes = Boxes(torch.tensor([[0.0, 0.0, 7.0, 7.0]]))
+    gt.gt_classes = torch.tensor([2])
+    context = DistillContext(gt_instances=[gt], head_strides=[8], num_old_classes=2,
+                             teacher_outputs={"objectness": [o_t]})
+    student = {"head": ([torch.cat([z, torch.full((1, 1, 2, 2), -5.0)], dim=1)], [boxes], [o_s])}
+    teacher = {"head": ([z], [boxes], [o_t])}
+    p_s = torch.sigmoid(torch.tensor(2.0))
+    kl = 0.5 * torch.log(0.5 / p_s) + 0.5 * torch.log(0.5 / (1 - p_s))
+    for exclude, cells in ((False, 4), (True, 3)):
+        loss = DenseHeadDistillation(exclude_new_gt=exclude)(student, teacher, context)
+        assert loss.item() == pytest.approx(kl.item() / cells, rel=1e-5), exclude
+
+
 def _as_boxes(box_levels):
     """A stand-in decoder: the box outputs read as XYXY boxes in pixels."""
     return torch.cat([x.permute(0, 2, 3, 1).reshape(len(x), -1, 4) for x in box_levels], dim=1)

@@ -29,6 +29,7 @@ from ilmil.distill import (
     check_distill_config,
     enabled_terms,
 )
+from ilmil.distill.losses.feature import standardize
 from ilmil.distill.masks import fgfi_mask, gt_box_mask
 from ilmil.modeling import load_expanded
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, metrics_lines, run_tool, tail
@@ -426,6 +427,16 @@ def test_fgfi_masks_a_level_by_the_best_iou_of_a_box_over_every_levels_anchors()
     assert fgfi_mask(gt, {"p3": p3, "p4": p4}, {"p3": (2, 2)})["p3"].tolist() == [[[0.0, 0.0], [0.0, 0.0]]]
     assert fgfi_mask(gt, {"p3": p3}, {"p3": (2, 2)})["p3"].tolist() == [[[1.0, 1.0], [0.0, 0.0]]]
     assert list(fgfi_mask(gt, {"p3": p3, "p4": p4}, {"p3": (2, 2)})) == ["p3"]
+
+
+def test_standardised_maps_of_one_value_per_channel_are_zero_not_an_error():
+    # A 1 x 1 level (p7 of a small input) of one image: batch_norm's kernel refuses it.
+    student = torch.rand(1, 4, 1, 1, requires_grad=True)
+    assert torch.equal(standardize(student), torch.zeros(1, 4, 1, 1))
+    loss = FeatureDistillation(layers=["p7"], weighting="uniform")({"p7": student}, {"p7": torch.rand(1, 4, 1, 1)})
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(student.grad, torch.zeros(1, 4, 1, 1))
 
 
 def test_fgfi_loss_is_the_masked_squared_error_over_twice_the_masked_area():

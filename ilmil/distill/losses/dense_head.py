@@ -107,9 +107,10 @@ class DenseHeadDistillation(DistillLoss):
             o_s = flatten_levels(student[HEAD][2], 1)[..., 0]
             q = o_t.sigmoid()
             kl_obj = _binary_kl(o_s, o_t, self.temperature)
-            if keep is not None:
-                q, kl_obj = q * keep, kl_obj * keep
-            loss = (kl.mean(dim=2) * q).sum() / q.sum().clamp(min=1e-6) + kl_obj.mean()
+            kept = q.new_ones(q.shape) if keep is None else keep.to(q.dtype)
+            q = q * kept
+            loss = ((kl.mean(dim=2) * q).sum() / q.sum().clamp(min=1e-6)
+                    + (kl_obj * kept).sum() / kept.sum().clamp(min=1.0))
             score = score * q
         if keep is not None:
             score = score * keep
