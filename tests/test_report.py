@@ -47,3 +47,22 @@ def test_a_compression_run_is_titled_by_its_terms_not_its_method_preset():
     assert format_results_table(compression).splitlines()[0] == "KD: feat+rcn on shapes 20"
     undistilled = {**compression, "config": {"ILMIL": {"DISTILL": {"FEAT": {"ENABLED": False}}}}}
     assert format_results_table(undistilled).splitlines()[0] == "no KD on shapes 20"
+
+
+def _incremental(method, architecture, **enabled):
+    distill = {term: {"ENABLED": on} for term, on in enabled.items()}
+    return {**RESULTS, "method": method,
+            "config": {"MODEL": {"META_ARCHITECTURE": architecture}, "ILMIL": {"DISTILL": distill}}}
+
+
+def test_an_incremental_run_is_titled_by_its_method_and_the_terms_it_changed_from_the_preset():
+    title = lambda results: format_results_table(results).splitlines()[0]  # noqa: E731
+    # ilmil's preset (configs/methods/ilmil.yaml) switches FEAT, RPN and RCN on.
+    assert title(_incremental("ilmil", "IncrementalRCNN", FEAT=True, RPN=True, RCN=True)) == "ilmil on shapes 1+1"
+    assert title(_incremental("ilmil", "IncrementalRCNN", FEAT=True, RPN=False, RCN=True, FGFI=True)) == (
+        "ilmil +fgfi -rpn on shapes 1+1")
+    assert title(_incremental("finetune", "IncrementalRCNN", FEAT=True)) == "finetune +feat on shapes 1+1"
+    # The one-stage presets (configs/methods/dense/): ilmil is pseudo-labels + the dense term.
+    assert title(_incremental("ilmil", "IncrementalFCOS", DENSE=True, FEAT=True)) == "ilmil +feat on shapes 1+1"
+    # A results file of a method this version lacks: its name alone.
+    assert title(_incremental("retired", "IncrementalRCNN", FEAT=True)) == "retired on shapes 1+1"

@@ -20,9 +20,11 @@ import os
 import re
 
 import numpy as np
+import yaml
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from ..config import ConfigError, method_preset
 from ..file_io import atomic_write
 
 __all__ = ["plot_first_vs_final", "plot_forgetting_curve", "plot_per_class_heatmap", "plot_runs", "run_labels"]
@@ -48,14 +50,28 @@ def _title(results, label=None):
     return f"{label or results['method']} on {results['dataset']} {results['stages_spec']}"
 
 
+def _enabled_terms(distill):
+    """The distillation terms an ``ILMIL.DISTILL`` mapping switches on, lower-case."""
+    return [name.lower() for name, section in distill.items() if isinstance(section, dict) and section.get("ENABLED")]
+
+
 def method_label(results):
-    """A run's method; for a compression run (its results hold its teacher's) the terms
-    it was distilled with, e.g. ``KD: feat+rcn``, or ``no KD``."""
-    if "teacher" not in results:
+    """A run's method, with the terms its config switched on or off against the method's
+    preset (``finetune +feat``, ``ilmil -rpn``); for a compression run (its results hold its
+    teacher's) the terms it was distilled with, e.g. ``KD: feat+rcn``, or ``no KD``."""
+    config = results.get("config", {})
+    terms = _enabled_terms(config.get("ILMIL", {}).get("DISTILL", {}))
+    if "teacher" in results:
+        return f"KD: {'+'.join(terms)}" if terms else "no KD"
+    if not config:  # results written without their config: the method's name alone
         return results["method"]
-    distill = results.get("config", {}).get("ILMIL", {}).get("DISTILL", {})
-    terms = [name.lower() for name, section in distill.items() if isinstance(section, dict) and section.get("ENABLED")]
-    return f"KD: {'+'.join(terms)}" if terms else "no KD"
+    try:
+        with open(method_preset(results["method"], config.get("MODEL", {}).get("META_ARCHITECTURE", ""))) as f:
+            preset = _enabled_terms(((yaml.safe_load(f) or {}).get("ILMIL") or {}).get("DISTILL") or {})
+    except (ConfigError, OSError):  # a method of another version: its name alone
+        return results["method"]
+    changes = [f"+{t}" for t in terms if t not in preset] + [f"-{t}" for t in preset if t not in terms]
+    return " ".join([results["method"], *changes])
 
 
 def run_labels(runs, names=None):
