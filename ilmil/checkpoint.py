@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
 
 from .file_io import atomic_write
 from .pruning.channels import channel_layout
@@ -39,6 +40,7 @@ __all__ = [
     "CheckpointClassesError",
     "CheckpointError",
     "IncrementalCheckpointer",
+    "LossNormalizer",
     "RNGStates",
     "StageRecord",
     "TeacherMismatchError",
@@ -131,9 +133,22 @@ def safe_load(path):
     return data
 
 
+def _own_state(state):
+    """This process's part of a per-process checkpointable's saved state: the list holds one
+    per process of the run that saved it; a resume with more processes than that gives the
+    extra ones the main process's, a checkpoint of before the list holds one state for all."""
+    if not isinstance(state, list):
+        return state
+    rank = comm.get_rank()
+    return state[rank] if rank < len(state) else state[0]
+
+
 class RNGStates:
     """Checkpointable Python / numpy / torch (CPU and CUDA) random states, so a
-    resumed stage continues the random streams instead of restarting them."""
+    resumed stage continues the random streams instead of restarting them. Each
+    process of a torchrun run has its own, saved and restored as its own."""
+
+    per_process = True
 
     def state_dict(self):
         _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
@@ -149,6 +164,7 @@ class RNGStates:
         }
 
     def load_state_dict(self, state):
+        state = _own_state(state)
         torch.set_rng_state(state["torch"])
         cuda_states = state.get("cuda", [])  # absent in older checkpoints
         if cuda_states and torch.cuda.is_available():
@@ -159,6 +175,27 @@ class RNGStates:
                              n["has_gauss"], n["cached_gaussian"]))
         p = state["python"]
         random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+class LossNormalizer:
+    """Checkpointable running normaliser of a dense detector's losses: detectron2's RetinaNet
+    and FCOS keep it as a plain attribute (``loss_normalizer``, their positives' moving
+    average, per process), outside the state_dict, so a resumed stage restarted it from
+    its initial value. Nothing for a detector without one."""
+
+    per_process = True
+
+    def __init__(self, model):
+        self.model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+
+    def state_dict(self):
+        value = getattr(self.model, "loss_normalizer", None)
+        return {} if value is None else {"loss_normalizer": float(value)}
+
+    def load_state_dict(self, state):
+        state = _own_state(state)
+        if "loss_normalizer" in state:
+            self.model.loss_normalizer = state["loss_normalizer"]
 
 
 class StageRecord:
@@ -271,11 +308,24 @@ def load_checked_checkpoint(
 class IncrementalCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with atomic saves, safe loads and corrupt-file fallback."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._process_states = {}
+
+    def gather_process_states(self):
+        """Every process's state of each per-process checkpointable, for the next save. Every
+        process calls it, where detectron2 has only the main process save."""
+        self._process_states = {key: comm.all_gather(obj.state_dict()) for key, obj in self.checkpointables.items()
+                                if getattr(obj, "per_process", False)}
+
     def save(self, name, **extra):
         if not self.save_dir or not self.save_to_disk:
             return
+        gathered, self._process_states = self._process_states, {}
         data = {"model": self.model.state_dict()}
-        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        for key, obj in self.checkpointables.items():
+            per_process = getattr(obj, "per_process", False)
+            data[key] = gathered.get(key, [obj.state_dict()]) if per_process else obj.state_dict()
         data.update(extra)
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)

@@ -2,12 +2,15 @@
 tiny shapes 10+10 ilmil run."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT
+from ilmil.checkpoint import safe_load
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _env, read_json
 
 
@@ -16,7 +19,8 @@ def torchrun_run(tiny_datasets_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(REPO_ROOT, "tools", "train_incremental.py"),
-           "--stages", "10+10", "--method", "ilmil", "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS]
+           "--stages", "10+10", "--method", "ilmil", "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS,
+           "SOLVER.CHECKPOINT_PERIOD", "3"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(tiny_datasets_root), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -49,6 +53,31 @@ def test_evaluation_counts_every_test_image_once(torchrun_run):
     stages = read_json(torchrun_run / "stages.json")["stages"]
     for info, entry in zip(stages, read_json(torchrun_run / "results.json")["stages"]):
         assert entry["num_images_evaluated"] == entry["num_images"] == info["num_test_images"] > 1
+
+
+def test_a_resumed_stage_ends_where_the_uninterrupted_one_does_in_both_processes(torchrun_run, tiny_datasets_root,
+                                                                                  tmp_path):
+    # Each process's random streams (the RCN term's proposal sampling) are its own and come back
+    # as its own; the adaptive layer weights' running average is one for both processes.
+    halfway = safe_load(str(torchrun_run / "stage_1" / "model_0000002.pth"))
+    assert len(halfway["rng"]) == 2 and not torch.equal(halfway["rng"][0]["torch"], halfway["rng"][1]["torch"])
+    resumed = tmp_path / "resumed"
+    shutil.copytree(torchrun_run, resumed)
+    stage1 = resumed / "stage_1"
+    for name in ("model_final.pth", "model_0000005.pth", "metrics_eval.json"):
+        (stage1 / name).unlink()
+    (stage1 / "last_checkpoint").write_text("model_0000002.pth")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO_ROOT, "tools", "train_incremental.py"), "--stages", "10+10", "--method", "ilmil",
+           "--output-dir", str(resumed), "--resume", *SHAPES_OPTS, *TRAIN_OPTS, "SOLVER.CHECKPOINT_PERIOD", "3"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(tiny_datasets_root), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "Stage 1: resuming at iteration 3 of 6" in (resumed / "log.txt").read_text()
+    expected = safe_load(str(torchrun_run / "stage_1" / "model_final.pth"))["model"]
+    got = safe_load(str(stage1 / "model_final.pth"))["model"]
+    differing = [key for key in expected if not torch.equal(got[key], expected[key])]
+    assert not differing, f"differ after resuming: {differing[:5]}"
 
 
 def test_a_non_finite_forward_pass_on_one_rank_is_skipped_by_both(tiny_datasets_root, tmp_path):

@@ -18,7 +18,7 @@ from torch import nn
 
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, kill_when_exists, read_json, run_tool, start_tool, tail
 from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, RNGStates, safe_load
-from ilmil.config import get_ilmil_cfg
+from ilmil.config import CONFIGS_DIR, get_ilmil_cfg
 from ilmil.data import DatasetSource
 from ilmil.data.shapes import shape_class_names
 from ilmil.distill import Distiller, FeatureDistillation
@@ -261,10 +261,11 @@ def test_a_run_killed_mid_stage_resumes_from_its_checkpoint(tiny_datasets_root, 
     assert [s["stage"] for s in read_json(out / "results.json")["stages"]] == [0, 1]
 
 
-def _six_image_run(tmp_path):
+def _six_image_run(tmp_path, config_file=None):
     """A finished ilmil 1+1 run (8 iterations a stage, checkpoints after 4 and 8) on six
     images, the first of class 1, five of class 2 with boxes of five sizes, so the batches
-    of stage 1 (2 images each) differ; its folder and arguments."""
+    of stage 1 (2 images each) differ; its folder and arguments. ``config_file``: the
+    detector's (default: the shapes Faster R-CNN)."""
     images = {f"{i}.jpg": (64, 48, _jpeg(64, 48)) for i in range(6)}  # one aspect-ratio group
     boxes = [(1, 1, [2.0, 2.0, 20.0, 20.0])] + [(i, 2, [2.0 * i, 4.0, 8.0 + 4 * i, 10.0 + 2 * i])
                                                   for i in range(2, 7)]
@@ -272,19 +273,23 @@ def _six_image_run(tmp_path):
     straight = tmp_path / "straight"
     data = ["ILMIL.DATA.TRAIN_JSON", str(json_path), "ILMIL.DATA.TRAIN_IMAGES", str(tmp_path / "data" / "images"),
             "ILMIL.DATA.TEST_JSON", str(json_path), "ILMIL.DATA.TEST_IMAGES", str(tmp_path / "data" / "images")]
-    args = ["--dataset", "coco_json", "--stages", "1+1", "--method", "ilmil", *TRAIN_OPTS, *data,
+    args = ["--dataset", "coco_json", "--stages", "1+1", "--method", "ilmil",
+            *(["--config-file", config_file] if config_file else []), *TRAIN_OPTS, *data,
             "SOLVER.MAX_ITER", "8", "SOLVER.STEPS", "(6,)", "SOLVER.CHECKPOINT_PERIOD", "4"]
     proc = run_tool("train_incremental.py", ["--output-dir", str(straight), *args], tmp_path, timeout=300)
     assert proc.returncode == 0, tail(proc)
     return straight, args
 
 
-def test_a_resumed_stage_ends_exactly_where_the_uninterrupted_one_does(tmp_path):
+@pytest.mark.parametrize("config_file", [None, os.path.join(CONFIGS_DIR, "shapes", "retinanet_R18_FPN_cpu.yaml")],
+                         ids=["faster_rcnn", "retinanet"])
+def test_a_resumed_stage_ends_exactly_where_the_uninterrupted_one_does(tmp_path, config_file):
     # Everything must come from the checkpoint or continue from it: the weights, the AdamW
-    # moments, the LR schedule, the adaptive layer weights' running average, the random
-    # states, and the data stream (stage 1's iterations 4-7 take the images of 4-7, not
-    # those of 0-3 again; no loader workers, whose augmentations would start afresh).
-    straight, args = _six_image_run(tmp_path)
+    # moments, the LR schedule, the adaptive layer weights' running average (Faster R-CNN's
+    # ilmil), RetinaNet's running loss normaliser, the random states, and the data stream
+    # (stage 1's iterations 4-7 take the images of 4-7, not those of 0-3 again; no loader
+    # workers, whose augmentations would start afresh).
+    straight, args = _six_image_run(tmp_path, config_file)
     resumed = tmp_path / "resumed"
 
     # Killed after the checkpoint of iteration 3.
@@ -295,7 +300,10 @@ def test_a_resumed_stage_ends_exactly_where_the_uninterrupted_one_does(tmp_path)
     (stage1 / "last_checkpoint").write_text("model_0000003.pth")
     halfway = safe_load(str(stage1 / "model_0000003.pth"))
     assert halfway["trainer"]["_trainer"]["optimizer"]["state"], "the optimizer state is not checkpointed"
-    assert halfway["model"]["distiller.terms.feat.ema_distance"].sum() > 0
+    if config_file is None:
+        assert halfway["model"]["distiller.terms.feat.ema_distance"].sum() > 0
+    else:
+        assert halfway["loss_normalizer"][0]["loss_normalizer"] != 100  # moved from detectron2's initial value
 
     proc = run_tool("train_incremental.py", ["--output-dir", str(resumed), "--resume", *args], tmp_path, timeout=300)
     assert proc.returncode == 0, tail(proc)
@@ -303,7 +311,11 @@ def test_a_resumed_stage_ends_exactly_where_the_uninterrupted_one_does(tmp_path)
     expected = safe_load(str(straight / "stage_1" / "model_final.pth"))["model"]
     got = safe_load(str(stage1 / "model_final.pth"))["model"]
     assert got.keys() == expected.keys()
-    differing = [key for key in expected if not torch.equal(got[key], expected[key])]
+    # RetinaNet within float noise: its resumed steps differ from the uninterrupted ones by ~1e-8,
+    # which AdamW turns into up to 3e-5 where the gradients are near zero (p6, p7 on these tiny
+    # images); the loss normaliser restarted at 100 (before it was checkpointed) moved 2.4e-3.
+    tolerance = 0.0 if config_file is None else 2e-4
+    differing = [key for key in expected if (got[key].double() - expected[key].double()).abs().max() > tolerance]
     assert not differing, f"differ after resuming: {differing[:5]}"
 
 
