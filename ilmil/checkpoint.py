@@ -41,6 +41,7 @@ __all__ = [
     "CheckpointError",
     "IncrementalCheckpointer",
     "LossNormalizer",
+    "ProcessBuffers",
     "RNGStates",
     "StageRecord",
     "TeacherMismatchError",
@@ -175,6 +176,28 @@ class RNGStates:
                              n["has_gauss"], n["cached_gaussian"]))
         p = state["python"]
         random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+class ProcessBuffers:
+    """Checkpointable buffers of the model that each process of a torchrun run updates
+    from its own batches (BatchNorm statistics, with DDP's ``broadcast_buffers=False``;
+    the adaptive feature weights' running average): the model's state_dict holds the
+    main process's, this each process's own, restored to it on resume."""
+
+    per_process = True
+
+    def __init__(self, model):
+        self.model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+
+    def state_dict(self):
+        return {name: buffer.detach().clone() for name, buffer in self.model.named_buffers()}
+
+    def load_state_dict(self, state):
+        buffers = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name, value in _own_state(state).items():
+                if name in buffers and buffers[name].shape == value.shape:
+                    buffers[name].copy_(value)
 
 
 class LossNormalizer:
@@ -321,7 +344,8 @@ class IncrementalCheckpointer(DetectionCheckpointer):
     def save(self, name, **extra):
         if not self.save_dir or not self.save_to_disk:
             return
-        gathered, self._process_states = self._process_states, {}
+        # Kept for every save of this iteration (detectron2 writes model_NNNNNNN, then model_final).
+        gathered = self._process_states
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             per_process = getattr(obj, "per_process", False)

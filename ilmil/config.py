@@ -548,7 +548,8 @@ def get_ilmil_cfg(config_file=None, opts=(), method=None):
     config_file = config_file or DEFAULT_CONFIG
     _check_config_file(config_file)
     opts = config_overrides(opts)
-    import_plugins(_plugins_named(config_file, opts))
+    plugins = _plugins_named(config_file, opts)
+    import_plugins(plugins)
     probe = default_cfg()
     _merge_file(probe, config_file)
     _merge_opts(probe, opts)
@@ -559,6 +560,8 @@ def get_ilmil_cfg(config_file=None, opts=(), method=None):
     _merge_file(cfg, config_file)
     _merge_opts(cfg, opts)
     cfg.ILMIL.METHOD = method
+    # .py files by their absolute path: the run's config.yaml then finds them from any folder.
+    cfg.ILMIL.PLUGINS = [os.path.abspath(p) if p.endswith(".py") else p for p in plugins]
     return cfg
 
 
@@ -581,8 +584,9 @@ def import_plugins(plugins):
                 importlib.import_module(plugin)
                 continue
             path = os.path.realpath(plugin)
-            if path in _PLUGIN_FILES:
-                continue
+            if path in _PLUGIN_FILES or any(os.path.realpath(getattr(m, "__file__", None) or "") == path
+                                            for m in list(sys.modules.values())):
+                continue  # imported already, here or as a module (its losses registered once)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"no such file (from {os.getcwd()})")
             name = f"ilmil_plugin_{len(_PLUGIN_FILES)}_{os.path.basename(path)[:-3]}"
@@ -597,13 +601,16 @@ def import_plugins(plugins):
 
 
 def _plugins_named(config_file, opts):
-    """The ``ILMIL.PLUGINS`` of ``config_file`` (with its bases) and ``opts``, before either is merged."""
+    """The ``ILMIL.PLUGINS`` of ``config_file`` (with its bases), or of ``opts`` where they
+    set it, before either is merged."""
     loaded = CN.load_yaml_with_base(config_file, allow_unsafe=True)
-    named = list((loaded.get("ILMIL") or {}).get("PLUGINS") or [])
+    named = (loaded.get("ILMIL") or {}).get("PLUGINS") or []
     for key, value in zip(opts[0::2], opts[1::2]):
         if key == "ILMIL.PLUGINS":
-            value = _literal(value)
-            named += [value] if isinstance(value, str) else list(value)
+            named = _literal(value)
+    if not isinstance(named, (list, tuple)):
+        raise ConfigError(f"ILMIL.PLUGINS {named!r}: a list of modules or .py files; fix: e.g. ILMIL.PLUGINS "
+                          "\"['my_losses.py']\"")
     return [str(plugin) for plugin in dict.fromkeys(named)]
 
 
@@ -707,7 +714,8 @@ def _merge_opts(cfg, opts):
                                   "are those of detectron2, ilmil/config.py and the modules of ILMIL.PLUGINS)")
             node = node[part]
     try:
-        with _numbers_as_meant(cfg, {key: _literal(value) for key, value in zip(opts[0::2], opts[1::2])}):
-            cfg.merge_from_list(opts)
+        for key, value in zip(opts[0::2], opts[1::2]):  # one by one: a key given twice takes the last
+            with _numbers_as_meant(cfg, {key: _literal(value)}):
+                cfg.merge_from_list([key, value])
     except ValueError as e:  # yacs: a value of the wrong type
         raise ConfigError(f"config overrides: {e.args[0]}; fix: give a value of the key's type") from None

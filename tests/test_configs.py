@@ -74,6 +74,7 @@ def test_a_whole_number_is_taken_for_a_decimal_key_from_overrides_and_from_a_fil
     cfg = get_ilmil_cfg(None, ["ILMIL.DISTILL.DENSE.WEIGHT", "1", "SOLVER.BASE_LR", "2"])
     assert type(cfg.ILMIL.DISTILL.DENSE.WEIGHT) is float and cfg.ILMIL.DISTILL.DENSE.WEIGHT == 1.0
     assert type(cfg.SOLVER.BASE_LR) is float and cfg.SOLVER.BASE_LR == 2.0
+    assert get_ilmil_cfg(None, ["SOLVER.BASE_LR", "0.02", "SOLVER.BASE_LR", "1"]).SOLVER.BASE_LR == 1.0  # the last
     config = tmp_path / "config.yaml"
     config.write_text("_BASE_: %s\nILMIL:\n  DISTILL:\n    REVIEW:\n      BG_WEIGHT: 3\n" % DEFAULT_CONFIG)
     assert type(get_ilmil_cfg(str(config)).ILMIL.DISTILL.REVIEW.BG_WEIGHT) is float

@@ -103,14 +103,15 @@ def _shapes_cfg(config, *opts):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("ILMIL.DISTILL.FEAT.WEIGHT", -1.0, r"ILMIL\.DISTILL\.FEAT\.WEIGHT -1\.0: must be at least 0 .*; fix: e\.g\. "),
+    ("ILMIL.DISTILL.FEAT.WEIGHT", -1.0, r"ILMIL\.DISTILL\.FEAT\.WEIGHT -1\.0: must be at least 0; fix: e\.g\. "),
     ("ILMIL.DISTILL.REVIEW.WEIGHT", -0.5, r"REVIEW\.WEIGHT -0\.5: must be at least 0"),  # checked while off too
     ("ILMIL.DISTILL.RCN.TEMPERATURE", 0.0, r"RCN\.TEMPERATURE 0\.0: must be above 0; fix: e\.g\. .*TEMPERATURE 2\.0"),
     ("ILMIL.DISTILL.DENSE.TEMPERATURE", -1.0, r"DENSE\.TEMPERATURE -1\.0: must be above 0"),
     ("ILMIL.DISTILL.RCN.TOPK", 0, r"RCN\.TOPK 0: must be at least 1"),
     ("ILMIL.DISTILL.RCN.NUM_SAMPLES", -3, r"RCN\.NUM_SAMPLES -3: must be at least 1"),
     ("ILMIL.DISTILL.RCN.NEW_GT_IOU_THRESH", 1.5, r"RCN\.NEW_GT_IOU_THRESH 1\.5: must be in \[0, 1\]"),
-    ("ILMIL.DISTILL.FGFI.PSI", -1.0, r"FGFI\.PSI -1\.0: must be in \(0, 1\]"),
+    ("ILMIL.DISTILL.FGFI.PSI", -1.0, r"FGFI\.PSI -1\.0: must be in \(0, 1\)"),
+    ("ILMIL.DISTILL.FGFI.PSI", 1.0, r"FGFI\.PSI 1\.0: must be in \(0, 1\)"),  # IoU > the best IoU: no location
     ("ILMIL.DISTILL.FEAT.EMA_MOMENTUM", 1.5, r"FEAT\.EMA_MOMENTUM 1\.5: must be in \[0, 1\)"),
     ("ILMIL.DISTILL.REVIEW.BG_WEIGHT", -1.0, r"REVIEW\.BG_WEIGHT -1\.0: must be at least 0"),
 ])
@@ -343,6 +344,8 @@ with EventStorage():
     loss.backward()
 out["narrow"] = float(loss)
 out["connector_grad"] = float(sum(p.grad.abs().sum() for p in narrow.distiller.parameters()))
+# Imported above as a module, named again as a file (a run's config.yaml): registered once.
+get_ilmil_cfg(None, ["ILMIL.PLUGINS", "['my_losses.py']"])
 print(json.dumps(out))
 """
 
@@ -368,7 +371,9 @@ def test_the_tools_import_a_plugin_loss_named_in_the_config_and_so_does_the_runs
                                                                                             tmp_path):
     (tmp_path / "my_losses.py").write_text(_readme_example())
     out = tmp_path / "run"
-    plugin = ["ILMIL.PLUGINS", f"['{tmp_path / 'my_losses.py'}']", "ILMIL.DISTILL.FEAT_L1.ENABLED", "True",
+    # Relative to the folder the tool runs in; the run's config.yaml holds it absolute.
+    relative = os.path.relpath(tmp_path / "my_losses.py", REPO_ROOT)
+    plugin = ["ILMIL.PLUGINS", f"['{relative}']", "ILMIL.DISTILL.FEAT_L1.ENABLED", "True",
               "ILMIL.DISTILL.FEAT_L1.LAYERS", "['p3', 'res4']"]
     proc = run_tool("train_incremental.py", ["--stages", "2+2", "--method", "ilmil", "--output-dir", str(out),
                                              *SHAPES_OPTS, *TRAIN_OPTS, *plugin], tiny_datasets_root, timeout=600)
@@ -376,7 +381,7 @@ def test_the_tools_import_a_plugin_loss_named_in_the_config_and_so_does_the_runs
     logged = [line["loss_distill_feat_l1"] for line in metrics_lines(out / "stage_1" / "metrics.json")
               if "loss_distill_feat_l1" in line]
     assert logged and all(value > 0 for value in logged)
-    assert "my_losses.py" in (out / "config.yaml").read_text()
+    assert str(tmp_path / "my_losses.py") in (out / "config.yaml").read_text()
     proc = run_tool("eval_incremental.py", ["--run-dir", str(out), "--output-dir", str(tmp_path / "eval")],
                     tiny_datasets_root, timeout=300)
     assert proc.returncode == 0, tail(proc)
@@ -384,6 +389,10 @@ def test_the_tools_import_a_plugin_loss_named_in_the_config_and_so_does_the_runs
                                              "ILMIL.PLUGINS", "['no_such_losses.py']"], tiny_datasets_root)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
         "error: ILMIL.PLUGINS no_such_losses.py: cannot import it (FileNotFoundError: no such file")
+    proc = run_tool("train_incremental.py", ["--stages", "2+2", "--output-dir", str(tmp_path / "bad"), *SHAPES_OPTS,
+                                             "ILMIL.PLUGINS", "my_losses.py"], tiny_datasets_root)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: ILMIL.PLUGINS 'my_losses.py': a list of modules or .py files; fix:")
 
 
 # --------------------------------------------------------------------------- FGFI masks and loss

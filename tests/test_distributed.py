@@ -57,8 +57,8 @@ def test_evaluation_counts_every_test_image_once(torchrun_run):
 
 def test_a_resumed_stage_ends_where_the_uninterrupted_one_does_in_both_processes(torchrun_run, tiny_datasets_root,
                                                                                   tmp_path):
-    # Each process's random streams (the RCN term's proposal sampling) are its own and come back
-    # as its own; the adaptive layer weights' running average is one for both processes.
+    # Each process's random streams (the RCN term's proposal sampling) and buffers (the adaptive
+    # layer weights' running average of its own batches) are its own and come back as its own.
     halfway = safe_load(str(torchrun_run / "stage_1" / "model_0000002.pth"))
     assert len(halfway["rng"]) == 2 and not torch.equal(halfway["rng"][0]["torch"], halfway["rng"][1]["torch"])
     resumed = tmp_path / "resumed"

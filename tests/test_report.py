@@ -52,7 +52,8 @@ def test_a_compression_run_is_titled_by_its_terms_not_its_method_preset():
 def _incremental(method, architecture, **enabled):
     distill = {term: {"ENABLED": on} for term, on in enabled.items()}
     return {**RESULTS, "method": method,
-            "config": {"MODEL": {"META_ARCHITECTURE": architecture}, "ILMIL": {"DISTILL": distill}}}
+            "config": {"MODEL": {"META_ARCHITECTURE": architecture},
+                       "ILMIL": {"DISTILL": distill, "PSEUDO_LABELS": {"ENABLED": method == "ilmil"}}}}
 
 
 def test_an_incremental_run_is_titled_by_its_method_and_the_terms_it_changed_from_the_preset():
@@ -64,5 +65,9 @@ def test_an_incremental_run_is_titled_by_its_method_and_the_terms_it_changed_fro
     assert title(_incremental("finetune", "IncrementalRCNN", FEAT=True)) == "finetune +feat on shapes 1+1"
     # The one-stage presets (configs/methods/dense/): ilmil is pseudo-labels + the dense term.
     assert title(_incremental("ilmil", "IncrementalFCOS", DENSE=True, FEAT=True)) == "ilmil +feat on shapes 1+1"
+    # Pseudo-labels, part of ilmil's preset and none of finetune's.
+    pseudo = _incremental("finetune", "IncrementalRCNN")
+    pseudo["config"]["ILMIL"]["PSEUDO_LABELS"] = {"ENABLED": True}
+    assert title(pseudo) == "finetune +pseudo-labels on shapes 1+1"
     # A results file of a method this version lacks: its name alone.
     assert title(_incremental("retired", "IncrementalRCNN", FEAT=True)) == "retired on shapes 1+1"

@@ -92,7 +92,7 @@ def check_distill_config(cfg):
     for section, loss_class in registered_terms().items():
         if section in d:
             weight = d[section].WEIGHT
-            check_value(f"ILMIL.DISTILL.{section}.WEIGHT", weight, weight >= 0, "at least 0 (0: the term off)", 1.0)
+            check_value(f"ILMIL.DISTILL.{section}.WEIGHT", weight, weight >= 0, "at least 0", 1.0)
             loss_class(cfg)  # its keys' values, whether or not the term is on: a typo is not silently kept
     if not enabled_terms(cfg):
         return

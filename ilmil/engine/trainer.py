@@ -16,7 +16,7 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
-from ..checkpoint import IncrementalCheckpointer, LossNormalizer, RNGStates, StageRecord
+from ..checkpoint import IncrementalCheckpointer, LossNormalizer, ProcessBuffers, RNGStates, StageRecord
 from ..config import check_optimizer
 from ..evaluation import IncrementalEvaluator
 from ..file_io import atomic_write
@@ -34,8 +34,8 @@ class NonFiniteLossError(FloatingPointError):
 class _ProcessStatesGatherer(hooks.HookBase):
     """Before each iteration's checkpoint (detectron2's PeriodicCheckpointer, on the main
     process only: every ``period`` iterations and at the last), gathers every process's
-    random states and loss normaliser into it, so a resumed torchrun run restores each
-    process its own. Runs first among the hooks: nothing before the checkpointer draws
+    random states, loss normaliser and buffers into it, so a resumed torchrun run restores
+    each process its own. Runs first among the hooks: nothing before the checkpointer draws
     random numbers or trains."""
 
     def __init__(self, checkpointer, period):
@@ -156,7 +156,7 @@ class IncrementalTrainer(DefaultTrainer):
         self.checkpointer = IncrementalCheckpointer(
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
             ilmil=StageRecord(self._trainer.model, class_names, self._schedule), rng=RNGStates(),
-            loss_normalizer=LossNormalizer(self._trainer.model),
+            loss_normalizer=LossNormalizer(self._trainer.model), buffers=ProcessBuffers(self._trainer.model),
         )
         kept = [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
         gatherer = _ProcessStatesGatherer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)

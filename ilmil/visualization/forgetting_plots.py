@@ -50,27 +50,35 @@ def _title(results, label=None):
     return f"{label or results['method']} on {results['dataset']} {results['stages_spec']}"
 
 
-def _enabled_terms(distill):
-    """The distillation terms an ``ILMIL.DISTILL`` mapping switches on, lower-case."""
-    return [name.lower() for name, section in distill.items() if isinstance(section, dict) and section.get("ENABLED")]
+def _switches(ilmil):
+    """What an ``ILMIL`` config mapping switches on: its distillation terms (lower-case), its
+    pseudo-labels and its unbiased classification."""
+    on = [name.lower() for name, section in (ilmil.get("DISTILL") or {}).items()
+          if isinstance(section, dict) and section.get("ENABLED")]
+    for name, key in (("pseudo-labels", "PSEUDO_LABELS"), ("unbiased-cls", "UNBIASED_CLS")):
+        if (ilmil.get(key) or {}).get("ENABLED"):
+            on.append(name)
+    return on
 
 
 def method_label(results):
-    """A run's method, with the terms its config switched on or off against the method's
-    preset (``finetune +feat``, ``ilmil -rpn``); for a compression run (its results hold its
-    teacher's) the terms it was distilled with, e.g. ``KD: feat+rcn``, or ``no KD``."""
-    config = results.get("config", {})
-    terms = _enabled_terms(config.get("ILMIL", {}).get("DISTILL", {}))
+    """A run's method, with what its config switched on or off against the method's preset
+    (``finetune +feat``, ``ilmil -rpn``, ``finetune +pseudo-labels``); for a compression run (its
+    results hold its teacher's) the terms it was distilled with, e.g. ``KD: feat+rcn``, or ``no KD``."""
+    config = results.get("config") or {}
+    on = _switches(config.get("ILMIL") or {})
     if "teacher" in results:
+        terms = [name for name in on if name not in ("pseudo-labels", "unbiased-cls")]
         return f"KD: {'+'.join(terms)}" if terms else "no KD"
-    if not config:  # results written without their config: the method's name alone
+    architecture = (config.get("MODEL") or {}).get("META_ARCHITECTURE")
+    if not architecture:  # results written without their config: the method's name alone
         return results["method"]
     try:
-        with open(method_preset(results["method"], config.get("MODEL", {}).get("META_ARCHITECTURE", ""))) as f:
-            preset = _enabled_terms(((yaml.safe_load(f) or {}).get("ILMIL") or {}).get("DISTILL") or {})
+        with open(method_preset(results["method"], architecture)) as f:
+            preset = _switches(((yaml.safe_load(f) or {}).get("ILMIL") or {}))
     except (ConfigError, OSError):  # a method of another version: its name alone
         return results["method"]
-    changes = [f"+{t}" for t in terms if t not in preset] + [f"-{t}" for t in preset if t not in terms]
+    changes = [f"+{name}" for name in on if name not in preset] + [f"-{name}" for name in preset if name not in on]
     return " ".join([results["method"], *changes])
 
 

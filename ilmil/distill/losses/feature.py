@@ -14,7 +14,7 @@ layer a random subset of round(f C) of its (teacher-width) channels that d_l lea
 Layer weights:
 
     uniform      L_feat = sum_l d_l
-    adaptive     dbar_l <- m * dbar_l + (1 - m) * d_l (detached, over all processes under torchrun, m = EMA_MOMENTUM);
+    adaptive     dbar_l <- m * dbar_l + (1 - m) * d_l (detached, m = EMA_MOMENTUM);
                  w_l = clip(L * dbar_l / sum(dbar), WEIGHT_RANGE); L_feat = sum_l w_l * d_l
 """
 import torch
@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import configurable
-from detectron2.utils import comm
 
 from ...config import ConfigError, check_choice, check_value
 from ..connectors import build_connector, match_size
@@ -136,14 +135,7 @@ class FeatureDistillation(DistillLoss):
         if self.weighting == "uniform":
             return torch.ones_like(distances)
         if self.training:
-            distances = distances.detach()
-            if comm.get_world_size() > 1:
-                # The mean over every process's batch: one running average in all of them, which
-                # the main process's checkpoint then holds for each (a resume restores it).
-                distances = distances.clone()
-                torch.distributed.all_reduce(distances)
-                distances /= comm.get_world_size()
-            self.ema_distance.mul_(self.momentum).add_((1 - self.momentum) * distances)
+            self.ema_distance.mul_(self.momentum).add_((1 - self.momentum) * distances.detach())
         total = self.ema_distance.sum()
         if total <= 0:
             return torch.ones_like(distances)

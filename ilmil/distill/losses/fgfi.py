@@ -37,8 +37,8 @@ class FGFIImitation(DistillLoss):
         if not layers:
             raise ConfigError("ILMIL.DISTILL.FGFI.LAYERS is empty; fix: name at least one feature map, e.g. p3")
         self.layers = tuple(layers)
-        # psi <= 0 would keep every location, psi > 1 none.
-        self.psi = check_value("ILMIL.DISTILL.FGFI.PSI", psi, 0 < psi <= 1, "in (0, 1]", 0.5)
+        # psi <= 0 would keep every location, psi >= 1 none (IoU > psi x the best IoU).
+        self.psi = check_value("ILMIL.DISTILL.FGFI.PSI", psi, 0 < psi < 1, "in (0, 1)", 0.5)
         self.normalize = normalize
         self.connectors = connectors if connectors is not None else torch.nn.ModuleDict()
 
