@@ -2,7 +2,6 @@
 tiny shapes 10+10 ilmil run."""
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import torch
 
 from conftest import REPO_ROOT
 from ilmil.checkpoint import safe_load
-from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _env, read_json
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _env, killed_copy, read_json
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +61,7 @@ def test_a_resumed_stage_ends_where_the_uninterrupted_one_does_in_both_processes
     halfway = safe_load(str(torchrun_run / "stage_1" / "model_0000002.pth"))
     assert len(halfway["rng"]) == 2 and not torch.equal(halfway["rng"][0]["torch"], halfway["rng"][1]["torch"])
     resumed = tmp_path / "resumed"
-    shutil.copytree(torchrun_run, resumed)
-    stage1 = resumed / "stage_1"
-    for name in ("model_final.pth", "model_0000005.pth", "metrics_eval.json"):
-        (stage1 / name).unlink()
-    (stage1 / "last_checkpoint").write_text("model_0000002.pth")
+    stage1 = killed_copy(torchrun_run, resumed, 1, "model_0000002.pth")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(REPO_ROOT, "tools", "train_incremental.py"), "--stages", "10+10", "--method", "ilmil",
            "--output-dir", str(resumed), "--resume", *SHAPES_OPTS, *TRAIN_OPTS, "SOLVER.CHECKPOINT_PERIOD", "3"]

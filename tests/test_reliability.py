@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tool_runs import SHAPES_OPTS, TRAIN_OPTS, kill_when_exists, read_json, run_tool, start_tool, tail
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, kill_when_exists, killed_copy, read_json, run_tool, start_tool, tail
 from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, RNGStates, safe_load
 from ilmil.config import CONFIGS_DIR, get_ilmil_cfg
 from ilmil.data import DatasetSource
@@ -293,11 +293,7 @@ def test_a_resumed_stage_ends_exactly_where_the_uninterrupted_one_does(tmp_path,
     resumed = tmp_path / "resumed"
 
     # Killed after the checkpoint of iteration 3.
-    shutil.copytree(straight, resumed)
-    stage1 = resumed / "stage_1"
-    for name in ("model_final.pth", "model_0000007.pth", "metrics_eval.json"):
-        (stage1 / name).unlink()
-    (stage1 / "last_checkpoint").write_text("model_0000003.pth")
+    stage1 = killed_copy(straight, resumed, 1, "model_0000003.pth")
     halfway = safe_load(str(stage1 / "model_0000003.pth"))
     assert halfway["trainer"]["_trainer"]["optimizer"]["state"], "the optimizer state is not checkpointed"
     if config_file is None:
@@ -628,12 +624,8 @@ def test_a_kill_between_the_last_checkpoint_and_model_final_is_resumed(tmp_path)
     # in between, the resumed stage has no iteration left to train.
     straight, args = _six_image_run(tmp_path)
     resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
-    stage1 = resumed / "stage_1"
-    for name in ("model_final.pth", "metrics_eval.json"):
-        (stage1 / name).unlink()
+    stage1 = killed_copy(straight, resumed, 1, "model_0000007.pth")
     (resumed / "results.json").unlink()
-    (stage1 / "last_checkpoint").write_text("model_0000007.pth")
 
     proc = run_tool("train_incremental.py", ["--output-dir", str(resumed), "--resume", *args], tmp_path, timeout=300)
     assert proc.returncode == 0, tail(proc)

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,6 +114,19 @@ def _env(datasets_root):
     env = dict(os.environ, ILMIL_DATASETS=str(datasets_root), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     return env
+
+
+def killed_copy(run, copy, stage, checkpoint):
+    """``run`` copied to ``copy`` as if killed in ``stage`` right after saving ``checkpoint``
+    (e.g. "model_0000003.pth"): that stage's later checkpoints and its end removed; the
+    copy's stage folder."""
+    shutil.copytree(run, copy)
+    stage_dir = copy / f"stage_{stage}"
+    for name in os.listdir(stage_dir):
+        if (name.startswith("model_") and name.endswith(".pth") and name > checkpoint) or name == "metrics_eval.json":
+            (stage_dir / name).unlink()
+    (stage_dir / "last_checkpoint").write_text(checkpoint)
+    return stage_dir
 
 
 def tail(proc, n=3000):
