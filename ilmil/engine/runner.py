@@ -71,7 +71,7 @@ from .run_dir import (
     training_config,
     write_problem_report,
 )
-from .trainer import IncrementalTrainer, NonFiniteLossError
+from .trainer import IncrementalTrainer, NonFiniteLossError, TooSmallMapError
 
 __all__ = ["RUN_ERRORS", "IncrementalRun", "run_incremental", "resolve_class_order"]
 
@@ -80,7 +80,7 @@ logger = logging.getLogger("ilmil")
 # Errors whose message is the whole story (what is wrong, where, the fix): the CLI
 # prints them without a traceback.
 RUN_ERRORS = (ConfigError, DatasetError, StageSpecError, CheckpointClassesError, CheckpointError, RunDirError,
-              RunValidationError, NonFiniteLossError, PruningError, NotARunError, DeployError)
+              RunValidationError, NonFiniteLossError, TooSmallMapError, PruningError, NotARunError, DeployError)
 
 
 def resolve_class_order(custom_order, dataset_classes):

@@ -22,13 +22,22 @@ from ..evaluation import IncrementalEvaluator
 from ..file_io import atomic_write
 from ..modeling import build_detector
 
-__all__ = ["IncrementalTrainer", "NonFiniteLossError"]
+__all__ = ["IncrementalTrainer", "NonFiniteLossError", "TooSmallMapError"]
 
 logger = logging.getLogger("ilmil")
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; the message names it, the iteration and the fix."""
+
+
+class TooSmallMapError(RuntimeError):
+    """A normalisation layer got one value per channel or group in training: a feature map
+    of 1 x 1 with one image per process (small inputs, the coarsest levels)."""
+
+
+# torch's words for it, from BatchNorm and GroupNorm alike.
+_ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
 
 
 class _ProcessStatesGatherer(hooks.HookBase):
@@ -203,6 +212,16 @@ class IncrementalTrainer(DefaultTrainer):
     def run_step(self):
         try:
             super().run_step()
+        except ValueError as e:
+            if _ONE_VALUE_PER_CHANNEL not in str(e):
+                raise
+            per_process = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            raise TooSmallMapError(
+                f"stage {self._schedule.get('stage', '?')} stopped at iteration {self.iter}: a normalisation layer "
+                f"got one value per channel ({str(e).split('got ')[-1]}): a 1 x 1 feature map of one image; fix: "
+                f"larger inputs (INPUT.MIN_SIZE_TRAIN, now {tuple(self.cfg.INPUT.MIN_SIZE_TRAIN)}) or at least 2 "
+                f"images per process (SOLVER.IMS_PER_BATCH {self.cfg.SOLVER.IMS_PER_BATCH} over "
+                f"{comm.get_world_size()} process(es): {per_process} each)") from None
         except FloatingPointError as e:
             if not isinstance(e, NonFiniteLossError):
                 # detectron2's own check (non-finite proposals), raised inside the forward
