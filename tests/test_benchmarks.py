@@ -750,8 +750,12 @@ def test_one_stage_suite_plans_a_stage0_and_a_joint_run_per_detector_with_its_co
             assert runs[f"{detector} {row}"].stage0 == ilmil.stage0
             assert plus.REVIEW.ENABLED and plus.REVIEW.WEIGHT == weight
             assert plus.DENSE.ENABLED and plus.DENSE.WEIGHT == 0.05 and not plus.FEAT.ENABLED
-    # YOLO's recipe adds the multi-layer alignment.
-    assert runs["yolov3 ilmil"].config().ILMIL.DISTILL.FEAT.ENABLED
+    # YOLO's recipe adds the multi-layer alignment; the tiny YOLO's too, on its own config.
+    for yolo in ("yolov3", "yolov3_tiny"):
+        assert runs[f"{yolo} ilmil"].config().ILMIL.DISTILL.FEAT.ENABLED
+        assert runs[f"{yolo} ilmil"].config_file == f"configs/shapes/{yolo}_cpu.yaml"
+        assert not runs[f"{yolo} finetune"].config().ILMIL.DISTILL.FEAT.ENABLED  # no teacher, no term
+    assert runs["yolov3_tiny ilmil"].config().MODEL.BACKBONE.NAME == "build_darknet_tiny_backbone"
 
 
 def test_the_one_stage_table_keeps_a_term_added_to_ilmil_apart_from_ilmil():
