@@ -331,25 +331,16 @@ def load_checked_checkpoint(
 class IncrementalCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with atomic saves, safe loads and corrupt-file fallback."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._process_states = {}
-
-    def gather_process_states(self):
-        """Every process's state of each per-process checkpointable, for the next save. Every
-        process calls it, where detectron2 has only the main process save."""
-        self._process_states = {key: comm.all_gather(obj.state_dict()) for key, obj in self.checkpointables.items()
-                                if getattr(obj, "per_process", False)}
-
     def save(self, name, **extra):
+        # Every process's state of each per-process checkpointable: a training stage's
+        # processes all call save (IncrementalTrainer's checkpointer hook), the main one writes.
+        gathered = {key: comm.all_gather(obj.state_dict()) for key, obj in self.checkpointables.items()
+                    if getattr(obj, "per_process", False)}
         if not self.save_dir or not self.save_to_disk:
             return
-        # Kept for every save of this iteration (detectron2 writes model_NNNNNNN, then model_final).
-        gathered = self._process_states
         data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            per_process = getattr(obj, "per_process", False)
-            data[key] = gathered.get(key, [obj.state_dict()]) if per_process else obj.state_dict()
+        data.update({key: gathered[key] if key in gathered else obj.state_dict()
+                     for key, obj in self.checkpointables.items()})
         data.update(extra)
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)

@@ -344,11 +344,13 @@ class IncrementalRun:
         if start is not None and cfg.ILMIL.FREEZE_BN_STATS and isinstance(model, DistillationStudent):
             model.freeze_bn_stats()
         trainer.train()
-        if not os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "model_final.pth")):
-            # Killed between the last iteration's checkpoint and model_final (written one after
-            # the other): its resume had no iteration left to train, so nothing wrote the file.
+        # Killed between the last iteration's checkpoint and model_final (written one after the
+        # other): its resume had no iteration left to train, so nothing wrote the file. The main
+        # process's view decides (its collective comes after its write), as every process saves.
+        final_missing = comm.all_gather(not os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "model_final.pth")))[0]
+        if final_missing:
             trainer.iter = trainer.max_iter - 1  # SOLVER.REFERENCE_WORLD_SIZE may have rescaled MAX_ITER
-            trainer.checkpointer.save("model_final", iteration=trainer.iter)  # by the main process
+            trainer.checkpointer.save("model_final", iteration=trainer.iter)
         # Per process: in a distributed run every rank logs the same digest (DDP kept them in sync).
         logger.info("Stage %d: weights digest %s (rank %d)", stage.index, weights_digest(model), comm.get_rank())
         return trainer.model

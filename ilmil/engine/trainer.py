@@ -40,23 +40,6 @@ class TooSmallMapError(RuntimeError):
 _ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
 
 
-class _ProcessStatesGatherer(hooks.HookBase):
-    """Before each iteration's checkpoint (detectron2's PeriodicCheckpointer, on the main
-    process only: every ``period`` iterations and at the last), gathers every process's
-    random states, loss normaliser and buffers into it, so a resumed torchrun run restores
-    each process its own. Runs first among the hooks: nothing before the checkpointer draws
-    random numbers or trains."""
-
-    def __init__(self, checkpointer, period):
-        self.checkpointer = checkpointer
-        self.period = period
-
-    def after_step(self):
-        iteration = self.trainer.iter
-        if (iteration + 1) % self.period == 0 or iteration >= self.trainer.max_iter - 1:
-            self.checkpointer.gather_process_states()
-
-
 class _IterationTimesWriter(hooks.HookBase):
     """Saves every iteration's step time (``iteration_times.json``): the event log
     keeps only 20-iteration medians, benchmarks want the distribution. On a GPU it
@@ -167,9 +150,17 @@ class IncrementalTrainer(DefaultTrainer):
             ilmil=StageRecord(self._trainer.model, class_names, self._schedule), rng=RNGStates(),
             loss_normalizer=LossNormalizer(self._trainer.model), buffers=ProcessBuffers(self._trainer.model),
         )
-        kept = [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
-        gatherer = _ProcessStatesGatherer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
-        return [gatherer, *kept, _IterationTimesWriter()]
+        # detectron2 checkpoints on the main process only; here every process takes part in
+        # each save (it gathers their random states, loss normaliser and buffers, so a resumed
+        # torchrun run restores each process its own). In its place: just before the EvalHook,
+        # which every process has and which is left out (stages are evaluated by the runner).
+        kept = []
+        for hook in super().build_hooks():
+            if isinstance(hook, hooks.EvalHook):
+                kept.append(hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+            elif not isinstance(hook, hooks.PeriodicCheckpointer):
+                kept.append(hook)
+        return kept + [_IterationTimesWriter()]
 
     def state_dict(self):
         """The iteration and the hooks' states (the LR scheduler's), as detectron2
