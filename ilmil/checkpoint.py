@@ -165,7 +165,6 @@ class RNGStates:
         }
 
     def load_state_dict(self, state):
-        state = _own_state(state)
         torch.set_rng_state(state["torch"])
         cuda_states = state.get("cuda", [])  # absent in older checkpoints
         if cuda_states and torch.cuda.is_available():
@@ -187,7 +186,7 @@ class ProcessBuffers:
     per_process = True
 
     def __init__(self, model):
-        self.model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+        self.model = model
 
     def state_dict(self):
         return {name: buffer.detach().clone() for name, buffer in self.model.named_buffers()}
@@ -195,7 +194,7 @@ class ProcessBuffers:
     def load_state_dict(self, state):
         buffers = dict(self.model.named_buffers())
         with torch.no_grad():
-            for name, value in _own_state(state).items():
+            for name, value in state.items():
                 if name in buffers and buffers[name].shape == value.shape:
                     buffers[name].copy_(value)
 
@@ -209,14 +208,13 @@ class LossNormalizer:
     per_process = True
 
     def __init__(self, model):
-        self.model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+        self.model = model
 
     def state_dict(self):
         value = getattr(self.model, "loss_normalizer", None)
         return {} if value is None else {"loss_normalizer": float(value)}
 
     def load_state_dict(self, state):
-        state = _own_state(state)
         if "loss_normalizer" in state:
             self.model.loss_normalizer = state["loss_normalizer"]
 
@@ -228,7 +226,7 @@ class StageRecord:
     model's shapes and a YOLO model's anchors from it."""
 
     def __init__(self, model, class_names, schedule):
-        self.model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+        self.model = model
         self.class_names = list(class_names)
         self.schedule = dict(schedule)
 
@@ -362,7 +360,12 @@ class IncrementalCheckpointer(DetectionCheckpointer):
             data = data.get("blobs", data)
             data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
             return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
-        return data if "model" in data else {"model": data}
+        data = data if "model" in data else {"model": data}
+        # A per-process checkpointable saved one state per process (see save): this process's.
+        for key, obj in self.checkpointables.items():
+            if getattr(obj, "per_process", False) and key in data:
+                data[key] = _own_state(data[key])
+        return data
 
     def _load_model(self, checkpoint):
         own = self.model.state_dict()

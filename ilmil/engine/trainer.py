@@ -145,10 +145,11 @@ class IncrementalTrainer(DefaultTrainer):
     def build_hooks(self):
         # Replaces DefaultTrainer's checkpointer before its PeriodicCheckpointer hook takes it.
         class_names = MetadataCatalog.get(self.cfg.DATASETS.TRAIN[0]).thing_classes
+        model = getattr(self._trainer.model, "module", self._trainer.model)  # unwrap DistributedDataParallel
         self.checkpointer = IncrementalCheckpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
-            ilmil=StageRecord(self._trainer.model, class_names, self._schedule), rng=RNGStates(),
-            loss_normalizer=LossNormalizer(self._trainer.model), buffers=ProcessBuffers(self._trainer.model),
+            model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+            ilmil=StageRecord(model, class_names, self._schedule), rng=RNGStates(),
+            loss_normalizer=LossNormalizer(model), buffers=ProcessBuffers(model),
         )
         # detectron2 checkpoints on the main process only; here every process takes part in
         # each save (it gathers their random states, loss normaliser and buffers, so a resumed
