@@ -208,6 +208,7 @@ def test_a_teacher_assistant_chain_runs_end_to_end_and_resumes_a_killed_student(
     assert results["teacher"]["weights"] == str(teacher)
     assert results["assistant"]["weights"] == str(out / "assistant" / "stage_0" / "model_final.pth")
     assert results["assistant"]["AP50"] == first["stages"][0]["AP50"]
+    assert not (out / "teacher").exists()  # the assistant's own step evaluated it: not again as a teacher
     assert re.search(r"assistant: AP50 \d+\.\d", resumed.log)
     # Sizes: the assistant (three-quarter-width blocks) sits between teacher and student.
     sizes = [sum(v.numel() for k, v in safe_load(str(path))["model"].items() if not k.startswith("distiller."))

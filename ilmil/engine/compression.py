@@ -58,6 +58,8 @@ class CompressionRun(IncrementalRun):
         train_name, test_name = self.registered[0]
         # The student checks its teacher against the old classes of its data: here, all of them.
         self.registered[0] = (with_every_class_old(train_name), test_name)
+        # A chain's assistant was evaluated on these test data by its own step: its metrics file.
+        self.teacher_metrics_file = None
         if not teacher_trained_first:
             self.check_teacher()
 
@@ -84,7 +86,7 @@ class CompressionRun(IncrementalRun):
     def evaluate_teacher(self):
         """The teacher's metrics on the stage's test data (saved under ``teacher/``, reused)."""
         folder = os.path.join(self.output_dir, TEACHER_DIR)
-        path = os.path.join(folder, "metrics_eval.json")
+        path = self.teacher_metrics_file or os.path.join(folder, "metrics_eval.json")
         if os.path.isfile(path):
             with open(path) as f:
                 return json.load(f)
@@ -145,6 +147,8 @@ class CompressionChain:
     def run(self):
         logger.info("Teacher assistant: distilling %s first", self.cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE)
         first = self.assistant.run()
+        self.student.teacher_metrics_file = os.path.join(self.assistant.stage_dir(self.assistant.schedule[0]),
+                                                         "metrics_eval.json")
         logger.info("Teacher assistant done: the student learns from %s", self.student.compression_teacher)
         self.student.check_teacher()
         results = self.student.run()
