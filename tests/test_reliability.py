@@ -315,7 +315,7 @@ def test_a_resumed_stage_ends_exactly_where_the_uninterrupted_one_does(tmp_path,
     assert not differing, f"differ after resuming: {differing[:5]}"
 
 
-def test_a_one_by_one_map_of_one_image_stops_the_stage_with_the_fix(tiny_datasets_root, tmp_path):
+def test_a_one_by_one_map_of_one_image_stops_the_stage_or_its_evaluation_with_the_fix(tiny_datasets_root, tmp_path):
     # The RetinaNet kd student's GroupNorm (32 groups of its 32 channels) on p7 of a 128 px image.
     config = os.path.join(CONFIGS_DIR, "shapes", "kd", "retinanet_R18_FPN32_student_cpu.yaml")
     proc = run_tool("train_incremental.py", ["--config-file", config, "--stages", "4", "--output-dir",
@@ -325,6 +325,18 @@ def test_a_one_by_one_map_of_one_image_stops_the_stage_with_the_fix(tiny_dataset
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("error: stage 0 stopped at iteration 0: a normalisation layer got one value per channel")
     assert "fix: larger inputs (INPUT.MIN_SIZE_TRAIN, now (128,)) or at least 2 images per process" in error
+    assert "Traceback" not in proc.stderr
+
+    # Two images per step train; the evaluation (one image at a time) meets the same 1 x 1 map,
+    # which GroupNorm refuses outside training too.
+    proc = run_tool("train_incremental.py", ["--config-file", config, "--stages", "4", "--output-dir",
+                                             str(tmp_path / "run2"), *SHAPES_OPTS, *TRAIN_OPTS,
+                                             "SOLVER.IMS_PER_BATCH", "2"], tiny_datasets_root)
+    assert proc.returncode == 1, tail(proc)
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: evaluating ") and "a normalisation layer got one value per group" in error
+    assert "fix: larger test inputs (INPUT.MIN_SIZE_TEST, now 128, and INPUT.MAX_SIZE_TEST, now 128)" in error
+    assert (tmp_path / "run2" / "stage_0" / "model_final.pth").is_file()  # the training is kept
     assert "Traceback" not in proc.stderr
 
 

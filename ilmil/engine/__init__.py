@@ -3,7 +3,7 @@ from .compression import CompressionChain, CompressionRun, compression_run, run_
 from .launch import init_distributed, main_process_first
 from .run_dir import RunDirError, RunValidationError, require_output_dir
 from .runner import RUN_ERRORS, IncrementalRun, resolve_class_order, run_incremental
-from .trainer import IncrementalTrainer, NonFiniteLossError, TooSmallMapError
+from .trainer import IncrementalTrainer, NonFiniteLossError
 
 __all__ = [
     "add_run_arguments",
@@ -24,5 +24,4 @@ __all__ = [
     "run_incremental",
     "run_tool_main",
     "setup_run",
-    "TooSmallMapError",
 ]

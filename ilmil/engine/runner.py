@@ -54,7 +54,7 @@ from ..evaluation import NotARunError, evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
 from ..distill import DistillationStudent, check_distill_config, is_student_architecture
 from ..file_io import atomic_write
-from ..modeling import load_detector, load_expanded, with_checkpoint_layout, with_yolo_anchors
+from ..modeling import TooSmallMapError, load_detector, load_expanded, with_checkpoint_layout, with_yolo_anchors
 from ..pruning import PruningError
 from .launch import main_process_first
 from .pruning_stage import check_pruning_config, check_pruning_stage, prune_checkpoint, pruning_enabled
@@ -71,7 +71,7 @@ from .run_dir import (
     training_config,
     write_problem_report,
 )
-from .trainer import IncrementalTrainer, NonFiniteLossError, TooSmallMapError
+from .trainer import IncrementalTrainer, NonFiniteLossError
 
 __all__ = ["RUN_ERRORS", "IncrementalRun", "run_incremental", "resolve_class_order"]
 

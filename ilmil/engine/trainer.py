@@ -21,23 +21,15 @@ from ..config import check_optimizer
 from ..evaluation import IncrementalEvaluator
 from ..file_io import atomic_write
 from ..modeling import build_detector
+from ..modeling.small_maps import TooSmallMapError, one_value_per_channel
 
-__all__ = ["IncrementalTrainer", "NonFiniteLossError", "TooSmallMapError"]
+__all__ = ["IncrementalTrainer", "NonFiniteLossError"]
 
 logger = logging.getLogger("ilmil")
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; the message names it, the iteration and the fix."""
-
-
-class TooSmallMapError(RuntimeError):
-    """A normalisation layer got one value per channel or group in training: a feature map
-    of 1 x 1 with one image per process (small inputs, the coarsest levels)."""
-
-
-# torch's words for it, from BatchNorm and GroupNorm alike.
-_ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
 
 
 class _IterationTimesWriter(hooks.HookBase):
@@ -205,12 +197,13 @@ class IncrementalTrainer(DefaultTrainer):
         try:
             super().run_step()
         except ValueError as e:
-            if _ONE_VALUE_PER_CHANNEL not in str(e):
+            input_size = one_value_per_channel(e)
+            if input_size is None:
                 raise
             per_process = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
             raise TooSmallMapError(
                 f"stage {self._schedule.get('stage', '?')} stopped at iteration {self.iter}: a normalisation layer "
-                f"got one value per channel ({str(e).split('got ')[-1]}): a 1 x 1 feature map of one image; fix: "
+                f"got one value per channel ({input_size}): a 1 x 1 feature map of one image; fix: "
                 f"larger inputs (INPUT.MIN_SIZE_TRAIN, now {tuple(self.cfg.INPUT.MIN_SIZE_TRAIN)}) or at least 2 "
                 f"images per process (SOLVER.IMS_PER_BATCH {self.cfg.SOLVER.IMS_PER_BATCH} over "
                 f"{comm.get_world_size()} process(es): {per_process} each)") from None

@@ -27,7 +27,7 @@ from ..config import derived_cfg, get_ilmil_cfg, num_classes_changes
 from ..data import DatasetError, load_dataset_source, register_stage_datasets
 from ..data.stages import Stage, StageSpecError
 from ..deploy import OnnxDetector
-from ..modeling import load_detector
+from ..modeling import TooSmallMapError, load_detector, one_value_per_channel
 from .forgetting import add_forgetting
 from .incremental_evaluator import IncrementalEvaluator
 from .run_outputs import NotARunError, read_results, write_run_outputs
@@ -48,7 +48,16 @@ def evaluate_model(cfg, model, output_dir=None, progress=False):
     loader = build_detection_test_loader(cfg, dataset_name)
     if progress:
         loader = tqdm(loader, desc=f"evaluating {dataset_name}", unit="image", dynamic_ncols=True)
-    return inference_on_dataset(model, loader, IncrementalEvaluator(dataset_name, output_dir)).get("bbox", {})
+    try:
+        return inference_on_dataset(model, loader, IncrementalEvaluator(dataset_name, output_dir)).get("bbox", {})
+    except ValueError as e:
+        input_size = one_value_per_channel(e)
+        if input_size is None:
+            raise
+        raise TooSmallMapError(
+            f"evaluating {dataset_name}: a normalisation layer got one value per group ({input_size}): a 1 x 1 "
+            f"feature map at the test size; fix: larger test inputs (INPUT.MIN_SIZE_TEST, now "
+            f"{cfg.INPUT.MIN_SIZE_TEST}, and INPUT.MAX_SIZE_TEST, now {cfg.INPUT.MAX_SIZE_TEST})") from None
 
 
 def _load_model(cfg, weights, class_names):

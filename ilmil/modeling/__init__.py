@@ -11,6 +11,7 @@ from .head_boxes import decode_head_boxes, head_anchor_boxes
 from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
 from .resnet import build_any_width_resnet
 from .retinanet import RetinaNet, atss_assignment
+from .small_maps import TooSmallMapError, one_value_per_channel
 from .yolo import YOLOV3
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "decode_head_boxes",
     "head_anchor_boxes",
     "YOLOV3",
+    "TooSmallMapError",
+    "one_value_per_channel",
     "build_detector",
     "load_detector",
     "build_any_width_resnet",
