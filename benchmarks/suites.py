@@ -418,7 +418,10 @@ KD_SPEED = Suite(
 # finetune and joint, from a stage 0 trained to convergence (a one-stage detector trained
 # from scratch converges later than Faster R-CNN: AP50 8-14 after 800 iterations). YOLO's
 # recipe adds the multi-layer alignment with adaptive weights (the feature term), the
-# YOLO systems' incremental method.
+# YOLO systems' incremental method, on standardised maps (FEAT.DISTANCE normalized, the
+# default): teacher and student share their widths here, and the raw squared error of
+# features trained from scratch is ~500x YOLO's detection loss (the kd suite's "alignment"
+# row, teacher to a narrower student, runs l2).
 ONE_STAGE_OPTS = {(yolo, "ilmil"): ("ILMIL.DISTILL.FEAT.ENABLED", "True") for yolo in ("yolov3", "yolov3_tiny")}
 # Not methods of their own: the compression suite's best new term (the knowledge review,
 # fg from the new classes' GT and the pseudo-labels) added to the recipe, at its kd weight

@@ -157,6 +157,10 @@ def add_ilmil_config(cfg):
     cfg.ILMIL.PSEUDO_LABELS.NMS_THRESH = 0.3
     # Dropped where IoU with a new-class GT box reaches this.
     cfg.ILMIL.PSEUDO_LABELS.NEW_GT_IOU_THRESH = 0.7
+    # One class per box: of detections overlapping at more than this IoU, whatever their
+    # classes, the most confident is kept (a one-stage head's sigmoid per class can put one
+    # box above SCORE_THRESH under two classes). 1 keeps them all.
+    cfg.ILMIL.PSEUDO_LABELS.CROSS_CLASS_IOU = 0.7
 
     # Distillation terms: each section below with ENABLED and WEIGHT is a registered loss
     # (ilmil.distill, README "Writing a distillation loss"), logged as loss_distill_<section>.
@@ -279,7 +283,8 @@ def add_ilmil_config(cfg):
     # it outweighed the detector's own losses and cost 9-12 AP50 in compression).
     cfg.ILMIL.DISTILL.DENSE.BOX_LOSS = "giou"
     # L_cls summed and divided by the teacher's soft object count, as the focal loss is by
-    # its foreground (objects) | averaged over every anchor and class (mean).
+    # its foreground (objects) | averaged over every anchor and class (mean). On YOLO the
+    # objectness KL is divided the same way.
     cfg.ILMIL.DISTILL.DENSE.NORMALIZER = "objects"
     # Leave out the anchors on a GT box of a new class (incremental runs), where the
     # old-class teacher's scores would contradict the new class's GT.

@@ -118,10 +118,11 @@ def test_dense_term_leaves_out_the_anchors_on_a_new_class_gt_box():
     assert DenseHeadDistillation(box_loss="l1", exclude_new_gt=True)(args[0], args[1], old_only).item() > 0
 
 
-def test_yolos_objectness_kl_is_averaged_over_the_anchors_left_in():
+def test_yolos_objectness_kl_is_divided_by_the_teachers_objects_left_in():
     # One level of stride 8, 2 x 2 cells, 1 anchor, 2 old classes; the class logits and boxes
     # agree, the objectness differs at cell (1, 1) only: teacher 0, student 2. A new-class GT box
-    # covers cell (0, 0), which EXCLUDE_NEW_GT leaves out: the KL is averaged over 3 cells, not 4.
+    # covers cell (0, 0), which EXCLUDE_NEW_GT leaves out: the KL is divided by the teacher's
+    # object count sum(sigmoid(0)) over 3 cells, 1.5, not 4 cells' 2 (NORMALIZER mean: by 3, not 4).
     z = torch.full((1, 2, 2, 2), -5.0)
     boxes = torch.zeros(1, 4, 2, 2)
     o_t, o_s = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)
@@ -135,9 +136,10 @@ def test_yolos_objectness_kl_is_averaged_over_the_anchors_left_in():
     teacher = {"head": ([z], [boxes], [o_t])}
     p_s = torch.sigmoid(torch.tensor(2.0))
     kl = 0.5 * torch.log(0.5 / p_s) + 0.5 * torch.log(0.5 / (1 - p_s))
-    for exclude, cells in ((False, 4), (True, 3)):
-        loss = DenseHeadDistillation(exclude_new_gt=exclude)(student, teacher, context)
-        assert loss.item() == pytest.approx(kl.item() / cells, rel=1e-5), exclude
+    for normalizer, exclude, divisor in (("objects", False, 2.0), ("objects", True, 1.5), ("mean", False, 4),
+                                         ("mean", True, 3)):
+        loss = DenseHeadDistillation(exclude_new_gt=exclude, normalizer=normalizer)(student, teacher, context)
+        assert loss.item() == pytest.approx(kl.item() / divisor, rel=1e-5), (normalizer, exclude)
 
 
 def _as_boxes(box_levels):

@@ -9,7 +9,7 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
-from ilmil.modeling import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
+from ilmil.modeling import add_pseudo_labels, drop_boxes_on_new_gt, one_class_per_box, teacher_detections
 
 IMAGE_SIZE = (100, 120)
 
@@ -27,6 +27,26 @@ def _gt(boxes, classes):
     gt.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).view(-1, 4))
     gt.gt_classes = torch.tensor(classes, dtype=torch.int64)
     return gt
+
+
+# --------------------------------------------------------------------------- one_class_per_box
+
+
+def test_one_box_scored_under_two_classes_keeps_its_most_confident_class():
+    det = _detections(
+        [
+            [0, 0, 10, 10],  # class 1 at 0.6...
+            [0, 0, 10, 9],  # ...and class 2 at 0.8 on nearly the same box (IoU 0.9): this one kept
+            [0, 0, 10, 4],  # IoU 0.4 with both: another object, kept
+            [50, 50, 60, 60],  # elsewhere, kept
+        ],
+        [1, 2, 1, 1],
+        [0.6, 0.8, 0.7, 0.55],
+    )
+    kept = one_class_per_box(det, 0.7)
+    assert kept.pred_classes.tolist() == [2, 1, 1] and kept.scores.tolist() == pytest.approx([0.8, 0.7, 0.55])
+    assert len(one_class_per_box(det, 1.0)) == 4  # 1 keeps every detection
+    assert len(one_class_per_box(det, 0.3)) == 2  # the 0.4 overlap goes too
 
 
 # --------------------------------------------------------------------------- drop_boxes_on_new_gt

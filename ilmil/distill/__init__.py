@@ -89,6 +89,8 @@ def check_distill_config(cfg):
     check_choice("ILMIL.DISTILL.TERM_WEIGHTS", d.TERM_WEIGHTS, TERM_WEIGHTINGS)
     if d.CONNECTOR:
         check_choice("ILMIL.DISTILL.CONNECTOR", d.CONNECTOR, [name for name, _ in CONNECTOR_REGISTRY])
+    iou = cfg.ILMIL.PSEUDO_LABELS.CROSS_CLASS_IOU
+    check_value("ILMIL.PSEUDO_LABELS.CROSS_CLASS_IOU", iou, 0 < iou <= 1, "in (0, 1]", 0.7)
     for section, loss_class in registered_terms().items():
         if section in d:
             weight = d[section].WEIGHT

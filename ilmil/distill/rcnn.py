@@ -43,7 +43,7 @@ class IncrementalRCNN(DistillationStudent, GeneralizedRCNN):
         Args:
             teacher: frozen ``GeneralizedRCNN`` (``ilmil.distill.build_teacher``) or None.
             distiller: ``ilmil.distill.Distiller`` of the active terms, or None.
-            pseudo_labels: None (off) or {"score_thresh", "nms_thresh", "iou_thresh"}.
+            pseudo_labels: None (off) or {"score_thresh", "nms_thresh", "iou_thresh", "cross_class_iou"}.
             teacher_num_proposals: teacher proposals per image through its box head (0 = all).
             teacher_precision: a key of ``TEACHER_PRECISIONS``, the teacher pass's autocast dtype.
             unbiased_cls: box-head classification with background as "background or an old

@@ -13,7 +13,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils.events import get_event_storage
 
 from ..config import uses_teacher
-from ..modeling.pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt
+from ..modeling.pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, one_class_per_box
 from .distiller import DISTILLER_PREFIX, build_distiller
 from .recorder import Recorder, feature_shapes
 from .teacher import FrozenTeacher, build_teacher
@@ -37,7 +37,7 @@ class DistillationStudent:
     def init_student(self, teacher=None, distiller=None, pseudo_labels=None, teacher_precision="float32",
                      student_records=()):
         """Attach ``teacher`` (None: a plain detector), ``distiller`` and the pseudo-label
-        settings (None: off; else {"score_thresh", "nms_thresh", "iou_thresh"}).
+        settings (None: off; else {"score_thresh", "nms_thresh", "iou_thresh", "cross_class_iou"}).
         ``student_records``: names the student's step needs recorded besides the terms'."""
         self._teacher = FrozenTeacher(teacher, teacher_precision) if teacher is not None else None
         self.distiller = distiller
@@ -64,7 +64,8 @@ class DistillationStudent:
             "teacher": teacher,
             "distiller": build_distiller(cfg, feature_shapes(backbone), feature_shapes(teacher.backbone)),
             "pseudo_labels": {"score_thresh": pseudo.SCORE_THRESH, "nms_thresh": pseudo.NMS_THRESH,
-                              "iou_thresh": pseudo.NEW_GT_IOU_THRESH} if pseudo.ENABLED else None,
+                              "iou_thresh": pseudo.NEW_GT_IOU_THRESH,
+                              "cross_class_iou": pseudo.CROSS_CLASS_IOU} if pseudo.ENABLED else None,
             "teacher_precision": ilmil.TEACHER.PRECISION,
         }
 
@@ -73,6 +74,7 @@ class DistillationStudent:
         threshold already) added as labels, except those on a GT box; the count is logged."""
         merged, count = [], 0
         for gt, det in zip(gt_instances, detections):
+            det = one_class_per_box(det, self.pseudo_labels["cross_class_iou"])
             det = drop_boxes_on_new_gt(det, gt, self.pseudo_labels["iou_thresh"])
             count += len(det)
             merged.append(add_pseudo_labels(gt, det))

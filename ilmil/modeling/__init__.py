@@ -8,7 +8,7 @@ from .build import build_detector, load_detector, with_checkpoint_layout
 from .expansion import expand_predictor_state_dict, load_expanded
 from .fcos import FCOS
 from .head_boxes import decode_head_boxes, head_anchor_boxes
-from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, teacher_detections
+from .pseudo_labels import add_pseudo_labels, drop_boxes_on_new_gt, one_class_per_box, teacher_detections
 from .resnet import build_any_width_resnet
 from .retinanet import RetinaNet, atss_assignment
 from .small_maps import TooSmallMapError, one_value_per_channel
@@ -29,6 +29,7 @@ __all__ = [
     "with_checkpoint_layout",
     "add_pseudo_labels",
     "drop_boxes_on_new_gt",
+    "one_class_per_box",
     "expand_predictor_state_dict",
     "load_expanded",
     "teacher_detections",

@@ -12,6 +12,7 @@ import torch
 
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.structures import Instances, pairwise_iou
+from torchvision.ops import nms
 
 __all__ = ["teacher_detections", "away_from_gt", "drop_boxes_on_new_gt", "add_pseudo_labels"]
 
@@ -37,6 +38,15 @@ def away_from_gt(boxes, gt_instances, iou_thresh):
 def drop_boxes_on_new_gt(detections, gt_instances, iou_thresh):
     """Keep the detections whose IoU with every GT box is below ``iou_thresh``."""
     return detections[away_from_gt(detections.pred_boxes, gt_instances, iou_thresh)]
+
+
+def one_class_per_box(detections, iou_thresh):
+    """Of ``detections`` overlapping at more than ``iou_thresh``, the most confident: a head
+    with a sigmoid per class can score one box above the threshold under two classes, which
+    as labels of one object would contradict each other."""
+    if iou_thresh >= 1.0 or len(detections) < 2:
+        return detections
+    return detections[nms(detections.pred_boxes.tensor.float(), detections.scores.float(), iou_thresh)]
 
 
 def add_pseudo_labels(gt_instances, detections):

@@ -109,8 +109,11 @@ class DenseHeadDistillation(DistillLoss):
             kl_obj = _binary_kl(o_s, o_t, self.temperature)
             kept = q.new_ones(q.shape) if keep is None else keep.to(q.dtype)
             q = q * kept
+            # The objectness KL over the teacher's object count, as the class KL of a head without
+            # objectness: a mean over every anchor (thousands per image) would leave it ~100x weaker.
+            objects = q.sum() if self.normalizer == "objects" else kept.sum()
             loss = ((kl.mean(dim=2) * q).sum() / q.sum().clamp(min=1e-6)
-                    + (kl_obj * kept).sum() / kept.sum().clamp(min=1.0))
+                    + (kl_obj * kept).sum() / objects.clamp(min=1.0))
             score = score * q
         if keep is not None:
             score = score * keep
