@@ -114,6 +114,8 @@ def _shapes_cfg(config, *opts):
     ("ILMIL.DISTILL.FGFI.PSI", 1.0, r"FGFI\.PSI 1\.0: must be in \(0, 1\)"),  # IoU > the best IoU: no location
     ("ILMIL.DISTILL.FEAT.EMA_MOMENTUM", 1.5, r"FEAT\.EMA_MOMENTUM 1\.5: must be in \[0, 1\)"),
     ("ILMIL.DISTILL.REVIEW.BG_WEIGHT", -1.0, r"REVIEW\.BG_WEIGHT -1\.0: must be at least 0"),
+    ("ILMIL.DISTILL.FEAT.WEIGHT", 0.0, r"FEAT\.WEIGHT 0 with ILMIL\.DISTILL\.FEAT\.ENABLED True: .*fix: "
+                                        r"ILMIL\.DISTILL\.FEAT\.ENABLED False"),  # on in _cfg's method
     ("ILMIL.PSEUDO_LABELS.CROSS_CLASS_IOU", 0.0, r"CROSS_CLASS_IOU 0\.0: must be in \(0, 1\]"),  # NMS would keep one box
 ])
 def test_a_value_out_of_its_range_is_refused_before_training(key, value, message):

@@ -95,6 +95,11 @@ def check_distill_config(cfg):
         if section in d:
             weight = d[section].WEIGHT
             check_value(f"ILMIL.DISTILL.{section}.WEIGHT", weight, weight >= 0, "at least 0", 1.0)
+            if weight == 0 and d[section].ENABLED:
+                # It would still run (its teacher too) for nothing, and a learned weight
+                # (TERM_WEIGHTS uncertainty) on a zero term only ever falls.
+                raise ConfigError(f"ILMIL.DISTILL.{section}.WEIGHT 0 with ILMIL.DISTILL.{section}.ENABLED True: the term "
+                                  f"would run for nothing; fix: ILMIL.DISTILL.{section}.ENABLED False to switch it off")
             loss_class(cfg)  # its keys' values, whether or not the term is on: a typo is not silently kept
     if not enabled_terms(cfg):
         return
