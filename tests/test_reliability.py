@@ -336,8 +336,14 @@ def test_a_one_by_one_map_of_one_image_stops_the_stage_or_its_evaluation_with_th
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("error: evaluating ") and "a normalisation layer got one value per group" in error
     assert "fix: larger test inputs (INPUT.MIN_SIZE_TEST, now 128, and INPUT.MAX_SIZE_TEST, now 128)" in error
-    assert (tmp_path / "run2" / "stage_0" / "model_final.pth").is_file()  # the training is kept
+    assert "the trained models are kept: evaluate them with tools/eval_incremental.py --run-dir OUT" in error
     assert "Traceback" not in proc.stderr
+    # As it says: the run's model at a test size whose coarsest map is 2 x 2 (the run folder
+    # itself would refuse the new size: a test size is part of a run's identity).
+    proc = run_tool("eval_incremental.py", ["--run-dir", str(tmp_path / "run2"), "INPUT.MIN_SIZE_TEST", "160",
+                                            "INPUT.MAX_SIZE_TEST", "160"], tiny_datasets_root)
+    assert proc.returncode == 0, tail(proc)
+    assert "AP50" in proc.stdout, proc.stdout
 
 
 # ---------------------------------------------------------------- non-finite loss

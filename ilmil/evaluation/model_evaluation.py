@@ -57,7 +57,9 @@ def evaluate_model(cfg, model, output_dir=None, progress=False):
         raise TooSmallMapError(
             f"evaluating {dataset_name}: a normalisation layer got one value per group ({input_size}): a 1 x 1 "
             f"feature map at the test size; fix: larger test inputs (INPUT.MIN_SIZE_TEST, now "
-            f"{cfg.INPUT.MIN_SIZE_TEST}, and INPUT.MAX_SIZE_TEST, now {cfg.INPUT.MAX_SIZE_TEST})") from None
+            f"{cfg.INPUT.MIN_SIZE_TEST}, and INPUT.MAX_SIZE_TEST, now {cfg.INPUT.MAX_SIZE_TEST}); the trained models "
+            f"are kept: evaluate them with tools/eval_incremental.py --run-dir OUT (or --weights W) "
+            f"INPUT.MIN_SIZE_TEST N INPUT.MAX_SIZE_TEST N") from None
 
 
 def _load_model(cfg, weights, class_names):
