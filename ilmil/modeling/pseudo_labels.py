@@ -2,9 +2,10 @@
 
 New-stage images hold old-class objects that nobody labelled; trained as
 background they are forgotten fastest. The teacher's detections with score >=
-0.5 after per-class NMS at 0.3 are added as ground truth of their old classes,
-except where they overlap a new-class GT box at IoU >= 0.7 (the box is then
-already labelled, with a new class).
+0.5 after per-class NMS at 0.3, one class per box (detections overlapping at IoU
+> 0.7 under other classes give way to the most confident), are added as ground
+truth of their old classes, except where they overlap a new-class GT box at IoU >=
+0.7 (the box is then already labelled, with a new class).
 """
 import math
 
@@ -14,7 +15,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.structures import Instances, pairwise_iou
 from torchvision.ops import nms
 
-__all__ = ["teacher_detections", "away_from_gt", "drop_boxes_on_new_gt", "add_pseudo_labels"]
+__all__ = ["teacher_detections", "away_from_gt", "one_class_per_box", "drop_boxes_on_new_gt", "add_pseudo_labels"]
 
 
 def teacher_detections(box_predictor, predictions, proposals, score_thresh, nms_thresh, max_per_image=100):

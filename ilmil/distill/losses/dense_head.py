@@ -39,7 +39,7 @@ A head with objectness o (YOLO; the context's ``teacher_outputs["objectness"]``)
 its class scores trained only where there is an object, so there, with q = sigma(o_T):
 
     L_cls = tau^2 sum_a q_a mean_k KL_{a,k} / sum_a q_a       (class KL where the teacher sees objects)
-    L_obj = tau^2 mean_a KL(sigma(o_T / tau) || sigma(o_S / tau))
+    L_obj = tau^2 sum_a KL(sigma(o_T / tau) || sigma(o_S / tau)) / sum_a q_a   (NORMALIZER mean: mean_a)
     L_box over anchors where q_a max_k sigma(z_T) >= BOX_SCORE_THRESH (the detector's own score)
     L_dense = L_cls + L_obj + L_box
 """
@@ -110,7 +110,8 @@ class DenseHeadDistillation(DistillLoss):
             kept = q.new_ones(q.shape) if keep is None else keep.to(q.dtype)
             q = q * kept
             # The objectness KL over the teacher's object count, as the class KL of a head without
-            # objectness: a mean over every anchor (thousands per image) would leave it ~100x weaker.
+            # objectness: a mean over every anchor (thousands per image, a handful of objects)
+            # would leave it about a hundred times weaker.
             objects = q.sum() if self.normalizer == "objects" else kept.sum()
             loss = ((kl.mean(dim=2) * q).sum() / q.sum().clamp(min=1e-6)
                     + (kl_obj * kept).sum() / objects.clamp(min=1.0))
