@@ -10,7 +10,7 @@ import torch
 
 from conftest import REPO_ROOT
 from ilmil.checkpoint import safe_load
-from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _env, killed_copy, read_json
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _env, killed_copy, read_json, run_tool, tail
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,18 @@ def test_evaluation_counts_every_test_image_once(torchrun_run):
     stages = read_json(torchrun_run / "stages.json")["stages"]
     for info, entry in zip(stages, read_json(torchrun_run / "results.json")["stages"]):
         assert entry["num_images_evaluated"] == entry["num_images"] == info["num_test_images"] > 1
+
+
+def test_the_stages_evaluation_is_that_of_its_saved_model(torchrun_run, tiny_datasets_root, tmp_path):
+    # Each process trained its own BatchNorm statistics; the saved model holds rank 0's, and its
+    # evaluation by one process finds the detections the two processes' evaluation found.
+    proc = run_tool("eval_incremental.py", ["--run-dir", str(torchrun_run), "--output-dir", str(tmp_path / "eval")],
+                    tiny_datasets_root)
+    assert proc.returncode == 0, tail(proc)
+    for stage in ("stage_0", "stage_1"):
+        during, after = (read_json(folder / stage / "detections.json") for folder in (torchrun_run, tmp_path / "eval"))
+        key = lambda d: (d["image_id"], d["category_id"], d["bbox"])  # noqa: E731
+        assert during and sorted(during, key=key) == sorted(after, key=key), stage
 
 
 def test_a_resumed_stage_ends_where_the_uninterrupted_one_does_in_both_processes(torchrun_run, tiny_datasets_root,

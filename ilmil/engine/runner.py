@@ -24,6 +24,7 @@ import math
 import os
 import time
 
+import torch
 import yaml
 
 from detectron2.data import DatasetCatalog
@@ -351,6 +352,12 @@ class IncrementalRun:
         if final_missing:
             trainer.iter = trainer.max_iter - 1  # SOLVER.REFERENCE_WORLD_SIZE may have rescaled MAX_ITER
             trainer.checkpointer.save("model_final", iteration=trainer.iter)
+        if comm.get_world_size() > 1:
+            # Each process kept BatchNorm statistics of its own batches (detectron2's DDP does not
+            # broadcast buffers); model_final holds the main process's, which every process then
+            # evaluates on its share of the test images, so the stage's AP is the saved model's.
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         # Per process: in a distributed run every rank logs the same digest (DDP kept them in sync).
         logger.info("Stage %d: weights digest %s (rank %d)", stage.index, weights_digest(model), comm.get_rank())
         return trainer.model
