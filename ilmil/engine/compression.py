@@ -58,7 +58,7 @@ class CompressionRun(IncrementalRun):
         train_name, test_name = self.registered[0]
         # The student checks its teacher against the old classes of its data: here, all of them.
         self.registered[0] = (with_every_class_old(train_name), test_name)
-        # A chain's assistant was evaluated on these test data by its own step: its metrics file.
+        # The teacher's metrics saved elsewhere (a chain's assistant, by its own step), else None.
         self.teacher_metrics_file = None
         if not teacher_trained_first:
             self.check_teacher()
@@ -141,14 +141,15 @@ class CompressionChain:
         self.cfg = cfg
         self.assistant = CompressionRun(assistant_cfg(cfg), teacher_weights, resume, force)
         student_cfg = derived_cfg(cfg, {"ILMIL.TEACHER.CONFIG_FILE": cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE})
-        weights = os.path.join(self.assistant.output_dir, "stage_0", "model_final.pth")
-        self.student = CompressionRun(student_cfg, weights, resume, force, teacher_trained_first=True)
+        assistant_stage = self.assistant.stage_dir(self.assistant.schedule[0])
+        self.student = CompressionRun(student_cfg, os.path.join(assistant_stage, "model_final.pth"), resume, force,
+                                      teacher_trained_first=True)
+        # The assistant's step evaluates it on these test data: the student's teacher metrics.
+        self.student.teacher_metrics_file = os.path.join(assistant_stage, "metrics_eval.json")
 
     def run(self):
         logger.info("Teacher assistant: distilling %s first", self.cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE)
         first = self.assistant.run()
-        self.student.teacher_metrics_file = os.path.join(self.assistant.stage_dir(self.assistant.schedule[0]),
-                                                         "metrics_eval.json")
         logger.info("Teacher assistant done: the student learns from %s", self.student.compression_teacher)
         self.student.check_teacher()
         results = self.student.run()
