@@ -48,6 +48,7 @@ __all__ = [
     "checkpoint_anchors",
     "checkpoint_channel_layout",
     "checkpoint_class_names",
+    "is_onnx_file",
     "load_checked_checkpoint",
     "safe_load",
     "state_dict_num_classes",
@@ -99,12 +100,17 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def is_onnx_file(path):
+    """Whether ``path`` names an exported ONNX model (``.onnx`` in any case) rather than a checkpoint."""
+    return path.lower().endswith(".onnx")
+
+
 def safe_load(path):
     """The contents of a checkpoint file, loaded without executing code from it.
 
     Raises :class:`CheckpointError` naming the file when it is missing or cannot be read.
     """
-    if path.endswith(".onnx"):
+    if is_onnx_file(path):
         raise CheckpointError(f"{path}: an exported ONNX model, and this takes a .pth checkpoint; fix: give the "
                               "checkpoint it was exported from (an ONNX model runs in tools/predict.py and "
                               "tools/eval_incremental.py)")

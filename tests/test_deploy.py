@@ -141,6 +141,15 @@ def test_an_exported_model_is_evaluated_and_predicts_through_onnx_runtime_as_pyt
         found.append(sorted((a["image_id"], a["category_id"], round(a["score"], 3))
                             for a in read_json(out / "detections.json")["annotations"]))
     assert found[0] and found[0] == found[1] and max(Counter(i for i, _, _ in found[0]).values()) <= 5
+    # An image of another shape is padded to the file's fixed 128 x 128 input, which is said; the extension's
+    # case does not matter.
+    Image.open(images / sorted(os.listdir(images))[0]).crop((0, 0, 128, 96)).save(images / "wide.png")
+    shutil.copy(tmp_path / "model.onnx", tmp_path / "MODEL.ONNX")
+    proc = run_tool("predict.py", ["--weights", str(tmp_path / "MODEL.ONNX"), "--input", str(images), "--output-dir",
+                                   str(tmp_path / "preds_wide"), "--quiet"], tiny_datasets_root)
+    assert proc.returncode == 0, tail(proc)
+    assert (f"1 of 3 image(s) (the first: {images / 'wide.png'}, 128 x 96 px after the test-time resize) were padded "
+            "to the model's fixed input of 128 x 128 px" in proc.stderr and "export with --dynamic" in proc.stderr)
     # The file keeps scores of 0.01 or more (its run's LOW_THRESH), 100 per image: looser limits cannot be had.
     for limits, message in (((0.001, None), "--score-thresh 0.001: {} was exported with "
                                             "MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.01, which"),
@@ -257,13 +266,18 @@ def test_an_unreadable_image_is_skipped_and_the_others_detections_are_kept(train
     shutil.copy(os.path.join(tiny_shapes_dir, "JPEGImages", name), images / "a.jpg")
     (images / "b.jpg").write_text("not an image")
     Image.new("I;16", (32, 32), 60000).save(images / "c.png")  # read as 8 bits, it would be white
+    Image.new("RGB", (4000, 10)).save(images / "d.png")  # resized at test time to 128 x 0 px
     out = tmp_path / "preds"
     weights = str(trained("retinanet") / "stage_0" / "model_final.pth")
     proc = run_tool_here("predict.py", ["--weights", weights, "--input", str(images), "--output-dir", str(out),
                                         "--quiet"], tiny_datasets_root, monkeypatch, capsys)
     line = _error_line(proc)
-    assert f"2 of 3 image(s) skipped (the detections of the other 1 are in {out / 'detections.json'}); the first: " \
+    assert f"3 of 4 image(s) skipped (the detections of the other 1 are in {out / 'detections.json'}); the first: " \
            f"image {images / 'b.jpg'} cannot be read" in line
+    cfg = get_ilmil_cfg(None, ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128"])
+    with pytest.raises(deploy.DeployError, match=r"a 4000 x 10 px image resizes to 128 x 0 px at test time "
+                                                 r"\(INPUT.MIN_SIZE_TEST 128, MAX_SIZE_TEST 128\); fix: crop it"):
+        deploy.preprocess(cfg, np.zeros((10, 4000, 3), dtype=np.uint8))
     assert [i["file_name"] for i in read_json(out / "detections.json")["images"]] == ["a.jpg"]
     with pytest.raises(deploy.DeployError, match=r"c.png has I;16 pixels \(16-bit or float\), which would be read as "
                                                  r"white; fix: convert it to 8 bits per channel"):
@@ -286,6 +300,25 @@ def test_predict_refuses_flags_out_of_range_and_two_images_drawn_to_one_file(tra
     assert (f"{images / 'x.bmp'} and {images / 'x.bmp.png'} would both be drawn to {tmp_path / 'out' / 'x.bmp.png'}"
             in _error_line(proc))
     assert deploy.input_images(str(images)) == [str(images / "x.bmp"), str(images / "x.bmp.png")]
+
+
+def test_predict_takes_the_limits_given_as_config_keys(trained, tiny_datasets_root, tiny_shapes_dir, tmp_path,
+                                                      monkeypatch, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in sorted(os.listdir(os.path.join(tiny_shapes_dir, "JPEGImages")))[:2]:
+        shutil.copy(os.path.join(tiny_shapes_dir, "JPEGImages", name), images / name)
+    args = ["--weights", str(trained("retinanet") / "stage_0" / "model_final.pth"), "--input", str(images),
+            "--output-dir", str(tmp_path / "out"), "--quiet"]
+    keys = ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.01", "TEST.DETECTIONS_PER_IMAGE", "3"]
+    proc = run_tool_here("predict.py", [*args, *keys], tiny_datasets_root, monkeypatch, capsys)
+    assert not proc.returncode, proc.log[-2000:]
+    annotations = read_json(tmp_path / "out" / "detections.json")["annotations"]
+    # Six iterations leave every score near its prior, below the flags' default 0.3: these are the keys' limits.
+    assert Counter(a["image_id"] for a in annotations) == {1: 3, 2: 3} and min(a["score"] for a in annotations) >= 0.01
+    for flag, key in ((["--score-thresh", "0.5"], keys[:2]), (["--max-detections", "5"], keys[2:])):
+        proc = run_tool_here("predict.py", [*args, *flag, *key], tiny_datasets_root, monkeypatch, capsys)
+        assert proc.returncode == 2 and f"{flag[0]} and {key[0]} set the same limit; give one" in proc.stderr
 
 
 def test_export_refuses_a_bad_output_or_input_size_before_exporting(trained, tiny_datasets_root, tmp_path,
@@ -320,6 +353,28 @@ def test_the_export_check_compares_with_pytorch_on_the_unpadded_image(tmp_path):
     figures = deploy.check_export(trained, detector, [torch.zeros(3, 40, 56)])
     assert seen == [(3, 40, 56)]
     assert figures["passed"] and figures["detections_matched"] == 1 and figures["max_relative_box_difference"] == 0
+
+
+def test_the_export_check_fails_on_added_detections_and_on_other_scores():
+    def model(inputs):
+        return [{"instances": Instances((64, 64), pred_boxes=Boxes(torch.tensor([[10.0, 10.0, 40.0, 30.0]])),
+                                        scores=torch.tensor([0.8]), pred_classes=torch.tensor([1]))}]
+
+    trained = SimpleNamespace(cfg=get_ilmil_cfg(None), model=model)
+    same = (np.array([[10.0, 10.0, 40.0, 30.0]]), np.array([0.8]), np.array([1]))
+    added = tuple(np.concatenate([a, b]) for a, b in zip(same, (np.array([[0.0, 0.0, 20.0, 20.0]]), np.array([0.99]),
+                                                                np.array([2]))))
+    other_score = (same[0], np.array([0.9]), same[2])
+    figures = {name: deploy.check_export(trained, SimpleNamespace(run=lambda image, out=out: out),
+                                         [torch.zeros(3, 64, 64)])
+               for name, out in (("same", same), ("added", added), ("other_score", other_score))}
+    assert figures["same"]["passed"] and figures["same"]["confident_onnx_detections"] == 1
+    # A confident box the PyTorch model does not give: every PyTorch detection is matched, yet it fails.
+    assert figures["added"]["detections_matched"] == 1 and figures["added"]["confident_onnx_detections_unmatched"] == 1
+    assert not figures["added"]["passed"]
+    # The same box at another score is no match.
+    assert figures["other_score"]["detections_matched"] == 0 and not figures["other_score"]["passed"]
+    assert figures["other_score"]["max_score_difference"] == pytest.approx(0.1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")

@@ -18,6 +18,7 @@ import os
 import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
+from ilmil.checkpoint import is_onnx_file
 from ilmil.config import get_ilmil_cfg
 from ilmil.deploy import OnnxDetector, check_default_config_fits, check_onnx_opts, run_config_of
 from ilmil.engine import require_output_dir, run_tool_main
@@ -66,9 +67,9 @@ def main(argv=None):
     if args.run_dir:
         results = evaluate_run(args.run_dir, args.output_dir, args.stages, args.opts, progress)
     else:
-        if args.weights.endswith(".onnx"):
+        if is_onnx_file(args.weights):
             check_onnx_opts(args.weights, args.opts)
-        if args.weights.endswith(".onnx") and not args.config_file:
+        if is_onnx_file(args.weights) and not args.config_file:
             cfg = OnnxDetector(args.weights).config(args.opts)  # the config it was exported with
             config_file = args.weights  # its metadata holds the config: not the default one
         else:

@@ -12,8 +12,9 @@ outputs boxes, scores, classes (README, Deploying a model). Fixed input size by 
 --dynamic. A pruned model is exported at its real widths. Before it replaces --output,
 the file runs in ONNX Runtime on --check-images test images of the model's dataset:
 each PyTorch detection is matched by an ONNX one of the same class whose box is within
---tolerance (relative); every detection of score >= 0.5 and 99 % of all must be
-matched. The figures are printed and written to model.check.json. A file that fails
+--tolerance (relative) and a score within 1e-3; every detection of score >= 0.5 and
+99 % of all must be matched, and every ONNX detection of score >= 0.5 must match a
+PyTorch one. The figures are printed and written to model.check.json. A file that fails
 the check stays beside it as model.unchecked.onnx (with model.unchecked.check.json),
 and a model.onnx of before is left as it was.
 """
@@ -22,6 +23,7 @@ import os
 import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
+from ilmil.checkpoint import is_onnx_file
 from ilmil.config import derived_cfg
 from ilmil.data import load_dataset_source
 from ilmil.deploy import (DeployError, OnnxDetector, check_export, export_onnx, load_trained_model, preprocess,
@@ -49,7 +51,7 @@ def main(argv=None):
         parser.error(f"--input-size {' '.join(map(str, args.input_size))}: give a height and width of 1 px or more")
     if args.check_images < 1:
         parser.error(f"--check-images {args.check_images}: the check needs 1 image or more")
-    if not args.output.endswith(".onnx"):
+    if not is_onnx_file(args.output):
         raise DeployError(f"--output {args.output}: give a .onnx file name")
     if os.path.isdir(args.output):
         raise DeployError(f"--output {args.output} is a folder; fix: give a .onnx file name")
@@ -77,7 +79,8 @@ def main(argv=None):
     path = write_check(args.output if figures["passed"] else unchecked, figures)
     print(f"check on {figures['images']} {source.name} test images: {figures['detections_matched']} of "
           f"{figures['detections_compared']} PyTorch detections matched by class (of score >= 0.5: "
-          f"{figures['confident_detections_matched']} of {figures['confident_detections_compared']}), "
+          f"{figures['confident_detections_matched']} of {figures['confident_detections_compared']}; ONNX "
+          f"detections of score >= 0.5 with no PyTorch match: {figures['confident_onnx_detections_unmatched']}), "
           f"largest relative box difference "
           f"{figures['max_relative_box_difference']:.2e} (tolerance {args.tolerance:g}), largest score difference "
           f"{figures['max_score_difference']:.2e}; written to {path}")

@@ -19,6 +19,8 @@ import argparse
 import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
+from ilmil.checkpoint import is_onnx_file
+from ilmil.config import config_overrides
 from ilmil.deploy import input_images, load_onnx_model, load_trained_model, predict_images
 from ilmil.engine import require_output_dir, run_tool_main
 
@@ -31,9 +33,11 @@ def main(argv=None):
     parser.add_argument("--output-dir", required=True, help="where the drawn images and detections.json go")
     parser.add_argument("--config-file", help="the config the model was trained with (default: its run's config.yaml)")
     parser.add_argument("--score-thresh", type=float,
-                        help="detections below this score are dropped (default 0.3; a .onnx file: its own)")
+                        help="detections below this score are dropped (default 0.3, or the config's "
+                             "*.SCORE_THRESH_TEST given as KEY VALUE; a .onnx file: its own)")
     parser.add_argument("--max-detections", type=int,
-                        help="detections kept per image (default 100; a .onnx file: its own)")
+                        help="detections kept per image (default 100, or TEST.DETECTIONS_PER_IMAGE given "
+                             "as KEY VALUE; a .onnx file: its own)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
@@ -41,7 +45,7 @@ def main(argv=None):
         parser.error(f"--score-thresh {args.score_thresh}: give a score in [0, 1)")
     if args.max_detections is not None and args.max_detections < 1:
         parser.error(f"--max-detections {args.max_detections}: give 1 or more")
-    onnx = args.weights.endswith(".onnx")
+    onnx = is_onnx_file(args.weights)
     if onnx and args.config_file:
         parser.error("--config-file: a .onnx file holds the config it was exported with; give none")
     paths = input_images(args.input)
@@ -49,9 +53,17 @@ def main(argv=None):
     if onnx:  # an exported model, run by ONNX Runtime as on the device
         trained = load_onnx_model(args.weights, args.opts, args.score_thresh, args.max_detections)
     else:
-        trained = load_trained_model(args.weights, args.config_file, args.opts,
-                                     0.3 if args.score_thresh is None else args.score_thresh,
-                                     100 if args.max_detections is None else args.max_detections)
+        # The flags' defaults apply unless the config keys are given as KEY VALUE.
+        keys = config_overrides(args.opts)[::2]
+        given = {"--score-thresh": [k for k in keys if k.endswith(".SCORE_THRESH_TEST")],
+                 "--max-detections": [k for k in keys if k == "TEST.DETECTIONS_PER_IMAGE"]}
+        for flag, value in (("--score-thresh", args.score_thresh), ("--max-detections", args.max_detections)):
+            if value is not None and given[flag]:
+                parser.error(f"{flag} and {given[flag][0]} set the same limit; give one")
+        trained = load_trained_model(
+            args.weights, args.config_file, args.opts,
+            None if given["--score-thresh"] else (0.3 if args.score_thresh is None else args.score_thresh),
+            None if given["--max-detections"] else (100 if args.max_detections is None else args.max_detections))
     path = predict_images(trained, paths, args.output_dir, progress=not args.quiet)
     print(f"{len(paths)} image(s) with their detections drawn and {path} written")
 

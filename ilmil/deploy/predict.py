@@ -3,6 +3,7 @@ written with its boxes, class names and scores drawn, and all detections in one
 COCO-format json (``images``, ``categories``, ``annotations`` with a ``score``), which
 ``pycocotools.coco.COCO`` loads."""
 import json
+import logging
 import os
 
 import numpy as np
@@ -17,6 +18,8 @@ from detectron2.utils.visualizer import Visualizer
 from ..file_io import atomic_write
 
 __all__ = ["IMAGE_EXTENSIONS", "DeployError", "input_images", "predict_images", "preprocess"]
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -59,8 +62,12 @@ def read_image(path, image_format):
 
 def preprocess(cfg, image):
     """The model input of an HWC image: resized as at test time, CHW float32."""
-    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    resized = resize.get_transform(image).apply_image(image)
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST).get_transform(image)
+    if min(resize.new_h, resize.new_w) < 1:
+        raise DeployError(f"a {image.shape[1]} x {image.shape[0]} px image resizes to {resize.new_w} x {resize.new_h} "
+                          f"px at test time (INPUT.MIN_SIZE_TEST {cfg.INPUT.MIN_SIZE_TEST}, MAX_SIZE_TEST "
+                          f"{cfg.INPUT.MAX_SIZE_TEST}); fix: crop it to a less elongated shape")
+    resized = resize.apply_image(image)
     return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
 
 
@@ -85,16 +92,20 @@ def predict_images(trained, paths, output_dir, progress=True):
         drawn_from[drawn] = path
     os.makedirs(output_dir, exist_ok=True)
     cfg, model = trained.cfg, trained.model
-    images, annotations, unreadable = [], [], []
+    fixed_size = getattr(model, "fixed_input_size", None)  # an exported model of a fixed input size
+    images, annotations, unreadable, padded = [], [], [], []
     for image_id, path in enumerate(tqdm(paths, desc="predicting", unit="image", disable=not progress), start=1):
         try:
             image = read_image(path, cfg.INPUT.FORMAT)
             height, width = image.shape[:2]
+            model_input = preprocess(cfg, image)
             with torch.no_grad():  # an exported model of a fixed size refuses a larger input
-                output = model([{"image": preprocess(cfg, image), "height": height, "width": width}])
+                output = model([{"image": model_input, "height": height, "width": width}])
         except DeployError as e:  # the other images' detections are kept; the error comes after them
             unreadable.append(str(e) if path in str(e) else f"image {path}: {e}")
             continue
+        if fixed_size and tuple(model_input.shape[1:]) != fixed_size:
+            padded.append((path, tuple(model_input.shape[1:])))
         instances = output[0]["instances"].to("cpu")
         name = os.path.basename(path)
         images.append({"id": image_id, "file_name": name, "height": height, "width": width})
@@ -109,6 +120,13 @@ def predict_images(trained, paths, output_dir, progress=True):
                   "categories": [{"id": k + 1, "name": c} for k, c in enumerate(trained.class_names)]}
     path = os.path.join(output_dir, "detections.json")
     atomic_write(path, lambda f: json.dump(detections, f), mode="w")
+    if padded:
+        logger.warning(
+            "warning: %d of %d image(s) (the first: %s, %d x %d px after the test-time resize) were padded to the "
+            "model's fixed input of %d x %d px; its export check compared inputs of that size only, and the padding "
+            "can change detections (a GroupNorm head's statistics, boxes near the padded border); fix: for images of "
+            "other shapes export with --dynamic", len(padded), len(paths), padded[0][0], *padded[0][1][::-1],
+            *fixed_size[::-1])
     if unreadable:
         raise DeployError(f"{len(unreadable)} of {len(paths)} image(s) skipped (the detections of the other "
                           f"{len(images)} are in {path}); the first: {unreadable[0]}")

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
 
-from ..checkpoint import CheckpointClassesError, checkpoint_class_names, load_checked_checkpoint, safe_load
+from ..checkpoint import (CheckpointClassesError, checkpoint_class_names, is_onnx_file, load_checked_checkpoint,
+                          safe_load)
 from ..config import derived_cfg, get_ilmil_cfg, num_classes_changes
 from ..data import DatasetError, load_dataset_source, register_stage_datasets
 from ..data.stages import Stage, StageSpecError
@@ -66,7 +67,7 @@ def _load_model(cfg, weights, class_names):
     """The detector of ``cfg`` with ``weights``, refusing a checkpoint of other classes
     (detectron2 would only warn and leave the mismatched head random). An exported
     ``.onnx`` file runs through ONNX Runtime."""
-    if weights.endswith(".onnx"):
+    if is_onnx_file(weights):
         detector = OnnxDetector(weights)
         if list(detector.class_names) != list(class_names):
             raise CheckpointClassesError(f"{weights} detects {', '.join(detector.class_names)}, not the "
@@ -202,7 +203,7 @@ def evaluate_checkpoint(cfg, weights, classes=None, num_old=0, output_dir=None, 
         output_dir: as for :func:`evaluate_run` (its ``stage_0/`` gets the detections).
     """
     if classes is None:
-        classes = OnnxDetector(weights).class_names if weights.endswith(".onnx") else \
+        classes = OnnxDetector(weights).class_names if is_onnx_file(weights) else \
             checkpoint_class_names(safe_load(weights))
         if classes is None:
             raise CheckpointClassesError(f"{weights} does not record its classes: give them (--classes a,b,c)")
