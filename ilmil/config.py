@@ -48,6 +48,17 @@ def check_optimizer(cfg):
     return check_choice("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER, OPTIMIZERS)
 
 
+def check_lr_steps(cfg):
+    """``SOLVER.STEPS`` as detectron2's scheduler takes them: a step past ``SOLVER.MAX_ITER``
+    is dropped (with its warning), the others must increase and stay below it (fvcore
+    refuses a step at the last iteration)."""
+    kept = [step for step in cfg.SOLVER.STEPS if step <= cfg.SOLVER.MAX_ITER]
+    if kept and (kept[-1] == cfg.SOLVER.MAX_ITER or any(a >= b for a, b in zip(kept, kept[1:]))):
+        raise ConfigError(f"SOLVER.STEPS {tuple(cfg.SOLVER.STEPS)} with SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER}: the "
+                          "learning-rate steps must increase and lie below MAX_ITER; fix: e.g. SOLVER.STEPS "
+                          f"\"({int(cfg.SOLVER.MAX_ITER * 0.8)},)\"")
+
+
 def check_device(cfg):
     """``MODEL.DEVICE`` a device name torch knows (cpu, cuda, cuda:N), of this machine."""
     try:

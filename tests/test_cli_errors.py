@@ -86,7 +86,7 @@ def _choice(*args, names):
     return Case("train_incremental.py", lambda tmp_path, _: Bad(_train(tmp_path, *args), names))
 
 
-def _shapes_key(key, value, names):  # after the tiny set's own ILMIL.SHAPES values, so it wins
+def _shapes_key(key, value, names):  # after the tiny set's own values (ILMIL.SHAPES, SOLVER), so it wins
     return Case("train_incremental.py", lambda tmp_path, _: Bad([*_train(tmp_path), key, value], names))
 
 
@@ -340,6 +340,9 @@ CASES = {
     "config_empty": _config_file("", " holds nothing, not a mapping"),
     "config_unknown_key": _config_file("VERSION: 2\nSOLVER:\n  MAX_ITERS: 5\n",
                                        ": Non-existent config key: SOLVER.MAX_ITERS"),
+    "lr_step_at_max_iter": _shapes_key("SOLVER.STEPS", "(6,)", "SOLVER.STEPS (6,) with SOLVER.MAX_ITER 6: the "
+                                                                "learning-rate steps must increase and lie below"),
+    "lr_steps_not_increasing": _shapes_key("SOLVER.STEPS", "(4, 3)", "SOLVER.STEPS (4, 3) with SOLVER.MAX_ITER 6"),
     "override_unknown_key": _choice("SOLVER.MAX_ITERS", "5", names="config override SOLVER.MAX_ITERS"),
     "override_without_value": Case("train_incremental.py", lambda tmp_path, _: Bad(
         ["--stages", "2+2", "--output-dir", str(tmp_path / "out"), "SOLVER.MAX_ITER"], "SOLVER.MAX_ITER")),

@@ -33,8 +33,8 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from ..checkpoint import CheckpointClassesError, CheckpointError, load_checked_checkpoint
-from ..config import (METHOD_PRESETS, ConfigError, check_choice, check_device, check_mixed_precision, check_optimizer,
-                      derived_cfg, num_classes_changes, uses_teacher)
+from ..config import (METHOD_PRESETS, ConfigError, check_choice, check_device, check_lr_steps, check_mixed_precision,
+                      check_optimizer, derived_cfg, num_classes_changes, uses_teacher)
 from ..data import (
     DATA_PROBLEMS_FIX,
     DEFAULT_CLASS_ORDER,
@@ -128,6 +128,7 @@ class IncrementalRun:
                 "--assistant-config, or leave the key empty")
         self.method = check_choice("ILMIL.METHOD", cfg.ILMIL.METHOD, METHOD_PRESETS)
         check_optimizer(cfg)
+        check_lr_steps(cfg)
         check_device(cfg)
         check_mixed_precision(cfg)
         self.stage_images = check_choice("ILMIL.STAGE_IMAGES", cfg.ILMIL.STAGE_IMAGES, STAGE_IMAGE_RULES)
