@@ -75,6 +75,11 @@ def find_models(kd_runs, detector, teacher_iters=None):
     # so they take their label in the dict below wherever both exist.
     budget = _train_iters(best)
     plain = sorted((r for r in plain if _train_iters(r) == budget), key=lambda r: _teacher_run(r) == teacher)
+    if not plain:
+        raise SystemExit(f"error: {kd_runs} holds no finished 'no KD' {detector} student of {budget} iterations, the "
+                         f"budget of the best distilled one ({os.path.basename(best)}), to compare it with; fix: "
+                         f"run benchmarks/run.py --suite kd --detectors {detector} --iters {budget} --variants "
+                         f"\"{detector} no KD\" first")
     return {"teacher": teacher, **{_label(r, detector): r for r in plain}, _label(best, detector): best}
 
 

@@ -842,6 +842,11 @@ def test_the_edge_suite_takes_the_best_distilled_student_of_any_width_its_teache
     assert of_first["teacher"] == teacher and of_first["quarter-width student, output"] == quarter_output
     with pytest.raises(SystemExit, match="^error: .* of a 400-iteration teacher; fix: .* --base-iters 400 first"):
         find_models(str(tmp_path), "faster_rcnn", teacher_iters=400)
+    # The best student trained longer than every undistilled one: nothing to compare it with.
+    run("20_faster_rcnn_output_3200+9600it_seed0", 99.0, stronger, iters=9600)
+    with pytest.raises(SystemExit, match=r"^error: .* no finished 'no KD' faster_rcnn student of 9600 iterations, the "
+                                         r"budget of the best distilled one \(20_faster_rcnn_output_3200\+9600it_seed0"):
+        find_models(str(tmp_path), "faster_rcnn")
 
 
 @pytest.mark.parametrize("opts, message", [
