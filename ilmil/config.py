@@ -15,7 +15,8 @@ from detectron2.modeling import META_ARCH_REGISTRY
 
 __all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "add_retinanet_config",
            "add_yolo_config", "changed_from_defaults", "check_choice", "check_device", "check_mixed_precision",
-           "check_optimizer", "check_value", "config_items", "config_overrides", "default_cfg", "derived_cfg",
+           "check_lr_steps", "check_optimizer", "check_value", "config_from_dump", "config_items", "config_overrides",
+           "default_cfg", "derived_cfg",
            "get_ilmil_cfg", "import_plugins", "method_preset", "method_presets", "num_classes_changes",
            "set_num_classes", "uses_teacher",
            "DEFAULT_CONFIG", "METHOD_PRESETS"]
@@ -578,6 +579,15 @@ def get_ilmil_cfg(config_file=None, opts=(), method=None):
     cfg.ILMIL.METHOD = method
     # .py files by their absolute path: the run's config.yaml then finds them from any folder.
     cfg.ILMIL.PLUGINS = [os.path.abspath(p) if p.endswith(".py") else p for p in plugins]
+    return cfg
+
+
+def config_from_dump(text, opts=()):
+    """The config ``cfg.dump()`` wrote as ``text`` (every key in it: detectron2's, ilmil's,
+    the preset's and those of its ``ILMIL.PLUGINS``), then ``opts``. Its plugins are not
+    imported: what it describes runs without them (an exported model's graph)."""
+    cfg = CN.load_cfg(text)
+    _merge_opts(cfg, config_overrides(opts))
     return cfg
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -353,6 +354,21 @@ def test_the_export_check_compares_with_pytorch_on_the_unpadded_image(tmp_path):
     figures = deploy.check_export(trained, detector, [torch.zeros(3, 40, 56)])
     assert seen == [(3, 40, 56)]
     assert figures["passed"] and figures["detections_matched"] == 1 and figures["max_relative_box_difference"] == 0
+
+
+def test_an_exported_models_config_loads_without_the_plugins_of_its_run():
+    cfg = get_ilmil_cfg(None)
+    # The run's plugin (not on this machine) and a key it added.
+    cfg.ILMIL.PLUGINS = ["/nowhere/my_losses.py"]
+    cfg.ILMIL.DISTILL.FEAT_L1 = type(cfg)({"ENABLED": True, "WEIGHT": 0.5})
+    detector = deploy.OnnxDetector.__new__(deploy.OnnxDetector)  # the file's metadata alone
+    detector.config_text = cfg.dump()
+    loaded = detector.config(["SOLVER.MAX_ITER", "7", "ILMIL.DISTILL.FEAT_L1.WEIGHT", "0.25"])
+    assert loaded.SOLVER.MAX_ITER == 7 and loaded.ILMIL.DISTILL.FEAT_L1.WEIGHT == 0.25
+    expected = derived_cfg(cfg, {"SOLVER.MAX_ITER": 7, "ILMIL.DISTILL.FEAT_L1.WEIGHT": 0.25})
+    assert yaml.safe_load(loaded.dump()) == yaml.safe_load(expected.dump())
+    with pytest.raises(ConfigError, match="config override SOLVER.MAX_ITERS: no such config key"):
+        detector.config(["SOLVER.MAX_ITERS", "7"])
 
 
 def test_the_export_check_fails_on_added_detections_and_on_other_scores():

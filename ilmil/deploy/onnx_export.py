@@ -24,7 +24,6 @@ path (``dynamo=False``) follows detectron2's tracing branches.
 import functools
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -35,7 +34,7 @@ from torch import nn
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from ..config import config_overrides, get_ilmil_cfg
+from ..config import config_from_dump, config_overrides
 from ..file_io import atomic_write
 from .predict import DeployError
 from .trained_model import TrainedModel, score_thresh_key
@@ -153,11 +152,9 @@ class OnnxDetector:
         self.score_thresh = self.max_detections = None
 
     def config(self, opts=()):
-        """The config the model was exported with (and ``opts``)."""
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-            f.write(self.config_text)
-            f.flush()
-            return get_ilmil_cfg(f.name, opts)
+        """The config the model was exported with (and ``opts``), whole in the file: the run's
+        ``ILMIL.PLUGINS`` need not be importable where the file runs."""
+        return config_from_dump(self.config_text, opts)
 
     @property
     def fixed_input_size(self):
