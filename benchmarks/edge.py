@@ -78,7 +78,8 @@ def find_models(kd_runs, detector, teacher_iters=None):
     if not plain:
         raise SystemExit(f"error: {kd_runs} holds no finished 'no KD' {detector} student of {budget} iterations, the "
                          f"budget of the best distilled one ({os.path.basename(best)}), to compare it with; fix: "
-                         f"run benchmarks/run.py --suite kd --detectors {detector} --iters {budget} --variants "
+                         f"run benchmarks/run.py --suite kd --detectors {detector} --base-iters "
+                         f"{_train_iters(teacher)} --iters {budget} --variants "
                          f"\"{detector} no KD\" first")
     return {"teacher": teacher, **{_label(r, detector): r for r in plain}, _label(best, detector): best}
 

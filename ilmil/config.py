@@ -5,6 +5,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import tempfile
 
 import torch
 import yaml
@@ -50,14 +51,17 @@ def check_optimizer(cfg):
 
 
 def check_lr_steps(cfg):
-    """``SOLVER.STEPS`` as detectron2's scheduler takes them: a step past ``SOLVER.MAX_ITER``
-    is dropped (with its warning), the others must increase and stay below it (fvcore
-    refuses a step at the last iteration)."""
+    """``SOLVER.STEPS`` as detectron2's multi-step scheduler takes them: a step past
+    ``SOLVER.MAX_ITER`` is dropped (with its warning), the others must increase and lie
+    between 0 and it, both excluded (fvcore refuses the others at the trainer's start)."""
+    if cfg.SOLVER.LR_SCHEDULER_NAME != "WarmupMultiStepLR":  # the cosine schedule reads no steps
+        return
     kept = [step for step in cfg.SOLVER.STEPS if step <= cfg.SOLVER.MAX_ITER]
-    if kept and (kept[-1] == cfg.SOLVER.MAX_ITER or any(a >= b for a, b in zip(kept, kept[1:]))):
+    if kept and (kept[0] < 1 or kept[-1] == cfg.SOLVER.MAX_ITER or any(a >= b for a, b in zip(kept, kept[1:]))):
+        step = int(cfg.SOLVER.MAX_ITER * 0.8)
         raise ConfigError(f"SOLVER.STEPS {tuple(cfg.SOLVER.STEPS)} with SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER}: the "
-                          "learning-rate steps must increase and lie below MAX_ITER; fix: e.g. SOLVER.STEPS "
-                          f"\"({int(cfg.SOLVER.MAX_ITER * 0.8)},)\"")
+                          "learning-rate steps must increase and lie between 0 and MAX_ITER, both excluded; fix: e.g. "
+                          f"SOLVER.STEPS \"{f'({step},)' if step >= 1 else '()'}\"")
 
 
 def check_device(cfg):
@@ -583,10 +587,17 @@ def get_ilmil_cfg(config_file=None, opts=(), method=None):
 
 
 def config_from_dump(text, opts=()):
-    """The config ``cfg.dump()`` wrote as ``text`` (every key in it: detectron2's, ilmil's,
-    the preset's and those of its ``ILMIL.PLUGINS``), then ``opts``. Its plugins are not
-    imported: what it describes runs without them (an exported model's graph)."""
-    cfg = CN.load_cfg(text)
+    """The config ``cfg.dump()`` wrote as ``text`` on today's defaults (a key added since
+    it was written keeps its default), then ``opts``. Its ``ILMIL.PLUGINS`` are not
+    imported, their keys taken as written: what it describes runs without them (an
+    exported model's graph)."""
+    cfg = default_cfg()
+    cfg.set_new_allowed(True)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text)
+        f.flush()
+        _merge_file(cfg, f.name)  # as a config file is merged (its numbers taken as meant)
+    cfg.set_new_allowed(False)
     _merge_opts(cfg, config_overrides(opts))
     return cfg
 

@@ -341,7 +341,8 @@ CASES = {
     "config_unknown_key": _config_file("VERSION: 2\nSOLVER:\n  MAX_ITERS: 5\n",
                                        ": Non-existent config key: SOLVER.MAX_ITERS"),
     "lr_step_at_max_iter": _shapes_key("SOLVER.STEPS", "(6,)", "SOLVER.STEPS (6,) with SOLVER.MAX_ITER 6: the "
-                                                                "learning-rate steps must increase and lie below"),
+                                                                "learning-rate steps must increase and lie between 0"),
+    "lr_step_at_0": _shapes_key("SOLVER.STEPS", "(0,)", "SOLVER.STEPS (0,) with SOLVER.MAX_ITER 6"),
     "lr_steps_not_increasing": _shapes_key("SOLVER.STEPS", "(4, 3)", "SOLVER.STEPS (4, 3) with SOLVER.MAX_ITER 6"),
     "override_unknown_key": _choice("SOLVER.MAX_ITERS", "5", names="config override SOLVER.MAX_ITERS"),
     "override_without_value": Case("train_incremental.py", lambda tmp_path, _: Bad(

@@ -136,6 +136,18 @@ def test_unknown_optimizer_is_refused_with_the_choices():
         check_optimizer(get_ilmil_cfg(None, ["SOLVER.OPTIMIZER", "Adam"]))
 
 
+def test_lr_steps_are_checked_as_the_multi_step_schedule_takes_them():
+    from ilmil.config import ConfigError, check_lr_steps
+
+    def check(*opts):
+        check_lr_steps(get_ilmil_cfg(None, list(opts)))
+
+    check("SOLVER.MAX_ITER", "10", "SOLVER.STEPS", "(8, 20)")  # a step past MAX_ITER is dropped, as detectron2 does
+    check("SOLVER.MAX_ITER", "10", "SOLVER.STEPS", "(10,)", "SOLVER.LR_SCHEDULER_NAME", "WarmupCosineLR")  # no steps read
+    with pytest.raises(ConfigError, match=r'SOLVER.STEPS \(1,\) with SOLVER.MAX_ITER 1: .*fix: e.g. SOLVER.STEPS "\(\)"'):
+        check("SOLVER.MAX_ITER", "1", "SOLVER.STEPS", "(1,)")
+
+
 def test_unknown_teacher_precision_is_refused_before_any_work(tmp_path):
     from ilmil.config import ConfigError
     from ilmil.engine.runner import IncrementalRun

@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 from detectron2.structures import Boxes, Instances
 
 from ilmil import deploy
-from ilmil.config import CONFIGS_DIR, ConfigError, derived_cfg, get_ilmil_cfg
+from ilmil.config import CONFIGS_DIR, ConfigError, default_cfg, derived_cfg, get_ilmil_cfg
 from ilmil.deploy import load_trained_model
 from ilmil.engine import IncrementalRun
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _tool_module, read_json, run_tool, run_tool_here, tail
@@ -279,6 +279,8 @@ def test_an_unreadable_image_is_skipped_and_the_others_detections_are_kept(train
     with pytest.raises(deploy.DeployError, match=r"a 4000 x 10 px image resizes to 128 x 0 px at test time "
                                                  r"\(INPUT.MIN_SIZE_TEST 128, MAX_SIZE_TEST 128\); fix: crop it"):
         deploy.preprocess(cfg, np.zeros((10, 4000, 3), dtype=np.uint8))
+    no_resize = get_ilmil_cfg(None, ["INPUT.MIN_SIZE_TEST", "0"])  # detectron2's "no resize at test time"
+    assert deploy.preprocess(no_resize, np.zeros((50, 70, 3), dtype=np.uint8)).shape == (3, 50, 70)
     assert [i["file_name"] for i in read_json(out / "detections.json")["images"]] == ["a.jpg"]
     with pytest.raises(deploy.DeployError, match=r"c.png has I;16 pixels \(16-bit or float\), which would be read as "
                                                  r"white; fix: convert it to 8 bits per channel"):
@@ -319,7 +321,11 @@ def test_predict_takes_the_limits_given_as_config_keys(trained, tiny_datasets_ro
     assert Counter(a["image_id"] for a in annotations) == {1: 3, 2: 3} and min(a["score"] for a in annotations) >= 0.01
     for flag, key in ((["--score-thresh", "0.5"], keys[:2]), (["--max-detections", "5"], keys[2:])):
         proc = run_tool_here("predict.py", [*args, *flag, *key], tiny_datasets_root, monkeypatch, capsys)
-        assert proc.returncode == 2 and f"{flag[0]} and {key[0]} set the same limit; give one" in proc.stderr
+        assert f"{' '.join(flag)} and {key[0]} set the same limit; fix: give one of them" in _error_line(proc)
+    # Another detector's key is not this one's limit: the default 0.3 holds, which no score reaches here.
+    proc = run_tool_here("predict.py", [*args, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.01"], tiny_datasets_root,
+                         monkeypatch, capsys)
+    assert not proc.returncode and not read_json(tmp_path / "out" / "detections.json")["annotations"]
 
 
 def test_export_refuses_a_bad_output_or_input_size_before_exporting(trained, tiny_datasets_root, tmp_path,
@@ -364,11 +370,17 @@ def test_an_exported_models_config_loads_without_the_plugins_of_its_run():
     detector = deploy.OnnxDetector.__new__(deploy.OnnxDetector)  # the file's metadata alone
     detector.config_text = cfg.dump()
     loaded = detector.config(["SOLVER.MAX_ITER", "7", "ILMIL.DISTILL.FEAT_L1.WEIGHT", "0.25"])
+    assert isinstance(loaded.SOLVER.STEPS, tuple)  # the defaults' types, as a config file merged into them
     assert loaded.SOLVER.MAX_ITER == 7 and loaded.ILMIL.DISTILL.FEAT_L1.WEIGHT == 0.25
     expected = derived_cfg(cfg, {"SOLVER.MAX_ITER": 7, "ILMIL.DISTILL.FEAT_L1.WEIGHT": 0.25})
     assert yaml.safe_load(loaded.dump()) == yaml.safe_load(expected.dump())
     with pytest.raises(ConfigError, match="config override SOLVER.MAX_ITERS: no such config key"):
         detector.config(["SOLVER.MAX_ITERS", "7"])
+    # A file of an older version lacks the keys added since: they keep their defaults.
+    older = yaml.safe_load(cfg.dump())
+    del older["ILMIL"]["PSEUDO_LABELS"]["CROSS_CLASS_IOU"]
+    detector.config_text = yaml.safe_dump(older)
+    assert detector.config().ILMIL.PSEUDO_LABELS.CROSS_CLASS_IOU == default_cfg().ILMIL.PSEUDO_LABELS.CROSS_CLASS_IOU
 
 
 def test_the_export_check_fails_on_added_detections_and_on_other_scores():

@@ -20,7 +20,6 @@ import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.checkpoint import is_onnx_file
-from ilmil.config import config_overrides
 from ilmil.deploy import input_images, load_onnx_model, load_trained_model, predict_images
 from ilmil.engine import require_output_dir, run_tool_main
 
@@ -53,17 +52,9 @@ def main(argv=None):
     if onnx:  # an exported model, run by ONNX Runtime as on the device
         trained = load_onnx_model(args.weights, args.opts, args.score_thresh, args.max_detections)
     else:
-        # The flags' defaults apply unless the config keys are given as KEY VALUE.
-        keys = config_overrides(args.opts)[::2]
-        given = {"--score-thresh": [k for k in keys if k.endswith(".SCORE_THRESH_TEST")],
-                 "--max-detections": [k for k in keys if k == "TEST.DETECTIONS_PER_IMAGE"]}
-        for flag, value in (("--score-thresh", args.score_thresh), ("--max-detections", args.max_detections)):
-            if value is not None and given[flag]:
-                parser.error(f"{flag} and {given[flag][0]} set the same limit; give one")
-        trained = load_trained_model(
-            args.weights, args.config_file, args.opts,
-            None if given["--score-thresh"] else (0.3 if args.score_thresh is None else args.score_thresh),
-            None if given["--max-detections"] else (100 if args.max_detections is None else args.max_detections))
+        # The flags' defaults apply unless the detector's own keys are given as KEY VALUE.
+        trained = load_trained_model(args.weights, args.config_file, args.opts, args.score_thresh,
+                                     args.max_detections, default_limits=(0.3, 100))
     path = predict_images(trained, paths, args.output_dir, progress=not args.quiet)
     print(f"{len(paths)} image(s) with their detections drawn and {path} written")
 

@@ -147,6 +147,9 @@ class OnnxDetector:
             raise DeployError(f"{path}: its '{_METADATA}' metadata is not valid JSON ({e}); fix: export it again "
                               "with tools/export.py") from None
         self.config_text = props.get(f"{_METADATA}.config", "")
+        if not self.config_text:
+            raise DeployError(f"{path} holds no '{_METADATA}.config' metadata, so its input size and data are unknown; "
+                              "fix: export it again with tools/export.py")
         self.class_names = self.metadata["class_names"]
         # Limits applied to the graph's outputs (None: the file's own); see load_onnx_model.
         self.score_thresh = self.max_detections = None

@@ -63,7 +63,7 @@ def read_image(path, image_format):
 def preprocess(cfg, image):
     """The model input of an HWC image: resized as at test time, CHW float32."""
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST).get_transform(image)
-    if min(resize.new_h, resize.new_w) < 1:
+    if min(getattr(resize, "new_h", 1), getattr(resize, "new_w", 1)) < 1:  # INPUT.MIN_SIZE_TEST 0: no resize
         raise DeployError(f"a {image.shape[1]} x {image.shape[0]} px image resizes to {resize.new_w} x {resize.new_h} "
                           f"px at test time (INPUT.MIN_SIZE_TEST {cfg.INPUT.MIN_SIZE_TEST}, MAX_SIZE_TEST "
                           f"{cfg.INPUT.MAX_SIZE_TEST}); fix: crop it to a less elongated shape")
@@ -123,9 +123,8 @@ def predict_images(trained, paths, output_dir, progress=True):
     if padded:
         logger.warning(
             "warning: %d of %d image(s) (the first: %s, %d x %d px after the test-time resize) were padded to the "
-            "model's fixed input of %d x %d px; its export check compared inputs of that size only, and the padding "
-            "can change detections (a GroupNorm head's statistics, boxes near the padded border); fix: for images of "
-            "other shapes export with --dynamic", len(padded), len(paths), padded[0][0], *padded[0][1][::-1],
+            "model's fixed input of %d x %d px, and the padding can change detections (a GroupNorm head's "
+            "statistics, boxes near the padded border); fix: for images of other shapes export with --dynamic", len(padded), len(paths), padded[0][0], *padded[0][1][::-1],
             *fixed_size[::-1])
     if unreadable:
         raise DeployError(f"{len(unreadable)} of {len(paths)} image(s) skipped (the detections of the other "

@@ -1,13 +1,14 @@
 """A trained model, found from its checkpoint alone: its classes (the checkpoint's ilmil
 record), its config (the ``config.yaml`` of the run folder the checkpoint lies in, or
 one given) and its channel layout (a pruned model is rebuilt at its real widths)."""
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 
 from ..checkpoint import CheckpointError, checkpoint_class_names, safe_load
-from ..config import check_device, config_overrides, derived_cfg, get_ilmil_cfg, num_classes_changes
+from ..config import ConfigError, check_device, config_overrides, derived_cfg, get_ilmil_cfg, num_classes_changes
 from ..data import shape_class_names
 from ..data.shapes import MAX_CLASSES
 from ..modeling import load_detector
@@ -65,14 +66,18 @@ def score_thresh_key(cfg):
     return next((key for part, key in _DENSE_SCORE_THRESH_KEYS if part in arch), "MODEL.ROI_HEADS.SCORE_THRESH_TEST")
 
 
-def load_trained_model(weights, config_file=None, opts=(), score_thresh=None, max_detections=None):
+def load_trained_model(weights, config_file=None, opts=(), score_thresh=None, max_detections=None,
+                       default_limits=None):
     """The model of the ilmil checkpoint ``weights`` (see the module docstring).
 
     Args:
         config_file: the config it was trained with; default its run's ``config.yaml``.
         opts: ``KEY VALUE`` config overrides.
         score_thresh, max_detections: the detector's test-time score threshold and
-            detections per image (None: the config's).
+            detections per image (None: the config's); given with the detector's own key
+            in ``opts`` too, refused (``--score-thresh`` / ``--max-detections`` in the message).
+        default_limits: (score threshold, detections per image) in place of a None above,
+            unless ``opts`` set that key.
     Raises :class:`CheckpointError` for weights of no known run, naming the fix.
     """
     checkpoint = safe_load(weights)
@@ -89,10 +94,15 @@ def load_trained_model(weights, config_file=None, opts=(), score_thresh=None, ma
     changes = {**num_classes_changes(len(class_names)), "MODEL.WEIGHTS": "", "ILMIL.TEACHER.WEIGHTS": ""}
     if "MODEL.DEVICE" not in config_overrides(opts)[::2] and not torch.cuda.is_available():
         changes["MODEL.DEVICE"] = "cpu"  # trained on a GPU, run here: the weights are the same
-    if score_thresh is not None:
-        changes[score_thresh_key(cfg)] = float(score_thresh)
-    if max_detections is not None:
-        changes["TEST.DETECTIONS_PER_IMAGE"] = int(max_detections)
+    given = config_overrides(opts)[::2]
+    for flag, key, value, default in (("--score-thresh", score_thresh_key(cfg), score_thresh, 0),
+                                      ("--max-detections", "TEST.DETECTIONS_PER_IMAGE", max_detections, 1)):
+        if value is not None and key in given:
+            raise ConfigError(f"{flag} {value} and {key} set the same limit; fix: give one of them")
+        if value is None and key not in given and default_limits is not None:
+            value = default_limits[default]
+        if value is not None:
+            changes[key] = type(functools.reduce(getattr, key.split("."), cfg))(value)
     cfg = derived_cfg(cfg, changes)
     check_device(cfg)
     cfg.freeze()
