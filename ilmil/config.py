@@ -1,6 +1,7 @@
 """Config keys of ilmil, added to a detectron2 config by :func:`add_ilmil_config`."""
 import ast
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -16,7 +17,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 
 __all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "add_retinanet_config",
            "add_yolo_config", "changed_from_defaults", "check_choice", "check_device", "check_mixed_precision",
-           "check_lr_steps", "check_optimizer", "check_value", "config_from_dump", "config_items", "config_overrides",
+           "check_lr_steps", "check_optimizer", "check_value", "config_from_dump", "config_items", "config_value", "config_overrides",
            "default_cfg", "derived_cfg",
            "get_ilmil_cfg", "import_plugins", "method_preset", "method_presets", "num_classes_changes",
            "set_num_classes", "uses_teacher",
@@ -511,6 +512,11 @@ def default_cfg():
     for add_config in _CONFIG_EXTENSIONS:
         add_config(cfg)
     return cfg
+
+
+def config_value(cfg, key):
+    """The value of the dotted ``key`` (``"TEST.DETECTIONS_PER_IMAGE"``) in ``cfg``."""
+    return functools.reduce(getattr, key.split("."), cfg)
 
 
 def config_items(cfg):

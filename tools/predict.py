@@ -32,8 +32,8 @@ def main(argv=None):
     parser.add_argument("--output-dir", required=True, help="where the drawn images and detections.json go")
     parser.add_argument("--config-file", help="the config the model was trained with (default: its run's config.yaml)")
     parser.add_argument("--score-thresh", type=float,
-                        help="detections below this score are dropped (default 0.3, or the config's "
-                             "*.SCORE_THRESH_TEST given as KEY VALUE; a .onnx file: its own)")
+                        help="detections below this score are dropped (default 0.3, or the detector's "
+                             "SCORE_THRESH_TEST key given as KEY VALUE; a .onnx file: its own)")
     parser.add_argument("--max-detections", type=int,
                         help="detections kept per image (default 100, or TEST.DETECTIONS_PER_IMAGE given "
                              "as KEY VALUE; a .onnx file: its own)")

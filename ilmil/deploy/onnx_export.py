@@ -21,7 +21,6 @@ detectron2 0.6's own exporter (``detectron2.export``) cannot be imported on this
 (it imports caffe2), so ``torch.onnx.export`` is called directly; its TorchScript-based
 path (``dynamo=False``) follows detectron2's tracing branches.
 """
-import functools
 import json
 import os
 import time
@@ -34,7 +33,7 @@ from torch import nn
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from ..config import config_from_dump, config_overrides
+from ..config import config_from_dump, config_overrides, config_value
 from ..file_io import atomic_write
 from .predict import DeployError
 from .trained_model import TrainedModel, score_thresh_key
@@ -218,7 +217,7 @@ def load_onnx_model(path, opts=(), score_thresh=None, max_detections=None, threa
     for flag, value, exported_key, looser in (
             ("--score-thresh", score_thresh, key, lambda v, e: v < e),
             ("--max-detections", max_detections, "TEST.DETECTIONS_PER_IMAGE", lambda v, e: v > e)):
-        exported = functools.reduce(getattr, exported_key.split("."), cfg)
+        exported = config_value(cfg, exported_key)
         if value is not None and looser(value, exported):
             raise DeployError(f"{flag} {value}: {path} was exported with {exported_key} {exported}, which the "
                               f"file's outputs already apply; fix: {flag} {exported} or tighter, or export the "
@@ -260,7 +259,7 @@ def check_export(trained, detector, images, tolerance=1e-3):
     worst_box, worst_score, matched, compared = 0.0, 0.0, 0, 0
     confident_compared = confident_matched = onnx_confident = onnx_confident_unmatched = 0
     counts = []
-    threshold = functools.reduce(getattr, score_thresh_key(trained.cfg).split("."), trained.cfg) + margin
+    threshold = config_value(trained.cfg, score_thresh_key(trained.cfg)) + margin
     for image in images:
         with torch.no_grad():  # PyTorch as it runs unexported: a fixed-size graph's padding must not change the result
             reference = trained.model([{"image": image}])[0]["instances"]

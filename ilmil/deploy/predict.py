@@ -124,8 +124,8 @@ def predict_images(trained, paths, output_dir, progress=True):
         logger.warning(
             "warning: %d of %d image(s) (the first: %s, %d x %d px after the test-time resize) were padded to the "
             "model's fixed input of %d x %d px, and the padding can change detections (a GroupNorm head's "
-            "statistics, boxes near the padded border); fix: for images of other shapes export with --dynamic", len(padded), len(paths), padded[0][0], *padded[0][1][::-1],
-            *fixed_size[::-1])
+            "statistics, boxes near the padded border); fix: for images of other shapes export with --dynamic",
+            len(padded), len(paths), padded[0][0], *padded[0][1][::-1], *fixed_size[::-1])
     if unreadable:
         raise DeployError(f"{len(unreadable)} of {len(paths)} image(s) skipped (the detections of the other "
                           f"{len(images)} are in {path}); the first: {unreadable[0]}")

@@ -1,14 +1,14 @@
 """A trained model, found from its checkpoint alone: its classes (the checkpoint's ilmil
 record), its config (the ``config.yaml`` of the run folder the checkpoint lies in, or
 one given) and its channel layout (a pruned model is rebuilt at its real widths)."""
-import functools
 import os
 from dataclasses import dataclass
 
 import torch
 
 from ..checkpoint import CheckpointError, checkpoint_class_names, safe_load
-from ..config import ConfigError, check_device, config_overrides, derived_cfg, get_ilmil_cfg, num_classes_changes
+from ..config import (ConfigError, check_device, config_overrides, config_value, derived_cfg, get_ilmil_cfg,
+                      num_classes_changes)
 from ..data import shape_class_names
 from ..data.shapes import MAX_CLASSES
 from ..modeling import load_detector
@@ -95,14 +95,15 @@ def load_trained_model(weights, config_file=None, opts=(), score_thresh=None, ma
     if "MODEL.DEVICE" not in config_overrides(opts)[::2] and not torch.cuda.is_available():
         changes["MODEL.DEVICE"] = "cpu"  # trained on a GPU, run here: the weights are the same
     given = config_overrides(opts)[::2]
-    for flag, key, value, default in (("--score-thresh", score_thresh_key(cfg), score_thresh, 0),
-                                      ("--max-detections", "TEST.DETECTIONS_PER_IMAGE", max_detections, 1)):
+    limits = (("--score-thresh", score_thresh_key(cfg), score_thresh),
+              ("--max-detections", "TEST.DETECTIONS_PER_IMAGE", max_detections))
+    for (flag, key, value), default in zip(limits, default_limits or (None, None)):
         if value is not None and key in given:
             raise ConfigError(f"{flag} {value} and {key} set the same limit; fix: give one of them")
-        if value is None and key not in given and default_limits is not None:
-            value = default_limits[default]
+        if value is None and key not in given:
+            value = default
         if value is not None:
-            changes[key] = type(functools.reduce(getattr, key.split("."), cfg))(value)
+            changes[key] = type(config_value(cfg, key))(value)
     cfg = derived_cfg(cfg, changes)
     check_device(cfg)
     cfg.freeze()
