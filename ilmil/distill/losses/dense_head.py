@@ -112,8 +112,9 @@ class DenseHeadDistillation(DistillLoss):
             # The objectness KL over the teacher's object count, as the class KL of a head without
             # objectness: a mean over every anchor (thousands per image, a handful of objects)
             # would leave it about a hundred times weaker.
-            objects = q.sum() if self.normalizer == "objects" else kept.sum()
-            loss = ((kl.mean(dim=2) * q).sum() / q.sum().clamp(min=1e-6)
+            teacher_objects = q.sum()
+            objects = teacher_objects if self.normalizer == "objects" else kept.sum()
+            loss = ((kl.mean(dim=2) * q).sum() / teacher_objects.clamp(min=1e-6)
                     + (kl_obj * kept).sum() / objects.clamp(min=1.0))
             score = score * q
         if keep is not None:
