@@ -119,10 +119,11 @@ class Run:
     def overrides(self):
         """The KEY VALUE config overrides: data size, batch, budget, then ``opts``."""
         iters = self.iters
+        step = int(iters * 0.8)  # none in a run too short for one (check_lr_steps refuses a step at 0)
         return [
             "ILMIL.SHAPES.NUM_TRAIN", str(self.num_train), "ILMIL.SHAPES.NUM_TEST", str(self.num_test),
             "SOLVER.IMS_PER_BATCH", str(BATCH), "SOLVER.MAX_ITER", str(iters),
-            "SOLVER.STEPS", f"({int(iters * 0.8)},)", "SOLVER.WARMUP_ITERS", str(min(100, iters // 5)),
+            "SOLVER.STEPS", f"({step},)" if step else "()", "SOLVER.WARMUP_ITERS", str(min(100, iters // 5)),
             *self.opts,
         ]  # fmt: skip
 

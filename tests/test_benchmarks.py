@@ -23,6 +23,7 @@ from benchmarks.harness import (CONFIG_RECORD, OUTCOME_RECORD, BenchError, Run, 
 from benchmarks.run import main as bench_main
 from benchmarks.suites import ABLATION, ACCURACY, KD, ONE_STAGE, STAGE_IMAGES
 from benchmarks.tables import kd_table, one_stage_table, pruning_table, stage_images_table, suite_page
+from ilmil.config import check_lr_steps
 from ilmil.data import shapes_num_classes
 from ilmil.distill import enabled_terms
 
@@ -229,6 +230,13 @@ def test_the_reuse_check_renames_nothing(tmp_path):
     assert reuse_status(now) == "stale" and describe([now]) == {str(run): "stale"}
     # Checked twice, listed, and still where it was: only retraining moves it aside.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2+2_ilmil_6+4it_seed0"]
+
+
+def test_a_run_too_short_for_a_learning_rate_step_gets_none():
+    for iters, steps in ((1, ()), (2, (1,)), (10, (8,))):
+        cfg = Run("unused", "20", "finetune", 0, iters, 8, 4).config()
+        assert tuple(cfg.SOLVER.STEPS) == steps
+        check_lr_steps(cfg)  # what the training tool checks first
 
 
 def test_a_run_begun_from_a_stage0_that_is_to_be_trained_is_stale(tmp_path, monkeypatch):
