@@ -148,7 +148,7 @@ def measure(label, weights, config_file, out, repeats, opts=()):
     export_onnx(trained, onnx_path)
     cfg = trained.cfg
     eval_cfg = derived_cfg(cfg, {"ILMIL.DATA.CHECK_IMAGES": False})
-    source = load_dataset_source(eval_cfg)
+    source = load_dataset_source(eval_cfg, splits=("test",))
     image = preprocess(cfg, read_image(source.test[0]["file_name"], cfg.INPUT.FORMAT))
     check = check_export(trained, OnnxDetector(onnx_path), [image] + [
         preprocess(cfg, read_image(r["file_name"], cfg.INPUT.FORMAT)) for r in source.test[1:8]])

@@ -483,6 +483,88 @@ def test_invalid_voc_xml_is_named(voc_dir):
     assert xml_file in str(info.value)
 
 
+def _rewrite(path, old, new):
+    with open(path) as f:
+        text = f.read()
+    assert old in text
+    with open(path, "w") as f:
+        f.write(text.replace(old, new, 1))
+
+
+def test_an_image_id_listed_twice_in_a_voc_split_file_is_refused(voc_dir):
+    # Its second record would be scored without the boxes the first one's detections take.
+    split_file = os.path.join(voc_dir, "ImageSets", "Main", "trainval.txt")
+    with open(split_file, "a") as f:
+        f.write("\n000002 1\n")
+    with pytest.raises(DatasetError, match=re.escape(f"{split_file}: lines 1 and 4 both list '000002'; fix: list")):
+        load_voc_split(voc_dir, "trainval")
+
+
+def test_a_voc_id_with_spaces_is_read_whole_and_a_flag_after_an_id_is_not(voc_dir):
+    for ext, folder in (("xml", "Annotations"), ("jpg", "JPEGImages")):
+        os.rename(os.path.join(voc_dir, folder, f"000001.{ext}"), os.path.join(voc_dir, folder, f"my image 1.{ext}"))
+    with open(os.path.join(voc_dir, "ImageSets", "Main", "trainval.txt"), "w") as f:
+        f.write("000002  -1\nmy image 1\n")
+    records = load_voc_split(voc_dir, "trainval")
+    assert [r["image_id"] for r in records] == ["000002", "my image 1"]
+    assert records[1]["file_name"] == os.path.join(voc_dir, "JPEGImages", "my image 1.jpg")
+
+
+def test_voc_whole_numbers_written_as_floats_are_read_and_fractions_refused(voc_dir):
+    xml_file = os.path.join(voc_dir, "Annotations", "000002.xml")
+    _rewrite(xml_file, "<width>80<", "<width>80.0<")
+    assert load_voc_split(voc_dir, "trainval")[0]["width"] == 80
+    _rewrite(xml_file, "<width>80.0<", "<width>80.5<")
+    with pytest.raises(DatasetError, match=re.escape(f"{xml_file}: field <width> '80.5' is not a whole number")):
+        load_voc_split(voc_dir, "trainval")
+
+
+def test_a_box_problem_quotes_the_box_as_the_file_writes_it(tmp_path, coco_files):
+    images = {k: (w, h, [dict(o) for o in objs]) for k, (w, h, objs) in VOC_IMAGES.items()}
+    images["000001"][2][0]["box"] = (0, 21, 30, 40)  # xmin 0: VOC's pixels start at 1
+    root = write_voc_folder(tmp_path / "voc", images, VOC_SPLITS)
+    with pytest.raises(DatasetError) as info:
+        load_dataset_source(_voc_cfg(root))
+    assert ("000001.xml object 'dog': field <xmin> 0 <ymin> 21 <xmax> 30 <ymax> 40 (VOC pixels, from 1) lies "
+            "outside the 64x48 image") in str(info.value)
+    # A COCO annotation without an id is named by its place in the file, with its own bbox.
+    train, test, image_root = coco_files
+    with open(train) as f:
+        data = json.load(f)
+    del data["annotations"][1]["id"]
+    data["annotations"][1]["bbox"] = [5, 5, 0, 20]
+    with open(train, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(DatasetError) as info:
+        load_dataset_source(_coco_cfg(train, test, image_root))
+    assert (f"{train} annotations[1]: field 'bbox' [5, 5, 0, 20] (x, y, width, height) has zero or negative "
+            "area") in str(info.value)
+
+
+def test_a_test_split_without_an_image_is_refused_before_anything_trains(tmp_path, coco_files, voc_dir):
+    train, test, images = coco_files
+    write_coco_json(test, images, [], COCO_CATEGORIES)
+    with pytest.raises(DatasetError, match=re.escape(f"{test}: no test image; fix: list the test images")):
+        load_dataset_source(_coco_cfg(train, test, images))
+    # Its images all missing, skipped as unusable: refused too, naming them.
+    os.remove(os.path.join(voc_dir, "JPEGImages", "000003.jpg"))
+    with pytest.raises(DatasetError) as info:
+        load_dataset_source(_voc_cfg(voc_dir, "ILMIL.DATA.SKIP_BAD_ANNOTATIONS", True))
+    message = str(info.value)
+    assert message.startswith(f"{os.path.join(voc_dir, 'ImageSets', 'Main', 'test.txt')}: none of its 1 test images")
+    assert "000003.jpg" in message
+
+
+def test_the_test_split_alone_needs_no_training_image(voc_dir):
+    for file_id in ("000001", "000002"):
+        os.remove(os.path.join(voc_dir, "JPEGImages", f"{file_id}.jpg"))
+    source = load_dataset_source(_voc_cfg(voc_dir), splits=("test",))
+    assert source.train == [] and [r["image_id"] for r in source.test] == ["000003"]
+    assert source.class_names == ("cat", "dog", "person")  # still the training files' names
+    with pytest.raises(DatasetError, match="image file missing"):
+        load_dataset_source(_voc_cfg(voc_dir))
+
+
 def test_a_voc_difficult_flag_that_is_not_a_number_is_named(voc_dir):
     xml_file = os.path.join(voc_dir, "Annotations", "000002.xml")
     with open(xml_file) as f:

@@ -59,7 +59,7 @@ def main(argv=None):
     trained = load_trained_model(args.weights, args.config_file, args.opts)
     # The check's images (a few test images: the whole-dataset image check of a training run is skipped)
     # and their fit in a fixed size, before the export.
-    source = load_dataset_source(derived_cfg(trained.cfg, {"ILMIL.DATA.CHECK_IMAGES": False}))
+    source = load_dataset_source(derived_cfg(trained.cfg, {"ILMIL.DATA.CHECK_IMAGES": False}), splits=("test",))
     images = [preprocess(trained.cfg, read_image(r["file_name"], trained.cfg.INPUT.FORMAT))
               for r in source.test[: args.check_images]]
     if not args.dynamic:

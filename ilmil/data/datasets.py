@@ -111,11 +111,36 @@ def _xml_text(node, tag, xml_file):
 
 
 def _xml_number(node, tag, xml_file, kind=float):
+    """The number in ``<tag>``; a ``kind`` int field may be written as a float (``64.0``, as
+    some exporters write it), as the COCO loader takes it, but must be a whole number."""
     text = _xml_text(node, tag, xml_file)
     try:
-        return kind(text)
+        value = float(text)
     except ValueError:
         raise DatasetError(f"{xml_file}: field <{tag}> {text!r} is not a number; fix: correct the file") from None
+    if kind is int and not value.is_integer():
+        raise DatasetError(f"{xml_file}: field <{tag}> {text!r} is not a whole number; fix: correct the file")
+    return kind(value)
+
+
+def _split_file_ids(split_file, voc_dir):
+    """The image ids a VOC split file lists, in order, refused if one is listed twice (its
+    copy would be scored without the boxes the first took). A line is ``ID`` or, in VOC's
+    per-class files, ``ID FLAG``; an id may hold spaces where its XML file is so named."""
+    ids, first_line = [], {}
+    with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is read past
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            whole_line_is_id = os.path.isfile(os.path.join(voc_dir, "Annotations", f"{line}.xml"))
+            file_id = line if whole_line_is_id else line.split()[0]
+            if file_id in first_line:
+                raise DatasetError(f"{split_file}: lines {first_line[file_id]} and {number} both list {file_id!r}; "
+                                   "fix: list each image once")
+            first_line[file_id] = number
+            ids.append(file_id)
+    return ids
 
 
 def _voc_image_file(voc_dir, file_id, tree):
@@ -136,8 +161,7 @@ def load_voc_split(voc_dir, split):
     layout_hint = "a VOC folder holds Annotations/, JPEGImages/ and ImageSets/Main/ (datasets/README.md)"
     split_file = _require(os.path.join(voc_dir, "ImageSets", "Main", f"{split}.txt"), "VOC split file", layout_hint)
     _require(os.path.join(voc_dir, "JPEGImages"), "VOC image folder", layout_hint, folder=True)
-    with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is read past
-        file_ids = [line.split()[0] for line in f if line.strip()]
+    file_ids = _split_file_ids(split_file, voc_dir)
     missing = [i for i in file_ids if not os.path.isfile(os.path.join(voc_dir, "Annotations", f"{i}.xml"))]
     if missing:
         listed = ", ".join(os.path.join(voc_dir, "Annotations", f"{i}.xml") for i in missing[:3])
@@ -165,13 +189,16 @@ def load_voc_split(voc_dir, split):
             if bndbox is None:
                 raise DatasetError(f"{xml_file}: an <object> has no <bndbox>")
             # VOC pixel indices are 1-based and inclusive; detectron2 boxes are 0-based.
-            x0, y0, x1, y1 = (_xml_number(bndbox, t, xml_file) for t in ("xmin", "ymin", "xmax", "ymax"))
+            corners = ("xmin", "ymin", "xmax", "ymax")
+            x0, y0, x1, y1 = (_xml_number(bndbox, t, xml_file) for t in corners)
             difficult = obj.find("difficult")
             annotations.append(
                 {
                     "category_name": _xml_text(obj, "name", xml_file),
                     "bbox": [x0 - 1.0, y0 - 1.0, x1, y1],
                     "bbox_mode": BoxMode.XYXY_ABS,
+                    "source_bbox": " ".join(f"<{t}> {bndbox.findtext(t).strip()}" for t in corners)
+                    + " (VOC pixels, from 1)",
                     "difficult": _xml_number(obj, "difficult", xml_file, int)
                     if difficult is not None and difficult.text else 0,
                 }
@@ -215,7 +242,7 @@ def load_coco_json(json_file, image_root):
         raise DatasetError(f"{json_file}: {len(orphans)} annotation(s) refer to an image_id no image has ({listed}"
                            f"{', ...' if len(orphans) > 5 else ''}); fix: give each annotation the id of its "
                            "entry in 'images', or remove it")
-    for ann in data["annotations"]:
+    for i, ann in enumerate(data["annotations"]):
         record = by_image[ann["image_id"]]
         x, y, w, h = ann["bbox"]
         record["annotations"].append(
@@ -224,7 +251,9 @@ def load_coco_json(json_file, image_root):
                 "bbox": [x, y, x + w, y + h],
                 "bbox_mode": BoxMode.XYXY_ABS,
                 "iscrowd": int(ann.get("iscrowd", 0)),
-                "annotation_id": ann.get("id"),
+                # Where a problem is reported: the entry's id, or its place where it has none.
+                "annotation_ref": f"annotation id {ann['id']}" if "id" in ann else f"annotations[{i}]",
+                "source_bbox": f"'bbox' {ann['bbox']} (x, y, width, height)",
             }
         )
     return records, tuple(id_to_name.values())
@@ -312,16 +341,15 @@ def _read_coco_json(json_file):
 def _annotation_problem(record, ann, class_names, clip_boxes):
     """Why ``ann`` is malformed, or None; with ``clip_boxes`` a box sticking out of
     the image is clipped to it (in place) instead."""
-    where = f"{record['annotation_file']}"
-    if "annotation_id" in ann:
-        where += f" annotation id {ann['annotation_id']}"
-    else:
-        where += f" object {ann['category_name']!r}"
+    coco = "annotation_ref" in ann
+    where = f"{record['annotation_file']} {ann['annotation_ref'] if coco else 'object ' + repr(ann['category_name'])}"
     if ann["category_name"] not in class_names:
-        field = "category_id" if "annotation_id" in ann else "name"
+        field = "category_id" if coco else "name"
         return f"{where}: field '{field}': unknown class {ann['category_name']!r} (known: {', '.join(class_names)})"
+    # The box as the file writes it (the record's is 0-based corners).
+    box = ann.get("source_bbox", f"'bbox' {ann['bbox']} (x0, y0, x1, y1)")
     if not all(math.isfinite(v) for v in ann["bbox"]):
-        return f"{where}: field 'bbox' {ann['bbox']} is not finite"
+        return f"{where}: field {box} is not finite"
     width, height = record["width"], record["height"]
     x0, y0, x1, y1 = ann["bbox"]
     if clip_boxes:
@@ -329,12 +357,10 @@ def _annotation_problem(record, ann, class_names, clip_boxes):
         y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
     if x1 <= x0 or y1 <= y0:
         clipped = " after clipping to the image" if clip_boxes else ""
-        return f"{where}: field 'bbox' {ann['bbox']} (x0, y0, x1, y1) has zero or negative area{clipped}"
+        return f"{where}: field {box} has zero or negative area{clipped}"
     if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-        return (
-            f"{where}: field 'bbox' {[x0, y0, x1, y1]} (x0, y0, x1, y1) lies outside the "
-            f"{width}x{height} image (ILMIL.DATA.CLIP_BOXES True clips such boxes)"
-        )
+        return (f"{where}: field {box} lies outside the {width}x{height} image (ILMIL.DATA.CLIP_BOXES True clips "
+                "such boxes)")
     ann["bbox"] = [x0, y0, x1, y1]
     return None
 
@@ -490,13 +516,29 @@ def _required_key(cfg, key):
     return value
 
 
-def load_dataset_source(cfg, problems=None):
+def _test_split_and_fix(cfg):
+    """Where the test images of ``cfg``'s dataset are listed, and how to give some."""
+    data, name = cfg.ILMIL.DATA, cfg.ILMIL.DATASET
+    if name == "coco_json":
+        return data.TEST_JSON, f"list the test images in its 'images', their files under {data.TEST_IMAGES}"
+    if name == "voc_folder":
+        return (os.path.join(data.ROOT, "ImageSets", "Main", f"{data.TEST_SPLIT}.txt"),
+                "list the test image ids in it, or name another split (ILMIL.DATA.TEST_SPLIT)")
+    if name == "shapes":
+        return "ILMIL.SHAPES.NUM_TEST 0", "ILMIL.SHAPES.NUM_TEST 1 or more"
+    return f"the {name} test split", f"put its files under {datasets_root()} (datasets/README.md)"
+
+
+def load_dataset_source(cfg, problems=None, splits=("train", "test")):
     """Load (and validate) the train and test records named by ``cfg.ILMIL.DATASET``.
 
     Malformed annotations and unusable images raise one :class:`DatasetError`
     listing them all, or are appended to ``problems`` when a list is given (the
     run's pre-flight check reports them with its own findings); with
     ``ILMIL.DATA.SKIP_BAD_ANNOTATIONS`` they are dropped and counted instead.
+    A test split with no usable image is refused. ``splits``: those whose images
+    are checked and returned; the other's records are read for the class names
+    only and left out (evaluating needs no training image).
     """
     name = cfg.ILMIL.DATASET
     root = datasets_root()
@@ -531,8 +573,18 @@ def load_dataset_source(cfg, problems=None):
     else:
         raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(BUILTIN_DATASETS)}")
     data = cfg.ILMIL.DATA
-    train, train_problems = validate_records(train, class_names, f"{name} train", data.CLIP_BOXES, data.CHECK_IMAGES)
-    test, test_problems = validate_records(test, class_names, f"{name} test", data.CLIP_BOXES, data.CHECK_IMAGES)
+    listed_tests = len(test)
+    train, train_problems = validate_records(train, class_names, f"{name} train", data.CLIP_BOXES,
+                                             data.CHECK_IMAGES) if "train" in splits else ([], [])
+    test, test_problems = validate_records(test, class_names, f"{name} test", data.CLIP_BOXES,
+                                           data.CHECK_IMAGES) if "test" in splits else ([], [])
+    if "test" in splits and not test:
+        # Found before a stage trains: the evaluation after it would stop on an empty dataset.
+        where, fix = _test_split_and_fix(cfg)
+        if test_problems:  # every listed image unusable (skipped, or reported with the rest below)
+            raise DatasetError(f"{where}: none of its {listed_tests} test images is usable; fix: correct them:\n"
+                               + "\n".join(problem_lines(test_problems)))
+        raise DatasetError(f"{where}: no test image; fix: {fix}")
     bad = train_problems + test_problems
     if bad and data.SKIP_BAD_ANNOTATIONS:
         logger.warning("Skipped %d malformed annotation(s) or unusable image(s) in the %s data", len(bad), name)

@@ -147,7 +147,7 @@ def evaluate_run(run_dir, output_dir=None, stages=None, opts=(), progress=True):
     if unknown:
         raise NotARunError(f"--stages {','.join(map(str, unknown))}: {run_dir} has stages {sorted(weights)}; "
                           "fix: choose among those")
-    source = load_dataset_source(cfg)
+    source = load_dataset_source(cfg, splits=("test",))
     entries = []
     for info in schedule:
         if info["index"] not in stages:
@@ -209,7 +209,7 @@ def evaluate_checkpoint(cfg, weights, classes=None, num_old=0, output_dir=None, 
             raise CheckpointClassesError(f"{weights} does not record its classes: give them (--classes a,b,c)")
     if not 0 <= num_old <= len(classes):
         raise StageSpecError(f"--num-old {num_old}: there are {len(classes)} classes; fix: give 0..{len(classes)}")
-    source = load_dataset_source(cfg)
+    source = load_dataset_source(cfg, splits=("test",))
     unknown = [c for c in classes if c not in source.class_names]
     if unknown:
         raise DatasetError(f"classes not in the {source.name} data: {', '.join(unknown)}; it has: "
