@@ -46,6 +46,16 @@ def check_value(key, value, valid, must, example):
     return value
 
 
+def class_names_flag(flag, text):
+    """The class names of a comma-separated flag (``--class-order``, ``--classes``), each
+    stripped of the spaces around it; an empty one (``a,,b``, ``a,b,``) is refused."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise ConfigError(f"{flag} {text!r}: an empty class name between commas; fix: give the names as "
+                          "name1,name2,... with none left out")
+    return names
+
+
 def check_optimizer(cfg):
     """``cfg.SOLVER.OPTIMIZER``, refused with the choices when unknown."""
     return check_choice("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER, OPTIMIZERS)

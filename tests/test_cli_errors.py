@@ -225,6 +225,21 @@ def _voc_case(text, names):
     return Case("train_incremental.py", build)
 
 
+def _no_test_image(tmp_path, _):
+    args, _ = _coco(tmp_path, lambda path, images: None)
+    test = tmp_path / "test.json"
+    write_coco_json(test, tmp_path / "images", [], COCO_CLASSES)
+    return Bad(args, f"{test}: no test image; fix: list the test images in its 'images'")
+
+
+def _voc_split_repeats_an_id(tmp_path, _):
+    images = {file_id: (64, 48, [{"name": name, "box": (3, 3, 20, 20)}]) for file_id, name in (("a", "cat"), ("b", "dog"))}
+    root = write_voc_folder(tmp_path / "voc", images, {"trainval": ["a", "b"], "test": ["a", "b", "a"]})
+    split = tmp_path / "voc" / "ImageSets" / "Main" / "test.txt"
+    return Bad(["--dataset", "voc_folder", "--stages", "1+1", "--output-dir", str(tmp_path / "out"),
+                "ILMIL.DATA.ROOT", root, *TRAIN_OPTS], f"{split}: lines 1 and 3 both list 'a'")
+
+
 def _teacher(kind, names, *args):
     def build(tmp_path, checkpoints):
         weights = checkpoints[kind]
@@ -354,6 +369,16 @@ CASES = {
     "flag_after_overrides": Case("train_incremental.py", lambda tmp_path, _: Bad(
         [*_train(tmp_path), "--resume", "--force"], "--resume --force after the KEY VALUE config overrides is "
                                                     "read as one of them; fix: put the flags before the overrides")),
+    # A required flag after the overrides is named as misplaced, not as missing.
+    "output_dir_after_overrides": Case("train_incremental.py", lambda tmp_path, _: Bad(
+        ["--stages", "2+2", *SHAPES_OPTS, "--output-dir", tmp_path / "out"], "--output-dir after the KEY VALUE config "
+                                                                              "overrides is read as one of them")),
+    "output_dir_missing": Case("train_incremental.py", lambda tmp_path, _: Bad(
+        ["--stages", "2+2", *SHAPES_OPTS], "--output-dir not given; fix: add --output-dir ...")),
+    "class_order_empty_name": _choice("--class-order", f"{SHAPES[0]},", names=f"--class-order '{SHAPES[0]},': an "
+                                                                              "empty class name"),
+    "compression_teacher_missing": Case("train_compression.py", lambda tmp_path, _: Bad(
+        ["--stages", "2", "--output-dir", tmp_path / "out", *SHAPES_OPTS], "--teacher-weights not given")),
     # output folders
     "output_dir_is_a_file": Case("train_incremental.py", _output_dir_is_a_file),
     "output_dir_not_writable": Case("train_incremental.py", _output_dir_in_a_file),
@@ -369,6 +394,8 @@ CASES = {
                                        "categories with ids 1 and 2 share the name 'cat'"),
     "coco_duplicate_ids": _coco_case(_rewrite_json(_duplicate_id),
                                      "categories with names 'cat' and 'dog' share the id 1"),
+    "no_test_image": Case("train_incremental.py", _no_test_image),
+    "voc_split_repeats_an_id": Case("train_incremental.py", _voc_split_repeats_an_id),
     "voc_truncated": _voc_case(lambda xml: xml[: len(xml) // 2], "not valid XML"),
     "voc_wrong_top_level": _voc_case(lambda xml: xml.replace("annotation>", "image>"),
                                      "top-level element <image>, not <annotation>"),

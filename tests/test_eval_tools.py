@@ -170,6 +170,10 @@ def test_single_checkpoint_with_old_and_new_classes(tiny_run, tiny_datasets_root
     assert "| 0       | 2+2 " in table
     stage_1 = tiny_run.results["stages"][1]
     assert f"| {stage_1['AP50']:.1f} " in table.splitlines()[-1]
+    # The same classes given, with spaces after the commas.
+    main(["--weights", weights, "--config-file", config, "--classes", ", ".join(tiny_run.classes), "--num-old", "2",
+          "--quiet"])
+    assert capsys.readouterr().out == table
     with pytest.raises(ValueError, match="holds .* but it is evaluated on the 4 classes"):
         reordered = ",".join(reversed(tiny_run.classes))
         main(["--weights", weights, "--config-file", config, "--classes", reordered, "--quiet"])

@@ -19,7 +19,7 @@ import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.checkpoint import is_onnx_file
-from ilmil.config import get_ilmil_cfg
+from ilmil.config import class_names_flag, get_ilmil_cfg
 from ilmil.deploy import OnnxDetector, check_default_config_fits, check_onnx_opts, run_config_of
 from ilmil.engine import require_output_dir, run_tool_main
 from ilmil.evaluation import evaluate_checkpoint, evaluate_run, format_results_table
@@ -80,7 +80,7 @@ def main(argv=None):
             cfg.ILMIL.DATASET = args.dataset
         if not config_file:
             check_default_config_fits(args.weights, cfg)
-        classes = args.classes.split(",") if args.classes else None
+        classes = class_names_flag("--classes", args.classes) if args.classes else None
         results = evaluate_checkpoint(cfg, args.weights, classes, args.num_old, args.output_dir, progress)
     print(format_results_table(results))
     if args.output_dir:

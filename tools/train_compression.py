@@ -29,7 +29,7 @@ from ilmil.evaluation import format_results_table
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher-weights", required=True, help="the trained teacher's checkpoint")
+    parser.add_argument("--teacher-weights", help="the trained teacher's checkpoint (required)")
     parser.add_argument("--teacher-config", help="the teacher's yaml config (ILMIL.TEACHER.CONFIG_FILE; "
                                                  "default: the student's)")
     parser.add_argument("--assistant-config",
@@ -41,8 +41,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = setup_run(args, method="finetune", **{"ILMIL.TEACHER.CONFIG_FILE": args.teacher_config,
-                                                "ILMIL.TEACHER.ASSISTANT_CONFIG_FILE": args.assistant_config})
+    cfg = setup_run(args, method="finetune", required=("--teacher-weights",),
+                    **{"ILMIL.TEACHER.CONFIG_FILE": args.teacher_config,
+                       "ILMIL.TEACHER.ASSISTANT_CONFIG_FILE": args.assistant_config})
     run = compression_run(cfg, args.teacher_weights, args.resume, args.force)
     default_setup(cfg, args)
     results = run.run()

@@ -7,7 +7,7 @@ import sys
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import check_device, derived_cfg, get_ilmil_cfg
+from ..config import ConfigError, check_device, class_names_flag, derived_cfg, get_ilmil_cfg
 from .launch import init_distributed
 from .run_dir import require_output_dir
 from .runner import RUN_ERRORS
@@ -21,7 +21,9 @@ def add_run_arguments(parser, stages_help):
     parser.add_argument("--dataset", help="shapes | voc_2007 | voc_2012 | voc_07_12 | coco_2017 | voc_folder | coco_json")
     parser.add_argument("--stages", help=stages_help)
     parser.add_argument("--class-order", help="comma-separated class names (default: the dataset's order)")
-    parser.add_argument("--output-dir", required=True, help="run folder; a re-run reuses what is finished")
+    # Checked by setup_run, not argparse: given after the KEY VALUE overrides it is read as one of
+    # them, and the overrides' check says so, where argparse would only call it missing.
+    parser.add_argument("--output-dir", help="run folder (required); a re-run reuses what is finished")
     parser.add_argument("--resume", action="store_true",
                         help="continue the stage in progress from its last checkpoint (after a crash or a kill)")
     parser.add_argument("--force", action="store_true",
@@ -30,14 +32,19 @@ def add_run_arguments(parser, stages_help):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
 
 
-def setup_run(args, method=None, **keys):
+def setup_run(args, method=None, required=(), **keys):
     """The run's frozen config from the flags of ``add_run_arguments`` (then ``keys``:
     config key -> value, None = leave it), the output folder checked, the process group
-    joined under torchrun and the loggers set up. detectron2's own setup (which writes
+    joined under torchrun and the loggers set up. ``required``: the tool's own flags it
+    cannot run without, besides ``--output-dir``. detectron2's own setup (which writes
     OUT/config.yaml) is left to the tool, after the run has passed its checks."""
     cfg = get_ilmil_cfg(args.config_file or None, args.opts, method=method)
+    missing = [flag for flag in ("--output-dir", *required) if getattr(args, flag[2:].replace("-", "_")) is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not given; fix: add {' '.join(f'{flag} ...' for flag in missing)} "
+                          "before any KEY VALUE override (see --help)")
     given = {"ILMIL.DATASET": args.dataset, "ILMIL.STAGES": args.stages, "SEED": args.seed,
-             "ILMIL.CLASS_ORDER": [name.strip() for name in args.class_order.split(",")] if args.class_order else None,
+             "ILMIL.CLASS_ORDER": class_names_flag("--class-order", args.class_order) if args.class_order else None,
              **keys}
     cfg = derived_cfg(cfg, {**{key: value for key, value in given.items() if value is not None},
                             "OUTPUT_DIR": args.output_dir})
