@@ -215,3 +215,34 @@ def test_a_teacher_assistant_chain_runs_end_to_end_and_resumes_a_killed_student(
              for path in (teacher, out / "assistant" / "stage_0" / "model_final.pth",
                           student_stage / "model_final.pth")]
     assert sizes[0] > sizes[1] > sizes[2]
+
+
+def test_a_forced_chain_stopped_in_its_assistant_step_resumes_and_force_keeps_an_assistant_of_the_same_chain(
+        teacher, tiny_datasets_root, tmp_path):
+    out = tmp_path / "chain"
+    # Another run's folder first: a plain compression run, stopped once it claimed the folder.
+    plain = ["--stages", "4", "--teacher-weights", str(teacher), "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS]
+    kill_when_exists(start_tool("train_compression.py", plain, tiny_datasets_root, tmp_path / "plain.log"),
+                     out / "run.json")
+    assert (out / "run.json").is_file(), (tmp_path / "plain.log").read_text()[-3000:]
+    assistant = os.path.join(REPO_ROOT, "configs", "shapes", "kd", "faster_rcnn_R18_FPN_assistant_cpu.yaml")
+    chain = ["--stages", "4", "--teacher-weights", str(teacher), "--output-dir", str(out), *NARROW,
+             "--assistant-config", assistant]
+    opts = [*SHAPES_OPTS, *TRAIN_OPTS, *NARROW_OPTS, "SOLVER.MAX_ITER", "16", "SOLVER.STEPS", "(12,)",
+            "SOLVER.CHECKPOINT_PERIOD", "4"]
+    # --force over it, stopped while the assistant trains ...
+    proc = start_tool("train_compression.py", [*chain, "--force", *opts], tiny_datasets_root, tmp_path / "first.log")
+    kill_when_exists(proc, out / "assistant" / "stage_0" / "last_checkpoint")
+    assert not (out / "assistant" / "stage_0" / "model_final.pth").exists(), "the kill came too late"
+    # ... is this chain to --resume, not the run it replaced.
+    resumed = run_tool("train_compression.py", [*chain, "--resume", *opts], tiny_datasets_root, timeout=300)
+    assert resumed.returncode == 0, tail(resumed)
+    assert re.search(r"resuming at iteration \d+ of 16", resumed.log), tail(resumed)
+    assistant_model = out / "assistant" / "stage_0" / "model_final.pth"
+    before = assistant_model.read_bytes()
+    # A student-only change with --force: the student starts over, the assistant of this chain is kept.
+    again = run_tool("train_compression.py", [*chain, "--force", *opts, "MODEL.ROI_BOX_HEAD.FC_DIM", "64"],
+                     tiny_datasets_root, timeout=300)
+    assert again.returncode == 0, tail(again)
+    assert "exists, not retraining" in again.log and assistant_model.read_bytes() == before
+    assert read_json(out / "results.json")["config"]["MODEL"]["ROI_BOX_HEAD"]["FC_DIM"] == 64

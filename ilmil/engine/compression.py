@@ -15,6 +15,7 @@ compression run of its own in ``OUTPUT_DIR/assistant/``, and then teaches the
 student. Each step keeps its model and evaluation and is reused or resumed like a
 stage; the student's results name both (``"teacher"``, ``"assistant"``).
 """
+import hashlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from ..data.stages import StageSpecError
 from ..distill import build_teacher
 from ..evaluation import evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
-from .run_dir import RunValidationError, file_digest
+from .run_dir import RunValidationError, claim_run_dir, file_digest
 from .runner import IncrementalRun
 
 __all__ = ["CompressionChain", "CompressionRun", "assistant_cfg", "compression_run", "run_compression"]
@@ -44,13 +45,15 @@ class CompressionRun(IncrementalRun):
 
     takes_assistant = True  # compression_run makes a config naming one a CompressionChain
 
-    def __init__(self, cfg, teacher_weights, resume=False, force=False, teacher_trained_first=False):
-        """``teacher_trained_first``: the teacher is still to be trained (a chain's
-        assistant); everything else is checked now, the teacher by ``check_teacher`` later."""
+    def __init__(self, cfg, teacher_weights, resume=False, force=False, teacher_run=None):
+        """``teacher_run``: the run that trains the teacher first (a chain's assistant), by
+        whose identity the teacher is known until then; everything else is checked now, the
+        teacher's checkpoint by ``check_teacher`` once trained."""
         if not teacher_weights:
             raise ConfigError("a compression run needs --teacher-weights: the trained teacher's checkpoint; "
                               "fix: train one (tools/train_incremental.py --stages N) and give its model_final.pth")
         self.compression_teacher = teacher_weights  # part of the run's identity, which the checks compare
+        self.teacher_run = teacher_run
         super().__init__(cfg, resume=resume, force=force)
         if len(self.schedule) != 1:
             raise StageSpecError(f"ILMIL.STAGES {cfg.ILMIL.STAGES}: a compression run trains one stage of all its "
@@ -60,7 +63,7 @@ class CompressionRun(IncrementalRun):
         self.registered[0] = (with_every_class_old(train_name), test_name)
         # The teacher's metrics saved elsewhere (a chain's assistant, by its own step), else None.
         self.teacher_metrics_file = None
-        if not teacher_trained_first:
+        if teacher_run is None:
             self.check_teacher()
 
     def check_teacher(self):
@@ -76,6 +79,11 @@ class CompressionRun(IncrementalRun):
             raise RunValidationError([f"--teacher-weights: {e}"]) from None
 
     def identity(self):
+        if self.teacher_run is not None:
+            # A teacher still to be trained, by what it is trained on: the same before and after
+            # its training, so that a chain stopped in its first step resumes as this run.
+            trained_on = json.dumps(self.teacher_run.identity(), sort_keys=True).encode()
+            return {**super().identity(), "teacher_run_sha256": hashlib.sha256(trained_on).hexdigest()[:16]}
         # The teacher by its bytes, as a given model (its path may change with the machine).
         return {**super().identity(), "teacher_weights_sha256": file_digest(self.compression_teacher)}
 
@@ -139,15 +147,28 @@ class CompressionChain:
 
     def __init__(self, cfg, teacher_weights, resume=False, force=False):
         self.cfg = cfg
-        self.assistant = CompressionRun(assistant_cfg(cfg), teacher_weights, resume, force)
+        try:
+            self.assistant = CompressionRun(assistant_cfg(cfg), teacher_weights, resume)
+        except RunValidationError:
+            if not force:
+                raise
+            # --force starts over the folders of another run only: an assistant of today's chain
+            # (a student-only change) is kept. Checked again, this time removing its folder's run.
+            self.assistant = CompressionRun(assistant_cfg(cfg), teacher_weights, resume, force)
         student_cfg = derived_cfg(cfg, {"ILMIL.TEACHER.CONFIG_FILE": cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE})
         assistant_stage = self.assistant.stage_dir(self.assistant.schedule[0])
         self.student = CompressionRun(student_cfg, os.path.join(assistant_stage, "model_final.pth"), resume, force,
-                                      teacher_trained_first=True)
+                                      teacher_run=self.assistant)
         # The assistant's step evaluates it on these test data: the student's teacher metrics.
         self.student.teacher_metrics_file = os.path.join(assistant_stage, "metrics_eval.json")
 
     def run(self):
+        # The chain's folder claimed before its first step (--force clears it now): a chain
+        # stopped while its assistant trains is this run to a --resume.
+        if comm.is_main_process():
+            claim_run_dir(self.student.output_dir, self.student.identity(), self.cfg.SEED, self.student.force, logger)
+        comm.synchronize()
+        self.student.force = False  # cleared once: the student's step keeps the folder it was given
         logger.info("Teacher assistant: distilling %s first", self.cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE)
         first = self.assistant.run()
         logger.info("Teacher assistant done: the student learns from %s", self.student.compression_teacher)
