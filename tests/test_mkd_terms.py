@@ -12,7 +12,7 @@ from detectron2.utils.events import EventStorage
 from student_models import distilled_student
 
 from ilmil.config import ConfigError, get_ilmil_cfg
-from ilmil.distill import AttentionTransfer, FSPRelation
+from ilmil.distill import AttentionTransfer, FSPRelation, check_distill_config
 from ilmil.distill.losses import attention_map, fsp_matrix
 
 
@@ -83,6 +83,19 @@ def test_fsp_maps_a_narrow_student_through_connectors_trained_with_it():
 def test_bad_mkd_keys_are_refused():
     with pytest.raises(ConfigError, match="FSP.PAIRS"):
         FSPRelation(pairs=[["res3"]])
+    with pytest.raises(ConfigError, match=r"FSP.PAIRS \['res3', 'res4'\]: give pairs of layers"):  # not [[...]]
+        FSPRelation(pairs=["res3", "res4"])
+    # Module paths have no shapes to build connectors from: widths that differ are named at the first step.
+    gen = torch.Generator().manual_seed(0)
+    student = {"a": torch.randn(1, 4, 4, 4, generator=gen), "b": torch.randn(1, 8, 2, 2, generator=gen)}
+    teacher = {"a": torch.randn(1, 4, 4, 4, generator=gen), "b": torch.randn(1, 16, 2, 2, generator=gen)}
+    with pytest.raises(ConfigError, match=r"FSP.PAIRS: \[a, b\] are 4 and 8 channels wide in the student, 4 and 16"):
+        FSPRelation(pairs=[["a", "b"]])(student, teacher)
+    # A learned detection weight needs terms to weigh it against.
+    with pytest.raises(ConfigError, match="DETECTION_WEIGHT uncertainty with no distillation term enabled"):
+        check_distill_config(get_ilmil_cfg(None, ["ILMIL.DISTILL.DETECTION_WEIGHT", "uncertainty"], method="finetune"))
+    with pytest.raises(ConfigError, match="ILMIL.DISTILL.DETECTION_WEIGHT 'bogus'"):
+        check_distill_config(get_ilmil_cfg(None, ["ILMIL.DISTILL.DETECTION_WEIGHT", "bogus"], method="finetune"))
     with pytest.raises(ConfigError, match="AT.LAYERS is empty"):
         AttentionTransfer(layers=[])
 

@@ -108,6 +108,11 @@ def test_bad_review_keys_are_refused():
         KnowledgeReview(get_ilmil_cfg(None, ["ILMIL.DISTILL.REVIEW.LAYERS", []]))
     with pytest.raises(ConfigError, match="POOL_SIZES"):
         KnowledgeReview(get_ilmil_cfg(None, ["ILMIL.DISTILL.REVIEW.POOL_SIZES", [2, 0]]))
+    # A fraction would stop the first step (pooling takes whole sizes), a width of 0 the check's conv.
+    with pytest.raises(ConfigError, match=r"POOL_SIZES \[2.5\]: sizes must be whole numbers"):
+        KnowledgeReview(get_ilmil_cfg(None, ["ILMIL.DISTILL.REVIEW.POOL_SIZES", [2.5]]))
+    with pytest.raises(ConfigError, match="ILMIL.DISTILL.REVIEW.MID_CHANNELS 0: must be at least 1"):
+        KnowledgeReview(get_ilmil_cfg(None, ["ILMIL.DISTILL.REVIEW.MID_CHANNELS", 0]))
 
 
 def _batch(size=(96, 128)):

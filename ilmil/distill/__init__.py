@@ -87,6 +87,7 @@ def check_distill_config(cfg):
     d = cfg.ILMIL.DISTILL
     check_choice("ILMIL.TEACHER.PRECISION", cfg.ILMIL.TEACHER.PRECISION, TEACHER_PRECISIONS)
     check_choice("ILMIL.DISTILL.TERM_WEIGHTS", d.TERM_WEIGHTS, TERM_WEIGHTINGS)
+    check_choice("ILMIL.DISTILL.DETECTION_WEIGHT", d.DETECTION_WEIGHT, TERM_WEIGHTINGS)
     if d.CONNECTOR:
         check_choice("ILMIL.DISTILL.CONNECTOR", d.CONNECTOR, [name for name, _ in CONNECTOR_REGISTRY])
     iou = cfg.ILMIL.PSEUDO_LABELS.CROSS_CLASS_IOU
@@ -102,6 +103,10 @@ def check_distill_config(cfg):
                                   f"would run for nothing; fix: ILMIL.DISTILL.{section}.ENABLED False to switch it off")
             loss_class(cfg)  # its keys' values, whether or not the term is on: a typo is not silently kept
     if not enabled_terms(cfg):
+        if d.DETECTION_WEIGHT == "uncertainty":  # weighs the detection loss against terms: none, so none learned
+            raise ConfigError("ILMIL.DISTILL.DETECTION_WEIGHT uncertainty with no distillation term enabled: there "
+                              "is nothing to weigh the detection loss against; fix: enable a term "
+                              "(ILMIL.DISTILL.<TERM>.ENABLED True) or ILMIL.DISTILL.DETECTION_WEIGHT fixed")
         return
     student = _plain_detector(cfg)
     if d.RCN.ENABLED and not hasattr(student, "roi_heads"):

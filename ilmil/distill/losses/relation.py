@@ -60,8 +60,9 @@ class FSPRelation(DistillLoss):
     @configurable
     def __init__(self, *, pairs, connectors=None):
         super().__init__()
-        if not pairs or any(len(pair) != 2 for pair in pairs):
-            raise ConfigError(f"ILMIL.DISTILL.FSP.PAIRS {[list(p) for p in pairs]}: give pairs of layers; "
+        if not pairs or any(isinstance(pair, str) or len(pair) != 2 for pair in pairs):
+            given = [pair if isinstance(pair, str) else list(pair) for pair in pairs]
+            raise ConfigError(f"ILMIL.DISTILL.FSP.PAIRS {given}: give pairs of layers; "
                               "fix: e.g. [[res2, res3], [res3, res4], [res4, res5]]")
         self.pairs = tuple(tuple(pair) for pair in pairs)
         self.layers = _pair_layers(self.pairs)
@@ -84,5 +85,10 @@ class FSPRelation(DistillLoss):
         for first, second in self.pairs:
             g_s = fsp_matrix(mapped[first], mapped[second])
             g_t = fsp_matrix(teacher[first].detach(), teacher[second].detach())
+            if g_s.shape != g_t.shape:  # a module path (connectors are built for feature maps only)
+                raise ConfigError(f"ILMIL.DISTILL.FSP.PAIRS: [{first}, {second}] are {mapped[first].shape[1]} and "
+                                  f"{mapped[second].shape[1]} channels wide in the student, {teacher[first].shape[1]} "
+                                  f"and {teacher[second].shape[1]} in the teacher; fix: name feature maps (a "
+                                  "connector maps their widths) or module paths of the same widths in both")
             total = total + (g_s - g_t).pow(2).mean()
         return total

@@ -71,9 +71,9 @@ class KnowledgeReview(DistillLoss):
         if not layers:
             raise ConfigError("ILMIL.DISTILL.REVIEW.LAYERS is empty; fix: name the levels, fine to coarse, "
                               "e.g. [p2, p3, p4, p5, p6]")
-        if any(size < 1 for size in pool_sizes):
-            raise ConfigError(f"ILMIL.DISTILL.REVIEW.POOL_SIZES {list(pool_sizes)}: sizes must be at least 1; "
-                              "fix: e.g. [4, 2, 1], or [] for the full size only")
+        if any(not isinstance(size, int) or size < 1 for size in pool_sizes):
+            raise ConfigError(f"ILMIL.DISTILL.REVIEW.POOL_SIZES {list(pool_sizes)}: sizes must be whole numbers of "
+                              "at least 1; fix: e.g. [4, 2, 1], or [] for the full size only")
         self.layers = tuple(layers)
         # Empty when built without the models' shapes (the config check); the distiller builds it with them.
         self.fusions = fusions if fusions is not None else nn.ModuleList()
@@ -86,6 +86,7 @@ class KnowledgeReview(DistillLoss):
     @classmethod
     def from_config(cls, cfg, student_shapes=None, teacher_shapes=None):
         review = cfg.ILMIL.DISTILL.REVIEW
+        check_value("ILMIL.DISTILL.REVIEW.MID_CHANNELS", review.MID_CHANNELS, review.MID_CHANNELS >= 1, "at least 1", 64)
         layers = list(review.LAYERS)
         require_feature_maps(layers, student_shapes, "ILMIL.DISTILL.REVIEW.LAYERS")
         fusions = None
