@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from detectron2.structures import Boxes, Instances
+
 from ilmil.config import ConfigError, get_ilmil_cfg
 from ilmil.distill import (
     DISTILL_LOSS_REGISTRY,
@@ -422,6 +424,24 @@ def test_rcn_kl_logits_match_the_softened_kl_by_hand():
     expected = temp * temp * total / R
     loss = _rcn(RCNDistillation(logits="kl", temperature=temp), s_scores, s_deltas, t_scores, t_deltas)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_rcn_sampling_leaves_out_proposals_on_new_class_gt_boxes_only():
+    # A teacher of 3 classes (4 score columns); proposals on an old-class object, on a
+    # new-class one and on the background. The old-class object's proposal is kept: there the
+    # teacher's knowledge is what the student must keep (a compression run's every object).
+    proposals = Instances((100, 100))
+    proposals.proposal_boxes = Boxes(torch.tensor([[0.0, 0, 20, 20], [50, 50, 70, 70], [80, 0, 99, 10]]))
+    gt = Instances((100, 100))
+    gt.gt_boxes = Boxes(torch.tensor([[0.0, 0, 20, 20], [50, 50, 70, 70]]))
+    gt.gt_classes = torch.tensor([2, 3])  # old class 2, new class 3
+    outputs = (torch.arange(12.0).view(3, 4), torch.zeros(3, 12))
+    rcn = RCNDistillation(new_gt_iou=0.5, num_samples=3)
+    boxes, (scores, _) = rcn.select_rois([proposals], outputs, [gt])
+    assert sorted(boxes[0].tensor[:, 0].tolist()) == [0.0, 80.0]
+    assert sorted(scores[:, 0].tolist()) == [0.0, 8.0]
+    boxes, _ = RCNDistillation(num_samples=3).select_rois([proposals], outputs, [gt])  # 0: every proposal
+    assert len(boxes[0]) == 3
 
 
 def test_rcn_box_loss_compares_only_the_first_4k_delta_columns():

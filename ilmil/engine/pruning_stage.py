@@ -203,9 +203,8 @@ def _finetune(cfg, model, iters, output_dir, teacher_weights=None, resume=False)
             # teacher's: the feature term compares them as they are.
             "ILMIL.DISTILL.FEAT.ENABLED": True,
             # The teacher knows every class of this data: its detections would only repeat the ground
-            # truth as pseudo-labels, and the RCN term needs no proposals kept away from it.
+            # truth as pseudo-labels.
             "ILMIL.PSEUDO_LABELS.ENABLED": False,
-            "ILMIL.DISTILL.RCN.NEW_GT_IOU_THRESH": 0.0,
             "DATASETS.TRAIN": (with_every_class_old(cfg.DATASETS.TRAIN[0]),),
         })
     cfg = derived_cfg(cfg, changes)

@@ -61,16 +61,18 @@ class RCNDistillation(DistillLoss):
 
     def select_rois(self, proposals, box_outputs, gt_instances=None):
         """The teacher proposals this step distils: per image the top ``topk`` (they come
-        sorted by objectness), without those on a GT box when ``new_gt_iou`` > 0,
+        sorted by objectness), without those on a new-class GT box when ``new_gt_iou`` > 0,
         ``num_samples`` drawn at random. Returns their boxes per image and the teacher's
         (scores, deltas) on them."""
         scores, deltas = box_outputs
+        num_old = scores.shape[1] - 1  # the teacher's classes; its old-class objects keep their proposals
         boxes, rows, start = [], [], 0
         for i, p in enumerate(proposals):
             top = min(len(p), self.topk)
             candidates = torch.arange(top, device=scores.device)
             if self.new_gt_iou > 0 and gt_instances is not None:
-                candidates = candidates[away_from_gt(p.proposal_boxes[:top], gt_instances[i], self.new_gt_iou)]
+                new_gt = gt_instances[i][gt_instances[i].gt_classes >= num_old]
+                candidates = candidates[away_from_gt(p.proposal_boxes[:top], new_gt, self.new_gt_iou)]
             pick = candidates[torch.randperm(len(candidates), device=scores.device)[: self.num_samples]]
             boxes.append(Boxes(p.proposal_boxes.tensor[pick]))
             rows.append(start + pick)
