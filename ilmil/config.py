@@ -354,7 +354,8 @@ def add_ilmil_config(cfg):
     # Clip boxes that stick out of their image to its border instead of reporting them.
     cfg.ILMIL.DATA.CLIP_BOXES = False
     # Before training, decode every image once (a progress bar for large datasets):
-    # a truncated file then stops the run at the start, not hours into it.
+    # a truncated file then stops the run at the start, not hours into it. False reads
+    # each file's header only (its size, checked against the annotation's either way).
     cfg.ILMIL.DATA.CHECK_IMAGES = True
 
 

@@ -408,8 +408,9 @@ def test_voc_object_names_that_differ_only_in_case_are_warned_of(tmp_path, caplo
     (6, (48, 64), None),  # the size of the turned image, as the loader reads it
     (1, (64, 48), None),
 ])
+@pytest.mark.parametrize("check_images", [True, False])  # without the decoding too: the size is in the header
 def test_an_image_turned_by_its_exif_orientation_is_checked_at_its_turned_size(tmp_path, orientation, json_size,
-                                                                               problem):
+                                                                               problem, check_images):
     path = tmp_path / "images" / "a.jpg"
     path.parent.mkdir()
     exif = Image.Exif()
@@ -417,7 +418,7 @@ def test_an_image_turned_by_its_exif_orientation_is_checked_at_its_turned_size(t
     Image.new("RGB", (64, 48), (90, 120, 200)).save(path, exif=exif)
     record = {"file_name": str(path), "width": json_size[0], "height": json_size[1], "annotations": [],
               "annotation_file": "train.json"}
-    _, problems = validate_records([record], ("dog",), "train")
+    _, problems = validate_records([record], ("dog",), "train", check_images=check_images)
     assert problems == ([] if problem is None else [f"train.json: {problem.format(path)}"])
 
 

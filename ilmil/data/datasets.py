@@ -366,20 +366,20 @@ def _annotation_problem(record, ann, class_names, clip_boxes):
 
 
 def _image_problem(record, decode):
-    """Why the image file of ``record`` cannot be used, or None; ``decode``: also
-    check that it decodes and has the size the annotation says."""
+    """Why the image file of ``record`` cannot be used, or None: missing, or of another size
+    than the annotation says (read from its header: the data loader would stop on it
+    mid-training); ``decode``: also check that it decodes."""
     path, where = record["file_name"], record["annotation_file"]
     if not os.path.isfile(path):
         return f"{where}: image file missing: {path}"
-    if not decode:
-        return None
     try:
         with Image.open(path) as image:
             size = image.size
             rotated = image.getexif().get(_EXIF_ORIENTATION) in _EXIF_QUARTER_TURNS
-            # JPEG: decode at 1/8 scale, several times faster and still reads every byte.
-            image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
-            image.load()
+            if decode:
+                # JPEG: decode at 1/8 scale, several times faster and still reads every byte.
+                image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+                image.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
         return f"{where}: image file {path} does not decode ({e}): replace it or remove it from the split"
     if rotated:  # the loader turns the image as its EXIF orientation says: the boxes are on the turned one
