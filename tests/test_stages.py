@@ -30,7 +30,8 @@ from ilmil.engine.runner import resolve_class_order
         ("70+10", 80, [70, 10]),
         ("40+10x4", 80, [40, 10, 10, 10, 10]),
         ("10+5", 20, [10, 5]),  # fewer than all classes: a prefix of the order
-        (" 10 + 10 ", 20, [10, 10]),  # spaces are ignored
+        (" 10 + 10 ", 20, [10, 10]),  # spaces around the terms are ignored
+        ("15 + 1 x 5", 20, [15, 1, 1, 1, 1, 1]),
         ("20", 20, [20]),
         ("10+10", None, [10, 10]),  # without a class count nothing bounds the sum
     ],
@@ -74,7 +75,8 @@ def test_too_many_classes_name_where_the_classes_come_from():
 
 
 @pytest.mark.parametrize("spec, term", [("a+10", "a"), ("10.5+5", "10.5"), ("10+", ""), ("+10", ""),
-                                        ("-5+10", "-5"), ("10++10", ""), ("15+1y5", "1y5")])
+                                        ("-5+10", "-5"), ("10++10", ""), ("15+1y5", "1y5"),
+                                        ("1 1", "1 1")])  # not 11
 def test_non_integer_terms_are_rejected_with_an_example(spec, term):
     with pytest.raises(StageSpecError) as info:
         parse_stage_spec(spec, 20)

@@ -32,7 +32,7 @@ __all__ = [
 # ILMIL.STAGE_IMAGES: which training images each stage gets (README, Leak-free stages).
 STAGE_IMAGE_RULES = ("standard", "exclusive")
 
-_TERM = re.compile(r"^(\d+)(?:x(\d+))?$")
+_TERM = re.compile(r"^(\d+)(?:\s*x\s*(\d+))?$")
 
 
 class StageSpecError(ValueError):
@@ -58,11 +58,11 @@ def parse_stage_spec(spec, num_classes=None, classes_from="the dataset"):
     With ``num_classes`` (the number of classes ``classes_from`` names), the counts
     must sum to at most it (fewer trains on a prefix of the class order).
     """
-    text = str(spec).strip().replace(" ", "")
+    text = str(spec).strip()
     if not text:
         raise StageSpecError("empty stage spec: give class counts such as 10+10 or 15+1x5")
     terms = []
-    for term in text.split("+"):
+    for term in (part.strip() for part in text.split("+")):  # spaces around a + only: "1 1" is no 11
         match = _TERM.match(term)
         if match is None:
             raise StageSpecError(
