@@ -22,7 +22,6 @@ applied alike to every model, in PyTorch and in the exported file (e.g.
 MODEL.RPN.POST_NMS_TOPK_TEST 100: fewer proposals for the box head).
 Results: benchmarks/results/edge_<detector>.json and .md.
 """
-import argparse
 import functools
 import glob
 import json
@@ -41,7 +40,7 @@ from ilmil.data import load_dataset_source  # noqa: E402
 from ilmil.deploy import (OnnxDetector, check_export, export_onnx, latency_ms, load_trained_model,  # noqa: E402
                           preprocess)
 from ilmil.deploy.predict import read_image  # noqa: E402
-from ilmil.engine import RUN_ERRORS  # noqa: E402
+from ilmil.engine import RUN_ERRORS, tool_parser  # noqa: E402
 from ilmil.engine.run_dir import file_digest  # noqa: E402
 from ilmil.evaluation import evaluate_checkpoint  # noqa: E402
 from ilmil.file_io import atomic_write  # noqa: E402
@@ -216,7 +215,7 @@ def table(rows, detector, repeats, opts=()):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--detector", default="faster_rcnn")
     parser.add_argument("--kd-runs", default=os.path.join(ROOT, "benchmarks", "runs", "kd_full"))
     parser.add_argument("--prune-ratio", type=float, default=0.5)

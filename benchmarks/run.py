@@ -33,7 +33,7 @@ from benchmarks import records  # noqa: E402
 from benchmarks.harness import ROOT, BenchError, describe, execute, log, plan, progress, stop_trainings  # noqa: E402
 from benchmarks.suites import SUITES  # noqa: E402
 from benchmarks.tables import suite_page  # noqa: E402
-from ilmil.engine import RUN_ERRORS  # noqa: E402
+from ilmil.engine import RUN_ERRORS, tool_parser  # noqa: E402
 from ilmil.file_io import atomic_write  # noqa: E402
 
 # Options that change a suite's runs: each sets the Setting field of its name.
@@ -41,7 +41,7 @@ SETTING_OPTIONS = ("specs", "seeds", "iters", "base_iters", "num_train", "num_te
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--suite", choices=list(SUITES), required=True)
     parser.add_argument("--quick", action="store_true", help="the < 10 minute variant")
     parser.add_argument("--specs", nargs="+", help="the stage specs to run (default: the suite's)")

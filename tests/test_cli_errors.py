@@ -324,6 +324,8 @@ def _plot_out_is_a_file(tmp_path, _):
 CASES = {
     # unknown choices
     "method": _choice("--method", "nope", names="--method 'nope'"),
+    # argparse's own refusals: one line too, no usage text.
+    "seed_not_a_number": _choice("--seed", "abc", names="argument --seed: invalid int value: 'abc'; fix: see "),
     "dataset": _choice("--dataset", "nope", names="unknown dataset 'nope'"),
     "distance": _choice("ILMIL.DISTILL.FEAT.DISTANCE", "cosine", names="ILMIL.DISTILL.FEAT.DISTANCE 'cosine'"),
     "optimizer": _choice("SOLVER.OPTIMIZER", "Adam", names="SOLVER.OPTIMIZER 'Adam'"),
@@ -440,7 +442,7 @@ def _snapshot(paths):
 
 
 # The cases run as real subprocesses: each tool, an argument, a config, a dataset and a checkpoint check.
-IN_A_SUBPROCESS = ("config_missing", "override_unknown_key", "coco_truncated", "teacher_truncated",
+IN_A_SUBPROCESS = ("config_missing", "seed_not_a_number", "override_unknown_key", "coco_truncated", "teacher_truncated",
                    "eval_weights_missing", "prune_weights_missing", "plot_no_results")
 # A misspelt name would quietly run its case in-process.
 assert set(IN_A_SUBPROCESS) <= set(CASES), set(IN_A_SUBPROCESS) - set(CASES)

@@ -9,15 +9,14 @@ AP50 it kept) and one sentence saying what it shows, and writes OUT/report.md
 with them, the forgetting curves of all runs on one chart and links to each
 run's report. Each RUN is a run folder (holding results.json) or its results.json.
 """
-import argparse
 import sys
 
-from ilmil.engine import require_output_dir, run_tool_main
+from ilmil.engine import require_output_dir, run_tool_main, tool_parser
 from ilmil.evaluation import compare_runs
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder (holding results.json) or its results.json")
     parser.add_argument("--out", required=True, help="folder for report.md and forgetting_curve.png")
     args = parser.parse_args(argv)

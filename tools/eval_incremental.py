@@ -21,12 +21,12 @@ import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.checkpoint import is_onnx_file
 from ilmil.config import class_names_flag, get_ilmil_cfg
 from ilmil.deploy import OnnxDetector, check_default_config_fits, check_onnx_opts, run_config_of
-from ilmil.engine import require_output_dir, run_tool_main
+from ilmil.engine import require_output_dir, run_tool_main, tool_parser
 from ilmil.evaluation import evaluate_checkpoint, evaluate_run, format_results_table
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--run-dir", help="run folder of tools/train_incremental.py: evaluate its stages")
     target.add_argument("--weights", help="one checkpoint, or a .onnx file of tools/export.py, to evaluate")

@@ -30,11 +30,11 @@ from ilmil.deploy import (DeployError, OnnxDetector, check_export, export_onnx, 
                           write_check)
 from ilmil.deploy.onnx_export import export_size
 from ilmil.deploy.predict import read_image
-from ilmil.engine import require_output_dir, run_tool_main
+from ilmil.engine import require_output_dir, run_tool_main, tool_parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--weights", required=True, help="a checkpoint written by ilmil's tools")
     parser.add_argument("--format", default="onnx", choices=["onnx"], help="the export format")
     parser.add_argument("--output", required=True, help="the .onnx file to write")

@@ -8,17 +8,16 @@ Each RUN is a run folder (holding results.json) or a results.json file. Runs are
 labelled by their method, with the folder name where two share a method. Every
 training run also writes its own plots into its folder (ilmil.evaluation.finalize_run).
 """
-import argparse
 import os
 import sys
 
-from ilmil.engine import require_output_dir, run_tool_main
+from ilmil.engine import require_output_dir, run_tool_main, tool_parser
 from ilmil.evaluation import load_run_results, run_folder
 from ilmil.visualization import plot_runs
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder or results.json")
     parser.add_argument("--out", required=True, help="folder for the PNGs")
     args = parser.parse_args(argv)

@@ -16,12 +16,12 @@ import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from detectron2.modeling import build_model
 from ilmil.config import get_ilmil_cfg, set_num_classes
 from ilmil.data import load_dataset_source
-from ilmil.engine import run_tool_main
+from ilmil.engine import run_tool_main, tool_parser
 from ilmil.modeling import positives_per_object, with_yolo_anchors
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--config-file", required=True, help="a RetinaNet, FCOS or YOLO yaml config")
     parser.add_argument("--images", type=int, default=200, help="training images counted (default 200)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")

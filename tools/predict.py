@@ -21,11 +21,11 @@ import sys
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.checkpoint import is_onnx_file
 from ilmil.deploy import input_images, load_onnx_model, load_trained_model, predict_images
-from ilmil.engine import require_output_dir, run_tool_main
+from ilmil.engine import require_output_dir, run_tool_main, tool_parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--weights", required=True,
                         help="a checkpoint written by ilmil's tools, or a .onnx file of tools/export.py")
     parser.add_argument("--input", required=True, help="an image, or a folder of images")

@@ -25,7 +25,7 @@ from ilmil.config import get_ilmil_cfg, set_num_classes
 from ilmil.data import DatasetError, load_dataset_source, register_stage_datasets
 from ilmil.data.stages import Stage
 from ilmil.deploy import check_default_config_fits, run_config_of
-from ilmil.engine import require_output_dir, run_tool_main
+from ilmil.engine import require_output_dir, run_tool_main, tool_parser
 from ilmil.engine.pruning_stage import check_pruning_config, prune_checkpoint
 from ilmil.pruning import format_pruning_table
 
@@ -38,7 +38,7 @@ def _ratios(text):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--weights", required=True, help="an ilmil checkpoint (it records its class names)")
     # Each flag sets its ILMIL.PRUNING key when given; the config's value (or a KEY VALUE override) stays otherwise.
     parser.add_argument("--ratio", type=float, help="fraction of residual-block inner channels removed "

@@ -16,19 +16,18 @@
 The student's config (``--config-file``, default the shapes CPU config) names its
 distillation terms (``ILMIL.DISTILL``); trailing ``KEY VALUE`` pairs override any key.
 """
-import argparse
 import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from detectron2.engine import default_setup
 from detectron2.utils import comm
 
-from ilmil.engine import add_run_arguments, compression_run, run_tool_main, setup_run
+from ilmil.engine import add_run_arguments, compression_run, run_tool_main, setup_run, tool_parser
 from ilmil.evaluation import format_results_table
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--teacher-weights", help="the trained teacher's checkpoint (required)")
     parser.add_argument("--teacher-config", help="the teacher's yaml config (ILMIL.TEACHER.CONFIG_FILE; "
                                                  "default: the student's)")

@@ -7,18 +7,17 @@
 
 Flags set the ILMIL config keys; trailing ``KEY VALUE`` pairs override any key.
 """
-import argparse
 import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from detectron2.engine import default_setup
 
-from ilmil.engine import IncrementalRun, add_run_arguments, run_tool_main, setup_run
+from ilmil.engine import IncrementalRun, add_run_arguments, run_tool_main, setup_run, tool_parser
 from ilmil.evaluation import format_results_table
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--method", help="finetune | joint | pseudo | faster-ilod | mma | ilmil (default: finetune)")
     parser.add_argument("--teacher-weights", help="model of the classes before --start-stage (your own base detector)")
     parser.add_argument("--start-stage", type=int, default=0, help="first stage to train (needs --teacher-weights)")

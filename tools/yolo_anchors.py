@@ -14,12 +14,12 @@ import sys
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.config import get_ilmil_cfg
 from ilmil.data import load_dataset_source
-from ilmil.engine import run_tool_main
+from ilmil.engine import run_tool_main, tool_parser
 from ilmil.modeling import yolo_anchors
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--config-file", required=True, help="a YOLO yaml config")
     parser.add_argument("--dataset", help="dataset name (default: the config's ILMIL.DATASET)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")

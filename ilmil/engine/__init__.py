@@ -1,4 +1,4 @@
-from .cli import add_run_arguments, run_tool_main, setup_run
+from .cli import add_run_arguments, run_tool_main, setup_run, tool_parser
 from .compression import CompressionChain, CompressionRun, compression_run, run_compression
 from .launch import init_distributed, main_process_first
 from .run_dir import RunDirError, RunValidationError, require_output_dir
@@ -24,4 +24,5 @@ __all__ = [
     "run_incremental",
     "run_tool_main",
     "setup_run",
+    "tool_parser",
 ]

@@ -12,7 +12,21 @@ from .launch import init_distributed
 from .run_dir import require_output_dir
 from .runner import RUN_ERRORS
 
-__all__ = ["add_run_arguments", "run_tool_main", "setup_run"]
+__all__ = ["add_run_arguments", "run_tool_main", "setup_run", "tool_parser"]
+
+
+class ToolArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose refusals (an unknown flag, a missing value, a tool's own
+    ``parser.error``) are the tools' one ``error: ...`` line and exit status 1, where
+    argparse prints its usage first and exits with 2."""
+
+    def error(self, message):
+        self.exit(1, f"error: {message}; fix: see {self.prog} --help\n")
+
+
+def tool_parser(description):
+    """A tool's parser: its module docstring as the help text, laid out as written."""
+    return ToolArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_run_arguments(parser, stages_help):
