@@ -7,9 +7,11 @@ Anything else that detectron2 0.6 lacks here is worked around where it is used
 and documented there (our VOC AP, ``COCOeval`` directly). One adjustment makes the
 GroupNorm heads of RetinaNet and FCOS buildable. Two adjustments for
 torchrun-launched runs (``ilmil/engine/launch.py``) are here too:
-``use_local_process_group`` and the CPU case of ``create_ddp_model``.
+``use_local_process_group`` and the CPU case of ``create_ddp_model``; and
+``report_without_traceback`` for the errors the tools report in one line.
 """
 import importlib.util
+import logging
 import sys
 import types
 import warnings
@@ -18,7 +20,7 @@ from PIL import Image
 
 import detectron2
 
-__all__ = ["HAS_DETECTRON2_OPS", "use_local_process_group"]
+__all__ = ["HAS_DETECTRON2_OPS", "report_without_traceback", "use_local_process_group"]
 
 # The PyPI sdist ships no C++ sources, so ``detectron2._C`` is absent, yet
 # layers/deform_conv.py imports it at module level. A placeholder lets every model
@@ -58,6 +60,28 @@ def use_local_process_group(group):
     from detectron2.utils import comm
 
     comm._LOCAL_PROCESS_GROUP = group
+
+
+class _OneLineReport(logging.Filter):
+    def __init__(self, error_types):
+        super().__init__()
+        self.error_types = tuple(error_types)
+
+    def filter(self, record):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, self.error_types):
+            record.msg, record.args, record.exc_info, record.exc_text = "Training stopped: %s", (error,), None, None
+        return True
+
+
+def report_without_traceback(error_types):
+    """detectron2's train loop logs the exception it stops on with its traceback
+    ("Exception during training:") before re-raising it. An error of ``error_types``
+    says where and what to fix in its message, which the tools print as their one
+    error line: its log record keeps the message and loses the traceback."""
+    train_loop_logger = logging.getLogger("detectron2.engine.train_loop")
+    train_loop_logger.filters = [f for f in train_loop_logger.filters if not isinstance(f, _OneLineReport)]
+    train_loop_logger.addFilter(_OneLineReport(error_types))
 
 
 def _create_ddp_model_on_cpu_too():

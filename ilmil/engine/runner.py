@@ -33,6 +33,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from ..checkpoint import CheckpointClassesError, CheckpointError, load_checked_checkpoint
+from ..compat import report_without_traceback
 from ..config import (METHOD_PRESETS, ConfigError, check_choice, check_device, check_lr_steps, check_mixed_precision,
                       check_optimizer, derived_cfg, num_classes_changes, uses_teacher)
 from ..data import (
@@ -79,9 +80,10 @@ __all__ = ["RUN_ERRORS", "IncrementalRun", "run_incremental", "resolve_class_ord
 logger = logging.getLogger("ilmil")
 
 # Errors whose message is the whole story (what is wrong, where, the fix): the CLI
-# prints them without a traceback.
+# prints them without a traceback, and the training log too.
 RUN_ERRORS = (ConfigError, DatasetError, StageSpecError, CheckpointClassesError, CheckpointError, RunDirError,
               RunValidationError, NonFiniteLossError, TooSmallMapError, PruningError, NotARunError, DeployError)
+report_without_traceback(RUN_ERRORS)
 
 
 def resolve_class_order(custom_order, dataset_classes):
