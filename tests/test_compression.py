@@ -246,3 +246,9 @@ def test_a_forced_chain_stopped_in_its_assistant_step_resumes_and_force_keeps_an
     assert again.returncode == 0, tail(again)
     assert "exists, not retraining" in again.log and assistant_model.read_bytes() == before
     assert read_json(out / "results.json")["config"]["MODEL"]["ROI_BOX_HEAD"]["FC_DIM"] == 64
+    # A change of both: the assistant starts over too, its data and terms checked once all the same.
+    last = run_tool("train_compression.py", [*chain, "--force", *opts, "SOLVER.BASE_LR", "0.005"],
+                    tiny_datasets_root, timeout=300)
+    assert last.returncode == 0, tail(last)
+    assert "removed the previous run's outputs from " + str(out / "assistant") in last.log, tail(last)
+    assert last.log.count("class order (") == 2, tail(last)  # the assistant's step and the student's

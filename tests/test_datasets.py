@@ -409,9 +409,10 @@ def test_voc_object_names_that_differ_only_in_case_are_warned_of(tmp_path, caplo
     (1, (64, 48), None),
 ])
 @pytest.mark.parametrize("check_images", [True, False])  # without the decoding too: the size is in the header
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])  # a PNG's EXIF read without decoding it too
 def test_an_image_turned_by_its_exif_orientation_is_checked_at_its_turned_size(tmp_path, orientation, json_size,
-                                                                               problem, check_images):
-    path = tmp_path / "images" / "a.jpg"
+                                                                               problem, check_images, suffix):
+    path = tmp_path / "images" / f"a{suffix}"
     path.parent.mkdir()
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -505,10 +506,18 @@ def test_a_voc_id_with_spaces_is_read_whole_and_a_flag_after_an_id_is_not(voc_di
     for ext, folder in (("xml", "Annotations"), ("jpg", "JPEGImages")):
         os.rename(os.path.join(voc_dir, folder, f"000001.{ext}"), os.path.join(voc_dir, folder, f"my image 1.{ext}"))
     with open(os.path.join(voc_dir, "ImageSets", "Main", "trainval.txt"), "w") as f:
+        f.write("000002  -1\nmy image 1\nmy image 1\t0\n")
+    with pytest.raises(DatasetError, match="lines 2 and 3 both list 'my image 1'"):  # the id, with or without a flag
+        load_voc_split(voc_dir, "trainval")
+    with open(os.path.join(voc_dir, "ImageSets", "Main", "trainval.txt"), "w") as f:
         f.write("000002  -1\nmy image 1\n")
     records = load_voc_split(voc_dir, "trainval")
     assert [r["image_id"] for r in records] == ["000002", "my image 1"]
     assert records[1]["file_name"] == os.path.join(voc_dir, "JPEGImages", "my image 1.jpg")
+    with open(os.path.join(voc_dir, "ImageSets", "Main", "trainval.txt"), "w") as f:
+        f.write("my imagex\n")  # a typo is named whole
+    with pytest.raises(DatasetError, match=re.escape(os.path.join(voc_dir, "Annotations", "my imagex.xml"))):
+        load_voc_split(voc_dir, "trainval")
 
 
 def test_voc_whole_numbers_written_as_floats_are_read_and_fractions_refused(voc_dir):
@@ -547,13 +556,14 @@ def test_a_test_split_without_an_image_is_refused_before_anything_trains(tmp_pat
     write_coco_json(test, images, [], COCO_CATEGORIES)
     with pytest.raises(DatasetError, match=re.escape(f"{test}: no test image; fix: list the test images")):
         load_dataset_source(_coco_cfg(train, test, images))
-    # Its images all missing, skipped as unusable: refused too, naming them.
+    # Its images all missing, skipped as unusable: refused too, naming them and the training data's problems.
     os.remove(os.path.join(voc_dir, "JPEGImages", "000003.jpg"))
+    _rewrite(os.path.join(voc_dir, "Annotations", "000002.xml"), "<xmax>30<", "<xmax>3<")
     with pytest.raises(DatasetError) as info:
         load_dataset_source(_voc_cfg(voc_dir, "ILMIL.DATA.SKIP_BAD_ANNOTATIONS", True))
     message = str(info.value)
     assert message.startswith(f"{os.path.join(voc_dir, 'ImageSets', 'Main', 'test.txt')}: none of its 1 test images")
-    assert "000003.jpg" in message
+    assert "000003.jpg" in message and "000002.xml object 'person'" in message
 
 
 def test_the_test_split_alone_needs_no_training_image(voc_dir):

@@ -29,7 +29,7 @@ def main(argv=None):
     if args.images < 1:
         parser.error(f"--images {args.images}: count at least 1 image")
     cfg = get_ilmil_cfg(args.config_file, ["MODEL.DEVICE", "cpu", *args.opts])
-    source = load_dataset_source(cfg)
+    source = load_dataset_source(cfg, splits=("train",))
     cfg = with_yolo_anchors(set_num_classes(cfg, len(source.class_names)), source.train)
     images = source.train[: args.images]
     stats = positives_per_object(build_model(cfg).eval(), images, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)

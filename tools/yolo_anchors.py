@@ -28,7 +28,7 @@ def main(argv=None):
     cfg.defrost()
     if args.dataset:
         cfg.ILMIL.DATASET = args.dataset
-    source = load_dataset_source(cfg)
+    source = load_dataset_source(cfg, splits=("train",))
     anchors = yolo_anchors(cfg, source.train)
     boxes = sum(len(record.get("annotations", [])) for record in source.train)
     print(f"# k-means anchors of {boxes} training boxes of {source.name}, at the test-time input size "

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -123,6 +124,10 @@ def _xml_number(node, tag, xml_file, kind=float):
     return kind(value)
 
 
+# A line of VOC's per-class split files: the id, then -1, 0 or 1 (whether the class is there).
+_FLAGGED_ID = re.compile(r"(.+?)\s+(-1|0|1)")
+
+
 def _split_file_ids(split_file, voc_dir):
     """The image ids a VOC split file lists, in order, refused if one is listed twice (its
     copy would be scored without the boxes the first took). A line is ``ID`` or, in VOC's
@@ -133,8 +138,9 @@ def _split_file_ids(split_file, voc_dir):
             line = line.strip()
             if not line:
                 continue
-            whole_line_is_id = os.path.isfile(os.path.join(voc_dir, "Annotations", f"{line}.xml"))
-            file_id = line if whole_line_is_id else line.split()[0]
+            flagged = _FLAGGED_ID.fullmatch(line)
+            whole_line_is_id = os.path.isfile(os.path.join(voc_dir, "Annotations", f"{line}.xml"))  # "img 1"
+            file_id = flagged.group(1) if flagged and not whole_line_is_id else line
             if file_id in first_line:
                 raise DatasetError(f"{split_file}: lines {first_line[file_id]} and {number} both list {file_id!r}; "
                                    "fix: list each image once")
@@ -365,6 +371,18 @@ def _annotation_problem(record, ann, class_names, clip_boxes):
     return None
 
 
+def _exif_orientation(image, decode):
+    """The EXIF orientation of an opened image. Pillow's ``getexif`` decodes a whole PNG
+    to look for an eXIf chunk after its pixels; without ``decode`` only the one before
+    them (where writers put it) is read."""
+    if decode or image.format != "PNG":
+        return image.getexif().get(_EXIF_ORIENTATION)
+    exif = Image.Exif()
+    if "exif" in image.info:
+        exif.load(image.info["exif"])
+    return exif.get(_EXIF_ORIENTATION)
+
+
 def _image_problem(record, decode):
     """Why the image file of ``record`` cannot be used, or None: missing, or of another size
     than the annotation says (read from its header: the data loader would stop on it
@@ -375,7 +393,7 @@ def _image_problem(record, decode):
     try:
         with Image.open(path) as image:
             size = image.size
-            rotated = image.getexif().get(_EXIF_ORIENTATION) in _EXIF_QUARTER_TURNS
+            rotated = _exif_orientation(image, decode) in _EXIF_QUARTER_TURNS
             if decode:
                 # JPEG: decode at 1/8 scale, several times faster and still reads every byte.
                 image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
@@ -581,10 +599,14 @@ def load_dataset_source(cfg, problems=None, splits=("train", "test")):
     if "test" in splits and not test:
         # Found before a stage trains: the evaluation after it would stop on an empty dataset.
         where, fix = _test_split_and_fix(cfg)
-        if test_problems:  # every listed image unusable (skipped, or reported with the rest below)
-            raise DatasetError(f"{where}: none of its {listed_tests} test images is usable; fix: correct them:\n"
-                               + "\n".join(problem_lines(test_problems)))
-        raise DatasetError(f"{where}: no test image; fix: {fix}")
+        if listed_tests:  # every listed image unusable (skipped, or reported with the rest below)
+            where, fix = f"{where}: none of its {listed_tests} test images is usable", "correct them"
+        else:
+            where += ": no test image"
+        # The training data's problems too: all of them found in one go, as when a run checks its data.
+        listed = problem_lines(train_problems + test_problems)
+        raise DatasetError(f"{where}; fix: {fix}" + (" (and the problems below):\n" + "\n".join(listed)
+                                                     if listed else ""))
     bad = train_problems + test_problems
     if bad and data.SKIP_BAD_ANNOTATIONS:
         logger.warning("Skipped %d malformed annotation(s) or unusable image(s) in the %s data", len(bad), name)

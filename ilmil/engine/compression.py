@@ -29,7 +29,7 @@ from ..data.stages import StageSpecError
 from ..distill import build_teacher
 from ..evaluation import evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
-from .run_dir import RunValidationError, claim_run_dir, file_digest
+from .run_dir import RunDirError, RunValidationError, check_run_dir, claim_run_dir, file_digest
 from .runner import IncrementalRun
 
 __all__ = ["CompressionChain", "CompressionRun", "assistant_cfg", "compression_run", "run_compression"]
@@ -147,14 +147,15 @@ class CompressionChain:
 
     def __init__(self, cfg, teacher_weights, resume=False, force=False):
         self.cfg = cfg
-        try:
-            self.assistant = CompressionRun(assistant_cfg(cfg), teacher_weights, resume)
-        except RunValidationError:
-            if not force:
-                raise
+        self.assistant = CompressionRun(assistant_cfg(cfg), teacher_weights, resume, force)
+        if force:
             # --force starts over the folders of another run only: an assistant of today's chain
-            # (a student-only change) is kept. Checked again, this time removing its folder's run.
-            self.assistant = CompressionRun(assistant_cfg(cfg), teacher_weights, resume, force)
+            # (a student-only change) is kept.
+            try:
+                check_run_dir(self.assistant.output_dir, self.assistant.identity())
+                self.assistant.force = False
+            except RunDirError:
+                pass
         student_cfg = derived_cfg(cfg, {"ILMIL.TEACHER.CONFIG_FILE": cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE})
         assistant_stage = self.assistant.stage_dir(self.assistant.schedule[0])
         self.student = CompressionRun(student_cfg, os.path.join(assistant_stage, "model_final.pth"), resume, force,
