@@ -388,7 +388,11 @@ def test_an_exported_models_config_loads_without_the_plugins_of_its_run():
 
 
 def test_the_export_check_fails_on_added_detections_and_on_other_scores():
+    tf32_during_reference = []
+
     def model(inputs):
+        # The reference runs in full float32 (TF32 on a GPU would move scores by more than the tolerance).
+        tf32_during_reference.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
         return [{"instances": Instances((64, 64), pred_boxes=Boxes(torch.tensor([[10.0, 10.0, 40.0, 30.0]])),
                                         scores=torch.tensor([0.8]), pred_classes=torch.tensor([1]))}]
 
@@ -407,6 +411,7 @@ def test_the_export_check_fails_on_added_detections_and_on_other_scores():
     # The same box at another score is no match.
     assert figures["other_score"]["detections_matched"] == 0 and not figures["other_score"]["passed"]
     assert figures["other_score"]["max_score_difference"] == pytest.approx(0.1)
+    assert set(tf32_during_reference) == {(False, False)} and torch.backends.cudnn.allow_tf32  # restored after
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")

@@ -21,6 +21,7 @@ detectron2 0.6's own exporter (``detectron2.export``) cannot be imported on this
 (it imports caffe2), so ``torch.onnx.export`` is called directly; its TorchScript-based
 path (``dynamo=False``) follows detectron2's tracing branches.
 """
+import contextlib
 import json
 import os
 import time
@@ -238,6 +239,20 @@ def _closest(boxes, classes, box, label):
     return int(same_class[best]), float(diffs[best])
 
 
+@contextlib.contextmanager
+def _without_tf32():
+    """Full float32 convolutions and matrix products on a GPU: cuDNN's TF32 (on by default)
+    keeps 10 mantissa bits, which can move a score by more than SCORE_TOLERANCE against
+    ONNX Runtime's float32 in a correct file."""
+    backends = torch.backends
+    saved = backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32
+    backends.cudnn.allow_tf32 = backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32 = saved
+
+
 def check_export(trained, detector, images, tolerance=1e-3):
     """Compare the ONNX Runtime outputs of ``detector`` with ``trained``'s PyTorch model on
     ``images`` (model inputs [3, h, w], each as PyTorch takes it: a fixed-size graph gets it
@@ -261,7 +276,8 @@ def check_export(trained, detector, images, tolerance=1e-3):
     counts = []
     threshold = config_value(trained.cfg, score_thresh_key(trained.cfg)) + margin
     for image in images:
-        with torch.no_grad():  # PyTorch as it runs unexported: a fixed-size graph's padding must not change the result
+        # PyTorch as it runs unexported (a fixed-size graph's padding must not change the result), in float32.
+        with torch.no_grad(), _without_tf32():
             reference = trained.model([{"image": image}])[0]["instances"]
         boxes, scores, classes = detector.run(image)
         # Clipped to the image, as OnnxDetector does (a fixed-size graph clips to its padded size only).
