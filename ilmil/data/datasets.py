@@ -139,8 +139,11 @@ def _split_file_ids(split_file, voc_dir):
             if not line:
                 continue
             flagged = _FLAGGED_ID.fullmatch(line)
-            whole_line_is_id = os.path.isfile(os.path.join(voc_dir, "Annotations", f"{line}.xml"))  # "img 1"
-            file_id = flagged.group(1) if flagged and not whole_line_is_id else line
+            # An id that ends like a flag ("img 1") is one where its XML file is so named.
+            if flagged and not os.path.isfile(os.path.join(voc_dir, "Annotations", f"{line}.xml")):
+                file_id = flagged.group(1)
+            else:
+                file_id = line
             if file_id in first_line:
                 raise DatasetError(f"{split_file}: lines {first_line[file_id]} and {number} both list {file_id!r}; "
                                    "fix: list each image once")
@@ -596,6 +599,7 @@ def load_dataset_source(cfg, problems=None, splits=("train", "test")):
                                              data.CHECK_IMAGES) if "train" in splits else ([], [])
     test, test_problems = validate_records(test, class_names, f"{name} test", data.CLIP_BOXES,
                                            data.CHECK_IMAGES) if "test" in splits else ([], [])
+    bad = train_problems + test_problems
     if "test" in splits and not test:
         # Found before a stage trains: the evaluation after it would stop on an empty dataset.
         where, fix = _test_split_and_fix(cfg)
@@ -604,10 +608,9 @@ def load_dataset_source(cfg, problems=None, splits=("train", "test")):
         else:
             where += ": no test image"
         # The training data's problems too: all of them found in one go, as when a run checks its data.
-        listed = problem_lines(train_problems + test_problems)
+        listed = problem_lines(bad)
         raise DatasetError(f"{where}; fix: {fix}" + (" (and the problems below):\n" + "\n".join(listed)
                                                      if listed else ""))
-    bad = train_problems + test_problems
     if bad and data.SKIP_BAD_ANNOTATIONS:
         logger.warning("Skipped %d malformed annotation(s) or unusable image(s) in the %s data", len(bad), name)
     elif bad and problems is None:

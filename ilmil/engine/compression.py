@@ -45,15 +45,18 @@ class CompressionRun(IncrementalRun):
 
     takes_assistant = True  # compression_run makes a config naming one a CompressionChain
 
-    def __init__(self, cfg, teacher_weights, resume=False, force=False, teacher_run=None):
-        """``teacher_run``: the run that trains the teacher first (a chain's assistant), by
-        whose identity the teacher is known until then; everything else is checked now, the
-        teacher's checkpoint by ``check_teacher`` once trained."""
+    def __init__(self, cfg, teacher_weights, resume=False, force=False, teacher_run_identity=None):
+        """``teacher_run_identity``: the identity of the run that trains the teacher first (a
+        chain's assistant), by which the teacher is known until then; everything else is
+        checked now, the teacher's checkpoint by ``check_teacher`` once trained."""
         if not teacher_weights:
             raise ConfigError("a compression run needs --teacher-weights: the trained teacher's checkpoint; "
                               "fix: train one (tools/train_incremental.py --stages N) and give its model_final.pth")
         self.compression_teacher = teacher_weights  # part of the run's identity, which the checks compare
-        self.teacher_run = teacher_run
+        # A teacher still to be trained, by what it is trained on: the same before and after its
+        # training, so that a chain stopped in its first step resumes as this run.
+        self.teacher_run_sha256 = None if teacher_run_identity is None else hashlib.sha256(
+            json.dumps(teacher_run_identity, sort_keys=True).encode()).hexdigest()[:16]
         super().__init__(cfg, resume=resume, force=force)
         if len(self.schedule) != 1:
             raise StageSpecError(f"ILMIL.STAGES {cfg.ILMIL.STAGES}: a compression run trains one stage of all its "
@@ -63,7 +66,7 @@ class CompressionRun(IncrementalRun):
         self.registered[0] = (with_every_class_old(train_name), test_name)
         # The teacher's metrics saved elsewhere (a chain's assistant, by its own step), else None.
         self.teacher_metrics_file = None
-        if teacher_run is None:
+        if teacher_run_identity is None:
             self.check_teacher()
 
     def check_teacher(self):
@@ -79,11 +82,8 @@ class CompressionRun(IncrementalRun):
             raise RunValidationError([f"--teacher-weights: {e}"]) from None
 
     def identity(self):
-        if self.teacher_run is not None:
-            # A teacher still to be trained, by what it is trained on: the same before and after
-            # its training, so that a chain stopped in its first step resumes as this run.
-            trained_on = json.dumps(self.teacher_run.identity(), sort_keys=True).encode()
-            return {**super().identity(), "teacher_run_sha256": hashlib.sha256(trained_on).hexdigest()[:16]}
+        if self.teacher_run_sha256 is not None:
+            return {**super().identity(), "teacher_run_sha256": self.teacher_run_sha256}
         # The teacher by its bytes, as a given model (its path may change with the machine).
         return {**super().identity(), "teacher_weights_sha256": file_digest(self.compression_teacher)}
 
@@ -148,18 +148,19 @@ class CompressionChain:
     def __init__(self, cfg, teacher_weights, resume=False, force=False):
         self.cfg = cfg
         self.assistant = CompressionRun(assistant_cfg(cfg), teacher_weights, resume, force)
+        assistant_identity = self.assistant.identity()
         if force:
             # --force starts over the folders of another run only: an assistant of today's chain
             # (a student-only change) is kept.
             try:
-                check_run_dir(self.assistant.output_dir, self.assistant.identity())
+                check_run_dir(self.assistant.output_dir, assistant_identity)
                 self.assistant.force = False
             except RunDirError:
                 pass
         student_cfg = derived_cfg(cfg, {"ILMIL.TEACHER.CONFIG_FILE": cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE})
         assistant_stage = self.assistant.stage_dir(self.assistant.schedule[0])
         self.student = CompressionRun(student_cfg, os.path.join(assistant_stage, "model_final.pth"), resume, force,
-                                      teacher_run=self.assistant)
+                                      teacher_run_identity=assistant_identity)
         # The assistant's step evaluates it on these test data: the student's teacher metrics.
         self.student.teacher_metrics_file = os.path.join(assistant_stage, "metrics_eval.json")
 
