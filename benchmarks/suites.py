@@ -240,6 +240,13 @@ STUDENT_CONFIGS = {
     "fcos": "configs/shapes/kd/fcos_R18_FPN32_student_cpu.yaml",
     "yolov3": "configs/shapes/kd/yolov3_tiny_student_cpu.yaml",
 }
+# M-KD's teacher assistants: the teacher's detector at three-quarter width (YOLO: and half depth).
+ASSISTANT_CONFIGS = {
+    "faster_rcnn": "configs/shapes/kd/faster_rcnn_R18_FPN_assistant_cpu.yaml",
+    "retinanet": "configs/shapes/kd/retinanet_R18_FPN_assistant_cpu.yaml",
+    "fcos": "configs/shapes/kd/fcos_R18_FPN_assistant_cpu.yaml",
+    "yolov3": "configs/shapes/kd/yolov3_assistant_cpu.yaml",
+}
 # The knowledge review's fg/bg split of the rows measured before FG 0.25 : BG 1 became the default.
 REVIEW_SPLIT_1_2 = ("ILMIL.DISTILL.REVIEW.FG_WEIGHT", "1.0", "ILMIL.DISTILL.REVIEW.BG_WEIGHT", "2.0")
 
@@ -349,18 +356,19 @@ def _kd_variants():
                 # weight there.
                 "review, fg 0.25, bg 1": (only("REVIEW") + ("ILMIL.DISTILL.REVIEW.FG_WEIGHT", "0.25",
                                                             "ILMIL.DISTILL.REVIEW.BG_WEIGHT", "1.0"), ()),
-                # M-KD: soft targets, attention, layer relations, and its exploration (learned
-                # uncertainty weights over the terms and the detection loss); then the same through
-                # a teacher assistant of three-quarter-width blocks.
-                "M-KD": (mkd, ()),
-                "M-KD + assistant": (mkd, ("--assistant-config",
-                                           f"configs/shapes/kd/{detector}_R18_FPN_assistant_cpu.yaml")),
-                # M-KD's ablation: each other kind of knowledge alone (the soft targets alone are
-                # `output`), and all three with fixed weights instead of the exploration's learned ones.
-                "attention": (only("AT"), ()),
-                "layer relations": (only("FSP"), ()),
-                "M-KD without exploration": (only(output, "AT", "FSP") + output_opts, ()),
             })  # fmt: skip
+        rows.update({
+            # M-KD: soft targets, attention, layer relations, and its exploration (learned
+            # uncertainty weights over the terms and the detection loss); then the same through
+            # a teacher assistant between teacher and student in size.
+            "M-KD": (mkd, ()),
+            "M-KD + assistant": (mkd, ("--assistant-config", ASSISTANT_CONFIGS[detector])),
+            # M-KD's ablation: each other kind of knowledge alone (the soft targets alone are
+            # `output`), and all three with fixed weights instead of the exploration's learned ones.
+            "attention": (only("AT"), ()),
+            "layer relations": (only("FSP"), ()),
+            "M-KD without exploration": (only(output, "AT", "FSP") + output_opts, ()),
+        })  # fmt: skip
         for name, (opts, flags) in rows.items():
             variants.append(Variant(f"{detector} {name}", "finetune", opts, flags, detector=detector,
                                     config_file=STUDENT_CONFIGS[detector], teacher_config=DETECTOR_CONFIGS[detector]))

@@ -23,7 +23,7 @@ from benchmarks.harness import (CONFIG_RECORD, OUTCOME_RECORD, BenchError, Run, 
 from benchmarks.run import main as bench_main
 from benchmarks.suites import ABLATION, ACCURACY, KD, ONE_STAGE, STAGE_IMAGES
 from benchmarks.tables import kd_table, one_stage_table, pruning_table, stage_images_table, suite_page
-from ilmil.config import check_lr_steps
+from ilmil.config import check_lr_steps, get_ilmil_cfg
 from ilmil.data import shapes_num_classes
 from ilmil.distill import enabled_terms
 
@@ -540,6 +540,10 @@ def test_kd_rows_switch_on_their_terms_only():
             {"dense": "rcn"}.get(t, t) for t in KD_ROW_TERMS[row]]
         assert sorted(terms) == sorted(expected), name
         assert ("--assistant-config" in run.command()) == (row == "M-KD + assistant")
+        if row == "M-KD + assistant":  # an assistant of the teacher's detector, between the two in size
+            assistant, teacher = (get_ilmil_cfg(os.path.join(REPO_ROOT, path)).MODEL.META_ARCHITECTURE for path in
+                                  (run.flags[run.flags.index("--assistant-config") + 1], variants[name].teacher_config))
+            assert assistant == teacher, name
         assert run.config().ILMIL.TEACHER.PRECISION == ("bfloat16" if "bfloat16" in row else "float32"), name
     # The quarter-width student: its own config (narrow from the stem), the default rows' terms.
     quarter = {variants[name].row: run for (_, name, _), run in planned.items() if variants[name].student}
@@ -556,7 +560,7 @@ def test_kd_rows_switch_on_their_terms_only():
                                                                   run.config().ILMIL.DISTILL.DETECTION_WEIGHT)
                   for (_, name, _), run in planned.items() if variants[name].row.startswith("M-KD")}
     assert {key for key, weighting in weightings.items() if weighting != ("uncertainty", "uncertainty")} == {
-        (d, "M-KD without exploration") for d in ("faster_rcnn", "retinanet", "fcos")}
+        (d, "M-KD without exploration") for d in ("faster_rcnn", "retinanet", "fcos", "yolov3")}
     assert all(weighting == ("fixed", "fixed") for (_, row), weighting in weightings.items() if "exploration" in row)
     normalisers = {name: run.config().ILMIL.DISTILL.DENSE.NORMALIZER for (_, name, _), run in planned.items()
                    if variants[name].row.startswith("output")}

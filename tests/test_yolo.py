@@ -320,7 +320,8 @@ def test_a_chain_checks_a_yolo_student_with_anchors_left_to_the_run(incremental,
     assert len(anchors) == len(chain.student.cfg.MODEL.YOLO.IN_FEATURES) and all(len(a) == 1 for a in anchors)
 
 
-def test_a_tiny_student_is_distilled_with_the_information_map(incremental, tiny_datasets_root, tmp_path):
+def test_a_tiny_student_is_distilled_with_the_information_map_and_m_kds_terms(incremental, tiny_datasets_root,
+                                                                              tmp_path):
     out = tmp_path / "student"
     # The student keeps its teacher's anchors, so the output term compares anchor with anchor.
     anchors = get_ilmil_cfg(str(incremental / "config.yaml")).MODEL.YOLO.ANCHORS
@@ -329,13 +330,16 @@ def test_a_tiny_student_is_distilled_with_the_information_map(incremental, tiny_
         "--teacher-weights", str(incremental / "stage_0" / "model_final.pth"), "--stages", "2",
         "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS, "MODEL.YOLO.WIDTH_MULTIPLIER", "0.25",
         "ILMIL.DISTILL.INFOMAP.ENABLED", "True", "MODEL.YOLO.SCORE_THRESH_TEST", "0.001",
+        # M-KD's attention and layer relations on the Darknet stages the YOLO configs name.
+        "ILMIL.DISTILL.AT.ENABLED", "True", "ILMIL.DISTILL.FSP.ENABLED", "True",
         "MODEL.YOLO.ANCHORS", str(anchors), "MODEL.YOLO.NUM_ANCHORS", "1",
     ], tiny_datasets_root, timeout=300)
     assert proc.returncode == 0, tail(proc)
     results = read_json(out / "results.json")
     assert "teacher" in results and results["stages"][0]["AP50"] is not None
     log = (out / "log.txt").read_text()
-    for term in ("loss_distill_feat", "loss_distill_dense", "loss_distill_infomap"):
+    for term in ("loss_distill_feat", "loss_distill_dense", "loss_distill_infomap", "loss_distill_at",
+                 "loss_distill_fsp"):
         assert term in log
 
 
