@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 from tool_runs import run_tool
 from ilmil.evaluation import add_forgetting
 from ilmil.evaluation.comparison import retention_sentence
@@ -9,8 +11,9 @@ from ilmil.evaluation.comparison import retention_sentence
 TEACHER = {"a": 80.0, "b": 60.0}  # AP50 of the stage-0 model on its two classes: mean 70
 
 
-def _run_dir(root, method, old_ap50, new_ap50, teacher=TEACHER):
-    """A finished 2+1 run folder whose stage 0 is the shared teacher."""
+def _run_dir(root, method, old_ap50, new_ap50, teacher=TEACHER, finished=True):
+    """A 2+1 run folder whose stage 0 is the shared teacher; not ``finished``: its results.json
+    as the runner writes it after each stage, before the run's forgetting keys."""
     def entry(stage, old, new, per_class):
         values = list(per_class.values())
         return {"stage": stage, "old_classes": old, "new_classes": new,
@@ -25,7 +28,7 @@ def _run_dir(root, method, old_ap50, new_ap50, teacher=TEACHER):
     ]}
     folder = root / method
     folder.mkdir()
-    (folder / "results.json").write_text(json.dumps(add_forgetting(results)))
+    (folder / "results.json").write_text(json.dumps(add_forgetting(results) if finished else results))
     return folder
 
 
@@ -34,9 +37,10 @@ def _table_rows(text):
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
 
 
-def test_table_sentence_plot_and_report(tmp_path, tiny_datasets_root):
-    finetune = _run_dir(tmp_path, "finetune", (4.0, 3.0), 90.0)  # old mean 3.5 = 5 % of 70
-    ilmil = _run_dir(tmp_path, "ilmil", (76.0, 57.0), 70.0)  # old mean 66.5 = 95 % of 70
+@pytest.mark.parametrize("finished", [True, False])
+def test_table_sentence_plot_and_report(tmp_path, tiny_datasets_root, finished):
+    finetune = _run_dir(tmp_path, "finetune", (4.0, 3.0), 90.0, finished=finished)  # old mean 3.5 = 5 % of 70
+    ilmil = _run_dir(tmp_path, "ilmil", (76.0, 57.0), 70.0, finished=finished)  # old mean 66.5 = 95 % of 70
     out = tmp_path / "compare"
     # A run given by its results.json is the run of that folder: its label and its report's link.
     proc = run_tool("compare_runs.py", [str(finetune), str(ilmil / "results.json"), "--out", str(out)],
@@ -62,6 +66,16 @@ def test_a_teacher_of_0_ap50_is_said_to_leave_nothing_to_keep(tmp_path):
                                                     "nothing of it to keep.")
     without_teacher = dict(run, stages=run["stages"][1:])  # a run started at stage 1 of before: no teacher entry
     assert retention_sentence([add_forgetting(without_teacher)], ["ilmil"]).startswith("No run holds")
+
+
+def test_a_runs_folder_as_out_is_refused_before_its_report_is_overwritten(tmp_path, tiny_datasets_root):
+    finetune, ilmil = _run_dir(tmp_path, "finetune", (4.0, 3.0), 90.0), _run_dir(tmp_path, "ilmil", (76.0, 57.0), 70.0)
+    (ilmil / "report.md").write_text("ilmil's own report")
+    proc = run_tool("compare_runs.py", [str(finetune), str(ilmil), "--out", str(ilmil)], tiny_datasets_root)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.log
+    assert proc.stderr.startswith(f"error: --out {ilmil} holds a run (results.json), whose results and report this "
+                                  "would overwrite; fix: give another --out")
+    assert (ilmil / "report.md").read_text() == "ilmil's own report" and not (ilmil / "forgetting_curve.png").exists()
 
 
 def test_a_folder_without_results_is_one_error_line(tmp_path, tiny_datasets_root):

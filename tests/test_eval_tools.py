@@ -18,6 +18,7 @@ import torch
 from conftest import REPO_ROOT, TINY_SHAPES
 from tool_runs import run_tool_here, tail
 from ilmil.data import load_coco_json
+from ilmil.engine import RunDirError
 from ilmil.evaluation import NotARunError
 
 TRAIN = os.path.join(REPO_ROOT, "tools", "train_incremental.py")
@@ -180,9 +181,13 @@ def test_single_checkpoint_with_old_and_new_classes(tiny_run, tiny_datasets_root
     with pytest.raises(SystemExit):
         main(["--weights", weights, "--stages", "0"])  # --stages is for --run-dir
     results = (tiny_run.out / "results.json").read_bytes()
-    with pytest.raises(SystemExit):  # its results.json would be overwritten
-        main(["--run-dir", str(tiny_run.out), "--output-dir", str(tiny_run.out)])
-    assert "is the run folder" in capsys.readouterr().err and (tiny_run.out / "results.json").read_bytes() == results
+    # Into a training run's folder, the evaluated run's or a checkpoint's own: its results.json
+    # and report would be overwritten.
+    for target in (["--run-dir", str(tiny_run.out)], ["--weights", weights]):
+        with pytest.raises(RunDirError, match=r"^--output-dir .* holds a run \(run.json, stages.json\), whose results "
+                                              r"and report this would overwrite; fix: give another --output-dir$"):
+            main([*target, "--output-dir", str(tiny_run.out), "--quiet"])
+    assert (tiny_run.out / "results.json").read_bytes() == results
     missing = str(tiny_run.out.parent / "no_such_run")  # beside an existing --output-dir: one error line
     with pytest.raises(NotARunError, match="no_such_run: no such folder; fix: give the --output-dir"):
         main(["--run-dir", missing, "--output-dir", str(tiny_run.out.parent), "--quiet"])

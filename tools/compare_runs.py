@@ -11,7 +11,7 @@ run's report. Each RUN is a run folder (holding results.json) or its results.jso
 """
 import sys
 
-from ilmil.engine import require_output_dir, run_tool_main, tool_parser
+from ilmil.engine import RUN_RECORDS, require_output_dir, run_tool_main, tool_parser
 from ilmil.evaluation import compare_runs
 
 
@@ -20,7 +20,8 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder (holding results.json) or its results.json")
     parser.add_argument("--out", required=True, help="folder for report.md and forgetting_curve.png")
     args = parser.parse_args(argv)
-    require_output_dir(args.out, "--out")
+    # A run's folder (or an evaluation's, holding results.json) keeps its own report.md.
+    require_output_dir(args.out, "--out", refuse_records=(*RUN_RECORDS, "results.json"))
     table, sentence, report = compare_runs(args.runs, args.out)
     print(f"{table}\n\n{sentence}\nreport: {report}")
 

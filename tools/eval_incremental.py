@@ -14,14 +14,13 @@ stage_K/detections.json, per_class_ap*.csv, the plots and report.md. Trailing
 ``KEY VALUE`` pairs override config keys (e.g. MODEL.DEVICE cuda).
 """
 import argparse
-import os
 import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.checkpoint import is_onnx_file
 from ilmil.config import class_names_flag, get_ilmil_cfg
 from ilmil.deploy import OnnxDetector, check_default_config_fits, check_onnx_opts, run_config_of
-from ilmil.engine import require_output_dir, run_tool_main, tool_parser
+from ilmil.engine import RUN_RECORDS, require_output_dir, run_tool_main, tool_parser
 from ilmil.evaluation import evaluate_checkpoint, evaluate_run, format_results_table
 
 
@@ -48,10 +47,6 @@ def parse_args(argv=None):
     misplaced = [flag for flag, value in (run_only if args.weights else checkpoint_only).items() if value]
     if misplaced:
         parser.error(f"{', '.join(misplaced)} cannot be used with {'--weights' if args.weights else '--run-dir'}")
-    if (args.run_dir and args.output_dir and os.path.isdir(args.run_dir) and os.path.isdir(args.output_dir)
-            and os.path.samefile(args.run_dir, args.output_dir)):
-        parser.error(f"--output-dir {args.output_dir} is the run folder, whose results.json and report the "
-                     "evaluation would overwrite; give another folder")
     try:
         args.stages = [int(k) for k in args.stages.split(",")] if args.stages else None
     except ValueError:
@@ -63,7 +58,8 @@ def main(argv=None):
     args = parse_args(argv)
     progress = not args.quiet
     if args.output_dir:
-        require_output_dir(args.output_dir)
+        # Any training run's folder, the evaluated one's too (an evaluation's own is re-used).
+        require_output_dir(args.output_dir, refuse_records=RUN_RECORDS)
     if args.run_dir:
         results = evaluate_run(args.run_dir, args.output_dir, args.stages, args.opts, progress)
     else:

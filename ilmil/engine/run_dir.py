@@ -21,11 +21,13 @@ from ..file_io import atomic_write
 from ..data import problem_lines
 from ..evaluation.run_outputs import write_json
 
-__all__ = ["RUN_FILE", "RunDirError", "RunValidationError", "check_run_dir", "claim_run_dir",
+__all__ = ["RUN_FILE", "RUN_RECORDS", "RunDirError", "RunValidationError", "check_run_dir", "claim_run_dir",
            "dataset_content_fingerprint", "dataset_fingerprint", "file_digest", "output_dir_problem",
            "require_output_dir", "training_config", "write_problem_report"]
 
 RUN_FILE = "run.json"
+# The records of a training run's folder (identity, schedule): no other tool writes into one.
+RUN_RECORDS = (RUN_FILE, "stages.json")
 PREFLIGHT_FILE = "preflight_problems.txt"
 # Config keys (and sections, ending in ".") a re-run may change: where and how the run
 # executes rather than what it trains (device, loader processes, how often it logs or
@@ -153,11 +155,17 @@ def output_dir_problem(output_dir, flag="--output-dir"):
     return None
 
 
-def require_output_dir(output_dir, flag="--output-dir"):
-    """Create ``output_dir`` if missing; :class:`RunDirError` if it cannot hold outputs."""
+def require_output_dir(output_dir, flag="--output-dir", refuse_records=()):
+    """Create ``output_dir`` if missing; :class:`RunDirError` if it cannot hold outputs, or
+    if it holds one of ``refuse_records`` (files of a run whose report and results the
+    tool's outputs would overwrite, e.g. ``RUN_RECORDS``)."""
     problem = output_dir_problem(output_dir, flag)
     if problem:
         raise RunDirError(problem)
+    held = [name for name in refuse_records if os.path.isfile(os.path.join(output_dir, name))]
+    if held:
+        raise RunDirError(f"{flag} {output_dir} holds a run ({', '.join(held)}), whose results and report this "
+                          f"would overwrite; fix: give another {flag}")
 
 
 def _remove_run_outputs(output_dir):

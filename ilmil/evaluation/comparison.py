@@ -13,6 +13,7 @@ import os
 
 from ..file_io import atomic_write
 from ..visualization import plot_forgetting_curve, run_labels
+from .forgetting import add_forgetting
 from .report import ap_cell, markdown_table
 from .run_outputs import load_run_results, run_folder
 
@@ -74,7 +75,8 @@ def retention_sentence(runs, labels):
 def compare_runs(run_dirs, out_dir):
     """Write ``out_dir/report.md`` and ``out_dir/forgetting_curve.png`` comparing the runs
     in ``run_dirs`` (run folders or their results.json); returns (table text, sentence, report path)."""
-    runs = [load_run_results(d) for d in run_dirs]
+    # A run still training (or stopped) has its stages' results without the forgetting keys.
+    runs = [add_forgetting(load_run_results(d)) for d in run_dirs]
     run_dirs = [run_folder(d) for d in run_dirs]
     labels = run_labels(runs, [os.path.basename(d) for d in run_dirs])
     os.makedirs(out_dir, exist_ok=True)
