@@ -186,3 +186,5 @@ def test_evaluator_adds_voc_ap_on_voc_datasets_and_saves_detections(tmp_path):
     assert sorted((d["image_id"], d["category_name"], d["category_id"]) for d in saved) == [
         ("000005", "cat", 0), ("000005", "dog", 1), ("000007", "dog", 1)]
     assert saved[0]["bbox"] == pytest.approx([10, 10, 30, 30])
+    # The documented format only (pycocotools adds area, id and a polygon to the dicts it is given).
+    assert all(d.keys() == {"image_id", "category_id", "category_name", "bbox", "score"} for d in saved)

@@ -76,6 +76,12 @@ def coco_ground_truth(records, class_names):
     return coco
 
 
+def _coco_results(coco_gt, detections):
+    """pycocotools' results of ``detections``, from copies: loadRes adds an area, an id and
+    a box polygon to the dicts it is given (the saved detections keep their format)."""
+    return coco_gt.loadRes([dict(d) for d in detections])
+
+
 def per_class_coco_ap(coco_gt, detections, num_classes):
     """``{class index: (AP, AP50)}`` in percent; NaN for a class without ground truth.
 
@@ -84,8 +90,7 @@ def per_class_coco_ap(coco_gt, detections, num_classes):
     if not detections:  # 0 where the class has objects to find; difficult / crowd ones alone are none (NaN)
         return {c: (0.0 if coco_gt.getAnnIds(catIds=[c], iscrowd=0) else math.nan,) * 2 for c in range(num_classes)}
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(detections)
-        coco_eval = COCOeval(coco_gt, coco_dt, "bbox")
+        coco_eval = COCOeval(coco_gt, _coco_results(coco_gt, detections), "bbox")
         coco_eval.params.catIds = list(range(num_classes))
         coco_eval.evaluate()
         coco_eval.accumulate()
@@ -112,7 +117,7 @@ def class_agnostic_coco_ap(coco_gt, detections):
     if not detections:
         return 0.0, 0.0
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(detections), "bbox")
+        coco_eval = COCOeval(coco_gt, _coco_results(coco_gt, detections), "bbox")
         coco_eval.params.useCats = 0
         coco_eval.evaluate()
         coco_eval.accumulate()
