@@ -133,6 +133,11 @@ def test_report_lists_schedule_times_and_summary():
     assert "class_10, class_11" in schedule
     times = report.split("## Time per stage")[1].split("##")[0]
     assert "| total " in times and "| 65.0 " in times and "| 375 " in times
+    # An evaluation's results (no training times): the total is "-" as every stage's is.
+    for entry in results["stages"]:
+        del entry["train_time_s"]
+    times = format_report(results, "/run").split("## Time per stage")[1].split("##")[0]
+    assert [line.split("|")[2].strip() for line in times.strip().splitlines()[2:]] == ["-"] * 7
     assert "average incremental" in report
     assert "![forgetting curve](forgetting_curve.png)" in report and "`per_class_ap.csv`" in report
 

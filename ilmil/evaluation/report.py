@@ -89,7 +89,9 @@ def _forgetting_section(results, metrics):
 def _time_section(results):
     keys = ("train_time_s", "eval_time_s")
     rows = [[e["stage"]] + [_seconds(e.get(key)) for key in keys] for e in results["stages"]]
-    totals = [sum(e[key] for e in results["stages"] if e.get(key) is not None) for key in keys]
+    # "-" where no stage has one (an evaluation of a run has no training times)
+    totals = [sum(times) if (times := [e[key] for e in results["stages"] if e.get(key) is not None]) else None
+              for key in keys]
     rows.append(["total"] + [_seconds(t) for t in totals])
     return markdown_table(["stage", "training (s)", "evaluation (s)"], rows)
 
