@@ -15,7 +15,7 @@ from conftest import REPO_ROOT
 from ilmil.data import parse_stage_spec
 from ilmil.evaluation import add_forgetting, finalize_run, format_report, summarize_old_new
 from ilmil.evaluation.run_outputs import write_json
-from ilmil.visualization import plot_runs
+from ilmil.visualization import forgetting_plots, plot_forgetting_curve, plot_runs
 
 # AP kept from one stage to the next: finetune forgets most, ilmil little.
 KEEP = {"finetune": 0.3, "ilmil": 0.85, "faster-ilod": 0.7}
@@ -151,6 +151,27 @@ def test_several_runs_share_one_forgetting_chart(tmp_path):
                            ("per_class_heatmap", "per_class_first_vs_final") for m in ("finetune", "ilmil", "joint")])
     for path in paths:
         _assert_png(path)
+
+
+def test_the_old_classes_curve_starts_at_the_teachers_ap_only_where_the_run_starts_at_stage_0(tmp_path,
+                                                                                           monkeypatch):
+    figures = []
+
+    class Recorded(forgetting_plots.Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(forgetting_plots, "Figure", Recorded)
+    full = synthetic_results("10+2x5", "ilmil")
+    # From stage 0: its first point is stage 0's AP50 over all (then all old) classes.
+    # From stage 2 (a --start-stage 2 run, or its --stages 2,3 re-evaluation): stage 2's AP50_old.
+    for results, first in ((full, full["stages"][0]["AP50"]), (dict(full, stages=full["stages"][2:]),
+                                                              full["stages"][2]["AP50_old"])):
+        plot_forgetting_curve([results], str(tmp_path / "curve.png"))
+        (old_curve,) = figures[-1].axes[1].get_lines()
+        assert old_curve.get_ydata()[0] == pytest.approx(first)
+        assert list(old_curve.get_ydata()[1:]) == pytest.approx([e["AP50_old"] for e in results["stages"][1:]])
 
 
 def test_runs_of_one_method_in_folders_of_one_name_keep_a_plot_each(tmp_path):

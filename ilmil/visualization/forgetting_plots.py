@@ -112,9 +112,9 @@ def plot_forgetting_curve(runs, path, labels=None, metric="AP50"):
         for i, (results, label) in enumerate(zip(runs, labels)):
             stages = [e["stage"] for e in results["stages"]]
             values = [_value(e.get(metric + suffix)) for e in results["stages"]]
-            if suffix == "_old" and len(stages) > 1:
-                # The old classes' curve starts at the first stage, where they are all the
-                # classes: its AP is the teacher's, from which forgetting is seen.
+            if suffix == "_old" and len(stages) > 1 and not results["stages"][0]["old_classes"]:
+                # The old classes' curve starts at the first stage, where (in a run from stage 0)
+                # they are all the classes: its AP is the teacher's, from which forgetting is seen.
                 values[0] = _value(results["stages"][0].get(metric))
             if len(stages) > 1:
                 # clip_on=False: markers at AP 0 show whole, not cut by the axis
