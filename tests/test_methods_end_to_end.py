@@ -179,6 +179,8 @@ def test_start_stage_trains_only_the_later_stages_from_the_given_teacher(ilmil_r
     given = results["stages"][0]
     assert given["weights"] == str(teacher)
     assert not (out / "stage_0" / "model_final.pth").exists()
+    # Its training time is not this run's ("-" in the report), the trained stages' are.
+    assert given["train_time_s"] is None and all(s["train_time_s"] > 0 for s in results["stages"][1:])
     assert given["per_class"] == read_json(ilmil_run.out / "stage_0" / "metrics_eval.json")["per_class"]
     detections = read_json(out / "stage_0" / "detections.json")
     assert detections and len(detections) == len(read_json(ilmil_run.out / "stage_0" / "detections.json"))

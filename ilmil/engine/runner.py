@@ -407,7 +407,9 @@ class IncrementalRun:
                 logger.info("Stage %d: %s exists, not retraining", stage.index, final_weights)
             else:
                 model = self.train_stage(stage, *self.stage_models(stage, previous_weights, pruned_weights))
-            train_time = time.perf_counter() - stage_start
+            # Unknown (the report's "-") for a stage this process did not train; a stage resumed
+            # mid-training counts from the resume.
+            train_time = None if model is None else time.perf_counter() - stage_start
             if os.path.isfile(metrics_path):
                 with open(metrics_path) as f:
                     metrics = json.load(f)
