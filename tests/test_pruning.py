@@ -123,6 +123,38 @@ def test_loading_a_pruned_checkpoint_into_an_unpruned_model_is_refused(tmp_path)
         IncrementalCheckpointer(_model()).load(path)
 
 
+def test_frozen_layers_stay_frozen_when_pruned_and_rebuilt(tmp_path):
+    # FREEZE_AT 2 (detectron2's default): the stem and res2 do not train, pruned or not.
+    model = _model("MODEL.BACKBONE.FREEZE_AT", 2)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert any(".res2." in name for name in frozen)
+    layout = prune_l1(model, _ratios(0.5))
+    assert {name for name, p in model.named_parameters() if not p.requires_grad} == frozen
+    rebuilt = build_detector(_cfg("MODEL.BACKBONE.FREEZE_AT", 2, "ILMIL.PRUNING.CHANNELS",
+                                  [[name, width] for name, width in layout.items()]))
+    assert {name for name, p in rebuilt.named_parameters() if not p.requires_grad} == frozen
+
+
+def test_a_layout_wider_than_the_configs_model_is_refused_naming_the_layer():
+    layout = channel_layout(_model())
+    name = next(iter(layout))
+    with pytest.raises(PruningError, match=rf"^the channel layout gives {name} {2 * layout[name]} outputs, this "
+                                           rf"model's has {layout[name]}$"):
+        build_detector(_cfg("ILMIL.PRUNING.CHANNELS", [[name, 2 * layout[name]]]))
+
+
+@pytest.mark.parametrize("opts, named", [
+    (["MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.RES2_OUT_CHANNELS", 256, "MODEL.RESNETS.NUM_GROUPS", 2],
+     "MODEL.RESNETS.NUM_GROUPS 2"),
+    (["MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.RES2_OUT_CHANNELS", 256, "MODEL.RESNETS.DEFORM_ON_PER_STAGE",
+      [False, False, True, True]], r"MODEL.RESNETS.DEFORM_ON_PER_STAGE \[False, False, True, True\]"),
+])  # fmt: skip
+def test_grouped_and_deformable_blocks_are_refused_before_any_work(opts, named):
+    with pytest.raises(PruningError, match=rf"^ILMIL.PRUNING.RATIO \(--ratio, --prune\): {named}: grouped and "
+                                           r"deformable residual blocks cannot be pruned; fix:"):
+        check_pruning_config(_cfg("ILMIL.PRUNING.RATIO", 0.3, *opts))
+
+
 def test_groupnorm_blocks_are_refused_with_the_fix():
     model = _model("MODEL.RESNETS.NORM", "GN")
     with pytest.raises(PruningError, match="MODEL.RESNETS.NORM to BN"):

@@ -64,6 +64,13 @@ def check_pruning_config(cfg):
             raise PruningError(f"{key}: MODEL.BACKBONE.NAME {cfg.MODEL.BACKBONE.NAME} has no ResNet residual "
                                "blocks to prune; fix: a ResNet backbone (Faster R-CNN, RetinaNet, FCOS), or no "
                                "pruning")
+        # Grouped (ResNeXt) and deformable blocks: their convolutions' inputs are not one per channel.
+        r = cfg.MODEL.RESNETS
+        if r.NUM_GROUPS != 1 or any(r.DEFORM_ON_PER_STAGE):
+            bad = (f"MODEL.RESNETS.NUM_GROUPS {r.NUM_GROUPS}" if r.NUM_GROUPS != 1
+                   else f"MODEL.RESNETS.DEFORM_ON_PER_STAGE {list(r.DEFORM_ON_PER_STAGE)}")
+            raise PruningError(f"{key}: {bad}: grouped and deformable residual blocks cannot be pruned; fix: "
+                               "MODEL.RESNETS.NUM_GROUPS 1 and no deformable stage, or no pruning")
         if cfg.MODEL.RESNETS.NORM not in PRUNABLE_NORMS:
             raise PruningError(f"{key}: MODEL.RESNETS.NORM {cfg.MODEL.RESNETS.NORM} cannot be narrowed (its group "
                                "count would have to divide every new width); fix: set MODEL.RESNETS.NORM to BN, "

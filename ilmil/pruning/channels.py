@@ -75,6 +75,9 @@ def apply_channel_layout(model, layout):
         raise PruningError(f"the channel layout names layers this model does not have: {', '.join(unknown[:5])}")
     for name, width in layout.items():
         layer, consumers = layers[name]
+        if not 1 <= width <= _out_width(layer):  # a layout of a wider model of the same layers
+            raise PruningError(f"the channel layout gives {name} {width} outputs, this model's has "
+                               f"{_out_width(layer)}")
         if width != _out_width(layer):
             _keep(layer, consumers, torch.arange(int(width)))
     return model
@@ -108,12 +111,18 @@ def _out_width(layer):
     return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
 
+def _narrowed(parameter, index):
+    """``parameter[index]`` as a parameter of its own, as trainable as it was (a frozen
+    stage, FREEZE_AT, stays frozen)."""
+    return nn.Parameter(parameter[index].clone(), requires_grad=parameter.requires_grad)
+
+
 def _keep(layer, consumers, keep):
     """Keep outputs ``keep`` of ``layer`` (with its norm) and the matching inputs of its consumers."""
     with torch.no_grad():
-        layer.weight = nn.Parameter(layer.weight[keep].clone())
+        layer.weight = _narrowed(layer.weight, keep)
         if layer.bias is not None:
-            layer.bias = nn.Parameter(layer.bias[keep].clone())
+            layer.bias = _narrowed(layer.bias, keep)
         if isinstance(layer, nn.Conv2d):
             layer.out_channels = len(keep)
             if getattr(layer, "norm", None) is not None:
@@ -121,7 +130,7 @@ def _keep(layer, consumers, keep):
         else:
             layer.out_features = len(keep)
         for consumer in consumers:
-            consumer.weight = nn.Parameter(consumer.weight[:, keep].clone())
+            consumer.weight = _narrowed(consumer.weight, (slice(None), keep))
             if isinstance(consumer, nn.Conv2d):
                 consumer.in_channels = len(keep)
             else:
@@ -133,11 +142,7 @@ def _keep_norm(norm, keep):
     if isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)):
         for key in ("weight", "bias", "running_mean", "running_var"):
             value = getattr(norm, key)
-            selected = value[keep].clone()
-            if isinstance(value, nn.Parameter):
-                setattr(norm, key, nn.Parameter(selected))
-            else:
-                setattr(norm, key, selected)
+            setattr(norm, key, _narrowed(value, keep) if isinstance(value, nn.Parameter) else value[keep].clone())
         norm.num_features = len(keep)
     else:
         # GroupNorm would also need its group count to divide every new width.
