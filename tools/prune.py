@@ -26,8 +26,8 @@ from ilmil.data import DatasetError, load_dataset_source, register_stage_dataset
 from ilmil.data.stages import Stage
 from ilmil.deploy import check_default_config_fits, run_config_of
 from ilmil.engine import require_output_dir, run_tool_main, tool_parser
-from ilmil.engine.pruning_stage import check_pruning_config, prune_checkpoint
-from ilmil.pruning import format_pruning_table
+from ilmil.engine.pruning_stage import check_pruning_config, prune_checkpoint, pruning_enabled
+from ilmil.pruning import PruningError, format_pruning_table
 
 
 def _ratios(text):
@@ -77,6 +77,9 @@ def main(argv=None):
             cfg.ILMIL.PRUNING[key] = value
     cfg.OUTPUT_DIR = args.output_dir
     check_pruning_config(cfg)
+    if not pruning_enabled(cfg):
+        raise PruningError("--ratio, --stage-ratios and --box-head-ratio prune nothing (all 0, or --stage-ratios "
+                           "0 replacing --ratio); fix: give a ratio above 0, e.g. --ratio 0.3")
     classes = checkpoint_class_names(safe_load(args.weights))
     if not classes:
         raise DatasetError(f"{args.weights} records no class names: give a checkpoint written by ilmil's tools")

@@ -44,8 +44,9 @@ _RESNET_STAGE = re.compile(r"\.res([2-5])\.")
 
 
 def pruning_enabled(cfg):
+    """Whether the ratios prune anything (STAGE_RATIOS, when given, replace RATIO)."""
     p = cfg.ILMIL.PRUNING
-    return p.RATIO > 0 or any(r > 0 for r in p.STAGE_RATIOS) or p.BOX_HEAD_RATIO > 0
+    return any(r > 0 for r in (p.STAGE_RATIOS or [p.RATIO])) or p.BOX_HEAD_RATIO > 0
 
 
 # detectron2's norm names whose layers prune_l1 can narrow (BatchNorm kinds, or no norm);
