@@ -4,6 +4,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import math
 import os
 import sys
 import tempfile
@@ -17,8 +18,8 @@ from detectron2.modeling import META_ARCH_REGISTRY
 
 __all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "add_retinanet_config",
            "add_yolo_config", "changed_from_defaults", "check_choice", "check_device", "check_mixed_precision",
-           "check_lr_steps", "check_optimizer", "check_value", "config_from_dump", "config_items", "config_value", "config_overrides",
-           "default_cfg", "derived_cfg",
+           "check_lr_steps", "check_optimizer", "check_test_input", "check_training_values", "check_value",
+           "config_from_dump", "config_items", "config_value", "config_overrides", "default_cfg", "derived_cfg",
            "get_ilmil_cfg", "import_plugins", "method_preset", "method_presets", "num_classes_changes",
            "set_num_classes", "uses_teacher",
            "DEFAULT_CONFIG", "METHOD_PRESETS"]
@@ -73,6 +74,35 @@ def check_lr_steps(cfg):
         raise ConfigError(f"SOLVER.STEPS {tuple(cfg.SOLVER.STEPS)} with SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER}: the "
                           "learning-rate steps must increase and lie between 0 and MAX_ITER, both excluded; fix: e.g. "
                           f"SOLVER.STEPS \"{f'({step},)' if step >= 1 else '()'}\"")
+
+
+def check_test_input(cfg):
+    """The input and output keys an evaluation or a prediction reads, of values detectron2
+    takes (it refuses the others deep in its loader, after the run's set-up)."""
+    check_choice("INPUT.FORMAT", cfg.INPUT.FORMAT, ("BGR", "RGB"))
+    check_value("INPUT.MIN_SIZE_TEST", cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST >= 0,
+                "0 (no resizing) or a size in pixels", 256)
+    check_value("INPUT.MAX_SIZE_TEST", cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST >= 1, "a size in pixels", 1333)
+    check_value("TEST.DETECTIONS_PER_IMAGE", cfg.TEST.DETECTIONS_PER_IMAGE, cfg.TEST.DETECTIONS_PER_IMAGE >= 1,
+                "at least 1", 100)
+
+
+def check_training_values(cfg):
+    """The solver, loader and input keys of a training, of values it can run with (torch,
+    fvcore and detectron2 refuse the others with a traceback, some only at the first
+    checkpoint or evaluation)."""
+    s = cfg.SOLVER
+    check_value("SOLVER.BASE_LR", s.BASE_LR, math.isfinite(s.BASE_LR) and s.BASE_LR > 0, "above 0", 0.001)
+    check_value("SOLVER.MAX_ITER", s.MAX_ITER, s.MAX_ITER >= 1, "at least 1", 500)
+    check_value("SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH, s.IMS_PER_BATCH >= 1, "at least 1", 4)
+    check_value("SOLVER.WEIGHT_DECAY", s.WEIGHT_DECAY, s.WEIGHT_DECAY >= 0, "0 or above", 0.0001)
+    if check_optimizer(cfg) == "SGD":
+        check_value("SOLVER.MOMENTUM", s.MOMENTUM, 0 <= s.MOMENTUM < 1, "in [0, 1)", 0.9)
+    check_value("SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD, s.CHECKPOINT_PERIOD >= 1, "at least 1", 250)
+    check_value("DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS, cfg.DATALOADER.NUM_WORKERS >= 0, "0 or above", 2)
+    sizes = list(cfg.INPUT.MIN_SIZE_TRAIN)
+    check_value("INPUT.MIN_SIZE_TRAIN", tuple(sizes), sizes and min(sizes) >= 1, "sizes in pixels", "\"(256,)\"")
+    check_test_input(cfg)
 
 
 def check_device(cfg):

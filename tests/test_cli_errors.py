@@ -9,6 +9,7 @@ line. All of them fail in the checks before any training.
 import json
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,7 +21,7 @@ from ilmil.config import CONFIGS_DIR, get_ilmil_cfg
 from ilmil.data.shapes import shape_class_names
 from ilmil.modeling import build_detector
 from ilmil.pruning import channel_layout
-from tool_runs import SHAPES_OPTS, TRAIN_OPTS, run_tool, run_tool_here, tail
+from tool_runs import SHAPES_OPTS, TRAIN_OPTS, kill_when_exists, run_tool, run_tool_here, start_tool, tail
 from voc_coco_files import write_coco_json, write_voc_folder
 
 SHAPES = shape_class_names(TINY_SHAPES["num_classes"])
@@ -365,6 +366,20 @@ CASES = {
     "override_without_value": Case("train_incremental.py", lambda tmp_path, _: Bad(
         ["--stages", "2+2", "--output-dir", str(tmp_path / "out"), "SOLVER.MAX_ITER"], "SOLVER.MAX_ITER")),
     "override_wrong_type": _choice("SOLVER.MAX_ITER", "many", names="for config key: SOLVER.MAX_ITER"),
+    # Values of the right type that torch, fvcore or detectron2 refuse with a traceback (some at
+    # the first checkpoint or the first evaluation).
+    "base_lr_negative": _shapes_key("SOLVER.BASE_LR", "-1", "SOLVER.BASE_LR -1.0: must be above 0; fix: e.g."),
+    "max_iter_zero": _shapes_key("SOLVER.MAX_ITER", "0", "SOLVER.MAX_ITER 0: must be at least 1"),
+    "checkpoint_period_zero": _shapes_key("SOLVER.CHECKPOINT_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD 0: must be"),
+    "num_workers_negative": _shapes_key("DATALOADER.NUM_WORKERS", "-1", "DATALOADER.NUM_WORKERS -1: must be"),
+    "input_format": _shapes_key("INPUT.FORMAT", "XYZ", "INPUT.FORMAT 'XYZ': choose one of BGR, RGB"),
+    "min_size_test_negative": _shapes_key("INPUT.MIN_SIZE_TEST", "-5", "INPUT.MIN_SIZE_TEST -5: must be"),
+    "yolo_no_anchors_per_level": Case("train_incremental.py", lambda tmp_path, _: Bad([
+        *_train(tmp_path, "--config-file", os.path.join(CONFIGS_DIR, "shapes", "yolov3_cpu.yaml")),
+        "MODEL.YOLO.ANCHORS", "[]", "MODEL.YOLO.NUM_ANCHORS", "0"], "MODEL.YOLO.NUM_ANCHORS 0: must be at least 1")),
+    # Contradicting flags, or a flag and the key it sets (the flag would silently win).
+    "resume_and_force": _choice("--resume", "--force", names="--resume and --force together"),
+    "stages_flag_and_key": _choice("ILMIL.STAGES", "3", names="--stages and ILMIL.STAGES both given"),
     "stages_beyond_class_order": _choice("--class-order", ",".join(SHAPES[:2]), names="stage spec '2+2' needs 4 "
                                          "classes but ILMIL.CLASS_ORDER (--class-order) has 2; fix: lower the counts"),
     # argparse hands the overrides every argument after the first KEY, a flag too.
@@ -423,11 +438,16 @@ CASES = {
     "eval_not_a_run": Case("eval_incremental.py", _not_a_run),
     "eval_bad_schedule": Case("eval_incremental.py", _bad_schedule),
     "eval_output_dir_is_a_file": Case("eval_incremental.py", _eval_output_dir_is_a_file),
+    "eval_min_size_test_negative": Case("eval_incremental.py", lambda tmp_path, checkpoints: Bad(
+        ["--weights", str(checkpoints["good"]), "--quiet", *SHAPES_OPTS, *TRAIN_OPTS, "INPUT.MIN_SIZE_TEST", "-5"],
+        "INPUT.MIN_SIZE_TEST -5: must be")),
     # prune.py
     "prune_weights_missing": _prune("{weights} not found", kind="missing"),
     "prune_three_stage_ratios": _prune("--stage-ratios) [0.1, 0.2, 0.3]: needs 4 values", "--stage-ratios",
                                        "0.1,0.2,0.3"),
     "prune_output_dir_is_a_file": Case("prune.py", _prune_output_dir_is_a_file),
+    "prune_finetune_iters_negative": _prune("ILMIL.PRUNING.FINETUNE_ITERS -5: must be", "--ratio", "0.3",
+                                            "--finetune-iters", "-5"),
     # A KEY VALUE override of a key a flag also sets reaches the check when the flag is not given.
     "prune_ratio_override": _prune("ILMIL.PRUNING.RATIO (--ratio, --prune) 1.5", "ILMIL.PRUNING.RATIO", "1.5"),
     # plot_forgetting.py
@@ -472,3 +492,18 @@ def test_a_bad_input_ends_in_one_error_line(name, tmp_path, tiny_datasets_root, 
     assert _snapshot(bad.kept) == before
     written = {p for p in tmp_path.rglob("*") if p not in before_files and p.is_file()}
     assert not [p for p in written if p.name in OUTPUTS or p.suffix == ".pth" or p.suffix == ".png"], written
+
+
+def test_ctrl_c_ends_in_one_line_and_the_run_resumes(tmp_path, tiny_datasets_root):
+    out = tmp_path / "out"
+    args = _train(tmp_path, "SOLVER.CHECKPOINT_PERIOD", "2")
+    log = tmp_path / "interrupted.log"
+    status = kill_when_exists(start_tool("train_incremental.py", args, tiny_datasets_root, log),
+                              out / "stage_0" / "model_0000001.pth", sig=signal.SIGINT)
+    text = log.read_text()
+    assert status == 130 and "Traceback" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1].startswith("error: interrupted; what was saved is kept"), text[-3000:]
+    proc = run_tool("train_incremental.py", ["--resume", *args], tiny_datasets_root)
+    assert proc.returncode == 0, tail(proc)
+    assert "Stage 0: resuming at iteration 2" in proc.log and (out / "results.json").is_file()
+

@@ -96,13 +96,13 @@ def start_tool(tool, args, datasets_root, log_file):
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
-def kill_when_exists(proc, path, timeout=300):
-    """SIGKILL the tool ``proc`` as soon as ``path`` exists (or it ended, or ``timeout``
-    passed); returns its exit status."""
+def kill_when_exists(proc, path, timeout=300, sig=signal.SIGKILL):
+    """Send ``sig`` to the tool ``proc`` as soon as ``path`` exists (or it ended, or
+    ``timeout`` passed); returns its exit status."""
     deadline = time.monotonic() + timeout
     while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(sig)
     return proc.wait()
 
 

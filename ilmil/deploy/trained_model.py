@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoint import CheckpointError, checkpoint_class_names, safe_load
-from ..config import (ConfigError, check_device, config_overrides, config_value, derived_cfg, get_ilmil_cfg,
-                      num_classes_changes)
+from ..config import (ConfigError, check_device, check_test_input, config_overrides, config_value, derived_cfg,
+                      get_ilmil_cfg, num_classes_changes)
 from ..data import shape_class_names
 from ..data.shapes import MAX_CLASSES
 from ..modeling import load_detector
@@ -106,6 +106,7 @@ def load_trained_model(weights, config_file=None, opts=(), score_thresh=None, ma
             changes[key] = type(config_value(cfg, key))(value)
     cfg = derived_cfg(cfg, changes)
     check_device(cfg)
+    check_test_input(cfg)
     cfg.freeze()
     model = load_detector(cfg, weights, checkpoint).eval()
     return TrainedModel(model, cfg, list(class_names), weights)

@@ -57,6 +57,16 @@ def setup_run(args, method=None, required=(), **keys):
     if missing:
         raise ConfigError(f"{', '.join(missing)} not given; fix: add {' '.join(f'{flag} ...' for flag in missing)} "
                           "before any KEY VALUE override (see --help)")
+    if args.resume and args.force:
+        raise ConfigError("--resume and --force together: --resume continues the run in --output-dir, --force "
+                          "removes its outputs and starts over; fix: give one of them")
+    flags = {"ILMIL.DATASET": ("--dataset", args.dataset), "ILMIL.STAGES": ("--stages", args.stages),
+             "SEED": ("--seed", args.seed), "ILMIL.CLASS_ORDER": ("--class-order", args.class_order)}
+    opts = args.opts[1:] if args.opts[:1] == ["--"] else args.opts
+    overridden = set(opts[::2])  # KEY VALUE pairs (get_ilmil_cfg has checked their form)
+    both = [f"{flag} and {key}" for key, (flag, value) in flags.items() if value is not None and key in overridden]
+    if both:
+        raise ConfigError(f"{', '.join(both)} both given (the flag would win); fix: give one of them")
     given = {"ILMIL.DATASET": args.dataset, "ILMIL.STAGES": args.stages, "SEED": args.seed,
              "ILMIL.CLASS_ORDER": class_names_flag("--class-order", args.class_order) if args.class_order else None,
              **keys}
@@ -72,9 +82,14 @@ def setup_run(args, method=None, required=(), **keys):
 
 def run_tool_main(main, argv=None):
     """``main(argv)``'s exit status; an error of ``RUN_ERRORS`` (its message names what
-    was wrong, where, and the fix) is printed as ``error: <message>`` and gives 1."""
+    was wrong, where, and the fix) is printed as ``error: <message>`` and gives 1, a
+    Ctrl-C one line and 130 (the shell's status of an interrupted command)."""
     try:
         return main(argv)
     except RUN_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written whole (atomic_write), so nothing is lost
+        print("error: interrupted; what was saved is kept: a training continues from its last checkpoint with "
+              "the same command and --resume", file=sys.stderr)
+        return 130

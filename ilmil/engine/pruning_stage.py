@@ -25,7 +25,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from ..checkpoint import IncrementalCheckpointer, StageRecord, load_checked_checkpoint
-from ..config import derived_cfg
+from ..config import check_value, derived_cfg
 from ..data import with_every_class_old
 from ..evaluation import evaluate_model
 from ..evaluation.run_outputs import write_json
@@ -82,6 +82,8 @@ def check_pruning_config(cfg):
         raise PruningError(f"ILMIL.PRUNING.BOX_HEAD_RATIO (--box-head-ratio) {p.BOX_HEAD_RATIO}: "
                            f"MODEL.META_ARCHITECTURE {arch} has no fully connected box head; fix: 0 (its backbone "
                            "prunes with ILMIL.PRUNING.RATIO or STAGE_RATIOS)")
+    check_value("ILMIL.PRUNING.FINETUNE_ITERS", p.FINETUNE_ITERS, p.FINETUNE_ITERS >= 0,
+                "0 (no fine-tuning) or more", 200)
     if not p.FINETUNE_TEACHER:
         return
     key = "ILMIL.PRUNING.FINETUNE_TEACHER (--finetune-teacher) True"

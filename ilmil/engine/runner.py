@@ -35,7 +35,7 @@ from detectron2.utils.env import seed_all_rng
 from ..checkpoint import CheckpointClassesError, CheckpointError, load_checked_checkpoint
 from ..compat import report_without_traceback
 from ..config import (METHOD_PRESETS, ConfigError, check_choice, check_device, check_lr_steps, check_mixed_precision,
-                      check_optimizer, derived_cfg, num_classes_changes, uses_teacher)
+                      check_training_values, derived_cfg, num_classes_changes, uses_teacher)
 from ..data import (
     DATA_PROBLEMS_FIX,
     DEFAULT_CLASS_ORDER,
@@ -129,7 +129,7 @@ class IncrementalRun:
                 "belongs to a compression run, an incremental run would ignore it; fix: tools/train_compression.py "
                 "--assistant-config, or leave the key empty")
         self.method = check_choice("ILMIL.METHOD", cfg.ILMIL.METHOD, METHOD_PRESETS)
-        check_optimizer(cfg)
+        check_training_values(cfg)
         check_lr_steps(cfg)
         check_device(cfg)
         check_mixed_precision(cfg)

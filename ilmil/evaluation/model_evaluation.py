@@ -24,7 +24,7 @@ from detectron2.evaluation import inference_on_dataset
 
 from ..checkpoint import (CheckpointClassesError, checkpoint_class_names, is_onnx_file, load_checked_checkpoint,
                           safe_load)
-from ..config import derived_cfg, get_ilmil_cfg, num_classes_changes
+from ..config import check_test_input, derived_cfg, get_ilmil_cfg, num_classes_changes
 from ..data import DatasetError, load_dataset_source, register_stage_datasets
 from ..data.stages import Stage, StageSpecError
 from ..deploy import OnnxDetector
@@ -136,6 +136,7 @@ def evaluate_run(run_dir, output_dir=None, stages=None, opts=(), progress=True):
     """
     schedule = _run_schedule(run_dir)
     cfg = get_ilmil_cfg(os.path.join(run_dir, "config.yaml"), opts)
+    check_test_input(cfg)
     weights = {info["index"]: os.path.join(run_dir, f"stage_{info['index']}", "model_final.pth") for info in schedule}
     weights.update(_given_models(run_dir))
     if stages is None:
@@ -209,6 +210,7 @@ def evaluate_checkpoint(cfg, weights, classes=None, num_old=0, output_dir=None, 
             raise CheckpointClassesError(f"{weights} does not record its classes: give them (--classes a,b,c)")
     if not 0 <= num_old <= len(classes):
         raise StageSpecError(f"--num-old {num_old}: there are {len(classes)} classes; fix: give 0..{len(classes)}")
+    check_test_input(cfg)
     source = load_dataset_source(cfg, splits=("test",))
     unknown = [c for c in classes if c not in source.class_names]
     if unknown:

@@ -11,7 +11,7 @@ import numpy as np
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import BoxMode
 
-from ..config import ConfigError, derived_cfg
+from ..config import ConfigError, check_value, derived_cfg
 from .yolo import YOLOV3
 
 __all__ = ["kmeans_anchors", "record_boxes", "resize_scale", "training_box_sizes", "with_yolo_anchors", "yolo_anchors"]
@@ -81,6 +81,7 @@ def yolo_anchors(cfg, dataset_dicts, seed=0):
     """``MODEL.YOLO.ANCHORS`` computed from ``dataset_dicts``: per level, finest first, a
     list of ``NUM_ANCHORS`` [w, h] rounded to 0.1 px."""
     y = cfg.MODEL.YOLO
+    check_value("MODEL.YOLO.NUM_ANCHORS", y.NUM_ANCHORS, y.NUM_ANCHORS >= 1, "at least 1 (anchors per level)", 3)
     wh = training_box_sizes(dataset_dicts, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
     centroids = kmeans_anchors(wh, len(y.IN_FEATURES) * y.NUM_ANCHORS, seed)
     return [[[round(float(w), 1), round(float(h), 1)] for w, h in centroids[i:i + y.NUM_ANCHORS]]
