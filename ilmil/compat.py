@@ -38,6 +38,11 @@ if not HAS_DETECTRON2_OPS:
     sys.modules["detectron2._C"] = _placeholder
     detectron2._C = _placeholder
 
+# collect_env_info imports torch's extension builder, which warns on stderr at import that
+# it found a CUDA toolkit without a CUDA runtime (a CPU machine with /usr/local/cuda): a
+# line about compiling extensions, which ilmil never does, in every run's output.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
 # Pillow 10 removed the ``Image.LINEAR`` alias (same value as BILINEAR), which
 # data/transforms/transform.py uses as a default argument at import time.
 if not hasattr(Image, "LINEAR"):

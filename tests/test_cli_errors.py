@@ -377,6 +377,11 @@ CASES = {
     "yolo_no_anchors_per_level": Case("train_incremental.py", lambda tmp_path, _: Bad([
         *_train(tmp_path, "--config-file", os.path.join(CONFIGS_DIR, "shapes", "yolov3_cpu.yaml")),
         "MODEL.YOLO.ANCHORS", "[]", "MODEL.YOLO.NUM_ANCHORS", "0"], "MODEL.YOLO.NUM_ANCHORS 0: must be at least 1")),
+    # MODEL keys detectron2 asserts on (or looks up in a table) when it builds the model.
+    "anchor_sizes_per_level": _shapes_key("MODEL.ANCHOR_GENERATOR.SIZES", "[[12], [24]]",
+                                          "cannot be built from the config's MODEL keys (AssertionError: Got sizes "
+                                          "of length 2 in anchor generator"),
+    "resnet_depth": _shapes_key("MODEL.RESNETS.DEPTH", "19", "MODEL keys (KeyError: 19)"),
     # Contradicting flags, or a flag and the key it sets (the flag would silently win).
     "resume_and_force": _choice("--resume", "--force", names="--resume and --force together"),
     "stages_flag_and_key": _choice("ILMIL.STAGES", "3", names="--stages and ILMIL.STAGES both given"),

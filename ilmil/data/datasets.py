@@ -533,7 +533,8 @@ def _warn_of_case_twins(class_names, where):
 def _required_key(cfg, key):
     value = cfg.ILMIL.DATA.get(key)
     if not value:
-        raise DatasetError(f"ILMIL.DATASET {cfg.ILMIL.DATASET} needs ILMIL.DATA.{key} (see README, custom datasets)")
+        raise DatasetError(f"ILMIL.DATASET {cfg.ILMIL.DATASET} needs ILMIL.DATA.{key}; fix: give it (README, "
+                           "Datasets)")
     return value
 
 

@@ -60,14 +60,14 @@ def parse_stage_spec(spec, num_classes=None, classes_from="the dataset"):
     """
     text = str(spec).strip()
     if not text:
-        raise StageSpecError("empty stage spec: give class counts such as 10+10 or 15+1x5")
+        raise StageSpecError("empty stage spec; fix: give class counts such as 10+10 or 15+1x5")
     terms = []
     for term in (part.strip() for part in text.split("+")):  # spaces around a + only: "1 1" is no 11
         match = _TERM.match(term)
         if match is None:
             raise StageSpecError(
                 f"stage spec {spec!r}: term {term!r} is not a positive integer N or NxM "
-                "(M stages of N classes); example: 15+1x5"
+                "(M stages of N classes); fix: e.g. 15+1x5"
             )
         size, repeat = int(match.group(1)), int(match.group(2) or 1)
         if size == 0 or repeat == 0:

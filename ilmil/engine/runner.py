@@ -56,7 +56,7 @@ from ..evaluation import NotARunError, evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
 from ..distill import DistillationStudent, check_distill_config, is_student_architecture
 from ..file_io import atomic_write
-from ..modeling import TooSmallMapError, load_detector, load_expanded, with_checkpoint_layout, with_yolo_anchors
+from ..modeling import TooSmallMapError, build_detector, load_detector, load_expanded, with_checkpoint_layout, with_yolo_anchors
 from ..pruning import PruningError
 from .launch import main_process_first
 from .pruning_stage import check_pruning_config, check_pruning_stage, prune_checkpoint, pruning_enabled
@@ -161,7 +161,8 @@ class IncrementalRun:
             self.schedule = build_schedule(class_order, counts)
             self.iter_scale = 1
         if not 0 <= start_stage < len(self.schedule):
-            raise StageSpecError(f"--start-stage {start_stage}: the schedule has stages 0..{len(self.schedule) - 1}")
+            raise StageSpecError(f"--start-stage {start_stage}: the schedule has stages 0..{len(self.schedule) - 1}; "
+                                 f"fix: a stage in 1..{len(self.schedule) - 1}")
         if start_stage > 0 and not teacher_weights:
             raise ConfigError(f"--start-stage {start_stage} needs --teacher-weights: the model of stages "
                               f"0..{start_stage - 1}; fix: give that checkpoint, or start at stage 0")
@@ -177,6 +178,11 @@ class IncrementalRun:
                            for s in self.schedule]
         # A YOLO config without anchors gets them from the first stage's training boxes.
         self.cfg = cfg = with_yolo_anchors(cfg, DatasetCatalog.get(self.registered[0][0]))
+        # MODEL keys detectron2 checks only as it builds: the first stage's model, built once now.
+        try:
+            build_detector(derived_cfg(cfg, num_classes_changes(len(self.schedule[0].seen_classes))))
+        except ConfigError as e:
+            problems.append(str(e))
         # A wrong start model (classes, architecture) is refused before any work (YOLO's anchors are set by now).
         if teacher_weights:
             try:

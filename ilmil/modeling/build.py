@@ -4,15 +4,24 @@ from detectron2.modeling import build_model
 
 from ..checkpoint import (CheckpointError, IncrementalCheckpointer, checkpoint_anchors, checkpoint_channel_layout,
                           safe_load, unwrapped_state)
-from ..config import derived_cfg
+from ..config import ConfigError, derived_cfg
 from ..pruning import PruningError, apply_channel_layout
 
 __all__ = ["build_detector", "load_detector", "with_checkpoint_layout"]
 
 
 def build_detector(cfg):
-    """detectron2's ``build_model``, reshaped to ``cfg.ILMIL.PRUNING.CHANNELS``."""
-    model = build_model(cfg)
+    """detectron2's ``build_model``, reshaped to ``cfg.ILMIL.PRUNING.CHANNELS``. A MODEL
+    key the model cannot be built with (detectron2 asserts, or looks the value up in a
+    table) is a :class:`ConfigError` that gives detectron2's reason."""
+    try:
+        model = build_model(cfg)
+    except ConfigError:
+        raise
+    except (AssertionError, KeyError, ValueError) as e:
+        raise ConfigError(f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE} cannot be built from the config's "
+                          f"MODEL keys ({type(e).__name__}: {e}); fix: check the MODEL keys of the config file and "
+                          "the overrides") from e
     return apply_channel_layout(model, dict(cfg.ILMIL.PRUNING.CHANNELS))
 
 
