@@ -455,6 +455,10 @@ CASES = {
                                             "--finetune-iters", "-5"),
     # A KEY VALUE override of a key a flag also sets reaches the check when the flag is not given.
     "prune_ratio_override": _prune("ILMIL.PRUNING.RATIO (--ratio, --prune) 1.5", "ILMIL.PRUNING.RATIO", "1.5"),
+    # yolo_anchors.py
+    "anchors_of_a_faster_rcnn": Case("yolo_anchors.py", lambda tmp_path, _: Bad(
+        ["--config-file", os.path.join(CONFIGS_DIR, "shapes", "faster_rcnn_R18_FPN_cpu.yaml"), *SHAPES_OPTS],
+        "MODEL.META_ARCHITECTURE IncrementalRCNN has no YOLO anchors")),
     # plot_forgetting.py
     "plot_no_results": _plot(None, "{results} not found"),
     "plot_results_a_list": _plot("[]", "{results} is not a run's results"),
