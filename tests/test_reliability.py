@@ -5,6 +5,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -581,6 +582,24 @@ def test_a_changed_config_is_named_key_by_key_and_an_older_record_is_not_held_to
     message = str(info.value)
     assert "ILMIL.DISTILL.RCN.WEIGHT: 1.0 there, 0.25 now; INPUT.MIN_SIZE_TEST: 256 there, 128 now" in message
     assert "SOLVER.BASE_LR" not in message
+
+
+def test_the_settings_of_a_term_left_off_are_not_compared(tmp_path):
+    """A config whose term the run never switches on (YOLO's attention layers, named since)
+    is the same run; switched on, or read by a pruned model's fine-tuning, they count."""
+    off = {"ILMIL.DISTILL.AT.ENABLED": False, "ILMIL.DISTILL.AT.LAYERS": ["res3", "res4"],
+           "ILMIL.DISTILL.FEAT.ENABLED": False, "ILMIL.DISTILL.FEAT.LAYERS": ["res4"],
+           "ILMIL.PRUNING.FINETUNE_TEACHER": False}
+    claim_run_dir(str(tmp_path), dict(IDENTITY, config=off), seed=0)
+    renamed = dict(off, **{"ILMIL.DISTILL.AT.LAYERS": ["dark3", "dark4"], "ILMIL.DISTILL.FEAT.LAYERS": ["dark4"]})
+    claim_run_dir(str(tmp_path), dict(IDENTITY, config=renamed), seed=0)
+    for changed, named in ((dict(off, **{"ILMIL.DISTILL.AT.ENABLED": True}), "ILMIL.DISTILL.AT.ENABLED: False there"),
+                           (dict(renamed, **{"ILMIL.PRUNING.FINETUNE_TEACHER": True}),
+                            "ILMIL.DISTILL.FEAT.LAYERS: ['res4'] there, ['dark4'] now")):
+        (tmp_path / "run.json").write_text(json.dumps({"identity": dict(IDENTITY, config=dict(
+            off, **{"ILMIL.PRUNING.FINETUNE_TEACHER": changed["ILMIL.PRUNING.FINETUNE_TEACHER"]}))}))
+        with pytest.raises(RunDirError, match=re.escape(named)):
+            claim_run_dir(str(tmp_path), dict(IDENTITY, config=changed), seed=0)
 
 
 def test_a_key_added_since_the_record_counts_only_when_it_leaves_its_default(tmp_path):

@@ -193,6 +193,17 @@ def _recorded_run(output_dir):
     return recorded, path
 
 
+def _read_settings(config):
+    """``config`` (a run identity's) without the settings of the distillation terms it
+    leaves off, which the run never reads (their ``ENABLED`` counts); a pruned model's
+    fine-tuning from its teacher reads the feature term's whatever its switch."""
+    off = {key[: -len("ENABLED")] for key, value in config.items()
+           if key.startswith("ILMIL.DISTILL.") and key.endswith(".ENABLED") and value is False}
+    if config.get("ILMIL.PRUNING.FINETUNE_TEACHER"):
+        off.discard("ILMIL.DISTILL.FEAT.")
+    return {key: value for key, value in config.items() if key.endswith(".ENABLED") or not key.startswith(tuple(off))}
+
+
 def check_run_dir(output_dir, identity, force=False):
     """Refuse (RunDirError) an ``output_dir`` that holds another run, changing nothing:
     what ``claim_run_dir`` checks before it writes, for a run to check before any work.
@@ -202,13 +213,14 @@ def check_run_dir(output_dir, identity, force=False):
     recorded, path = _recorded_run(output_dir)
     if recorded is None:
         return None
-    before = recorded.get("identity", {})
+    before = dict(recorded.get("identity", {}))
     comparable = dict(identity)
     if isinstance(before.get("config"), dict) and "config" in identity:
         # Keys the recorded run's version lacked, still at their default, changed nothing.
         defaults = training_config(default_cfg())
-        comparable["config"] = {k: v for k, v in identity["config"].items()
-                                if k in before["config"] or defaults.get(k) != v}
+        comparable["config"] = _read_settings({k: v for k, v in identity["config"].items()
+                                               if k in before["config"] or defaults.get(k) != v})
+        before["config"] = _read_settings(before["config"])
     changed = [key for key in comparable if key in before and before[key] != comparable[key]]
     if changed:
         listed = "; ".join(clause for key in changed for clause in _differences(key, before[key], comparable[key]))
