@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA path, checked end to end on a machine with one GPU, and its step times:
 #   1. the speed suite (finetune, ilmil, ilmil with a bfloat16 teacher) in float32;
-#   2. the kd suite's quick budget on every detector and method (eight runs at a time);
+#   2. the kd suite's quick budget on every detector, its main rows (eight runs at a time);
 #   3. the same kd runs with mixed-precision training (SOLVER.AMP.ENABLED);
 #   4. the speed suite with mixed-precision training;
 #   5. the one-stage suite's quick budget (incremental RetinaNet, FCOS, YOLO).

@@ -83,8 +83,10 @@ def check_test_input(cfg):
     check_value("INPUT.MIN_SIZE_TEST", cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST >= 0,
                 "0 (no resizing) or a size in pixels", 256)
     check_value("INPUT.MAX_SIZE_TEST", cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST >= 1, "a size in pixels", 1333)
-    check_value("TEST.DETECTIONS_PER_IMAGE", cfg.TEST.DETECTIONS_PER_IMAGE, cfg.TEST.DETECTIONS_PER_IMAGE >= 1,
-                "at least 1", 100)
+    # Below 0 R-CNN's box head keeps every detection; a dense head would cut one off.
+    n = cfg.TEST.DETECTIONS_PER_IMAGE
+    check_value("TEST.DETECTIONS_PER_IMAGE", n, n >= 1 or (n < 0 and "RCNN" in cfg.MODEL.META_ARCHITECTURE),
+                "at least 1 (R-CNN: or -1, every detection)", 100)
 
 
 def check_training_values(cfg):
@@ -101,7 +103,8 @@ def check_training_values(cfg):
     check_value("SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD, s.CHECKPOINT_PERIOD >= 1, "at least 1", 250)
     check_value("DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS, cfg.DATALOADER.NUM_WORKERS >= 0, "0 or above", 2)
     sizes = list(cfg.INPUT.MIN_SIZE_TRAIN)
-    check_value("INPUT.MIN_SIZE_TRAIN", tuple(sizes), sizes and min(sizes) >= 1, "sizes in pixels", "\"(256,)\"")
+    check_value("INPUT.MIN_SIZE_TRAIN", tuple(sizes), sizes and min(sizes) >= 0, "sizes in pixels (0: no resizing)",
+                "\"(256,)\"")
     check_test_input(cfg)
 
 

@@ -385,6 +385,11 @@ CASES = {
     # Contradicting flags, or a flag and the key it sets (the flag would silently win).
     "resume_and_force": _choice("--resume", "--force", names="--resume and --force together"),
     "stages_flag_and_key": _choice("ILMIL.STAGES", "3", names="--stages and ILMIL.STAGES both given"),
+    "prune_flag_and_key": _choice("--prune", "0.3", "ILMIL.PRUNING.RATIO", "0.5",
+                                  names="--prune and ILMIL.PRUNING.RATIO both given"),
+    "output_dir_flag_and_key": _choice("OUTPUT_DIR", "elsewhere", names="--output-dir and OUTPUT_DIR both given"),
+    "stage_ratios_replace_prune": _choice("--prune", "0.3", "ILMIL.PRUNING.STAGE_RATIOS", "[0, 0, 0, 0]",
+                                          names="replace ILMIL.PRUNING.RATIO (--ratio, --prune) 0.3: nothing would"),
     "stages_beyond_class_order": _choice("--class-order", ",".join(SHAPES[:2]), names="stage spec '2+2' needs 4 "
                                          "classes but ILMIL.CLASS_ORDER (--class-order) has 2; fix: lower the counts"),
     # argparse hands the overrides every argument after the first KEY, a flag too.

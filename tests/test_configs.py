@@ -7,8 +7,8 @@ import pytest
 
 from detectron2.modeling import build_model
 
-from ilmil.config import (CONFIGS_DIR, DEFAULT_CONFIG, METHOD_PRESETS, ConfigError, derived_cfg, get_ilmil_cfg,
-                          method_presets)
+from ilmil.config import (CONFIGS_DIR, DEFAULT_CONFIG, METHOD_PRESETS, ConfigError, check_test_input,
+                          check_training_values, derived_cfg, get_ilmil_cfg, method_presets)
 from ilmil.data import BUILTIN_DATASETS, parse_stage_spec
 from ilmil.checkpoint import state_dict_num_classes
 
@@ -156,3 +156,22 @@ def test_unknown_teacher_precision_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="ILMIL.TEACHER.PRECISION 'half': choose one of float32, bfloat16, float16"):
         IncrementalRun(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_training_and_test_values_refused_and_the_ones_detectron2_reads_as_all_or_none_kept():
+    rcnn, dense = get_ilmil_cfg(), get_ilmil_cfg(os.path.join(CONFIGS_DIR, "shapes", "retinanet_R18_FPN_cpu.yaml"))
+    # -1 detections: R-CNN's box head keeps them all; a dense head would cut the last one off.
+    check_test_input(derived_cfg(rcnn, {"TEST.DETECTIONS_PER_IMAGE": -1}))
+    with pytest.raises(ConfigError, match=r"^TEST.DETECTIONS_PER_IMAGE -1: must be at least 1"):
+        check_test_input(derived_cfg(dense, {"TEST.DETECTIONS_PER_IMAGE": -1}))
+    # Size 0: no resizing, in training as at test time.
+    check_training_values(derived_cfg(rcnn, {"INPUT.MIN_SIZE_TRAIN": (0,), "INPUT.MIN_SIZE_TEST": 0}))
+    for key, value, message in (("SOLVER.BASE_LR", float("nan"), "must be above 0"),
+                                ("SOLVER.WEIGHT_DECAY", -0.1, "must be 0 or above"),
+                                ("SOLVER.IMS_PER_BATCH", 0, "must be at least 1")):
+        with pytest.raises(ConfigError, match=rf"^{key} {value}: {message}; fix: e.g. {key} "):
+            check_training_values(derived_cfg(rcnn, {key: value}))
+    sgd = derived_cfg(rcnn, {"SOLVER.OPTIMIZER": "SGD", "SOLVER.MOMENTUM": 1.0})
+    with pytest.raises(ConfigError, match=r"^SOLVER.MOMENTUM 1.0: must be in \[0, 1\)"):
+        check_training_values(sgd)
+

@@ -92,8 +92,9 @@ def _tool_module(tool):
 def start_tool(tool, args, datasets_root, log_file):
     """``tools/<tool>`` started in the background (a ``Popen``), output to ``log_file``."""
     with open(log_file, "w") as log:
-        return subprocess.Popen(_command(tool, args), cwd=REPO_ROOT, env=_env(datasets_root),
-                                stdout=log, stderr=subprocess.STDOUT)
+        # SIGINT at its default: a shell starts background jobs (`make test &`) with it ignored.
+        return subprocess.Popen(_command(tool, args), cwd=REPO_ROOT, env=_env(datasets_root), stdout=log,
+                                stderr=subprocess.STDOUT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def kill_when_exists(proc, path, timeout=300, sig=signal.SIGKILL):

@@ -41,8 +41,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cfg = setup_run(args, method="finetune", required=("--teacher-weights",),
-                    **{"ILMIL.TEACHER.CONFIG_FILE": args.teacher_config,
-                       "ILMIL.TEACHER.ASSISTANT_CONFIG_FILE": args.assistant_config})
+                    tool_flags={"--teacher-config": ("ILMIL.TEACHER.CONFIG_FILE", args.teacher_config),
+                                "--assistant-config": ("ILMIL.TEACHER.ASSISTANT_CONFIG_FILE", args.assistant_config)})
     run = compression_run(cfg, args.teacher_weights, args.resume, args.force)
     default_setup(cfg, args)
     results = run.run()

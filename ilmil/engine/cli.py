@@ -46,12 +46,13 @@ def add_run_arguments(parser, stages_help):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
 
 
-def setup_run(args, method=None, required=(), **keys):
-    """The run's frozen config from the flags of ``add_run_arguments`` (then ``keys``:
-    config key -> value, None = leave it), the output folder checked, the process group
-    joined under torchrun and the loggers set up. ``required``: the tool's own flags it
-    cannot run without, besides ``--output-dir``. detectron2's own setup (which writes
-    OUT/config.yaml) is left to the tool, after the run has passed its checks."""
+def setup_run(args, method=None, required=(), tool_flags=None):
+    """The run's frozen config from the flags of ``add_run_arguments`` (then
+    ``tool_flags``: the tool's own, flag -> (config key, value), None = not given), the
+    output folder checked, the process group joined under torchrun and the loggers set
+    up. ``required``: the tool's own flags it cannot run without, besides ``--output-dir``.
+    detectron2's own setup (which writes OUT/config.yaml) is left to the tool, after the
+    run has passed its checks."""
     cfg = get_ilmil_cfg(args.config_file or None, args.opts, method=method)
     missing = [flag for flag in ("--output-dir", *required) if getattr(args, flag[2:].replace("-", "_")) is None]
     if missing:
@@ -60,18 +61,16 @@ def setup_run(args, method=None, required=(), **keys):
     if args.resume and args.force:
         raise ConfigError("--resume and --force together: --resume continues the run in --output-dir, --force "
                           "removes its outputs and starts over; fix: give one of them")
-    flags = {"ILMIL.DATASET": ("--dataset", args.dataset), "ILMIL.STAGES": ("--stages", args.stages),
-             "SEED": ("--seed", args.seed), "ILMIL.CLASS_ORDER": ("--class-order", args.class_order)}
+    class_order = class_names_flag("--class-order", args.class_order) if args.class_order else None
+    flags = {"--dataset": ("ILMIL.DATASET", args.dataset), "--stages": ("ILMIL.STAGES", args.stages),
+             "--seed": ("SEED", args.seed), "--class-order": ("ILMIL.CLASS_ORDER", class_order),
+             "--output-dir": ("OUTPUT_DIR", args.output_dir), **(tool_flags or {})}
     opts = args.opts[1:] if args.opts[:1] == ["--"] else args.opts
     overridden = set(opts[::2])  # KEY VALUE pairs (get_ilmil_cfg has checked their form)
-    both = [f"{flag} and {key}" for key, (flag, value) in flags.items() if value is not None and key in overridden]
+    both = [f"{flag} and {key}" for flag, (key, value) in flags.items() if value is not None and key in overridden]
     if both:
         raise ConfigError(f"{', '.join(both)} both given (the flag would win); fix: give one of them")
-    given = {"ILMIL.DATASET": args.dataset, "ILMIL.STAGES": args.stages, "SEED": args.seed,
-             "ILMIL.CLASS_ORDER": class_names_flag("--class-order", args.class_order) if args.class_order else None,
-             **keys}
-    cfg = derived_cfg(cfg, {**{key: value for key, value in given.items() if value is not None},
-                            "OUTPUT_DIR": args.output_dir})
+    cfg = derived_cfg(cfg, {key: value for key, value in flags.values() if value is not None})
     cfg.freeze()
     require_output_dir(cfg.OUTPUT_DIR)
     check_device(cfg)  # before the process group joins on it

@@ -82,6 +82,9 @@ def check_pruning_config(cfg):
         raise PruningError(f"ILMIL.PRUNING.BOX_HEAD_RATIO (--box-head-ratio) {p.BOX_HEAD_RATIO}: "
                            f"MODEL.META_ARCHITECTURE {arch} has no fully connected box head; fix: 0 (its backbone "
                            "prunes with ILMIL.PRUNING.RATIO or STAGE_RATIOS)")
+    if p.RATIO > 0 and stage_ratios and not any(r > 0 for r in stage_ratios):
+        raise PruningError(f"ILMIL.PRUNING.STAGE_RATIOS (--stage-ratios) {stage_ratios} replace ILMIL.PRUNING.RATIO "
+                           f"(--ratio, --prune) {p.RATIO}: nothing would be pruned; fix: give one of them")
     check_value("ILMIL.PRUNING.FINETUNE_ITERS", p.FINETUNE_ITERS, p.FINETUNE_ITERS >= 0,
                 "0 (no fine-tuning) or more", 200)
     if not p.FINETUNE_TEACHER:

@@ -162,7 +162,7 @@ class IncrementalRun:
             self.iter_scale = 1
         if not 0 <= start_stage < len(self.schedule):
             raise StageSpecError(f"--start-stage {start_stage}: the schedule has stages 0..{len(self.schedule) - 1}; "
-                                 f"fix: a stage in 1..{len(self.schedule) - 1}")
+                                 f"fix: one of those (0: from the start)")
         if start_stage > 0 and not teacher_weights:
             raise ConfigError(f"--start-stage {start_stage} needs --teacher-weights: the model of stages "
                               f"0..{start_stage - 1}; fix: give that checkpoint, or start at stage 0")
