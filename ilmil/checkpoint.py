@@ -115,7 +115,8 @@ def safe_load(path):
                               "checkpoint it was exported from (an ONNX model runs in tools/predict.py and "
                               "tools/eval_incremental.py)")
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} not found; fix: give the path of a .pth written by ilmil's tools "
+        what = "is a folder, not a file" if os.path.isdir(path) else "not found"
+        raise CheckpointError(f"checkpoint {path} {what}; fix: give the path of a .pth written by ilmil's tools "
                               "(e.g. OUT/stage_0/model_final.pth)")
     try:
         if path.endswith(".pkl"):

@@ -707,7 +707,8 @@ _CONFIG_FIX = "fix: give a yaml config such as configs/shapes/faster_rcnn_R18_FP
 def _check_config_file(path):
     """Refuse a config file that is missing, not YAML, or not a mapping of keys."""
     if not os.path.isfile(path):
-        raise ConfigError(f"--config-file {path}: no such file; {_CONFIG_FIX}")
+        what = "a folder, not a file" if os.path.isdir(path) else "no such file"
+        raise ConfigError(f"--config-file {path}: {what}; {_CONFIG_FIX}")
     try:
         with open(path) as f:
             content = yaml.safe_load(f)

@@ -439,6 +439,10 @@ CASES = {
                                        "--config-file", os.path.join(CONFIGS_DIR, "shapes", "fcos_R18_FPN_cpu.yaml")),
     # eval_incremental.py
     "eval_weights_missing": _eval_weights("missing", " not found"),
+    "eval_weights_a_folder": Case("eval_incremental.py", lambda tmp_path, checkpoints: Bad(
+        ["--weights", str(tmp_path), "--quiet", *SHAPES_OPTS, *TRAIN_OPTS], f"{tmp_path} is a folder, not a file")),
+    "config_a_folder": Case("train_incremental.py", lambda tmp_path, _: Bad(
+        _train(tmp_path, "--config-file", str(tmp_path)), f"--config-file {tmp_path}: a folder, not a file")),
     "eval_weights_other_classes": _eval_weights("good", f" holds {SHAPES[:2]}, but it is evaluated on",
                                                 "--classes", ",".join(SHAPES[2:4])),
     "eval_weights_other_architecture": _eval_weights("other_architecture", " does not fit the config's model"),
