@@ -608,16 +608,16 @@ def method_preset(method, architecture):
                       f"MODEL.META_ARCHITECTURE {architecture})")
 
 
-def get_ilmil_cfg(config_file=None, opts=(), method=None):
+def get_ilmil_cfg(config_file=None, opts=(), method=None, given_as="--config-file"):
     """detectron2's defaults + the FCOS and ILMIL keys, then the method's preset, then a
     config file (default: the shapes CPU config), then ``KEY VALUE`` overrides.
 
     ``method`` (``--method``) wins over an ``ILMIL.METHOD`` in the file or opts.
-    A missing or unreadable file, an unknown key or a value of the wrong type
-    raises :class:`ConfigError` naming it.
+    A missing or unreadable file (named as ``given_as``), an unknown key or a value of
+    the wrong type raises :class:`ConfigError` naming it.
     """
     config_file = config_file or DEFAULT_CONFIG
-    _check_config_file(config_file)
+    _check_config_file(config_file, given_as)
     opts = config_overrides(opts)
     plugins = _plugins_named(config_file, opts)
     import_plugins(plugins)
@@ -704,11 +704,11 @@ def _plugins_named(config_file, opts):
 _CONFIG_FIX = "fix: give a yaml config such as configs/shapes/faster_rcnn_R18_FPN_cpu.yaml or a run's config.yaml"
 
 
-def _check_config_file(path):
+def _check_config_file(path, given_as):
     """Refuse a config file that is missing, not YAML, or not a mapping of keys."""
     if not os.path.isfile(path):
         what = "a folder, not a file" if os.path.isdir(path) else "no such file"
-        raise ConfigError(f"--config-file {path}: {what}; {_CONFIG_FIX}")
+        raise ConfigError(f"{given_as} {path}: {what}; {_CONFIG_FIX}")
     try:
         with open(path) as f:
             content = yaml.safe_load(f)
@@ -716,10 +716,10 @@ def _check_config_file(path):
         return  # python-specific tags: detectron2 loads these itself
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         reason = " ".join(str(e).split())
-        raise ConfigError(f"--config-file {path} is not valid YAML ({reason}); {_CONFIG_FIX}") from None
+        raise ConfigError(f"{given_as} {path} is not valid YAML ({reason}); {_CONFIG_FIX}") from None
     if not isinstance(content, dict):
         found = "nothing" if content is None else f"a {type(content).__name__}"
-        raise ConfigError(f"--config-file {path} holds {found}, not a mapping of config keys; {_CONFIG_FIX}")
+        raise ConfigError(f"{given_as} {path} holds {found}, not a mapping of config keys; {_CONFIG_FIX}")
 
 
 @contextlib.contextmanager

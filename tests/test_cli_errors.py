@@ -91,6 +91,11 @@ def _shapes_key(key, value, names):  # after the tiny set's own values (ILMIL.SH
     return Case("train_incremental.py", lambda tmp_path, _: Bad([*_train(tmp_path), key, value], names))
 
 
+def _written(path, text):
+    path.write_text(text)
+    return path
+
+
 def _config_file(text, names):
     def build(tmp_path, _):
         config = tmp_path / "config.yaml"
@@ -406,6 +411,10 @@ CASES = {
                                                                               "empty class name"),
     "compression_teacher_missing": Case("train_compression.py", lambda tmp_path, _: Bad(
         ["--stages", "2", "--output-dir", tmp_path / "out", *SHAPES_OPTS], "--teacher-weights not given")),
+    "compression_teacher_config_empty": Case("train_compression.py", lambda tmp_path, checkpoints: Bad(
+        ["--stages", "2", "--output-dir", tmp_path / "out", "--teacher-weights", checkpoints["good"],
+         "--teacher-config", _written(tmp_path / "empty.yaml", ""), *SHAPES_OPTS, *TRAIN_OPTS],
+        f"ILMIL.TEACHER.CONFIG_FILE (--teacher-config) {tmp_path / 'empty.yaml'} holds nothing")),
     # output folders
     "output_dir_is_a_file": Case("train_incremental.py", _output_dir_is_a_file),
     "output_dir_not_writable": Case("train_incremental.py", _output_dir_in_a_file),

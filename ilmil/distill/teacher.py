@@ -64,7 +64,8 @@ def teacher_cfg(cfg, num_classes):
         if not os.path.isfile(config_file):
             raise ConfigError(f"ILMIL.TEACHER.CONFIG_FILE {config_file}: no such file; fix: give the config the "
                               "teacher was trained with (a run's config.yaml), or leave it empty for the student's")
-        teacher = get_ilmil_cfg(config_file, method="finetune")
+        teacher = get_ilmil_cfg(config_file, method="finetune",
+                                given_as="ILMIL.TEACHER.CONFIG_FILE (--teacher-config)")
         teacher.MODEL.DEVICE = cfg.MODEL.DEVICE
     else:
         teacher = cfg.clone()

@@ -132,7 +132,8 @@ def assistant_cfg(cfg):
         # The assistant's run takes the assistant's MODEL: "the student's" would build the teacher in it.
         raise ConfigError("ILMIL.TEACHER.ASSISTANT_CONFIG_FILE (--assistant-config) needs the teacher's own config, "
                           "ILMIL.TEACHER.CONFIG_FILE (--teacher-config), for the assistant to learn from; fix: give it")
-    own = get_ilmil_cfg(assistant, method="finetune")
+    own = get_ilmil_cfg(assistant, method="finetune",
+                        given_as="ILMIL.TEACHER.ASSISTANT_CONFIG_FILE (--assistant-config)")
     return derived_cfg(cfg, {
         "MODEL": own.MODEL.clone(), "MODEL.DEVICE": cfg.MODEL.DEVICE,
         "ILMIL.PRUNING.CHANNELS": list(own.ILMIL.PRUNING.CHANNELS), "ILMIL.TEACHER.ASSISTANT_CONFIG_FILE": "",
