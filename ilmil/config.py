@@ -94,7 +94,8 @@ def check_training_values(cfg):
     fvcore and detectron2 refuse the others with a traceback, some only at the first
     checkpoint or evaluation)."""
     s = cfg.SOLVER
-    check_value("SOLVER.BASE_LR", s.BASE_LR, math.isfinite(s.BASE_LR) and s.BASE_LR > 0, "above 0", 0.001)
+    # 0 is a valid rate (a model trained in place, its weights kept).
+    check_value("SOLVER.BASE_LR", s.BASE_LR, math.isfinite(s.BASE_LR) and s.BASE_LR >= 0, "0 or above", 0.001)
     check_value("SOLVER.MAX_ITER", s.MAX_ITER, s.MAX_ITER >= 1, "at least 1", 500)
     check_value("SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH, s.IMS_PER_BATCH >= 1, "at least 1", 4)
     check_value("SOLVER.WEIGHT_DECAY", s.WEIGHT_DECAY, s.WEIGHT_DECAY >= 0, "0 or above", 0.0001)

@@ -373,7 +373,7 @@ CASES = {
     "override_wrong_type": _choice("SOLVER.MAX_ITER", "many", names="for config key: SOLVER.MAX_ITER"),
     # Values of the right type that torch, fvcore or detectron2 refuse with a traceback (some at
     # the first checkpoint or the first evaluation).
-    "base_lr_negative": _shapes_key("SOLVER.BASE_LR", "-1", "SOLVER.BASE_LR -1.0: must be above 0; fix: e.g."),
+    "base_lr_negative": _shapes_key("SOLVER.BASE_LR", "-1", "SOLVER.BASE_LR -1.0: must be 0 or above; fix: e.g."),
     "max_iter_zero": _shapes_key("SOLVER.MAX_ITER", "0", "SOLVER.MAX_ITER 0: must be at least 1"),
     "checkpoint_period_zero": _shapes_key("SOLVER.CHECKPOINT_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD 0: must be"),
     "num_workers_negative": _shapes_key("DATALOADER.NUM_WORKERS", "-1", "DATALOADER.NUM_WORKERS -1: must be"),

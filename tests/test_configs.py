@@ -166,7 +166,7 @@ def test_training_and_test_values_refused_and_the_ones_detectron2_reads_as_all_o
         check_test_input(derived_cfg(dense, {"TEST.DETECTIONS_PER_IMAGE": -1}))
     # Size 0: no resizing, in training as at test time.
     check_training_values(derived_cfg(rcnn, {"INPUT.MIN_SIZE_TRAIN": (0,), "INPUT.MIN_SIZE_TEST": 0}))
-    for key, value, message in (("SOLVER.BASE_LR", float("nan"), "must be above 0"),
+    for key, value, message in (("SOLVER.BASE_LR", float("nan"), "must be 0 or above"),
                                 ("SOLVER.WEIGHT_DECAY", -0.1, "must be 0 or above"),
                                 ("SOLVER.IMS_PER_BATCH", 0, "must be at least 1")):
         with pytest.raises(ConfigError, match=rf"^{key} {value}: {message}; fix: e.g. {key} "):
