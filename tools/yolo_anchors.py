@@ -12,11 +12,10 @@ import argparse
 import sys
 
 import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
-from detectron2.modeling import META_ARCH_REGISTRY
 from ilmil.config import ConfigError, get_ilmil_cfg
 from ilmil.data import load_dataset_source
 from ilmil.engine import run_tool_main, tool_parser
-from ilmil.modeling import YOLOV3, yolo_anchors
+from ilmil.modeling import is_yolo_config, yolo_anchors
 
 
 def main(argv=None):
@@ -26,10 +25,9 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     cfg = get_ilmil_cfg(args.config_file, args.opts)
-    arch = cfg.MODEL.META_ARCHITECTURE
-    if not (arch in META_ARCH_REGISTRY and issubclass(META_ARCH_REGISTRY.get(arch), YOLOV3)):
-        raise ConfigError(f"--config-file {args.config_file}: MODEL.META_ARCHITECTURE {arch} has no YOLO anchors; "
-                          "fix: a YOLO config, e.g. configs/shapes/yolov3_cpu.yaml")
+    if not is_yolo_config(cfg):
+        raise ConfigError(f"--config-file {args.config_file}: MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE} "
+                          "has no YOLO anchors; fix: a YOLO config, e.g. configs/shapes/yolov3_cpu.yaml")
     cfg.defrost()
     if args.dataset:
         cfg.ILMIL.DATASET = args.dataset

@@ -7,7 +7,7 @@ import sys
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import ConfigError, check_device, class_names_flag, derived_cfg, get_ilmil_cfg
+from ..config import ConfigError, check_device, class_names_flag, config_overrides, derived_cfg, get_ilmil_cfg
 from .launch import init_distributed
 from .run_dir import require_output_dir
 from .runner import RUN_ERRORS
@@ -65,8 +65,7 @@ def setup_run(args, method=None, required=(), tool_flags=None):
     flags = {"--dataset": ("ILMIL.DATASET", args.dataset), "--stages": ("ILMIL.STAGES", args.stages),
              "--seed": ("SEED", args.seed), "--class-order": ("ILMIL.CLASS_ORDER", class_order),
              "--output-dir": ("OUTPUT_DIR", args.output_dir), **(tool_flags or {})}
-    opts = args.opts[1:] if args.opts[:1] == ["--"] else args.opts
-    overridden = set(opts[::2])  # KEY VALUE pairs (get_ilmil_cfg has checked their form)
+    overridden = set(config_overrides(args.opts)[::2])  # KEY VALUE pairs (get_ilmil_cfg has checked their form)
     both = [f"{flag} and {key}" for flag, (key, value) in flags.items() if value is not None and key in overridden]
     if both:
         raise ConfigError(f"{', '.join(both)} both given (the flag would win); fix: give one of them")

@@ -56,7 +56,8 @@ from ..evaluation import NotARunError, evaluate_model, finalize_run
 from ..evaluation.run_outputs import write_json
 from ..distill import DistillationStudent, check_distill_config, is_student_architecture
 from ..file_io import atomic_write
-from ..modeling import TooSmallMapError, build_detector, load_detector, load_expanded, with_checkpoint_layout, with_yolo_anchors
+from ..modeling import (TooSmallMapError, build_detector, load_detector, load_expanded, with_checkpoint_layout,
+                        with_yolo_anchors)
 from ..pruning import PruningError
 from .launch import main_process_first
 from .pruning_stage import check_pruning_config, check_pruning_stage, prune_checkpoint, pruning_enabled

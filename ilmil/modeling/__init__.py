@@ -2,7 +2,7 @@
 pseudo-labels, the unbiased classification loss, yacs-built FCOS, RetinaNet with ATSS, the YOLOv3-style
 detector with its k-means anchors and ResNet-18/34 FPN backbones of any width, positives per object of a one-stage assignment (imported
 here so that they register themselves)."""
-from .anchor_kmeans import kmeans_anchors, with_yolo_anchors, yolo_anchors
+from .anchor_kmeans import is_yolo_config, kmeans_anchors, with_yolo_anchors, yolo_anchors
 from .assignment_stats import PositivesPerObject, positives_per_object
 from .build import build_detector, load_detector, with_checkpoint_layout
 from .expansion import expand_predictor_state_dict, load_expanded
@@ -33,6 +33,7 @@ __all__ = [
     "expand_predictor_state_dict",
     "load_expanded",
     "teacher_detections",
+    "is_yolo_config",
     "kmeans_anchors",
     "PositivesPerObject",
     "positives_per_object",

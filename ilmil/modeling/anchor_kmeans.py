@@ -14,7 +14,7 @@ from detectron2.structures import BoxMode
 from ..config import ConfigError, check_value, derived_cfg
 from .yolo import YOLOV3
 
-__all__ = ["kmeans_anchors", "record_boxes", "resize_scale", "training_box_sizes", "with_yolo_anchors", "yolo_anchors"]
+__all__ = ["is_yolo_config", "kmeans_anchors", "record_boxes", "resize_scale", "training_box_sizes", "with_yolo_anchors", "yolo_anchors"]
 
 
 def _iou(wh, centroids):
@@ -88,11 +88,16 @@ def yolo_anchors(cfg, dataset_dicts, seed=0):
             for i in range(0, len(centroids), y.NUM_ANCHORS)]
 
 
+def is_yolo_config(cfg):
+    """Whether ``cfg``'s meta-architecture is the YOLO detector (or a student of it)."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    return arch in META_ARCH_REGISTRY and issubclass(META_ARCH_REGISTRY.get(arch), YOLOV3)
+
+
 def with_yolo_anchors(cfg, dataset_dicts):
     """``cfg`` itself unless it is a YOLO config without anchors; then a copy whose
     ``MODEL.YOLO.ANCHORS`` are computed from ``dataset_dicts`` (seed 0: they do not
     change with the training seed, so runs of several seeds share them)."""
-    arch = cfg.MODEL.META_ARCHITECTURE
-    if arch not in META_ARCH_REGISTRY or not issubclass(META_ARCH_REGISTRY.get(arch), YOLOV3) or cfg.MODEL.YOLO.ANCHORS:
+    if not is_yolo_config(cfg) or cfg.MODEL.YOLO.ANCHORS:
         return cfg
     return derived_cfg(cfg, {"MODEL.YOLO.ANCHORS": yolo_anchors(cfg, dataset_dicts)})
