@@ -59,15 +59,25 @@ class BenchError(ValueError):
 # leaving them to run on, unwatched, into the folder a restarted harness resumes.
 _TRAININGS = set()
 _STOPPING = threading.Event()
+_stop_signal = None
 
 
 def stop_trainings(signum, frame=None):
     """Signal handler: terminate the trainings in flight (each keeps its last checkpoint,
-    so the same command resumes), start no other, and exit."""
+    so the same command resumes) and start no other; each worker then returns STOPPED and
+    the harness exits with ``stop_status()``. It raises nothing: a handler runs wherever the
+    main thread is, a finaliser included, where an exception is printed and dropped (the
+    harness went on and exited 1)."""
+    global _stop_signal
+    _stop_signal = signum  # before the event: whoever sees the stop sees its signal
     _STOPPING.set()
     for proc in list(_TRAININGS):
         proc.terminate()
-    raise SystemExit(128 + signum)
+
+
+def stop_status():
+    """The exit status of a harness a signal stopped (128 + its number), else None."""
+    return None if _stop_signal is None else 128 + _stop_signal
 
 
 STOPPED = "stopped by a signal; fix: re-run the same command to resume"

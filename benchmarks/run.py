@@ -30,7 +30,8 @@ if not __package__:  # run as a script: make the benchmarks package importable
 
 import ilmil  # noqa: F401,E402  (detectron2 compatibility adjustments come first)
 from benchmarks import records  # noqa: E402
-from benchmarks.harness import ROOT, BenchError, describe, execute, log, plan, progress, stop_trainings  # noqa: E402
+from benchmarks.harness import (ROOT, BenchError, describe, execute, log, plan, progress,  # noqa: E402
+                                stop_status, stop_trainings)
 from benchmarks.suites import SUITES  # noqa: E402
 from benchmarks.tables import suite_page  # noqa: E402
 from ilmil.engine import RUN_ERRORS, tool_parser  # noqa: E402
@@ -149,9 +150,9 @@ def main(argv=None):
         merged = write_results(suite, args.quick, args.results_dir, new)
     except (BenchError, records.RecordsError, *RUN_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return stop_status() or 1
     log(f"{len(new)} records merged ({len(merged)} in all) in {(time.perf_counter() - start) / 60:.1f} min")
-    return 0
+    return stop_status() or 0  # a signal while the records were merged: they are kept, the status says so
 
 
 def write_results(suite, quick, results_dir, new=()):

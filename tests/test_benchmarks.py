@@ -324,6 +324,7 @@ def test_a_stopped_harness_stops_its_trainings_and_starts_no_other(tmp_path, mon
     # A training that would run for a minute, in a worker thread as execute() runs them.
     monkeypatch.setattr(Run, "command", lambda self: [sys.executable, "-c", "import time; time.sleep(60)"])
     monkeypatch.setattr(harness, "_STOPPING", threading.Event())
+    monkeypatch.setattr(harness, "_stop_signal", None)
     run = Run(str(tmp_path / "10+10_ilmil"), "10+10", "ilmil", 0, 4, 8, 4, ())
     errors = []
 
@@ -340,9 +341,9 @@ def test_a_stopped_harness_stops_its_trainings_and_starts_no_other(tmp_path, mon
             break
         time.sleep(0.05)
     (proc,) = harness._TRAININGS
-    with pytest.raises(SystemExit) as stopped:
-        harness.stop_trainings(signal.SIGTERM)
-    assert stopped.value.code == 128 + signal.SIGTERM
+    assert harness.stop_status() is None
+    harness.stop_trainings(signal.SIGTERM)
+    assert harness.stop_status() == 128 + signal.SIGTERM
     thread.join(timeout=10)
     assert errors and "stopped by a signal" in errors[0]  # terminated by the stop, not failed
     with pytest.raises(ProcessLookupError):  # terminated and reaped
@@ -375,10 +376,32 @@ def test_ctrl_c_stops_the_harness_and_its_queue(tmp_path):
             break
     proc.send_signal(stop)
     lines += proc.stdout.readlines()
-    assert proc.wait(timeout=60) == 128 + stop
+    assert proc.wait(timeout=60) == 128 + stop, "".join(lines)
     # No queued run started after the signal: one training began, in all.
     assert sum(line.rstrip().endswith(": training") for line in lines) == 1, "".join(lines)
     assert "stopped by a signal" in lines[-1]
+
+
+def test_a_stop_signal_handled_in_a_finaliser_still_stops_the_harness(tmp_path, monkeypatch):
+    # Python runs a signal handler wherever the main thread is, a __del__ included, which
+    # drops any exception it raises: the handler must stop the harness without one.
+    import benchmarks.run as bench_run
+
+    class Finalised:
+        def __del__(self):
+            harness.stop_trainings(signal.SIGINT)
+
+    def execute_stopped(runs, jobs, fresh=False):
+        Finalised()  # collected at once: the signal is handled inside its __del__
+        raise BenchError(harness.STOPPED)  # what every worker then returns
+
+    monkeypatch.setattr(bench_run, "execute", execute_stopped)
+    monkeypatch.setattr(bench_run.signal, "signal", lambda *args: None)  # pytest keeps its own handlers
+    monkeypatch.setattr(harness, "_STOPPING", threading.Event())
+    monkeypatch.setattr(harness, "_stop_signal", None)
+    monkeypatch.setenv("ILMIL_DATASETS", str(tmp_path / "datasets"))
+    assert bench_main(["--suite", "accuracy", "--quick", "--variants", "ilmil", "--specs", "10+10",
+                       "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]) == 128 + signal.SIGINT
 
 
 def test_a_dry_run_says_where_a_partial_run_stands(tmp_path, capsys):
