@@ -274,14 +274,16 @@ def _kd_variants():
             # The teacher pass in bfloat16 (its share of the step time), and what it costs in AP.
             "output, bfloat16 teacher": (only(output) + output_opts + ("ILMIL.TEACHER.PRECISION", "bfloat16"), ()),
         }  # fmt: skip
-        if detector in ("retinanet", "fcos"):
-            # The class KL averaged over every anchor and class instead of divided by the
-            # teacher's soft object count (the default).
+        if detector in ("retinanet", "fcos", "yolov3"):
+            # The class KL (YOLO: the objectness KL) averaged over every anchor instead of
+            # divided by the teacher's soft object count (the default).
             rows["output, mean over anchors"] = (only(output) + ("ILMIL.DISTILL.DENSE.NORMALIZER", "mean"), ())
-            # The class KL alone, its box part off (no teacher score reaches 1.01): FCOS's box
-            # outputs are distances in strides (~1-8), an L1 on them outweighs its GIoU loss.
+            # The class KL alone (YOLO: and objectness), its box part off (no teacher score reaches
+            # 1.01): FCOS's box outputs are distances in strides (~1-8), an L1 on them outweighs
+            # its GIoU loss.
             class_only = ("ILMIL.DISTILL.DENSE.BOX_SCORE_THRESH", "1.01")
             rows["output, class scores only"] = (only(output) + class_only, ())
+        if detector in ("retinanet", "fcos"):
             rows["M-KD, class scores only"] = (mkd + class_only, ())
             # The box part as the deltas' L1 instead of the decoded boxes' 1 - GIoU (the
             # default): on FCOS's distances in strides it outweighed the detector's losses.

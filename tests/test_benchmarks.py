@@ -588,10 +588,11 @@ def test_kd_rows_switch_on_their_terms_only():
     normalisers = {name: run.config().ILMIL.DISTILL.DENSE.NORMALIZER for (_, name, _), run in planned.items()
                    if variants[name].row.startswith("output")}
     assert {name for name, normaliser in normalisers.items() if normaliser == "mean"} == {
-        "retinanet output, mean over anchors", "fcos output, mean over anchors"}
+        f"{d} output, mean over anchors" for d in ("retinanet", "fcos", "yolov3")}
     box_thresholds = {name: run.config().ILMIL.DISTILL.DENSE.BOX_SCORE_THRESH for (_, name, _), run in planned.items()
                       if "class scores only" in name}
-    assert box_thresholds == {f"{d} {row}, class scores only": 1.01 for d in ("retinanet", "fcos") for row in ("output", "M-KD")}
+    assert box_thresholds == {f"{d} {row}, class scores only": 1.01 for d in ("retinanet", "fcos") for row in ("output", "M-KD")
+                              } | {"yolov3 output, class scores only": 1.01}
     box_losses = {name: run.config().ILMIL.DISTILL.DENSE.BOX_LOSS for (_, name, _), run in planned.items()
                   if variants[name].row.startswith(("output", "M-KD"))}
     assert {name for name, box_loss in box_losses.items() if box_loss == "l1"} == {
