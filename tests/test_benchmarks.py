@@ -336,9 +336,8 @@ def test_a_stopped_harness_stops_its_trainings_and_starts_no_other(tmp_path, mon
 
     thread = threading.Thread(target=worker)
     thread.start()
-    for _ in range(100):
-        if harness._TRAININGS:
-            break
+    deadline = time.monotonic() + 60  # the folder's records are fsynced first: a busy disk delays the start
+    while not harness._TRAININGS and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     (proc,) = harness._TRAININGS
     assert harness.stop_status() is None
@@ -423,7 +422,12 @@ def test_a_dry_run_says_where_a_partial_run_stands(tmp_path, capsys):
 
 
 def test_a_failed_run_is_reported_at_once_while_the_others_finish(tmp_path, monkeypatch, capsys):
-    script = {"bad": "import sys; sys.exit(1)", "good": "import time; time.sleep(3)"}
+    # The good run ends 2 s after the bad one has failed, however late a busy machine starts that.
+    failed_marker = tmp_path / "bad_exited"
+    script = {"bad": f"import sys; open({str(failed_marker)!r}, 'w'); sys.exit(1)",
+              "good": f"import os, time\nend = time.time() + 60\n"
+                      f"while not os.path.exists({str(failed_marker)!r}) and time.time() < end: time.sleep(0.05)\n"
+                      "time.sleep(2)"}
     monkeypatch.setattr(Run, "command", lambda self: [sys.executable, "-c", script[os.path.basename(self.out_dir)]])
     runs = [Run(str(tmp_path / name), "10+10", "ilmil", 0, 4, 8, 4, ()) for name in ("good", "bad")]
     with pytest.raises(BenchError, match="training failed"):

@@ -21,7 +21,8 @@ from ilmil.config import CONFIGS_DIR, get_ilmil_cfg
 from ilmil.data.shapes import shape_class_names
 from ilmil.modeling import build_detector
 from ilmil.pruning import channel_layout
-from tool_runs import SHAPES_OPTS, TRAIN_OPTS, kill_when_exists, run_tool, run_tool_here, start_tool, tail
+from tool_runs import (SHAPES_OPTS, TRAIN_OPTS, checkpoint_iteration, kill_when_exists, run_tool, run_tool_here, start_tool,
+                       tail)
 from voc_coco_files import write_coco_json, write_voc_folder
 
 SHAPES = shape_class_names(TINY_SHAPES["num_classes"])
@@ -523,14 +524,17 @@ def test_a_bad_input_ends_in_one_error_line(name, tmp_path, tiny_datasets_root, 
 
 def test_ctrl_c_ends_in_one_line_and_the_run_resumes(tmp_path, tiny_datasets_root):
     out = tmp_path / "out"
-    args = _train(tmp_path, "SOLVER.CHECKPOINT_PERIOD", "2")
+    # 12 iterations a stage: a loaded machine may save a later checkpoint before the Ctrl-C lands.
+    args = [*_train(tmp_path, "SOLVER.CHECKPOINT_PERIOD", "2"), "SOLVER.MAX_ITER", "12", "SOLVER.STEPS", "(10,)"]
     log = tmp_path / "interrupted.log"
     status = kill_when_exists(start_tool("train_incremental.py", args, tiny_datasets_root, log),
                               out / "stage_0" / "model_0000001.pth", sig=signal.SIGINT)
     text = log.read_text()
     assert status == 130 and "Traceback" not in text, text[-3000:]
     assert text.strip().splitlines()[-1].startswith("error: interrupted; what was saved is kept"), text[-3000:]
+    assert not (out / "stage_0" / "model_final.pth").exists(), "the Ctrl-C came too late: stage 0 had finished"
+    interrupted_at = checkpoint_iteration(out / "stage_0")
     proc = run_tool("train_incremental.py", ["--resume", *args], tiny_datasets_root)
     assert proc.returncode == 0, tail(proc)
-    assert "Stage 0: resuming at iteration 2" in proc.log and (out / "results.json").is_file()
+    assert f"Stage 0: resuming at iteration {interrupted_at + 1}" in proc.log and (out / "results.json").is_file()
 

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tool_runs import SHAPES_OPTS, TRAIN_OPTS, kill_when_exists, killed_copy, read_json, run_tool, start_tool, tail
+from tool_runs import (SHAPES_OPTS, TRAIN_OPTS, checkpoint_iteration, kill_when_exists, killed_copy, read_json, run_tool,
+                       start_tool, tail)
 from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, RNGStates, safe_load
 from ilmil.config import CONFIGS_DIR, get_ilmil_cfg
 from ilmil.data import DatasetSource
@@ -233,11 +234,6 @@ def test_rng_states_survive_a_checkpoint_round_trip(tmp_path):
 # -------------------------------------------------------------- killed and resumed
 
 
-def _checkpoint_iteration(stage_dir):
-    tagged = (stage_dir / "last_checkpoint").read_text().strip()
-    return safe_load(str(stage_dir / tagged))["iteration"]
-
-
 def test_a_run_killed_mid_stage_resumes_from_its_checkpoint(tiny_datasets_root, tmp_path):
     out = tmp_path / "run"
     args = ["--stages", "2+2", "--method", "finetune", "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS,
@@ -250,7 +246,7 @@ def test_a_run_killed_mid_stage_resumes_from_its_checkpoint(tiny_datasets_root, 
     assert not (stage1 / "model_final.pth").exists(), "the kill came too late: stage 1 had finished"
     stage0_weights = out / "stage_0" / "model_final.pth"
     stage0_mtime = stage0_weights.stat().st_mtime
-    killed_at = _checkpoint_iteration(stage1)
+    killed_at = checkpoint_iteration(stage1)
 
     resumed = run_tool("train_incremental.py", [*args[:6], "--resume", *args[6:]], tiny_datasets_root, timeout=240)
     assert resumed.returncode == 0, tail(resumed)

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from conftest import REPO_ROOT, TINY_SHAPES
 from detectron2.utils.logger import setup_logger
 
+from ilmil.checkpoint import safe_load
 from ilmil.engine.cli import run_tool_main
 
 # Overrides that point the CLI at the tiny shapes set and train a few 128 px iterations.
@@ -115,6 +116,13 @@ def _env(datasets_root):
     env = dict(os.environ, ILMIL_DATASETS=str(datasets_root), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     return env
+
+
+def checkpoint_iteration(stage_dir):
+    """The iteration of a stage folder's newest periodic checkpoint, where a killed run
+    resumes (a loaded machine decides which it is; the kill may also have come between
+    writing one and naming it in ``last_checkpoint``)."""
+    return safe_load(str(max(stage_dir.glob("model_[0-9]*.pth"))))["iteration"]
 
 
 def killed_copy(run, copy, stage, checkpoint):
