@@ -283,6 +283,11 @@ def _kd_variants():
             # its GIoU loss.
             class_only = ("ILMIL.DISTILL.DENSE.BOX_SCORE_THRESH", "1.01")
             rows["output, class scores only"] = (only(output) + class_only, ())
+        if detector == "yolov3":
+            # M-KD with the dense term at what its parts measured best on YOLO: the objectness KL
+            # averaged as YOLO's own objectness loss is, the box part off.
+            rows["M-KD, mean over anchors, class scores only"] = (
+                mkd + ("ILMIL.DISTILL.DENSE.NORMALIZER", "mean") + class_only, ())
         if detector in ("retinanet", "fcos"):
             rows["M-KD, class scores only"] = (mkd + class_only, ())
             # The box part as the deltas' L1 instead of the decoded boxes' 1 - GIoU (the

@@ -542,6 +542,7 @@ def test_variants_narrow_the_plan_and_an_unknown_one_is_refused(tmp_path, capsys
 KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dense"],
                 "output, bfloat16 teacher": ["dense"], "output, mean over anchors": ["dense"],
                 "output, class scores only": ["dense"], "M-KD, class scores only": ["dense", "at", "fsp"],
+                "M-KD, mean over anchors, class scores only": ["dense", "at", "fsp"],
                 "output, L1 boxes": ["dense"], "M-KD, L1 boxes": ["dense", "at", "fsp"], "review": ["review"],
                 "review alone": ["review"], "review + decoupling": ["review"], "review, weight 0.25": ["review"],
                 "review, fg 0.25, bg 1": ["review"],
@@ -589,14 +590,15 @@ def test_kd_rows_switch_on_their_terms_only():
     assert {key for key, weighting in weightings.items() if weighting != ("uncertainty", "uncertainty")} == {
         (d, "M-KD without exploration") for d in ("faster_rcnn", "retinanet", "fcos", "yolov3")}
     assert all(weighting == ("fixed", "fixed") for (_, row), weighting in weightings.items() if "exploration" in row)
-    normalisers = {name: run.config().ILMIL.DISTILL.DENSE.NORMALIZER for (_, name, _), run in planned.items()
-                   if variants[name].row.startswith("output")}
+    normalisers = {name: run.config().ILMIL.DISTILL.DENSE.NORMALIZER for (_, name, _), run in planned.items()}
     assert {name for name, normaliser in normalisers.items() if normaliser == "mean"} == {
-        f"{d} output, mean over anchors" for d in ("retinanet", "fcos", "yolov3")}
+        f"{d} output, mean over anchors" for d in ("retinanet", "fcos", "yolov3")} | {
+        "yolov3 M-KD, mean over anchors, class scores only"}
     box_thresholds = {name: run.config().ILMIL.DISTILL.DENSE.BOX_SCORE_THRESH for (_, name, _), run in planned.items()
                       if "class scores only" in name}
     assert box_thresholds == {f"{d} {row}, class scores only": 1.01 for d in ("retinanet", "fcos") for row in ("output", "M-KD")
-                              } | {"yolov3 output, class scores only": 1.01}
+                              } | {f"yolov3 {row}": 1.01 for row in ("output, class scores only",
+                                                                     "M-KD, mean over anchors, class scores only")}
     box_losses = {name: run.config().ILMIL.DISTILL.DENSE.BOX_LOSS for (_, name, _), run in planned.items()
                   if variants[name].row.startswith(("output", "M-KD"))}
     assert {name for name, box_loss in box_losses.items() if box_loss == "l1"} == {
