@@ -391,6 +391,10 @@ def train(run, fresh=False, status=None):
             proc.terminate()
         try:
             _, status_code, usage = os.wait4(proc.pid, 0)
+        except ChildProcessError:  # a stop's terminate() polls first, and so reaps a child just ended
+            if not _STOPPING.is_set():
+                raise
+            raise BenchError(STOPPED) from None
         finally:
             _TRAININGS.discard(proc)
     if os.waitstatus_to_exitcode(status_code) != 0:

@@ -142,15 +142,23 @@ def main(argv=None):
         jobs = args.jobs or 1
         if jobs > 1:  # one torch thread pool per run, sized so the runs share the cores
             os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-        for stop in (signal.SIGTERM, signal.SIGINT):  # kill, or Ctrl-C: no queued run starts after it
-            signal.signal(stop, stop_trainings)
+        # Kill, or Ctrl-C: the trainings stop and no queued run starts after it.
+        previous = {stop: signal.signal(stop, stop_trainings) for stop in (signal.SIGTERM, signal.SIGINT)}
         start = time.perf_counter()
-        outcomes = execute(list(planned.values()), jobs, suite.fresh)
+        try:
+            outcomes = execute(list(planned.values()), jobs, suite.fresh)
+        finally:  # the records' measurements after them (minutes on the kd suite) stop at once
+            for stop, handler in previous.items():
+                signal.signal(stop, handler)
         new = suite.records(suite_setting, setting, planned, outcomes, args.opts)
         merged = write_results(suite, args.quick, args.results_dir, new)
     except (BenchError, records.RecordsError, *RUN_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return stop_status() or 1
+    except KeyboardInterrupt:
+        print("error: interrupted; the trained runs are kept; fix: re-run the same command to merge their records",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     log(f"{len(new)} records merged ({len(merged)} in all) in {(time.perf_counter() - start) / 60:.1f} min")
     return stop_status() or 0  # a signal while the records were merged: they are kept, the status says so
 

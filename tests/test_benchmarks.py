@@ -403,6 +403,42 @@ def test_a_stop_signal_handled_in_a_finaliser_still_stops_the_harness(tmp_path, 
                        "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]) == 128 + signal.SIGINT
 
 
+def test_a_training_reaped_by_the_stop_is_stopped_not_an_error(tmp_path, monkeypatch):
+    # terminate() polls before it signals, and so reaps a training that has just ended: the
+    # worker's wait then finds no child.
+    monkeypatch.setattr(Run, "command", lambda self: [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(harness, "_STOPPING", threading.Event())
+    real_wait4 = os.wait4
+
+    def wait4_after_the_stop_reaped(pid, options):
+        real_wait4(pid, options)  # the stop's poll()
+        harness._STOPPING.set()
+        return real_wait4(pid, options)
+
+    monkeypatch.setattr(os, "wait4", wait4_after_the_stop_reaped)
+    with pytest.raises(BenchError, match="stopped by a signal"):
+        train(Run(str(tmp_path / "10+10_ilmil"), "10+10", "ilmil", 0, 4, 8, 4, ()))
+
+
+def test_the_stop_handlers_are_the_trainings_only(tmp_path, monkeypatch, capsys):
+    # The records' measurements after the trainings take minutes: a signal there stops at once.
+    import benchmarks.run as bench_run
+    during = {}
+
+    def execute_failing(runs, jobs, fresh=False):
+        during.update({stop: signal.getsignal(stop) for stop in (signal.SIGTERM, signal.SIGINT)})
+        raise BenchError("a training failed")
+
+    before = {stop: signal.getsignal(stop) for stop in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.setattr(bench_run, "execute", execute_failing)
+    monkeypatch.setenv("ILMIL_DATASETS", str(tmp_path / "datasets"))
+    assert bench_main(["--suite", "accuracy", "--quick", "--variants", "ilmil", "--specs", "10+10",
+                       "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]) == 1
+    assert during == {signal.SIGTERM: harness.stop_trainings, signal.SIGINT: harness.stop_trainings}
+    assert {stop: signal.getsignal(stop) for stop in before} == before
+    assert "error: a training failed" in capsys.readouterr().err
+
+
 def test_a_dry_run_says_where_a_partial_run_stands(tmp_path, capsys):
     common = ["--suite", "accuracy", "--variants", "ilmil", "--specs", "10+10", "--dry-run",
               "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]

@@ -119,10 +119,12 @@ def _env(datasets_root):
 
 
 def checkpoint_iteration(stage_dir):
-    """The iteration of a stage folder's newest periodic checkpoint, where a killed run
-    resumes (a loaded machine decides which it is; the kill may also have come between
-    writing one and naming it in ``last_checkpoint``)."""
-    return safe_load(str(max(stage_dir.glob("model_[0-9]*.pth"))))["iteration"]
+    """The iteration of the checkpoint a killed run resumes from (a loaded machine decides
+    which): the one ``last_checkpoint`` names, else (killed before the first was named)
+    the newest periodic one."""
+    tag = stage_dir / "last_checkpoint"
+    path = stage_dir / tag.read_text().strip() if tag.exists() else max(stage_dir.glob("model_[0-9]*.pth"))
+    return safe_load(str(path))["iteration"]
 
 
 def killed_copy(run, copy, stage, checkpoint):
