@@ -289,6 +289,11 @@ def _kd_variants():
             best_dense = ("ILMIL.DISTILL.DENSE.NORMALIZER", "mean") + class_only
             rows["output, mean over anchors, class scores only"] = (only(output) + best_dense, ())
             rows["M-KD, mean over anchors, class scores only"] = (mkd + best_dense, ())
+            # Attention on the Darknet stages cost YOLO AP (the tiny backbone's plain convs and
+            # max-pools attend unlike Darknet's residual stages): on the neck's levels instead.
+            neck_attention = ("ILMIL.DISTILL.AT.LAYERS", str(["p3", "p4", "p5"]))
+            rows["attention, neck"] = (only("AT") + neck_attention, ())
+            rows["M-KD, neck attention, mean over anchors, class scores only"] = (mkd + best_dense + neck_attention, ())
         if detector in ("retinanet", "fcos"):
             rows["M-KD, class scores only"] = (mkd + class_only, ())
             # The box part as the deltas' L1 instead of the decoded boxes' 1 - GIoU (the
