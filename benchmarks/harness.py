@@ -87,7 +87,9 @@ STALE_MARK = ".stale-"
 
 
 def log(message):
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    # One write with its newline: print() writes the end apart, and two training threads'
+    # lines ran together.
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}\n", end="", flush=True)
 
 
 @functools.lru_cache(maxsize=None)

@@ -439,6 +439,14 @@ def test_the_stop_handlers_are_the_trainings_only(tmp_path, monkeypatch, capsys)
     assert "error: a training failed" in capsys.readouterr().err
 
 
+def test_a_log_line_is_one_write(monkeypatch):
+    # Two training threads log at once: a line written in two parts ran into the other's.
+    writes = []
+    monkeypatch.setattr(sys, "stdout", SimpleNamespace(write=writes.append, flush=lambda: None))
+    harness.log("20_yolov3_output: training")
+    assert len(writes) == 1 and writes[0].endswith("] 20_yolov3_output: training\n")
+
+
 def test_a_dry_run_says_where_a_partial_run_stands(tmp_path, capsys):
     common = ["--suite", "accuracy", "--variants", "ilmil", "--specs", "10+10", "--dry-run",
               "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]
