@@ -160,7 +160,7 @@ def main(argv=None):
               file=sys.stderr)
         return 128 + signal.SIGINT
     log(f"{len(new)} records merged ({len(merged)} in all) in {(time.perf_counter() - start) / 60:.1f} min")
-    return stop_status() or 0  # a signal while the records were merged: they are kept, the status says so
+    return stop_status() or 0  # a stop after the last training ended: its records are kept, the status says so
 
 
 def write_results(suite, quick, results_dir, new=()):
