@@ -283,17 +283,6 @@ def _kd_variants():
             # its GIoU loss.
             class_only = ("ILMIL.DISTILL.DENSE.BOX_SCORE_THRESH", "1.01")
             rows["output, class scores only"] = (only(output) + class_only, ())
-        if detector == "yolov3":
-            # The dense term at what its parts measured best on YOLO, the objectness KL averaged
-            # over anchors and the box part off: alone, and in M-KD.
-            best_dense = ("ILMIL.DISTILL.DENSE.NORMALIZER", "mean") + class_only
-            rows["output, mean over anchors, class scores only"] = (only(output) + best_dense, ())
-            rows["M-KD, mean over anchors, class scores only"] = (mkd + best_dense, ())
-            # Attention on the Darknet stages cost YOLO AP (the tiny backbone's plain convs and
-            # max-pools attend unlike Darknet's residual stages): on the neck's levels instead.
-            neck_attention = ("ILMIL.DISTILL.AT.LAYERS", str(["p3", "p4", "p5"]))
-            rows["attention, neck"] = (only("AT") + neck_attention, ())
-            rows["M-KD, neck attention, mean over anchors, class scores only"] = (mkd + best_dense + neck_attention, ())
         if detector in ("retinanet", "fcos"):
             rows["M-KD, class scores only"] = (mkd + class_only, ())
             # The box part as the deltas' L1 instead of the decoded boxes' 1 - GIoU (the
@@ -303,6 +292,16 @@ def _kd_variants():
             rows["M-KD, L1 boxes"] = (mkd + l1_boxes, ())
         if detector == "yolov3":
             backbone, neck = ["dark3", "dark4", "dark5"], ["p3", "p4", "p5"]
+            # The dense term at what its parts measured best on YOLO, the objectness KL averaged
+            # over anchors and the box part off: alone, and in M-KD.
+            best_dense = ("ILMIL.DISTILL.DENSE.NORMALIZER", "mean") + class_only
+            rows["output, mean over anchors, class scores only"] = (only(output) + best_dense, ())
+            rows["M-KD, mean over anchors, class scores only"] = (mkd + best_dense, ())
+            # Attention on the Darknet stages cost YOLO AP (the tiny backbone's plain convs and
+            # max-pools attend unlike Darknet's residual stages): on the neck's levels instead.
+            neck_attention = ("ILMIL.DISTILL.AT.LAYERS", str(neck))
+            rows["attention, neck"] = (only("AT") + neck_attention, ())
+            rows["M-KD, neck attention, mean over anchors, class scores only"] = (mkd + best_dense + neck_attention, ())
             rows.update({
                 # Multi-layer feature alignment: the squared distance on every backbone stage and
                 # neck level through connectors, each layer weighted by its running disagreement.
