@@ -31,7 +31,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,8 +57,7 @@ class BenchError(ValueError):
 # The trainings in flight: a harness stopped by a signal stops them too rather than
 # leaving them to run on, unwatched, into the folder a restarted harness resumes.
 _TRAININGS = set()
-_STOPPING = threading.Event()
-_stop_signal = None
+_stop_signal = None  # the signal that stopped the harness, once one has
 
 
 def stop_trainings(signum, frame=None):
@@ -69,8 +67,7 @@ def stop_trainings(signum, frame=None):
     main thread is, a finaliser included, where an exception is printed and dropped (the
     harness went on and exited 1)."""
     global _stop_signal
-    _stop_signal = signum  # before the event: whoever sees the stop sees its signal
-    _STOPPING.set()
+    _stop_signal = signum
     for proc in list(_TRAININGS):
         proc.terminate()
 
@@ -78,6 +75,10 @@ def stop_trainings(signum, frame=None):
 def stop_status():
     """The exit status of a harness a signal stopped (128 + its number), else None."""
     return None if _stop_signal is None else 128 + _stop_signal
+
+
+def _stopping():
+    return _stop_signal is not None
 
 
 STOPPED = "stopped by a signal; fix: re-run the same command to resume"
@@ -370,7 +371,7 @@ def train(run, fresh=False, status=None):
     """Train ``run`` (setting a stale folder aside first); returns wall time, peak RSS (MiB),
     command and machine. ``status``: ``describe``'s, which knows the run's stage 0 (default:
     ``reuse_status``'s, of the folder alone)."""
-    if _STOPPING.is_set():  # before the folder is touched: --fresh would delete it
+    if _stopping():  # before the folder is touched: --fresh would delete it
         raise BenchError(STOPPED)
     status = status or reuse_status(run)
     if status == "stale":
@@ -388,19 +389,19 @@ def train(run, fresh=False, status=None):
         proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, cwd=ROOT)
         _TRAININGS.add(proc)
         # A signal since the check above found no process of this run to stop: stopped here. (The
-        # handler sets _STOPPING before it lists the processes, so one of the two sees the other.)
-        if _STOPPING.is_set():
+        # handler records the stop before it lists the processes, so one of the two sees the other.)
+        if _stopping():
             proc.terminate()
         try:
             _, status_code, usage = os.wait4(proc.pid, 0)
         except ChildProcessError:  # a stop's terminate() polls first, and so reaps a child just ended
-            if not _STOPPING.is_set():
+            if not _stopping():
                 raise
             raise BenchError(STOPPED) from None
         finally:
             _TRAININGS.discard(proc)
     if os.waitstatus_to_exitcode(status_code) != 0:
-        if _STOPPING.is_set():  # terminated by the harness's stop, not failed
+        if _stopping():  # terminated by the harness's stop, not failed
             raise BenchError(STOPPED)
         raise BenchError(f"training failed ({' '.join(cmd[1:])}), {run.out_dir}/bench_stdout.log; "
                          "fix what its last lines name and re-run the same command (finished runs are reused)")
@@ -473,7 +474,7 @@ def execute(runs, jobs=1, fresh=False):
 
 def _train_logged(run, status, fresh=False):
     """``train`` with its start, end or failure logged; ``status`` is ``describe``'s ("fresh" under --fresh)."""
-    if _STOPPING.is_set():  # a queued run after a signal: refused without a word per run
+    if _stopping():  # a queued run after a signal: refused without a word per run
         raise BenchError(STOPPED)
     where = progress(run.out_dir) if status == "partial" else ""
     log(f"{os.path.basename(run.out_dir)}: training" + (f" ({where})" if where else ""))

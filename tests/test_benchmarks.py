@@ -323,7 +323,6 @@ def test_a_stale_run_is_moved_aside_only_when_retrained(tmp_path, monkeypatch):
 def test_a_stopped_harness_stops_its_trainings_and_starts_no_other(tmp_path, monkeypatch):
     # A training that would run for a minute, in a worker thread as execute() runs them.
     monkeypatch.setattr(Run, "command", lambda self: [sys.executable, "-c", "import time; time.sleep(60)"])
-    monkeypatch.setattr(harness, "_STOPPING", threading.Event())
     monkeypatch.setattr(harness, "_stop_signal", None)
     run = Run(str(tmp_path / "10+10_ilmil"), "10+10", "ilmil", 0, 4, 8, 4, ())
     errors = []
@@ -396,7 +395,6 @@ def test_a_stop_signal_handled_in_a_finaliser_still_stops_the_harness(tmp_path, 
 
     monkeypatch.setattr(bench_run, "execute", execute_stopped)
     monkeypatch.setattr(bench_run.signal, "signal", lambda *args: None)  # pytest keeps its own handlers
-    monkeypatch.setattr(harness, "_STOPPING", threading.Event())
     monkeypatch.setattr(harness, "_stop_signal", None)
     monkeypatch.setenv("ILMIL_DATASETS", str(tmp_path / "datasets"))
     assert bench_main(["--suite", "accuracy", "--quick", "--variants", "ilmil", "--specs", "10+10",
@@ -407,12 +405,12 @@ def test_a_training_reaped_by_the_stop_is_stopped_not_an_error(tmp_path, monkeyp
     # terminate() polls before it signals, and so reaps a training that has just ended: the
     # worker's wait then finds no child.
     monkeypatch.setattr(Run, "command", lambda self: [sys.executable, "-c", "pass"])
-    monkeypatch.setattr(harness, "_STOPPING", threading.Event())
+    monkeypatch.setattr(harness, "_stop_signal", None)
     real_wait4 = os.wait4
 
     def wait4_after_the_stop_reaped(pid, options):
         real_wait4(pid, options)  # the stop's poll()
-        harness._STOPPING.set()
+        harness._stop_signal = signal.SIGTERM  # the stop, recorded by its handler
         return real_wait4(pid, options)
 
     monkeypatch.setattr(os, "wait4", wait4_after_the_stop_reaped)
