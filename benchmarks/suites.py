@@ -302,6 +302,12 @@ def _kd_variants():
             neck_attention = ("ILMIL.DISTILL.AT.LAYERS", str(neck))
             rows["attention, neck"] = (only("AT") + neck_attention, ())
             rows["M-KD, neck attention, mean over anchors, class scores only"] = (mkd + best_dense + neck_attention, ())
+            # The relations cost YOLO most (alone 22.2 against no KD's 49.1, seed 1) on the same
+            # stages: on the neck's level pairs instead, alone and with all of M-KD on the neck.
+            neck_relations = ("ILMIL.DISTILL.FSP.PAIRS", str([neck[:2], neck[1:]]))
+            rows["layer relations, neck"] = (only("FSP") + neck_relations, ())
+            rows["M-KD on the neck, mean over anchors, class scores only"] = (
+                mkd + best_dense + neck_attention + neck_relations, ())
             rows.update({
                 # Multi-layer feature alignment: the squared distance on every backbone stage and
                 # neck level through connectors, each layer weighted by its running disagreement.

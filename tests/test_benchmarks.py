@@ -588,6 +588,8 @@ KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dens
                 "M-KD, mean over anchors, class scores only": ["dense", "at", "fsp"],
                 "output, mean over anchors, class scores only": ["dense"], "attention, neck": ["at"],
                 "M-KD, neck attention, mean over anchors, class scores only": ["dense", "at", "fsp"],
+                "layer relations, neck": ["fsp"], "M-KD on the neck, mean over anchors, class scores only": [
+                    "dense", "at", "fsp"],
                 "output, L1 boxes": ["dense"], "M-KD, L1 boxes": ["dense", "at", "fsp"], "review": ["review"],
                 "review alone": ["review"], "review + decoupling": ["review"], "review, weight 0.25": ["review"],
                 "review, fg 0.25, bg 1": ["review"],
@@ -638,7 +640,8 @@ def test_kd_rows_switch_on_their_terms_only():
     normalisers = {name: run.config().ILMIL.DISTILL.DENSE.NORMALIZER for (_, name, _), run in planned.items()}
     assert {name for name, normaliser in normalisers.items() if normaliser == "mean"} == {
         f"{d} output, mean over anchors" for d in ("retinanet", "fcos", "yolov3")} | {
-        f"yolov3 {row}, mean over anchors, class scores only" for row in ("output", "M-KD", "M-KD, neck attention")}
+        f"yolov3 {row}, mean over anchors, class scores only" for row in ("output", "M-KD", "M-KD, neck attention",
+                                                                           "M-KD on the neck")}
     box_thresholds = {name: run.config().ILMIL.DISTILL.DENSE.BOX_SCORE_THRESH for (_, name, _), run in planned.items()
                       if "class scores only" in name}
     assert box_thresholds == {f"{d} {row}, class scores only": 1.01 for d in ("retinanet", "fcos") for row in ("output", "M-KD")
@@ -646,10 +649,16 @@ def test_kd_rows_switch_on_their_terms_only():
                                                                      "output, mean over anchors, class scores only",
                                                                      "M-KD, mean over anchors, class scores only",
                                                                      "M-KD, neck attention, mean over anchors, "
+                                                                     "class scores only",
+                                                                     "M-KD on the neck, mean over anchors, "
                                                                      "class scores only")}
     neck_attention = {name for (_, name, _), run in planned.items()
                       if name.startswith("yolov3") and list(run.config().ILMIL.DISTILL.AT.LAYERS) == ["p3", "p4", "p5"]}
-    assert neck_attention == {"yolov3 attention, neck", "yolov3 M-KD, neck attention, mean over anchors, class scores only"}
+    assert neck_attention == {"yolov3 attention, neck", "yolov3 M-KD, neck attention, mean over anchors, class scores only",
+                              "yolov3 M-KD on the neck, mean over anchors, class scores only"}
+    neck_relations = {name for (_, name, _), run in planned.items() if name.startswith("yolov3")
+                      and [list(pair) for pair in run.config().ILMIL.DISTILL.FSP.PAIRS] == [["p3", "p4"], ["p4", "p5"]]}
+    assert neck_relations == {"yolov3 layer relations, neck", "yolov3 M-KD on the neck, mean over anchors, class scores only"}
     box_losses = {name: run.config().ILMIL.DISTILL.DENSE.BOX_LOSS for (_, name, _), run in planned.items()
                   if variants[name].row.startswith(("output", "M-KD"))}
     assert {name for name, box_loss in box_losses.items() if box_loss == "l1"} == {
