@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tool_runs import (SHAPES_OPTS, TRAIN_OPTS, checkpoint_iteration, kill_when_exists, killed_copy, read_json, run_tool,
-                       start_tool, tail)
+from tool_runs import (SHAPES_OPTS, TRAIN_OPTS, checkpoint_iteration, kill_when_exists, killed_copy, read_json,
+                       resumed_checkpoint, run_tool, start_tool, tail)
 from ilmil.checkpoint import CheckpointError, IncrementalCheckpointer, RNGStates, safe_load
 from ilmil.config import CONFIGS_DIR, get_ilmil_cfg
 from ilmil.data import DatasetSource
@@ -26,6 +26,7 @@ from ilmil.data.shapes import shape_class_names
 from ilmil.distill import Distiller, FeatureDistillation
 from ilmil.engine import IncrementalRun, RunDirError, RunValidationError
 from ilmil.engine.run_dir import claim_run_dir, dataset_content_fingerprint, dataset_fingerprint
+from ilmil.engine.trainer import recorded_training_seconds
 from ilmil.file_io import atomic_write
 
 # --------------------------------------------------------------- checkpoint files
@@ -247,6 +248,7 @@ def test_a_run_killed_mid_stage_resumes_from_its_checkpoint(tiny_datasets_root, 
     stage0_weights = out / "stage_0" / "model_final.pth"
     stage0_mtime = stage0_weights.stat().st_mtime
     killed_at = checkpoint_iteration(stage1)
+    trained_before_kill = recorded_training_seconds(resumed_checkpoint(stage1))
 
     resumed = run_tool("train_incremental.py", [*args[:6], "--resume", *args[6:]], tiny_datasets_root, timeout=240)
     assert resumed.returncode == 0, tail(resumed)
@@ -254,8 +256,12 @@ def test_a_run_killed_mid_stage_resumes_from_its_checkpoint(tiny_datasets_root, 
     assert stage0_weights.stat().st_mtime == stage0_mtime
     assert f"Stage 1: resuming at iteration {killed_at + 1} of 30" in resumed.log
     assert read_json(stage1 / "iteration_times.json")["start_iter"] == killed_at + 1
-    assert safe_load(str(stage1 / "model_final.pth"))["iteration"] == 29
-    assert [s["stage"] for s in read_json(out / "results.json")["stages"]] == [0, 1]
+    final = safe_load(str(stage1 / "model_final.pth"))
+    assert final["iteration"] == 29
+    results = read_json(out / "results.json")["stages"]
+    assert [s["stage"] for s in results] == [0, 1]
+    # The stage's training time counts the killed process's iterations too (its checkpoint's).
+    assert 0 < trained_before_kill < results[1]["train_time_s"] == recorded_training_seconds(final)
 
 
 def _six_image_run(tmp_path, config_file=None):

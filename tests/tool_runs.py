@@ -118,13 +118,18 @@ def _env(datasets_root):
     return env
 
 
-def checkpoint_iteration(stage_dir):
-    """The iteration of the checkpoint a killed run resumes from (a loaded machine decides
-    which): the one ``last_checkpoint`` names, else (killed before the first was named)
-    the newest periodic one."""
+def resumed_checkpoint(stage_dir):
+    """The checkpoint a killed run resumes from, loaded (a loaded machine decides which):
+    the one ``last_checkpoint`` names, else (killed before the first was named) the newest
+    periodic one."""
     tag = stage_dir / "last_checkpoint"
     path = stage_dir / tag.read_text().strip() if tag.exists() else max(stage_dir.glob("model_[0-9]*.pth"))
-    return safe_load(str(path))["iteration"]
+    return safe_load(str(path))
+
+
+def checkpoint_iteration(stage_dir):
+    """The iteration of the checkpoint a killed run resumes from."""
+    return resumed_checkpoint(stage_dir)["iteration"]
 
 
 def killed_copy(run, copy, stage, checkpoint):

@@ -32,7 +32,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
-from ..checkpoint import CheckpointClassesError, CheckpointError, load_checked_checkpoint
+from ..checkpoint import CheckpointClassesError, CheckpointError, load_checked_checkpoint, safe_load
 from ..compat import report_without_traceback
 from ..config import (METHOD_PRESETS, ConfigError, check_choice, check_device, check_lr_steps, check_mixed_precision,
                       check_training_values, derived_cfg, num_classes_changes, uses_teacher)
@@ -74,7 +74,7 @@ from .run_dir import (
     training_config,
     write_problem_report,
 )
-from .trainer import IncrementalTrainer, NonFiniteLossError
+from .trainer import IncrementalTrainer, NonFiniteLossError, recorded_training_seconds
 
 __all__ = ["RUN_ERRORS", "IncrementalRun", "run_incremental", "resolve_class_order"]
 
@@ -414,9 +414,6 @@ class IncrementalRun:
                 logger.info("Stage %d: %s exists, not retraining", stage.index, final_weights)
             else:
                 model = self.train_stage(stage, *self.stage_models(stage, previous_weights, pruned_weights))
-            # Unknown (the report's "-") for a stage this process did not train; a stage resumed
-            # mid-training counts from the resume.
-            train_time = None if model is None else time.perf_counter() - stage_start
             if os.path.isfile(metrics_path):
                 with open(metrics_path) as f:
                     metrics = json.load(f)
@@ -426,7 +423,9 @@ class IncrementalRun:
                 eval_start = time.perf_counter()
                 metrics = self.evaluate_stage(stage, model)
                 metrics["eval_time_s"] = time.perf_counter() - eval_start
-                metrics["train_time_s"] = train_time
+                # The training loop's seconds, resumes included, as the stage's final checkpoint
+                # records them; unknown (the report's "-") for the given teacher.
+                metrics["train_time_s"] = None if given else recorded_training_seconds(safe_load(final_weights))
                 if comm.is_main_process():
                     write_json(metrics_path, metrics)
             previous_weights, pruned_weights = final_weights, None

@@ -5,6 +5,7 @@ import itertools
 import json
 import logging
 import os
+import time
 import weakref
 
 import torch
@@ -23,7 +24,7 @@ from ..file_io import atomic_write
 from ..modeling import build_detector
 from ..modeling.small_maps import TooSmallMapError, one_value_per_channel
 
-__all__ = ["IncrementalTrainer", "NonFiniteLossError"]
+__all__ = ["IncrementalTrainer", "NonFiniteLossError", "recorded_training_seconds"]
 
 logger = logging.getLogger("ilmil")
 
@@ -46,6 +47,29 @@ class _IterationTimesWriter(hooks.HookBase):
                 record["peak_cuda_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
             atomic_write(os.path.join(self.trainer.cfg.OUTPUT_DIR, "iteration_times.json"),
                          lambda f: json.dump(record, f), mode="w")
+
+
+class _TrainingClock(hooks.HookBase):
+    """The stage's training-loop seconds across resumes: the trainer saves its hooks' states
+    in each checkpoint, so a resumed stage adds its time to what its checkpoint had trained."""
+
+    def __init__(self):
+        self._before, self._started = 0.0, None
+
+    def before_train(self):
+        self._started = time.perf_counter()
+
+    def state_dict(self):
+        return {"seconds": self._before + (0.0 if self._started is None else time.perf_counter() - self._started)}
+
+    def load_state_dict(self, state):
+        self._before = state["seconds"]
+
+
+def recorded_training_seconds(checkpoint):
+    """The training seconds a checkpoint's stage took to reach it, resumes included; None
+    for one written before they were recorded or by another trainer."""
+    return checkpoint.get("trainer", {}).get("hooks", {}).get(_TrainingClock.__qualname__, {}).get("seconds")
 
 
 class _ResumableSampler:
@@ -153,7 +177,7 @@ class IncrementalTrainer(DefaultTrainer):
                 kept.append(hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
             elif not isinstance(hook, hooks.PeriodicCheckpointer):
                 kept.append(hook)
-        return kept + [_IterationTimesWriter()]
+        return kept + [_IterationTimesWriter(), _TrainingClock()]
 
     def state_dict(self):
         """The iteration and the hooks' states (the LR scheduler's), as detectron2
