@@ -16,8 +16,10 @@ from typing import Callable
 import pytest
 import torch
 
+from detectron2.modeling import BACKBONE_REGISTRY
+
 from conftest import TINY_SHAPES
-from ilmil.config import CONFIGS_DIR, get_ilmil_cfg
+from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg
 from ilmil.data.shapes import shape_class_names
 from ilmil.modeling import build_detector
 from ilmil.pruning import channel_layout
@@ -520,6 +522,16 @@ def test_a_bad_input_ends_in_one_error_line(name, tmp_path, tiny_datasets_root, 
     assert _snapshot(bad.kept) == before
     written = {p for p in tmp_path.rglob("*") if p not in before_files and p.is_file()}
     assert not [p for p in written if p.name in OUTPUTS or p.suffix == ".pth" or p.suffix == ".png"], written
+
+
+def test_an_error_of_ilmils_own_code_while_building_is_not_called_a_config_problem(monkeypatch):
+    # A ValueError raised inside the package (here by the shapes' class names, called from
+    # YOLO's backbone builder) is a bug: its traceback, not "check the MODEL keys".
+    monkeypatch.setitem(BACKBONE_REGISTRY._obj_map, "build_darknet_backbone",
+                        lambda cfg, input_shape=None: shape_class_names(0))
+    with pytest.raises(ValueError, match="num_classes must be an integer") as raised:
+        build_detector(get_ilmil_cfg(os.path.join(CONFIGS_DIR, "shapes", "yolov3_cpu.yaml")))
+    assert not isinstance(raised.value, ConfigError)
 
 
 def test_ctrl_c_ends_in_one_line_and_the_run_resumes(tmp_path, tiny_datasets_root):

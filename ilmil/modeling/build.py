@@ -1,5 +1,8 @@
 """Building a detector in the layout of a checkpoint: the channel widths of a (possibly
 pruned) model, and a YOLO model's anchors."""
+import os
+import traceback
+
 from detectron2.modeling import build_model
 
 from ..checkpoint import (CheckpointError, IncrementalCheckpointer, checkpoint_anchors, checkpoint_channel_layout,
@@ -8,6 +11,8 @@ from ..config import ConfigError, derived_cfg
 from ..pruning import PruningError, apply_channel_layout
 
 __all__ = ["build_detector", "load_detector", "with_checkpoint_layout"]
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_detector(cfg):
@@ -19,10 +24,17 @@ def build_detector(cfg):
     except ConfigError:
         raise
     except (AssertionError, KeyError, ValueError) as e:
+        if _raised_in_package(e):  # a bug of ours, not a key the libraries refuse: its traceback
+            raise
         raise ConfigError(f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE} cannot be built from the config's "
                           f"MODEL keys ({type(e).__name__}: {e}); fix: check the MODEL keys of the config file and "
                           "the overrides") from e
     return apply_channel_layout(model, dict(cfg.ILMIL.PRUNING.CHANNELS))
+
+
+def _raised_in_package(error):
+    """Whether ``error`` was raised by ilmil's own code (its innermost frame)."""
+    return traceback.extract_tb(error.__traceback__)[-1].filename.startswith(_PACKAGE_DIR + os.sep)
 
 
 def load_detector(cfg, weights, checkpoint=None):
