@@ -22,6 +22,8 @@ The *layout* of a model is ``{module name: output width}`` of every prunable
 layer. Checkpoints record it (``ilmil.channel_layout``) and
 ``apply_channel_layout`` reshapes a freshly built model to it before loading.
 """
+import math
+
 import torch
 from torch import nn
 
@@ -97,7 +99,9 @@ def prune_l1(model, ratios):
         if not 0.0 <= ratio < 1.0:
             raise PruningError(f"pruning ratio of {name} must be in [0, 1), got {ratio}")
         width = _out_width(layer)
-        keep_count = max(1, int(round(width * (1.0 - ratio))))
+        # The nearest count, a tie kept up (round() goes to the even one: 9 channels at 0.5 kept
+        # 4, 11 kept 6).
+        keep_count = max(1, math.floor(width * (1.0 - ratio) + 0.5))
         if keep_count == width:
             continue
         norms = layer.weight.detach().abs().flatten(1).sum(1)
