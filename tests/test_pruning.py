@@ -60,11 +60,13 @@ def test_pruning_removes_the_requested_fraction_of_the_targeted_channels():
     assert model.roi_heads.box_predictor.cls_score.weight.shape == (4, 128)
 
 
-def test_a_half_channel_is_kept():
+@pytest.mark.parametrize("width, ratio, kept", [(9, 0.5, 5), (45, 0.3, 32)], ids=["even_below", "float_below"])
+def test_a_half_channel_is_kept(width, ratio, kept):
+    # 4.5 up, not to the even 4; 45 x 0.7 is 31.5, which floats make 31.4999...
     model = _model()
     name = "backbone.bottom_up.res2.0.conv1"
-    prune_l1(model, lambda n: 1 - 9 / 64 if n == name else 0.0)  # 64 -> 9 channels
-    assert prune_l1(model, lambda n: 0.5 if n == name else 0.0)[name] == 5  # 4.5 up, not to the even 4
+    prune_l1(model, lambda n: 1 - width / 64 if n == name else 0.0)
+    assert prune_l1(model, lambda n: ratio if n == name else 0.0)[name] == kept
 
 
 def test_the_filters_of_smallest_l1_norm_go():

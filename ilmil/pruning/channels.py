@@ -100,8 +100,8 @@ def prune_l1(model, ratios):
             raise PruningError(f"pruning ratio of {name} must be in [0, 1), got {ratio}")
         width = _out_width(layer)
         # The nearest count, a tie kept up (round() goes to the even one: 9 channels at 0.5 kept
-        # 4, 11 kept 6).
-        keep_count = max(1, math.floor(width * (1.0 - ratio) + 0.5))
+        # 4, 11 kept 6); the product rounded first, as a float misses ties (45 x 0.7 = 31.4999...).
+        keep_count = max(1, math.floor(round(width * (1.0 - ratio), 6) + 0.5))
         if keep_count == width:
             continue
         norms = layer.weight.detach().abs().flatten(1).sum(1)
