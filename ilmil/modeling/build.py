@@ -1,8 +1,5 @@
 """Building a detector in the layout of a checkpoint: the channel widths of a (possibly
 pruned) model, and a YOLO model's anchors."""
-import os
-import traceback
-
 from detectron2.modeling import build_model
 
 from ..checkpoint import (CheckpointError, IncrementalCheckpointer, checkpoint_anchors, checkpoint_channel_layout,
@@ -11,8 +8,6 @@ from ..config import ConfigError, derived_cfg
 from ..pruning import PruningError, apply_channel_layout
 
 __all__ = ["build_detector", "load_detector", "with_checkpoint_layout"]
-
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_detector(cfg):
@@ -33,8 +28,12 @@ def build_detector(cfg):
 
 
 def _raised_in_package(error):
-    """Whether ``error`` was raised by ilmil's own code (its innermost frame)."""
-    return traceback.extract_tb(error.__traceback__)[-1].filename.startswith(_PACKAGE_DIR + os.sep)
+    """Whether ``error`` was raised by ilmil's own code: its innermost frame's module (a
+    module name, unlike a file path, does not depend on how the package was installed)."""
+    frame = error.__traceback__
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame.tb_frame.f_globals.get("__name__", "").split(".")[0] == __name__.split(".")[0]
 
 
 def load_detector(cfg, weights, checkpoint=None):
