@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from detectron2.engine import TrainerBase
 from PIL import Image
 from torch import nn
 
@@ -26,7 +27,7 @@ from ilmil.data.shapes import shape_class_names
 from ilmil.distill import Distiller, FeatureDistillation
 from ilmil.engine import IncrementalRun, RunDirError, RunValidationError
 from ilmil.engine.run_dir import claim_run_dir, dataset_content_fingerprint, dataset_fingerprint
-from ilmil.engine.trainer import recorded_training_seconds
+from ilmil.engine.trainer import _TrainingClock, recorded_training_seconds
 from ilmil.file_io import atomic_write
 
 # --------------------------------------------------------------- checkpoint files
@@ -260,8 +261,20 @@ def test_a_run_killed_mid_stage_resumes_from_its_checkpoint(tiny_datasets_root, 
     assert final["iteration"] == 29
     results = read_json(out / "results.json")["stages"]
     assert [s["stage"] for s in results] == [0, 1]
-    # The stage's training time counts the killed process's iterations too (its checkpoint's).
-    assert 0 < trained_before_kill < results[1]["train_time_s"] == recorded_training_seconds(final)
+    # The stage's training time counts the killed process's iterations too (its checkpoint's):
+    # more than those and the resumed process's steps together.
+    resumed_steps = sum(read_json(stage1 / "iteration_times.json")["seconds"])
+    assert 0 < trained_before_kill + resumed_steps < results[1]["train_time_s"] == recorded_training_seconds(final)
+
+
+def test_a_resumed_trainer_adds_its_time_to_the_checkpoints():
+    # As detectron2 saves and resumes a trainer: its hooks' states under "trainer".
+    resumed = TrainerBase()
+    resumed.register_hooks([_TrainingClock()])
+    resumed.load_state_dict({"iteration": 9, "hooks": {"_TrainingClock": {"seconds": 100.0}}})
+    resumed.before_train()
+    assert 100.0 <= recorded_training_seconds({"trainer": resumed.state_dict()}) < 110.0
+    assert recorded_training_seconds({"trainer": {"iteration": 9}}) is None  # a checkpoint of before
 
 
 def _six_image_run(tmp_path, config_file=None):

@@ -424,8 +424,10 @@ class IncrementalRun:
                 metrics = self.evaluate_stage(stage, model)
                 metrics["eval_time_s"] = time.perf_counter() - eval_start
                 # The training loop's seconds, resumes included, as the stage's final checkpoint
-                # records them; unknown (the report's "-") for the given teacher.
-                metrics["train_time_s"] = None if given else recorded_training_seconds(safe_load(final_weights))
+                # records them (read where the metrics are written); unknown (the report's "-")
+                # for the given teacher.
+                metrics["train_time_s"] = (None if given or not comm.is_main_process()
+                                           else recorded_training_seconds(safe_load(final_weights)))
                 if comm.is_main_process():
                     write_json(metrics_path, metrics)
             previous_weights, pruned_weights = final_weights, None

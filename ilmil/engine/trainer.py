@@ -67,8 +67,9 @@ class _TrainingClock(hooks.HookBase):
 
 
 def recorded_training_seconds(checkpoint):
-    """The training seconds a checkpoint's stage took to reach it, resumes included; None
-    for one written before they were recorded or by another trainer."""
+    """The training seconds a checkpoint's stage took to reach it, resumes included (from a
+    checkpoint written before they were recorded, from the resume on); None for one written
+    before they were recorded or by another trainer."""
     return checkpoint.get("trainer", {}).get("hooks", {}).get(_TrainingClock.__qualname__, {}).get("seconds")
 
 
