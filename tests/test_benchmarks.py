@@ -637,11 +637,17 @@ def test_kd_rows_switch_on_their_terms_only():
     assert {key for key, weighting in weightings.items() if weighting != ("uncertainty", "uncertainty")} == {
         (d, "M-KD without exploration") for d in ("faster_rcnn", "retinanet", "fcos", "yolov3")}
     assert all(weighting == ("fixed", "fixed") for (_, row), weighting in weightings.items() if "exploration" in row)
-    normalisers = {name: run.config().ILMIL.DISTILL.DENSE.NORMALIZER for (_, name, _), run in planned.items()}
-    assert {name for name, normaliser in normalisers.items() if normaliser == "mean"} == {
+    dense = {name: run.config().ILMIL.DISTILL.DENSE for (_, name, _), run in planned.items()
+             if run.config().ILMIL.DISTILL.DENSE.ENABLED}
+    # YOLO's student config averages the objectness KL and drops the box part (2026-12-07); the
+    # rows measured before keep the settings they had.
+    assert {name for name, d in dense.items() if d.NORMALIZER == "mean"} == {
         f"{d} output, mean over anchors" for d in ("retinanet", "fcos", "yolov3")} | {
         f"yolov3 {row}, mean over anchors, class scores only" for row in ("output", "M-KD", "M-KD, neck attention",
-                                                                           "M-KD on the neck")}
+                                                                           "M-KD on the neck")} | {
+        "yolov3 M-KD + assistant", "yolov3 output, bfloat16 teacher"}
+    assert {name for name, d in dense.items() if d.BOX_SCORE_THRESH == 1.01 and "class scores only" not in name} == {
+        "yolov3 M-KD + assistant", "yolov3 output, bfloat16 teacher"}
     box_thresholds = {name: run.config().ILMIL.DISTILL.DENSE.BOX_SCORE_THRESH for (_, name, _), run in planned.items()
                       if "class scores only" in name}
     assert box_thresholds == {f"{d} {row}, class scores only": 1.01 for d in ("retinanet", "fcos") for row in ("output", "M-KD")
@@ -652,13 +658,18 @@ def test_kd_rows_switch_on_their_terms_only():
                                                                      "class scores only",
                                                                      "M-KD on the neck, mean over anchors, "
                                                                      "class scores only")}
-    neck_attention = {name for (_, name, _), run in planned.items()
-                      if name.startswith("yolov3") and list(run.config().ILMIL.DISTILL.AT.LAYERS) == ["p3", "p4", "p5"]}
-    assert neck_attention == {"yolov3 attention, neck", "yolov3 M-KD, neck attention, mean over anchors, class scores only",
-                              "yolov3 M-KD on the neck, mean over anchors, class scores only"}
-    neck_relations = {name for (_, name, _), run in planned.items() if name.startswith("yolov3")
-                      and [list(pair) for pair in run.config().ILMIL.DISTILL.FSP.PAIRS] == [["p3", "p4"], ["p4", "p5"]]}
-    assert neck_relations == {"yolov3 layer relations, neck", "yolov3 M-KD on the neck, mean over anchors, class scores only"}
+    yolo_distill = {name: run.config().ILMIL.DISTILL for (_, name, _), run in planned.items() if name.startswith("yolov3")}
+    attention = {name: list(d.AT.LAYERS) for name, d in yolo_distill.items() if d.AT.ENABLED}
+    assert {name for name, layers in attention.items() if layers == ["p3", "p4", "p5"]} == {
+        "yolov3 attention, neck", "yolov3 M-KD, neck attention, mean over anchors, class scores only",
+        "yolov3 M-KD on the neck, mean over anchors, class scores only", "yolov3 M-KD + assistant"}
+    assert all(layers in (["p3", "p4", "p5"], ["dark3", "dark4", "dark5"]) for layers in attention.values())
+    relations = {name: [list(pair) for pair in d.FSP.PAIRS] for name, d in yolo_distill.items() if d.FSP.ENABLED}
+    assert {name for name, pairs in relations.items() if pairs == [["p3", "p4"], ["p4", "p5"]]} == {
+        "yolov3 layer relations, neck", "yolov3 M-KD on the neck, mean over anchors, class scores only",
+        "yolov3 M-KD + assistant"}
+    assert all(pairs in ([["p3", "p4"], ["p4", "p5"]], [["dark3", "dark4"], ["dark4", "dark5"]])
+               for pairs in relations.values())
     box_losses = {name: run.config().ILMIL.DISTILL.DENSE.BOX_LOSS for (_, name, _), run in planned.items()
                   if variants[name].row.startswith(("output", "M-KD"))}
     assert {name for name, box_loss in box_losses.items() if box_loss == "l1"} == {

@@ -330,7 +330,7 @@ def test_a_tiny_student_is_distilled_with_the_information_map_and_m_kds_terms(in
         "--teacher-weights", str(incremental / "stage_0" / "model_final.pth"), "--stages", "2",
         "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS, "MODEL.YOLO.WIDTH_MULTIPLIER", "0.25",
         "ILMIL.DISTILL.INFOMAP.ENABLED", "True", "MODEL.YOLO.SCORE_THRESH_TEST", "0.001",
-        # M-KD's attention and layer relations on the Darknet stages the YOLO configs name.
+        # M-KD's attention and layer relations on the neck's levels the student config names.
         "ILMIL.DISTILL.AT.ENABLED", "True", "ILMIL.DISTILL.FSP.ENABLED", "True",
         "MODEL.YOLO.ANCHORS", str(anchors), "MODEL.YOLO.NUM_ANCHORS", "1",
     ], tiny_datasets_root, timeout=300)
