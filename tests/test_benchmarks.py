@@ -645,9 +645,11 @@ def test_kd_rows_switch_on_their_terms_only():
         f"{d} output, mean over anchors" for d in ("retinanet", "fcos", "yolov3")} | {
         f"yolov3 {row}, mean over anchors, class scores only" for row in ("output", "M-KD", "M-KD, neck attention",
                                                                            "M-KD on the neck")} | {
-        "yolov3 M-KD + assistant", "yolov3 output, bfloat16 teacher"}
+        "yolov3 M-KD + assistant"}
     assert {name for name, d in dense.items() if d.BOX_SCORE_THRESH == 1.01 and "class scores only" not in name} == {
-        "yolov3 M-KD + assistant", "yolov3 output, bfloat16 teacher"}
+        "yolov3 M-KD + assistant"}
+    for row in ("output", "output, bfloat16 teacher", "M-KD", "M-KD without exploration"):
+        assert (dense[f"yolov3 {row}"].NORMALIZER, dense[f"yolov3 {row}"].BOX_SCORE_THRESH) == ("objects", 0.5), row
     box_thresholds = {name: run.config().ILMIL.DISTILL.DENSE.BOX_SCORE_THRESH for (_, name, _), run in planned.items()
                       if "class scores only" in name}
     assert box_thresholds == {f"{d} {row}, class scores only": 1.01 for d in ("retinanet", "fcos") for row in ("output", "M-KD")
