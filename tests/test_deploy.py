@@ -401,9 +401,11 @@ def test_the_export_check_fails_on_added_detections_and_on_other_scores():
     added = tuple(np.concatenate([a, b]) for a, b in zip(same, (np.array([[0.0, 0.0, 20.0, 20.0]]), np.array([0.99]),
                                                                 np.array([2]))))
     other_score = (same[0], np.array([0.9]), same[2])
+    moved_box = (np.array([[10.0, 10.0, 44.0, 30.0]]), same[1], same[2])  # 4 px off a box of largest coordinate 40
     figures = {name: deploy.check_export(trained, SimpleNamespace(run=lambda image, out=out: out),
                                          [torch.zeros(3, 64, 64)])
-               for name, out in (("same", same), ("added", added), ("other_score", other_score))}
+               for name, out in (("same", same), ("added", added), ("other_score", other_score),
+                                 ("moved_box", moved_box))}
     assert figures["same"]["passed"] and figures["same"]["confident_onnx_detections"] == 1
     # A confident box the PyTorch model does not give: every PyTorch detection is matched, yet it fails.
     assert figures["added"]["detections_matched"] == 1 and figures["added"]["confident_onnx_detections_unmatched"] == 1
@@ -411,6 +413,9 @@ def test_the_export_check_fails_on_added_detections_and_on_other_scores():
     # The same box at another score is no match.
     assert figures["other_score"]["detections_matched"] == 0 and not figures["other_score"]["passed"]
     assert figures["other_score"]["max_score_difference"] == pytest.approx(0.1)
+    # A box out of tolerance fails the check, and the largest difference reported is that box's.
+    assert figures["moved_box"]["detections_matched"] == 0 and not figures["moved_box"]["passed"]
+    assert figures["moved_box"]["max_relative_box_difference"] == pytest.approx(4 / 40)
     assert set(tf32_during_reference) == {(False, False)} and torch.backends.cudnn.allow_tf32  # restored after
 
 
