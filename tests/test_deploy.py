@@ -94,8 +94,16 @@ def test_an_export_that_fails_its_check_leaves_the_file_of_before(trained, tiny_
     line = _error_line(run_tool_here("export.py", [*args, "--check-images", "1", *opts], tiny_datasets_root,
                                      monkeypatch, capsys))
     assert f"{tmp_path / 'model.unchecked.onnx'}: ONNX Runtime does not reproduce" in line and "left as it was" in line
+    # A fixed size that pads nothing: no size to suggest.
+    assert line.endswith("fix: report the detector with the check's figures")
     assert output.read_bytes() == b"the model of before"
     assert read_json(tmp_path / "model.unchecked.check.json")["passed"] is False
+    # Exported again with a passing check: the failed attempt's figures go with its file.
+    monkeypatch.setattr(tool, "check_export", check)
+    proc = run_tool_here("export.py", [*args, "--check-images", "1", *opts], tiny_datasets_root, monkeypatch, capsys)
+    assert not proc.returncode, proc.log[-2000:]
+    assert read_json(tmp_path / "model.check.json")["passed"] and output.read_bytes() != b"the model of before"
+    assert not list(tmp_path.glob("model.unchecked.*"))
     for flags, message in ((["--check-images", "0"], "--check-images 0: the check needs 1 image or more"),
                            (["--input-size", "0", "64"], "--input-size 0 64: give a height and width")):
         proc = run_tool_here("export.py", [*args, *flags, *opts], tiny_datasets_root, monkeypatch, capsys)

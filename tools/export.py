@@ -76,6 +76,12 @@ def main(argv=None):
     print(f"exported {args.weights} ({trained.cfg.MODEL.META_ARCHITECTURE}, {len(trained.class_names)} classes, "
           f"input {size}) to {unchecked} ({os.path.getsize(unchecked) / 2**20:.1f} MiB)")
     figures = check_export(trained, OnnxDetector(unchecked), images, args.tolerance)
+    if figures["passed"]:
+        # The model first, then its figures: a crash between the two leaves no figures beside another file.
+        os.replace(unchecked, args.output)
+        stale = os.path.splitext(unchecked)[0] + ".check.json"  # of a failed export before, whose file is gone
+        if os.path.isfile(stale):
+            os.remove(stale)
     path = write_check(args.output if figures["passed"] else unchecked, figures)
     print(f"check on {figures['images']} {source.name} test images: {figures['detections_matched']} of "
           f"{figures['detections_compared']} PyTorch detections matched by class (of score >= 0.5: "
@@ -89,11 +95,14 @@ def main(argv=None):
               "boxes; check it on more images (--check-images N) or train the model further", file=sys.stderr)
     if not figures["passed"]:
         padded = not args.dynamic and any(tuple(i.shape[1:]) != tuple(metadata["input_size"]) for i in images)
-        fix = ("--dynamic: the fixed size pads these images, and the padding changes the detections" if padded
-               else "a fixed --input-size, or report the detector")
+        if padded:
+            fix = "export with --dynamic: the fixed size pads these images, and the padding changes the detections"
+        elif args.dynamic:
+            fix = "export with a fixed --input-size, or report the detector with the check's figures"
+        else:
+            fix = "report the detector with the check's figures"
         raise DeployError(f"{unchecked}: ONNX Runtime does not reproduce the PyTorch model ({path}); the file is "
-                          f"kept for inspection, {args.output} is left as it was; fix: export with {fix}")
-    os.replace(unchecked, args.output)
+                          f"kept for inspection, {args.output} is left as it was; fix: {fix}")
     print(f"{args.output} written")
 
 
