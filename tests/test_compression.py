@@ -45,7 +45,8 @@ def _compress(out, teacher, datasets_root, flags=(), opts=()):
 @pytest.fixture(scope="module")
 def student(teacher, tiny_datasets_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("student") / "run"
-    proc = _compress(out, teacher, tiny_datasets_root, NARROW, NARROW_OPTS)
+    # The teacher as a user types it, relative to where the tool runs.
+    proc = _compress(out, os.path.relpath(teacher, REPO_ROOT), tiny_datasets_root, NARROW, NARROW_OPTS)
     assert proc.returncode == 0, tail(proc)
     return out, proc
 
@@ -59,6 +60,7 @@ def test_a_compression_run_evaluates_teacher_and_student_in_one_folder(student, 
     # The teacher, evaluated on the same test images, scores what its own run recorded.
     own = read_json(teacher.parent.parent / "results.json")["stages"][0]
     assert results["teacher"]["AP50"] == own["AP50"] and results["teacher"]["AP"] == own["AP"]
+    assert results["teacher"]["weights"] == str(teacher)  # recorded absolute: found from any folder
     assert list(results["teacher"]["per_class"]) == stage["new_classes"]
     assert (out / "report.md").is_file() and (out / "teacher" / "metrics_eval.json").is_file()
     assert re.search(r"teacher: AP50 \d+\.\d, AP \d+\.\d", proc.log)
@@ -77,6 +79,25 @@ def test_a_rerun_reuses_the_finished_run(student, teacher, tiny_datasets_root):
     proc = _compress(out, teacher, tiny_datasets_root, NARROW, NARROW_OPTS)
     assert proc.returncode == 0, tail(proc)
     assert "exists, not retraining" in proc.log
+
+
+def test_a_rerun_names_a_missing_teacher_and_force_spares_one_inside_the_folder(student, teacher, tiny_datasets_root,
+                                                                               monkeypatch, capsys):
+    out, _ = student
+    stage = out / "stage_0"
+    mistyped = teacher.parent / "model_finl.pth"
+    inside = stage / "model_final.pth"  # the finished student as the teacher of another run into its folder
+    cases = [([str(mistyped)], f"--teacher-weights: checkpoint {mistyped} not found; fix: give the trained "),
+             ([str(inside), "--force"], f"--teacher-weights {inside} lies inside --output-dir {out}, whose outputs "
+                                        "--force removes; fix: copy the teacher out of that folder")]
+    for flags, message in cases:
+        proc = run_tool_here("train_compression.py", [
+            "--stages", "4", "--teacher-weights", *flags, "--output-dir", str(out), *SHAPES_OPTS, *TRAIN_OPTS,
+            "SOLVER.BASE_LR", "0.005"], tiny_datasets_root, monkeypatch, capsys)
+        assert proc.returncode == 1, tail(proc)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert inside.is_file() and (out / "results.json").is_file()  # nothing removed
 
 
 @pytest.mark.parametrize("extra, message", [

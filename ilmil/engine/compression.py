@@ -27,12 +27,13 @@ from ..config import ConfigError, derived_cfg, get_ilmil_cfg
 from ..data import with_every_class_old
 from ..data.stages import StageSpecError
 from ..distill import build_teacher
-from ..evaluation import evaluate_model, finalize_run
+from ..evaluation import evaluate_model
 from ..evaluation.run_outputs import write_json
 from .run_dir import RunDirError, RunValidationError, check_run_dir, claim_run_dir, file_digest
 from .runner import IncrementalRun
 
-__all__ = ["CompressionChain", "CompressionRun", "assistant_cfg", "compression_run", "run_compression"]
+__all__ = ["CompressionChain", "CompressionRun", "assistant_cfg", "check_given_teacher", "compression_run",
+           "run_compression"]
 
 logger = logging.getLogger("ilmil")
 
@@ -52,7 +53,10 @@ class CompressionRun(IncrementalRun):
         if not teacher_weights:
             raise ConfigError("a compression run needs --teacher-weights: the trained teacher's checkpoint; "
                               "fix: train one (tools/train_incremental.py --stages N) and give its model_final.pth")
+        if teacher_run_identity is None:
+            check_given_teacher(teacher_weights, cfg.OUTPUT_DIR, force)
         self.compression_teacher = teacher_weights  # part of the run's identity, which the checks compare
+        self.chain_teacher = None  # a chain's student: the results entry of the chain's first teacher
         # A teacher still to be trained, by what it is trained on: the same before and after its
         # training, so that a chain stopped in its first step resumes as this run.
         self.teacher_run_sha256 = None if teacher_run_identity is None else hashlib.sha256(
@@ -108,16 +112,30 @@ class CompressionRun(IncrementalRun):
             write_json(path, metrics)
         return metrics
 
-    def run(self):
-        results = super().run()
-        teacher = self.evaluate_teacher()
-        if not comm.is_main_process():
-            return results
-        results["teacher"] = {"weights": self.compression_teacher,
-                              "config_file": self.cfg.ILMIL.TEACHER.CONFIG_FILE or "(the student's)",
-                              **{k: v for k, v in teacher.items() if k in ("AP", "AP50", "per_class")}}
-        write_json(os.path.join(self.output_dir, "results.json"), results)
-        return finalize_run(self.output_dir)
+    def summary_results(self):
+        metrics = self.evaluate_teacher()
+        teacher = {"weights": os.path.abspath(self.compression_teacher),  # found from any folder
+                   "config_file": self.cfg.ILMIL.TEACHER.CONFIG_FILE or "(the student's)",
+                   **{k: v for k, v in metrics.items() if k in ("AP", "AP50", "per_class")}}
+        if self.chain_teacher is None:
+            return {"teacher": teacher}
+        # A chain's student learns from the assistant; the chain's teacher is the first one.
+        return {"teacher": self.chain_teacher, "assistant": teacher}
+
+
+def check_given_teacher(teacher_weights, output_dir, force):
+    """Refuse a teacher checkpoint that does not exist (before a folder's run is compared
+    with this one's, which would call a missing teacher another run), or that ``--force``
+    would delete with the folder's outputs."""
+    if not os.path.isfile(teacher_weights):
+        what = "is a folder, not a file" if os.path.isdir(teacher_weights) else "not found"
+        raise RunValidationError([f"--teacher-weights: checkpoint {teacher_weights} {what}"],
+                                 fixes=["give the trained teacher's checkpoint (e.g. OUT/stage_0/model_final.pth)"])
+    folder = os.path.realpath(output_dir)
+    if force and os.path.commonpath([folder, os.path.realpath(teacher_weights)]) == folder:
+        raise RunValidationError([f"--teacher-weights {teacher_weights} lies inside --output-dir {output_dir}, "
+                                  "whose outputs --force removes"],
+                                 fixes=["copy the teacher out of that folder, or give another --output-dir"])
 
 
 def assistant_cfg(cfg):
@@ -148,6 +166,7 @@ class CompressionChain:
 
     def __init__(self, cfg, teacher_weights, resume=False, force=False):
         self.cfg = cfg
+        check_given_teacher(teacher_weights, cfg.OUTPUT_DIR, force)  # the chain's folder holds the assistant's
         self.assistant = CompressionRun(assistant_cfg(cfg), teacher_weights, resume, force)
         assistant_identity = self.assistant.identity()
         if force:
@@ -176,14 +195,8 @@ class CompressionChain:
         first = self.assistant.run()
         logger.info("Teacher assistant done: the student learns from %s", self.student.compression_teacher)
         self.student.check_teacher()
-        results = self.student.run()
-        if not comm.is_main_process():
-            return results
-        # The student's teacher in its own evaluation is the assistant; the chain's is the first teacher.
-        results["assistant"] = {**results["teacher"], "config_file": self.cfg.ILMIL.TEACHER.ASSISTANT_CONFIG_FILE}
-        results["teacher"] = first["teacher"]
-        write_json(os.path.join(self.cfg.OUTPUT_DIR, "results.json"), results)
-        return finalize_run(self.cfg.OUTPUT_DIR)
+        self.student.chain_teacher = first.get("teacher")  # the main process's results hold it
+        return self.student.run()
 
 
 def compression_run(cfg, teacher_weights, resume=False, force=False):

@@ -448,9 +448,18 @@ class IncrementalRun:
                 stage.index, _fmt(entry["AP50_old"]), _fmt(entry["AP50_new"]), _fmt(entry["AP50"]),
                 time.perf_counter() - stage_start, time.perf_counter() - run_start,
             )
+        summary = self.summary_results()  # every process: a summary may evaluate
         if comm.is_main_process():
+            if summary:
+                results.update(summary)
+                write_json(results_path, results)
             results = finalize_run(self.output_dir)
         return results
+
+    def summary_results(self):
+        """Entries results.json holds beside the stages' (a compression run's teacher), added
+        before the report and plots are made from it; none here."""
+        return {}
 
     def _load_stage_model(self, stage, weights):
         return load_detector(self.stage_cfg(stage), weights)
