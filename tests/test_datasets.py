@@ -11,7 +11,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from ilmil.config import get_ilmil_cfg
+from ilmil.config import ConfigError, get_ilmil_cfg
 from ilmil.data import (
     BUILTIN_DATASETS,
     VOC_CLASSES,
@@ -574,6 +574,41 @@ def test_the_test_split_alone_needs_no_training_image(voc_dir):
     assert source.class_names == ("cat", "dog", "person")  # still the training files' names
     with pytest.raises(DatasetError, match="image file missing"):
         load_dataset_source(_voc_cfg(voc_dir))
+
+
+def test_the_coco_test_split_alone_needs_no_training_image_folder(coco_files, tmp_path):
+    train, test, images = coco_files
+    elsewhere = str(tmp_path / "train_images_not_here")
+    cfg = get_ilmil_cfg(None, ["ILMIL.DATASET", "coco_json", "ILMIL.DATA.TRAIN_JSON", train,
+                               "ILMIL.DATA.TRAIN_IMAGES", elsewhere, "ILMIL.DATA.TEST_JSON", test,
+                               "ILMIL.DATA.TEST_IMAGES", images])
+    source = load_dataset_source(cfg, splits=("test",))
+    assert source.train == [] and len(source.test) == 1 and source.class_names == ("dog", "cat", "person")
+    with pytest.raises(DatasetError, match=re.escape(f"COCO image folder not found: {elsewhere}")):
+        load_dataset_source(cfg)
+
+
+def test_a_blank_voc_name_and_a_split_file_not_in_utf8_are_named(voc_dir):
+    xml_file = os.path.join(voc_dir, "Annotations", "000002.xml")
+    with open(xml_file) as f:
+        text = f.read()
+    with open(xml_file, "w") as f:
+        f.write(re.sub(r"<name>[^<]*</name>", "<name> </name>", text, count=1))
+    with pytest.raises(DatasetError, match=re.escape(f"{xml_file}: empty field <name>; fix: give its value")):
+        load_voc_split(voc_dir, "trainval")
+    split_file = os.path.join(voc_dir, "ImageSets", "Main", "test.txt")
+    with open(split_file, "wb") as f:
+        f.write("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=re.escape(f"{split_file}: not UTF-8 text (") + ".*fix: save it as UTF-8"):
+        load_voc_split(voc_dir, "test")
+
+
+@pytest.mark.parametrize("num_classes", [-3, 100])
+def test_a_shapes_class_count_out_of_range_is_named(num_classes):
+    cfg = get_ilmil_cfg(None, ["ILMIL.SHAPES.NUM_CLASSES", num_classes, "ILMIL.STAGES", "10+10"])
+    with pytest.raises(ConfigError, match=re.escape(f"ILMIL.SHAPES.NUM_CLASSES {num_classes}: the shapes dataset "
+                                                    "has 1 to 80 classes")):
+        load_dataset_source(cfg)
 
 
 def test_a_voc_difficult_flag_that_is_not_a_number_is_named(voc_dir):

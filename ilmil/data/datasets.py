@@ -106,9 +106,11 @@ def _require(path, what, hint, folder=False):
 
 def _xml_text(node, tag, xml_file):
     child = node.find(tag)
-    if child is None or child.text is None:
-        raise DatasetError(f"{xml_file}: missing field <{tag}>")
-    return child.text.strip()
+    text = "" if child is None or child.text is None else child.text.strip()
+    if not text:  # blank too: a class named "" would be trained
+        raise DatasetError(f"{xml_file}: {'empty' if child is not None else 'missing'} field <{tag}>; fix: give its "
+                           "value, as VOC's annotation files do")
+    return text
 
 
 def _xml_number(node, tag, xml_file, kind=float):
@@ -133,22 +135,26 @@ def _split_file_ids(split_file, voc_dir):
     copy would be scored without the boxes the first took). A line is ``ID`` or, in VOC's
     per-class files, ``ID FLAG``; an id may hold spaces where its XML file is so named."""
     ids, first_line = [], {}
-    with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is read past
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            flagged = _FLAGGED_ID.fullmatch(line)
-            # An id that ends like a flag ("img 1") is one where its XML file is so named.
-            if flagged and not os.path.isfile(os.path.join(voc_dir, "Annotations", f"{line}.xml")):
-                file_id = flagged.group(1)
-            else:
-                file_id = line
-            if file_id in first_line:
-                raise DatasetError(f"{split_file}: lines {first_line[file_id]} and {number} both list {file_id!r}; "
-                                   "fix: list each image once")
-            first_line[file_id] = number
-            ids.append(file_id)
+    try:
+        with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is read past
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{split_file}: not UTF-8 text ({e}); fix: save it as UTF-8") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        flagged = _FLAGGED_ID.fullmatch(line)
+        # An id that ends like a flag ("img 1") is one where its XML file is so named.
+        if flagged and not os.path.isfile(os.path.join(voc_dir, "Annotations", f"{line}.xml")):
+            file_id = flagged.group(1)
+        else:
+            file_id = line
+        if file_id in first_line:
+            raise DatasetError(f"{split_file}: lines {first_line[file_id]} and {number} both list {file_id!r}; "
+                               "fix: list each image once")
+        first_line[file_id] = number
+        ids.append(file_id)
     return ids
 
 
@@ -165,11 +171,13 @@ def _voc_image_file(voc_dir, file_id, tree):
     return path
 
 
-def load_voc_split(voc_dir, split):
-    """Records of ``ImageSets/Main/{split}.txt`` of a Pascal-VOC-layout folder."""
+def load_voc_split(voc_dir, split, require_images=True):
+    """Records of ``ImageSets/Main/{split}.txt`` of a Pascal-VOC-layout folder; without
+    ``require_images``, of a folder whose images may be elsewhere (read for its names)."""
     layout_hint = "a VOC folder holds Annotations/, JPEGImages/ and ImageSets/Main/ (datasets/README.md)"
     split_file = _require(os.path.join(voc_dir, "ImageSets", "Main", f"{split}.txt"), "VOC split file", layout_hint)
-    _require(os.path.join(voc_dir, "JPEGImages"), "VOC image folder", layout_hint, folder=True)
+    if require_images:
+        _require(os.path.join(voc_dir, "JPEGImages"), "VOC image folder", layout_hint, folder=True)
     file_ids = _split_file_ids(split_file, voc_dir)
     missing = [i for i in file_ids if not os.path.isfile(os.path.join(voc_dir, "Annotations", f"{i}.xml"))]
     if missing:
@@ -196,7 +204,8 @@ def load_voc_split(voc_dir, split):
         for obj in tree.findall("object"):
             bndbox = obj.find("bndbox")
             if bndbox is None:
-                raise DatasetError(f"{xml_file}: an <object> has no <bndbox>")
+                raise DatasetError(f"{xml_file}: an <object> has no <bndbox>; fix: give it <bndbox> with <xmin>, "
+                                   "<ymin>, <xmax> and <ymax> in pixels")
             # VOC pixel indices are 1-based and inclusive; detectron2 boxes are 0-based.
             corners = ("xmin", "ymin", "xmax", "ymax")
             x0, y0, x1, y1 = (_xml_number(bndbox, t, xml_file) for t in corners)
@@ -225,11 +234,13 @@ def load_voc_split(voc_dir, split):
     return records
 
 
-def load_coco_json(json_file, image_root):
-    """Records and category names (in category-id order) of a COCO-format json."""
+def load_coco_json(json_file, image_root, require_images=True):
+    """Records and category names (in category-id order) of a COCO-format json; without
+    ``require_images``, of one whose image folder may be elsewhere (read for its names)."""
     _require(json_file, "COCO annotation file", "give the path of an instances json (datasets/README.md)")
-    _require(image_root, "COCO image folder", "give the folder that the json's file_name entries are relative to",
-             folder=True)
+    if require_images:
+        _require(image_root, "COCO image folder", "give the folder that the json's file_name entries are relative "
+                 "to", folder=True)
     data = _read_coco_json(json_file)
     categories = sorted(data["categories"], key=lambda c: c["id"])
     id_to_name = {c["id"]: c["name"] for c in categories}
@@ -470,6 +481,9 @@ def _default_shapes():
 
 def _shapes_source(cfg):
     shapes = cfg.ILMIL.SHAPES
+    if not 0 <= shapes.NUM_CLASSES <= MAX_SHAPE_CLASSES:
+        raise ConfigError(f"ILMIL.SHAPES.NUM_CLASSES {shapes.NUM_CLASSES}: the shapes dataset has 1 to "
+                          f"{MAX_SHAPE_CLASSES} classes (0: as many as ILMIL.STAGES needs); fix: e.g. 0")
     num_classes = shapes_num_classes(shapes, cfg.ILMIL.STAGES)
     if num_classes > MAX_SHAPE_CLASSES:
         raise StageSpecError(
@@ -498,15 +512,16 @@ def _shapes_source(cfg):
     return class_names, train, test, False
 
 
-def _voc_source(train_parts, test_part):
+def _voc_source(train_parts, test_part, train_images=True):
     root = datasets_root()
-    train = [r for year, split in train_parts for r in load_voc_split(os.path.join(root, f"VOC{year}"), split)]
+    train = [r for year, split in train_parts
+             for r in load_voc_split(os.path.join(root, f"VOC{year}"), split, train_images)]
     year, split = test_part
     return VOC_CLASSES, train, load_voc_split(os.path.join(root, f"VOC{year}"), split), True
 
 
-def _coco_pair(train_json, train_images, test_json, test_images):
-    train, class_names = load_coco_json(train_json, train_images)
+def _coco_pair(train_json, train_images, test_json, test_images, require_train_images=True):
+    train, class_names = load_coco_json(train_json, train_images, require_train_images)
     test, test_classes = load_coco_json(test_json, test_images)
     if test_classes != class_names:
         missing = [c for c in class_names if c not in test_classes]
@@ -564,15 +579,17 @@ def load_dataset_source(cfg, problems=None, splits=("train", "test")):
     """
     name = cfg.ILMIL.DATASET
     root = datasets_root()
+    train_images = "train" in splits  # else the training files are read for the class names only
     if name == "shapes":
         class_names, train, test, is_voc = _shapes_source(cfg)
     elif name == "voc_2007":
-        class_names, train, test, is_voc = _voc_source([("2007", "trainval")], ("2007", "test"))
+        class_names, train, test, is_voc = _voc_source([("2007", "trainval")], ("2007", "test"), train_images)
     elif name == "voc_2012":
         # VOC2012 test annotations are not public: val is the test split.
-        class_names, train, test, is_voc = _voc_source([("2012", "train")], ("2012", "val"))
+        class_names, train, test, is_voc = _voc_source([("2012", "train")], ("2012", "val"), train_images)
     elif name == "voc_07_12":
-        class_names, train, test, is_voc = _voc_source([("2007", "trainval"), ("2012", "trainval")], ("2007", "test"))
+        class_names, train, test, is_voc = _voc_source([("2007", "trainval"), ("2012", "trainval")], ("2007", "test"),
+                                                       train_images)
     elif name == "coco_2017":
         coco = os.path.join(root, "coco")
         class_names, train, test, is_voc = _coco_pair(
@@ -580,10 +597,11 @@ def load_dataset_source(cfg, problems=None, splits=("train", "test")):
             os.path.join(coco, "train2017"),
             os.path.join(coco, "annotations", "instances_val2017.json"),
             os.path.join(coco, "val2017"),
+            train_images,
         )
     elif name == "voc_folder":
         voc_dir = _required_key(cfg, "ROOT")
-        train = load_voc_split(voc_dir, cfg.ILMIL.DATA.TRAIN_SPLIT)
+        train = load_voc_split(voc_dir, cfg.ILMIL.DATA.TRAIN_SPLIT, train_images)
         test = load_voc_split(voc_dir, cfg.ILMIL.DATA.TEST_SPLIT)
         # A custom VOC folder has its own classes: the names of its training objects,
         # sorted, so the order (and the stages it makes) never depends on file order.
@@ -591,7 +609,8 @@ def load_dataset_source(cfg, problems=None, splits=("train", "test")):
         _warn_of_case_twins(class_names, voc_dir)
         is_voc = True
     elif name == "coco_json":
-        class_names, train, test, is_voc = _coco_pair(*(_required_key(cfg, k) for k in ("TRAIN_JSON", "TRAIN_IMAGES", "TEST_JSON", "TEST_IMAGES")))
+        class_names, train, test, is_voc = _coco_pair(
+            *(_required_key(cfg, k) for k in ("TRAIN_JSON", "TRAIN_IMAGES", "TEST_JSON", "TEST_IMAGES")), train_images)
     else:
         raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(BUILTIN_DATASETS)}")
     data = cfg.ILMIL.DATA
