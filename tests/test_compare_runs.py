@@ -68,10 +68,11 @@ def test_a_teacher_of_0_ap50_is_said_to_leave_nothing_to_keep(tmp_path):
     assert retention_sentence([add_forgetting(without_teacher)], ["ilmil"]).startswith("No run holds")
 
 
-def test_a_runs_folder_as_out_is_refused_before_its_report_is_overwritten(tmp_path, tiny_datasets_root):
+@pytest.mark.parametrize("tool", ["compare_runs.py", "plot_forgetting.py"])
+def test_a_runs_folder_as_out_is_refused_before_its_report_is_overwritten(tool, tmp_path, tiny_datasets_root):
     finetune, ilmil = _run_dir(tmp_path, "finetune", (4.0, 3.0), 90.0), _run_dir(tmp_path, "ilmil", (76.0, 57.0), 70.0)
     (ilmil / "report.md").write_text("ilmil's own report")
-    proc = run_tool("compare_runs.py", [str(finetune), str(ilmil), "--out", str(ilmil)], tiny_datasets_root)
+    proc = run_tool(tool, [str(finetune), str(ilmil), "--out", str(ilmil)], tiny_datasets_root)
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.log
     assert proc.stderr.startswith(f"error: --out {ilmil} holds a run (results.json), whose results and report this "
                                   "would overwrite; fix: give another --out")

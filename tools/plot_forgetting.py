@@ -11,7 +11,7 @@ training run also writes its own plots into its folder (ilmil.evaluation.finaliz
 import os
 import sys
 
-from ilmil.engine import require_output_dir, run_tool_main, tool_parser
+from ilmil.engine import RUN_RECORDS, require_output_dir, run_tool_main, tool_parser
 from ilmil.evaluation import load_run_results, run_folder
 from ilmil.visualization import plot_runs
 
@@ -22,7 +22,8 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="folder for the PNGs")
     args = parser.parse_args(argv)
     runs = [load_run_results(run) for run in args.runs]
-    require_output_dir(args.out, "--out")
+    # A run's folder keeps its own plots, which its report.md shows.
+    require_output_dir(args.out, "--out", refuse_records=(*RUN_RECORDS, "results.json"))
     for path in plot_runs(runs, args.out, [os.path.basename(run_folder(run)) for run in args.runs]):
         print(path)
 
