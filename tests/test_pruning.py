@@ -237,9 +237,11 @@ def _prune_and_finetune(stage0, output_dir, monkeypatch, *opts, resume=False):
 def test_finetuning_with_the_teacher_distils_the_pruned_model_from_its_unpruned_self(
         unpruned_stage0, tmp_path, monkeypatch):
     _, weights, _, _, _ = unpruned_stage0
+    # Learned term weights: the student holds distillation parameters, which the deployed model does not.
     summary, teachers, logged = _prune_and_finetune(
         unpruned_stage0, tmp_path / "pruned", monkeypatch,
-        "ILMIL.PRUNING.FINETUNE_TEACHER", True, "ILMIL.DISTILL.RPN.ENABLED", True)
+        "ILMIL.PRUNING.FINETUNE_TEACHER", True, "ILMIL.DISTILL.RPN.ENABLED", True,
+        "ILMIL.DISTILL.TERM_WEIGHTS", "uncertainty")
     assert summary["finetune_teacher"] is True and read_json(tmp_path / "pruned" / "pruning.json")["finetune_teacher"]
     # The feature term always; the RPN term as configured (on), the RCN term too (off).
     assert {"loss_distill_feat", "loss_distill_rpn"} <= logged and "loss_distill_rcn" not in logged
@@ -254,6 +256,9 @@ def test_finetuning_with_the_teacher_distils_the_pruned_model_from_its_unpruned_
     name = "backbone.bottom_up.res4.1.conv1"
     assert pruned[name] == unpruned["ilmil"]["channel_layout"][name] // 2
     assert summary["after"]["params"] < 0.8 * summary["before"]["params"]
+    # The pruned detector's size: the same layout fine-tuned without the teacher measures the same.
+    plain, _, _ = _prune_and_finetune(unpruned_stage0, tmp_path / "plain", monkeypatch)
+    assert summary["after"]["params"] == plain["after"]["params"]
 
 
 def test_plain_finetuning_has_no_teacher(unpruned_stage0, tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ from ..config import check_value, derived_cfg
 from ..data import with_every_class_old
 from ..evaluation import evaluate_model
 from ..evaluation.run_outputs import write_json
-from ..distill import is_student_architecture
+from ..distill import DISTILLER_PREFIX, is_student_architecture
 from ..modeling import load_detector
 from ..pruning import PruningError, format_pruning_table, measure_model, prune_l1
 from .trainer import IncrementalTrainer
@@ -181,7 +181,9 @@ def prune_checkpoint(cfg, weights, output_dir, class_names, train_dataset, test_
         model = _finetune(pruned_cfg, model, iters, os.path.join(output_dir, "finetune"), teacher, resume)
     IncrementalCheckpointer(model, output_dir, ilmil=StageRecord(model, class_names, {"pruned_from": weights})).save(
         PRUNED_NAME)
-    after = {**measure_model(model, image), "AP50": evaluate_model(pruned_cfg, model).get("AP50")}
+    # A student fine-tuned with its teacher holds its distillation modules: not counted.
+    after = {**measure_model(model, image, skip_prefixes=(DISTILLER_PREFIX,)),
+             "AP50": evaluate_model(pruned_cfg, model).get("AP50")}
     summary = {
         "weights": weights,
         "pruned_weights": os.path.join(output_dir, f"{PRUNED_NAME}.pth"),

@@ -10,11 +10,13 @@ from torch import nn
 __all__ = ["format_pruning_table", "measure_model"]
 
 
-def measure_model(model, image, latency_repeats=20):
+def measure_model(model, image, latency_repeats=20, skip_prefixes=()):
     """Parameters, GFLOPs and median latency of ``model`` (eval mode) on one image.
 
     Args:
         image: a CHW uint8/float tensor, e.g. a test image at the config's test size.
+        skip_prefixes: parameter names of modules that are no part of the deployed
+            model (a student's distillation modules), left out of ``params``.
     Returns:
         dict with ``params``, ``gflops`` (whole detector: backbone, FPN, RPN, box
         head on the proposals of this image), ``gflops_backbone`` (backbone + FPN,
@@ -39,7 +41,7 @@ def measure_model(model, image, latency_repeats=20):
                 if i >= 2:
                     times.append(time.perf_counter() - start)
         return {
-            "params": sum(p.numel() for p in model.parameters()),
+            "params": sum(p.numel() for name, p in model.named_parameters() if not name.startswith(skip_prefixes)),
             "gflops": gflops,
             "gflops_backbone": gflops_backbone,
             "latency_ms": 1000 * statistics.median(times),
