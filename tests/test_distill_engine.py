@@ -98,6 +98,23 @@ def test_a_layer_only_the_teacher_lacks_names_the_teachers_config():
         check_distill_config(cfg)
 
 
+@pytest.mark.parametrize("student, section, theirs", [
+    ("retinanet_R18_FPN_cpu.yaml", "DENSE", "[9, 9, 9, 9, 9]"),  # detectron2's 3 sizes x 3 aspect ratios
+    ("faster_rcnn_R18_FPN_cpu.yaml", "RPN", "[9, 9, 9, 9, 9]"),
+])
+def test_a_teacher_of_other_anchors_per_location_is_refused_for_the_head_terms(student, section, theirs, tmp_path):
+    teacher = tmp_path / "teacher.yaml"
+    teacher.write_text(f'_BASE_: "{os.path.join(CONFIGS_DIR, "shapes", student)}"\n'
+                       "MODEL:\n  ANCHOR_GENERATOR:\n    SIZES: [[32, 40, 50], [64, 80, 101], [128, 161, 203], "
+                       "[256, 322, 406], [512, 645, 812]]\n    ASPECT_RATIOS: [[0.5, 1.0, 2.0]]\n")
+    cfg = _shapes_cfg(student, f"ILMIL.DISTILL.{section}.ENABLED", True, "ILMIL.TEACHER.CONFIG_FILE", str(teacher))
+    ours = "[1, 1, 1, 1, 1]" if section == "DENSE" else "[3, 3, 3, 3, 3]"
+    with pytest.raises(ConfigError, match=re.escape(f"ILMIL.DISTILL.{section}.ENABLED True: the student's head has "
+                                                    f"{ours} anchors per location (level by level), the teacher's of "
+                                                    f"ILMIL.TEACHER.CONFIG_FILE {teacher} {theirs}")):
+        check_distill_config(cfg)
+
+
 def _shapes_cfg(config, *opts):
     return get_ilmil_cfg(os.path.join(CONFIGS_DIR, "shapes", config), ["MODEL.DEVICE", "cpu", *opts], method="finetune")
 

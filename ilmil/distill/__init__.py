@@ -114,13 +114,32 @@ def check_distill_config(cfg):
                           f"{cfg.MODEL.META_ARCHITECTURE} has not; fix: set it False (a one-stage head's outputs: "
                           "ILMIL.DISTILL.DENSE)")
     teacher = _plain_detector(teacher_cfg(cfg, cfg.MODEL.ROI_HEADS.NUM_CLASSES))
+    teacher_file = cfg.ILMIL.TEACHER.CONFIG_FILE or "(the student's)"
+    for section in ("DENSE", "RPN"):
+        # These terms compare the heads' outputs anchor by anchor.
+        ours, theirs = _anchors_per_location(student, section), _anchors_per_location(teacher, section)
+        if d[section].ENABLED and None not in (ours, theirs) and ours != theirs:
+            raise ConfigError(f"ILMIL.DISTILL.{section}.ENABLED True: the student's head has {ours} anchors per "
+                              f"location (level by level), the teacher's of ILMIL.TEACHER.CONFIG_FILE {teacher_file} "
+                              f"{theirs}, and the term compares them anchor by anchor; fix: give both the same "
+                              "anchors (MODEL.ANCHOR_GENERATOR, MODEL.YOLO.ANCHORS), or switch the term off")
     distiller = build_distiller(cfg, feature_shapes(student.backbone), feature_shapes(teacher.backbone))
     for section, loss in distiller.terms.items():
         section = section.upper()
         key = f"ILMIL.DISTILL.{section}" + (".LAYERS" if "LAYERS" in d[section] else "")
         Recorder(student, loss.records(), key).remove()
-        teacher_file = cfg.ILMIL.TEACHER.CONFIG_FILE or "(the student's)"
         Recorder(teacher, loss.records(), f"{key}, in the teacher of ILMIL.TEACHER.CONFIG_FILE {teacher_file}").remove()
+
+
+def _anchors_per_location(model, section):
+    """The anchors per feature location, level by level, of the head ``section`` distils
+    (RPN: the proposal generator's); None where the model has no anchors there."""
+    owner = getattr(model, "proposal_generator", None) if section == "RPN" else model
+    generator = getattr(owner, "anchor_generator", None)
+    if generator is not None:
+        return list(generator.num_anchors)
+    anchors = getattr(owner, "anchors", None)  # YOLO's, per level
+    return None if anchors is None else [len(level) for level in anchors]
 
 
 def _plain_detector(cfg):
