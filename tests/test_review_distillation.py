@@ -2,6 +2,8 @@
 against a hand-computed case, the coarse-to-fine fusion, gradients to the student and
 its fusion modules only, and the term in distilled steps of Faster R-CNN and RetinaNet
 (a narrower student, an incremental one)."""
+import re
+
 import pytest
 import torch
 
@@ -113,6 +115,11 @@ def test_bad_review_keys_are_refused():
         KnowledgeReview(get_ilmil_cfg(None, ["ILMIL.DISTILL.REVIEW.POOL_SIZES", [2.5]]))
     with pytest.raises(ConfigError, match="ILMIL.DISTILL.REVIEW.MID_CHANNELS 0: must be at least 1"):
         KnowledgeReview(get_ilmil_cfg(None, ["ILMIL.DISTILL.REVIEW.MID_CHANNELS", 0]))
+    # Coarse first, the fusions would shrink the finer maps: another method.
+    shapes = {n: ShapeSpec(channels=4, stride=s) for n, s in STRIDES.items()}
+    with pytest.raises(ConfigError, match=re.escape("ILMIL.DISTILL.REVIEW.LAYERS ['p5', 'p3', 'p4']: strides [32, 8, "
+                                                    "16], and the review goes fine to coarse; fix: ['p3', 'p4', 'p5']")):
+        KnowledgeReview(get_ilmil_cfg(None, ["ILMIL.DISTILL.REVIEW.LAYERS", ["p5", "p3", "p4"]]), shapes, shapes)
 
 
 def _batch(size=(96, 128)):

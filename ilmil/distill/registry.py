@@ -9,7 +9,9 @@ section's other keys are the loss's own. A term is logged as
 ``forward(student, teacher, context)`` receives the recorded outputs of both
 models (dicts: each name of ``records()`` -> that layer's output, see recorder.py),
 in float32 with autocast off, and a :class:`DistillContext`, and returns a scalar.
-Every loss is zero when the student's outputs equal the teacher's.
+Every loss is zero when the student's outputs, as the loss maps them (its connectors,
+the review's fusions), equal the teacher's; learned term weights (distiller.py) add
+their own regulariser on top.
 """
 from dataclasses import dataclass, field
 

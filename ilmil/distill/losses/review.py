@@ -89,6 +89,13 @@ class KnowledgeReview(DistillLoss):
         check_value("ILMIL.DISTILL.REVIEW.MID_CHANNELS", review.MID_CHANNELS, review.MID_CHANNELS >= 1, "at least 1", 64)
         layers = list(review.LAYERS)
         require_feature_maps(layers, student_shapes, "ILMIL.DISTILL.REVIEW.LAYERS")
+        strides = [student_shapes[name].stride for name in layers] if student_shapes else []
+        if any(finer > coarser for finer, coarser in zip(strides, strides[1:])):
+            # Each level is fused with the one after it, enlarged to its size: given coarse first,
+            # the fusion would shrink the finer map instead, another method.
+            ordered = sorted(layers, key=lambda name: student_shapes[name].stride)
+            raise ConfigError(f"ILMIL.DISTILL.REVIEW.LAYERS {layers}: strides {strides}, and the review goes fine to "
+                              f"coarse; fix: {ordered}")
         fusions = None
         if student_shapes and teacher_shapes and all(name in teacher_shapes for name in layers):
             fusions = nn.ModuleList(
