@@ -322,7 +322,7 @@ def load_checked_checkpoint(
     num_classes = state_dict_num_classes(state)
     if num_classes is None:
         raise CheckpointError(f"checkpoint {weights} holds no classifier ({' or '.join(CLASSIFIER_KEYS)}): not a "
-                              "Faster R-CNN, RetinaNet or FCOS detector; fix: give a detector checkpoint written by "
+                              "Faster R-CNN, RetinaNet, FCOS or YOLO detector; fix: give a detector checkpoint written by "
                               "ilmil's tools")
     if expected_classes is not None:
         names = checkpoint_class_names(checkpoint)

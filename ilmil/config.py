@@ -19,7 +19,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 __all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "add_retinanet_config",
            "add_yolo_config", "changed_from_defaults", "check_choice", "check_device", "check_mixed_precision",
            "check_lr_steps", "check_optimizer", "check_test_input", "check_training_values", "check_value",
-           "config_from_dump", "config_items", "config_value", "config_overrides", "default_cfg", "derived_cfg",
+           "config_file_method", "config_from_dump", "config_items", "config_value", "config_overrides", "default_cfg", "derived_cfg",
            "get_ilmil_cfg", "import_plugins", "method_preset", "method_presets", "num_classes_changes",
            "set_num_classes", "uses_teacher",
            "DEFAULT_CONFIG", "METHOD_PRESETS"]
@@ -102,6 +102,9 @@ def check_training_values(cfg):
     if check_optimizer(cfg) == "SGD":
         check_value("SOLVER.MOMENTUM", s.MOMENTUM, 0 <= s.MOMENTUM < 1, "in [0, 1)", 0.9)
     check_value("SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD, s.CHECKPOINT_PERIOD >= 1, "at least 1", 250)
+    # detectron2 0.6's schedules and warm-ups (it refuses another name only once the trainer is built).
+    check_choice("SOLVER.LR_SCHEDULER_NAME", s.LR_SCHEDULER_NAME, ("WarmupMultiStepLR", "WarmupCosineLR"))
+    check_choice("SOLVER.WARMUP_METHOD", s.WARMUP_METHOD, ("linear", "constant"))
     check_value("DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS, cfg.DATALOADER.NUM_WORKERS >= 0, "0 or above", 2)
     sizes = list(cfg.INPUT.MIN_SIZE_TRAIN)
     check_value("INPUT.MIN_SIZE_TRAIN", tuple(sizes), sizes and min(sizes) >= 0, "sizes in pixels (0: no resizing)",
@@ -136,6 +139,9 @@ def check_mixed_precision(cfg):
 
 def add_ilmil_config(cfg):
     """Add the ``ILMIL`` section (incremental schedule, datasets, method) to ``cfg``."""
+    # Seeded by default (detectron2's -1 draws a new seed each run): the same seed gives the
+    # same data order, augmentation and numbers; -1 still asks for a fresh one.
+    cfg.SEED = 0
     cfg.ILMIL = CN()
     # Dataset: shapes | voc_2007 | voc_2012 | voc_07_12 | coco_2017 | voc_folder | coco_json
     cfg.ILMIL.DATASET = "shapes"
@@ -637,6 +643,11 @@ def get_ilmil_cfg(config_file=None, opts=(), method=None, given_as="--config-fil
     return cfg
 
 
+def config_file_method(config_file):
+    """The ``ILMIL.METHOD`` that ``config_file`` (with its bases) sets, else None."""
+    return (_load_with_bases(config_file).get("ILMIL") or {}).get("METHOD")
+
+
 def config_from_dump(text, opts=()):
     """The config ``cfg.dump()`` wrote as ``text`` on today's defaults (a key added since
     it was written keeps its default), then ``opts``. Its ``ILMIL.PLUGINS`` are not
@@ -691,7 +702,7 @@ def import_plugins(plugins):
 def _plugins_named(config_file, opts):
     """The ``ILMIL.PLUGINS`` of ``config_file`` (with its bases), or of ``opts`` where they
     set it, before either is merged."""
-    loaded = CN.load_yaml_with_base(config_file, allow_unsafe=True)
+    loaded = _load_with_bases(config_file)
     named = (loaded.get("ILMIL") or {}).get("PLUGINS") or []
     for key, value in zip(opts[0::2], opts[1::2]):
         if key == "ILMIL.PLUGINS":
@@ -773,8 +784,19 @@ def _literal(text):
         return text
 
 
+def _load_with_bases(path):
+    """``path``'s keys merged over its ``_BASE_`` files'; a base that is missing or not YAML
+    is a ConfigError naming it (detectron2 raises a bare OSError / YAMLError)."""
+    try:
+        return CN.load_yaml_with_base(path, allow_unsafe=True)
+    except (OSError, yaml.YAMLError) as e:
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"--config-file {path}: its _BASE_ cannot be read ({reason}); fix: give _BASE_ the path of "
+                          "a yaml config, relative to this file") from None
+
+
 def _merge_file(cfg, path):
-    loaded = CN.load_yaml_with_base(path, allow_unsafe=True)
+    loaded = _load_with_bases(path)
     try:
         with _numbers_as_meant(cfg, _flat_keys(loaded)):
             cfg.merge_from_file(path)

@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.utils import comm
 
 from conftest import TINY_SHAPES
 from ilmil.config import CONFIGS_DIR, ConfigError, get_ilmil_cfg
 from ilmil.data.shapes import shape_class_names
+from ilmil.engine import IncrementalRun
 from ilmil.modeling import build_detector
 from ilmil.pruning import channel_layout
 from tool_runs import (SHAPES_OPTS, TRAIN_OPTS, checkpoint_iteration, kill_when_exists, run_tool, run_tool_here, start_tool,
@@ -453,6 +455,21 @@ CASES = {
     "eval_weights_missing": _eval_weights("missing", " not found"),
     "eval_weights_a_folder": Case("eval_incremental.py", lambda tmp_path, checkpoints: Bad(
         ["--weights", str(tmp_path), "--quiet", *SHAPES_OPTS, *TRAIN_OPTS], f"{tmp_path} is a folder, not a file")),
+    "teacher_without_start_stage": Case("train_incremental.py", lambda tmp_path, checkpoints: Bad(
+        _train(tmp_path, "--teacher-weights", str(checkpoints["good"])),
+        f"--teacher-weights {checkpoints['good']} without --start-stage: stage 0 learns from no teacher; fix: add "
+        "--start-stage K")),
+    "method_flag_and_key": _choice("--method", "ilmil", "ILMIL.METHOD", "finetune",
+                                   names="--method and ILMIL.METHOD both given"),
+    # A run's config.yaml holds its method's preset: another --method's would be overridden by it.
+    "method_other_than_the_config_files": Case("train_incremental.py", lambda tmp_path, _: Bad(
+        _train(tmp_path, "--method", "finetune", "--config-file",
+               str(_written(tmp_path / "run_config.yaml", 'ILMIL:\n  METHOD: "ilmil"\n'))),
+        f"--config-file {tmp_path / 'run_config.yaml'} is a config of method ilmil (its ILMIL.METHOD), whose keys "
+        "would override those of finetune")),
+    "config_base_missing": _config_file('_BASE_: "nope.yaml"\n', ": its _BASE_ cannot be read ("),
+    "lr_scheduler_unknown": _shapes_key("SOLVER.LR_SCHEDULER_NAME", "WarmupCosine", "SOLVER.LR_SCHEDULER_NAME "
+                                        "'WarmupCosine': choose one of WarmupMultiStepLR, WarmupCosineLR"),
     "config_a_folder": Case("train_incremental.py", lambda tmp_path, _: Bad(
         _train(tmp_path, "--config-file", str(tmp_path)), f"--config-file {tmp_path}: a folder, not a file")),
     "eval_weights_other_classes": _eval_weights("good", f" holds {SHAPES[:2]}, but it is evaluated on",
@@ -550,3 +567,13 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(tmp_path, tiny_datasets_roo
     assert proc.returncode == 0, tail(proc)
     assert f"Stage 0: resuming at iteration {interrupted_at + 1}" in proc.log and (out / "results.json").is_file()
 
+
+
+def test_a_batch_the_processes_cannot_share_is_refused_before_training(tiny_datasets_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("ILMIL_DATASETS", str(tiny_datasets_root))
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)  # as under torchrun with two processes
+    cfg = get_ilmil_cfg(None, [*SHAPES_OPTS, *TRAIN_OPTS, "ILMIL.STAGES", "2+2", "OUTPUT_DIR", str(tmp_path / "out"),
+                               "SOLVER.IMS_PER_BATCH", 3])
+    with pytest.raises(ConfigError, match=r"^SOLVER.IMS_PER_BATCH 3: the batch is split over the 2 processes, so a "
+                                          r"multiple of 2; fix: e.g. SOLVER.IMS_PER_BATCH 2$"):
+        IncrementalRun(cfg)

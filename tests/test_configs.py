@@ -29,6 +29,7 @@ def test_config_loads_and_builds_its_model(path):
     cfg = get_ilmil_cfg(path, ["MODEL.DEVICE", "cpu"])
     assert cfg.ILMIL.DATASET in BUILTIN_DATASETS
     assert cfg.ILMIL.METHOD in METHOD_PRESETS
+    assert cfg.SEED == 0  # seeded: detectron2's -1 draws a new seed each run
     counts = parse_stage_spec(cfg.ILMIL.STAGES)
     # The model's class count is set per stage; the config's is the whole schedule, under
     # the key of its detector.

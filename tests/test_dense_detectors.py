@@ -254,7 +254,7 @@ def test_the_class_count_is_read_from_each_detectors_checkpoint(arch, classifier
 def test_a_checkpoint_without_a_classifier_is_refused(tmp_path):
     path = tmp_path / "backbone.pth"
     torch.save({"model": {"backbone.bottom_up.stem.conv1.weight": torch.zeros(64, 3, 7, 7)}}, path)
-    with pytest.raises(CheckpointError, match="holds no classifier .* not a Faster R-CNN, RetinaNet or FCOS detector"):
+    with pytest.raises(CheckpointError, match="holds no classifier .* not a Faster R-CNN, RetinaNet, FCOS or YOLO detector"):
         load_checked_checkpoint(str(path))
 
 

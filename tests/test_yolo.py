@@ -25,6 +25,7 @@ from ilmil.engine.compression import CompressionChain
 from ilmil.data import load_dataset_source
 from ilmil.modeling import YOLOV3, decode_head_boxes, kmeans_anchors, load_detector, yolo_anchors
 from ilmil.modeling.yolo import decode_boxes, level_anchor_boxes
+from ilmil.modeling.anchor_kmeans import training_box_sizes
 from ilmil.modeling.expansion import expand_predictor_state_dict
 from tool_runs import SHAPES_OPTS, TRAIN_OPTS, _env, read_json, run_tool, tail
 
@@ -158,6 +159,13 @@ def test_kmeans_recovers_planted_anchor_clusters():
 def test_too_few_box_sizes_for_the_anchors_are_refused_with_the_fix(wh, message):
     with pytest.raises(ConfigError, match=f"{message} cannot give 3 anchors; fix: fewer MODEL.YOLO.NUM_ANCHORS"):
         kmeans_anchors(wh, 3)
+
+
+def test_box_sizes_are_scaled_as_the_training_resize_scales_the_images():
+    record = {"height": 100, "width": 200, "annotations": [{"bbox": [0.0, 0.0, 40.0, 20.0]}]}
+    # The shorter side to 50 px; then the longer capped at 80 px; 0: detectron2 does not resize.
+    for min_size, max_size, scale in ((50, 1000, 0.5), (50, 80, 0.4), (0, 1000, 1.0)):
+        np.testing.assert_allclose(training_box_sizes([record], min_size, max_size), [[40 * scale, 20 * scale]])
 
 
 def test_head_boxes_decode_yolo_cell_offsets_and_anchor_multiples():

@@ -30,7 +30,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = setup_run(args, method=args.method, tool_flags={"--prune": ("ILMIL.PRUNING.RATIO", args.prune)})
+    cfg = setup_run(args, method=args.method, tool_flags={"--prune": ("ILMIL.PRUNING.RATIO", args.prune),
+                                                          "--method": ("ILMIL.METHOD", args.method)})
     # Checked before detectron2's setup, so that a refused run leaves an existing folder's config.yaml as it was.
     run = IncrementalRun(cfg, args.start_stage, args.teacher_weights, args.resume, args.force)
     default_setup(cfg, args)

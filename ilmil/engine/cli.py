@@ -7,7 +7,8 @@ import sys
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import ConfigError, check_device, class_names_flag, config_overrides, derived_cfg, get_ilmil_cfg
+from ..config import (ConfigError, check_device, class_names_flag, config_file_method, config_overrides, derived_cfg,
+                      get_ilmil_cfg)
 from .launch import init_distributed
 from .run_dir import require_output_dir
 from .runner import RUN_ERRORS
@@ -54,6 +55,12 @@ def setup_run(args, method=None, required=(), tool_flags=None):
     detectron2's own setup (which writes OUT/config.yaml) is left to the tool, after the
     run has passed its checks."""
     cfg = get_ilmil_cfg(args.config_file or None, args.opts, method=method)
+    named = config_file_method(args.config_file) if method and args.config_file else None
+    if named and named != method:
+        # A run's config.yaml holds every key of its method's preset: they would override this method's.
+        raise ConfigError(f"--config-file {args.config_file} is a config of method {named} (its ILMIL.METHOD), whose "
+                          f"keys would override those of {method}; fix: give the config that run was made from (its "
+                          f"--config-file), or train as {named}")
     missing = [flag for flag in ("--output-dir", *required) if getattr(args, flag[2:].replace("-", "_")) is None]
     if missing:
         raise ConfigError(f"{', '.join(missing)} not given; fix: add {' '.join(f'{flag} ...' for flag in missing)} "

@@ -1,7 +1,8 @@
 """The stage runner: trains the stages of a schedule in order, each starting from
 the previous stage's model (classifier expanded), and evaluates after each.
-Faster R-CNN, RetinaNet and FCOS train with every method; a method with a teacher needs
-a student meta-architecture (``IncrementalRCNN``, ``IncrementalRetinaNet``, ``IncrementalFCOS``, ``IncrementalYOLOV3``).
+Faster R-CNN trains with every method, the one-stage detectors (RetinaNet, FCOS, YOLO) with
+those of their presets (configs/methods/dense/); a method with a teacher needs a student
+meta-architecture (``IncrementalRCNN``, ``IncrementalRetinaNet``, ``IncrementalFCOS``, ``IncrementalYOLOV3``).
 
 Output layout (``OUT``)::
 
@@ -131,6 +132,11 @@ class IncrementalRun:
                 "--assistant-config, or leave the key empty")
         self.method = check_choice("ILMIL.METHOD", cfg.ILMIL.METHOD, METHOD_PRESETS)
         check_training_values(cfg)
+        processes, batch = comm.get_world_size(), cfg.SOLVER.IMS_PER_BATCH
+        if batch % processes:  # detectron2 splits the batch evenly (and asserts so at the loader)
+            raise ConfigError(f"SOLVER.IMS_PER_BATCH {batch}: the batch is split over the {processes} processes, so "
+                              f"a multiple of {processes}; fix: e.g. SOLVER.IMS_PER_BATCH "
+                              f"{processes * max(1, batch // processes)}")
         check_lr_steps(cfg)
         check_device(cfg)
         check_mixed_precision(cfg)
@@ -164,6 +170,9 @@ class IncrementalRun:
         if not 0 <= start_stage < len(self.schedule):
             raise StageSpecError(f"--start-stage {start_stage}: the schedule has stages 0..{len(self.schedule) - 1}; "
                                  f"fix: one of those (0: from the start)")
+        if start_stage == 0 and teacher_weights:
+            raise ConfigError(f"--teacher-weights {teacher_weights} without --start-stage: stage 0 learns from no "
+                              "teacher; fix: add --start-stage K, K the first stage that model has not learned")
         if start_stage > 0 and not teacher_weights:
             raise ConfigError(f"--start-stage {start_stage} needs --teacher-weights: the model of stages "
                               f"0..{start_stage - 1}; fix: give that checkpoint, or start at stage 0")

@@ -52,7 +52,10 @@ def kmeans_anchors(wh, k, seed=0, max_iter=300):
 
 
 def resize_scale(height, width, min_size, max_size):
-    """The factor by which ResizeShortestEdge(min_size, max_size) scales a height x width image."""
+    """The factor by which ResizeShortestEdge(min_size, max_size) scales a height x width image
+    (1 for a min_size of 0: detectron2 leaves the image as it is)."""
+    if min_size == 0:
+        return 1.0
     scale = min_size / min(height, width)
     if max(height, width) * scale > max_size:
         scale = max_size / max(height, width)

@@ -2,7 +2,8 @@
 
 New-stage images hold old-class objects that nobody labelled; trained as
 background they are forgotten fastest. The teacher's detections with score >=
-0.5 after per-class NMS at 0.3, one class per box (detections overlapping at IoU
+0.5 after per-class NMS (0.3 for Faster R-CNN's box head, a one-stage teacher's own
+test-time NMS), one class per box (detections overlapping at IoU
 > 0.7 under other classes give way to the most confident), are added as ground
 truth of their old classes, except where they overlap a new-class GT box at IoU >=
 0.7 (the box is then already labelled, with a new class).
