@@ -167,6 +167,7 @@ def add_ilmil_config(cfg):
 
     # Stages after the first keep the BatchNorm statistics of the model they start from:
     # batch statistics would make the student differ from its teacher before any update.
+    # Student architectures only (Incremental*: the mode is kept by their train()).
     cfg.ILMIL.FREEZE_BN_STATS = True
     # Structured L1-norm pruning of the student at one stage boundary (README, Pruning).
     cfg.ILMIL.PRUNING = CN()
