@@ -370,11 +370,8 @@ def test_missing_voc_annotation_files_are_listed_together(voc_dir):
 
 def test_a_voc_xml_copied_from_another_image_keeps_its_own_image(voc_dir):
     # 000002.xml names 000001.jpg (copied by a renaming script): the image of id 000002 is still 000002.jpg.
-    xml_file = os.path.join(voc_dir, "Annotations", "000002.xml")
-    with open(xml_file) as f:
-        text = f.read()
-    with open(xml_file, "w") as f:
-        f.write(text.replace("<filename>000002.jpg</filename>", "<filename>000001.jpg</filename>"))
+    _rewrite(os.path.join(voc_dir, "Annotations", "000002.xml"), "<filename>000002.jpg</filename>",
+             "<filename>000001.jpg</filename>")
     files = {r["image_id"]: os.path.basename(r["file_name"]) for r in load_voc_split(voc_dir, "trainval")}
     assert files == {"000001": "000001.jpg", "000002": "000002.jpg"}
 
@@ -383,11 +380,8 @@ def test_a_voc_image_of_another_extension_is_found_through_its_xml_filename(voc_
     jpeg = os.path.join(voc_dir, "JPEGImages", "000002.jpg")
     Image.open(jpeg).save(jpeg[:-4] + ".png")
     os.remove(jpeg)
-    xml_file = os.path.join(voc_dir, "Annotations", "000002.xml")
-    with open(xml_file) as f:
-        text = f.read()
-    with open(xml_file, "w") as f:
-        f.write(text.replace("<filename>000002.jpg</filename>", "<filename>000002.png</filename>"))
+    _rewrite(os.path.join(voc_dir, "Annotations", "000002.xml"), "<filename>000002.jpg</filename>",
+             "<filename>000002.png</filename>")
     source = load_dataset_source(_voc_cfg(voc_dir))
     assert jpeg[:-4] + ".png" in [r["file_name"] for r in source.train]
 
@@ -588,14 +582,7 @@ def test_the_coco_test_split_alone_needs_no_training_image_folder(coco_files, tm
         load_dataset_source(cfg)
 
 
-def test_a_blank_voc_name_and_a_split_file_not_in_utf8_are_named(voc_dir):
-    xml_file = os.path.join(voc_dir, "Annotations", "000002.xml")
-    with open(xml_file) as f:
-        text = f.read()
-    with open(xml_file, "w") as f:
-        f.write(re.sub(r"<name>[^<]*</name>", "<name> </name>", text, count=1))
-    with pytest.raises(DatasetError, match=re.escape(f"{xml_file}: empty field <name>; fix: give its value")):
-        load_voc_split(voc_dir, "trainval")
+def test_a_voc_split_file_not_in_utf8_is_named(voc_dir):
     split_file = os.path.join(voc_dir, "ImageSets", "Main", "test.txt")
     with open(split_file, "wb") as f:
         f.write("caf\xe9\n".encode("latin-1"))
@@ -611,13 +598,14 @@ def test_a_shapes_class_count_out_of_range_is_named(num_classes):
         load_dataset_source(cfg)
 
 
-def test_a_voc_difficult_flag_that_is_not_a_number_is_named(voc_dir):
+@pytest.mark.parametrize("old, new, message", [
+    ("</name>", "</name><difficult>yes</difficult>", "field <difficult> 'yes' is not a number"),
+    ("<name>person</name>", "<name> </name>", "empty field <name>; fix: give its value"),  # not a class named ""
+])
+def test_a_voc_field_of_a_wrong_value_is_named(voc_dir, old, new, message):
     xml_file = os.path.join(voc_dir, "Annotations", "000002.xml")
-    with open(xml_file) as f:
-        text = f.read()
-    with open(xml_file, "w") as f:
-        f.write(text.replace("</name>", "</name><difficult>yes</difficult>", 1))
-    with pytest.raises(DatasetError, match=re.escape(f"{xml_file}: field <difficult> 'yes' is not a number")):
+    _rewrite(xml_file, old, new)
+    with pytest.raises(DatasetError, match=re.escape(f"{xml_file}: {message}")):
         load_voc_split(voc_dir, "trainval")
 
 
