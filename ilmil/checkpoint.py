@@ -50,6 +50,7 @@ __all__ = [
     "checkpoint_class_names",
     "is_onnx_file",
     "load_checked_checkpoint",
+    "require_checkpoint_file",
     "safe_load",
     "state_dict_num_classes",
     "unwrapped_state",
@@ -105,6 +106,14 @@ def is_onnx_file(path):
     return path.lower().endswith(".onnx")
 
 
+def require_checkpoint_file(path):
+    """Raise :class:`CheckpointError` naming ``path`` when no file is there to load."""
+    if not os.path.isfile(path):
+        what = "is a folder, not a file" if os.path.isdir(path) else "not found"
+        raise CheckpointError(f"checkpoint {path} {what}; fix: give the path of a .pth written by ilmil's tools "
+                              "(e.g. OUT/stage_0/model_final.pth)")
+
+
 def safe_load(path):
     """The contents of a checkpoint file, loaded without executing code from it.
 
@@ -114,10 +123,7 @@ def safe_load(path):
         raise CheckpointError(f"{path}: an exported ONNX model, and this takes a .pth checkpoint; fix: give the "
                               "checkpoint it was exported from (an ONNX model runs in tools/predict.py and "
                               "tools/eval_incremental.py)")
-    if not os.path.isfile(path):
-        what = "is a folder, not a file" if os.path.isdir(path) else "not found"
-        raise CheckpointError(f"checkpoint {path} {what}; fix: give the path of a .pth written by ilmil's tools "
-                              "(e.g. OUT/stage_0/model_final.pth)")
+    require_checkpoint_file(path)
     try:
         if path.endswith(".pkl"):
             with open(path, "rb") as f:

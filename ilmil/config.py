@@ -19,8 +19,8 @@ from detectron2.modeling import META_ARCH_REGISTRY
 __all__ = ["ConfigError", "add_config_extension", "add_fcos_config", "add_ilmil_config", "add_retinanet_config",
            "add_yolo_config", "changed_from_defaults", "check_choice", "check_device", "check_mixed_precision",
            "check_lr_steps", "check_optimizer", "check_test_input", "check_training_values", "check_value",
-           "config_file_method", "config_from_dump", "config_items", "config_value", "config_overrides", "default_cfg", "derived_cfg",
-           "get_ilmil_cfg", "import_plugins", "method_preset", "method_presets", "num_classes_changes",
+           "config_file_method", "config_from_dump", "config_items", "config_value", "config_overrides", "default_cfg",
+           "derived_cfg", "get_ilmil_cfg", "import_plugins", "method_preset", "method_presets", "num_classes_changes",
            "set_num_classes", "uses_teacher",
            "DEFAULT_CONFIG", "METHOD_PRESETS"]
 

@@ -87,7 +87,7 @@ def test_a_rerun_names_a_missing_teacher_and_force_spares_one_inside_the_folder(
     stage = out / "stage_0"
     mistyped = teacher.parent / "model_finl.pth"
     inside = stage / "model_final.pth"  # the finished student as the teacher of another run into its folder
-    cases = [([str(mistyped)], f"--teacher-weights: checkpoint {mistyped} not found; fix: give the trained "),
+    cases = [([str(mistyped)], f"--teacher-weights: checkpoint {mistyped} not found; fix: give the path of a .pth "),
              ([str(inside), "--force"], f"--teacher-weights {inside} lies inside --output-dir {out}, whose outputs "
                                         "--force removes; fix: copy the teacher out of that folder")]
     for flags, message in cases:

@@ -26,8 +26,8 @@ import ilmil  # noqa: F401  (detectron2 compatibility adjustments come first)
 from ilmil.checkpoint import is_onnx_file
 from ilmil.config import derived_cfg
 from ilmil.data import load_dataset_source
-from ilmil.deploy import (DeployError, OnnxDetector, check_export, export_onnx, load_trained_model, preprocess,
-                          write_check)
+from ilmil.deploy import (DeployError, OnnxDetector, check_export, check_file, export_onnx, load_trained_model,
+                          preprocess, write_check)
 from ilmil.deploy.onnx_export import export_size
 from ilmil.deploy.predict import read_image
 from ilmil.engine import require_output_dir, run_tool_main, tool_parser
@@ -79,7 +79,7 @@ def main(argv=None):
     if figures["passed"]:
         # The model first, then its figures: a crash between the two leaves no figures beside another file.
         os.replace(unchecked, args.output)
-        stale = os.path.splitext(unchecked)[0] + ".check.json"  # of a failed export before, whose file is gone
+        stale = check_file(unchecked)  # of a failed export before, whose file is gone
         if os.path.isfile(stale):
             os.remove(stale)
     path = write_check(args.output if figures["passed"] else unchecked, figures)

@@ -39,8 +39,8 @@ from ..file_io import atomic_write
 from .predict import DeployError
 from .trained_model import TrainedModel, score_thresh_key
 
-__all__ = ["ONNX_OPSET", "OnnxDetector", "check_export", "check_onnx_opts", "export_onnx", "latency_ms",
-           "load_onnx_model", "pad_to", "write_check"]
+__all__ = ["ONNX_OPSET", "OnnxDetector", "check_export", "check_file", "check_onnx_opts", "export_onnx",
+           "latency_ms", "load_onnx_model", "pad_to", "write_check"]
 
 ONNX_OPSET = 17
 # The export check (check_export): detections of this score or more must all be matched
@@ -341,8 +341,13 @@ def latency_ms(fn, repeats=50, warmup=5):
     return 1000 * float(np.median(times))
 
 
+def check_file(path):
+    """Where the check's figures of the model ``path`` go (``model.onnx`` -> ``model.check.json``)."""
+    return os.path.splitext(path)[0] + ".check.json"
+
+
 def write_check(path, figures):
-    """The check's figures as json next to the model (``model.onnx`` -> ``model.check.json``)."""
-    target = os.path.splitext(path)[0] + ".check.json"
+    """The check's figures as json next to the model (``check_file``); the file written."""
+    target = check_file(path)
     atomic_write(target, lambda f: json.dump(figures, f, indent=2), mode="w")
     return target

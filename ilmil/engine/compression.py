@@ -22,7 +22,7 @@ import os
 
 from detectron2.utils import comm
 
-from ..checkpoint import CheckpointClassesError, CheckpointError, load_checked_checkpoint
+from ..checkpoint import CheckpointClassesError, CheckpointError, load_checked_checkpoint, require_checkpoint_file
 from ..config import ConfigError, derived_cfg, get_ilmil_cfg
 from ..data import with_every_class_old
 from ..data.stages import StageSpecError
@@ -127,10 +127,10 @@ def check_given_teacher(teacher_weights, output_dir, force):
     """Refuse a teacher checkpoint that does not exist (before a folder's run is compared
     with this one's, which would call a missing teacher another run), or that ``--force``
     would delete with the folder's outputs."""
-    if not os.path.isfile(teacher_weights):
-        what = "is a folder, not a file" if os.path.isdir(teacher_weights) else "not found"
-        raise RunValidationError([f"--teacher-weights: checkpoint {teacher_weights} {what}"],
-                                 fixes=["give the trained teacher's checkpoint (e.g. OUT/stage_0/model_final.pth)"])
+    try:
+        require_checkpoint_file(teacher_weights)
+    except CheckpointError as e:  # as check_teacher words the teacher's checkpoint problems
+        raise RunValidationError([f"--teacher-weights: {e}"]) from None
     folder = os.path.realpath(output_dir)
     if force and os.path.commonpath([folder, os.path.realpath(teacher_weights)]) == folder:
         raise RunValidationError([f"--teacher-weights {teacher_weights} lies inside --output-dir {output_dir}, "
