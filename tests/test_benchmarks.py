@@ -590,6 +590,7 @@ KD_ROW_TERMS = {"no KD": [], "PKD": ["feat"], "FGFI": ["fgfi"], "output": ["dens
                 "M-KD, neck attention, mean over anchors, class scores only": ["dense", "at", "fsp"],
                 "layer relations, neck": ["fsp"], "M-KD on the neck, mean over anchors, class scores only": [
                     "dense", "at", "fsp"],
+                "M-KD on the neck, mean over anchors, class scores only, bfloat16 teacher": ["dense", "at", "fsp"],
                 "output, L1 boxes": ["dense"], "M-KD, L1 boxes": ["dense", "at", "fsp"], "review": ["review"],
                 "review alone": ["review"], "review + decoupling": ["review"], "review, weight 0.25": ["review"],
                 "review, fg 0.25, bg 1": ["review"],
@@ -645,7 +646,7 @@ def test_kd_rows_switch_on_their_terms_only():
         f"{d} output, mean over anchors" for d in ("retinanet", "fcos", "yolov3")} | {
         f"yolov3 {row}, mean over anchors, class scores only" for row in ("output", "M-KD", "M-KD, neck attention",
                                                                            "M-KD on the neck")} | {
-        "yolov3 M-KD + assistant"}
+        "yolov3 M-KD + assistant", "yolov3 M-KD on the neck, mean over anchors, class scores only, bfloat16 teacher"}
     assert {name for name, d in dense.items() if d.BOX_SCORE_THRESH == 1.01 and "class scores only" not in name} == {
         "yolov3 M-KD + assistant"}
     for row in ("output", "output, bfloat16 teacher", "M-KD", "M-KD without exploration"):
@@ -659,17 +660,20 @@ def test_kd_rows_switch_on_their_terms_only():
                                                                      "M-KD, neck attention, mean over anchors, "
                                                                      "class scores only",
                                                                      "M-KD on the neck, mean over anchors, "
-                                                                     "class scores only")}
+                                                                     "class scores only",
+                                                                     "M-KD on the neck, mean over anchors, "
+                                                                     "class scores only, bfloat16 teacher")}
     yolo_distill = {name: run.config().ILMIL.DISTILL for (_, name, _), run in planned.items() if name.startswith("yolov3")}
     attention = {name: list(d.AT.LAYERS) for name, d in yolo_distill.items() if d.AT.ENABLED}
     assert {name for name, layers in attention.items() if layers == ["p3", "p4", "p5"]} == {
         "yolov3 attention, neck", "yolov3 M-KD, neck attention, mean over anchors, class scores only",
-        "yolov3 M-KD on the neck, mean over anchors, class scores only", "yolov3 M-KD + assistant"}
+        "yolov3 M-KD on the neck, mean over anchors, class scores only", "yolov3 M-KD + assistant",
+        "yolov3 M-KD on the neck, mean over anchors, class scores only, bfloat16 teacher"}
     assert all(layers in (["p3", "p4", "p5"], ["dark3", "dark4", "dark5"]) for layers in attention.values())
     relations = {name: [list(pair) for pair in d.FSP.PAIRS] for name, d in yolo_distill.items() if d.FSP.ENABLED}
     assert {name for name, pairs in relations.items() if pairs == [["p3", "p4"], ["p4", "p5"]]} == {
         "yolov3 layer relations, neck", "yolov3 M-KD on the neck, mean over anchors, class scores only",
-        "yolov3 M-KD + assistant"}
+        "yolov3 M-KD + assistant", "yolov3 M-KD on the neck, mean over anchors, class scores only, bfloat16 teacher"}
     assert all(pairs in ([["p3", "p4"], ["p4", "p5"]], [["dark3", "dark4"], ["dark4", "dark5"]])
                for pairs in relations.values())
     box_losses = {name: run.config().ILMIL.DISTILL.DENSE.BOX_LOSS for (_, name, _), run in planned.items()
