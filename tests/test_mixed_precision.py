@@ -92,3 +92,25 @@ def test_a_float32_teacher_stays_float32_inside_mixed_precision_training():
         with teacher.autocast():
             assert teacher.module(torch.rand(1, 3, 8, 8)).dtype == torch.float32
         assert teacher.module(torch.rand(1, 3, 8, 8)).dtype == torch.float16  # the student's pass
+
+
+def test_a_reduced_precision_teacher_runs_channels_last():
+    bfloat16, float32 = (FrozenTeacher(torch.nn.Conv2d(3, 4, 3), p) for p in ("bfloat16", "float32"))
+    assert bfloat16.module.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not bfloat16.module.weight.is_contiguous()
+    assert float32.module.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("detector", list(CASES))
+def test_a_bfloat16_teacher_gives_every_detector_finite_terms_and_student_gradients(tmp_path, detector):
+    config, teacher_config, terms = CASES[detector]
+    opts = [*terms, "ILMIL.TEACHER.PRECISION", "bfloat16", "INPUT.MIN_SIZE_TRAIN", "(128,)",
+            "INPUT.MAX_SIZE_TRAIN", "128"]
+    model = distilled_student(tmp_path, config, teacher_config, 3, opts)
+    torch.manual_seed(0)
+    with EventStorage():
+        losses = model(_batch())
+    distill = {k: v for k, v in losses.items() if k.startswith("loss_distill")}
+    assert distill and all(torch.isfinite(v) and v > 0 for v in distill.values()), distill
+    sum(losses.values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())

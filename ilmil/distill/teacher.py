@@ -115,6 +115,10 @@ class FrozenTeacher:
         check_choice("ILMIL.TEACHER.PRECISION", precision, TEACHER_PRECISIONS)
         self.module = module
         self.dtype = TEACHER_PRECISIONS[precision]
+        if self.dtype is not None:
+            # Reduced-precision convolutions (oneDNN's, cuDNN's) run fastest on channels-last
+            # weights: ~18 % off the YOLO teacher's bfloat16 pass on a CPU (0.118 -> 0.097 s a batch).
+            module.to(memory_format=torch.channels_last)
 
     def images(self, batched_inputs, student_images, student):
         """The teacher's input: the student's ``ImageList`` when both normalise and pad
