@@ -102,3 +102,21 @@ def test_a_non_finite_forward_pass_on_one_rank_is_skipped_by_both(tiny_datasets_
     assert "iteration 1: a loss term is not finite on another process; iteration skipped (1 of " in rank0
     assert "iteration 1: Predicted boxes or scores contain Inf/NaN" in rank1 and "iteration skipped (1 of " in rank1
     assert _digests(out / "log.txt")[0][1] == _digests(out / "log.txt.rank1")[0][1]  # still in step
+
+
+def test_each_process_draws_its_own_random_stream_and_rank_0_that_of_a_single_process(monkeypatch):
+    from detectron2.utils.env import seed_all_rng
+
+    from ilmil.engine import launch
+
+    def draws(rank, seed, offset):
+        monkeypatch.setattr(launch.comm, "get_rank", lambda: rank)
+        launch.seed_this_process(seed, offset)
+        return torch.rand(4)
+
+    seed_all_rng(7 + 2)
+    single = torch.rand(4)
+    assert torch.equal(draws(0, 7, 2), single)
+    assert not torch.equal(draws(1, 7, 2), single)
+    assert torch.equal(draws(1, 7, 2), draws(1, 7, 2))  # still seeded: the same draws each time
+    assert not torch.equal(draws(0, -1, 2), draws(0, -1, 2))  # a negative seed: a fresh one

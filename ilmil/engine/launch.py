@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 
 from ..compat import use_local_process_group
 
-__all__ = ["init_distributed", "main_process_first"]
+__all__ = ["init_distributed", "main_process_first", "seed_this_process"]
 
 
 def init_distributed(device="cpu"):
@@ -56,3 +57,12 @@ def main_process_first(work):
             result = work()
         comm.synchronize()
     return result
+
+
+def seed_this_process(seed, offset=0):
+    """Seed python, numpy and torch with ``seed + offset`` plus this process's rank (a
+    negative ``seed``: a fresh one): each torchrun process draws its own augmentations,
+    as under detectron2's ``default_setup``, and rank 0 (a single process) draws as it
+    did without torchrun. The weights agree anyway: DistributedDataParallel broadcasts
+    rank 0's."""
+    seed_all_rng(None if seed < 0 else seed + offset + comm.get_rank())

@@ -22,7 +22,6 @@ from detectron2.data import build_detection_test_loader
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch import DenseDetector
 from detectron2.utils import comm
-from detectron2.utils.env import seed_all_rng
 
 from ..checkpoint import IncrementalCheckpointer, StageRecord, load_checked_checkpoint
 from ..config import check_value, derived_cfg
@@ -32,6 +31,7 @@ from ..evaluation.run_outputs import write_json
 from ..distill import DISTILLER_PREFIX, is_student_architecture
 from ..modeling import load_detector
 from ..pruning import PruningError, format_pruning_table, measure_model, prune_l1
+from .launch import seed_this_process
 from .trainer import IncrementalTrainer
 
 __all__ = ["PRUNED_NAME", "check_pruning_config", "check_pruning_stage", "pruning_enabled", "pruning_ratios",
@@ -224,7 +224,7 @@ def _finetune(cfg, model, iters, output_dir, teacher_weights=None, resume=False)
         })
     cfg = derived_cfg(cfg, changes)
     # Seeded as a stage is: the same fine-tuning whether or not the stage before trained in this process.
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
+    seed_this_process(cfg.SEED)
     # BatchNorm statistics are re-estimated with or without the teacher: pruning changed
     # the activations they describe.
     trainer = IncrementalTrainer(cfg, {"pruned_finetune": True})

@@ -31,7 +31,6 @@ import yaml
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
-from detectron2.utils.env import seed_all_rng
 
 from ..checkpoint import CheckpointClassesError, CheckpointError, load_checked_checkpoint, safe_load
 from ..compat import report_without_traceback
@@ -60,7 +59,7 @@ from ..file_io import atomic_write
 from ..modeling import (TooSmallMapError, build_detector, load_detector, load_expanded, with_checkpoint_layout,
                         with_yolo_anchors)
 from ..pruning import PruningError
-from .launch import main_process_first
+from .launch import main_process_first, seed_this_process
 from .pruning_stage import check_pruning_config, check_pruning_stage, prune_checkpoint, pruning_enabled
 from .run_dir import (
     RUN_FILE,
@@ -345,7 +344,7 @@ class IncrementalRun:
         if start_weights is not None:
             start, _ = load_checked_checkpoint(start_weights, stage.old_classes)
         cfg = self.stage_cfg(stage, teacher_weights=teacher_weights or "", layout_checkpoint=start)
-        seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + stage.index)
+        seed_this_process(cfg.SEED, offset=stage.index)
         schedule = {"stage": stage.index, "stages": self.cfg.ILMIL.STAGES, "method": self.method}
         trainer = IncrementalTrainer(cfg, schedule)
         model = getattr(trainer.model, "module", trainer.model)  # unwrap DistributedDataParallel
