@@ -250,6 +250,9 @@ ASSISTANT_CONFIGS = {
 # The knowledge review's fg/bg split of the rows measured before FG 0.25 : BG 1 became the default.
 REVIEW_SPLIT_1_2 = ("ILMIL.DISTILL.REVIEW.FG_WEIGHT", "1.0", "ILMIL.DISTILL.REVIEW.BG_WEIGHT", "2.0")
 
+# YOLO's M-KD at its student config's defaults (the neck's layers, the dense term averaged, no box part).
+YOLO_MKD = "M-KD on the neck, mean over anchors, class scores only"
+
 
 def _enabled(opts):
     """The distillation terms a row's KEY VALUE overrides switch on."""
@@ -311,8 +314,7 @@ def _kd_variants():
             # stages: on the neck's level pairs instead, alone and with all of M-KD on the neck.
             neck_relations = ("ILMIL.DISTILL.FSP.PAIRS", str([neck[:2], neck[1:]]))
             rows["layer relations, neck"] = (only("FSP") + neck_relations, ())
-            rows["M-KD on the neck, mean over anchors, class scores only"] = (
-                mkd + best_dense + neck_attention + neck_relations, ())
+            rows[YOLO_MKD] = (mkd + best_dense + neck_attention + neck_relations, ())
             rows.update({
                 # Multi-layer feature alignment: the squared distance on every backbone stage and
                 # neck level through connectors, each layer weighted by its running disagreement.
@@ -405,8 +407,7 @@ def _kd_variants():
                     rows[name] = (pins + opts, flags)
             # M-KD at YOLO's defaults with the teacher's pass in bfloat16: that pass (~8.5x the tiny
             # student's GFLOPs) is most of YOLO's step time under distillation.
-            neck_mkd = "M-KD on the neck, mean over anchors, class scores only"
-            rows[f"{neck_mkd}, bfloat16 teacher"] = (rows[neck_mkd][0] + ("ILMIL.TEACHER.PRECISION", "bfloat16"), ())
+            rows[f"{YOLO_MKD}, bfloat16 teacher"] = (rows[YOLO_MKD][0] + ("ILMIL.TEACHER.PRECISION", "bfloat16"), ())
         for name, (opts, flags) in rows.items():
             variants.append(Variant(f"{detector} {name}", "finetune", opts, flags, detector=detector,
                                     config_file=STUDENT_CONFIGS[detector], teacher_config=DETECTOR_CONFIGS[detector]))
@@ -441,8 +442,7 @@ KD = Suite(
 
 # The kd rows whose step time KD_SPEED measures: the baselines and each paper's method.
 KD_SPEED_ROWS = ("no KD", "PKD", "FGFI", "output", "review, fg 0.25, bg 1", "M-KD", "alignment", "information map",
-                 "M-KD on the neck, mean over anchors, class scores only",  # YOLO's M-KD at its defaults
-                 "M-KD on the neck, mean over anchors, class scores only, bfloat16 teacher")
+                 YOLO_MKD, f"{YOLO_MKD}, bfloat16 teacher")
 KD_SPEED_VARIANTS = tuple(v for v in KD_VARIANTS if v.row in KD_SPEED_ROWS and not v.student)
 KD_SPEED = Suite(
     "kd_speed",
